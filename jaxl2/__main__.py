@@ -1,0 +1,3 @@
+from jaxl2.cli import main
+
+raise SystemExit(main())

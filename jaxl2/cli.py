@@ -1,0 +1,269 @@
+"""The ``jaxl2`` command: ``train`` (the main job), ``eval`` and ``gradcheck``.
+
+Bad input exits with status 2 and one line ``jaxl2: error: <what> (<allowed>)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from jaxl2.train import OPTIMIZERS, SCHEDULES, Config
+
+DEFAULTS = Config()
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage dump
+        sys.stderr.write(f"jaxl2: error: {message}\n")
+        raise SystemExit(2)
+
+
+def _fail(message: str) -> None:
+    sys.stderr.write(f"jaxl2: error: {message}\n")
+    raise SystemExit(2)
+
+
+def parse_l2(text: str) -> float | dict[str, float]:
+    """``1e-3`` → 1e-3; ``'.*Dense_0/kernel=1e-3,.*=1e-4'`` → an ordered ``{regex: λ}``.
+
+    Patterns are full-path regexes (``re.fullmatch``), first match wins; each item is split
+    at its last ``=``, items at commas (so a pattern cannot contain a comma).
+    """
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    out: dict[str, float] = {}
+    for item in text.split(","):
+        pattern, sep, lam = item.rpartition("=")
+        if not sep or not pattern:
+            raise argparse.ArgumentTypeError(
+                f"--l2 {text!r} is neither a number nor PATTERN=λ[,PATTERN=λ...] "
+                "(e.g. --l2 1e-3 or --l2 'Dense_0=1e-3,.*=1e-4')"
+            )
+        try:
+            out[pattern] = float(lam)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--l2 {item!r}: {lam!r} is not a number") from None
+    return out
+
+
+def _hidden(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(h) for h in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--hidden {text!r} is invalid (comma-separated positive widths, e.g. 256,256)"
+        ) from None
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    d = DEFAULTS
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", help=f"mnist5k (shipped, offline), mnist (TFDS, downloads) or idx:DIR (default {d.dataset})")
+    g.add_argument("--data-dir", help="TFDS data_dir for --dataset mnist")
+    g.add_argument("--val-size", type=int, help="validation examples carved from train (default 500 for mnist5k, 5000 otherwise)")
+    g.add_argument("--split-seed", type=int, help=f"seed of the train/validation(/test) split (default {d.split_seed})")
+    g = p.add_argument_group("regularization")
+    g.add_argument("--l2", type=parse_l2, help=f"λ of the penalty λ/2·Σw² on the selected kernels, or per layer as 'REGEX=λ,REGEX=λ' matched in order against paths like params/Dense_0/kernel (default {d.l2})")
+    g.add_argument("--select", help="which leaves: kernels (default), haiku, equinox, or a regex over paths")
+    g.add_argument("--weight-decay", type=float, help="decoupled weight decay for --optimizer adamw (not L2; default 0)")
+    g.add_argument("--allow-both", action="store_true", help="allow --l2 > 0 together with --weight-decay")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--optimizer", help=f"{', '.join(OPTIMIZERS)} (default {d.optimizer})")
+    g.add_argument("--lr", type=float, help=f"peak learning rate (default {d.lr})")
+    g.add_argument("--schedule", help=f"{', '.join(SCHEDULES)} (default {d.schedule})")
+    g.add_argument("--momentum", type=float, help=f"for --optimizer momentum (default {d.momentum})")
+    g.add_argument("--batch-size", type=int, help=f"default {d.batch_size}; the last partial batch of each epoch is dropped")
+    g.add_argument("--epochs", type=int, help=f"default {d.epochs}")
+    g = p.add_argument_group("model")
+    g.add_argument("--hidden", type=_hidden, help="hidden widths, comma-separated (default 256,256)")
+    g.add_argument("--activation", help=f"relu, tanh, sigmoid, gelu or identity (default {d.activation})")
+    g.add_argument("--seed", type=int, help=f"init and shuffling seed (default {d.seed})")
+
+
+FIELDS = [f.name for f in dataclasses.fields(Config)]
+
+
+def _config(args: argparse.Namespace) -> tuple[Config, dict[str, Any]]:
+    """The Config from the flags given, and the dict of flags that were given explicitly."""
+    given = {k: getattr(args, k) for k in FIELDS if getattr(args, k, None) is not None}
+    return dataclasses.replace(DEFAULTS, **given), given
+
+
+def _enable_cache(args: argparse.Namespace) -> None:
+    if getattr(args, "no_cache", False):
+        return
+    import jax
+
+    path = os.environ.get("JAXL2_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "jaxl2", "jax"
+    )
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg, given = _config(args)
+    from jaxl2 import run as _run
+
+    out = args.out or os.path.join("runs", f"{cfg.dataset.replace(':', '_').replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.resume:
+        if not args.out:
+            _fail("--resume needs --out DIR, the run to continue")
+        saved = _run.load_config(args.out)
+        differ = {k: (v, getattr(saved, k)) for k, v in given.items() if v != getattr(saved, k)}
+        if differ:
+            desc = ", ".join(f"--{k.replace('_', '-')} {a} vs {b} in the run" for k, (a, b) in differ.items())
+            _fail(f"--resume: flags differ from {args.out}/config.json: {desc} (resume with the run's own settings)")
+        cfg = saved
+    l2_on = isinstance(cfg.l2, dict) or cfg.l2 != 0
+    if cfg.weight_decay and l2_on and not args.allow_both:
+        _fail("--weight-decay and --l2 together regularize twice (pass --l2 0, or --allow-both to mean it)")
+    _enable_cache(args)
+    progress = None if args.quiet or args.json else _Progress(cfg.epochs)
+    try:
+        summary = _run.train_and_evaluate(
+            cfg, out, resume=args.resume, overwrite=args.overwrite,
+            checkpoint_every=args.checkpoint_every, on_epoch=progress.update if progress else None,
+        )
+    except ValueError as e:
+        _fail(str(e))
+    except _run.Diverged as e:
+        sys.stderr.write(f"jaxl2: error: {e}\n")
+        return 1
+    except _run.Interrupted as e:
+        sys.stderr.write(f"jaxl2: {e}; continue with: jaxl2 train --out {out} --resume\n")
+        return 130
+    finally:
+        if progress:
+            progress.close()
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(format_summary(summary))
+    return 0
+
+
+class _Progress:
+    """A rich progress bar on stderr: epoch, loss, penalty and accuracy."""
+
+    def __init__(self, epochs: int):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(
+            TextColumn("epoch"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(), console=Console(stderr=True), transient=False,
+        )
+        self.task = self.bar.add_task("train", total=epochs, info="compiling…")
+        self.bar.start()
+
+    def update(self, row: dict[str, Any]) -> None:
+        info = (f"loss {row['train_loss']:.4f} penalty {row['train_penalty']:.4f} "
+                f"acc {100 * row['train_accuracy']:.2f}% val {100 * row['val_accuracy']:.2f}%")
+        self.bar.update(self.task, completed=row["epoch"], info=info)
+
+    def close(self) -> None:
+        self.bar.stop()
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    lines = [
+        f"run directory: {s['out']}",
+        f"{'split':<11}{'accuracy':>10}{'loss':>10}",
+        *(f"{name:<11}{100 * s[k + '_accuracy']:>9.2f}%{s[k + '_loss']:>10.4f}"
+          for name, k in (("train", "train"), ("validation", "val"), ("test", "test"))),
+        f"(best epoch by validation: {s['best_epoch']} of {s['epochs']}; penalty λ/2·Σw² = {s['penalty']:.4f})",
+        "‖W‖² per layer: " + ", ".join(f"{p} {v:.1f}" for p, v in s["kernel_sq_norm"].items()),
+        f"time: {s['seconds']:.2f} s training, {s['examples_per_second']:,.0f} examples/s "
+        f"(+ {s['compile_seconds']:.2f} s compiling); device {s['device']}",
+    ]
+    return "\n".join(lines)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from jaxl2 import run as _run
+
+    _enable_cache(args)
+    try:
+        res = _run.evaluate_run(args.run, args.dataset, args.split, args.data_dir)
+    except ValueError as e:
+        _fail(str(e))
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"{args.dataset} {args.split}: accuracy {100 * res['accuracy']:.2f}%  loss {res['loss']:.4f}  n {res['n']}")
+    return 0
+
+
+def cmd_gradcheck(args: argparse.Namespace) -> int:
+    from jaxl2.gradcheck import gradcheck
+
+    try:
+        report = gradcheck(l2=args.l2, hidden=args.hidden, activation=args.activation,
+                           directions=args.directions, eps=args.eps, seed=args.seed)
+    except ValueError as e:
+        _fail(str(e))
+    if args.json:
+        d = report.as_dict()
+        print(json.dumps({k: d[k] for k in ("penalty_grad_max_abs_err", "finite_difference_max_rel_err", "ok")} | d))
+    else:
+        print(report)
+    return 0 if report.ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="jaxl2", description="L2 regularization (λ/2·Σw² on the kernels) of MLPs in JAX/Flax.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train the reference MLP with L2 (the main job)",
+                       description="Train the 784-256-256-10 MLP with λ/2·Σw² on its kernels; writes a run directory.")
+    _add_train_flags(t)
+    g = t.add_argument_group("run")
+    g.add_argument("--out", help="run directory (default runs/DATASET-TIMESTAMP)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    g.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    g.add_argument("--checkpoint-every", type=int, default=10, help="epochs between checkpoints (default 10; always at the end and on Ctrl-C)")
+    g.add_argument("--no-cache", action="store_true", help="do not use JAX's persistent compilation cache (~/.cache/jaxl2/jax)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--json", action="store_true", help="print only one JSON object with the results on stdout")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a run's best checkpoint",
+                       description="Loss and accuracy of a trained run's best checkpoint on a dataset split.")
+    e.add_argument("--run", required=True, help="the run directory")
+    e.add_argument("--dataset", required=True, help="mnist5k, mnist or idx:DIR")
+    e.add_argument("--data-dir", help="TFDS data_dir for --dataset mnist")
+    e.add_argument("--split", default="test", help="train, val or test (default test)")
+    e.add_argument("--no-cache", action="store_true", help="do not use the compilation cache")
+    e.add_argument("--json", action="store_true", help="print one JSON object: accuracy, loss, n")
+    e.set_defaults(func=cmd_eval)
+
+    gc = sub.add_parser("gradcheck", help="check gradients in float64",
+                        description="jax.grad of λ/2·Σw² vs the analytic λ·w, and of the regularized loss vs central finite differences, on the reference MLP in float64. Exits 0 when both pass.")
+    gc.add_argument("--l2", type=float, default=1e-3, help="λ (default 1e-3)")
+    gc.add_argument("--hidden", type=_hidden, default=(256, 256), help="hidden widths (default 256,256)")
+    gc.add_argument("--activation", default="relu", help="default relu")
+    gc.add_argument("--directions", type=int, default=8, help="random directions for finite differences (default 8)")
+    gc.add_argument("--eps", type=float, default=1e-6, help="finite-difference step (default 1e-6)")
+    gc.add_argument("--seed", type=int, default=0)
+    gc.add_argument("--json", action="store_true", help="print one JSON object")
+    gc.set_defaults(func=cmd_gradcheck)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

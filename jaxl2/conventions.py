@@ -1,0 +1,96 @@
+"""Conversions from other frameworks' L2 / weight-decay settings to jaxl2's λ.
+
+jaxl2's convention is the classic recipe: the loss gains ``λ/2·Σw²``, the gradient
+gains ``λ·w``.
+
+| setting                                   | penalty      | gradient term | jaxl2 λ        |
+|-------------------------------------------|--------------|---------------|----------------|
+| Keras ``regularizers.L2(l2)``             | ``l2·Σw²``   | ``2·l2·w``    | ``2·l2``       |
+| PyTorch ``SGD/Adam(weight_decay=wd)``     | —            | ``wd·w``      | ``wd``         |
+| decoupled, plain SGD, ``lr·wd·w`` per step| —            | ``wd·w``      | ``wd``         |
+| decoupled, plain SGD, ``wd·w`` per step   | —            | ``wd/lr·w``   | ``wd/lr``      |
+| scikit-learn ``Ridge(alpha)``, MSE loss   | ``alpha·Σw²``| on a sum loss | ``2·alpha/n``  |
+
+Decoupled weight decay equals L2 only for plain SGD (and, with a rescaling, SGD with
+momentum); under Adam it is a different method, so no conversion exists for it.
+"""
+
+from __future__ import annotations
+
+from jaxl2.penalty import check_l2
+
+__all__ = [
+    "from_keras",
+    "to_keras",
+    "from_torch_weight_decay",
+    "from_decoupled",
+    "from_sklearn_alpha",
+]
+
+
+def from_keras(l2: float) -> float:
+    """λ for Keras ``regularizers.L2(l2)``, whose penalty is ``l2·Σw²``: ``λ = 2·l2``.
+
+    Examples:
+      >>> from_keras(5e-4)
+      0.001
+    """
+    return 2.0 * check_l2(l2, "keras l2")
+
+
+def to_keras(lam: float) -> float:
+    """Keras ``L2(l2)`` that equals jaxl2's ``λ/2·Σw²``: ``l2 = λ/2``.
+
+    Examples:
+      >>> to_keras(1e-3)
+      0.0005
+    """
+    return check_l2(lam, "lam") / 2.0
+
+
+def from_torch_weight_decay(wd: float) -> float:
+    """λ for PyTorch's coupled ``weight_decay`` (SGD, Adam): ``grad += wd·w``, so ``λ = wd``.
+
+    PyTorch applies it to every parameter it is given, biases included, unless the
+    parameter groups leave them out; jaxl2 penalises the kernels only by default.
+
+    Examples:
+      >>> from_torch_weight_decay(1e-4)
+      0.0001
+    """
+    return float(check_l2(wd, "weight_decay"))
+
+
+def from_decoupled(wd: float, lr: float, *, scaled_by_lr: bool = True) -> float:
+    """λ that equals decoupled weight decay under **plain SGD** only.
+
+    With ``scaled_by_lr=True`` (optax ``adamw``-style and PyTorch ``AdamW``-style
+    ``w ← w − lr·(g + wd·w)``) the step is the SGD step on ``λ/2·Σw²`` with ``λ = wd``.
+    With ``scaled_by_lr=False`` (big_vision-style ``w ← w − lr·g − wd·w``), ``λ = wd/lr``.
+    Under Adam or any adaptive method decoupled decay is *not* an L2 penalty.
+
+    Examples:
+      >>> from_decoupled(1e-4, 0.5, scaled_by_lr=False)
+      0.0002
+    """
+    check_l2(wd, "weight_decay")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr!r}")
+    return float(wd) if scaled_by_lr else float(wd) / float(lr)
+
+
+def from_sklearn_alpha(alpha: float, n_samples: int) -> float:
+    """λ for scikit-learn's ``Ridge(alpha)``, which minimises ``‖Xw − y‖² + alpha·‖w‖²``.
+
+    jaxl2 adds ``λ/2·Σw²`` to a *mean* loss. Dividing Ridge's objective by ``n`` gives
+    ``mean((Xw − y)²) + (alpha/n)·‖w‖²``, so with the mean squared error as the data loss
+    ``λ = 2·alpha/n``; both objectives have the same minimiser.
+
+    Examples:
+      >>> from_sklearn_alpha(1.0, 100)
+      0.02
+    """
+    check_l2(alpha, "alpha")
+    if isinstance(n_samples, bool) or not (isinstance(n_samples, int) and n_samples > 0):
+        raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+    return 2.0 * float(alpha) / n_samples
