@@ -66,21 +66,40 @@ def _hidden(text: str) -> tuple[int, ...]:
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     d = DEFAULTS
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", help=f"mnist5k (shipped, offline), mnist (TFDS, downloads) or idx:DIR (default {d.dataset})")
+    g.add_argument(
+        "--dataset",
+        help=f"mnist5k (shipped, offline), mnist (TFDS, downloads) or idx:DIR (default {d.dataset})",
+    )
     g.add_argument("--data-dir", help="TFDS data_dir for --dataset mnist")
-    g.add_argument("--val-size", type=int, help="validation examples carved from train (default 500 for mnist5k, 5000 otherwise)")
-    g.add_argument("--split-seed", type=int, help=f"seed of the train/validation(/test) split (default {d.split_seed})")
+    g.add_argument(
+        "--val-size",
+        type=int,
+        help="validation examples carved from train (default 500 for mnist5k, 5000 otherwise)",
+    )
+    g.add_argument(
+        "--split-seed", type=int, help=f"seed of the train/validation(/test) split (default {d.split_seed})"
+    )
     g = p.add_argument_group("regularization")
-    g.add_argument("--l2", type=parse_l2, help=f"λ of the penalty λ/2·Σw² on the selected kernels, or per layer as 'REGEX=λ,REGEX=λ' matched in order against paths like params/Dense_0/kernel (default {d.l2})")
+    g.add_argument(
+        "--l2",
+        type=parse_l2,
+        help=f"λ of the penalty λ/2·Σw² on the selected kernels, or per layer as 'REGEX=λ,REGEX=λ' matched in order against paths like params/Dense_0/kernel (default {d.l2})",
+    )
     g.add_argument("--select", help="which leaves: kernels (default), haiku, equinox, or a regex over paths")
-    g.add_argument("--weight-decay", type=float, help="decoupled weight decay for --optimizer adamw (not L2; default 0)")
+    g.add_argument(
+        "--weight-decay", type=float, help="decoupled weight decay for --optimizer adamw (not L2; default 0)"
+    )
     g.add_argument("--allow-both", action="store_true", help="allow --l2 > 0 together with --weight-decay")
     g = p.add_argument_group("optimization")
     g.add_argument("--optimizer", help=f"{', '.join(OPTIMIZERS)} (default {d.optimizer})")
     g.add_argument("--lr", type=float, help=f"peak learning rate (default {d.lr})")
     g.add_argument("--schedule", help=f"{', '.join(SCHEDULES)} (default {d.schedule})")
     g.add_argument("--momentum", type=float, help=f"for --optimizer momentum (default {d.momentum})")
-    g.add_argument("--batch-size", type=int, help=f"default {d.batch_size}; the last partial batch of each epoch is dropped")
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        help=f"default {d.batch_size}; the last partial batch of each epoch is dropped",
+    )
     g.add_argument("--epochs", type=int, help=f"default {d.epochs}")
     g = p.add_argument_group("model")
     g.add_argument("--hidden", type=_hidden, help="hidden widths, comma-separated (default 256,256)")
@@ -114,7 +133,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg, given = _config(args)
     from jaxl2 import run as _run
 
-    out = args.out or os.path.join("runs", f"{cfg.dataset.replace(':', '_').replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out = args.out or os.path.join(
+        "runs", f"{cfg.dataset.replace(':', '_').replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
     if args.resume:
         if not args.out:
             _fail("--resume needs --out DIR, the run to continue")
@@ -122,7 +143,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         differ = {k: (v, getattr(saved, k)) for k, v in given.items() if v != getattr(saved, k)}
         if differ:
             desc = ", ".join(f"--{k.replace('_', '-')} {a} vs {b} in the run" for k, (a, b) in differ.items())
-            _fail(f"--resume: flags differ from {args.out}/config.json: {desc} (resume with the run's own settings)")
+            _fail(
+                f"--resume: flags differ from {args.out}/config.json: {desc} (resume with the run's own settings)"
+            )
         cfg = saved
     l2_on = isinstance(cfg.l2, dict) or cfg.l2 != 0
     if cfg.weight_decay and l2_on and not args.allow_both:
@@ -131,8 +154,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     progress = None if args.quiet or args.json else _Progress(cfg.epochs)
     try:
         summary = _run.train_and_evaluate(
-            cfg, out, resume=args.resume, overwrite=args.overwrite,
-            checkpoint_every=args.checkpoint_every, on_epoch=progress.update if progress else None,
+            cfg,
+            out,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            checkpoint_every=args.checkpoint_every,
+            on_epoch=progress.update if progress else None,
         )
     except ValueError as e:
         _fail(str(e))
@@ -160,15 +187,22 @@ class _Progress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.bar = Progress(
-            TextColumn("epoch"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(), console=Console(stderr=True), transient=False,
+            TextColumn("epoch"),
+            MofNCompleteColumn(),
+            BarColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+            transient=False,
         )
         self.task = self.bar.add_task("train", total=epochs, info="compiling…")
         self.bar.start()
 
     def update(self, row: dict[str, Any]) -> None:
-        info = (f"loss {row['train_loss']:.4f} penalty {row['train_penalty']:.4f} "
-                f"acc {100 * row['train_accuracy']:.2f}% val {100 * row['val_accuracy']:.2f}%")
+        info = (
+            f"loss {row['train_loss']:.4f} penalty {row['train_penalty']:.4f} "
+            f"acc {100 * row['train_accuracy']:.2f}% val {100 * row['val_accuracy']:.2f}%"
+        )
         self.bar.update(self.task, completed=row["epoch"], info=info)
 
     def close(self) -> None:
@@ -179,8 +213,10 @@ def format_summary(s: dict[str, Any]) -> str:
     lines = [
         f"run directory: {s['out']}",
         f"{'split':<11}{'accuracy':>10}{'loss':>10}",
-        *(f"{name:<11}{100 * s[k + '_accuracy']:>9.2f}%{s[k + '_loss']:>10.4f}"
-          for name, k in (("train", "train"), ("validation", "val"), ("test", "test"))),
+        *(
+            f"{name:<11}{100 * s[k + '_accuracy']:>9.2f}%{s[k + '_loss']:>10.4f}"
+            for name, k in (("train", "train"), ("validation", "val"), ("test", "test"))
+        ),
         f"(best epoch by validation: {s['best_epoch']} of {s['epochs']}; penalty λ/2·Σw² = {s['penalty']:.4f})",
         "‖W‖² per layer: " + ", ".join(f"{p} {v:.1f}" for p, v in s["kernel_sq_norm"].items()),
         f"time: {s['seconds']:.2f} s training, {s['examples_per_second']:,.0f} examples/s "
@@ -200,7 +236,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(res))
     else:
-        print(f"{args.dataset} {args.split}: accuracy {100 * res['accuracy']:.2f}%  loss {res['loss']:.4f}  n {res['n']}")
+        print(
+            f"{args.dataset} {args.split}: accuracy {100 * res['accuracy']:.2f}%  loss {res['loss']:.4f}  n {res['n']}"
+        )
     return 0
 
 
@@ -208,13 +246,23 @@ def cmd_gradcheck(args: argparse.Namespace) -> int:
     from jaxl2.gradcheck import gradcheck
 
     try:
-        report = gradcheck(l2=args.l2, hidden=args.hidden, activation=args.activation,
-                           directions=args.directions, eps=args.eps, seed=args.seed)
+        report = gradcheck(
+            l2=args.l2,
+            hidden=args.hidden,
+            activation=args.activation,
+            directions=args.directions,
+            eps=args.eps,
+            seed=args.seed,
+        )
     except ValueError as e:
         _fail(str(e))
     if args.json:
         d = report.as_dict()
-        print(json.dumps({k: d[k] for k in ("penalty_grad_max_abs_err", "finite_difference_max_rel_err", "ok")} | d))
+        print(
+            json.dumps(
+                {k: d[k] for k in ("penalty_grad_max_abs_err", "finite_difference_max_rel_err", "ok")} | d
+            )
+        )
     else:
         print(report)
     return 0 if report.ok else 1
@@ -224,21 +272,38 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="jaxl2", description="L2 regularization (λ/2·Σw² on the kernels) of MLPs in JAX/Flax.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    t = sub.add_parser("train", help="train the reference MLP with L2 (the main job)",
-                       description="Train the 784-256-256-10 MLP with λ/2·Σw² on its kernels; writes a run directory.")
+    t = sub.add_parser(
+        "train",
+        help="train the reference MLP with L2 (the main job)",
+        description="Train the 784-256-256-10 MLP with λ/2·Σw² on its kernels; writes a run directory.",
+    )
     _add_train_flags(t)
     g = t.add_argument_group("run")
     g.add_argument("--out", help="run directory (default runs/DATASET-TIMESTAMP)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     g.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    g.add_argument("--checkpoint-every", type=int, default=10, help="epochs between checkpoints (default 10; always at the end and on Ctrl-C)")
-    g.add_argument("--no-cache", action="store_true", help="do not use JAX's persistent compilation cache (~/.cache/jaxl2/jax)")
+    g.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=10,
+        help="epochs between checkpoints (default 10; always at the end and on Ctrl-C)",
+    )
+    g.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="do not use JAX's persistent compilation cache (~/.cache/jaxl2/jax)",
+    )
     g.add_argument("--quiet", action="store_true", help="no progress bar")
-    g.add_argument("--json", action="store_true", help="print only one JSON object with the results on stdout")
+    g.add_argument(
+        "--json", action="store_true", help="print only one JSON object with the results on stdout"
+    )
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="evaluate a run's best checkpoint",
-                       description="Loss and accuracy of a trained run's best checkpoint on a dataset split.")
+    e = sub.add_parser(
+        "eval",
+        help="evaluate a run's best checkpoint",
+        description="Loss and accuracy of a trained run's best checkpoint on a dataset split.",
+    )
     e.add_argument("--run", required=True, help="the run directory")
     e.add_argument("--dataset", required=True, help="mnist5k, mnist or idx:DIR")
     e.add_argument("--data-dir", help="TFDS data_dir for --dataset mnist")
@@ -247,13 +312,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print one JSON object: accuracy, loss, n")
     e.set_defaults(func=cmd_eval)
 
-    gc = sub.add_parser("gradcheck", help="check gradients in float64",
-                        description="jax.grad of λ/2·Σw² vs the analytic λ·w, and of the regularized loss vs central finite differences, on the reference MLP in float64. Exits 0 when both pass.")
+    gc = sub.add_parser(
+        "gradcheck",
+        help="check gradients in float64",
+        description="jax.grad of λ/2·Σw² vs the analytic λ·w, and of the regularized loss vs central finite differences, on the reference MLP in float64. Exits 0 when both pass.",
+    )
     gc.add_argument("--l2", type=float, default=1e-3, help="λ (default 1e-3)")
     gc.add_argument("--hidden", type=_hidden, default=(256, 256), help="hidden widths (default 256,256)")
     gc.add_argument("--activation", default="relu", help="default relu")
-    gc.add_argument("--directions", type=int, default=8, help="random directions for finite differences (default 8)")
-    gc.add_argument("--eps", type=float, default=1e-6, help="finite-difference step (default 1e-6)")
+    gc.add_argument(
+        "--directions", type=int, default=8, help="random directions for finite differences (default 8)"
+    )
+    gc.add_argument("--eps", type=float, default=1e-5, help="finite-difference step (default 1e-5)")
     gc.add_argument("--seed", type=int, default=0)
     gc.add_argument("--json", action="store_true", help="print one JSON object")
     gc.set_defaults(func=cmd_gradcheck)

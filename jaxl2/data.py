@@ -50,7 +50,9 @@ class Dataset(NamedTuple):
 
 
 def _split(x: np.ndarray, y: np.ndarray) -> Split:
-    return Split(np.ascontiguousarray(x, np.float32).reshape(len(x), -1) / np.float32(255), y.astype(np.int32))
+    return Split(
+        np.ascontiguousarray(x, np.float32).reshape(len(x), -1) / np.float32(255), y.astype(np.int32)
+    )
 
 
 def _stratified(y: np.ndarray, n_take: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -183,8 +185,9 @@ def _load_idx(directory: str) -> dict[str, Split]:
     return out
 
 
-def load(spec: str = "mnist5k", *, data_dir: str | None = None, val_size: int | None = None,
-         split_seed: int = 0) -> Dataset:
+def load(
+    spec: str = "mnist5k", *, data_dir: str | None = None, val_size: int | None = None, split_seed: int = 0
+) -> Dataset:
     """Loads ``spec`` (``mnist5k``, ``mnist`` or ``idx:DIR``) into train / val / test splits.
 
     ``val_size`` defaults to 500 for ``mnist5k`` and 5,000 otherwise. A source without a

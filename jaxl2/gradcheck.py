@@ -48,8 +48,7 @@ class GradcheckReport:
     @property
     def ok(self) -> bool:
         return bool(
-            self.penalty_grad_max_abs_err <= self.atol
-            and self.finite_difference_max_rel_err <= self.rtol
+            self.penalty_grad_max_abs_err <= self.atol and self.finite_difference_max_rel_err <= self.rtol
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -58,11 +57,18 @@ class GradcheckReport:
     def __str__(self) -> str:
         rows = [
             ("check", "max error", "tolerance", "pass"),
-            ("grad of penalty vs analytic λ·w / 0 (abs)", f"{self.penalty_grad_max_abs_err:.3e}",
-             f"{self.atol:.0e}", str(self.penalty_grad_max_abs_err <= self.atol)),
-            ("grad of loss+penalty vs central differences (rel)",
-             f"{self.finite_difference_max_rel_err:.3e}", f"{self.rtol:.0e}",
-             str(self.finite_difference_max_rel_err <= self.rtol)),
+            (
+                "grad of penalty vs analytic λ·w / 0 (abs)",
+                f"{self.penalty_grad_max_abs_err:.3e}",
+                f"{self.atol:.0e}",
+                str(self.penalty_grad_max_abs_err <= self.atol),
+            ),
+            (
+                "grad of loss+penalty vs central differences (rel)",
+                f"{self.finite_difference_max_rel_err:.3e}",
+                f"{self.rtol:.0e}",
+                str(self.finite_difference_max_rel_err <= self.rtol),
+            ),
         ]
         w = [max(len(r[i]) for r in rows) for i in range(4)]
         lines = ["  ".join(c.ljust(n) for c, n in zip(r, w)).rstrip() for r in rows]
@@ -106,7 +112,7 @@ def gradcheck(
     hidden: Sequence[int] = (256, 256),
     activation: str = "relu",
     directions: int = 8,
-    eps: float = 1e-6,
+    eps: float = 1e-5,
     atol: float = 1e-12,
     rtol: float = 1e-6,
     seed: int = 0,

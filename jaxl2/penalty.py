@@ -31,9 +31,7 @@ def check_l2(value: Any, name: str = "l2") -> Any:
     try:
         v = float(value)
     except (TypeError, ValueError):
-        raise ValueError(
-            f"{name} must be a finite number >= 0, got {value!r}"
-        ) from None
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}") from None
     if math.isnan(v) or math.isinf(v) or v < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
     return value
@@ -156,9 +154,7 @@ def selected(params: Any, l2: L2 | None = None, *, select: _select.Selector = No
     """
     chosen = _select.resolve(params, select)
     lams = [None] * len(chosen) if l2 is None else _coefficients(chosen, l2)
-    return Selection(
-        Row(p, tuple(w.shape), str(w.dtype), lam) for lam, (p, w) in zip(lams, chosen)
-    )
+    return Selection(Row(p, tuple(w.shape), str(w.dtype), lam) for lam, (p, w) in zip(lams, chosen))
 
 
 def regularized(

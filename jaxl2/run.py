@@ -54,6 +54,7 @@ def _abstract_params(cfg: Config) -> Any:
 
 def validate(cfg: Config, num_train: int | None = None) -> None:
     """Checks every field of ``cfg`` (and the selection against the model) without compiling."""
+
     def bad(what: str, allowed: str) -> RunError:
         return RunError(f"{what} ({allowed})")
 
@@ -72,18 +73,24 @@ def validate(cfg: Config, num_train: int | None = None) -> None:
     if not (np.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
         raise bad(f"--weight-decay {cfg.weight_decay} is invalid", "a finite number >= 0")
     if cfg.weight_decay and cfg.optimizer != "adamw":
-        raise bad("--weight-decay is decoupled decay for --optimizer adamw only",
-                  "use --l2 for the other optimizers")
+        raise bad(
+            "--weight-decay is decoupled decay for --optimizer adamw only",
+            "use --l2 for the other optimizers",
+        )
     if cfg.epochs < 1:
         raise bad(f"--epochs {cfg.epochs} is invalid", "an integer >= 1")
     if cfg.batch_size < 1:
         raise bad(f"--batch-size {cfg.batch_size} is invalid", "an integer >= 1")
     if num_train is not None and cfg.batch_size > num_train:
-        raise bad(f"--batch-size {cfg.batch_size} is larger than the training set",
-                  f"at most {num_train} for {cfg.dataset}")
+        raise bad(
+            f"--batch-size {cfg.batch_size} is larger than the training set",
+            f"at most {num_train} for {cfg.dataset}",
+        )
     if not cfg.hidden or any(h < 1 for h in cfg.hidden):
-        raise bad(f"--hidden {','.join(map(str, cfg.hidden))} is invalid",
-                  "comma-separated positive widths, e.g. 256,256")
+        raise bad(
+            f"--hidden {','.join(map(str, cfg.hidden))} is invalid",
+            "comma-separated positive widths, e.g. 256,256",
+        )
     try:
         selected(_abstract_params(cfg), cfg.l2, select=Trainer.selector_of(cfg))
     except ValueError as e:
@@ -91,6 +98,7 @@ def validate(cfg: Config, num_train: int | None = None) -> None:
 
 
 # -- the run directory ---------------------------------------------------------------------
+
 
 def _write_json(path: str, obj: Any) -> None:
     tmp = path + ".tmp"
@@ -197,6 +205,7 @@ class _Checkpoints:
 
 # -- training ------------------------------------------------------------------------------
 
+
 def kernel_sq_norm(params: Any, cfg: Config) -> dict[str, float]:
     """Σw² of every selected leaf, by path."""
     rows = selected(params, select=Trainer.selector_of(cfg))
@@ -256,7 +265,12 @@ def train_and_evaluate(
     metrics_path = os.path.join(out, "metrics.jsonl")
 
     state = trainer.init()
-    run = {"state": state, "best_params": state.params, "best_val": jnp.float32(-1), "best_epoch": jnp.int32(0)}
+    run = {
+        "state": state,
+        "best_params": state.params,
+        "best_val": jnp.float32(-1),
+        "best_epoch": jnp.int32(0),
+    }
     start = 0
     if resume:
         start, run = ckpt.restore_latest(run)
@@ -296,17 +310,29 @@ def train_and_evaluate(
                 if val["accuracy"] >= best_val:
                     best_val, best_epoch = val["accuracy"], epoch
                     best_params = jax.device_get(state.params)
-                row = {"epoch": epoch, "step": int(state.step),
-                       **{f"train_{k}": float(v) for k, v in m.items() if k != "nonfinite_step"},
-                       "val_loss": val["loss"], "val_accuracy": val["accuracy"], "epoch_seconds": dt}
+                row = {
+                    "epoch": epoch,
+                    "step": int(state.step),
+                    **{f"train_{k}": float(v) for k, v in m.items() if k != "nonfinite_step"},
+                    "val_loss": val["loss"],
+                    "val_accuracy": val["accuracy"],
+                    "epoch_seconds": dt,
+                }
                 mfile.write(json.dumps(row) + "\n")
                 mfile.flush()
                 os.fsync(mfile.fileno())
                 last = epoch == cfg.epochs
                 if last or stop["sigint"] or epoch % checkpoint_every == 0:
-                    ckpt.save(epoch, {"state": state, "best_params": best_params,
-                                      "best_val": jnp.float32(best_val), "best_epoch": jnp.int32(best_epoch)},
-                              best_epoch)
+                    ckpt.save(
+                        epoch,
+                        {
+                            "state": state,
+                            "best_params": best_params,
+                            "best_val": jnp.float32(best_val),
+                            "best_epoch": jnp.int32(best_epoch),
+                        },
+                        best_epoch,
+                    )
                 if on_epoch:
                     on_epoch(row)
                 if stop["sigint"] and not last:
@@ -361,8 +387,12 @@ def evaluate_run(out: str, spec: str, split: str = "test", data_dir: str | None 
         raise RunError(f"--run {out} has no best checkpoint (expected {out}/best)")
     if split not in ("train", "val", "test"):
         raise RunError(f"--split {split!r} is invalid (allowed: train, val, test)")
-    ds = _data.load(spec, data_dir=data_dir, val_size=cfg.val_size if spec == cfg.dataset else None,
-                    split_seed=cfg.split_seed)
+    ds = _data.load(
+        spec,
+        data_dir=data_dir,
+        val_size=cfg.val_size if spec == cfg.dataset else None,
+        split_seed=cfg.split_seed,
+    )
     part = getattr(ds, split)
     if part is None:
         raise RunError(f"{spec} has no {split} split")

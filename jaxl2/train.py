@@ -94,9 +94,7 @@ def make_optimizer(cfg: Config, steps_per_epoch: int) -> optax.GradientTransform
         pred = _select.predicate(Trainer.selector_of(cfg))
 
         def mask(params):
-            return jax.tree_util.tree_map_with_path(
-                lambda kp, x: bool(pred(_select.path_str(kp), x)), params
-            )
+            return jax.tree_util.tree_map_with_path(lambda kp, x: bool(pred(_select.path_str(kp), x)), params)
 
         return optax.adamw(lr, weight_decay=cfg.weight_decay, mask=mask)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r} (allowed: {', '.join(OPTIMIZERS)})")
@@ -177,8 +175,8 @@ class Trainer:
             "data_loss": aux["data_loss"],
             "penalty": aux["penalty"],
             "accuracy": aux["accuracy"],
-            "param_norm": optax.global_norm(state.params),
-            "grad_norm": optax.global_norm(grads),
+            "param_norm": optax.tree.norm(state.params),
+            "grad_norm": optax.tree.norm(grads),
         }
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

@@ -1,0 +1,159 @@
+"""Each conversion reproduces the other framework's formula, written out in NumPy or run in optax."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxl2
+from jaxl2 import conventions
+
+
+def problem(seed=0):
+    rng = np.random.default_rng(seed)
+    params = {
+        "Dense_0": {"kernel": rng.normal(size=(6, 4)), "bias": rng.normal(size=4)},
+        "Dense_1": {"kernel": rng.normal(size=(4, 3)), "bias": rng.normal(size=3)},
+    }
+    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), params)
+    x = jnp.asarray(rng.normal(size=(16, 6)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 3, 16))
+
+    def data_loss(p, x, y):
+        h = jnp.tanh(x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"])
+        logits = h @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    return params, data_loss, x, y
+
+
+def kernel_mask(params):
+    return jax.tree_util.tree_map_with_path(lambda kp, _: kp[-1].key == "kernel", params)
+
+
+def run(tx, loss, params, x, y, steps=10):
+    state = tx.init(params)
+    for _ in range(steps):
+        g = jax.grad(loss)(params, x, y)
+        upd, state = tx.update(g, state, params)
+        params = optax.apply_updates(params, upd)
+    return params
+
+
+def max_diff(a, b):
+    return max(float(jnp.max(jnp.abs(u - v))) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.mark.parametrize("momentum", [None, 0.9])
+def test_l2_in_loss_equals_optax_add_decayed_weights_under_sgd(momentum):
+    params, data_loss, x, y = problem()
+    lam, lr = 0.05, 0.1
+    via_loss = run(optax.sgd(lr, momentum=momentum), jaxl2.regularized(data_loss, lam), params, x, y)
+    via_tx = run(
+        optax.chain(optax.add_decayed_weights(lam, mask=kernel_mask), optax.sgd(lr, momentum=momentum)),
+        data_loss,
+        params,
+        x,
+        y,
+    )
+    assert max_diff(via_loss, params) > 1e-2  # it trained
+    assert max_diff(via_loss, via_tx) < 1e-6
+
+
+def test_l2_in_loss_differs_from_adamw_under_adam():
+    params, data_loss, x, y = problem()
+    lam, lr = 0.05, 0.01
+    l2_adam = run(optax.adam(lr), jaxl2.regularized(data_loss, lam), params, x, y, steps=50)
+    adamw = run(optax.adamw(lr, weight_decay=lam, mask=kernel_mask), data_loss, params, x, y, steps=50)
+    plain = run(optax.adam(lr), data_loss, params, x, y, steps=50)
+    print(
+        f"max |L2+Adam − AdamW| = {max_diff(l2_adam, adamw):.4f}, "
+        f"|L2+Adam − Adam| = {max_diff(l2_adam, plain):.4f}, |AdamW − Adam| = {max_diff(adamw, plain):.4f}"
+    )
+    # Under Adam the λ·w gradient term is divided by the adaptive denominator, so L2 in the
+    # loss is a different method from decoupled decay: the two end up further apart than
+    # decoupled decay moved the params away from plain Adam.
+    assert max_diff(l2_adam, adamw) > 2 * max_diff(adamw, plain)
+
+
+def test_keras_formula():
+    params, *_ = problem()
+    keras_l2 = 3e-4
+    kernels = [params["Dense_0"]["kernel"], params["Dense_1"]["kernel"]]
+    keras_penalty = sum(keras_l2 * np.sum(np.square(np.asarray(w, np.float64))) for w in kernels)
+    lam = conventions.from_keras(keras_l2)
+    assert lam == 2 * keras_l2 and conventions.to_keras(lam) == keras_l2
+    assert float(jaxl2.l2_penalty(params, lam)) == pytest.approx(keras_penalty, rel=1e-6)
+    g = jax.grad(lambda p: jaxl2.l2_penalty(p, lam))(params)
+    np.testing.assert_allclose(g["Dense_0"]["kernel"], 2 * keras_l2 * np.asarray(kernels[0]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_torch_sgd_weight_decay_update_written_out(momentum):
+    """torch.optim.SGD: d_p = g + wd·p; buf = μ·buf + d_p (buf = d_p at step 1); p -= lr·buf."""
+    params, data_loss, x, y = problem(1)
+    wd, lr, steps = 1e-2, 0.1, 5
+    lam = conventions.from_torch_weight_decay(wd)
+    # PyTorch's update with the weight decay applied to the kernels only (a param group without biases).
+    p_np = jax.tree_util.tree_map(np.asarray, params)
+    bufs = None
+    for _ in range(steps):
+        g = jax.tree_util.tree_map(
+            np.asarray, jax.grad(data_loss)(jax.tree_util.tree_map(jnp.asarray, p_np), x, y)
+        )
+        d_p = {k: {"kernel": g[k]["kernel"] + wd * p_np[k]["kernel"], "bias": g[k]["bias"]} for k in g}
+        bufs = d_p if bufs is None else jax.tree_util.tree_map(lambda b, d: momentum * b + d, bufs, d_p)
+        step = bufs if momentum else d_p
+        p_np = jax.tree_util.tree_map(lambda p, s: p - lr * s, p_np, step)
+    ours = run(
+        optax.sgd(lr, momentum=momentum or None), jaxl2.regularized(data_loss, lam), params, x, y, steps
+    )
+    assert max_diff(ours, p_np) < 1e-6
+
+
+@pytest.mark.parametrize("scaled", [True, False])
+def test_decoupled_decay_under_plain_sgd(scaled):
+    params, data_loss, x, y = problem(2)
+    wd, lr = 1e-3 if not scaled else 1e-2, 0.2
+    g = jax.grad(data_loss)(params, x, y)
+    k = np.asarray(params["Dense_0"]["kernel"])
+    decay = lr * wd * k if scaled else wd * k  # optax/PyTorch AdamW-style vs big_vision-style
+    expected = k - lr * np.asarray(g["Dense_0"]["kernel"]) - decay
+    lam = conventions.from_decoupled(wd, lr, scaled_by_lr=scaled)
+    ours = run(optax.sgd(lr), jaxl2.regularized(data_loss, lam), params, x, y, steps=1)
+    np.testing.assert_allclose(ours["Dense_0"]["kernel"], expected, rtol=1e-5, atol=1e-7)
+
+
+def test_sklearn_ridge_minimiser_is_stationary_for_jaxl2_loss():
+    from sklearn.linear_model import Ridge
+
+    rng = np.random.default_rng(0)
+    n, d, alpha = 50, 5, 3.0
+    X, y = rng.normal(size=(n, d)), rng.normal(size=n)
+    coef = Ridge(alpha=alpha, fit_intercept=False, solver="cholesky").fit(X, y).coef_
+    lam = conventions.from_sklearn_alpha(alpha, n)
+    with jax.enable_x64(True):
+
+        def mse(p):
+            return jnp.mean((jnp.asarray(X) @ p["kernel"] - jnp.asarray(y)) ** 2)
+
+        g = jax.grad(jaxl2.regularized(mse, lam))({"kernel": jnp.asarray(coef)})["kernel"]
+        g_wrong = jax.grad(jaxl2.regularized(mse, alpha / n))({"kernel": jnp.asarray(coef)})["kernel"]
+        assert float(jnp.max(jnp.abs(g))) < 1e-10
+        assert float(jnp.max(jnp.abs(g_wrong))) > 1e-3  # the factor 2 matters
+
+
+@pytest.mark.parametrize(
+    "fn, args, match",
+    [
+        (conventions.from_keras, (-1.0,), "keras l2 must be a finite number >= 0"),
+        (conventions.to_keras, (float("nan"),), "lam must be a finite number >= 0"),
+        (conventions.from_torch_weight_decay, (float("inf"),), "weight_decay must be a finite number"),
+        (conventions.from_decoupled, (1e-3, 0.0), "lr must be > 0"),
+        (conventions.from_sklearn_alpha, (1.0, 0), "n_samples must be a positive integer"),
+    ],
+)
+def test_conversion_errors(fn, args, match):
+    with pytest.raises(ValueError, match=match):
+        fn(*args)

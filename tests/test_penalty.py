@@ -1,0 +1,270 @@
+"""l2_penalty, selected and regularized against NumPy float64 hand computations."""
+
+import collections
+
+import equinox as eqx
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxl2
+from jaxl2 import select
+
+
+def np_penalty(named_arrays, lam):
+    """λ/2·Σw² in float64 over the given arrays, written out."""
+    return sum(lam / 2 * float(np.sum(np.asarray(w, np.float64) ** 2)) for w in named_arrays)
+
+
+def linen_params():
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Dense(5)(x)
+            x = nn.LayerNorm()(x)
+            return nn.Dense(3)(nn.relu(x))
+
+    return Net().init(jax.random.key(0), jnp.ones((1, 4)))
+
+
+class NnxNet(nnx.Module):
+    def __init__(self, rngs):
+        self.emb = nnx.Embed(7, 4, rngs=rngs)
+        self.l1 = nnx.Linear(4, 6, rngs=rngs)
+        self.ln = nnx.LayerNorm(6, rngs=rngs)
+        self.layers = nnx.List([nnx.Linear(6, 2, rngs=rngs)])
+
+
+def test_linen_with_and_without_outer_params():
+    v = linen_params()
+    p = v["params"]
+    expected = np_penalty([p["Dense_0"]["kernel"], p["Dense_1"]["kernel"]], 0.3)
+    assert float(jaxl2.l2_penalty(v, 0.3)) == pytest.approx(expected, rel=1e-6)
+    assert float(jaxl2.l2_penalty(p, 0.3)) == pytest.approx(expected, rel=1e-6)
+    assert [r.path for r in jaxl2.selected(v)] == ["params/Dense_0/kernel", "params/Dense_1/kernel"]
+    assert [r.path for r in jaxl2.selected(p)] == ["Dense_0/kernel", "Dense_1/kernel"]
+
+
+def test_nnx_state_and_pure_dict():
+    m = NnxNet(nnx.Rngs(0))
+    state = nnx.state(m, nnx.Param)
+    expected = np_penalty([m.l1.kernel[...], m.layers[0].kernel[...]], 1e-2)
+    assert float(jaxl2.l2_penalty(state, 1e-2)) == pytest.approx(expected, rel=1e-6)
+    pure = nnx.to_pure_dict(state)
+    assert float(jaxl2.l2_penalty(pure, 1e-2)) == pytest.approx(expected, rel=1e-6)
+    # The trailing `.value` of the Variables is not part of the path.
+    assert [r.path for r in jaxl2.selected(state)] == ["l1/kernel", "layers/0/kernel"]
+    assert [r.path for r in jaxl2.selected(pure)] == ["l1/kernel", "layers/0/kernel"]
+
+
+def test_haiku_dict_preset():
+    rng = np.random.default_rng(0)
+    params = {
+        "mlp/~/linear_0": {"w": rng.normal(size=(3, 4)), "b": rng.normal(size=4)},
+        "mlp/~/linear_1": {"w": rng.normal(size=(4, 2)), "b": rng.normal(size=2)},
+    }
+    params = jax.tree_util.tree_map(jnp.asarray, params)
+    expected = np_penalty([params["mlp/~/linear_0"]["w"], params["mlp/~/linear_1"]["w"]], 0.5)
+    assert float(jaxl2.l2_penalty(params, 0.5, select=select.haiku)) == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="matched no parameter.*linear_0/w"):
+        jaxl2.l2_penalty(params, 0.5)  # the default looks for `kernel`
+
+
+def test_equinox_module_preset():
+    mlp = eqx.nn.MLP(3, 2, 4, 2, key=jax.random.key(0))
+    expected = np_penalty([layer.weight for layer in mlp.layers], 0.1)
+    assert float(jaxl2.l2_penalty(mlp, 0.1, select=select.equinox)) == pytest.approx(expected, rel=1e-6)
+    assert [r.path for r in jaxl2.selected(mlp, select=select.equinox)] == [
+        "layers/0/weight",
+        "layers/1/weight",
+        "layers/2/weight",
+    ]
+    grads = eqx.filter_grad(lambda m: jaxl2.l2_penalty(m, 0.1, select=select.equinox))(mlp)
+    for layer, g in zip(mlp.layers, grads.layers):
+        np.testing.assert_array_equal(g.weight, 0.1 * layer.weight)
+        np.testing.assert_array_equal(g.bias, 0.0)
+
+
+def test_gradient_is_lambda_w_on_kernels_and_zero_elsewhere():
+    m = NnxNet(nnx.Rngs(1))
+    state = nnx.state(m, nnx.Param)
+    # make biases and norm params non-zero so a leak would show
+    state = jax.tree_util.tree_map(lambda x: x + 0.5, state)
+    lam = 0.37
+    grads = jax.grad(lambda s: jaxl2.l2_penalty(s, lam))(state)
+    for (path, w), (gpath, g) in zip(select.leaves(state), select.leaves(grads)):
+        assert path == gpath
+        if path.endswith("kernel"):
+            np.testing.assert_array_equal(np.asarray(g), lam * np.asarray(w))
+        else:  # biases, LayerNorm scale/bias, embeddings
+            np.testing.assert_array_equal(np.asarray(g), 0.0)
+    assert {p for p, _ in select.leaves(state)} >= {"emb/embedding", "ln/scale", "l1/bias"}
+
+
+def test_bfloat16_accumulates_in_float32():
+    w = jnp.full((64, 64), 1.5, jnp.bfloat16) + jnp.arange(64, dtype=jnp.bfloat16)[:, None] / 128
+    params = {"d": {"kernel": w}}
+    pen = jaxl2.l2_penalty(params, 0.25)
+    assert pen.dtype == jnp.float32
+    expected = np_penalty([np.asarray(w.astype(jnp.float32))], 0.25)
+    assert float(pen) == pytest.approx(expected, rel=1e-6)
+    g = jax.grad(lambda p: jaxl2.l2_penalty(p, 0.25))(params)["d"]["kernel"]
+    assert g.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(
+        np.asarray(g), np.asarray((0.25 * w.astype(jnp.float32)).astype(jnp.bfloat16))
+    )
+
+
+def test_float64_params_stay_float64():
+    with jax.enable_x64(True):
+        params = {"kernel": jnp.asarray(np.random.default_rng(0).normal(size=(5, 5)))}
+        pen = jaxl2.l2_penalty(params, 1e-3)
+        assert pen.dtype == jnp.float64
+        assert float(pen) == pytest.approx(np_penalty([params["kernel"]], 1e-3), rel=1e-14)
+
+
+def test_per_layer_first_match_wins_and_catch_all():
+    p = linen_params()
+    k0, k1 = p["params"]["Dense_0"]["kernel"], p["params"]["Dense_1"]["kernel"]
+    rules = collections.OrderedDict([(".*Dense_0/kernel", 0.1), (".*", 0.02)])
+    expected = np_penalty([k0], 0.1) + np_penalty([k1], 0.02)
+    assert float(jaxl2.l2_penalty(p, rules)) == pytest.approx(expected, rel=1e-6)
+    # order matters: a catch-all first takes everything
+    swapped = {".*": 0.02, ".*Dense_0/kernel": 0.1}
+    assert float(jaxl2.l2_penalty(p, swapped)) == pytest.approx(np_penalty([k0, k1], 0.02), rel=1e-6)
+    rows = jaxl2.selected(p, rules)
+    assert [(r.path, r.l2) for r in rows] == [("params/Dense_0/kernel", 0.1), ("params/Dense_1/kernel", 0.02)]
+    g = jax.grad(lambda q: jaxl2.l2_penalty(q, rules))(p)
+    np.testing.assert_array_equal(g["params"]["Dense_0"]["kernel"], 0.1 * k0)
+    np.testing.assert_array_equal(g["params"]["Dense_1"]["kernel"], 0.02 * k1)
+    # an explicit zero leaves a layer unpenalised on purpose
+    only0 = {".*Dense_0/kernel": 0.1, ".*": 0.0}
+    assert float(jaxl2.l2_penalty(p, only0)) == pytest.approx(np_penalty([k0], 0.1), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "l2, select_, match",
+    [
+        (-1.0, None, r"l2 must be a finite number >= 0, got -1"),
+        (float("nan"), None, r"l2 must be a finite number >= 0, got nan"),
+        (float("inf"), None, r"l2 must be a finite number >= 0, got inf"),
+        ("abc", None, r"l2 must be a finite number >= 0"),
+        ({".*Dense_0/kernel": 0.1}, None, r"'params/Dense_1/kernel' matches no l2 pattern.*catch-all"),
+        ({"Dense_[0": 0.1}, None, r"l2 pattern 'Dense_\[0' is not a valid regular expression"),
+        (
+            {"nomatch": 0.1, ".*": 0.1},
+            None,
+            r"l2 pattern 'nomatch' matches no selected parameter.*Dense_0/kernel",
+        ),
+        ({".*bias": 0.1, ".*": 0.1}, None, r"l2 pattern '\.\*bias' matches no selected parameter"),
+        ({".*": -0.5}, None, r"l2\['\.\*'\] must be a finite number >= 0, got -0.5"),
+        ({}, None, r"l2 mapping is empty"),
+        (
+            0.1,
+            "embedding",
+            r"select='embedding' matched no parameter; the paths that exist are: params/Dense_0/bias",
+        ),
+        (0.1, "Dense_[", r"select pattern 'Dense_\[' is not a valid regular expression"),
+        (0.1, lambda path, leaf: False, r"matched no parameter"),
+        (0.1, 42, r"select must be None \(kernels\), a regex string or a predicate"),
+    ],
+)
+def test_errors_name_the_cause(l2, select_, match):
+    with pytest.raises(ValueError, match=match):
+        jaxl2.l2_penalty(linen_params(), l2, select=select_)
+
+
+def test_no_float_leaves_is_an_error():
+    with pytest.raises(ValueError, match=r"no floating-point leaves"):
+        jaxl2.l2_penalty({"kernel": jnp.arange(3)}, 0.1)
+
+
+def test_regularized_checks_l2_and_regex_up_front():
+    with pytest.raises(ValueError, match="got -1"):
+        jaxl2.regularized(lambda p: 0.0, -1.0)
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        jaxl2.regularized(lambda p: 0.0, 0.1, select="(")
+
+
+def test_select_by_regex_and_predicate():
+    p = linen_params()
+    by_rx = jaxl2.selected(p, select=r"params/Dense_\d+/(kernel|bias)")
+    assert [r.path for r in by_rx] == [
+        "params/Dense_0/bias",
+        "params/Dense_0/kernel",
+        "params/Dense_1/bias",
+        "params/Dense_1/kernel",
+    ]
+    by_pred = jaxl2.selected(p, select=lambda path, leaf: leaf.ndim == 1 and "LayerNorm" in path)
+    assert [r.path for r in by_pred] == ["params/LayerNorm_0/bias", "params/LayerNorm_0/scale"]
+    ln = p["params"]["LayerNorm_0"]
+    expected = np_penalty([ln["bias"], ln["scale"]], 2.0)
+    pen = jaxl2.l2_penalty(p, 2.0, select=lambda path, leaf: "LayerNorm" in path)
+    assert float(pen) == pytest.approx(expected, rel=1e-6)
+
+
+def test_selected_prints_a_table():
+    table = str(jaxl2.selected(linen_params(), 1e-3))
+    lines = table.splitlines()
+    assert lines[0].split() == ["path", "shape", "dtype", "λ"]
+    assert lines[2].split() == ["params/Dense_0/kernel", "4×5", "float32", "0.001"]
+    assert lines[3].split() == ["params/Dense_1/kernel", "5×3", "float32", "0.001"]
+
+
+def test_traced_l2_under_jit_and_vmap():
+    p = linen_params()
+    k = [p["params"]["Dense_0"]["kernel"], p["params"]["Dense_1"]["kernel"]]
+    lams = jnp.array([0.0, 0.1, 1.0])
+    pens = jax.jit(jax.vmap(lambda lam: jaxl2.l2_penalty(p, lam)))(lams)
+    np.testing.assert_allclose(pens, [np_penalty(k, float(lam)) for lam in lams], rtol=1e-6)
+    # a traced λ is not value-checked (it cannot be), but a concrete bad one is
+    assert np.isnan(float(jax.jit(lambda lam: jaxl2.l2_penalty(p, lam))(jnp.nan)))
+
+
+def test_regularized_gradient_is_data_gradient_plus_lambda_w():
+    p = linen_params()
+
+    def data_loss(params, x):
+        return jnp.sum(jnp.sin(jnp.asarray(x) @ params["params"]["Dense_0"]["kernel"]))
+
+    x = jnp.linspace(-1, 1, 8).reshape(2, 4)
+    lam = 0.2
+    g_data = jax.grad(data_loss)(p, x)
+    g_reg = jax.grad(jaxl2.regularized(data_loss, lam))(p, x)
+    for (path, w), (_, gd), (_, gr) in zip(select.leaves(p), select.leaves(g_data), select.leaves(g_reg)):
+        extra = lam * np.asarray(w) if path.endswith("kernel") else 0.0
+        np.testing.assert_allclose(gr, np.asarray(gd) + extra, rtol=1e-6, atol=1e-7)
+
+
+def test_regularized_has_aux():
+    p = linen_params()
+
+    def loss_fn(params, x):
+        return jnp.float32(1.5), {"acc": 0.5}
+
+    total, aux = jaxl2.regularized(loss_fn, 0.1, has_aux=True)(p, None)
+    assert float(aux["data_loss"]) == 1.5 and aux["acc"] == 0.5
+    assert float(total) == pytest.approx(1.5 + float(aux["penalty"]), rel=1e-6)
+    assert float(aux["penalty"]) == pytest.approx(float(jaxl2.l2_penalty(p, 0.1)), rel=1e-6)
+    _, aux2 = jaxl2.regularized(lambda params: (jnp.float32(0), 7), 0.1, has_aux=True)(p)
+    assert aux2["aux"] == 7
+
+
+def test_jitted_loss_does_not_recompile_on_new_params():
+    traces = []
+
+    def data_loss(params, x):
+        traces.append(1)
+        return jnp.mean(x @ params["params"]["Dense_0"]["kernel"])
+
+    loss = jax.jit(jaxl2.regularized(data_loss, 1e-3))
+    x = jnp.ones((2, 4))
+    p1 = linen_params()
+    p2 = jax.tree_util.tree_map(lambda a: a * 2, p1)
+    a, b = loss(p1, x), loss(p2, x)
+    assert len(traces) == 1
+    assert loss._cache_size() == 1
+    assert float(a) != float(b)
