@@ -159,6 +159,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             resume=args.resume,
             overwrite=args.overwrite,
             checkpoint_every=args.checkpoint_every,
+            on_start=progress.start if progress else None,
             on_epoch=progress.update if progress else None,
         )
     except ValueError as e:
@@ -196,6 +197,10 @@ class _Progress:
             transient=False,
         )
         self.task = self.bar.add_task("train", total=epochs, info="compiling…")
+        self.started = False
+
+    def start(self) -> None:
+        self.started = True
         self.bar.start()
 
     def update(self, row: dict[str, Any]) -> None:
@@ -206,7 +211,8 @@ class _Progress:
         self.bar.update(self.task, completed=row["epoch"], info=info)
 
     def close(self) -> None:
-        self.bar.stop()
+        if self.started:
+            self.bar.stop()
 
 
 def format_summary(s: dict[str, Any]) -> str:

@@ -241,11 +241,13 @@ def train_and_evaluate(
     resume: bool = False,
     overwrite: bool = False,
     checkpoint_every: int = 10,
+    on_start: Callable[[], None] | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Trains ``cfg`` into the run directory ``out`` and returns the summary.
 
-    The summary's accuracies and norms are those of the **best** parameters by validation
+    ``on_start()`` is called once the input is validated (before compiling), ``on_epoch(row)``
+    after every epoch with its ``metrics.jsonl`` row. The summary's accuracies and norms are those of the **best** parameters by validation
     accuracy (what ``jaxl2 eval`` loads); ``final_val_accuracy`` is the last epoch's.
     """
     if checkpoint_every < 1:
@@ -257,6 +259,8 @@ def train_and_evaluate(
         raise RunError(f"{cfg.dataset} has no test split (t10k-images/labels files)")
     validate(cfg, len(ds.train.y))
     _prepare_dir(out, cfg, resume, overwrite)
+    if on_start:
+        on_start()
 
     trainer = Trainer(cfg, len(ds.train.y))
     x_tr, y_tr = jax.device_put(ds.train.x), jax.device_put(ds.train.y)

@@ -1,0 +1,84 @@
+"""`jaxl2 train` and `jaxl2 eval` end to end in subprocesses, and the one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+FAST = ["--hidden", "32", "--epochs", "2", "--batch-size", "256"]
+
+
+def jaxl2(*args, timeout=180):
+    return subprocess.run(
+        [sys.executable, "-m", "jaxl2", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_train_json_then_eval_reproduces_test_accuracy(tmp_path):
+    out = tmp_path / "run"
+    r = jaxl2("train", *FAST, "--out", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)  # one JSON object and nothing else on stdout
+    for key in (
+        "train_accuracy",
+        "val_accuracy",
+        "test_accuracy",
+        "train_loss",
+        "penalty",
+        "kernel_sq_norm",
+        "epochs",
+        "seconds",
+        "examples_per_second",
+        "device",
+    ):
+        assert key in s, key
+    assert s["epochs"] == 2 and s["examples_per_second"] > 0 and 0 < s["test_accuracy"] <= 1
+    assert sorted(os.listdir(out)) == [
+        "best",
+        "checkpoints",
+        "config.json",
+        "curves.png",
+        "metrics.jsonl",
+        "summary.json",
+    ]
+    e = jaxl2("eval", "--run", str(out), "--dataset", "mnist5k", "--json")
+    assert e.returncode == 0, e.stderr
+    ev = json.loads(e.stdout)
+    assert ev["n"] == 1000 and ev["accuracy"] == pytest.approx(s["test_accuracy"], abs=1e-6)
+
+
+def test_train_human_summary(tmp_path):
+    r = jaxl2("train", *FAST, "--out", str(tmp_path / "h"), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "test" in r.stdout and "examples/s" in r.stdout and "params/Dense_0/kernel" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--l2", "-1"], "l2 must be a finite number >= 0, got -1"),
+        (["--l2", "nan"], "got nan"),
+        (["--l2", "inf"], "got inf"),
+        (["--l2", "Dense_[0=1e-3"], "not a valid regular expression"),
+        (["--l2", "nomatch=1e-3"], "l2 pattern 'nomatch' matches no selected parameter"),
+        (["--batch-size", "0"], "--batch-size 0 is invalid (an integer >= 1)"),
+        (["--batch-size", "4000"], "--batch-size 4000 is larger than the training set (at most 3500"),
+        (["--epochs", "-1"], "--epochs -1 is invalid"),
+        (["--lr", "0"], "--lr 0.0 is invalid (a finite number > 0)"),
+        (["--optimizer", "rmsprop"], "unknown optimizer 'rmsprop' (allowed: sgd, momentum, adam, adamw)"),
+        (["--dataset", "idx:/does/not/exist"], "idx:/does/not/exist: no such directory"),
+        (["--select", "nothing"], "select='nothing' matched no parameter"),
+        (["--optimizer", "adamw", "--weight-decay", "1e-4"], "--weight-decay and --l2 together"),
+        (["--hidden", "a,b"], "--hidden 'a,b' is invalid"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(tmp_path, args, match):
+    out = tmp_path / "bad"
+    r = jaxl2("train", *args, "--out", str(out), timeout=60)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert r.stderr.startswith("jaxl2: error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert match in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not out.exists()  # nothing half-written

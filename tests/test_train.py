@@ -1,0 +1,167 @@
+"""The train step, the scanned epoch, resume and the run directory."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxl2
+from jaxl2 import run as _run
+from jaxl2.train import Config, Trainer
+
+SMALL = Config(hidden=(32,), epochs=3, batch_size=64, lr=0.1)
+
+
+@pytest.fixture(scope="module")
+def small_data():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(200, 784)).astype(np.float32)
+    y = (np.arange(200) % 10).astype(np.int32)
+    return jnp.asarray(x), jnp.asarray(y)
+
+
+def test_train_step_matches_hand_written_sgd(small_data):
+    """One step of jaxl2's train_step equals w ← w − lr·(∇CE + λ·w) on kernels, − lr·∇CE on biases."""
+    x, y = small_data
+    cfg = Config(hidden=(16,), optimizer="sgd", schedule="constant", lr=0.5, l2=0.1, batch_size=64)
+    tr = Trainer(cfg, 200)
+    state = tr.init()
+    params0 = jax.tree_util.tree_map(np.asarray, state.params)
+
+    def ce(p):
+        return optax.softmax_cross_entropy_with_integer_labels(tr.model.apply(p, x[:64]), y[:64]).mean()
+
+    g = jax.tree_util.tree_map(np.asarray, jax.grad(ce)(state.params))
+    new, metrics = tr.train_step(state, (x[:64], y[:64]))
+    for layer in ("Dense_0", "Dense_1"):
+        w, b = params0["params"][layer]["kernel"], params0["params"][layer]["bias"]
+        gw, gb = g["params"][layer]["kernel"], g["params"][layer]["bias"]
+        np.testing.assert_allclose(
+            new.params["params"][layer]["kernel"], w - 0.5 * (gw + 0.1 * w), rtol=1e-5, atol=1e-6
+        )
+        np.testing.assert_allclose(new.params["params"][layer]["bias"], b - 0.5 * gb, rtol=1e-5, atol=1e-6)
+    pen = (
+        0.1
+        / 2
+        * sum(
+            float(np.sum(params0["params"][k]["kernel"].astype(np.float64) ** 2))
+            for k in ("Dense_0", "Dense_1")
+        )
+    )
+    assert float(metrics["penalty"]) == pytest.approx(pen, rel=1e-5)
+    assert float(metrics["loss"]) == pytest.approx(float(metrics["data_loss"]) + pen, rel=1e-5)
+    assert int(new.step) == 1
+
+
+def test_scanned_epoch_equals_step_by_step(small_data):
+    x, y = small_data
+    tr = Trainer(SMALL, 200)
+    a = tr.init()
+    b = tr.init()
+    idx = np.asarray(tr.batches(b, 200))
+    assert idx.shape == (3, 64)  # 200 // 64 steps; the last partial batch (8) is dropped
+    assert len(set(idx.ravel())) == 192
+    a, m_epoch = tr.train_epoch(a, x, y)
+    losses = []
+    for row in idx:
+        b, m = tr.train_step(b, (x[row], y[row]))
+        losses.append(float(m["loss"]))
+    for u, v in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+        np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6)
+    assert float(m_epoch["loss"]) == pytest.approx(np.mean(losses), rel=1e-5)
+    assert int(m_epoch["nonfinite_step"]) == -1
+    # the next epoch is shuffled differently
+    assert not np.array_equal(np.asarray(tr.batches(a, 200)), idx)
+
+
+def test_train_step_and_epoch_compile_once(small_data):
+    x, y = small_data
+    tr = Trainer(SMALL, 200)
+    s = tr.init()
+    for _ in range(3):
+        s, _ = tr.train_step(s, (x[:64], y[:64]))
+    for _ in range(2):
+        s, _ = tr.train_epoch(s, x, y)
+    assert tr.train_step._cache_size() == 1
+    assert tr.train_epoch._cache_size() == 1
+
+
+def test_adamw_decays_selected_leaves_only(small_data):
+    x, y = small_data
+    cfg = Config(hidden=(16,), optimizer="adamw", weight_decay=0.5, l2=0.0, schedule="constant", lr=0.01)
+    tr = Trainer(cfg, 200)
+    s0 = tr.init()
+    p0 = jax.tree_util.tree_map(np.asarray, s0.params)
+    s1, _ = tr.train_step(s0, (x[:64] * 0, y[:64]))  # zero inputs: kernels get no data gradient
+    k0, k1 = p0["params"]["Dense_0"]["kernel"], np.asarray(s1.params["params"]["Dense_0"]["kernel"])
+    np.testing.assert_allclose(k1, k0 * (1 - 0.01 * 0.5), rtol=1e-6)
+
+
+def small_run(tmp_path, name, **kw):
+    cfg = Config(hidden=(32,), epochs=4, batch_size=500, lr=0.1, **kw)
+    return cfg, os.path.join(tmp_path, name)
+
+
+def test_run_directory_and_resume_equals_uninterrupted(tmp_path):
+    cfg, out_a = small_run(tmp_path, "a")
+    summary = _run.train_and_evaluate(cfg, out_a, checkpoint_every=1)
+    # every output exists and parses
+    assert json.load(open(os.path.join(out_a, "config.json")))["hidden"] == [32]
+    rows = [json.loads(line) for line in open(os.path.join(out_a, "metrics.jsonl"))]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    assert json.load(open(os.path.join(out_a, "summary.json")))["test_accuracy"] == summary["test_accuracy"]
+    assert open(os.path.join(out_a, "curves.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert summary["train_accuracy"] > 0.5 and set(summary["kernel_sq_norm"]) == {
+        "params/Dense_0/kernel",
+        "params/Dense_1/kernel",
+    }
+
+    # a run stopped after epoch 2 (checkpoint at 2) and resumed ends with the same params
+    _, out_b = small_run(tmp_path, "b")
+
+    def stop_at_3(row):
+        if row["epoch"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _run.train_and_evaluate(cfg, out_b, checkpoint_every=2, on_epoch=stop_at_3)
+    with open(os.path.join(out_b, "metrics.jsonl"), "a") as f:
+        f.write('{"epoch": 4, "torn')  # a kill mid-write
+    summary_b = _run.train_and_evaluate(cfg, out_b, resume=True, checkpoint_every=2)
+    rows_b = [json.loads(line) for line in open(os.path.join(out_b, "metrics.jsonl"))]
+    assert [r["epoch"] for r in rows_b] == [1, 2, 3, 4]
+    for ra, rb in zip(rows, rows_b):
+        assert ra["train_loss"] == rb["train_loss"] and ra["val_accuracy"] == rb["val_accuracy"]
+    pa = _restore_latest(out_a)
+    pb = _restore_latest(out_b)
+    for u, v in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+        np.testing.assert_array_equal(u, v)
+    assert summary_b["test_accuracy"] == summary["test_accuracy"]
+
+
+def _restore_latest(out):
+    import orbax.checkpoint as ocp
+
+    with ocp.CheckpointManager(os.path.abspath(os.path.join(out, "checkpoints"))) as m:
+        return m.restore(m.latest_step())["state"]["params"]
+
+
+def test_out_dir_that_holds_a_run_is_refused(tmp_path):
+    cfg, out = small_run(tmp_path, "a")
+    os.makedirs(out)
+    open(os.path.join(out, "config.json"), "w").write("{}")
+    with pytest.raises(_run.RunError, match=r"already holds a different run \(use --resume"):
+        _run.train_and_evaluate(cfg, out)
+
+
+def test_kernel_sq_norm_matches_numpy(tmp_path):
+    cfg = Config(hidden=(8,))
+    params = Trainer.model_of(cfg).init(jax.random.PRNGKey(3), jnp.zeros((1, 784)))
+    norms = _run.kernel_sq_norm(params, cfg)
+    k = params["params"]["Dense_0"]["kernel"]
+    assert norms["params/Dense_0/kernel"] == pytest.approx(float(np.sum(np.asarray(k, np.float64) ** 2)))
+    assert float(jaxl2.l2_penalty(params, 2.0)) == pytest.approx(sum(norms.values()), rel=1e-6)
