@@ -307,7 +307,7 @@ def train_and_evaluate(
                         f"the loss became NaN/Inf at epoch {epoch}, step {s + 1} of "
                         f"{trainer.steps_per_epoch} (lr {cfg.lr}, λ {cfg.l2}, λ·lr "
                         f"{_lam_lr(cfg)}): the learning rate (or λ·lr) is too large; lower "
-                        f"--lr. The last good checkpoint (epoch {ckpt.latest.latest_step() or 0}) is intact"
+                        f"--lr. {_last_good(ckpt)}"
                     )
                 state = new_state
                 val = _as_float(trainer.evaluate(state.params, x_va, y_va))
@@ -364,6 +364,13 @@ def train_and_evaluate(
     }
     _write_json(os.path.join(out, "summary.json"), summary)
     return summary
+
+
+def _last_good(ckpt: _Checkpoints) -> str:
+    step = ckpt.latest.latest_step()
+    if step is None:
+        return "No checkpoint had been written yet."
+    return f"The last good checkpoint (epoch {step}) is intact."
 
 
 def _lam_lr(cfg: Config) -> str:

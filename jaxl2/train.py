@@ -48,12 +48,12 @@ class Config:
     l2: float | Mapping[str, float] = 1e-3
     select: str | None = None
     optimizer: str = "momentum"
-    lr: float = 0.1
+    lr: float = 0.3
     schedule: str = "cosine"
     momentum: float = 0.9
     weight_decay: float = 0.0
     batch_size: int = 128
-    epochs: int = 60
+    epochs: int = 120
     hidden: tuple[int, ...] = (256, 256)
     activation: str = "relu"
     seed: int = 0
