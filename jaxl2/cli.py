@@ -139,7 +139,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         if not args.out:
             _fail("--resume needs --out DIR, the run to continue")
-        saved = _run.load_config(args.out)
+        try:
+            saved = _run.load_config(args.out)
+        except ValueError as e:
+            _fail(str(e))
         differ = {k: (v, getattr(saved, k)) for k, v in given.items() if v != getattr(saved, k)}
         if differ:
             desc = ", ".join(f"--{k.replace('_', '-')} {a} vs {b} in the run" for k, (a, b) in differ.items())

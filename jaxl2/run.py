@@ -157,7 +157,9 @@ def load_config(out: str) -> Config:
         with open(path) as f:
             d = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
-        raise RunError(f"{path}: cannot read the run's config ({e})") from None
+        raise RunError(
+            f"{path}: cannot read the run's config ({e}); is {out} a jaxl2 run directory?"
+        ) from None
     d.pop("jaxl2_version", None)
     try:
         return Config.from_json(d)
