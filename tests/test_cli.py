@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 FAST = ["--hidden", "32", "--epochs", "2", "--batch-size", "256"]
@@ -82,3 +83,40 @@ def test_bad_input_is_one_line_exit_2(tmp_path, args, match):
     assert match in r.stderr
     assert "Traceback" not in r.stderr
     assert not out.exists()  # nothing half-written
+
+
+def _idx_dir(tmp_path, truncate=0, n_labels=20):
+    from tests.test_data import fake, write_idx
+
+    d = tmp_path / "idx"
+    d.mkdir()
+    x, _ = fake(20)
+    write_idx(d, "train", x, np.arange(n_labels) % 10, truncate=truncate)
+    write_idx(d, "t10k", x, np.arange(20) % 10)
+    return d
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "small"
+    r = jaxl2("train", "--hidden", "16", "--epochs", "1", "--batch-size", "500", "--out", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.mark.parametrize("case", ["truncated", "counts", "resume_shape", "out_taken"])
+def test_bad_files_and_directories_are_one_line_exit_2(tmp_path, small_run, case):
+    out = tmp_path / "new"
+    if case == "truncated":
+        args, match = ["--dataset", f"idx:{_idx_dir(tmp_path, truncate=50)}", "--out", str(out)], "truncated or corrupt file"
+    elif case == "counts":
+        args, match = ["--dataset", f"idx:{_idx_dir(tmp_path, n_labels=21)}", "--out", str(out)], "has 20 images but"
+    elif case == "resume_shape":
+        args, match = ["--resume", "--hidden", "64", "--out", str(small_run)], "--hidden (64,) vs (16,) in the run"
+    else:
+        args, match = ["--out", str(small_run)], "already holds a different run (use --resume"
+    before = sorted(os.listdir(small_run))
+    r = jaxl2("train", *args, timeout=60)
+    assert r.returncode == 2 and r.stderr.startswith("jaxl2: error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert match in r.stderr
+    assert not out.exists() and sorted(os.listdir(small_run)) == before
