@@ -288,14 +288,13 @@ def train_and_evaluate(
     best_params = jax.device_get(run["best_params"])
     best_val, best_epoch = float(run["best_val"]), int(run["best_epoch"])
 
-    t0 = time.perf_counter()
-    train_epoch = trainer.train_epoch.lower(state, x_tr, y_tr).compile()
-    compile_seconds = time.perf_counter() - t0
-
     stop = {"sigint": False}
     old_handler = signal.signal(signal.SIGINT, lambda *_: stop.update(sigint=True))
     train_seconds = 0.0
     try:
+        t0 = time.perf_counter()
+        train_epoch = trainer.train_epoch.lower(state, x_tr, y_tr).compile()
+        compile_seconds = time.perf_counter() - t0
         with open(metrics_path, "a") as mfile:
             for epoch in range(start + 1, cfg.epochs + 1):
                 t0 = time.perf_counter()
