@@ -234,6 +234,66 @@ def format_summary(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--l2 {text!r} is invalid (comma-separated numbers, e.g. 0,1e-4,1e-3)"
+        ) from None
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from jaxl2 import sweep as _sweep
+
+    l2s = args.l2
+    args.l2 = None
+    cfg, _ = _config(args)
+    if args.seeds < 1:
+        _fail(f"--seeds {args.seeds} is invalid (an integer >= 1)")
+    _enable_cache(args)
+    out = args.out or os.path.join("runs", f"sweep-{time.strftime('%Y%m%d-%H%M%S')}")
+    quiet = args.quiet or args.json
+
+    def log(msg: str) -> None:
+        if not quiet:
+            sys.stderr.write(f"jaxl2: {msg}\n")
+
+    def on_epoch(epoch: int, total: int) -> None:
+        if not quiet and (epoch == total or epoch % max(1, total // 10) == 0):
+            sys.stderr.write(f"\repoch {epoch}/{total}")
+            sys.stderr.flush()
+
+    try:
+        summary = _sweep.train_sweep(
+            cfg,
+            l2s,
+            [cfg.seed + i for i in range(args.seeds)],
+            out,
+            execution=args.execution,
+            on_epoch=on_epoch,
+            log=log,
+        )
+    except ValueError as e:
+        _fail(str(e))
+    if not quiet:
+        sys.stderr.write("\n")
+    if args.json:
+        print(_sweep.results_json(summary))
+        return 0
+    print(
+        f"sweep directory: {out} ({len(summary['results'])} members, {summary['execution']}, {summary['seconds']:.1f} s; {summary['device']})"
+    )
+    print(f"{'λ':>8} {'seed':>4} {'train':>7} {'val':>7} {'test':>7} {'gap':>6} {'Σ‖W‖²':>8}")
+    for r in summary["results"]:
+        print(
+            f"{r['l2']:>8g} {r['seed']:>4} {100 * r['train_accuracy']:>6.2f}% {100 * r['val_accuracy']:>6.2f}% "
+            f"{100 * r['test_accuracy']:>6.2f}% {100 * r['gap']:>5.2f} {sum(r['kernel_sq_norm'].values()):>8.1f}"
+        )
+    print(f"selected λ (best mean validation accuracy): {summary['selected_l2']:g}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from jaxl2 import run as _run
 
@@ -307,6 +367,35 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print only one JSON object with the results on stdout"
     )
     t.set_defaults(func=cmd_train)
+
+    sw = sub.add_parser(
+        "sweep",
+        help="train many λ (and seeds) at once in one compiled program",
+        description="Train every (λ, seed) pair together (jax.vmap over stacked states, λ traced: one "
+        "compilation). Writes sweep.json, sweep.csv and sweep.png; selects λ by validation accuracy only.",
+    )
+    _add_train_flags(sw)
+    for action in sw._actions:
+        if action.dest == "l2":
+            action.type, action.default = _floats, [0.0, 1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
+            action.help = "comma-separated λ values (default 0,1e-5,1e-4,3e-4,1e-3,3e-3,1e-2)"
+    g = sw.add_argument_group("sweep")
+    g.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="init seeds per λ: --seed, --seed+1, … (default 1); data order follows the seed",
+    )
+    g.add_argument(
+        "--execution",
+        default="auto",
+        help="vmap, sequential (lax.map in one program) or auto: on CPU the faster of the two on one timed epoch (default)",
+    )
+    g.add_argument("--out", help="sweep directory (default runs/sweep-TIMESTAMP)")
+    g.add_argument("--no-cache", action="store_true", help="do not use the compilation cache")
+    g.add_argument("--quiet", action="store_true", help="no progress")
+    g.add_argument("--json", action="store_true", help='print only {"selected_l2": …, "results": […]}')
+    sw.set_defaults(func=cmd_sweep)
 
     e = sub.add_parser(
         "eval",

@@ -32,3 +32,37 @@ def curves(rows: Sequence[dict[str, Any]], path: str, title: str = "") -> None:
         fig.suptitle(title, fontsize=9)
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def sweep(rows: Sequence[dict[str, Any]], selected_l2: float, path: str) -> None:
+    """Writes ``path``: train/validation accuracy and Σ‖W‖² against λ (mean ± std over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    lams = sorted({r["l2"] for r in rows})
+    positive = [lam for lam in lams if lam > 0]
+    linthresh = min(positive) if positive else 1.0
+
+    def stat(key):
+        vals = [[r[key] if not callable(key) else key(r) for r in rows if r["l2"] == lam] for lam in lams]
+        return np.array([np.mean(v) for v in vals]), np.array([np.std(v) for v in vals])
+
+    fig, (ax_a, ax_n) = plt.subplots(1, 2, figsize=(9, 3.4), constrained_layout=True)
+    for key, label in (("train_accuracy", "train"), ("val_accuracy", "validation")):
+        m, s = stat(key)
+        ax_a.errorbar(lams, 100 * m, yerr=100 * s, marker="o", capsize=3, label=label)
+    ax_a.axvline(selected_l2, color="k", ls=":", label=f"selected λ = {selected_l2:g}")
+    ax_a.set_ylabel("accuracy (%)")
+    m, s = stat(lambda r: sum(r["kernel_sq_norm"].values()))
+    ax_n.errorbar(lams, m, yerr=s, marker="o", capsize=3, color="C2")
+    ax_n.set_yscale("log")
+    ax_n.set_ylabel("Σ‖W‖² over kernels")
+    for ax in (ax_a, ax_n):
+        ax.set_xscale("symlog", linthresh=linthresh)
+        ax.set_xlabel("λ (symlog: 0 at the left)")
+    ax_a.legend(fontsize=8)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

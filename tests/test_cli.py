@@ -108,11 +108,20 @@ def small_run(tmp_path_factory):
 def test_bad_files_and_directories_are_one_line_exit_2(tmp_path, small_run, case):
     out = tmp_path / "new"
     if case == "truncated":
-        args, match = ["--dataset", f"idx:{_idx_dir(tmp_path, truncate=50)}", "--out", str(out)], "truncated or corrupt file"
+        args, match = (
+            ["--dataset", f"idx:{_idx_dir(tmp_path, truncate=50)}", "--out", str(out)],
+            "truncated or corrupt file",
+        )
     elif case == "counts":
-        args, match = ["--dataset", f"idx:{_idx_dir(tmp_path, n_labels=21)}", "--out", str(out)], "has 20 images but"
+        args, match = (
+            ["--dataset", f"idx:{_idx_dir(tmp_path, n_labels=21)}", "--out", str(out)],
+            "has 20 images but",
+        )
     elif case == "resume_shape":
-        args, match = ["--resume", "--hidden", "64", "--out", str(small_run)], "--hidden (64,) vs (16,) in the run"
+        args, match = (
+            ["--resume", "--hidden", "64", "--out", str(small_run)],
+            "--hidden (64,) vs (16,) in the run",
+        )
     else:
         args, match = ["--out", str(small_run)], "already holds a different run (use --resume"
     before = sorted(os.listdir(small_run))

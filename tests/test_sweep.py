@@ -1,0 +1,118 @@
+"""The vmapped sweep equals separate runs, compiles once, and selects λ by validation only."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxl2 import run as _run
+from jaxl2.data import load
+from jaxl2.sweep import SweepTrainer, members_that_fit, select_l2, train_sweep
+from jaxl2.train import Config, Trainer
+
+CFG = Config(hidden=(64,), epochs=3)
+L2S = [0.0, 1e-3, 3e-2]
+
+
+@pytest.fixture(scope="module")
+def data():
+    d = load("mnist5k")
+    return jnp.asarray(d.train.x), jnp.asarray(d.train.y)
+
+
+@pytest.mark.parametrize("execution", ["vmap", "sequential"])
+def test_sweep_params_equal_separate_runs_and_compile_once(data, execution):
+    x, y = data
+    tr = Trainer(CFG, len(y))
+    sw = SweepTrainer(tr, execution)
+    states = sw.init([0, 0, 0])
+    l2_K = jnp.asarray(L2S, jnp.float32)
+    for _ in range(3):
+        states, _ = sw.epoch(states, x, y, l2_K)
+    assert sw.epoch._cache_size() == 1  # λ is traced: one compilation for the whole sweep
+    for i, lam in enumerate(L2S):
+        one = Trainer(dataclasses.replace(CFG, l2=lam), len(y))
+        s = one.init(0)
+        for _ in range(3):
+            s, _ = one.train_epoch(s, x, y)
+        for a, b in zip(jax.tree.leaves(s.params), jax.tree.leaves(states.params)):
+            b = np.asarray(b[i])
+            assert np.max(np.abs(np.asarray(a) - b)) <= 1e-4 * np.max(np.abs(b)), (lam, execution)
+
+
+def test_sweep_metrics_equal_separate_train_runs(tmp_path):
+    summary = train_sweep(CFG, L2S, [0, 1], str(tmp_path / "sweep"), execution="vmap")
+    assert len(summary["results"]) == 6 and summary["chunks"] == 1
+    for r in summary["results"][:3] + summary["results"][4:5]:
+        one = _run.train_and_evaluate(
+            dataclasses.replace(CFG, l2=r["l2"], seed=r["seed"]), str(tmp_path / f"{r['l2']}-{r['seed']}")
+        )
+        for key in ("train_accuracy", "val_accuracy", "test_accuracy", "train_loss"):
+            assert r[key] == pytest.approx(one[key], abs=2e-3), key
+        for path, v in one["kernel_sq_norm"].items():
+            assert r["kernel_sq_norm"][path] == pytest.approx(v, rel=1e-4)
+    for name in ("sweep.json", "sweep.csv", "sweep.png", "config.json"):
+        assert (tmp_path / "sweep" / name).stat().st_size > 0
+    assert json.load(open(tmp_path / "sweep" / "sweep.json"))["selected_l2"] == summary["selected_l2"]
+
+
+def test_chunks_when_members_do_not_fit(tmp_path):
+    per = members_that_fit(CFG, 3500, 10**12)
+    assert per > 100
+    budget = 2 * (10**12 // per)  # room for two members
+    small = train_sweep(dataclasses.replace(CFG, epochs=1), L2S, [0], budget_bytes=budget, execution="vmap")
+    whole = train_sweep(dataclasses.replace(CFG, epochs=1), L2S, [0], execution="vmap")
+    assert small["chunks"] == 2 and whole["chunks"] == 1
+    for a, b in zip(small["results"], whole["results"]):
+        assert a["val_accuracy"] == pytest.approx(b["val_accuracy"], abs=2e-3)
+
+
+def test_selection_uses_validation_never_test():
+    results = [
+        {"l2": 0.0, "seed": 0, "val_accuracy": 0.90, "test_accuracy": 0.99},
+        {"l2": 0.0, "seed": 1, "val_accuracy": 0.92, "test_accuracy": 0.99},
+        {"l2": 1e-3, "seed": 0, "val_accuracy": 0.95, "test_accuracy": 0.80},
+        {"l2": 1e-3, "seed": 1, "val_accuracy": 0.93, "test_accuracy": 0.80},
+    ]
+    assert select_l2(results) == 1e-3  # test accuracy would pick 0.0
+
+
+def test_cli_sweep_json(tmp_path):
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jaxl2",
+            "sweep",
+            "--l2",
+            "0,1e-3",
+            "--epochs",
+            "1",
+            "--hidden",
+            "16",
+            "--out",
+            str(tmp_path / "s"),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["selected_l2"] in (0.0, 1e-3) and len(d["results"]) == 2
+    for key in (
+        "l2",
+        "seed",
+        "train_accuracy",
+        "val_accuracy",
+        "test_accuracy",
+        "train_loss",
+        "kernel_sq_norm",
+    ):
+        assert key in d["results"][0]
