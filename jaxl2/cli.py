@@ -294,6 +294,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from jaxl2 import bench
+
+    if args.rounds is not None and args.rounds < 1:
+        _fail(f"--rounds {args.rounds} is invalid (an integer >= 1)")
+    res = bench.run_bench(quick=args.quick, rounds=args.rounds)
+    print(json.dumps(res) if args.json else bench.format_bench(res))
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from jaxl2 import run as _run
 
@@ -409,6 +419,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-cache", action="store_true", help="do not use the compilation cache")
     e.add_argument("--json", action="store_true", help="print one JSON object: accuracy, loss, n")
     e.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser(
+        "bench",
+        help="measure throughput against the machine's limit",
+        description="Side-by-side, interleaved measurements: GEMM rate and the examples/s ceiling, jaxl2's "
+        "training throughput at batch 128 and 1024, the L2 overhead, start-up, sweep scaling, and PyTorch if installed.",
+    )
+    b.add_argument(
+        "--quick", action="store_true", help="small sizes and 2 rounds (for CI; numbers are rough)"
+    )
+    b.add_argument("--rounds", type=int, help="interleaved rounds (default 5, 2 with --quick)")
+    b.add_argument("--json", action="store_true", help="print one JSON object with every number")
+    b.set_defaults(func=cmd_bench)
 
     gc = sub.add_parser(
         "gradcheck",

@@ -125,8 +125,9 @@ class Trainer:
     which is what the vmapped sweep does with a traced λ.
     """
 
-    def __init__(self, cfg: Config, num_train: int):
+    def __init__(self, cfg: Config, num_train: int, *, penalty: bool = True):
         self.cfg = cfg
+        self.penalty = penalty  # False: the data loss alone (the benchmark's no-L2 baseline)
         self.model = self.model_of(cfg)
         self.select = self.selector_of(cfg)
         self.steps_per_epoch = num_train // cfg.batch_size
@@ -166,7 +167,14 @@ class Trainer:
     def step_fn(self, state: TrainState, batch, l2=None):
         x_BxD, y_B = batch
         l2 = self.cfg.l2 if l2 is None else l2
-        loss_fn = regularized(self.data_loss, l2, select=self.select, has_aux=True)
+        if self.penalty:
+            loss_fn = regularized(self.data_loss, l2, select=self.select, has_aux=True)
+        else:
+
+            def loss_fn(params, x, y):
+                ce, aux = self.data_loss(params, x, y)
+                return ce, {**aux, "data_loss": ce, "penalty": jnp.zeros_like(ce)}
+
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, x_BxD, y_B)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

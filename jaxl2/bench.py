@@ -1,0 +1,299 @@
+"""``jaxl2 bench``: how close jaxl2's training path comes to the machine's limit.
+
+Everything is measured side by side in one process, interleaved (A B A B …) over several
+rounds; medians and min–max are reported. The ceiling is the large float32 GEMM rate divided
+by the training FLOPs per example (:func:`jaxl2.model.flops_per_example`: 1,211,392 for
+784-256-256-10), cross-checked against XLA's ``cost_analysis()`` of the compiled step.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxl2.model import flops_per_example
+from jaxl2.run import _device
+from jaxl2.sweep import SweepTrainer
+from jaxl2.train import Config, Trainer
+
+SIZES = (784, 256, 256, 10)
+
+
+def _stats(xs: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+
+
+def _interleave(fns: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+    """Runs each timing function once per round, in turn; returns the seconds of each."""
+    out: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            out[k].append(f())
+    return out
+
+
+def gemm_rates(rounds: int, n: int = 2048) -> dict[str, Any]:
+    """float32 ``jnp.dot`` GFLOP/s for an n×n square and for the model's forward shapes."""
+    shapes = {f"{n}x{n}x{n}": (n, n, n)}
+    for b in (128, 1024):
+        for a, c in zip(SIZES[:-1], SIZES[1:]):
+            shapes[f"{b}x{a}x{c}"] = (b, a, c)
+    fns, flops = {}, {}
+    dot = jax.jit(jnp.dot)
+    for name, (m, k, nn) in shapes.items():
+        x, w = jnp.ones((m, k), jnp.float32), jnp.ones((k, nn), jnp.float32)
+        reps = max(1, int(2e9 // (2 * m * k * nn)))
+        dot(x, w).block_until_ready()
+
+        def timed(x=x, w=w, reps=reps):
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                r = dot(x, w)
+            r.block_until_ready()
+            return (time.perf_counter() - t0) / reps
+
+        fns[name], flops[name] = timed, 2 * m * k * nn
+    times = _interleave(fns, rounds)
+    return {name: _stats([flops[name] / t / 1e9 for t in ts]) for name, ts in times.items()}
+
+
+def xla_flops_per_example(batch: int) -> float:
+    """FLOPs per example of the compiled SGD train step, from XLA's cost analysis."""
+    cfg = Config(batch_size=batch, optimizer="sgd", schedule="constant")
+    tr = Trainer(cfg, 10 * batch)
+    s = tr.init()
+    batch_xy = (jnp.zeros((batch, 784), jnp.float32), jnp.zeros((batch,), jnp.int32))
+    ca = jax.jit(tr.step_fn).lower(s, batch_xy).compile().cost_analysis()
+    ca = ca[0] if isinstance(ca, list) else ca
+    return float(ca["flops"]) / batch
+
+
+def _epoch_timer(tr: Trainer, x, y) -> tuple[Callable[[], float], float]:
+    state = {"s": tr.init()}
+    t0 = time.perf_counter()
+    fn = tr.train_epoch.lower(state["s"], x, y).compile()
+    compile_s = time.perf_counter() - t0
+    state["s"], _ = fn(state["s"], x, y)
+    jax.block_until_ready(state["s"])
+
+    def timed():
+        t = time.perf_counter()
+        state["s"], m = fn(state["s"], x, y)
+        jax.block_until_ready(m)
+        return time.perf_counter() - t
+
+    return timed, compile_s
+
+
+def throughput(batch: int, n: int, rounds: int) -> dict[str, Any]:
+    """examples/s of whole epochs through ``Trainer.train_epoch``, with and without L2, interleaved."""
+    rng = np.random.default_rng(0)
+    x = jax.device_put(rng.uniform(size=(n, 784)).astype(np.float32))
+    y = jax.device_put(rng.integers(0, 10, n).astype(np.int32))
+    cfg = Config(batch_size=batch, epochs=1000)
+    with_l2, compile_s = _epoch_timer(Trainer(cfg, n), x, y)
+    without, _ = _epoch_timer(Trainer(cfg, n, penalty=False), x, y)
+    times = _interleave({"l2": with_l2, "no_l2": without}, rounds)
+    ex = (n // batch) * batch
+    ratios = [a / b for a, b in zip(times["l2"], times["no_l2"])]
+    return {
+        "examples_per_second": _stats([ex / t for t in times["l2"]]),
+        "examples_per_second_no_l2": _stats([ex / t for t in times["no_l2"]]),
+        "l2_overhead": _stats([r - 1 for r in ratios]),
+        "epoch_compile_seconds": compile_s,
+    }
+
+
+def sweep_scaling(members: tuple[int, ...], n: int, rounds: int) -> dict[str, Any]:
+    """Seconds per member of one vmapped (and lax.map) epoch for K members, relative to K = 1."""
+    rng = np.random.default_rng(0)
+    x = jax.device_put(rng.uniform(size=(n, 784)).astype(np.float32))
+    y = jax.device_put(rng.integers(0, 10, n).astype(np.int32))
+    tr = Trainer(Config(epochs=1000), n)
+    out: dict[str, Any] = {}
+    for execution in ("vmap", "sequential"):
+        fns = {}
+        for k in members:
+            sw = SweepTrainer(tr, execution)
+            st = {"s": sw.init(list(range(k)))}
+            lam = jnp.full((k,), 1e-3, jnp.float32)
+            fn = sw.epoch.lower(st["s"], x, y, lam).compile()
+            st["s"], _ = fn(st["s"], x, y, lam)
+
+            def timed(st=st, fn=fn, lam=lam, k=k):
+                t = time.perf_counter()
+                st["s"], m = fn(st["s"], x, y, lam)
+                jax.block_until_ready(m)
+                return (time.perf_counter() - t) / k
+
+            fns[k] = timed
+        times = _interleave(fns, rounds)
+        base = statistics.median(times[members[0]])
+        out[execution] = {
+            str(k): {
+                "seconds_per_member": statistics.median(ts),
+                "relative_to_1": statistics.median(ts) / base,
+            }
+            for k, ts in times.items()
+        }
+    return out
+
+
+_FIRST_STEP = """
+import time, sys
+t0 = float(sys.argv[1])
+import jax
+jax.config.update("jax_compilation_cache_dir", sys.argv[2])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+from jaxl2.data import load
+from jaxl2.train import Config, Trainer
+d = load("mnist5k")
+tr = Trainer(Config(), len(d.train.y))
+s = tr.init()
+s, m = tr.train_step(s, (d.train.x[:128], d.train.y[:128]))
+jax.block_until_ready(m)
+print(time.time() - t0)
+"""
+
+
+def startup(rounds: int) -> dict[str, Any]:
+    """Process start → first trained step (the default recipe on mnist5k), cold and warm cache."""
+    cold, warm = [], []
+    for _ in range(rounds):
+        with tempfile.TemporaryDirectory() as cache:
+            for bucket in (cold, warm):
+                r = subprocess.run(
+                    [sys.executable, "-c", _FIRST_STEP, repr(time.time()), cache],
+                    capture_output=True,
+                    text=True,
+                    timeout=300,
+                    env={**os.environ},
+                )
+                if r.returncode != 0:
+                    raise RuntimeError(f"start-up probe failed: {r.stderr.strip().splitlines()[-1:]}")
+                bucket.append(float(r.stdout.strip().splitlines()[-1]))
+    return {"cold_seconds": _stats(cold), "warm_seconds": _stats(warm)}
+
+
+def peers(batch: int, n: int, rounds: int) -> dict[str, Any]:
+    """PyTorch eager (``SGD`` with ``weight_decay`` on the weights only), if importable."""
+    out: dict[str, Any] = {}
+    try:
+        import torch
+    except ImportError:
+        return {"torch": None}
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(784, 256),
+        torch.nn.ReLU(),
+        torch.nn.Linear(256, 256),
+        torch.nn.ReLU(),
+        torch.nn.Linear(256, 10),
+    )
+    weights = [m.weight for m in model if isinstance(m, torch.nn.Linear)]
+    biases = [m.bias for m in model if isinstance(m, torch.nn.Linear)]
+    opt = torch.optim.SGD(
+        [{"params": weights, "weight_decay": 1e-3}, {"params": biases, "weight_decay": 0.0}], lr=0.1
+    )
+    x, y = torch.rand(n, 784), torch.randint(0, 10, (n,))
+
+    def epoch():
+        t = time.perf_counter()
+        perm = torch.randperm(n)
+        for i in range(n // batch):
+            idx = perm[i * batch : (i + 1) * batch]
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+        return time.perf_counter() - t
+
+    epoch()
+    ts = _interleave({"torch": epoch}, rounds)["torch"]
+    out["torch"] = {
+        "examples_per_second": _stats([(n // batch) * batch / t for t in ts]),
+        "threads": torch.get_num_threads(),
+        "version": torch.__version__,
+    }
+    return out
+
+
+def run_bench(quick: bool = False, rounds: int | None = None) -> dict[str, Any]:
+    rounds = rounds or (2 if quick else 5)
+    n = 8192 if quick else 60000
+    fpe = flops_per_example(SIZES)
+    res: dict[str, Any] = {"device": _device(), "quick": quick, "rounds": rounds, "examples_per_epoch": n}
+    res["gemm_gflops"] = gemm_rates(rounds, n=1024 if quick else 2048)
+    big = next(iter(res["gemm_gflops"]))
+    res["flops_per_example"] = fpe
+    res["xla_flops_per_example"] = {str(b): xla_flops_per_example(b) for b in (128, 1024)}
+    res["ceiling_examples_per_second"] = res["gemm_gflops"][big]["median"] * 1e9 / fpe
+    res["train"] = {}
+    for b in (128, 1024):
+        t = throughput(b, n, rounds)
+        t["fraction_of_ceiling"] = t["examples_per_second"]["median"] / res["ceiling_examples_per_second"]
+        res["train"][str(b)] = t
+    res["startup"] = startup(1 if quick else 3)
+    res["sweep"] = sweep_scaling((1, 4) if quick else (1, 4, 16), 2048 if quick else 8192, rounds)
+    res["peers"] = peers(128, n, rounds)
+    if res["peers"].get("torch"):
+        res["peers"]["torch"]["jaxl2_speedup"] = (
+            res["train"]["128"]["examples_per_second"]["median"]
+            / res["peers"]["torch"]["examples_per_second"]["median"]
+        )
+    return res
+
+
+def format_bench(r: dict[str, Any]) -> str:
+    def mm(s, scale=1.0, fmt="{:,.0f}"):
+        return f"{fmt.format(s['median'] * scale)} ({fmt.format(s['min'] * scale)}–{fmt.format(s['max'] * scale)})"
+
+    big = next(iter(r["gemm_gflops"]))
+    lines = [f"device: {r['device']}   rounds: {r['rounds']} (interleaved; median (min–max))", ""]
+    lines.append(f"float32 GEMM {big}: {mm(r['gemm_gflops'][big], fmt='{:,.1f}')} GFLOP/s")
+    for name, s in list(r["gemm_gflops"].items())[1:]:
+        lines.append(f"  model shape {name}: {mm(s, fmt='{:,.1f}')} GFLOP/s")
+    xla = r["xla_flops_per_example"]
+    lines.append(
+        f"FLOPs per training example: {r['flops_per_example']:,} (XLA cost analysis: "
+        f"{xla['128']:,.0f} at batch 128, {xla['1024']:,.0f} at 1024)"
+    )
+    lines.append(f"ceiling: {r['ceiling_examples_per_second']:,.0f} examples/s")
+    lines.append("")
+    lines.append(f"{'batch':>5}  {'examples/s (L2)':>28}  {'of ceiling':>10}  {'L2 overhead':>22}  compile")
+    for b, t in r["train"].items():
+        lines.append(
+            f"{b:>5}  {mm(t['examples_per_second']):>28}  {100 * t['fraction_of_ceiling']:>9.1f}%  "
+            f"{mm(t['l2_overhead'], 100, '{:+.1f}%'):>22}  {t['epoch_compile_seconds']:.2f} s"
+        )
+    su = r["startup"]
+    lines.append(
+        f"start-up (process start → first trained step): cold {mm(su['cold_seconds'], fmt='{:.2f}')} s, "
+        f"warm cache {mm(su['warm_seconds'], fmt='{:.2f}')} s"
+    )
+    for ex, rows in r["sweep"].items():
+        lines.append(
+            f"sweep ({ex}): time per member relative to K=1: "
+            + ", ".join(f"K={k} {v['relative_to_1']:.2f}×" for k, v in rows.items())
+        )
+    t = r["peers"].get("torch")
+    lines.append(
+        f"PyTorch eager ({t['version']}, {t['threads']} threads): {mm(t['examples_per_second'])} examples/s at "
+        f"batch 128; jaxl2 is {t['jaxl2_speedup']:.2f}×"
+        if t
+        else "PyTorch: not installed (optional peer)"
+    )
+    return "\n".join(lines)
+
+
+__all__ = ["run_bench", "format_bench", "xla_flops_per_example", "gemm_rates", "throughput"]

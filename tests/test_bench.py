@@ -1,0 +1,59 @@
+"""`jaxl2 bench --quick --json` emits every documented key; the FLOP model matches XLA's."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from jaxl2.bench import xla_flops_per_example
+from jaxl2.model import flops_per_example
+
+
+def test_flops_per_example_hand_count():
+    # forward 2·(784·256 + 256·256 + 256·10), weight gradients the same, input gradients of layers 2 and 3
+    fwd = 2 * (784 * 256 + 256 * 256 + 256 * 10)
+    assert flops_per_example((784, 256, 256, 10)) == 2 * fwd + 2 * (256 * 256 + 256 * 10) == 1_211_392
+
+
+@pytest.mark.parametrize("batch", [128, 1024])
+def test_flops_per_example_matches_xla_cost_analysis(batch):
+    xla = xla_flops_per_example(batch)
+    assert abs(xla / flops_per_example((784, 256, 256, 10)) - 1) < 0.02, xla
+
+
+def test_bench_quick_json_has_every_key():
+    r = subprocess.run(
+        [sys.executable, "-m", "jaxl2", "bench", "--quick", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    for key in (
+        "device",
+        "gemm_gflops",
+        "flops_per_example",
+        "xla_flops_per_example",
+        "ceiling_examples_per_second",
+        "train",
+        "startup",
+        "sweep",
+        "peers",
+    ):
+        assert key in d, key
+    for b in ("128", "1024"):
+        t = d["train"][b]
+        for key in (
+            "examples_per_second",
+            "examples_per_second_no_l2",
+            "l2_overhead",
+            "fraction_of_ceiling",
+            "epoch_compile_seconds",
+        ):
+            assert key in t, (b, key)
+        assert {"median", "min", "max"} <= set(t["examples_per_second"])
+        assert t["examples_per_second"]["median"] > 0
+    assert {"cold_seconds", "warm_seconds"} <= set(d["startup"])
+    assert {"vmap", "sequential"} <= set(d["sweep"]) and "4" in d["sweep"]["vmap"]
