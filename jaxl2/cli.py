@@ -153,6 +153,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     l2_on = isinstance(cfg.l2, dict) or cfg.l2 != 0
     if cfg.weight_decay and l2_on and not args.allow_both:
         _fail("--weight-decay and --l2 together regularize twice (pass --l2 0, or --allow-both to mean it)")
+    if args.devices is not None and args.devices < 1:
+        _fail(f"--devices {args.devices} is invalid (an integer >= 1)")
+    if args.distributed:
+        from jaxl2.parallel import initialize_distributed
+
+        if not args.out:
+            _fail("--distributed needs --out DIR (one directory that every process can reach)")
+
+        initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     _enable_cache(args)
     progress = None if args.quiet or args.json else _Progress(cfg.epochs)
     try:
@@ -164,6 +173,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             checkpoint_every=args.checkpoint_every,
             on_start=progress.start if progress else None,
             on_epoch=progress.update if progress else None,
+            devices=args.devices,
         )
     except ValueError as e:
         _fail(str(e))
@@ -375,6 +385,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.add_argument(
         "--json", action="store_true", help="print only one JSON object with the results on stdout"
+    )
+    g = t.add_argument_group("devices and hosts")
+    g.add_argument(
+        "--devices",
+        type=int,
+        help="data-parallel over the first N devices (default: all); the batch must divide by N",
+    )
+    g.add_argument(
+        "--distributed", action="store_true", help="call jax.distributed.initialize() first (several hosts)"
+    )
+    g.add_argument("--coordinator", help="with --distributed: HOST:PORT of process 0 (or $JAXL2_COORDINATOR)")
+    g.add_argument(
+        "--num-processes", type=int, help="with --distributed: number of processes (or $JAXL2_NUM_PROCESSES)"
+    )
+    g.add_argument(
+        "--process-id", type=int, help="with --distributed: this process's index (or $JAXL2_PROCESS_ID)"
     )
     t.set_defaults(func=cmd_train)
 

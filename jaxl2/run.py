@@ -16,6 +16,7 @@ as a run that was never stopped (every epoch's shuffle is keyed on the state's s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -30,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxl2 import data as _data
+from jaxl2 import parallel
 from jaxl2.penalty import selected
 from jaxl2.train import OPTIMIZERS, SCHEDULES, Config, Trainer, TrainState
 
@@ -245,8 +247,13 @@ def train_and_evaluate(
     checkpoint_every: int = 10,
     on_start: Callable[[], None] | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    devices: int | None = None,
 ) -> dict[str, Any]:
     """Trains ``cfg`` into the run directory ``out`` and returns the summary.
+
+    ``devices`` (default: all) > 1, or several processes, trains data-parallel over a 1-D mesh:
+    the batch is split along ``data``, params are replicated (see :mod:`jaxl2.parallel`); only
+    process 0 writes the run directory's files (orbax coordinates the checkpoints).
 
     ``on_start()`` is called once the input is validated (before compiling), ``on_epoch(row)``
     after every epoch with its ``metrics.jsonl`` row. The summary's accuracies and norms are those of the **best** parameters by validation
@@ -260,32 +267,40 @@ def train_and_evaluate(
     if ds.test is None:
         raise RunError(f"{cfg.dataset} has no test split (t10k-images/labels files)")
     validate(cfg, len(ds.train.y))
-    _prepare_dir(out, cfg, resume, overwrite)
+    n_dev = jax.device_count() if devices is None else devices
+    mesh = None
+    if n_dev > 1 or jax.process_count() > 1:
+        mesh = parallel.make_mesh(n_dev)
+        parallel.check_batch(cfg.batch_size, n_dev)
+    primary = jax.process_index() == 0
+    if primary:
+        _prepare_dir(out, cfg, resume, overwrite)
     if on_start:
         on_start()
 
-    trainer = Trainer(cfg, len(ds.train.y))
-    x_tr, y_tr = jax.device_put(ds.train.x), jax.device_put(ds.train.y)
-    x_va, y_va = jax.device_put(ds.val.x), jax.device_put(ds.val.y)
+    trainer = Trainer(cfg, len(ds.train.y), mesh=mesh)
+    x_tr, y_tr = parallel.put(ds.train.x, mesh), parallel.put(ds.train.y, mesh)
+    x_va, y_va = parallel.put(ds.val.x, mesh), parallel.put(ds.val.y, mesh)
     ckpt = _Checkpoints(out)
     metrics_path = os.path.join(out, "metrics.jsonl")
 
-    state = trainer.init()
+    state = parallel.replicate(trainer.init(), mesh)
     run = {
         "state": state,
         "best_params": state.params,
-        "best_val": jnp.float32(-1),
-        "best_epoch": jnp.int32(0),
+        "best_val": np.array(-1, np.float32),
+        "best_epoch": np.array(0, np.int32),
     }
     start = 0
     if resume:
         start, run = ckpt.restore_latest(run)
-        rows = read_metrics(metrics_path, upto_epoch=start)
-        with open(metrics_path + ".tmp", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        os.replace(metrics_path + ".tmp", metrics_path)
+        if primary:
+            rows = read_metrics(metrics_path, upto_epoch=start)
+            with open(metrics_path + ".tmp", "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+            os.replace(metrics_path + ".tmp", metrics_path)
     state: TrainState = run["state"]
-    best_params = jax.device_get(run["best_params"])
+    best_params = parallel.host(run["best_params"])
     best_val, best_epoch = float(run["best_val"]), int(run["best_epoch"])
 
     stop = {"sigint": False}
@@ -295,11 +310,11 @@ def train_and_evaluate(
         t0 = time.perf_counter()
         train_epoch = trainer.train_epoch.lower(state, x_tr, y_tr).compile()
         compile_seconds = time.perf_counter() - t0
-        with open(metrics_path, "a") as mfile:
+        with open(metrics_path, "a") if primary else contextlib.nullcontext() as mfile:
             for epoch in range(start + 1, cfg.epochs + 1):
                 t0 = time.perf_counter()
                 new_state, m = train_epoch(state, x_tr, y_tr)
-                m = jax.device_get(m)
+                m = parallel.host(m)
                 dt = time.perf_counter() - t0
                 train_seconds += dt
                 if int(m["nonfinite_step"]) >= 0 or not np.isfinite(m["loss"]):
@@ -311,10 +326,10 @@ def train_and_evaluate(
                         f"--lr. {_last_good(ckpt)}"
                     )
                 state = new_state
-                val = _as_float(trainer.evaluate(state.params, x_va, y_va))
+                val = _as_float(parallel.host(trainer.evaluate(state.params, x_va, y_va)))
                 if val["accuracy"] >= best_val:
                     best_val, best_epoch = val["accuracy"], epoch
-                    best_params = jax.device_get(state.params)
+                    best_params = parallel.host(state.params)
                 row = {
                     "epoch": epoch,
                     "step": int(state.step),
@@ -323,9 +338,10 @@ def train_and_evaluate(
                     "val_accuracy": val["accuracy"],
                     "epoch_seconds": dt,
                 }
-                mfile.write(json.dumps(row) + "\n")
-                mfile.flush()
-                os.fsync(mfile.fileno())
+                if primary:
+                    mfile.write(json.dumps(row) + "\n")
+                    mfile.flush()
+                    os.fsync(mfile.fileno())
                 last = epoch == cfg.epochs
                 if last or stop["sigint"] or epoch % checkpoint_every == 0:
                     ckpt.save(
@@ -333,8 +349,8 @@ def train_and_evaluate(
                         {
                             "state": state,
                             "best_params": best_params,
-                            "best_val": jnp.float32(best_val),
-                            "best_epoch": jnp.int32(best_epoch),
+                            "best_val": np.array(best_val, np.float32),
+                            "best_epoch": np.array(best_epoch, np.int32),
                         },
                         best_epoch,
                     )
@@ -349,7 +365,8 @@ def train_and_evaluate(
     rows = read_metrics(metrics_path)
     from jaxl2.plots import curves
 
-    curves(rows, os.path.join(out, "curves.png"), title=f"{cfg.dataset}, {cfg.optimizer}, λ={cfg.l2}")
+    if primary:
+        curves(rows, os.path.join(out, "curves.png"), title=f"{cfg.dataset}, {cfg.optimizer}, λ={cfg.l2}")
     epochs_run = cfg.epochs - start
     n_steps = epochs_run * trainer.steps_per_epoch * cfg.batch_size
     summary = {
@@ -363,7 +380,8 @@ def train_and_evaluate(
         "device": _device(),
         "out": out,
     }
-    _write_json(os.path.join(out, "summary.json"), summary)
+    if primary:
+        _write_json(os.path.join(out, "summary.json"), summary)
     return summary
 
 

@@ -125,8 +125,9 @@ class Trainer:
     which is what the vmapped sweep does with a traced λ.
     """
 
-    def __init__(self, cfg: Config, num_train: int, *, penalty: bool = True):
+    def __init__(self, cfg: Config, num_train: int, *, penalty: bool = True, mesh: Any = None):
         self.cfg = cfg
+        self.mesh = mesh  # a jax.sharding.Mesh with a "data" axis: batches are split along it
         self.penalty = penalty  # False: the data loss alone (the benchmark's no-L2 baseline)
         self.model = self.model_of(cfg)
         self.select = self.selector_of(cfg)
@@ -199,7 +200,11 @@ class Trainer:
         idx_SxB = self.batches(state, x_NxD.shape[0])
 
         def body(st, idx_B):
-            return self.step_fn(st, (x_NxD[idx_B], y_N[idx_B]), l2)
+            x_BxD, y_B = x_NxD[idx_B], y_N[idx_B]
+            if self.mesh is not None:  # declare the batch split along "data"; jit does the rest
+                spec = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data"))
+                x_BxD, y_B = jax.lax.with_sharding_constraint((x_BxD, y_B), spec)
+            return self.step_fn(st, (x_BxD, y_B), l2)
 
         state, metrics_S = jax.lax.scan(body, state, idx_SxB)
         metrics = jax.tree_util.tree_map(jnp.mean, metrics_S)

@@ -1,0 +1,111 @@
+"""Data parallelism on JAX's own SPMD engine: a 1-D ``Mesh`` named ``data``.
+
+The batch is split along ``data`` with ``NamedSharding``; params and optimizer state are
+replicated. Nothing in the step changes: ``jit`` partitions the same program, and the
+gradient of the mean loss becomes an all-reduce. The L2 penalty needs no change either: it
+is computed on the replicated params, so every device adds the same ``λ·w``.
+
+Example:
+  >>> from jaxl2 import parallel
+  >>> mesh = parallel.make_mesh(1)
+  >>> mesh.axis_names
+  ('data',)
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+__all__ = [
+    "make_mesh",
+    "replicated",
+    "data_sharded",
+    "check_batch",
+    "put",
+    "replicate",
+    "host",
+    "initialize_distributed",
+]
+
+
+def make_mesh(devices: int | None = None) -> Mesh:
+    """A 1-D mesh named ``data`` over the first ``devices`` devices (default: all of them)."""
+    available = jax.devices()
+    n = len(available) if devices is None else devices
+    if not 1 <= n <= len(available):
+        raise ValueError(f"--devices {n} is invalid (between 1 and the {len(available)} devices visible)")
+    return Mesh(np.array(available[:n]), ("data",))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def data_sharded(mesh: Mesh) -> NamedSharding:
+    """Leading axis split along ``data``."""
+    return NamedSharding(mesh, PartitionSpec("data"))
+
+
+def check_batch(batch_size: int, devices: int) -> None:
+    """The batch must split evenly; the error names the nearest valid sizes."""
+    if batch_size % devices:
+        lo = batch_size - batch_size % devices
+        hi = lo + devices
+        near = f"{lo} or {hi}" if lo > 0 else f"{hi}"
+        raise ValueError(
+            f"--batch-size {batch_size} does not divide over {devices} devices (nearest valid: {near})"
+        )
+
+
+def put(x: np.ndarray, mesh: Mesh | None) -> jax.Array:
+    """A host array as a global array: split along ``data`` if its leading axis divides, else
+    replicated. Each process materialises only its own devices' shards (so several hosts
+    work); without a mesh, a plain ``device_put``."""
+    if mesh is None:
+        return jax.device_put(x)
+    x = np.asarray(x)
+    sharding = data_sharded(mesh) if x.shape[0] % mesh.devices.size == 0 else replicated(mesh)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def replicate(tree: Any, mesh: Mesh | None) -> Any:
+    """Every leaf of ``tree`` replicated over the mesh (params, optimizer state)."""
+    if mesh is None:
+        return tree
+    return jax.tree_util.tree_map(lambda a: put_replicated(np.asarray(a), mesh), tree)
+
+
+def put_replicated(x: np.ndarray, mesh: Mesh) -> jax.Array:
+    return jax.make_array_from_callback(x.shape, replicated(mesh), lambda idx: x[idx])
+
+
+def host(tree: Any) -> Any:
+    """NumPy copies of (replicated) arrays, also when other processes hold some of the devices."""
+
+    def one(a):
+        if isinstance(a, jax.Array) and not a.is_fully_addressable:
+            return np.asarray(a.addressable_data(0))
+        return np.asarray(a)
+
+    return jax.tree_util.tree_map(one, tree)
+
+
+def initialize_distributed(
+    coordinator: str | None, num_processes: int | None, process_id: int | None
+) -> None:
+    """``jax.distributed.initialize`` from flags, else from ``JAXL2_COORDINATOR``,
+    ``JAXL2_NUM_PROCESSES`` and ``JAXL2_PROCESS_ID`` (or the cluster's own variables, which JAX
+    detects when all three are unset)."""
+    coordinator = coordinator or os.environ.get("JAXL2_COORDINATOR")
+    if num_processes is None and "JAXL2_NUM_PROCESSES" in os.environ:
+        num_processes = int(os.environ["JAXL2_NUM_PROCESSES"])
+    if process_id is None and "JAXL2_PROCESS_ID" in os.environ:
+        process_id = int(os.environ["JAXL2_PROCESS_ID"])
+    jax.distributed.initialize(
+        coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
+    )

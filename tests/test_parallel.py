@@ -1,0 +1,149 @@
+"""Data parallelism over a mesh of fake CPU devices, and over two local processes."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+ENV4 = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+
+SCRIPT = r"""
+import json, sys, jax, numpy as np
+from jaxl2 import parallel, run
+from jaxl2.train import Config, Trainer
+assert jax.device_count() == 4
+cfg = Config(hidden=(64,), epochs=2, batch_size=128)
+out = {}
+for n in (1, 4):
+    out[n] = run.train_and_evaluate(cfg, f"{sys.argv[1]}/d{n}", devices=n, checkpoint_every=1)
+# look inside: the batch is split, the params replicated, the gradient all-reduced
+mesh = parallel.make_mesh(4)
+tr = Trainer(cfg, 3500, mesh=mesh)
+s = parallel.replicate(tr.init(), mesh)
+x = parallel.put(np.zeros((3500, 784), np.float32), mesh)
+y = parallel.put(np.zeros(3500, np.int32), mesh)
+hlo = tr.train_epoch.lower(s, x, y).compile().as_text()
+s2, _ = tr.train_epoch(s, x, y)
+print(json.dumps({
+    "summaries": out,
+    "x_shards": [list(sh.data.shape) for sh in x.addressable_shards],
+    "params_replicated": all(a.sharding.is_fully_replicated for a in jax.tree.leaves(s2.params)),
+    "all_reduce": "all-reduce" in hlo,
+}))
+"""
+
+
+DIFF = r"""
+import json, sys, os, jax, numpy as np
+import orbax.checkpoint as ocp
+def params(out, which):
+    with ocp.CheckpointManager(os.path.abspath(os.path.join(out, which))) as m:
+        r = m.restore(m.latest_step())
+        return r if which == "best" else r["state"]["params"]
+a, b = params(sys.argv[1], sys.argv[3]), params(sys.argv[2], sys.argv[3])
+print(max(float(np.max(np.abs(np.asarray(u) - np.asarray(v)))) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b))))
+"""
+
+
+def max_param_diff(a, b, which="checkpoints"):
+    """Both runs' final (or best) params, restored in a 4-device process like the one that saved them."""
+    r = subprocess.run(
+        [sys.executable, "-c", DIFF, str(a), str(b), which],
+        env=ENV4,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    return float(r.stdout.strip().splitlines()[-1])
+
+
+def test_four_devices_equal_one(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(tmp_path)], env=ENV4, capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    d = json.loads(r.stdout.strip().splitlines()[-1])
+    assert d["x_shards"] == [[875, 784]] * 4  # the epoch's data is split along "data"
+    assert d["params_replicated"] and d["all_reduce"]
+    s1, s4 = d["summaries"]["1"], d["summaries"]["4"]
+    for key in ("train_accuracy", "val_accuracy", "test_accuracy"):
+        assert abs(s1[key] - s4[key]) <= 2e-3, key
+    assert abs(s1["penalty"] - s4["penalty"]) <= 1e-4 * s1["penalty"]
+    assert max_param_diff(tmp_path / "d1", tmp_path / "d4") < 1e-4
+
+
+def test_batch_must_divide_over_devices(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "jaxl2", "train", "--devices", "3", "--out", str(tmp_path / "x")],
+        env=ENV4,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (
+        r.returncode == 2
+        and "--batch-size 128 does not divide over 3 devices (nearest valid: 126 or 129)" in r.stderr
+    )
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_agree_with_one(tmp_path):
+    env2 = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    flags = ["--hidden", "64", "--epochs", "1", "--quiet", "--checkpoint-every", "1"]
+    port = free_port()
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "jaxl2",
+                "train",
+                *flags,
+                "--out",
+                str(tmp_path / "multi"),
+                "--distributed",
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+            ],
+            env=env2,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    if any(p.returncode for p in procs):
+        err = outs[0][1] + outs[1][1]
+        if "collectives" in err.lower() or "not implemented" in err.lower():
+            pytest.skip(
+                f"JAX's CPU backend here lacks multi-process collectives: {err.strip().splitlines()[-1]}"
+            )
+        raise AssertionError(err[-3000:])
+    single = subprocess.run(
+        [sys.executable, "-m", "jaxl2", "train", *flags, "--out", str(tmp_path / "single")],
+        env=ENV4,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert single.returncode == 0, single.stderr
+    # the best params (of the only epoch) are saved from the host: no device topology to match
+    assert max_param_diff(tmp_path / "multi", tmp_path / "single", "best") < 1e-4
+    rows_m = [json.loads(line) for line in open(tmp_path / "multi" / "metrics.jsonl")]
+    rows_s = [json.loads(line) for line in open(tmp_path / "single" / "metrics.jsonl")]
+    assert len(rows_m) == len(rows_s) == 1  # only process 0 wrote it
+    assert abs(rows_m[0]["val_accuracy"] - rows_s[0]["val_accuracy"]) <= 2e-3
