@@ -87,7 +87,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--select", help="which leaves: kernels (default), haiku, equinox, or a regex over paths")
     g.add_argument(
-        "--weight-decay", type=float, help="decoupled weight decay for --optimizer adamw (not L2; default 0)"
+        "--weight-decay",
+        type=float,
+        help="weight decay in the optimizer: decoupled for --optimizer adamw, added before momentum for sgdw (default 0)",
     )
     g.add_argument("--allow-both", action="store_true", help="allow --l2 > 0 together with --weight-decay")
     g = p.add_argument_group("optimization")
@@ -104,6 +106,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--hidden", type=_hidden, help="hidden widths, comma-separated (default 256,256)")
     g.add_argument("--activation", help=f"relu, tanh, sigmoid, gelu or identity (default {d.activation})")
+    g.add_argument(
+        "--init", help="kernel init: lecun_normal (Flax's default) or normal (N(0, 1), the classic recipe)"
+    )
     g.add_argument("--seed", type=int, help=f"init and shuffling seed (default {d.seed})")
 
 

@@ -33,7 +33,7 @@ import numpy as np
 from jaxl2 import data as _data
 from jaxl2 import parallel
 from jaxl2.penalty import selected
-from jaxl2.train import OPTIMIZERS, SCHEDULES, Config, Trainer, TrainState
+from jaxl2.train import INITS, OPTIMIZERS, SCHEDULES, Config, Trainer, TrainState
 
 __all__ = ["RunError", "Diverged", "Interrupted", "validate", "train_and_evaluate", "evaluate_run"]
 
@@ -74,9 +74,11 @@ def validate(cfg: Config, num_train: int | None = None) -> None:
         raise bad(f"--momentum {cfg.momentum} is invalid", "0 <= momentum < 1")
     if not (np.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
         raise bad(f"--weight-decay {cfg.weight_decay} is invalid", "a finite number >= 0")
-    if cfg.weight_decay and cfg.optimizer != "adamw":
+    if cfg.init not in INITS:
+        raise bad(f"unknown init {cfg.init!r}", f"allowed: {', '.join(INITS)}")
+    if cfg.weight_decay and cfg.optimizer not in ("adamw", "sgdw"):
         raise bad(
-            "--weight-decay is decoupled decay for --optimizer adamw only",
+            "--weight-decay is decay in the optimizer, for --optimizer adamw or sgdw only",
             "use --l2 for the other optimizers",
         )
     if cfg.epochs < 1:

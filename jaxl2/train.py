@@ -22,6 +22,7 @@ import functools
 from collections.abc import Mapping
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -33,7 +34,11 @@ from jaxl2.penalty import regularized
 
 __all__ = ["Config", "TrainState", "Trainer", "OPTIMIZERS", "SCHEDULES"]
 
-OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+INITS = {
+    "lecun_normal": nn.initializers.lecun_normal(),  # Flax's default for Dense
+    "normal": nn.initializers.normal(1.0),  # N(0, 1): the classic TF1 recipe's tf.random_normal
+}
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "sgdw")
 SCHEDULES = ("constant", "cosine")
 
 
@@ -56,6 +61,7 @@ class Config:
     epochs: int = 120
     hidden: tuple[int, ...] = (256, 256)
     activation: str = "relu"
+    init: str = "lecun_normal"
     seed: int = 0
 
     def to_json(self) -> dict[str, Any]:
@@ -81,7 +87,7 @@ class TrainState(struct.PyTreeNode):
 
 
 def make_optimizer(cfg: Config, steps_per_epoch: int) -> optax.GradientTransformation:
-    """The optax optimizer of ``cfg``; ``adamw`` decays the selected leaves only."""
+    """The optax optimizer of ``cfg``; ``adamw`` and ``sgdw`` decay the selected leaves only."""
     total = max(1, cfg.epochs * steps_per_epoch)
     lr = cfg.lr if cfg.schedule == "constant" else optax.cosine_decay_schedule(cfg.lr, total)
     if cfg.optimizer == "sgd":
@@ -90,13 +96,17 @@ def make_optimizer(cfg: Config, steps_per_epoch: int) -> optax.GradientTransform
         return optax.sgd(lr, momentum=cfg.momentum)
     if cfg.optimizer == "adam":
         return optax.adam(lr)
+    pred = _select.predicate(Trainer.selector_of(cfg))
+
+    def mask(params):  # decay the selected leaves only, like the L2 penalty
+        return jax.tree_util.tree_map_with_path(lambda kp, x: bool(pred(_select.path_str(kp), x)), params)
+
     if cfg.optimizer == "adamw":
-        pred = _select.predicate(Trainer.selector_of(cfg))
-
-        def mask(params):
-            return jax.tree_util.tree_map_with_path(lambda kp, x: bool(pred(_select.path_str(kp), x)), params)
-
         return optax.adamw(lr, weight_decay=cfg.weight_decay, mask=mask)
+    if cfg.optimizer == "sgdw":  # decay added to the update before momentum: coupled, = L2 for SGD
+        return optax.chain(
+            optax.add_decayed_weights(cfg.weight_decay, mask), optax.sgd(lr, momentum=cfg.momentum)
+        )
     raise ValueError(f"unknown optimizer {cfg.optimizer!r} (allowed: {', '.join(OPTIMIZERS)})")
 
 
@@ -139,7 +149,7 @@ class Trainer:
 
     @staticmethod
     def model_of(cfg: Config) -> MLP:
-        return MLP(hidden=tuple(cfg.hidden), activation=cfg.activation)
+        return MLP(hidden=tuple(cfg.hidden), activation=cfg.activation, kernel_init=INITS[cfg.init])
 
     @staticmethod
     def selector_of(cfg: Config) -> _select.Selector:

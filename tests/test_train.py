@@ -1,5 +1,6 @@
 """The train step, the scanned epoch, resume and the run directory."""
 
+import dataclasses
 import json
 import os
 
@@ -165,3 +166,22 @@ def test_kernel_sq_norm_matches_numpy(tmp_path):
     k = params["params"]["Dense_0"]["kernel"]
     assert norms["params/Dense_0/kernel"] == pytest.approx(float(np.sum(np.asarray(k, np.float64) ** 2)))
     assert float(jaxl2.l2_penalty(params, 2.0)) == pytest.approx(sum(norms.values()), rel=1e-6)
+
+
+def test_sgdw_equals_l2_in_the_loss_under_momentum(small_data):
+    x, y = small_data
+    base = Config(hidden=(16,), batch_size=50, lr=0.1)
+    l2 = Trainer(dataclasses.replace(base, l2=0.01), 200)
+    wd = Trainer(dataclasses.replace(base, optimizer="sgdw", l2=0.0, weight_decay=0.01), 200)
+    a, b = l2.init(), wd.init()
+    for _ in range(2):
+        a, _ = l2.train_epoch(a, x, y)
+        b, _ = wd.train_epoch(b, x, y)
+    for u, v in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+        np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6)
+
+
+def test_classic_init_is_standard_normal():
+    cfg = Config(init="normal", activation="identity")
+    k = Trainer.model_of(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 784)))["params"]["Dense_0"]["kernel"]
+    assert abs(float(jnp.std(k)) - 1.0) < 0.01 and abs(float(jnp.mean(k))) < 0.01

@@ -1,0 +1,93 @@
+"""L2 in the loss against weight decay in the optimizer, at matched strengths.
+
+Under SGD with momentum they coincide: ``sgdw`` (optax ``add_decayed_weights(λ)`` before the
+momentum SGD) and L2 in the loss end at the same parameters (the max difference is printed).
+Under Adam they do not: ``optax.adamw(weight_decay=λ)`` against Adam on ``CE + λ/2·Σw²``.
+
+    python experiments/l2_vs_adamw.py OUT_DIR [--epochs 60]
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+
+import jax
+import numpy as np
+
+from jaxl2.data import load
+from jaxl2.run import kernel_sq_norm
+from jaxl2.train import Config, Trainer
+
+
+def train(cfg: Config, ds) -> dict:
+    tr = Trainer(cfg, len(ds.train.y))
+    s = tr.init()
+    x, y = jax.device_put(ds.train.x), jax.device_put(ds.train.y)
+    for _ in range(cfg.epochs):
+        s, _ = tr.train_epoch(s, x, y)
+    params = jax.device_get(s.params)
+    acc = {
+        n: float(tr.evaluate(params, sp.x, sp.y)["accuracy"])
+        for n, sp in (("train", ds.train), ("val", ds.val), ("test", ds.test))
+    }
+    return {"params": params, **acc, "sq_norm": sum(kernel_sq_norm(params, cfg).values())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out")
+    ap.add_argument("--epochs", type=int, default=60)
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    ds = load("mnist5k")
+    rows = []
+    base_sgd = Config(epochs=args.epochs)
+    base_adam = Config(optimizer="adam", lr=3e-3, epochs=args.epochs)
+    for lam in (1e-4, 1e-3, 1e-2):
+        l2 = train(dataclasses.replace(base_sgd, l2=lam), ds)
+        wd = train(dataclasses.replace(base_sgd, optimizer="sgdw", l2=0.0, weight_decay=lam), ds)
+        diff = max(
+            float(np.max(np.abs(a - b)))
+            for a, b in zip(jax.tree.leaves(l2["params"]), jax.tree.leaves(wd["params"]))
+        )
+        rows.append(("momentum", lam, l2, wd, diff))
+        l2 = train(dataclasses.replace(base_adam, l2=lam), ds)
+        wd = train(dataclasses.replace(base_adam, optimizer="adamw", l2=0.0, weight_decay=lam), ds)
+        diff = max(
+            float(np.max(np.abs(a - b)))
+            for a, b in zip(jax.tree.leaves(l2["params"]), jax.tree.leaves(wd["params"]))
+        )
+        rows.append(("adam", lam, l2, wd, diff))
+    with open(os.path.join(args.out, "l2_vs_adamw.json"), "w") as f:
+        json.dump(
+            [
+                {
+                    "optimizer": o,
+                    "strength": lam,
+                    "max_param_diff": d,
+                    **{f"l2_{k}": a[k] for k in ("train", "val", "test", "sq_norm")},
+                    **{f"decay_{k}": b[k] for k in ("train", "val", "test", "sq_norm")},
+                }
+                for o, lam, a, b, d in rows
+            ],
+            f,
+            indent=2,
+        )
+    print(
+        "| optimizer | λ = wd | L2 in loss: train / val / test, Σ‖W‖² | decay in optimizer: train / val / test, Σ‖W‖² | max |Δparam| |"
+    )
+    print("|---|---|---|---|---|")
+    for o, lam, a, b, d in rows:
+        decay = "sgdw (add_decayed_weights)" if o == "momentum" else "adamw"
+
+        def fmt(r):
+            return (
+                f"{100 * r['train']:.2f} / {100 * r['val']:.2f} / {100 * r['test']:.2f}%, {r['sq_norm']:,.1f}"
+            )
+
+        print(f"| {o} vs {decay} | {lam:g} | {fmt(a)} | {fmt(b)} | {d:.2e} |")
+
+
+if __name__ == "__main__":
+    main()
