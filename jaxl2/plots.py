@@ -62,6 +62,7 @@ def sweep(rows: Sequence[dict[str, Any]], selected_l2: float, path: str) -> None
     ax_n.set_ylabel("Σ‖W‖² over kernels")
     for ax in (ax_a, ax_n):
         ax.set_xscale("symlog", linthresh=linthresh)
+        ax.set_xlim(-0.3 * linthresh, 1.5 * max(lams))
         ax.set_xlabel("λ (symlog: 0 at the left)")
     ax_a.legend(fontsize=8)
     fig.savefig(path, dpi=90)
