@@ -68,7 +68,10 @@ def test_train_human_summary(tmp_path):
         (["--batch-size", "4000"], "--batch-size 4000 is larger than the training set (at most 3500"),
         (["--epochs", "-1"], "--epochs -1 is invalid"),
         (["--lr", "0"], "--lr 0.0 is invalid (a finite number > 0)"),
-        (["--optimizer", "rmsprop"], "unknown optimizer 'rmsprop' (allowed: sgd, momentum, adam, adamw, sgdw)"),
+        (
+            ["--optimizer", "rmsprop"],
+            "unknown optimizer 'rmsprop' (allowed: sgd, momentum, adam, adamw, sgdw)",
+        ),
         (["--dataset", "idx:/does/not/exist"], "idx:/does/not/exist: no such directory"),
         (["--select", "nothing"], "select='nothing' matched no parameter"),
         (["--optimizer", "adamw", "--weight-decay", "1e-4"], "--weight-decay and --l2 together"),
