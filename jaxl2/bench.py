@@ -187,12 +187,12 @@ def startup(rounds: int) -> dict[str, Any]:
 
 
 def peers(batch: int, n: int, rounds: int) -> dict[str, Any]:
-    """PyTorch eager (``SGD`` with ``weight_decay`` on the weights only), if importable."""
-    out: dict[str, Any] = {}
+    """PyTorch eager (``SGD`` with ``weight_decay`` on the weights only) and Keras, if importable."""
+    out: dict[str, Any] = {"keras": _keras_peer(batch, n, rounds)}
     try:
         import torch
     except ImportError:
-        return {"torch": None}
+        return {**out, "torch": None}
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Linear(784, 256),
@@ -228,6 +228,46 @@ def peers(batch: int, n: int, rounds: int) -> dict[str, Any]:
     return out
 
 
+def _keras_peer(batch: int, n: int, rounds: int) -> dict[str, Any] | None:
+    """Keras 3 on TensorFlow (``kernel_regularizer=L2(λ/2)``, ``jit_compile=True``, one
+    ``steps_per_execution`` per epoch), if importable."""
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    try:
+        import keras
+    except ImportError:
+        return None
+    if keras.backend.backend() != "tensorflow":
+        return None
+    reg = keras.regularizers.L2(1e-3 / 2)  # = jaxl2's λ = 1e-3
+    model = keras.Sequential(
+        [
+            keras.Input((784,)),
+            keras.layers.Dense(256, activation="relu", kernel_regularizer=reg),
+            keras.layers.Dense(256, activation="relu", kernel_regularizer=reg),
+            keras.layers.Dense(10, kernel_regularizer=reg),
+        ]
+    )
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.1),
+        jit_compile=True,
+        steps_per_execution=n // batch,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    rng = np.random.default_rng(0)
+    x, y = rng.uniform(size=(n, 784)).astype(np.float32), rng.integers(0, 10, n)
+    steps = n // batch
+
+    def epoch():
+        t = time.perf_counter()
+        model.fit(x, y, batch_size=batch, epochs=1, steps_per_epoch=steps, shuffle=True, verbose=0)
+        return time.perf_counter() - t
+
+    epoch()
+    ts = _interleave({"keras": epoch}, rounds)["keras"]
+    return {"examples_per_second": _stats([steps * batch / t for t in ts]), "version": keras.__version__}
+
+
 def run_bench(quick: bool = False, rounds: int | None = None) -> dict[str, Any]:
     rounds = rounds or (2 if quick else 5)
     n = 8192 if quick else 60000
@@ -246,11 +286,12 @@ def run_bench(quick: bool = False, rounds: int | None = None) -> dict[str, Any]:
     res["startup"] = startup(1 if quick else 3)
     res["sweep"] = sweep_scaling((1, 4) if quick else (1, 4, 16), 2048 if quick else 8192, rounds)
     res["peers"] = peers(128, n, rounds)
-    if res["peers"].get("torch"):
-        res["peers"]["torch"]["jaxl2_speedup"] = (
-            res["train"]["128"]["examples_per_second"]["median"]
-            / res["peers"]["torch"]["examples_per_second"]["median"]
-        )
+    for peer in ("torch", "keras"):
+        if res["peers"].get(peer):
+            res["peers"][peer]["jaxl2_speedup"] = (
+                res["train"]["128"]["examples_per_second"]["median"]
+                / res["peers"][peer]["examples_per_second"]["median"]
+            )
     return res
 
 
@@ -283,9 +324,18 @@ def format_bench(r: dict[str, Any]) -> str:
     )
     for ex, rows in r["sweep"].items():
         lines.append(
-            f"sweep ({ex}): time per member relative to K=1: "
-            + ", ".join(f"K={k} {v['relative_to_1']:.2f}×" for k, v in rows.items())
+            f"sweep ({ex}): seconds per member-epoch (relative to K=1): "
+            + ", ".join(
+                f"K={k} {v['seconds_per_member']:.3f} ({v['relative_to_1']:.2f}×)" for k, v in rows.items()
+            )
         )
+    k = r["peers"].get("keras")
+    lines.append(
+        f"Keras {k['version']} (TensorFlow, jit_compile, steps_per_execution): {mm(k['examples_per_second'])} "
+        f"examples/s at batch 128; jaxl2 is {k['jaxl2_speedup']:.2f}×"
+        if k
+        else "Keras: not installed (optional peer)"
+    )
     t = r["peers"].get("torch")
     lines.append(
         f"PyTorch eager ({t['version']}, {t['threads']} threads): {mm(t['examples_per_second'])} examples/s at "

@@ -57,3 +57,4 @@ def test_bench_quick_json_has_every_key():
         assert t["examples_per_second"]["median"] > 0
     assert {"cold_seconds", "warm_seconds"} <= set(d["startup"])
     assert {"vmap", "sequential"} <= set(d["sweep"]) and "4" in d["sweep"]["vmap"]
+    assert {"torch", "keras"} <= set(d["peers"])
