@@ -42,6 +42,12 @@ def _interleave(fns: dict[str, Callable[[], float]], rounds: int) -> dict[str, l
     return out
 
 
+def _random_data(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` uniform [0, 1) images and labels (throughput does not depend on the values)."""
+    rng = np.random.default_rng(0)
+    return rng.uniform(size=(n, 784)).astype(np.float32), rng.integers(0, 10, n).astype(np.int32)
+
+
 def gemm_rates(rounds: int, n: int = 2048) -> dict[str, Any]:
     """float32 ``jnp.dot`` GFLOP/s for an n×n square and for the model's forward shapes."""
     shapes = {f"{n}x{n}x{n}": (n, n, n)}
@@ -97,9 +103,7 @@ def _epoch_timer(tr: Trainer, x, y) -> tuple[Callable[[], float], float]:
 
 def throughput(batch: int, n: int, rounds: int) -> dict[str, Any]:
     """examples/s of whole epochs through ``Trainer.train_epoch``, with and without L2, interleaved."""
-    rng = np.random.default_rng(0)
-    x = jax.device_put(rng.uniform(size=(n, 784)).astype(np.float32))
-    y = jax.device_put(rng.integers(0, 10, n).astype(np.int32))
+    x, y = jax.device_put(_random_data(n))
     cfg = Config(batch_size=batch, epochs=1000)
     with_l2, compile_s = _epoch_timer(Trainer(cfg, n), x, y)
     without, _ = _epoch_timer(Trainer(cfg, n, penalty=False), x, y)
@@ -116,9 +120,7 @@ def throughput(batch: int, n: int, rounds: int) -> dict[str, Any]:
 
 def sweep_scaling(members: tuple[int, ...], n: int, rounds: int) -> dict[str, Any]:
     """Seconds per member of one vmapped (and lax.map) epoch for K members, relative to K = 1."""
-    rng = np.random.default_rng(0)
-    x = jax.device_put(rng.uniform(size=(n, 784)).astype(np.float32))
-    y = jax.device_put(rng.integers(0, 10, n).astype(np.int32))
+    x, y = jax.device_put(_random_data(n))
     tr = Trainer(Config(epochs=1000), n)
     out: dict[str, Any] = {}
     for execution in ("vmap", "sequential"):
@@ -153,11 +155,9 @@ _FIRST_STEP = """
 import time, sys
 t0 = float(sys.argv[1])
 import jax
-jax.config.update("jax_compilation_cache_dir", sys.argv[2])
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 from jaxl2.data import load
-from jaxl2.train import Config, Trainer
+from jaxl2.train import Config, Trainer, enable_compilation_cache
+enable_compilation_cache(sys.argv[2])
 d = load("mnist5k")
 tr = Trainer(Config(), len(d.train.y))
 s = tr.init()
@@ -254,8 +254,7 @@ def _keras_peer(batch: int, n: int, rounds: int) -> dict[str, Any] | None:
         steps_per_execution=n // batch,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
-    rng = np.random.default_rng(0)
-    x, y = rng.uniform(size=(n, 784)).astype(np.float32), rng.integers(0, 10, n)
+    x, y = _random_data(n)
     steps = n // batch
 
     def epoch():

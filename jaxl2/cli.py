@@ -122,16 +122,10 @@ def _config(args: argparse.Namespace) -> tuple[Config, dict[str, Any]]:
 
 
 def _enable_cache(args: argparse.Namespace) -> None:
-    if getattr(args, "no_cache", False):
-        return
-    import jax
+    if not getattr(args, "no_cache", False):
+        from jaxl2.train import enable_compilation_cache
 
-    path = os.environ.get("JAXL2_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "jaxl2", "jax"
-    )
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+        enable_compilation_cache()
 
 
 def cmd_train(args: argparse.Namespace) -> int:

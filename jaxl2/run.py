@@ -17,7 +17,6 @@ as a run that was never stopped (every epoch's shuffle is keyed on the state's s
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import shutil
@@ -433,6 +432,6 @@ def evaluate_run(out: str, spec: str, split: str = "test", data_dir: str | None 
         params = ckpt.restore_best(_abstract_params(cfg))
     finally:
         ckpt.close()
-    trainer = Trainer(dataclasses.replace(cfg), max(cfg.batch_size, 1))
+    trainer = Trainer(cfg, cfg.batch_size)  # evaluation only: num_train just sizes the lr schedule
     ev = _as_float(trainer.evaluate(params, part.x, part.y))
     return {"accuracy": ev["accuracy"], "loss": ev["loss"], "n": int(len(part.y))}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,7 +33,7 @@ from jaxl2 import select as _select
 from jaxl2.model import MLP
 from jaxl2.penalty import regularized
 
-__all__ = ["Config", "TrainState", "Trainer", "OPTIMIZERS", "SCHEDULES"]
+__all__ = ["Config", "TrainState", "Trainer", "OPTIMIZERS", "SCHEDULES", "enable_compilation_cache"]
 
 INITS = {
     "lecun_normal": nn.initializers.lecun_normal(),  # Flax's default for Dense
@@ -75,6 +76,19 @@ class Config:
         d = dict(d)
         d["hidden"] = tuple(d["hidden"])
         return cls(**d)
+
+
+def enable_compilation_cache(path: str | None = None) -> None:
+    """Turns on JAX's persistent compilation cache for every compiled function, in ``path``
+    (default ``$JAXL2_CACHE_DIR``, else ``~/.cache/jaxl2/jax`` under ``$XDG_CACHE_HOME``)."""
+    path = (
+        path
+        or os.environ.get("JAXL2_CACHE_DIR")
+        or os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "jaxl2", "jax")
+    )
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 class TrainState(struct.PyTreeNode):
