@@ -28,7 +28,7 @@ import numpy as np
 
 from jaxl2 import data as _data
 from jaxl2.run import RunError, _device, _write_json, kernel_sq_norm, validate
-from jaxl2.train import Config, Trainer
+from jaxl2.train import XLA_OPTIONS, Config, Trainer
 
 __all__ = ["SweepTrainer", "train_sweep", "select_l2", "members_that_fit"]
 
@@ -61,7 +61,7 @@ class SweepTrainer:
             def epoch(states, x, y, l2s):
                 return jax.lax.map(lambda a: trainer.epoch_fn(a[0], x, y, a[1]), (states, l2s))
 
-        self.epoch = jax.jit(epoch, donate_argnums=0)
+        self.epoch = jax.jit(epoch, donate_argnums=0, compiler_options=XLA_OPTIONS)
         self.evaluate = jax.jit(jax.vmap(trainer.eval_fn, in_axes=(0, None, None)))
 
     def init(self, seeds: Sequence[int]) -> Any:

@@ -40,6 +40,11 @@ INITS = {
     "normal": nn.initializers.normal(1.0),  # N(0, 1): the classic TF1 recipe's tf.random_normal
 }
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "sgdw")
+# Compiler options of the training functions. XLA:CPU's default copy insertion copies every
+# parameter once per step inside the epoch's loop (the old value looks live after the new one
+# is written); region analysis proves it is not, which makes batch-128 epochs ~15-20% faster
+# on a 2-core EPYC (`jaxl2 bench` measures it side by side). Other platforms ignore xla_cpu_*.
+XLA_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
 SCHEDULES = ("constant", "cosine")
 
 
@@ -157,8 +162,8 @@ class Trainer:
         self.select = self.selector_of(cfg)
         self.steps_per_epoch = num_train // cfg.batch_size
         self.tx = make_optimizer(cfg, self.steps_per_epoch)
-        self.train_step = jax.jit(self.step_fn, donate_argnums=0)
-        self.train_epoch = jax.jit(self.epoch_fn, donate_argnums=0)
+        self.train_step = jax.jit(self.step_fn, donate_argnums=0, compiler_options=XLA_OPTIONS)
+        self.train_epoch = jax.jit(self.epoch_fn, donate_argnums=0, compiler_options=XLA_OPTIONS)
         self.evaluate = jax.jit(self.eval_fn)
 
     @staticmethod
