@@ -30,6 +30,7 @@ import optax
 from flax import struct
 
 from jaxl2 import select as _select
+from jaxl2.data import cache_dir
 from jaxl2.model import MLP
 from jaxl2.penalty import regularized
 
@@ -85,13 +86,8 @@ class Config:
 
 def enable_compilation_cache(path: str | None = None) -> None:
     """Turns on JAX's persistent compilation cache for every compiled function, in ``path``
-    (default ``$JAXL2_CACHE_DIR``, else ``~/.cache/jaxl2/jax`` under ``$XDG_CACHE_HOME``)."""
-    path = (
-        path
-        or os.environ.get("JAXL2_CACHE_DIR")
-        or os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "jaxl2", "jax")
-    )
-    jax.config.update("jax_compilation_cache_dir", path)
+    (default ``jax/`` in :func:`jaxl2.data.cache_dir`: ``~/.cache/jaxl2/jax``)."""
+    jax.config.update("jax_compilation_cache_dir", path or os.path.join(cache_dir(), "jax"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 

