@@ -188,12 +188,36 @@ def startup(rounds: int) -> dict[str, Any]:
 
 
 def peers(batch: int, n: int, rounds: int) -> dict[str, Any]:
-    """PyTorch eager (``SGD`` with ``weight_decay`` on the weights only) and Keras, if importable."""
-    out: dict[str, Any] = {"keras": _keras_peer(batch, n, rounds)}
+    """PyTorch eager and Keras 3, if importable, interleaved round by round with a jaxl2 epoch
+    on the same data; ``jaxl2_speedup`` is the median of the per-round time ratios."""
+    x, y = _random_data(n)
+    steps = n // batch
+    jaxl2_epoch, _ = _epoch_timer(Trainer(Config(batch_size=batch, epochs=1000), n), *jax.device_put((x, y)))
+    fns, info = {"jaxl2": jaxl2_epoch}, {}
+    for name, make in (("torch", _torch_peer), ("keras", _keras_peer)):
+        made = make(batch, x, y)
+        if made is not None:
+            fns[name], info[name] = made
+            fns[name]()  # warm-up (Keras compiles here)
+    times = _interleave(fns, rounds)
+    out: dict[str, Any] = {"torch": None, "keras": None}
+    for name in info:
+        ratios = [p / j for p, j in zip(times[name], times["jaxl2"])]
+        out[name] = {
+            **info[name],
+            "examples_per_second": _stats([steps * batch / t for t in times[name]]),
+            "jaxl2_examples_per_second": _stats([steps * batch / t for t in times["jaxl2"]]),
+            "jaxl2_speedup": statistics.median(ratios),
+        }
+    return out
+
+
+def _torch_peer(batch: int, x_np: np.ndarray, y_np: np.ndarray) -> tuple[Callable[[], float], dict] | None:
+    """PyTorch eager: ``torch.optim.SGD`` with ``weight_decay`` on the weights only."""
     try:
         import torch
     except ImportError:
-        return {**out, "torch": None}
+        return None
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Linear(784, 256),
@@ -207,7 +231,8 @@ def peers(batch: int, n: int, rounds: int) -> dict[str, Any]:
     opt = torch.optim.SGD(
         [{"params": weights, "weight_decay": 1e-3}, {"params": biases, "weight_decay": 0.0}], lr=0.1
     )
-    x, y = torch.rand(n, 784), torch.randint(0, 10, (n,))
+    x, y = torch.from_numpy(x_np), torch.from_numpy(y_np).long()
+    n = len(y)
 
     def epoch():
         t = time.perf_counter()
@@ -219,19 +244,12 @@ def peers(batch: int, n: int, rounds: int) -> dict[str, Any]:
             opt.step()
         return time.perf_counter() - t
 
-    epoch()
-    ts = _interleave({"torch": epoch}, rounds)["torch"]
-    out["torch"] = {
-        "examples_per_second": _stats([(n // batch) * batch / t for t in ts]),
-        "threads": torch.get_num_threads(),
-        "version": torch.__version__,
-    }
-    return out
+    return epoch, {"threads": torch.get_num_threads(), "version": torch.__version__}
 
 
-def _keras_peer(batch: int, n: int, rounds: int) -> dict[str, Any] | None:
-    """Keras 3 on TensorFlow (``kernel_regularizer=L2(λ/2)``, ``jit_compile=True``, one
-    ``steps_per_execution`` per epoch), if importable."""
+def _keras_peer(batch: int, x: np.ndarray, y: np.ndarray) -> tuple[Callable[[], float], dict] | None:
+    """Keras 3 on TensorFlow: ``kernel_regularizer=L2(λ/2)``, ``jit_compile=True``, one
+    ``steps_per_execution`` per epoch."""
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
@@ -249,23 +267,20 @@ def _keras_peer(batch: int, n: int, rounds: int) -> dict[str, Any] | None:
             keras.layers.Dense(10, kernel_regularizer=reg),
         ]
     )
+    steps = len(y) // batch
     model.compile(
         optimizer=keras.optimizers.SGD(0.1),
         jit_compile=True,
-        steps_per_execution=n // batch,
+        steps_per_execution=steps,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
-    x, y = _random_data(n)
-    steps = n // batch
 
     def epoch():
         t = time.perf_counter()
         model.fit(x, y, batch_size=batch, epochs=1, steps_per_epoch=steps, shuffle=True, verbose=0)
         return time.perf_counter() - t
 
-    epoch()
-    ts = _interleave({"keras": epoch}, rounds)["keras"]
-    return {"examples_per_second": _stats([steps * batch / t for t in ts]), "version": keras.__version__}
+    return epoch, {"version": keras.__version__}
 
 
 def run_bench(quick: bool = False, rounds: int | None = None) -> dict[str, Any]:
@@ -286,12 +301,6 @@ def run_bench(quick: bool = False, rounds: int | None = None) -> dict[str, Any]:
     res["startup"] = startup(1 if quick else 3)
     res["sweep"] = sweep_scaling((1, 4) if quick else (1, 4, 16), 2048 if quick else 8192, rounds)
     res["peers"] = peers(128, n, rounds)
-    for peer in ("torch", "keras"):
-        if res["peers"].get(peer):
-            res["peers"][peer]["jaxl2_speedup"] = (
-                res["train"]["128"]["examples_per_second"]["median"]
-                / res["peers"][peer]["examples_per_second"]["median"]
-            )
     return res
 
 
@@ -329,20 +338,18 @@ def format_bench(r: dict[str, Any]) -> str:
                 f"K={k} {v['seconds_per_member']:.3f} ({v['relative_to_1']:.2f}×)" for k, v in rows.items()
             )
         )
-    k = r["peers"].get("keras")
-    lines.append(
-        f"Keras {k['version']} (TensorFlow, jit_compile, steps_per_execution): {mm(k['examples_per_second'])} "
-        f"examples/s at batch 128; jaxl2 is {k['jaxl2_speedup']:.2f}×"
-        if k
-        else "Keras: not installed (optional peer)"
-    )
-    t = r["peers"].get("torch")
-    lines.append(
-        f"PyTorch eager ({t['version']}, {t['threads']} threads): {mm(t['examples_per_second'])} examples/s at "
-        f"batch 128; jaxl2 is {t['jaxl2_speedup']:.2f}×"
-        if t
-        else "PyTorch: not installed (optional peer)"
-    )
+    labels = {
+        "keras": lambda p: f"Keras {p['version']} (TensorFlow, jit_compile, steps_per_execution)",
+        "torch": lambda p: f"PyTorch eager ({p['version']}, {p['threads']} threads)",
+    }
+    for name, label in labels.items():
+        p = r["peers"].get(name)
+        lines.append(
+            f"{label(p)}: {mm(p['examples_per_second'])} examples/s at batch 128, jaxl2 "
+            f"{mm(p['jaxl2_examples_per_second'])} in the same rounds: jaxl2 is {p['jaxl2_speedup']:.2f}×"
+            if p
+            else f"{name}: not installed (optional peer)"
+        )
     return "\n".join(lines)
 
 

@@ -58,3 +58,7 @@ def test_bench_quick_json_has_every_key():
     assert {"cold_seconds", "warm_seconds"} <= set(d["startup"])
     assert {"vmap", "sequential"} <= set(d["sweep"]) and "4" in d["sweep"]["vmap"]
     assert {"torch", "keras"} <= set(d["peers"])
+    for name, p in d["peers"].items():  # null unless the optional peer is installed
+        if p is not None:
+            assert {"examples_per_second", "jaxl2_examples_per_second", "jaxl2_speedup", "version"} <= set(p)
+            assert p["jaxl2_speedup"] > 0, name
