@@ -3,7 +3,9 @@
 Everything is measured side by side in one process, interleaved (A B A B …) over several
 rounds; medians and min–max are reported. The ceiling is the large float32 GEMM rate divided
 by the training FLOPs per example (:func:`jaxl2.model.flops_per_example`: 1,211,392 for
-784-256-256-10), cross-checked against XLA's ``cost_analysis()`` of the compiled step.
+784-256-256-10), cross-checked against XLA's ``cost_analysis()`` of the compiled step. The
+shape ceiling (:func:`shape_ceiling`) uses the rates of the model's own, smaller GEMMs instead:
+what the step would reach if it were nothing but its matrix multiplies.
 """
 
 from __future__ import annotations
@@ -71,6 +73,17 @@ def gemm_rates(rounds: int, n: int = 2048) -> dict[str, Any]:
         fns[name], flops[name] = timed, 2 * m * k * nn
     times = _interleave(fns, rounds)
     return {name: _stats([flops[name] / t / 1e9 for t in ts]) for name, ts in times.items()}
+
+
+def shape_ceiling(gemm: dict[str, Any], batch: int) -> float:
+    """examples/s if the step were nothing but its GEMMs, each at the rate measured for its
+    layer's forward shape at this batch (forward and weight gradient of every layer, input
+    gradient of all but the first): the limit that small matrices themselves set."""
+    seconds = 0.0
+    for i, (a, c) in enumerate(zip(SIZES[:-1], SIZES[1:])):
+        rate = gemm[f"{batch}x{a}x{c}"]["median"] * 1e9
+        seconds += (2 if i == 0 else 3) * 2 * batch * a * c / rate
+    return batch / seconds
 
 
 def xla_flops_per_example(batch: int) -> float:
@@ -297,6 +310,10 @@ def run_bench(quick: bool = False, rounds: int | None = None) -> dict[str, Any]:
     for b in (128, 1024):
         t = throughput(b, n, rounds)
         t["fraction_of_ceiling"] = t["examples_per_second"]["median"] / res["ceiling_examples_per_second"]
+        t["shape_ceiling_examples_per_second"] = shape_ceiling(res["gemm_gflops"], b)
+        t["fraction_of_shape_ceiling"] = (
+            t["examples_per_second"]["median"] / t["shape_ceiling_examples_per_second"]
+        )
         res["train"][str(b)] = t
     res["startup"] = startup(1 if quick else 3)
     res["sweep"] = sweep_scaling((1, 4) if quick else (1, 4, 16), 2048 if quick else 8192, rounds)
@@ -320,12 +337,19 @@ def format_bench(r: dict[str, Any]) -> str:
     )
     lines.append(f"ceiling: {r['ceiling_examples_per_second']:,.0f} examples/s")
     lines.append("")
-    lines.append(f"{'batch':>5}  {'examples/s (L2)':>28}  {'of ceiling':>10}  {'L2 overhead':>22}  compile")
+    lines.append(
+        f"{'batch':>5}  {'examples/s (L2)':>28}  {'of ceiling':>10}  {'of shape ceiling':>22}  "
+        f"{'L2 overhead':>22}  compile"
+    )
     for b, t in r["train"].items():
+        shape = (
+            f"{100 * t['fraction_of_shape_ceiling']:.1f}% of {t['shape_ceiling_examples_per_second']:,.0f}"
+        )
         lines.append(
-            f"{b:>5}  {mm(t['examples_per_second']):>28}  {100 * t['fraction_of_ceiling']:>9.1f}%  "
+            f"{b:>5}  {mm(t['examples_per_second']):>28}  {100 * t['fraction_of_ceiling']:>9.1f}%  {shape:>22}  "
             f"{mm(t['l2_overhead'], 100, '{:+.1f}%'):>22}  {t['epoch_compile_seconds']:.2f} s"
         )
+    lines.append("(shape ceiling: the step's GEMMs alone, at the rates measured for the model's own shapes)")
     su = r["startup"]
     lines.append(
         f"start-up (process start → first trained step): cold {mm(su['cold_seconds'], fmt='{:.2f}')} s, "

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from jaxl2.bench import xla_flops_per_example
+from jaxl2.bench import shape_ceiling, xla_flops_per_example
 from jaxl2.model import flops_per_example
 
 
@@ -14,6 +14,15 @@ def test_flops_per_example_hand_count():
     # forward 2·(784·256 + 256·256 + 256·10), weight gradients the same, input gradients of layers 2 and 3
     fwd = 2 * (784 * 256 + 256 * 256 + 256 * 10)
     assert flops_per_example((784, 256, 256, 10)) == 2 * fwd + 2 * (256 * 256 + 256 * 10) == 1_211_392
+
+
+def test_shape_ceiling_hand_count():
+    # batch 2, every shape at 1 GFLOP/s: the step's GEMM FLOPs are 2 · 1,211,392, one second per 1e9
+    gemm = {f"2x{a}x{c}": {"median": 1.0} for a, c in ((784, 256), (256, 256), (256, 10))}
+    assert shape_ceiling(gemm, 2) == pytest.approx(2 / (2 * 1_211_392 / 1e9))
+    gemm["2x784x256"]["median"] = 2.0  # first layer twice as fast: its 2 GEMMs take half the time
+    seconds = (2 * 2 * 2 * 784 * 256 / 2 + 3 * 2 * 2 * (256 * 256 + 256 * 10)) / 1e9
+    assert shape_ceiling(gemm, 2) == pytest.approx(2 / seconds)
 
 
 @pytest.mark.parametrize("batch", [128, 1024])
@@ -50,6 +59,8 @@ def test_bench_quick_json_has_every_key():
             "examples_per_second_no_l2",
             "l2_overhead",
             "fraction_of_ceiling",
+            "shape_ceiling_examples_per_second",
+            "fraction_of_shape_ceiling",
             "epoch_compile_seconds",
         ):
             assert key in t, (b, key)
