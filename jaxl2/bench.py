@@ -36,11 +36,12 @@ def _stats(xs: list[float]) -> dict[str, float]:
 
 
 def _interleave(fns: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
-    """Runs each timing function once per round, in turn; returns the seconds of each."""
+    """Runs each timing function once per round, in turn, the order reversed every other round
+    (A B, B A, …: whatever drifts within a round favours no one); returns the seconds of each."""
     out: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, f in fns.items():
-            out[k].append(f())
+    for r in range(rounds):
+        for k in list(fns) if r % 2 == 0 else reversed(list(fns)):
+            out[k].append(fns[k]())
     return out
 
 
@@ -297,7 +298,7 @@ def _keras_peer(batch: int, x: np.ndarray, y: np.ndarray) -> tuple[Callable[[], 
 
 
 def run_bench(quick: bool = False, rounds: int | None = None) -> dict[str, Any]:
-    rounds = rounds or (2 if quick else 5)
+    rounds = rounds or (2 if quick else 9)
     n = 8192 if quick else 60000
     fpe = flops_per_example(SIZES)
     res: dict[str, Any] = {"device": _device(), "quick": quick, "rounds": rounds, "examples_per_epoch": n}
