@@ -1,13 +1,16 @@
-"""jaxl2: L2 regularization ``λ/2·Σw²`` of fully connected layers in JAX/Flax.
+"""jaxl2: L2 regularization ``λ/2·Σw²`` of the weights of fully connected layers in JAX.
 
-The public API, re-exported from the modules that implement it:
+The library: jax, numpy and optax only. The public API, re-exported from the modules that
+implement it:
 
-* the penalty — :func:`l2_penalty`, :func:`regularized`, :func:`selected`, presets in :mod:`jaxl2.select`;
+* the penalty — :func:`l2_penalty`, :func:`regularized`, :func:`selected`; selection rules and
+  presets in :mod:`jaxl2.select`;
 * conventions — :func:`from_keras`, :func:`to_keras`, :func:`from_torch_weight_decay`,
   :func:`from_decoupled`, :func:`from_sklearn_alpha`;
 * checks — :func:`gradcheck`;
-* training — :class:`Config`, :class:`Trainer`, :class:`TrainState`, :class:`MLP`, :func:`load_data`,
-  :func:`train_and_evaluate`, :func:`train_sweep`, :func:`make_mesh`.
+* errors — :class:`Jaxl2Error` (a ``ValueError``) for bad input.
+
+The MNIST reference application lives in :mod:`jaxl2.mnist` (the ``mnist`` extra).
 
 Example:
   >>> import jax.numpy as jnp, jaxl2
@@ -23,16 +26,11 @@ from jaxl2.conventions import (
     from_torch_weight_decay,
     to_keras,
 )
-from jaxl2.data import load as load_data
+from jaxl2.errors import Jaxl2Error
 from jaxl2.gradcheck import GradcheckReport, gradcheck
-from jaxl2.model import MLP
-from jaxl2.parallel import make_mesh
 from jaxl2.penalty import Row, Selection, l2_penalty, regularized, selected
-from jaxl2.run import train_and_evaluate
-from jaxl2.sweep import train_sweep
-from jaxl2.train import Config, Trainer, TrainState
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "select",
@@ -49,12 +47,5 @@ __all__ = [
     "from_sklearn_alpha",
     "gradcheck",
     "GradcheckReport",
-    "Config",
-    "Trainer",
-    "TrainState",
-    "MLP",
-    "load_data",
-    "train_and_evaluate",
-    "train_sweep",
-    "make_mesh",
+    "Jaxl2Error",
 ]

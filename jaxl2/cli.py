@@ -1,6 +1,11 @@
-"""The ``jaxl2`` command: ``train`` (the main job), ``eval`` and ``gradcheck``.
+"""The ``jaxl2`` command: ``train`` (the main job), ``sweep``, ``eval``, ``bench``, ``gradcheck``.
 
-Bad input exits with status 2 and one line ``jaxl2: error: <what> (<allowed>)``.
+Exit status: 0 done; 1 training diverged (or a gradient check failed); 2 bad input, with one
+line ``jaxl2: error: <what> (<allowed>)``; 130 interrupted (Ctrl-C). Only jaxl2's own error
+types are caught: anything else is a bug and shows its traceback.
+
+The application (:mod:`jaxl2.mnist`) is imported only when a command runs, so ``jaxl2 --help``
+is fast; without the ``mnist`` extra, commands say how to install it.
 """
 
 from __future__ import annotations
@@ -8,14 +13,28 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
-import time
 from typing import Any
 
-from jaxl2.train import OPTIMIZERS, SCHEDULES, Config
+from jaxl2.errors import Jaxl2Error
+from jaxl2.mnist.config import (
+    ACTIVATIONS,
+    DATASETS,
+    FIELDS,
+    INITS,
+    OPTIMIZERS,
+    SCHEDULES,
+    SPLITS,
+    Config,
+)
 
 DEFAULTS = Config()
+DEFAULT_SWEEP_L2 = (0.0, 1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a config field or argument: ``split_seed`` → ``--split-seed``."""
+    return "--" + name.replace("_", "-")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -24,9 +43,14 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _fail(message: str) -> None:
+def _message(e: BaseException) -> str:
+    render = getattr(e, "render", None)
+    return render(flag) if render else str(e)
+
+
+def _fail(message: str) -> int:
     sys.stderr.write(f"jaxl2: error: {message}\n")
-    raise SystemExit(2)
+    return 2
 
 
 def parse_l2(text: str) -> float | dict[str, float]:
@@ -54,13 +78,30 @@ def parse_l2(text: str) -> float | dict[str, float]:
     return out
 
 
-def _hidden(text: str) -> tuple[int, ...]:
+def _ints(name: str, example: str) -> Any:
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            return tuple(int(h) for h in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"--{name} {text!r} is invalid (comma-separated integers, e.g. {example})"
+            ) from None
+
+    return parse
+
+
+def _floats(text: str) -> list[float]:
     try:
-        return tuple(int(h) for h in text.split(","))
+        return [float(v) for v in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"--hidden {text!r} is invalid (comma-separated positive widths, e.g. 256,256)"
+            f"--l2 {text!r} is invalid (comma-separated numbers, e.g. 0,1e-4,1e-3)"
         ) from None
+
+
+def _lr_help() -> str:
+    defaults = ", ".join(f"{k} {v.lr:g}" for k, v in OPTIMIZERS.items())
+    return f"peak learning rate (default: the optimizer's own: {defaults})"
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
@@ -68,13 +109,14 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument(
         "--dataset",
-        help=f"mnist5k (shipped, offline), mnist (TFDS, downloads) or idx:DIR (default {d.dataset})",
+        help=f"{', '.join(DATASETS)}: mnist5k is shipped and offline (5,000 real images), mnist "
+        f"downloads full MNIST through TensorFlow Datasets, idx:DIR reads raw IDX files (default {d.dataset})",
     )
-    g.add_argument("--data-dir", help="TFDS data_dir for --dataset mnist")
+    g.add_argument("--data-dir", help="TensorFlow Datasets' data_dir for --dataset mnist")
     g.add_argument(
         "--val-size",
         type=int,
-        help="validation examples carved from train (default 500 for mnist5k, 5000 otherwise)",
+        help="validation examples carved from the training data (default 500 for mnist5k, 5000 otherwise)",
     )
     g.add_argument(
         "--split-seed", type=int, help=f"seed of the train/validation(/test) split (default {d.split_seed})"
@@ -83,20 +125,35 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--l2",
         type=parse_l2,
-        help=f"λ of the penalty λ/2·Σw² on the selected kernels, or per layer as 'REGEX=λ,REGEX=λ' matched in order against paths like params/Dense_0/kernel (default {d.l2})",
+        help=f"λ of the penalty λ/2·Σw² on the selected kernels, or per layer as 'REGEX=λ,REGEX=λ' "
+        f"matched in order against paths like params/Dense_0/kernel (default {d.l2})",
     )
-    g.add_argument("--select", help="which leaves: kernels (default), haiku, equinox, or a regex over paths")
+    g.add_argument(
+        "--select",
+        help="which leaves the penalty covers: kernels (default: every Dense kernel, no biases) or a "
+        "regex over paths like params/Dense_0/kernel",
+    )
+    takers = ", ".join(k for k, v in OPTIMIZERS.items() if v.decays)
     g.add_argument(
         "--weight-decay",
         type=float,
-        help="weight decay in the optimizer: decoupled for --optimizer adamw, added before momentum for sgdw (default 0)",
+        help=f"weight decay in the optimizer, for --optimizer {takers}: decoupled for adamw, added "
+        "before momentum for sgdw (default 0)",
     )
-    g.add_argument("--allow-both", action="store_true", help="allow --l2 > 0 together with --weight-decay")
+    g.add_argument(
+        "--allow-both",
+        action="store_true",
+        default=None,
+        help="allow --l2 > 0 together with --weight-decay (both regularize)",
+    )
     g = p.add_argument_group("optimization")
-    g.add_argument("--optimizer", help=f"{', '.join(OPTIMIZERS)} (default {d.optimizer})")
-    g.add_argument("--lr", type=float, help=f"peak learning rate (default {d.lr})")
+    g.add_argument(
+        "--optimizer",
+        help="; ".join(f"{k}: {v.about}" for k, v in OPTIMIZERS.items()) + f" (default {d.optimizer})",
+    )
+    g.add_argument("--lr", type=float, help=_lr_help())
     g.add_argument("--schedule", help=f"{', '.join(SCHEDULES)} (default {d.schedule})")
-    g.add_argument("--momentum", type=float, help=f"for --optimizer momentum (default {d.momentum})")
+    g.add_argument("--momentum", type=float, help=f"for --optimizer momentum and sgdw (default {d.momentum})")
     g.add_argument(
         "--batch-size",
         type=int,
@@ -104,69 +161,55 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--epochs", type=int, help=f"default {d.epochs}")
     g = p.add_argument_group("model")
-    g.add_argument("--hidden", type=_hidden, help="hidden widths, comma-separated (default 256,256)")
-    g.add_argument("--activation", help=f"relu, tanh, sigmoid, gelu or identity (default {d.activation})")
     g.add_argument(
-        "--init", help="kernel init: lecun_normal (Flax's default) or normal (N(0, 1), the classic recipe)"
+        "--hidden",
+        type=_ints("hidden", "256,256"),
+        help="hidden widths, comma-separated (default 256,256)",
+    )
+    g.add_argument("--activation", help=f"{', '.join(ACTIVATIONS)} (default {d.activation})")
+    g.add_argument(
+        "--init",
+        help=f"{', '.join(INITS)}: kernel init, Flax's default or N(0, 1) as in the classic recipe "
+        f"(default {d.init})",
     )
     g.add_argument("--seed", type=int, help=f"init and shuffling seed (default {d.seed})")
 
 
-FIELDS = [f.name for f in dataclasses.fields(Config)]
-
-
-def _config(args: argparse.Namespace) -> tuple[Config, dict[str, Any]]:
-    """The Config from the flags given, and the dict of flags that were given explicitly."""
-    given = {k: getattr(args, k) for k in FIELDS if getattr(args, k, None) is not None}
-    return dataclasses.replace(DEFAULTS, **given), given
+def _given(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields given on the command line."""
+    return {k: getattr(args, k) for k in FIELDS if getattr(args, k, None) is not None}
 
 
 def _enable_cache(args: argparse.Namespace) -> None:
     if not getattr(args, "no_cache", False):
-        from jaxl2.train import enable_compilation_cache
+        from jaxl2.mnist.runtime import enable_compilation_cache
 
         enable_compilation_cache()
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg, given = _config(args)
-    from jaxl2 import run as _run
+    from jaxl2.mnist import run as _run
+    from jaxl2.mnist.loop import Diverged, Interrupted
 
-    out = args.out or os.path.join(
-        "runs", f"{cfg.dataset.replace(':', '_').replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
-    )
+    given = _given(args)
     if args.resume:
         if not args.out:
-            _fail("--resume needs --out DIR, the run to continue")
-        try:
-            saved = _run.load_config(args.out)
-        except ValueError as e:
-            _fail(str(e))
-        differ = {k: (v, getattr(saved, k)) for k, v in given.items() if v != getattr(saved, k)}
-        if differ:
-            desc = ", ".join(f"--{k.replace('_', '-')} {a} vs {b} in the run" for k, (a, b) in differ.items())
-            _fail(
-                f"--resume: flags differ from {args.out}/config.json: {desc} (resume with the run's own settings)"
-            )
-        cfg = saved
-    l2_on = isinstance(cfg.l2, dict) or cfg.l2 != 0
-    if cfg.weight_decay and l2_on and not args.allow_both:
-        _fail("--weight-decay and --l2 together regularize twice (pass --l2 0, or --allow-both to mean it)")
-    if args.devices is not None and args.devices < 1:
-        _fail(f"--devices {args.devices} is invalid (an integer >= 1)")
+            return _fail("--resume needs --out DIR, the run to continue")
+        cfg = dataclasses.replace(_run.load_run_config(args.out), **given)
+    else:
+        cfg = dataclasses.replace(DEFAULTS, **given)
     if args.distributed:
-        from jaxl2.parallel import initialize_distributed
+        from jaxl2.mnist.parallel import initialize_distributed
 
         if not args.out:
-            _fail("--distributed needs --out DIR (one directory that every process can reach)")
-
+            return _fail("--distributed needs --out DIR (one directory that every process can reach)")
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     _enable_cache(args)
     progress = None if args.quiet or args.json else _Progress(cfg.epochs)
     try:
         summary = _run.train_and_evaluate(
             cfg,
-            out,
+            args.out,
             resume=args.resume,
             overwrite=args.overwrite,
             checkpoint_every=args.checkpoint_every,
@@ -174,26 +217,33 @@ def cmd_train(args: argparse.Namespace) -> int:
             on_epoch=progress.update if progress else None,
             devices=args.devices,
         )
-    except ValueError as e:
-        _fail(str(e))
-    except _run.Diverged as e:
-        sys.stderr.write(f"jaxl2: error: {e}\n")
+    except Diverged as e:
+        sys.stderr.write(f"jaxl2: error: {_message(e)}\n")
         return 1
-    except _run.Interrupted as e:
-        sys.stderr.write(f"jaxl2: {e}; continue with: jaxl2 train --out {out} --resume\n")
+    except Interrupted as e:
+        out = str(e).rsplit(" in ", 1)[-1]
+        sys.stderr.write(f"jaxl2: {_message(e)}; continue with: jaxl2 train --out {out} --resume\n")
         return 130
     finally:
         if progress:
             progress.close()
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        print(format_summary(summary))
+    print(json.dumps(summary) if args.json else format_summary(summary))
+    _warn_if_chance(summary, cfg)
     return 0
 
 
+def _warn_if_chance(summary: dict[str, Any], cfg: Config) -> None:
+    """One line on stderr when the model learned nothing (validation accuracy near 10%)."""
+    if summary["val_accuracy"] < 0.2:
+        sys.stderr.write(
+            f"jaxl2: warning: validation accuracy {100 * summary['val_accuracy']:.1f}% is near chance "
+            f"(10%): the model did not learn; try a smaller --lr than {summary['lr']:g} "
+            f"(--optimizer {cfg.optimizer})\n"
+        )
+
+
 class _Progress:
-    """A rich progress bar on stderr: epoch, loss, penalty and accuracy."""
+    """A rich progress bar on stderr: epoch, total loss = data loss + penalty, accuracies."""
 
     def __init__(self, epochs: int):
         from rich.console import Console
@@ -217,8 +267,9 @@ class _Progress:
 
     def update(self, row: dict[str, Any]) -> None:
         info = (
-            f"loss {row['train_loss']:.4f} penalty {row['train_penalty']:.4f} "
-            f"acc {100 * row['train_accuracy']:.2f}% val {100 * row['val_accuracy']:.2f}%"
+            f"loss {row['train_loss']:.4f} = data {row['train_data_loss']:.4f} + penalty "
+            f"{row['train_penalty']:.4f}  acc {100 * row['train_accuracy']:.2f}% "
+            f"val {100 * row['val_accuracy']:.2f}%"
         )
         self.bar.update(self.task, completed=row["epoch"], info=info)
 
@@ -228,40 +279,38 @@ class _Progress:
 
 
 def format_summary(s: dict[str, Any]) -> str:
+    """The human summary of a run: accuracy and data loss per split, penalty, total, time."""
+    if s["examples_per_second"] is None:
+        time_line = (
+            f"time: no epoch left to train (the run had finished all {s['epochs']}); device {s['device']}"
+        )
+    else:
+        time_line = (
+            f"time: {s['seconds']:.2f} s training, {s['examples_per_second']:,.0f} examples/s "
+            f"(+ {s['compile_seconds']:.2f} s compiling); device {s['device']}"
+        )
     lines = [
         f"run directory: {s['out']}",
-        f"{'split':<11}{'accuracy':>10}{'loss':>10}",
-        *(
-            f"{name:<11}{100 * s[k + '_accuracy']:>9.2f}%{s[k + '_loss']:>10.4f}"
-            for name, k in (("train", "train"), ("validation", "val"), ("test", "test"))
-        ),
-        f"(best epoch by validation: {s['best_epoch']} of {s['epochs']}; penalty λ/2·Σw² = {s['penalty']:.4f})",
+        f"{'split':<7}{'accuracy':>10}{'data loss':>11}",
+        *(f"{k:<7}{100 * s[k + '_accuracy']:>9.2f}%{s[k + '_data_loss']:>11.4f}" for k in SPLITS),
+        f"(best epoch by val accuracy: {s['best_epoch']} of {s['epochs']}; data loss = cross-entropy; "
+        f"penalty λ/2·Σw² = {s['penalty']:.4f}; train loss = data loss + penalty = {s['train_loss']:.4f})",
         "‖W‖² per layer: " + ", ".join(f"{p} {v:.1f}" for p, v in s["kernel_sq_norm"].items()),
-        f"time: {s['seconds']:.2f} s training, {s['examples_per_second']:,.0f} examples/s "
-        f"(+ {s['compile_seconds']:.2f} s compiling); device {s['device']}",
+        time_line,
     ]
     return "\n".join(lines)
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--l2 {text!r} is invalid (comma-separated numbers, e.g. 0,1e-4,1e-3)"
-        ) from None
-
-
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from jaxl2 import sweep as _sweep
+    from jaxl2.mnist import sweep as _sweep
+    from jaxl2.mnist.loop import Diverged
 
     l2s = args.l2
     args.l2 = None
-    cfg, _ = _config(args)
+    cfg = dataclasses.replace(DEFAULTS, **_given(args))
     if args.seeds < 1:
-        _fail(f"--seeds {args.seeds} is invalid (an integer >= 1)")
+        return _fail(f"--seeds {args.seeds} is invalid (an integer >= 1)")
     _enable_cache(args)
-    out = args.out or os.path.join("runs", f"sweep-{time.strftime('%Y%m%d-%H%M%S')}")
     quiet = args.quiet or args.json
 
     def log(msg: str) -> None:
@@ -278,20 +327,22 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             cfg,
             l2s,
             [cfg.seed + i for i in range(args.seeds)],
-            out,
+            args.out,
             execution=args.execution,
             on_epoch=on_epoch,
             log=log,
         )
-    except ValueError as e:
-        _fail(str(e))
+    except Diverged as e:
+        sys.stderr.write(f"\njaxl2: error: {_message(e)}\n")
+        return 1
     if not quiet:
         sys.stderr.write("\n")
     if args.json:
         print(_sweep.results_json(summary))
         return 0
     print(
-        f"sweep directory: {out} ({len(summary['results'])} members, {summary['execution']}, {summary['seconds']:.1f} s; {summary['device']})"
+        f"sweep directory: {summary['out']} ({len(summary['results'])} members, {summary['execution']}, "
+        f"{summary['seconds']:.1f} s; {summary['device']})"
     )
     print(f"{'λ':>8} {'seed':>4} {'train':>7} {'val':>7} {'test':>7} {'gap':>6} {'Σ‖W‖²':>8}")
     for r in summary["results"]:
@@ -299,75 +350,83 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             f"{r['l2']:>8g} {r['seed']:>4} {100 * r['train_accuracy']:>6.2f}% {100 * r['val_accuracy']:>6.2f}% "
             f"{100 * r['test_accuracy']:>6.2f}% {100 * r['gap']:>5.2f} {sum(r['kernel_sq_norm'].values()):>8.1f}"
         )
-    print(f"selected λ (best mean validation accuracy): {summary['selected_l2']:g}")
+    print(f"selected λ (best mean val accuracy): {summary['selected_l2']:g}")
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from jaxl2 import bench
+    from jaxl2.mnist import bench
 
     if args.rounds is not None and args.rounds < 1:
-        _fail(f"--rounds {args.rounds} is invalid (an integer >= 1)")
+        return _fail(f"--rounds {args.rounds} is invalid (an integer >= 1)")
     res = bench.run_bench(quick=args.quick, rounds=args.rounds)
     print(json.dumps(res) if args.json else bench.format_bench(res))
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from jaxl2 import run as _run
+    from jaxl2.mnist import run as _run
 
     _enable_cache(args)
-    try:
-        res = _run.evaluate_run(args.run, args.dataset, args.split, args.data_dir)
-    except ValueError as e:
-        _fail(str(e))
+    res = _run.evaluate_run(args.run, args.dataset, args.split, args.data_dir)
     if args.json:
         print(json.dumps(res))
     else:
         print(
-            f"{args.dataset} {args.split}: accuracy {100 * res['accuracy']:.2f}%  loss {res['loss']:.4f}  n {res['n']}"
+            f"{res['dataset']} {res['split']}: accuracy {100 * res['accuracy']:.2f}%  "
+            f"data loss {res['data_loss']:.4f}  n {res['n']}"
         )
     return 0
 
 
 def cmd_gradcheck(args: argparse.Namespace) -> int:
     from jaxl2.gradcheck import gradcheck
+    from jaxl2.mnist.config import validate
+    from jaxl2.mnist.model import reference_problem
 
-    try:
+    if args.batch < 1:
+        return _fail(f"--batch {args.batch} is invalid (an integer >= 1)")
+    cfg = validate(
+        dataclasses.replace(DEFAULTS, hidden=args.hidden, activation=args.activation, seed=args.seed)
+    )
+    import jax
+
+    with jax.enable_x64(True):
+        loss_fn, params, batch = reference_problem(cfg, batch=args.batch, seed=args.seed)
         report = gradcheck(
+            loss_fn,
+            params,
+            *batch,
             l2=args.l2,
-            hidden=args.hidden,
-            activation=args.activation,
             directions=args.directions,
             eps=args.eps,
             seed=args.seed,
         )
-    except ValueError as e:
-        _fail(str(e))
     if args.json:
-        d = report.as_dict()
-        print(
-            json.dumps(
-                {k: d[k] for k in ("penalty_grad_max_abs_err", "finite_difference_max_rel_err", "ok")} | d
-            )
-        )
+        print(json.dumps(report.as_dict()))
     else:
         print(report)
     return 0 if report.ok else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="jaxl2", description="L2 regularization (λ/2·Σw² on the kernels) of MLPs in JAX/Flax.")
+    p = _Parser(
+        prog="jaxl2",
+        description="L2 regularization (λ/2·Σw² on the kernels) of fully connected networks in JAX: "
+        "train, sweep λ, evaluate, benchmark and check gradients on MNIST.",
+        epilog="Exit status: 0 done, 1 diverged (or gradcheck failed), 2 bad input, 130 interrupted.",
+    )
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser(
         "train",
         help="train the reference MLP with L2 (the main job)",
-        description="Train the 784-256-256-10 MLP with λ/2·Σw² on its kernels; writes a run directory.",
+        description="Train the 784-256-256-10 MLP with λ/2·Σw² on its kernels; writes a run directory "
+        "(config.json, metrics.jsonl, checkpoints/, best/, curves.png, summary.json).",
     )
     _add_train_flags(t)
     g = t.add_argument_group("run")
-    g.add_argument("--out", help="run directory (default runs/DATASET-TIMESTAMP)")
+    g.add_argument("--out", help="run directory (default: a new runs/DATASET-YYYYmmdd-HHMMSS[-N])")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     g.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     g.add_argument(
@@ -412,8 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_flags(sw)
     for action in sw._actions:
         if action.dest == "l2":
-            action.type, action.default = _floats, [0.0, 1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
-            action.help = "comma-separated λ values (default 0,1e-5,1e-4,3e-4,1e-3,3e-3,1e-2)"
+            action.type = _floats
+            action.default = list(DEFAULT_SWEEP_L2)
+            action.help = f"comma-separated λ values (default {','.join(f'{v:g}' for v in DEFAULT_SWEEP_L2)})"
     g = sw.add_argument_group("sweep")
     g.add_argument(
         "--seeds",
@@ -424,9 +484,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--execution",
         default="auto",
-        help="vmap, sequential (lax.map in one program) or auto: on CPU the faster of the two on one timed epoch (default)",
+        help="vmap, sequential (lax.map in one program) or auto: on CPU the faster of the two on one "
+        "timed epoch (default)",
     )
-    g.add_argument("--out", help="sweep directory (default runs/sweep-TIMESTAMP)")
+    g.add_argument("--out", help="sweep directory (default: a new runs/sweep-YYYYmmdd-HHMMSS[-N])")
     g.add_argument("--no-cache", action="store_true", help="do not use the compilation cache")
     g.add_argument("--quiet", action="store_true", help="no progress")
     g.add_argument("--json", action="store_true", help='print only {"selected_l2": …, "results": […]}')
@@ -435,21 +496,25 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser(
         "eval",
         help="evaluate a run's best checkpoint",
-        description="Loss and accuracy of a trained run's best checkpoint on a dataset split.",
+        description="Accuracy and data loss (cross-entropy) of a trained run's best checkpoint on a "
+        "split of its own dataset, or of another one.",
     )
     e.add_argument("--run", required=True, help="the run directory")
-    e.add_argument("--dataset", required=True, help="mnist5k, mnist or idx:DIR")
-    e.add_argument("--data-dir", help="TFDS data_dir for --dataset mnist")
-    e.add_argument("--split", default="test", help="train, val or test (default test)")
+    e.add_argument("--dataset", help=f"{', '.join(DATASETS)} (default: the run's own)")
+    e.add_argument(
+        "--data-dir", help="TensorFlow Datasets' data_dir for --dataset mnist (default: the run's)"
+    )
+    e.add_argument("--split", default="test", help=f"{', '.join(SPLITS)} (default test)")
     e.add_argument("--no-cache", action="store_true", help="do not use the compilation cache")
-    e.add_argument("--json", action="store_true", help="print one JSON object: accuracy, loss, n")
+    e.add_argument("--json", action="store_true", help="print one JSON object: accuracy, data_loss, n")
     e.set_defaults(func=cmd_eval)
 
     b = sub.add_parser(
         "bench",
         help="measure throughput against the machine's limit",
         description="Side-by-side, interleaved measurements: GEMM rate and the examples/s ceiling, jaxl2's "
-        "training throughput at batch 128 and 1024, the L2 overhead, start-up, sweep scaling, and PyTorch if installed.",
+        "training throughput at batch 128 and 1024, the L2 overhead, start-up, sweep scaling, and "
+        "PyTorch and Keras if installed.",
     )
     b.add_argument(
         "--quick", action="store_true", help="small sizes and 2 rounds (for CI; numbers are rough)"
@@ -461,16 +526,24 @@ def build_parser() -> argparse.ArgumentParser:
     gc = sub.add_parser(
         "gradcheck",
         help="check gradients in float64",
-        description="jax.grad of λ/2·Σw² vs the analytic λ·w, and of the regularized loss vs central finite differences, on the reference MLP in float64. Exits 0 when both pass.",
+        description="jax.grad of λ/2·Σw² vs the analytic λ·w, and of the regularized loss vs central "
+        "finite differences, on the reference MLP in float64. Exits 0 when both pass, 1 otherwise. "
+        "For your own model, call jaxl2.gradcheck(loss_fn, params, *batch).",
     )
     gc.add_argument("--l2", type=float, default=1e-3, help="λ (default 1e-3)")
-    gc.add_argument("--hidden", type=_hidden, default=(256, 256), help="hidden widths (default 256,256)")
-    gc.add_argument("--activation", default="relu", help="default relu")
+    gc.add_argument(
+        "--hidden",
+        type=_ints("hidden", "256,256"),
+        default=(256, 256),
+        help="hidden widths (default 256,256)",
+    )
+    gc.add_argument("--activation", default="relu", help=f"{', '.join(ACTIVATIONS)} (default relu)")
+    gc.add_argument("--batch", type=int, default=64, help="random examples in the loss (default 64)")
     gc.add_argument(
         "--directions", type=int, default=8, help="random directions for finite differences (default 8)"
     )
-    gc.add_argument("--eps", type=float, default=1e-5, help="finite-difference step (default 1e-5)")
-    gc.add_argument("--seed", type=int, default=0)
+    gc.add_argument("--eps", type=float, default=1e-5, help="finite-difference step, > 0 (default 1e-5)")
+    gc.add_argument("--seed", type=int, default=0, help="seed of the params, data and directions (default 0)")
     gc.add_argument("--json", action="store_true", help="print one JSON object")
     gc.set_defaults(func=cmd_gradcheck)
     return p
@@ -478,7 +551,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except Jaxl2Error as e:
+        return _fail(_message(e))
+    except KeyboardInterrupt:
+        sys.stderr.write("\njaxl2: interrupted\n")
+        return 130
+    except ImportError as e:
+        if e.name and e.name.split(".")[0] in ("flax", "orbax", "tensorflow_datasets", "matplotlib", "rich"):
+            return _fail(f"jaxl2 {args.command} needs the mnist extra ({e}): pip install 'jaxl2[mnist]'")
+        raise
 
 
 if __name__ == "__main__":

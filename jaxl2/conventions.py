@@ -17,6 +17,7 @@ momentum); under Adam it is a different method, so no conversion exists for it.
 
 from __future__ import annotations
 
+from jaxl2.errors import Jaxl2Error
 from jaxl2.penalty import check_l2
 
 __all__ = [
@@ -75,7 +76,7 @@ def from_decoupled(wd: float, lr: float, *, scaled_by_lr: bool = True) -> float:
     """
     check_l2(wd, "weight_decay")
     if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr!r}")
+        raise Jaxl2Error(f"lr must be > 0, got {lr!r}")
     return float(wd) if scaled_by_lr else float(wd) / float(lr)
 
 
@@ -92,5 +93,5 @@ def from_sklearn_alpha(alpha: float, n_samples: int) -> float:
     """
     check_l2(alpha, "alpha")
     if isinstance(n_samples, bool) or not (isinstance(n_samples, int) and n_samples > 0):
-        raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+        raise Jaxl2Error(f"n_samples must be a positive integer, got {n_samples!r}")
     return 2.0 * float(alpha) / n_samples

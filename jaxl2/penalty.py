@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxl2 import select as _select
+from jaxl2.errors import Jaxl2Error
 
 L2 = float | jax.Array | Mapping[str, Any]
 
@@ -31,9 +32,9 @@ def check_l2(value: Any, name: str = "l2") -> Any:
     try:
         v = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}") from None
+        raise Jaxl2Error(f"{name} must be a finite number >= 0, got {value!r}") from None
     if math.isnan(v) or math.isinf(v) or v < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        raise Jaxl2Error(f"{name} must be a finite number >= 0, got {v!r}")
     return value
 
 
@@ -43,17 +44,17 @@ def _coefficients(chosen: list[tuple[str, Any]], l2: L2) -> list[Any]:
         check_l2(l2)
         return [l2] * len(chosen)
     if not l2:
-        raise ValueError("l2 mapping is empty; give {regex: λ} entries, e.g. {'.*': 1e-3}")
+        raise Jaxl2Error("l2 mapping is empty; give {regex: λ} entries, e.g. {'.*': 1e-3}")
     rules = []
     for pattern, lam in l2.items():
         if not isinstance(pattern, str):
-            raise ValueError(f"l2 mapping keys must be regex strings, got {pattern!r}")
+            raise Jaxl2Error(f"l2 mapping keys must be regex strings, got {pattern!r}")
         check_l2(lam, f"l2[{pattern!r}]")
         rules.append((pattern, _select.compile_regex(pattern, "l2"), lam))
     paths = [p for p, _ in chosen]
     for pattern, rx, _ in rules:
         if not any(rx.fullmatch(p) for p in paths):
-            raise ValueError(
+            raise Jaxl2Error(
                 f"l2 pattern {pattern!r} matches no selected parameter (a typo?); "
                 f"the selected paths are: {', '.join(paths)}"
             )
@@ -61,7 +62,7 @@ def _coefficients(chosen: list[tuple[str, Any]], l2: L2) -> list[Any]:
     for p in paths:
         lam = next((lam for _, rx, lam in rules if rx.fullmatch(p)), None)
         if lam is None:
-            raise ValueError(
+            raise Jaxl2Error(
                 f"selected parameter {p!r} matches no l2 pattern; add an entry for it, or a "
                 "catch-all such as {'.*': 0.0} to leave the remaining leaves unpenalised on purpose"
             )

@@ -29,6 +29,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxl2.errors import Jaxl2Error
+
 Predicate = Callable[[str, Any], bool]
 Selector = None | str | Predicate
 
@@ -88,7 +90,7 @@ def compile_regex(pattern: str, what: str = "select") -> re.Pattern:
     try:
         return re.compile(pattern)
     except re.error as e:
-        raise ValueError(
+        raise Jaxl2Error(
             f"{what} pattern {pattern!r} is not a valid regular expression ({e}); "
             "patterns are Python regexes matched with re.fullmatch against paths "
             "like 'params/Dense_0/kernel'"
@@ -104,7 +106,7 @@ def predicate(select: Selector) -> Predicate:
         return lambda path, leaf: rx.fullmatch(path) is not None
     if callable(select):
         return select
-    raise ValueError(
+    raise Jaxl2Error(
         f"select must be None (kernels), a regex string or a predicate (path, leaf) -> bool; "
         f"got {type(select).__name__}"
     )
@@ -129,7 +131,7 @@ def resolve(params: Any, select: Selector = None) -> list[tuple[str, Any]]:
     chosen = [(p, x) for p, x in candidates if pred(p, x)]
     if not chosen:
         existing = ", ".join(p for p, _ in candidates) or "(none: no floating-point leaves)"
-        raise ValueError(
+        raise Jaxl2Error(
             f"{_describe(select)} matched no parameter; the paths that exist are: {existing}. "
             "Use a regex over these paths, a predicate, or a preset "
             "(jaxl2.select.kernels, .haiku, .equinox)"

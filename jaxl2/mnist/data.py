@@ -14,7 +14,7 @@ Validation is always carved from the training data with ``split_seed``; the test
 never used to choose anything.
 
 Example:
-  >>> from jaxl2.data import load
+  >>> from jaxl2.mnist.data import load
   >>> d = load("mnist5k")
   >>> d.train.x.shape, d.val.x.shape, d.test.x.shape
   ((3500, 784), (500, 784), (1000, 784))
@@ -28,17 +28,18 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["Split", "Dataset", "DataError", "load", "read_idx", "cache_dir", "DATASETS"]
+from jaxl2.mnist.config import DATASETS, ConfigError, field
+from jaxl2.mnist.runtime import cache_dir
 
-DATASETS = ("mnist5k", "mnist", "idx:DIR")
+__all__ = ["Split", "Dataset", "DataError", "load", "read_idx"]
 
 
-class DataError(ValueError):
+class DataError(ConfigError):
     """A dataset that cannot be loaded; the message says why and what to use instead."""
 
 
 class Split(NamedTuple):
-    x: np.ndarray  # float32 [N, 784] in [0, 1]
+    x: np.ndarray  # float32 [N, INPUT_DIM] in [0, 1]
     y: np.ndarray  # int32 [N]
 
 
@@ -79,14 +80,6 @@ def _mnist5k_path() -> str:
     return path
 
 
-def cache_dir() -> str:
-    """jaxl2's cache directory: ``$JAXL2_CACHE_DIR``, else ``jaxl2`` under ``$XDG_CACHE_HOME``
-    (default ``~/.cache/jaxl2``). It holds JAX's compilation cache (``jax/``) and the parsed
-    mnist5k table; deleting it only costs start-up time."""
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return os.environ.get("JAXL2_CACHE_DIR") or os.path.join(xdg, "jaxl2")
-
-
 def _mnist5k_cache(src: str) -> str:
     """The parsed CSV's file, named by the CSV's size and mtime (a reinstall is parsed again)."""
     st = os.stat(src)
@@ -124,7 +117,10 @@ def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
 
 def _carve_val(train: Split, val_size: int, rng: np.random.Generator) -> tuple[Split, Split]:
     if not 0 < val_size < len(train.y):
-        raise DataError(f"val_size must be between 1 and {len(train.y) - 1}, got {val_size}")
+        raise DataError(
+            f"{field('val_size')} {val_size} is invalid for a training split of {len(train.y)} images "
+            f"(between 1 and {len(train.y) - 1})"
+        )
     val_idx, train_idx = _stratified(train.y, val_size, rng)
     return Split(train.x[train_idx], train.y[train_idx]), Split(train.x[val_idx], train.y[val_idx])
 
@@ -137,11 +133,38 @@ def _load_mnist5k(val_size: int, split_seed: int) -> Dataset:
     return Dataset("mnist5k", train, val, _split(x[test_idx], y[test_idx]))
 
 
+def _reachable(url: str, timeout: float = 10.0) -> str | None:
+    """``None`` when ``url``'s host accepts a connection within ``timeout`` s, else why not."""
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    try:
+        socket.create_connection((u.hostname, u.port or 443), timeout=timeout).close()
+    except OSError as e:
+        return f"{u.hostname} is unreachable: {e}"
+    return None
+
+
 def _load_tfds(data_dir: str | None) -> dict[str, Split]:
+    import logging
+
+    logging.getLogger("absl").setLevel(logging.ERROR)  # TFDS warns about absent folders on stderr
     try:
         import tensorflow_datasets as tfds
-    except ImportError as e:  # pragma: no cover - a dependency
-        raise DataError(f"--dataset mnist needs tensorflow-datasets ({e})") from None
+    except ImportError as e:  # pragma: no cover - a dependency of the [mnist] extra
+        raise DataError(f"{field('dataset')} mnist needs tensorflow-datasets ({e})") from None
+    offline = (
+        f"offline, use {field('dataset')} mnist5k (shipped, 5,000 images) or {field('dataset')} idx:DIR "
+        "(raw IDX files)"
+    )
+    if not tfds.builder("mnist", data_dir=data_dir).is_prepared():
+        # Not downloaded yet: TFDS would retry an unreachable server for minutes, so ask first.
+        from tensorflow_datasets.image_classification import mnist as _tfds_mnist
+
+        why = _reachable(getattr(_tfds_mnist, "_MNIST_URL", "https://storage.googleapis.com/"))
+        if why:
+            raise DataError(f"MNIST is not in TensorFlow Datasets' data_dir and {why}; {offline}")
     out = {}
     for split in ("train", "test"):
         try:
@@ -149,8 +172,7 @@ def _load_tfds(data_dir: str | None) -> dict[str, Split]:
         except Exception as e:  # noqa: BLE001 - TFDS raises many kinds when offline
             raise DataError(
                 f"could not load MNIST through TensorFlow Datasets ({type(e).__name__}: "
-                f"{str(e).splitlines()[0][:200] if str(e) else ''}); offline, use "
-                "--dataset mnist5k (shipped, 5,000 images) or --dataset idx:DIR (raw IDX files)"
+                f"{str(e).splitlines()[0][:200] if str(e) else ''}); {offline}"
             ) from None
         items = [src[i] for i in range(len(src))]
         x = np.stack([it["image"] for it in items]) if items else np.zeros((0, 28, 28, 1), np.uint8)
@@ -244,7 +266,7 @@ def load(
     elif spec.startswith("idx:") and len(spec) > 4:
         splits = _load_idx(os.path.expanduser(spec[4:]))
     else:
-        raise DataError(f"unknown dataset {spec!r} (allowed: {', '.join(DATASETS)})")
+        raise DataError(f"{field('dataset')} {spec!r} is unknown (allowed: {', '.join(DATASETS)})")
     train = val = None
     if "train" in splits:
         rng = np.random.default_rng(split_seed)

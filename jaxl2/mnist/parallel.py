@@ -6,7 +6,7 @@ gradient of the mean loss becomes an all-reduce. The L2 penalty needs no change 
 is computed on the replicated params, so every device adds the same ``λ·w``.
 
 Example:
-  >>> from jaxl2 import parallel
+  >>> from jaxl2.mnist import parallel
   >>> mesh = parallel.make_mesh(1)
   >>> mesh.axis_names
   ('data',)
@@ -20,6 +20,8 @@ from typing import Any
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxl2.mnist.config import ConfigError, field
 
 __all__ = [
     "make_mesh",
@@ -38,7 +40,9 @@ def make_mesh(devices: int | None = None) -> Mesh:
     available = jax.devices()
     n = len(available) if devices is None else devices
     if not 1 <= n <= len(available):
-        raise ValueError(f"--devices {n} is invalid (between 1 and the {len(available)} devices visible)")
+        raise ConfigError(
+            f"{field('devices')} {n} is invalid (between 1 and the {len(available)} devices visible)"
+        )
     return Mesh(np.array(available[:n]), ("data",))
 
 
@@ -57,8 +61,8 @@ def check_batch(batch_size: int, devices: int) -> None:
         lo = batch_size - batch_size % devices
         hi = lo + devices
         near = f"{lo} or {hi}" if lo > 0 else f"{hi}"
-        raise ValueError(
-            f"--batch-size {batch_size} does not divide over {devices} devices (nearest valid: {near})"
+        raise ConfigError(
+            f"{field('batch_size')} {batch_size} does not divide over {devices} devices (nearest valid: {near})"
         )
 
 

@@ -6,7 +6,7 @@ members with the same seed share their data order and members with different see
 λ is a traced array, so the whole sweep compiles once.
 
 Example:
-  >>> from jaxl2.sweep import select_l2
+  >>> from jaxl2.mnist.sweep import select_l2
   >>> select_l2([{"l2": 0.0, "val_accuracy": 0.9, "test_accuracy": 0.99},
   ...            {"l2": 1e-3, "val_accuracy": 0.95, "test_accuracy": 0.90}])
   0.001
@@ -15,9 +15,9 @@ Example:
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,9 +26,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxl2 import data as _data
-from jaxl2.run import RunError, _device, _write_json, kernel_sq_norm, validate
-from jaxl2.train import XLA_OPTIONS, Config, Trainer
+from jaxl2.mnist.config import OPTIMIZERS, Config, ConfigError, field
+from jaxl2.mnist.loop import Best, diverged_message, load_and_check, member_summary, run_epochs
+from jaxl2.mnist.rundir import default_out, prepare, write_json
+from jaxl2.mnist.runtime import XLA_OPTIONS, device_name
+from jaxl2.mnist.steps import Trainer
 
 __all__ = ["SweepTrainer", "train_sweep", "select_l2", "members_that_fit"]
 
@@ -52,7 +54,7 @@ class SweepTrainer:
 
     def __init__(self, trainer: Trainer, execution: str = "vmap"):
         if execution not in ("vmap", "sequential"):
-            raise ValueError(f"execution {execution!r} is invalid (allowed: vmap, sequential)")
+            raise ConfigError(f"{field('execution')} {execution!r} is unknown (allowed: vmap, sequential)")
         self.trainer, self.execution = trainer, execution
         if execution == "vmap":
             epoch = jax.vmap(trainer.epoch_fn, in_axes=(0, None, None, 0))
@@ -84,7 +86,7 @@ def members_that_fit(cfg: Config, num_train: int, budget_bytes: int) -> int:
     and one batch of activations per member, float32."""
     sizes = [784, *cfg.hidden, 10]
     n_params = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
-    opt_copies = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}[cfg.optimizer]
+    opt_copies = OPTIMIZERS[cfg.optimizer].state_copies
     per_member = 4 * n_params * (3 + opt_copies) + 4 * cfg.batch_size * sum(sizes) * 3
     return max(1, int(budget_bytes // per_member))
 
@@ -108,6 +110,10 @@ def _keep_best(best: Any, params: Any, better_K: jax.Array) -> Any:
     return jax.tree_util.tree_map(
         lambda b, p: jnp.where(better_K.reshape((-1,) + (1,) * (p.ndim - 1)), p, b), best, params
     )
+
+
+def _keep(best: Any, params: Any, better_K: np.ndarray) -> Any:
+    return _keep_best(best, params, jnp.asarray(better_K))
 
 
 def _time_epoch(sweeper: SweepTrainer, states, x, y, l2s) -> float:
@@ -143,41 +149,47 @@ def train_sweep(
     """Trains every (λ, seed) pair of ``cfg`` and returns ``{"selected_l2", "results", ...}``.
 
     Results carry the same keys as ``jaxl2 train --json`` (the best epoch by validation
-    accuracy), plus the final epoch's accuracies and the train − test gap.
+    accuracy), plus the final epoch's accuracies and the train − test gap. The sweep writes
+    ``config.json``, ``sweep.json``, ``sweep.csv`` and ``sweep.png`` into ``out`` (default: a
+    new ``runs/sweep-YYYYmmdd-HHMMSS[-N]``); one that fails or is interrupted removes the
+    directory if it was absent or empty before.
     """
-    if not l2s:
-        raise RunError("--l2 needs at least one value for a sweep (e.g. 0,1e-4,1e-3)")
     if execution not in EXECUTIONS:
-        raise RunError(f"--execution {execution!r} is invalid (allowed: {', '.join(EXECUTIONS)})")
-    ds = _data.load(cfg.dataset, data_dir=cfg.data_dir, val_size=cfg.val_size, split_seed=cfg.split_seed)
-    if ds.train is None or ds.test is None:
-        raise RunError(f"{cfg.dataset} needs both a training and a test split for a sweep")
-    for lam in l2s:
-        validate(dataclasses.replace(cfg, l2=lam), len(ds.train.y))
-    if out is not None:
-        if os.path.isdir(out) and os.listdir(out):
-            raise RunError(f"--out {out} already holds files (choose another --out)")
-        os.makedirs(out, exist_ok=True)
-        _write_json(
-            os.path.join(out, "config.json"), {**cfg.to_json(), "l2": list(l2s), "seeds": list(seeds)}
-        )
+        raise ConfigError(f"{field('execution')} {execution!r} is unknown (allowed: {', '.join(EXECUTIONS)})")
+    seeds = list(seeds)
+    if not seeds or any(not isinstance(s, int) or s < 0 for s in seeds):
+        raise ConfigError(f"{field('seeds')} {seeds} is invalid (one or more integers >= 0)")
+    cfg, ds = load_and_check(cfg, list(l2s))
+    out = default_out("runs", "sweep") if out is None else out
+    config_json = {**cfg.to_json(), "kind": "sweep", "l2": [float(v) for v in l2s], "seeds": seeds}
+    created = prepare(out, config_json, resume=False, overwrite=False)
+    try:
+        summary = _sweep(cfg, ds, [float(v) for v in l2s], seeds, execution, budget_bytes, on_epoch, log)
+        summary["out"] = out
+        _write_outputs(out, summary)
+        return summary
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)  # no half-made sweep is left behind
+        raise
 
-    members = [(float(lam), int(s)) for s in seeds for lam in l2s]
+
+def _sweep(cfg, ds, l2s, seeds, execution, budget_bytes, on_epoch, log) -> dict[str, Any]:
+    members = [(lam, s) for s in seeds for lam in l2s]
     fit = members_that_fit(cfg, len(ds.train.y), budget_bytes or _memory_budget())
     chunks = [members[i : i + fit] for i in range(0, len(members), fit)]
     if len(chunks) > 1:
         log(f"{len(members)} members do not fit at once: training {len(chunks)} chunks of up to {fit}")
     trainer = Trainer(cfg, len(ds.train.y))
-    x, y = jax.device_put(ds.train.x), jax.device_put(ds.train.y)
-    xv, yv = jax.device_put(ds.val.x), jax.device_put(ds.val.y)
+    data = tuple(jax.device_put(a) for a in (ds.train.x, ds.train.y, ds.val.x, ds.val.y))
     t0 = time.perf_counter()
     if execution == "auto":
         first = chunks[0]
         sweeper, timings = _choose_execution(
             trainer,
             SweepTrainer(trainer).init([m[1] for m in first]),
-            x,
-            y,
+            data[0],
+            data[1],
             jnp.asarray([m[0] for m in first], jnp.float32),
         )
         if timings:
@@ -192,63 +204,48 @@ def train_sweep(
     for chunk in chunks:
         l2_K = jnp.asarray([m[0] for m in chunk], jnp.float32)
         states = sweeper.init([m[1] for m in chunk])
-        best_val = np.full(len(chunk), -1.0)
-        best_epoch = np.zeros(len(chunk), int)
-        best_params = jax.tree_util.tree_map(jnp.copy, states.params)
-        for epoch in range(1, cfg.epochs + 1):
-            states, m = sweeper.epoch(states, x, y, l2_K)
-            bad_K = np.asarray(m["nonfinite_step"]) >= 0
-            if bad_K.any():
-                bad = [chunk[i] for i in np.flatnonzero(bad_K)]
-                raise RunError(
-                    f"members (λ, seed) {bad} diverged at epoch {epoch}; lower --lr or drop those λ"
-                )
-            val = np.asarray(sweeper.evaluate(states.params, xv, yv)["accuracy"])
-            better = val >= best_val
-            best_val, best_epoch = np.where(better, val, best_val), np.where(better, epoch, best_epoch)
-            best_params = _keep_best(best_params, states.params, jnp.asarray(better))
+        best = Best(
+            jax.tree_util.tree_map(jnp.copy, states.params),
+            _keep,
+            np.full(len(chunk), -1.0),
+            np.zeros(len(chunk)),
+        )
+
+        def diverged(epoch, bad, steps, chunk=chunk):
+            members = ", ".join(f"(λ {chunk[i][0]:g}, seed {chunk[i][1]})" for i in bad)
+            return f"sweep members {members}: " + diverged_message(
+                cfg, chunk[bad[0]][0], epoch, int(steps[0]), trainer.steps_per_epoch
+            )
+
+        def epoch_fn(states, x, y, l2_K=l2_K):
+            return sweeper.epoch(states, x, y, l2_K)
+
+        for ep in run_epochs(
+            epoch_fn, sweeper.evaluate, states, data, range(1, cfg.epochs + 1), best, diverged
+        ):
+            states = ep.state
             if on_epoch:
-                on_epoch(epoch, cfg.epochs)
-        results += _member_results(sweeper, cfg, chunk, best_params, states.params, best_epoch, ds)
-    seconds = time.perf_counter() - t0
-    summary = {
+                on_epoch(ep.epoch, cfg.epochs)
+        for i, (lam, seed) in enumerate(chunk):
+            best_i, final_i = _unstack(best.params, i), _unstack(states.params, i)
+            row = {"l2": lam, "seed": seed, **member_summary(trainer.evaluate, best_i, ds, cfg, lam)}
+            final = member_summary(trainer.evaluate, final_i, ds, cfg, lam)
+            row.update({f"final_{k}_accuracy": final[f"{k}_accuracy"] for k in ("train", "val", "test")})
+            row["gap"] = row["train_accuracy"] - row["test_accuracy"]
+            row["best_epoch"] = int(best.epoch[i])
+            results.append(row)
+    return {
         "selected_l2": select_l2(results),
         "results": results,
         "execution": sweeper.execution,
         "chunks": len(chunks),
-        "seconds": seconds,
-        "device": _device(),
+        "seconds": time.perf_counter() - t0,
+        "device": device_name(),
     }
-    if out is not None:
-        _write_outputs(out, summary)
-    return summary
-
-
-def _member_results(sweeper, cfg, chunk, best_params, final_params, best_epoch, ds) -> list[dict[str, Any]]:
-    ev = {}
-    for which, params in (("best", best_params), ("final", final_params)):
-        for name, split in (("train", ds.train), ("val", ds.val), ("test", ds.test)):
-            r = jax.device_get(sweeper.evaluate(params, split.x, split.y))
-            ev[which, name] = r
-    out = []
-    for i, (lam, seed) in enumerate(chunk):
-        p = _unstack(best_params, i)
-        row = {"l2": lam, "seed": seed}
-        for name in ("train", "val", "test"):
-            row[f"{name}_accuracy"] = float(ev["best", name]["accuracy"][i])
-            row[f"{name}_loss"] = float(ev["best", name]["loss"][i])
-        for name in ("train", "val", "test"):
-            row[f"final_{name}_accuracy"] = float(ev["final", name]["accuracy"][i])
-        row["gap"] = row["train_accuracy"] - row["test_accuracy"]
-        row["best_epoch"] = int(best_epoch[i])
-        row["kernel_sq_norm"] = kernel_sq_norm(jax.device_get(p), cfg)
-        row["penalty"] = lam / 2 * sum(row["kernel_sq_norm"].values())
-        out.append(row)
-    return out
 
 
 def _write_outputs(out: str, summary: dict[str, Any]) -> None:
-    _write_json(os.path.join(out, "sweep.json"), summary)
+    write_json(os.path.join(out, "sweep.json"), summary)
     rows = summary["results"]
     layers = list(rows[0]["kernel_sq_norm"])
     cols = [k for k in rows[0] if k != "kernel_sq_norm"]
@@ -257,7 +254,7 @@ def _write_outputs(out: str, summary: dict[str, Any]) -> None:
         w.writerow(cols + [f"sq_norm:{p}" for p in layers])
         for r in rows:
             w.writerow([r[c] for c in cols] + [r["kernel_sq_norm"][p] for p in layers])
-    from jaxl2.plots import sweep as plot_sweep
+    from jaxl2.mnist.plots import sweep as plot_sweep
 
     plot_sweep(rows, summary["selected_l2"], os.path.join(out, "sweep.png"))
 

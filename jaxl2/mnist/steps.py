@@ -6,7 +6,8 @@ selected kernels and ``jax.grad`` adds ``λ·w`` to their gradients. Decoupled w
 
 Example:
   >>> import jax, jax.numpy as jnp
-  >>> from jaxl2.train import Config, Trainer
+  >>> from jaxl2.mnist.config import Config
+  >>> from jaxl2.mnist.steps import Trainer
   >>> trainer = Trainer(Config(hidden=(32,), epochs=1, batch_size=4), num_train=8)
   >>> state = trainer.init()
   >>> x, y = jnp.zeros((4, 784)), jnp.zeros((4,), jnp.int32)
@@ -17,80 +18,21 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import os
-from collections.abc import Mapping
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
 
 from jaxl2 import select as _select
-from jaxl2.data import cache_dir
-from jaxl2.model import MLP
+from jaxl2.mnist.config import INPUT_DIM, OPTIMIZERS, Config, validate
+from jaxl2.mnist.model import model_of, selector_of
+from jaxl2.mnist.runtime import XLA_OPTIONS
 from jaxl2.penalty import regularized
 
-__all__ = ["Config", "TrainState", "Trainer", "OPTIMIZERS", "SCHEDULES", "enable_compilation_cache"]
-
-INITS = {
-    "lecun_normal": nn.initializers.lecun_normal(),  # Flax's default for Dense
-    "normal": nn.initializers.normal(1.0),  # N(0, 1): the classic TF1 recipe's tf.random_normal
-}
-OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "sgdw")
-SCHEDULES = ("constant", "cosine")
-# Compiler options of the training functions. XLA:CPU's default copy insertion copies every
-# parameter once per step inside the epoch's loop (the old value looks live after the new one
-# is written); region analysis proves it is not: batch-128 epochs 1.22x faster on a 2-core EPYC
-# (paired, interleaved), values unchanged. An xla_cpu_* debug option, read by the CPU compiler;
-# not yet run on a GPU.
-XLA_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    """Everything a run depends on; the defaults are the tuned ``mnist5k`` recipe."""
-
-    dataset: str = "mnist5k"
-    data_dir: str | None = None
-    val_size: int | None = None
-    split_seed: int = 0
-    l2: float | Mapping[str, float] = 1e-3
-    select: str | None = None
-    optimizer: str = "momentum"
-    lr: float = 0.3
-    schedule: str = "cosine"
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    batch_size: int = 128
-    epochs: int = 120
-    hidden: tuple[int, ...] = (256, 256)
-    activation: str = "relu"
-    init: str = "lecun_normal"
-    seed: int = 0
-
-    def to_json(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["hidden"] = list(self.hidden)
-        d["l2"] = dict(self.l2) if isinstance(self.l2, Mapping) else self.l2
-        return d
-
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> Config:
-        d = dict(d)
-        d["hidden"] = tuple(d["hidden"])
-        return cls(**d)
-
-
-def enable_compilation_cache(path: str | None = None) -> None:
-    """Turns on JAX's persistent compilation cache for every compiled function, in ``path``
-    (default ``jax/`` in :func:`jaxl2.data.cache_dir`: ``~/.cache/jaxl2/jax``)."""
-    jax.config.update("jax_compilation_cache_dir", path or os.path.join(cache_dir(), "jax"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+__all__ = ["TrainState", "Trainer", "make_optimizer", "cross_entropy"]
 
 
 class TrainState(struct.PyTreeNode):
@@ -104,15 +46,16 @@ class TrainState(struct.PyTreeNode):
 
 def make_optimizer(cfg: Config, steps_per_epoch: int) -> optax.GradientTransformation:
     """The optax optimizer of ``cfg``; ``adamw`` and ``sgdw`` decay the selected leaves only."""
+    peak = OPTIMIZERS[cfg.optimizer].lr if cfg.lr is None else cfg.lr
     total = max(1, cfg.epochs * steps_per_epoch)
-    lr = cfg.lr if cfg.schedule == "constant" else optax.cosine_decay_schedule(cfg.lr, total)
+    lr = peak if cfg.schedule == "constant" else optax.cosine_decay_schedule(peak, total)
     if cfg.optimizer == "sgd":
         return optax.sgd(lr)
     if cfg.optimizer == "momentum":
         return optax.sgd(lr, momentum=cfg.momentum)
     if cfg.optimizer == "adam":
         return optax.adam(lr)
-    pred = _select.predicate(Trainer.selector_of(cfg))
+    pred = _select.predicate(selector_of(cfg))
 
     def mask(params):  # decay the selected leaves only, like the L2 penalty
         return jax.tree_util.tree_map_with_path(lambda kp, x: bool(pred(_select.path_str(kp), x)), params)
@@ -145,34 +88,24 @@ class Trainer:
       one compiled call (``lax.scan`` over batches; the last partial batch is **dropped**,
       and a different one each epoch since the data is reshuffled); metrics are epoch means,
       plus ``nonfinite_step``: the first step whose loss was NaN/Inf, or -1;
-    * ``evaluate(params, x, y) -> {"loss", "accuracy"}``: one compiled call over a split.
+    * ``evaluate(params, x, y) -> {"data_loss", "accuracy"}``: one compiled call over a split
+      (``data_loss`` is the mean cross-entropy; the penalty is not part of it).
 
     ``l2`` may be overridden per call of the ``*_fn`` functions (``step_fn``/``epoch_fn``),
     which is what the vmapped sweep does with a traced λ.
     """
 
     def __init__(self, cfg: Config, num_train: int, *, penalty: bool = True, mesh: Any = None):
-        self.cfg = cfg
+        self.cfg = cfg = validate(cfg)
         self.mesh = mesh  # a jax.sharding.Mesh with a "data" axis: batches are split along it
         self.penalty = penalty  # False: the data loss alone (the benchmark's no-L2 baseline)
-        self.model = self.model_of(cfg)
-        self.select = self.selector_of(cfg)
+        self.model = model_of(cfg)
+        self.select = selector_of(cfg)
         self.steps_per_epoch = num_train // cfg.batch_size
         self.tx = make_optimizer(cfg, self.steps_per_epoch)
         self.train_step = jax.jit(self.step_fn, donate_argnums=0, compiler_options=XLA_OPTIONS)
         self.train_epoch = jax.jit(self.epoch_fn, donate_argnums=0, compiler_options=XLA_OPTIONS)
         self.evaluate = jax.jit(self.eval_fn)
-
-    @staticmethod
-    def model_of(cfg: Config) -> MLP:
-        return MLP(hidden=tuple(cfg.hidden), activation=cfg.activation, kernel_init=INITS[cfg.init])
-
-    @staticmethod
-    def selector_of(cfg: Config) -> _select.Selector:
-        """``cfg.select``: a preset name (``kernels``, ``haiku``, ``equinox``), a regex, or None."""
-        if cfg.select is None:
-            return None
-        return _select.PRESETS.get(cfg.select, cfg.select)
 
     # -- state -------------------------------------------------------------------------
     def init(self, seed: int | None = None) -> TrainState:
@@ -183,7 +116,7 @@ class Trainer:
     @functools.partial(jax.jit, static_argnums=0)
     def _init(self, key: jax.Array) -> TrainState:
         k_init, k_data = jax.random.split(key)
-        params = self.model.init(k_init, jnp.zeros((1, 784), jnp.float32))
+        params = self.model.init(k_init, jnp.zeros((1, INPUT_DIM), jnp.float32))
         return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params), k_data)
 
     # -- pure functions ----------------------------------------------------------------
@@ -253,4 +186,4 @@ class Trainer:
             return ce * k, acc * k
 
         ce, acc = jax.lax.map(one, (x, y, m))
-        return {"loss": ce.sum() / n, "accuracy": acc.sum() / n}
+        return {"data_loss": ce.sum() / n, "accuracy": acc.sum() / n}

@@ -23,10 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxl2.model import flops_per_example
-from jaxl2.run import _device
-from jaxl2.sweep import SweepTrainer
-from jaxl2.train import Config, Trainer
+from jaxl2.mnist.config import Config
+from jaxl2.mnist.model import flops_per_example
+from jaxl2.mnist.runtime import device_name
+from jaxl2.mnist.steps import Trainer
+from jaxl2.mnist.sweep import SweepTrainer
 
 SIZES = (784, 256, 256, 10)
 
@@ -169,8 +170,10 @@ _FIRST_STEP = """
 import time, sys
 t0 = float(sys.argv[1])
 import jax
-from jaxl2.data import load
-from jaxl2.train import Config, Trainer, enable_compilation_cache
+from jaxl2.mnist.config import Config
+from jaxl2.mnist.data import load
+from jaxl2.mnist.runtime import enable_compilation_cache
+from jaxl2.mnist.steps import Trainer
 enable_compilation_cache()  # in $JAXL2_CACHE_DIR, as the parsed mnist5k
 d = load("mnist5k")
 tr = Trainer(Config(), len(d.train.y))
@@ -301,7 +304,7 @@ def run_bench(quick: bool = False, rounds: int | None = None) -> dict[str, Any]:
     rounds = rounds or (2 if quick else 9)
     n = 8192 if quick else 60000
     fpe = flops_per_example(SIZES)
-    res: dict[str, Any] = {"device": _device(), "quick": quick, "rounds": rounds, "examples_per_epoch": n}
+    res: dict[str, Any] = {"device": device_name(), "quick": quick, "rounds": rounds, "examples_per_epoch": n}
     res["gemm_gflops"] = gemm_rates(rounds, n=1024 if quick else 2048)
     big = next(iter(res["gemm_gflops"]))
     res["flops_per_example"] = fpe

@@ -6,8 +6,19 @@ from collections.abc import Sequence
 from typing import Any
 
 
+def best_epoch(rows: Sequence[dict[str, Any]]) -> int:
+    """The epoch with the best validation accuracy (ties: the later one, as the run keeps it)."""
+    return max(rows, key=lambda r: (r["val_accuracy"], r["epoch"]))["epoch"]
+
+
 def curves(rows: Sequence[dict[str, Any]], path: str, title: str = "") -> None:
-    """Writes ``path``: data loss (and penalty) and accuracy per epoch from ``metrics.jsonl`` rows."""
+    """Writes ``path``: data loss (and penalty) and accuracy per epoch from ``metrics.jsonl`` rows.
+
+    The accuracy axis spans every epoch's values (train and validation), and the best epoch
+    by validation accuracy, the one the run keeps, is marked on both panels.
+    """
+    if not rows:
+        return
     import matplotlib
 
     matplotlib.use("Agg")
@@ -16,17 +27,23 @@ def curves(rows: Sequence[dict[str, Any]], path: str, title: str = "") -> None:
     ep = [r["epoch"] for r in rows]
     fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(9, 3.4), constrained_layout=True)
     ax_l.plot(ep, [r["train_data_loss"] for r in rows], label="train cross-entropy")
-    ax_l.plot(ep, [r["val_loss"] for r in rows], label="validation cross-entropy")
+    ax_l.plot(ep, [r["val_data_loss"] for r in rows], label="validation cross-entropy")
     ax_l.plot(ep, [r["train_penalty"] for r in rows], label="penalty λ/2·Σw²", ls="--")
     ax_l.set_yscale("log")
     ax_l.set_xlabel("epoch")
     ax_l.set_ylabel("loss")
     ax_l.legend(fontsize=8)
+    acc = [100 * r[k] for r in rows for k in ("train_accuracy", "val_accuracy")]
     ax_a.plot(ep, [100 * r["train_accuracy"] for r in rows], label="train")
     ax_a.plot(ep, [100 * r["val_accuracy"] for r in rows], label="validation")
+    best = best_epoch(rows)
+    best_val = next(100 * r["val_accuracy"] for r in rows if r["epoch"] == best)
+    for ax in (ax_l, ax_a):
+        ax.axvline(best, color="k", ls=":", lw=1)
+    ax_a.plot([best], [best_val], "k*", ms=9, label=f"best validation: epoch {best}, {best_val:.2f}%")
     ax_a.set_xlabel("epoch")
     ax_a.set_ylabel("accuracy (%)")
-    ax_a.set_ylim(max(0, min(100 * r["val_accuracy"] for r in rows) - 5), 100.5)
+    ax_a.set_ylim(max(0.0, min(acc) - 2), min(100.0, max(acc)) + 1)
     ax_a.legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)

