@@ -14,8 +14,9 @@ import dataclasses
 import json
 import os
 
-from jaxl2.run import Diverged, train_and_evaluate
-from jaxl2.train import Config
+from jaxl2.mnist.config import Config
+from jaxl2.mnist.loop import Diverged
+from jaxl2.mnist.run import train_and_evaluate
 
 CLASSIC = Config(activation="identity", init="normal", optimizer="sgd", schedule="constant", lr=0.01, l2=0.01)
 VARIANTS = {
@@ -51,7 +52,7 @@ def main() -> None:
                             "train_accuracy",
                             "val_accuracy",
                             "test_accuracy",
-                            "train_loss",
+                            "train_data_loss",
                             "penalty",
                             "kernel_sq_norm",
                         )
@@ -72,7 +73,7 @@ def main() -> None:
             continue
         print(
             f"| {r['variant']} | {100 * r['train_accuracy']:.2f}% | {100 * r['val_accuracy']:.2f}% | "
-            f"{100 * r['test_accuracy']:.2f}% | {r['train_loss']:.3f} | {r['penalty']:.2f} | "
+            f"{100 * r['test_accuracy']:.2f}% | {r['train_data_loss']:.3f} | {r['penalty']:.2f} | "
             f"{sum(r['kernel_sq_norm'].values()):,.0f} |"
         )
 

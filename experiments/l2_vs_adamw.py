@@ -17,9 +17,10 @@ import os
 import jax
 import numpy as np
 
-from jaxl2.data import load
-from jaxl2.run import kernel_sq_norm
-from jaxl2.train import Config, Trainer
+from jaxl2.mnist.config import Config
+from jaxl2.mnist.data import load
+from jaxl2.mnist.loop import kernel_sq_norm
+from jaxl2.mnist.steps import Trainer
 
 
 def train(cfg: Config, ds) -> dict:

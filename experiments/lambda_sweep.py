@@ -2,7 +2,7 @@
 
     python experiments/lambda_sweep.py OUT_DIR [--epochs 120]
 
-Each optimizer's sweep trains its 21 members in one compiled program (``jaxl2.sweep``) and
+Each optimizer's sweep trains its 21 members in one compiled program (``jaxl2.mnist.sweep``) and
 writes OUT_DIR/<optimizer>/sweep.{json,csv,png}; a Markdown table (mean ± std over seeds)
 is printed.
 """
@@ -13,8 +13,8 @@ import os
 
 import numpy as np
 
-from jaxl2.sweep import train_sweep
-from jaxl2.train import Config
+from jaxl2.mnist.config import Config
+from jaxl2.mnist.sweep import train_sweep
 
 L2S = [0.0, 1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
 RECIPES = {

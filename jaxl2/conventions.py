@@ -3,19 +3,32 @@
 jaxl2's convention is the classic recipe: the loss gains ``λ/2·Σw²``, the gradient
 gains ``λ·w``.
 
-| setting                                   | penalty      | gradient term | jaxl2 λ        |
-|-------------------------------------------|--------------|---------------|----------------|
-| Keras ``regularizers.L2(l2)``             | ``l2·Σw²``   | ``2·l2·w``    | ``2·l2``       |
-| PyTorch ``SGD/Adam(weight_decay=wd)``     | —            | ``wd·w``      | ``wd``         |
-| decoupled, plain SGD, ``lr·wd·w`` per step| —            | ``wd·w``      | ``wd``         |
-| decoupled, plain SGD, ``wd·w`` per step   | —            | ``wd/lr·w``   | ``wd/lr``      |
-| scikit-learn ``Ridge(alpha)``, MSE loss   | ``alpha·Σw²``| on a sum loss | ``2·alpha/n``  |
+| setting                                                | penalty       | gradient term | jaxl2 λ           |
+|--------------------------------------------------------|---------------|---------------|-------------------|
+| Keras ``regularizers.L2(l2)``                          | ``l2·Σw²``    | ``2·l2·w``    | ``2·l2``          |
+| PyTorch ``SGD/Adam(weight_decay=wd)`` (coupled)        | —             | ``wd·w``      | ``wd``            |
+| optax ``add_decayed_weights(wd)`` before the optimizer | —             | ``wd·w``      | ``wd``            |
+| decoupled, plain SGD, ``lr·wd·w`` per step             | —             | ``wd·w``      | ``wd``            |
+| decoupled, plain SGD, ``wd·w`` per step                | —             | ``wd/lr·w``   | ``wd/lr``         |
+| scikit-learn ``Ridge(alpha)``, MSE loss, k targets     | ``alpha·Σw²`` | on a sum loss | ``2·alpha/(n·k)`` |
 
-Decoupled weight decay equals L2 only for plain SGD (and, with a rescaling, SGD with
-momentum); under Adam it is a different method, so no conversion exists for it.
+*Coupled* decay adds ``wd·w`` to the gradient before the optimizer sees it (PyTorch's
+``weight_decay`` of ``SGD``/``Adam``; optax ``add_decayed_weights`` chained *before*
+``sgd``/``adam``): that is exactly the gradient of ``wd/2·Σw²``, so it is identical to
+L2 under any optimizer, momentum and Adam included.
+
+*Decoupled* decay shrinks the weights outside the optimizer's state
+(``w ← w − lr·wd·w`` next to the step). It equals L2 under **plain SGD** only. Under SGD
+with momentum ``μ`` it is not L2 for any λ: the first step forces ``λ = wd``, and the
+second already differs by ``lr·μ·wd·w₀`` (``w₀``: the weights before the first step),
+because coupled decay enters the momentum buffer and decoupled decay does not. ``λ = (1 − μ)·wd`` matches only the slow, steady-state
+shrinkage, an approximation rather than a conversion. Under Adam decoupled decay is a
+different method altogether (AdamW), so no conversion exists for it either.
 """
 
 from __future__ import annotations
+
+import numbers
 
 from jaxl2.errors import Jaxl2Error
 from jaxl2.penalty import check_l2
@@ -68,14 +81,15 @@ def from_decoupled(wd: float, lr: float, *, scaled_by_lr: bool = True) -> float:
     With ``scaled_by_lr=True`` (optax ``adamw``-style and PyTorch ``AdamW``-style
     ``w ← w − lr·(g + wd·w)``) the step is the SGD step on ``λ/2·Σw²`` with ``λ = wd``.
     With ``scaled_by_lr=False`` (big_vision-style ``w ← w − lr·g − wd·w``), ``λ = wd/lr``.
-    Under Adam or any adaptive method decoupled decay is *not* an L2 penalty.
+    Under SGD with momentum, Adam or any adaptive method decoupled decay is *not* an L2
+    penalty for any λ (see the module docstring); ``lr`` must be a finite number ``> 0``.
 
     Examples:
       >>> from_decoupled(1e-4, 0.5, scaled_by_lr=False)
       0.0002
     """
     check_l2(wd, "weight_decay")
-    if not lr > 0:
+    if not float(check_l2(lr, "lr")) > 0:
         raise Jaxl2Error(f"lr must be > 0, got {lr!r}")
     return float(wd) if scaled_by_lr else float(wd) / float(lr)
 
@@ -87,11 +101,33 @@ def from_sklearn_alpha(alpha: float, n_samples: int) -> float:
     ``mean((Xw − y)²) + (alpha/n)·‖w‖²``, so with the mean squared error as the data loss
     ``λ = 2·alpha/n``; both objectives have the same minimiser.
 
+    With ``k`` targets (``y`` of shape ``(n, k)``, ``W`` of shape ``(d, k)``) Ridge minimises
+    ``‖XW − Y‖² + alpha·‖W‖²`` summed over all ``n·k`` entries, while the mean squared error
+    averages over ``n·k`` entries: pass ``n_samples = n·k`` (``Y.size``), giving
+    ``λ = 2·alpha/(n·k)``.
+
+    Args:
+      alpha: Ridge's ``alpha``, a finite number ``>= 0``.
+      n_samples: the number of entries the mean squared error averages over: ``n`` for a
+        1-d ``y``, ``n·k`` for ``k`` targets; any integer ``>= 1`` (python or NumPy, not a bool).
+
+    Returns:
+      ``λ = 2·alpha/n_samples`` as a float.
+
+    Raises:
+      Jaxl2Error: for a bad ``alpha``, or an ``n_samples`` that is not an integer ``>= 1``.
+
     Examples:
       >>> from_sklearn_alpha(1.0, 100)
       0.02
+      >>> import numpy as np
+      >>> from_sklearn_alpha(1.0, np.zeros((50, 2)).size)  # 50 samples, 2 targets
+      0.02
     """
     check_l2(alpha, "alpha")
-    if isinstance(n_samples, bool) or not (isinstance(n_samples, int) and n_samples > 0):
-        raise Jaxl2Error(f"n_samples must be a positive integer, got {n_samples!r}")
-    return 2.0 * float(alpha) / n_samples
+    if isinstance(n_samples, bool) or not isinstance(n_samples, numbers.Integral) or n_samples < 1:
+        raise Jaxl2Error(
+            f"n_samples must be a positive integer (the entries the mean squared error averages "
+            f"over: n, or n·k for k targets), got {n_samples!r} ({type(n_samples).__name__})"
+        )
+    return 2.0 * float(alpha) / int(n_samples)

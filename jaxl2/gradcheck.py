@@ -22,11 +22,13 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.flatten_util
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 
@@ -88,51 +90,166 @@ def _to64(tree: Any) -> Any:
     return jax.tree_util.tree_map(cast, tree)
 
 
+def _flatten_floats(params: Any) -> tuple[jax.Array, Callable[[jax.Array], Any]]:
+    """One vector of the floating-point array leaves, and its inverse that puts a vector back
+    into ``params``; every other leaf (functions, ints, ``None``) is left as it is."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    is_float = [_select.is_float_array(x) for x in leaves]
+    floats = [x for x, f in zip(leaves, is_float) if f]
+    splits = np.cumsum([x.size for x in floats])[:-1].tolist()
+    flat = jnp.concatenate([jnp.ravel(x) for x in floats])
+
+    def rebuild(vec: jax.Array) -> Any:
+        parts = iter(jnp.split(vec, splits))
+        return treedef.unflatten([next(parts).reshape(x.shape) if f else x for x, f in zip(leaves, is_float)])
+
+    return flat, rebuild
+
+
+def _narrow_float(jaxpr: Any, depends: list[bool], live_only: bool = False) -> tuple[str, str] | None:
+    """``(primitive, dtype)`` of the first equation whose output depends on the inputs marked
+    in ``depends`` (the params) and is a float narrower than float64, in sub-jaxprs too; else
+    ``None``. A cast of the data alone (``x.astype(jnp.float32) @ w``) does not count: the loss
+    is still float64 in the params. ``live_only`` skips top-level equations that the outputs
+    do not use (such as the ``aux`` of a ``has_aux`` loss)."""
+    eqns = jaxpr.eqns
+    if live_only:
+        live, kept = {id(v) for v in jaxpr.outvars}, []
+        for eqn in reversed(eqns):
+            if any(id(v) in live for v in eqn.outvars):
+                kept.append(eqn)
+                live.update(id(v) for v in eqn.invars)
+        eqns = kept[::-1]
+    marked = {id(v) for v, d in zip(jaxpr.invars, depends) if d}
+    for eqn in eqns:
+        ins = [id(v) in marked for v in eqn.invars]
+        if not any(ins):
+            continue
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            # A sub-jaxpr takes the equation's operands (jit, custom_jvp/vjp, scan) or its
+            # trailing ones (cond's branches, while's body); otherwise assume it uses them all.
+            n = len(sub.invars)
+            if found := _narrow_float(sub, ins[len(ins) - n :] if n <= len(ins) else [True] * n):
+                return found
+        for v in eqn.outvars:
+            marked.add(id(v))
+            dtype = getattr(v.aval, "dtype", None)
+            if dtype is not None and jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize < 8:
+                return eqn.primitive.name, jnp.dtype(dtype).name
+    return None
+
+
+def _real(name: str, value: Any, *, positive: bool) -> float:
+    bound = "> 0" if positive else ">= 0"
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (positive and value == 0):
+        raise Jaxl2Error(f"{name} must be a finite number {bound}, got {value!r} ({type(value).__name__})")
+    return float(value)
+
+
+def _integer(name: str, value: Any, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise Jaxl2Error(f"{name} must be an integer >= {minimum}, got {value!r} ({type(value).__name__})")
+    return int(value)
+
+
 def gradcheck(
     loss_fn: Callable[..., Any],
     params: Any,
     *args: Any,
     l2: L2 = 1e-3,
     select: _select.Selector = None,
+    has_aux: bool = False,
     directions: int = 8,
     eps: float = 1e-5,
     atol: float = 1e-12,
     rtol: float = 1e-6,
     seed: int = 0,
 ) -> GradcheckReport:
-    """Checks ``jax.grad`` of ``regularized(loss_fn, l2)`` in float64.
+    """Checks ``jax.grad`` of ``L = regularized(loss_fn, l2)`` in float64.
 
     ``loss_fn(params, *args)`` is the user's own data loss; floating leaves of ``params``
-    and ``args`` are cast to float64.
+    and ``args`` are cast to float64, and only the floating-point array leaves of
+    ``params`` are differentiated and perturbed (an Equinox module's functions, ints and
+    ``None`` stay as they are). Two checks:
+
+    1. ``max |∇(λ/2·Σw²) − λ·w|`` on the selected leaves (``max |∇ − 0|`` on the others)
+       must be ``<= atol``;
+    2. for ``directions`` random unit vectors ``d``,
+       ``|D_d − ⟨∇L, d⟩| / max(|D_d|, |⟨∇L, d⟩|)`` with
+       ``D_d = (L(θ + eps·d) − L(θ − eps·d)) / (2·eps)`` must be ``<= rtol``.
+
+    A model that computes on the params in a narrower float (an explicit
+    ``astype(jnp.float32)``, a Flax layer with ``dtype=jnp.float32``) makes the finite
+    differences meaningless: it is refused before anything is computed.
+
+    Args:
+      loss_fn: ``(params, *args) -> loss``, or ``-> (loss, aux)`` with ``has_aux=True``.
+      params: any pytree: a params dict, an NNX ``State``, an Equinox module.
+      *args: the batch and anything else ``loss_fn`` takes after ``params``.
+      l2: λ or an ordered ``{regex: λ}`` mapping, as in :func:`jaxl2.l2_penalty`.
+      select: which leaves are penalised, as in :func:`jaxl2.l2_penalty`.
+      has_aux: whether ``loss_fn`` returns ``(loss, aux)``; ``aux`` is ignored.
+      directions: the number of random directions, an integer ``>= 1``.
+      eps: the finite-difference step, a finite number ``> 0``.
+      atol: the tolerance of check 1, a finite number ``>= 0``.
+      rtol: the tolerance of check 2, a finite number ``>= 0``.
+      seed: the seed of the directions, an integer ``>= 0``.
 
     Returns:
       A :class:`GradcheckReport`; ``report.ok`` is the verdict, ``print(report)`` a table.
+
+    Raises:
+      Jaxl2Error: for a bad argument, a selection or pattern that matches nothing, or a
+        ``loss_fn`` that computes in a float narrower than float64.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jaxl2.gradcheck import gradcheck
+      >>> def mse(params, x, y):
+      ...     return jnp.mean((jnp.tanh(x @ params["dense"]["kernel"]) - y) ** 2)
+      >>> params = {"dense": {"kernel": jnp.ones((3, 2))}}
+      >>> r = gradcheck(mse, params, jnp.ones((4, 3)), jnp.zeros((4, 2)), l2=0.1, directions=2)
+      >>> r.ok, r.n_selected
+      (True, 1)
     """
-    if directions < 1:
-        raise Jaxl2Error(f"directions must be >= 1, got {directions}")
+    directions = _integer("directions", directions, minimum=1)
+    seed = _integer("seed", seed, minimum=0)
+    eps = _real("eps", eps, positive=True)
+    atol = _real("atol", atol, positive=False)
+    rtol = _real("rtol", rtol, positive=False)
+    loss = regularized(loss_fn, l2, select=select, has_aux=has_aux)  # checks l2 and select
     with jax.enable_x64(True):
         params, args = _to64(params), _to64(args)
         rows = {r.path: float(r.l2) for r in selected(params, l2, select=select)}
         leaves = _select.leaves(params)
+        flat, rebuild = _flatten_floats(params)
 
-        pen_grad = jax.grad(lambda p: l2_penalty(p, l2, select=select))(params)
-        pen_err = 0.0
-        for (path, w), (_, g) in zip(leaves, _select.leaves(pen_grad)):
-            expected = rows[path] * np.asarray(w) if path in rows else np.zeros(w.shape)
-            pen_err = max(pen_err, float(np.max(np.abs(np.asarray(g) - expected), initial=0.0)))
+        def total(vec):
+            out = loss(rebuild(vec), *args)
+            return out[0] if has_aux else out
 
-        loss = jax.jit(regularized(loss_fn, l2, select=select))
-        grad = jax.grad(loss)(params, *args)
-        flat, unravel = jax.flatten_util.ravel_pytree(params)
-        g_flat, _ = jax.flatten_util.ravel_pytree(grad)
+        narrow = _narrow_float(jax.make_jaxpr(total)(flat).jaxpr, [True], live_only=True)
+        if narrow:
+            primitive, dtype = narrow
+            raise Jaxl2Error(
+                f"loss_fn computes in {dtype} (first: {primitive}) although the check runs in "
+                f"float64; central differences at eps={eps:g} in {dtype} are rounding noise, not a "
+                "gradient. Remove the explicit dtype from the model (x.astype(jnp.float32), a "
+                "layer's dtype=jnp.float32) so that it computes in its inputs' dtype"
+            )
+
+        pen_grad = jax.grad(lambda v: l2_penalty(rebuild(v), l2, select=select))(flat)
+        expected = np.concatenate([rows.get(path, 0.0) * np.ravel(w) for path, w in leaves])
+        pen_err = float(np.max(np.abs(np.asarray(pen_grad) - expected), initial=0.0))
+
+        value, grad = jax.jit(total), np.asarray(jax.jit(jax.grad(total))(flat))
         rng = np.random.default_rng(seed)
         fd_err = 0.0
         for _ in range(directions):
             d = rng.standard_normal(flat.shape)
-            d = jnp.asarray(d / np.linalg.norm(d))
-            plus = float(loss(unravel(flat + eps * d), *args))
-            minus = float(loss(unravel(flat - eps * d), *args))
-            fd = (plus - minus) / (2 * eps)
-            ad = float(jnp.vdot(g_flat, d))
+            d /= np.linalg.norm(d)
+            fd = (float(value(flat + eps * d)) - float(value(flat - eps * d))) / (2 * eps)
+            ad = float(grad @ d)
             fd_err = max(fd_err, abs(fd - ad) / max(abs(fd), abs(ad), 1e-30))
     return GradcheckReport(pen_err, fd_err, atol, rtol, len(leaves), len(rows))

@@ -7,11 +7,13 @@ dtype) and exactly zero elsewhere: nobody writes the weight-decay term by hand.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxl2 import select as _select
 from jaxl2.errors import Jaxl2Error
@@ -26,16 +28,58 @@ def _is_traced(x: Any) -> bool:
 
 
 def check_l2(value: Any, name: str = "l2") -> Any:
-    """Checks one coefficient: finite and ``>= 0`` unless traced (under ``jit``/``vmap``)."""
+    """Checks one coefficient ``λ``: a real number, finite and ``>= 0``.
+
+    Accepted: a python ``int``/``float``, a NumPy integer or float scalar, a 0-d NumPy or
+    JAX array of an integer or float dtype (all checked for ``0 <= λ < ∞``), and a traced
+    value under ``jit``/``vmap`` (returned unchecked: its value is not known yet). Refused:
+    strings, bytes, bools, ``None``, complex numbers and arrays that are not 0-d.
+
+    Args:
+      value: the coefficient.
+      name: the argument's name, for the error message.
+
+    Returns:
+      ``value`` itself.
+
+    Raises:
+      Jaxl2Error: when ``value`` is not one of the above, or is negative, NaN or infinite.
+
+    Examples:
+      >>> check_l2(1e-3)
+      0.001
+      >>> check_l2("1e-3")
+      Traceback (most recent call last):
+      ...
+      jaxl2.errors.Jaxl2Error: l2 must be a finite number >= 0 (a float or a 0-d array), got '1e-3' (str)
+    """
     if _is_traced(value):
         return value
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise Jaxl2Error(f"{name} must be a finite number >= 0, got {value!r}") from None
-    if math.isnan(v) or math.isinf(v) or v < 0:
-        raise Jaxl2Error(f"{name} must be a finite number >= 0, got {v!r}")
+    real = isinstance(value, (int, float, np.integer, np.floating, np.ndarray, jax.Array))
+    if real and hasattr(value, "dtype"):
+        dtype = value.dtype
+        real = value.ndim == 0 and (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating))
+    if not real or isinstance(value, bool) or not (0 <= float(value) < math.inf):
+        raise Jaxl2Error(
+            f"{name} must be a finite number >= 0 (a float or a 0-d array), "
+            f"got {value!r} ({type(value).__name__})"
+        )
     return value
+
+
+def _rules(l2: Mapping[str, Any]) -> list[tuple[str, re.Pattern, Any]]:
+    """The ``(pattern, compiled regex, λ)`` of an ``{regex: λ}`` mapping, each checked."""
+    if not l2:
+        raise Jaxl2Error("l2 mapping is empty; give {regex: λ} entries, e.g. {'.*': 1e-3}")
+    rules = []
+    for pattern, lam in l2.items():
+        if not isinstance(pattern, str):
+            raise Jaxl2Error(
+                f"l2 mapping keys must be regex strings, got {pattern!r} ({type(pattern).__name__})"
+            )
+        check_l2(lam, f"l2[{pattern!r}]")
+        rules.append((pattern, _select.compile_regex(pattern, "l2"), lam))
+    return rules
 
 
 def _coefficients(chosen: list[tuple[str, Any]], l2: L2) -> list[Any]:
@@ -43,14 +87,7 @@ def _coefficients(chosen: list[tuple[str, Any]], l2: L2) -> list[Any]:
     if not isinstance(l2, Mapping):
         check_l2(l2)
         return [l2] * len(chosen)
-    if not l2:
-        raise Jaxl2Error("l2 mapping is empty; give {regex: λ} entries, e.g. {'.*': 1e-3}")
-    rules = []
-    for pattern, lam in l2.items():
-        if not isinstance(pattern, str):
-            raise Jaxl2Error(f"l2 mapping keys must be regex strings, got {pattern!r}")
-        check_l2(lam, f"l2[{pattern!r}]")
-        rules.append((pattern, _select.compile_regex(pattern, "l2"), lam))
+    rules = _rules(l2)
     paths = [p for p, _ in chosen]
     for pattern, rx, _ in rules:
         if not any(rx.fullmatch(p) for p in paths):
@@ -86,10 +123,11 @@ def l2_penalty(params: Any, l2: L2, *, select: _select.Selector = None) -> jax.A
     Args:
       params: any pytree of arrays: a Linen params dict, an NNX ``State`` or pure dict, a
         Haiku dict, an Equinox module.
-      l2: one λ for every selected leaf (a float, or a traced scalar under ``jit``/``vmap``),
-        or an ordered mapping ``{regex: λ}``; each selected path takes the λ of the first
-        pattern that ``re.fullmatch``-es it. Every pattern must match a selected path, and
-        every selected path must match a pattern (add ``'.*': 0.0`` to opt out on purpose).
+      l2: one λ for every selected leaf (a float or 0-d array, or a traced scalar under
+        ``jit``/``vmap``), or an ordered mapping ``{regex: λ}``; each selected path takes
+        the λ of the first pattern that ``re.fullmatch``-es it. Every pattern must match a
+        selected path, and every selected path must match a pattern (add ``'.*': 0.0`` to
+        opt out on purpose).
       select: which leaves: ``None`` for the kernels (last key ``kernel``), a regex over
         paths, a predicate ``(path, leaf) -> bool``, or a preset from ``jaxl2.select``.
 
@@ -97,8 +135,8 @@ def l2_penalty(params: Any, l2: L2, *, select: _select.Selector = None) -> jax.A
       A scalar in ``float32`` at least (``float64`` for float64 params).
 
     Raises:
-      ValueError: when the selection matches nothing, a λ is negative or non-finite, or a
-        pattern is invalid or matches no selected leaf.
+      Jaxl2Error: when the selection matches nothing, a λ is not a finite number ``>= 0``,
+        or a pattern is invalid or matches no selected leaf.
 
     Examples:
       >>> import jax.numpy as jnp, jaxl2
@@ -172,6 +210,20 @@ def regularized(
     ``(loss + penalty, aux')`` where ``aux'`` is ``aux`` (a mapping; anything else is put
     under ``"aux"``) with ``"data_loss"`` and ``"penalty"`` added.
 
+    Args:
+      loss_fn: the data loss ``(params, *args, **kwargs) -> loss`` (or ``(loss, aux)``).
+      l2: a λ, or an ordered ``{regex: λ}`` mapping, as in :func:`l2_penalty`.
+      select: which leaves, as in :func:`l2_penalty`.
+      has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+
+    Returns:
+      The regularized loss, with the signature of ``loss_fn``.
+
+    Raises:
+      Jaxl2Error: at once for a bad λ, an empty mapping, a non-string key, an invalid regex
+        or a bad ``select``; at the call, when the selection or a pattern matches nothing
+        in the params it is given (only then are the paths known).
+
     Examples:
       >>> import jax, jax.numpy as jnp, jaxl2
       >>> def mse(params, x, y):
@@ -182,10 +234,12 @@ def regularized(
       >>> jax.grad(loss)(params, x, y)["Dense_0"]["kernel"].ravel().tolist()  # λ·w
       [0.5, 0.5]
     """
-    if not isinstance(l2, Mapping):
+    # Everything that can be checked without params fails here, not at the first call.
+    if isinstance(l2, Mapping):
+        _rules(l2)
+    else:
         check_l2(l2)
-    if isinstance(select, str):
-        _select.compile_regex(select)
+    _select.predicate(select)
 
     def loss(params, *args, **kwargs):
         out = loss_fn(params, *args, **kwargs)

@@ -34,7 +34,17 @@ from jaxl2.errors import Jaxl2Error
 Predicate = Callable[[str, Any], bool]
 Selector = None | str | Predicate
 
-__all__ = ["kernels", "haiku", "equinox", "leaves", "path_str", "predicate", "resolve", "PRESETS"]
+__all__ = [
+    "kernels",
+    "haiku",
+    "equinox",
+    "leaves",
+    "is_float_array",
+    "path_str",
+    "predicate",
+    "resolve",
+    "PRESETS",
+]
 
 
 def _last(path: str) -> str:
@@ -74,7 +84,8 @@ def path_str(keypath: tuple) -> str:
     return "/".join(_key_str(k) for k in keys)
 
 
-def _is_float_array(leaf: Any) -> bool:
+def is_float_array(leaf: Any) -> bool:
+    """Whether ``leaf`` is an array (NumPy or JAX) of a floating-point dtype."""
     dtype = getattr(leaf, "dtype", None)
     return dtype is not None and hasattr(leaf, "shape") and jnp.issubdtype(dtype, jnp.floating)
 
@@ -82,7 +93,7 @@ def _is_float_array(leaf: Any) -> bool:
 def leaves(params: Any) -> list[tuple[str, Any]]:
     """All floating-point array leaves of ``params`` as ``(path, leaf)`` pairs, in tree order."""
     flat, _ = jax.tree_util.tree_flatten_with_path(params)
-    return [(path_str(kp), leaf) for kp, leaf in flat if _is_float_array(leaf)]
+    return [(path_str(kp), leaf) for kp, leaf in flat if is_float_array(leaf)]
 
 
 def compile_regex(pattern: str, what: str = "select") -> re.Pattern:

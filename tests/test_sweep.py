@@ -10,10 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxl2 import run as _run
-from jaxl2.data import load
-from jaxl2.sweep import SweepTrainer, members_that_fit, select_l2, train_sweep
-from jaxl2.train import Config, Trainer
+from jaxl2.mnist import run as _run
+from jaxl2.mnist.config import Config
+from jaxl2.mnist.data import load
+from jaxl2.mnist.steps import Trainer
+from jaxl2.mnist.sweep import SweepTrainer, members_that_fit, select_l2, train_sweep
 
 CFG = Config(hidden=(64,), epochs=3)
 L2S = [0.0, 1e-3, 3e-2]
@@ -52,7 +53,7 @@ def test_sweep_metrics_equal_separate_train_runs(tmp_path):
         one = _run.train_and_evaluate(
             dataclasses.replace(CFG, l2=r["l2"], seed=r["seed"]), str(tmp_path / f"{r['l2']}-{r['seed']}")
         )
-        for key in ("train_accuracy", "val_accuracy", "test_accuracy", "train_loss"):
+        for key in ("train_accuracy", "val_accuracy", "test_accuracy", "train_data_loss", "penalty"):
             assert r[key] == pytest.approx(one[key], abs=2e-3), key
         for path, v in one["kernel_sq_norm"].items():
             assert r["kernel_sq_norm"][path] == pytest.approx(v, rel=1e-4)
@@ -65,8 +66,9 @@ def test_chunks_when_members_do_not_fit(tmp_path):
     per = members_that_fit(CFG, 3500, 10**12)
     assert per > 100
     budget = 2 * (10**12 // per)  # room for two members
-    small = train_sweep(dataclasses.replace(CFG, epochs=1), L2S, [0], budget_bytes=budget, execution="vmap")
-    whole = train_sweep(dataclasses.replace(CFG, epochs=1), L2S, [0], execution="vmap")
+    one = dataclasses.replace(CFG, epochs=1)
+    small = train_sweep(one, L2S, [0], str(tmp_path / "small"), budget_bytes=budget, execution="vmap")
+    whole = train_sweep(one, L2S, [0], str(tmp_path / "whole"), execution="vmap")
     assert small["chunks"] == 2 and whole["chunks"] == 1
     for a, b in zip(small["results"], whole["results"]):
         assert a["val_accuracy"] == pytest.approx(b["val_accuracy"], abs=2e-3)

@@ -11,8 +11,11 @@ import optax
 import pytest
 
 import jaxl2
-from jaxl2 import run as _run
-from jaxl2.train import Config, Trainer
+from jaxl2.mnist import run as _run
+from jaxl2.mnist.config import Config, ConfigError
+from jaxl2.mnist.loop import kernel_sq_norm
+from jaxl2.mnist.model import model_of
+from jaxl2.mnist.steps import Trainer
 
 SMALL = Config(hidden=(32,), epochs=3, batch_size=64, lr=0.1)
 
@@ -155,14 +158,14 @@ def test_out_dir_that_holds_a_run_is_refused(tmp_path):
     cfg, out = small_run(tmp_path, "a")
     os.makedirs(out)
     open(os.path.join(out, "config.json"), "w").write("{}")
-    with pytest.raises(_run.RunError, match=r"already holds a different run \(use --resume"):
+    with pytest.raises(ConfigError, match=r"already holds a run \(use resume"):
         _run.train_and_evaluate(cfg, out)
 
 
 def test_kernel_sq_norm_matches_numpy(tmp_path):
     cfg = Config(hidden=(8,))
-    params = Trainer.model_of(cfg).init(jax.random.PRNGKey(3), jnp.zeros((1, 784)))
-    norms = _run.kernel_sq_norm(params, cfg)
+    params = model_of(cfg).init(jax.random.PRNGKey(3), jnp.zeros((1, 784)))
+    norms = kernel_sq_norm(params, cfg)
     k = params["params"]["Dense_0"]["kernel"]
     assert norms["params/Dense_0/kernel"] == pytest.approx(float(np.sum(np.asarray(k, np.float64) ** 2)))
     assert float(jaxl2.l2_penalty(params, 2.0)) == pytest.approx(sum(norms.values()), rel=1e-6)
@@ -183,5 +186,5 @@ def test_sgdw_equals_l2_in_the_loss_under_momentum(small_data):
 
 def test_classic_init_is_standard_normal():
     cfg = Config(init="normal", activation="identity")
-    k = Trainer.model_of(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 784)))["params"]["Dense_0"]["kernel"]
+    k = model_of(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 784)))["params"]["Dense_0"]["kernel"]
     assert abs(float(jnp.std(k)) - 1.0) < 0.01 and abs(float(jnp.mean(k))) < 0.01

@@ -158,22 +158,26 @@ def _load_tfds(data_dir: str | None) -> dict[str, Split]:
         f"offline, use {field('dataset')} mnist5k (shipped, 5,000 images) or {field('dataset')} idx:DIR "
         "(raw IDX files)"
     )
-    if not tfds.builder("mnist", data_dir=data_dir).is_prepared():
-        # Not downloaded yet: TFDS would retry an unreachable server for minutes, so ask first.
-        from tensorflow_datasets.image_classification import mnist as _tfds_mnist
-
-        why = _reachable(getattr(_tfds_mnist, "_MNIST_URL", "https://storage.googleapis.com/"))
-        if why:
-            raise DataError(f"MNIST is not in TensorFlow Datasets' data_dir and {why}; {offline}")
     out = {}
     for split in ("train", "test"):
         try:
-            src = tfds.data_source("mnist", split=split, data_dir=data_dir, download=True)
-        except Exception as e:  # noqa: BLE001 - TFDS raises many kinds when offline
-            raise DataError(
-                f"could not load MNIST through TensorFlow Datasets ({type(e).__name__}: "
-                f"{str(e).splitlines()[0][:200] if str(e) else ''}); {offline}"
-            ) from None
+            src = tfds.data_source("mnist", split=split, data_dir=data_dir, download=False)
+        except Exception:  # noqa: BLE001 - not prepared in data_dir (TFDS raises several kinds)
+            # TFDS would retry an unreachable server for minutes: ask the server once first.
+            from tensorflow_datasets.image_classification import mnist as _tfds_mnist
+
+            why = _reachable(getattr(_tfds_mnist, "_MNIST_URL", "https://storage.googleapis.com/"))
+            if why:
+                raise DataError(
+                    f"MNIST is not in TensorFlow Datasets' data_dir and {why}; {offline}"
+                ) from None
+            try:
+                src = tfds.data_source("mnist", split=split, data_dir=data_dir, download=True)
+            except Exception as e:  # noqa: BLE001 - TFDS raises many kinds when offline
+                raise DataError(
+                    f"could not load MNIST through TensorFlow Datasets ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0][:200] if str(e) else ''}); {offline}"
+                ) from None
         items = [src[i] for i in range(len(src))]
         x = np.stack([it["image"] for it in items]) if items else np.zeros((0, 28, 28, 1), np.uint8)
         y = np.asarray([it["label"] for it in items], np.int64)

@@ -11,14 +11,15 @@ def best_epoch(rows: Sequence[dict[str, Any]]) -> int:
     return max(rows, key=lambda r: (r["val_accuracy"], r["epoch"]))["epoch"]
 
 
-def curves(rows: Sequence[dict[str, Any]], path: str, title: str = "") -> None:
+def curves(rows: Sequence[dict[str, Any]], path: str, title: str = "") -> dict[str, Any]:
     """Writes ``path``: data loss (and penalty) and accuracy per epoch from ``metrics.jsonl`` rows.
 
     The accuracy axis spans every epoch's values (train and validation), and the best epoch
-    by validation accuracy, the one the run keeps, is marked on both panels.
+    by validation accuracy, the one the run keeps, is marked on both panels. Returns
+    ``{"best_epoch", "accuracy_limits"}`` (what was drawn).
     """
     if not rows:
-        return
+        return {"best_epoch": None, "accuracy_limits": None}
     import matplotlib
 
     matplotlib.use("Agg")
@@ -43,12 +44,14 @@ def curves(rows: Sequence[dict[str, Any]], path: str, title: str = "") -> None:
     ax_a.plot([best], [best_val], "k*", ms=9, label=f"best validation: epoch {best}, {best_val:.2f}%")
     ax_a.set_xlabel("epoch")
     ax_a.set_ylabel("accuracy (%)")
-    ax_a.set_ylim(max(0.0, min(acc) - 2), min(100.0, max(acc)) + 1)
+    limits = (max(0.0, min(acc) - 2), min(100.0, max(acc)) + 1)
+    ax_a.set_ylim(*limits)
     ax_a.legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.savefig(path, dpi=90)
     plt.close(fig)
+    return {"best_epoch": best, "accuracy_limits": limits}
 
 
 def sweep(rows: Sequence[dict[str, Any]], selected_l2: float, path: str) -> None:
