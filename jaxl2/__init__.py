@@ -7,7 +7,7 @@ implement it:
   presets in :mod:`jaxl2.select`;
 * conventions — :func:`from_keras`, :func:`to_keras`, :func:`from_torch_weight_decay`,
   :func:`from_decoupled`, :func:`from_sklearn_alpha`;
-* checks — :func:`gradcheck`;
+* checks — :func:`gradcheck` (in :mod:`jaxl2.check`);
 * errors — :class:`Jaxl2Error` (a ``ValueError``) for bad input.
 
 The MNIST reference application lives in :mod:`jaxl2.mnist` (the ``mnist`` extra).
@@ -18,34 +18,41 @@ Example:
   1.0
 """
 
-from jaxl2 import conventions, select
-from jaxl2.conventions import (
-    from_decoupled,
-    from_keras,
-    from_sklearn_alpha,
-    from_torch_weight_decay,
-    to_keras,
-)
-from jaxl2.errors import Jaxl2Error
-from jaxl2.gradcheck import GradcheckReport, gradcheck
-from jaxl2.penalty import Row, Selection, l2_penalty, regularized, selected
+import importlib
+from typing import Any
 
+# name -> module that defines it. Loaded on first use, so that ``import jaxl2`` costs nothing
+# until jaxl2 is used (the command's start-up, and Ctrl-C during it, stay in jaxl2's hands).
+_EXPORTS = {
+    "select": "jaxl2.select",
+    "l2_penalty": "jaxl2.penalty",
+    "regularized": "jaxl2.penalty",
+    "selected": "jaxl2.penalty",
+    "Row": "jaxl2.penalty",
+    "Selection": "jaxl2.penalty",
+    "conventions": "jaxl2.conventions",
+    "from_keras": "jaxl2.conventions",
+    "to_keras": "jaxl2.conventions",
+    "from_torch_weight_decay": "jaxl2.conventions",
+    "from_decoupled": "jaxl2.conventions",
+    "from_sklearn_alpha": "jaxl2.conventions",
+    "gradcheck": "jaxl2.check",
+    "GradcheckReport": "jaxl2.check",
+    "Jaxl2Error": "jaxl2.errors",
+}
 __version__ = "0.2.0"
 
-__all__ = [
-    "select",
-    "l2_penalty",
-    "regularized",
-    "selected",
-    "Row",
-    "Selection",
-    "conventions",
-    "from_keras",
-    "to_keras",
-    "from_torch_weight_decay",
-    "from_decoupled",
-    "from_sklearn_alpha",
-    "gradcheck",
-    "GradcheckReport",
-    "Jaxl2Error",
-]
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'jaxl2' has no attribute {name!r}")
+    module = importlib.import_module(_EXPORTS[name])
+    value = module if module.__name__ == f"jaxl2.{name}" else getattr(module, name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

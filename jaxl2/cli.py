@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import re
 import sys
 from typing import Any
 
@@ -303,7 +305,7 @@ def format_summary(s: dict[str, Any]) -> str:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from jaxl2.mnist import sweep as _sweep
-    from jaxl2.mnist.loop import Diverged
+    from jaxl2.mnist.loop import Diverged, Interrupted
 
     l2s = args.l2
     args.l2 = None
@@ -335,6 +337,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     except Diverged as e:
         sys.stderr.write(f"\njaxl2: error: {_message(e)}\n")
         return 1
+    except Interrupted as e:
+        sys.stderr.write(
+            f"\njaxl2: {_message(e)}; a sweep keeps no checkpoints, so its directory was removed\n"
+        )
+        return 130
     if not quiet:
         sys.stderr.write("\n")
     if args.json:
@@ -380,7 +387,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_gradcheck(args: argparse.Namespace) -> int:
-    from jaxl2.gradcheck import gradcheck
+    from jaxl2.check import gradcheck
     from jaxl2.mnist.config import validate
     from jaxl2.mnist.model import reference_problem
 
@@ -393,15 +400,12 @@ def cmd_gradcheck(args: argparse.Namespace) -> int:
 
     with jax.enable_x64(True):
         loss_fn, params, batch = reference_problem(cfg, batch=args.batch, seed=args.seed)
-        report = gradcheck(
-            loss_fn,
-            params,
-            *batch,
-            l2=args.l2,
-            directions=args.directions,
-            eps=args.eps,
-            seed=args.seed,
-        )
+        try:
+            report = gradcheck(
+                loss_fn, params, *batch, l2=args.l2, directions=args.directions, eps=args.eps, seed=args.seed
+            )
+        except Jaxl2Error as e:  # the library names its arguments; here they are flags
+            return _fail(re.sub(r"^(l2|eps|directions|seed)\b", lambda m: flag(m.group(1)), str(e)))
     if args.json:
         print(json.dumps(report.as_dict()))
     else:
@@ -556,8 +560,13 @@ def main(argv: list[str] | None = None) -> int:
     except Jaxl2Error as e:
         return _fail(_message(e))
     except KeyboardInterrupt:
+        # Ctrl-C outside the training loops (importing, loading, compiling): what the command
+        # made is already removed. Exit at once: tearing the interpreter down while XLA's
+        # threads may still run can crash it.
         sys.stderr.write("\njaxl2: interrupted\n")
-        return 130
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
     except ImportError as e:
         if e.name and e.name.split(".")[0] in ("flax", "orbax", "tensorflow_datasets", "matplotlib", "rich"):
             return _fail(f"jaxl2 {args.command} needs the mnist extra ({e}): pip install 'jaxl2[mnist]'")

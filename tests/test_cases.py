@@ -33,7 +33,10 @@ def one_line_error(r, match):
 
 
 def test_import_jaxl2_loads_no_application_dependency():
-    code = "import sys, jaxl2; print(' '.join(sorted(m.split('.')[0] for m in sys.modules)))"
+    code = (
+        "import sys, jaxl2; [getattr(jaxl2, n) for n in jaxl2.__all__]; "
+        "print(' '.join(sorted(m.split('.')[0] for m in sys.modules)))"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     loaded = set(r.stdout.split())
     assert "jax" in loaded
@@ -41,10 +44,11 @@ def test_import_jaxl2_loads_no_application_dependency():
     assert not heavy & loaded, heavy & loaded
 
 
-def test_help_imports_no_jax_application():
+def test_help_imports_neither_jax_nor_the_application():
     code = "import sys; from jaxl2 import cli; cli.build_parser(); print(' '.join(sys.modules))"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert "flax" not in r.stdout.split() and "orbax" not in r.stdout
+    loaded = {m.split(".")[0] for m in r.stdout.split()}
+    assert not {"jax", "flax", "orbax", "numpy"} & loaded
 
 
 def test_library_modules_import_no_application_module():
@@ -52,7 +56,8 @@ def test_library_modules_import_no_application_module():
     for name in os.listdir(root):
         if name.endswith(".py") and name not in ("cli.py", "__main__.py"):
             text = open(os.path.join(root, name)).read()
-            assert "jaxl2.mnist" not in text and "import flax" not in text, name
+            assert "import jaxl2.mnist" not in text and "from jaxl2.mnist" not in text, name
+            assert "import flax" not in text and "from flax" not in text, name
 
 
 # -- sweep --------------------------------------------------------------------------------------
@@ -145,21 +150,17 @@ def _start(out, *extra, cwd=None):
     )
 
 
-@pytest.mark.parametrize("delay", [0.3, 1.5])
-def test_sigint_during_start_up_exits_130_and_leaves_no_directory(tmp_path, delay):
+@pytest.mark.parametrize("delay", [0.3, 1.0, 2.0])
+def test_sigint_at_any_moment_exits_130_and_leaves_no_half_made_directory(tmp_path, delay):
     out = tmp_path / "r"
-    p = _start(out, "train", "--hidden", "16", "--epochs", "50", "--quiet", "--no-cache")
-    time.sleep(delay)  # importing, loading, compiling
+    p = _start(out, "train", "--hidden", "16", "--epochs", "400", "--quiet", "--no-cache")
+    time.sleep(delay)  # importing, loading, compiling, or training
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=120)
-    if p.returncode == 0:
-        pytest.skip("finished before SIGINT")
     assert p.returncode == 130, err
     assert "Traceback" not in err
-    # either nothing was left, or a checkpointed run that resumes
-    if out.exists():
-        assert (out / "checkpoints").exists() and "--resume" in err
-        assert jaxl2("train", "--out", str(out), "--resume", "--quiet").returncode == 0
+    if out.exists():  # stopped after an epoch: a checkpointed run that says how to resume it
+        assert (out / "checkpoints").is_dir() and f"jaxl2 train --out {out} --resume" in err, err
 
 
 def test_sigint_during_a_sweep_exits_130_and_leaves_no_directory(tmp_path):

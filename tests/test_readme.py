@@ -28,7 +28,9 @@ def test_the_readme_has_blocks_and_starts_with_the_two_commands():
 
 @pytest.mark.parametrize("code", PYTHON, ids=[f"python-{i}" for i in range(len(PYTHON))])
 def test_python_block_runs_as_pasted(code, tmp_path):
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
     assert r.returncode == 0, f"{code}\n--- stderr:\n{r.stderr[-3000:]}"
 
 

@@ -23,13 +23,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxl2.mnist.config import Config
+from jaxl2.mnist.config import INPUT_DIM, NUM_CLASSES, Config
 from jaxl2.mnist.model import flops_per_example
 from jaxl2.mnist.runtime import device_name
 from jaxl2.mnist.steps import Trainer
 from jaxl2.mnist.sweep import SweepTrainer
 
-SIZES = (784, 256, 256, 10)
+SIZES = (INPUT_DIM, *Config().hidden, NUM_CLASSES)  # the reference MLP: 784-256-256-10
 
 
 def _stats(xs: list[float]) -> dict[str, float]:
@@ -49,7 +49,9 @@ def _interleave(fns: dict[str, Callable[[], float]], rounds: int) -> dict[str, l
 def _random_data(n: int) -> tuple[np.ndarray, np.ndarray]:
     """``n`` uniform [0, 1) images and labels (throughput does not depend on the values)."""
     rng = np.random.default_rng(0)
-    return rng.uniform(size=(n, 784)).astype(np.float32), rng.integers(0, 10, n).astype(np.int32)
+    return rng.uniform(size=(n, INPUT_DIM)).astype(np.float32), rng.integers(0, NUM_CLASSES, n).astype(
+        np.int32
+    )
 
 
 def gemm_rates(rounds: int, n: int = 2048) -> dict[str, Any]:
@@ -93,7 +95,7 @@ def xla_flops_per_example(batch: int) -> float:
     cfg = Config(batch_size=batch, optimizer="sgd", schedule="constant")
     tr = Trainer(cfg, 10 * batch)
     s = tr.init()
-    batch_xy = (jnp.zeros((batch, 784), jnp.float32), jnp.zeros((batch,), jnp.int32))
+    batch_xy = (jnp.zeros((batch, INPUT_DIM), jnp.float32), jnp.zeros((batch,), jnp.int32))
     ca = jax.jit(tr.step_fn).lower(s, batch_xy).compile().cost_analysis()
     ca = ca[0] if isinstance(ca, list) else ca
     return float(ca["flops"]) / batch

@@ -68,7 +68,7 @@ class Optimizer(NamedTuple):
 
 
 OPTIMIZERS: dict[str, Optimizer] = {
-    "sgd": Optimizer(0.1, 0, False, "plain SGD"),
+    "sgd": Optimizer(0.5, 0, False, "plain SGD"),
     "momentum": Optimizer(0.3, 1, False, "SGD with momentum"),
     "adam": Optimizer(3e-3, 2, False, "Adam"),
     "adamw": Optimizer(3e-3, 2, True, "Adam with decoupled weight decay"),

@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -25,7 +24,15 @@ import numpy as np
 from jaxl2.mnist import data as _data
 from jaxl2.mnist import parallel
 from jaxl2.mnist.config import FIELDS, SPLITS, Config, ConfigError, field, validate
-from jaxl2.mnist.loop import Best, Interrupted, diverged_message, load_and_check, member_summary, run_epochs
+from jaxl2.mnist.loop import (
+    Best,
+    Interrupted,
+    diverged_message,
+    load_and_check,
+    member_summary,
+    run_epochs,
+    sigint_deferred,
+)
 from jaxl2.mnist.model import abstract_params
 from jaxl2.mnist.rundir import (
     Checkpoints,
@@ -165,10 +172,8 @@ def _train(cfg, ds, out, mesh, primary, resume, checkpoint_every, on_start, on_e
     def diverged(epoch, _members, steps):
         return f"{diverged_message(cfg, cfg.l2, epoch, int(steps[0]), trainer.steps_per_epoch)} {ckpt.last_good()}"
 
-    stop = {"sigint": False}
-    old_handler = signal.signal(signal.SIGINT, lambda *_: stop.update(sigint=True))
     train_seconds, compile_seconds, train_epoch = 0.0, 0.0, None
-    try:
+    with sigint_deferred() as stop, contextlib.closing(ckpt):
         if start < cfg.epochs:
             t0 = time.perf_counter()
             train_epoch = trainer.train_epoch.lower(state, *data[:2]).compile()
@@ -203,9 +208,6 @@ def _train(cfg, ds, out, mesh, primary, resume, checkpoint_every, on_start, on_e
                     on_epoch(row)
                 if stop["sigint"] and not last:
                     raise Interrupted(f"interrupted after epoch {ep.epoch}; checkpoint saved in {out}")
-    finally:
-        signal.signal(signal.SIGINT, old_handler)
-        ckpt.close()
 
     rows = read_metrics(metrics_path)
     if primary:

@@ -27,7 +27,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxl2.mnist.config import OPTIMIZERS, Config, ConfigError, field
-from jaxl2.mnist.loop import Best, diverged_message, load_and_check, member_summary, run_epochs
+from jaxl2.mnist.loop import (
+    Best,
+    Interrupted,
+    diverged_message,
+    load_and_check,
+    member_summary,
+    run_epochs,
+    sigint_deferred,
+)
 from jaxl2.mnist.rundir import default_out, prepare, write_json
 from jaxl2.mnist.runtime import XLA_OPTIONS, device_name
 from jaxl2.mnist.steps import Trainer
@@ -220,12 +228,14 @@ def _sweep(cfg, ds, l2s, seeds, execution, budget_bytes, on_epoch, log) -> dict[
         def epoch_fn(states, x, y, l2_K=l2_K):
             return sweeper.epoch(states, x, y, l2_K)
 
-        for ep in run_epochs(
-            epoch_fn, sweeper.evaluate, states, data, range(1, cfg.epochs + 1), best, diverged
-        ):
-            states = ep.state
-            if on_epoch:
-                on_epoch(ep.epoch, cfg.epochs)
+        epochs = range(1, cfg.epochs + 1)
+        with sigint_deferred() as stop:
+            for ep in run_epochs(epoch_fn, sweeper.evaluate, states, data, epochs, best, diverged):
+                states = ep.state
+                if on_epoch:
+                    on_epoch(ep.epoch, cfg.epochs)
+                if stop["sigint"] and ep.epoch < cfg.epochs:
+                    raise Interrupted(f"sweep interrupted after epoch {ep.epoch} of {cfg.epochs}")
         for i, (lam, seed) in enumerate(chunk):
             best_i, final_i = _unstack(best.params, i), _unstack(states.params, i)
             row = {"l2": lam, "seed": seed, **member_summary(trainer.evaluate, best_i, ds, cfg, lam)}

@@ -10,7 +10,7 @@ Two numbers, both computed under ``jax.enable_x64``:
 
 Example:
   >>> import jax.numpy as jnp
-  >>> from jaxl2.gradcheck import gradcheck
+  >>> from jaxl2.check import gradcheck
   >>> def mse(params, x, y):
   ...     return jnp.mean((x @ params["dense"]["kernel"] + params["dense"]["bias"] - y) ** 2)
   >>> params = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)}}
@@ -205,7 +205,7 @@ def gradcheck(
 
     Examples:
       >>> import jax.numpy as jnp
-      >>> from jaxl2.gradcheck import gradcheck
+      >>> from jaxl2.check import gradcheck
       >>> def mse(params, x, y):
       ...     return jnp.mean((jnp.tanh(x @ params["dense"]["kernel"]) - y) ** 2)
       >>> params = {"dense": {"kernel": jnp.ones((3, 2))}}
