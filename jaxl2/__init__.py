@@ -3,10 +3,14 @@
 The library: jax, numpy and optax only. The public API, re-exported from the modules that
 implement it:
 
-* the penalty — :func:`l2_penalty`, :func:`regularized`, :func:`selected`; selection rules and
-  presets in :mod:`jaxl2.select`;
+* the penalty — :func:`l2_penalty`, :func:`regularized`, :func:`selected`, :func:`coefficients`
+  (all with ``center=`` for L2 toward reference weights, L2-SP); selection rules and presets in
+  :mod:`jaxl2.select`, and :func:`mask`, the same selection as an optax ``mask=``;
+* decay in the optimizer — :func:`add_decayed_weights` (per-layer λ, coupled or decoupled by
+  placement) and :func:`audit`, what an optax optimizer really decays;
 * conventions — :func:`from_keras`, :func:`to_keras`, :func:`from_torch_weight_decay`,
   :func:`from_decoupled`, :func:`from_sklearn_alpha`;
+* training — :func:`make_train_step`, a pure, jittable step for any params pytree;
 * checks — :func:`gradcheck` (in :mod:`jaxl2.check`);
 * errors — :class:`Jaxl2Error` (a ``ValueError``) for bad input.
 
@@ -39,6 +43,15 @@ _EXPORTS = {
     "gradcheck": "jaxl2.check",
     "GradcheckReport": "jaxl2.check",
     "Jaxl2Error": "jaxl2.errors",
+    "make_train_step": "jaxl2.step",
+    "mask": "jaxl2.select",
+    "Preset": "jaxl2.select",
+    "coefficients": "jaxl2.penalty",
+    "decay": "jaxl2.decay",
+    "add_decayed_weights": "jaxl2.decay",
+    "audit": "jaxl2.decay",
+    "Audit": "jaxl2.decay",
+    "AuditRow": "jaxl2.decay",
 }
 __version__ = "0.2.0"
 

@@ -1,3 +1,7 @@
-from jaxl2.cli import main
+from jaxl2.mnist import sigint
+
+sigint.install()  # before anything heavy is imported: see jaxl2.mnist.sigint
+
+from jaxl2.cli import main  # noqa: E402
 
 raise SystemExit(main())

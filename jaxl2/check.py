@@ -3,7 +3,8 @@
 Two numbers, both computed under ``jax.enable_x64``:
 
 1. ``penalty_grad_max_abs_err`` = ``max |∇(λ/2·Σw²) − λ·w|`` over selected leaves (and
-   ``max |∇ − 0|`` elsewhere), the analytic gradient computed in NumPy;
+   ``max |∇ − 0|`` elsewhere), the analytic gradient computed in NumPy; with a ``center``
+   ``w₀``, ``max |∇(λ/2·Σ(w − w₀)²) − λ·(w − w₀)|``;
 2. ``finite_difference_max_rel_err`` = ``max_d |D_d − ⟨∇L, d⟩| / max(|D_d|, |⟨∇L, d⟩|)`` over
    random unit directions ``d``, with the central difference
    ``D_d = (L(θ + εd) − L(θ − εd)) / 2ε`` of the full regularized loss ``L``.
@@ -34,7 +35,7 @@ import numpy as np
 
 from jaxl2 import select as _select
 from jaxl2.errors import Jaxl2Error
-from jaxl2.penalty import L2, l2_penalty, regularized, selected
+from jaxl2.penalty import L2, check_center, l2_penalty, regularized, selected
 
 __all__ = ["GradcheckReport", "gradcheck"]
 
@@ -159,6 +160,7 @@ def gradcheck(
     *args: Any,
     l2: L2 = 1e-3,
     select: _select.Selector = None,
+    center: Any = None,
     has_aux: bool = False,
     directions: int = 8,
     eps: float = 1e-5,
@@ -174,7 +176,8 @@ def gradcheck(
     ``None`` stay as they are). Two checks:
 
     1. ``max |∇(λ/2·Σw²) − λ·w|`` on the selected leaves (``max |∇ − 0|`` on the others)
-       must be ``<= atol``;
+       must be ``<= atol``; with ``center=w₀`` it is ``max |∇(λ/2·Σ(w − w₀)²) − λ·(w − w₀)|``
+       (``w₀`` is cast to float64 too);
     2. for ``directions`` random unit vectors ``d``,
        ``|D_d − ⟨∇L, d⟩| / max(|D_d|, |⟨∇L, d⟩|)`` with
        ``D_d = (L(θ + eps·d) − L(θ − eps·d)) / (2·eps)`` must be ``<= rtol``.
@@ -189,6 +192,8 @@ def gradcheck(
       *args: the batch and anything else ``loss_fn`` takes after ``params``.
       l2: λ or an ordered ``{regex: λ}`` mapping, as in :func:`jaxl2.l2_penalty`.
       select: which leaves are penalised, as in :func:`jaxl2.l2_penalty`.
+      center: ``None``, or the reference weights ``w₀`` of an L2-SP penalty
+        ``λ/2·Σ(w − w₀)²``, a pytree like ``params``, as in :func:`jaxl2.l2_penalty`.
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``; ``aux`` is ignored.
       directions: the number of random directions, an integer ``>= 1``.
       eps: the finite-difference step, a finite number ``> 0``.
@@ -200,8 +205,9 @@ def gradcheck(
       A :class:`GradcheckReport`; ``report.ok`` is the verdict, ``print(report)`` a table.
 
     Raises:
-      Jaxl2Error: for a bad argument, a selection or pattern that matches nothing, or a
-        ``loss_fn`` that computes in a float narrower than float64.
+      Jaxl2Error: for a bad argument, a selection or pattern that matches nothing, a
+        ``center`` that does not fit ``params``, or a ``loss_fn`` that computes in a float
+        narrower than float64.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -218,10 +224,13 @@ def gradcheck(
     eps = _real("eps", eps, positive=True)
     atol = _real("atol", atol, positive=False)
     rtol = _real("rtol", rtol, positive=False)
-    loss = regularized(loss_fn, l2, select=select, has_aux=has_aux)  # checks l2 and select
+    regularized(loss_fn, l2, select=select, center=center)  # checks l2, select and center
     with jax.enable_x64(True):
         params, args = _to64(params), _to64(args)
+        center = None if center is None else _to64(center)
+        loss = regularized(loss_fn, l2, select=select, center=center, has_aux=has_aux)
         rows = {r.path: float(r.l2) for r in selected(params, l2, select=select)}
+        w0 = {} if center is None else check_center(params, center, select=select)
         leaves = _select.leaves(params)
         flat, rebuild = _flatten_floats(params)
 
@@ -239,8 +248,10 @@ def gradcheck(
                 "layer's dtype=jnp.float32) so that it computes in its inputs' dtype"
             )
 
-        pen_grad = jax.grad(lambda v: l2_penalty(rebuild(v), l2, select=select))(flat)
-        expected = np.concatenate([rows.get(path, 0.0) * np.ravel(w) for path, w in leaves])
+        pen_grad = jax.grad(lambda v: l2_penalty(rebuild(v), l2, select=select, center=center))(flat)
+        expected = np.concatenate(
+            [rows.get(path, 0.0) * (np.ravel(w) - np.ravel(w0.get(path, 0.0))) for path, w in leaves]
+        )
         pen_err = float(np.max(np.abs(np.asarray(pen_grad) - expected), initial=0.0))
 
         value, grad = jax.jit(total), np.asarray(jax.jit(jax.grad(total))(flat))

@@ -41,6 +41,11 @@ def flag(name: str) -> str:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, no usage dump
+        m = re.match(r"argument (--[\w-]+)(?:/[\w-]+)?: (.*)", message)
+        if m and m.group(2).startswith(m.group(1)):
+            message = m.group(2)  # our own message already names the flag
+        if message.startswith("the following arguments are required: command"):
+            message = "a command is required (train, sweep, eval, bench or gradcheck; jaxl2 --help says more)"
         sys.stderr.write(f"jaxl2: error: {message}\n")
         raise SystemExit(2)
 
@@ -67,11 +72,11 @@ def parse_l2(text: str) -> float | dict[str, float]:
         pass
     out: dict[str, float] = {}
     for item in text.split(","):
-        pattern, sep, lam = item.rpartition("=")
+        pattern, sep, lam = item.strip().rpartition("=")
         if not sep or not pattern:
             raise argparse.ArgumentTypeError(
                 f"--l2 {text!r} is neither a number nor PATTERN=λ[,PATTERN=λ...] "
-                "(e.g. --l2 1e-3 or --l2 'Dense_0=1e-3,.*=1e-4')"
+                "(e.g. --l2 1e-3 or --l2 '.*Dense_0/kernel=1e-3,.*=1e-4')"
             )
         try:
             out[pattern] = float(lam)
@@ -94,7 +99,7 @@ def _ints(name: str, example: str) -> Any:
 
 def _floats(text: str) -> list[float]:
     try:
-        return [float(v) for v in text.split(",")]
+        return [float(v.strip()) for v in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"--l2 {text!r} is invalid (comma-separated numbers, e.g. 0,1e-4,1e-3)"
@@ -189,11 +194,21 @@ def _enable_cache(args: argparse.Namespace) -> None:
         enable_compilation_cache()
 
 
+def _absolute_paths(given: dict[str, Any]) -> dict[str, Any]:
+    """``--dataset idx:DIR`` and ``--data-dir`` as absolute paths, so that the run's config.json
+    still finds them from another working directory (``jaxl2 eval --run``)."""
+    if str(given.get("dataset", "")).startswith("idx:") and len(given["dataset"]) > 4:
+        given["dataset"] = "idx:" + os.path.abspath(os.path.expanduser(given["dataset"][4:]))
+    if given.get("data_dir"):
+        given["data_dir"] = os.path.abspath(os.path.expanduser(given["data_dir"]))
+    return given
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from jaxl2.mnist import run as _run
     from jaxl2.mnist.loop import Diverged, Interrupted
 
-    given = _given(args)
+    given = _absolute_paths(_given(args))
     if args.resume:
         if not args.out:
             return _fail("--resume needs --out DIR, the run to continue")
@@ -220,28 +235,37 @@ def cmd_train(args: argparse.Namespace) -> int:
             devices=args.devices,
         )
     except Diverged as e:
+        _close(progress)
         sys.stderr.write(f"jaxl2: error: {_message(e)}\n")
         return 1
     except Interrupted as e:
-        out = str(e).rsplit(" in ", 1)[-1]
-        sys.stderr.write(f"jaxl2: {_message(e)}; continue with: jaxl2 train --out {out} --resume\n")
+        _close(progress)
+        sys.stderr.write(f"jaxl2: {_message(e)}; continue with: jaxl2 train --out {e.out} --resume\n")
         return 130
     finally:
-        if progress:
-            progress.close()
+        _close(progress)
     print(json.dumps(summary) if args.json else format_summary(summary))
-    _warn_if_chance(summary, cfg)
+    _warn_if_chance([(summary["val_accuracy"], summary["lr"], cfg.l2)], cfg)
     return 0
 
 
-def _warn_if_chance(summary: dict[str, Any], cfg: Config) -> None:
-    """One line on stderr when the model learned nothing (validation accuracy near 10%)."""
-    if summary["val_accuracy"] < 0.2:
-        sys.stderr.write(
-            f"jaxl2: warning: validation accuracy {100 * summary['val_accuracy']:.1f}% is near chance "
-            f"(10%): the model did not learn; try a smaller --lr than {summary['lr']:g} "
-            f"(--optimizer {cfg.optimizer})\n"
-        )
+def _close(progress: _Progress | None) -> None:
+    if progress:
+        progress.close()
+
+
+def _warn_if_chance(runs: list[tuple[float, float, Any]], cfg: Config) -> None:
+    """One line on stderr when a model learned nothing: ``(val accuracy, lr, λ)`` near 10%."""
+    bad = [(acc, lr, lam) for acc, lr, lam in runs if acc < 0.2]
+    if not bad:
+        return
+    acc, lr, lam = bad[0]
+    which = "" if len(runs) == 1 else f"{len(bad)} of {len(runs)} members (first: λ {lam}): "
+    sys.stderr.write(
+        f"jaxl2: warning: {which}validation accuracy {100 * acc:.1f}% is near chance (10%): the model "
+        f"did not learn; try a smaller --lr than {lr:g} (--optimizer {cfg.optimizer}) or a smaller --l2 "
+        f"than {lam}\n"
+    )
 
 
 class _Progress:
@@ -278,6 +302,7 @@ class _Progress:
     def close(self) -> None:
         if self.started:
             self.bar.stop()
+            self.started = False
 
 
 def format_summary(s: dict[str, Any]) -> str:
@@ -309,20 +334,35 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     l2s = args.l2
     args.l2 = None
-    cfg = dataclasses.replace(DEFAULTS, **_given(args))
+    cfg = dataclasses.replace(DEFAULTS, **_absolute_paths(_given(args)))
     if args.seeds < 1:
         return _fail(f"--seeds {args.seeds} is invalid (an integer >= 1)")
     _enable_cache(args)
     quiet = args.quiet or args.json
+    tty = sys.stderr.isatty()
+    line = {"open": False}  # a progress line is on the terminal without its newline
+
+    def say(msg: str) -> None:
+        if line["open"]:
+            sys.stderr.write("\n")
+            line["open"] = False
+        sys.stderr.write(msg + "\n")
 
     def log(msg: str) -> None:
         if not quiet:
-            sys.stderr.write(f"jaxl2: {msg}\n")
+            say(f"jaxl2: {msg}")
 
     def on_epoch(epoch: int, total: int) -> None:
-        if not quiet and (epoch == total or epoch % max(1, total // 10) == 0):
+        if quiet:
+            return
+        if tty:  # one line, rewritten
             sys.stderr.write(f"\repoch {epoch}/{total}")
-            sys.stderr.flush()
+            line["open"] = epoch < total
+            if epoch == total:
+                sys.stderr.write("\n")
+        else:  # a log: one line per epoch
+            sys.stderr.write(f"epoch {epoch}/{total}\n")
+        sys.stderr.flush()
 
     try:
         summary = _sweep.train_sweep(
@@ -331,19 +371,22 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             [cfg.seed + i for i in range(args.seeds)],
             args.out,
             execution=args.execution,
+            overwrite=args.overwrite,
             on_epoch=on_epoch,
             log=log,
         )
     except Diverged as e:
-        sys.stderr.write(f"\njaxl2: error: {_message(e)}\n")
+        say(f"jaxl2: error: {_message(e)}")
         return 1
     except Interrupted as e:
-        sys.stderr.write(
-            f"\njaxl2: {_message(e)}; a sweep keeps no checkpoints, so its directory was removed\n"
-        )
+        say(f"jaxl2: {_message(e)}; a sweep keeps no checkpoints, so its directory was removed")
         return 130
-    if not quiet:
-        sys.stderr.write("\n")
+    except BaseException:
+        if line["open"]:
+            sys.stderr.write("\n")
+        raise
+    rows = summary["results"]
+    _warn_if_chance([(r["val_accuracy"], cfg.lr or OPTIMIZERS[cfg.optimizer].lr, r["l2"]) for r in rows], cfg)
     if args.json:
         print(_sweep.results_json(summary))
         return 0
@@ -362,7 +405,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from jaxl2.mnist import bench
+    from jaxl2.mnist import bench, sigint
+
+    sigint.allow()  # the benchmark writes nothing: Ctrl-C may stop it anywhere
 
     if args.rounds is not None and args.rounds < 1:
         return _fail(f"--rounds {args.rounds} is invalid (an integer >= 1)")
@@ -373,6 +418,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from jaxl2.mnist import run as _run
+    from jaxl2.mnist import sigint
+
+    sigint.allow()  # evaluation writes nothing
 
     _enable_cache(args)
     res = _run.evaluate_run(args.run, args.dataset, args.split, args.data_dir)
@@ -388,14 +436,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_gradcheck(args: argparse.Namespace) -> int:
     from jaxl2.check import gradcheck
+    from jaxl2.mnist import sigint
     from jaxl2.mnist.config import validate
     from jaxl2.mnist.model import reference_problem
 
+    sigint.allow()  # the check writes nothing
+
     if args.batch < 1:
         return _fail(f"--batch {args.batch} is invalid (an integer >= 1)")
-    cfg = validate(
-        dataclasses.replace(DEFAULTS, hidden=args.hidden, activation=args.activation, seed=args.seed)
-    )
+    fields = {"hidden": args.hidden, "activation": args.activation, "seed": args.seed, "l2": args.l2}
+    cfg = validate(dataclasses.replace(DEFAULTS, **fields))
     import jax
 
     with jax.enable_x64(True):
@@ -492,8 +542,11 @@ def build_parser() -> argparse.ArgumentParser:
         "timed epoch (default)",
     )
     g.add_argument("--out", help="sweep directory (default: a new runs/sweep-YYYYmmdd-HHMMSS[-N])")
+    g.add_argument("--overwrite", action="store_true", help="replace a sweep (or run) already in --out")
     g.add_argument("--no-cache", action="store_true", help="do not use the compilation cache")
-    g.add_argument("--quiet", action="store_true", help="no progress")
+    g.add_argument(
+        "--quiet", action="store_true", help="no progress (on a terminal one line; else one line per epoch)"
+    )
     g.add_argument("--json", action="store_true", help='print only {"selected_l2": …, "results": […]}')
     sw.set_defaults(func=cmd_sweep)
 
@@ -553,17 +606,54 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _value_flags(parser: argparse.ArgumentParser) -> set[str]:
+    """Every option of every command that takes a value (``--l2``, ``--hidden``, …)."""
+    flags = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                flags |= _value_flags(sub)
+        elif action.option_strings and action.nargs is None:
+            flags.update(action.option_strings)
+    return flags
+
+
+def _attach_negative_values(argv: list[str], value_flags: set[str]) -> list[str]:
+    """``--l2 -1e-3`` → ``--l2=-1e-3``: argparse takes ``-1e-3`` or ``-1,0`` for an option and
+    says "expected one argument"; attached, the value reaches its own check and message."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in value_flags and i + 1 < len(argv) and re.match(r"-[\d.]", argv[i + 1]):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    import signal
+
+    from jaxl2.mnist import sigint
+
+    previous = signal.getsignal(signal.SIGINT)
+    sigint.install()  # Ctrl-C waits for a safe point: never inside an import of jaxlib or XLA
     try:
+        parser = build_parser()
+        argv = sys.argv[1:] if argv is None else list(argv)
+        args = parser.parse_args(_attach_negative_values(argv, _value_flags(parser)))
+        sigint.check()
         return args.func(args)
     except Jaxl2Error as e:
         return _fail(_message(e))
+    except BrokenPipeError:  # `jaxl2 … | head`: the reader left; the work itself is done
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
-        # Ctrl-C outside the training loops (importing, loading, compiling): what the command
-        # made is already removed. Exit at once: tearing the interpreter down while XLA's
-        # threads may still run can crash it.
-        sys.stderr.write("\njaxl2: interrupted\n")
+        # What the command made is already removed (or checkpointed). Exit at once: tearing the
+        # interpreter down while XLA's threads may still run can crash it.
+        sys.stderr.write("jaxl2: interrupted\n")
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(130)
@@ -571,6 +661,9 @@ def main(argv: list[str] | None = None) -> int:
         if e.name and e.name.split(".")[0] in ("flax", "orbax", "tensorflow_datasets", "matplotlib", "rich"):
             return _fail(f"jaxl2 {args.command} needs the mnist extra ({e}): pip install 'jaxl2[mnist]'")
         raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from __future__ import annotations
 import numbers
 
 from jaxl2.errors import Jaxl2Error
-from jaxl2.penalty import check_l2
+from jaxl2.penalty import check_bool, check_l2
 
 __all__ = [
     "from_keras",
@@ -82,15 +82,23 @@ def from_decoupled(wd: float, lr: float, *, scaled_by_lr: bool = True) -> float:
     ``w ← w − lr·(g + wd·w)``) the step is the SGD step on ``λ/2·Σw²`` with ``λ = wd``.
     With ``scaled_by_lr=False`` (big_vision-style ``w ← w − lr·g − wd·w``), ``λ = wd/lr``.
     Under SGD with momentum, Adam or any adaptive method decoupled decay is *not* an L2
-    penalty for any λ (see the module docstring); ``lr`` must be a finite number ``> 0``.
+    penalty for any λ (see the module docstring); ``lr`` must be a finite number ``> 0`` and
+    ``scaled_by_lr`` ``True`` or ``False``.
 
     Examples:
       >>> from_decoupled(1e-4, 0.5, scaled_by_lr=False)
       0.0002
     """
     check_l2(wd, "weight_decay")
-    if not float(check_l2(lr, "lr")) > 0:
-        raise Jaxl2Error(f"lr must be > 0, got {lr!r}")
+    try:
+        positive = float(check_l2(lr, "lr")) > 0
+    except Jaxl2Error:
+        positive = False
+    if not positive:
+        raise Jaxl2Error(
+            f"lr must be a finite number > 0 (a float or a 0-d array), got {lr!r} ({type(lr).__name__})"
+        )
+    scaled_by_lr = check_bool(scaled_by_lr, "scaled_by_lr")
     return float(wd) if scaled_by_lr else float(wd) / float(lr)
 
 

@@ -2,6 +2,10 @@
 
 ``jax.grad`` of the penalty is exactly ``λ·w`` on every selected leaf (in the leaf's own
 dtype) and exactly zero elsewhere: nobody writes the weight-decay term by hand.
+
+With ``center=w₀`` (a pytree like the params, e.g. pretrained weights) the penalty is
+``λ/2·Σ(w − w₀)²`` instead, L2-SP (Li, Grandvalet and Davoine, ICML 2018): it pulls the
+weights toward ``w₀`` rather than toward zero, and its gradient is ``λ·(w − w₀)``.
 """
 
 from __future__ import annotations
@@ -20,7 +24,18 @@ from jaxl2.errors import Jaxl2Error
 
 L2 = float | jax.Array | Mapping[str, Any]
 
-__all__ = ["l2_penalty", "selected", "regularized", "Row", "Selection", "check_l2"]
+__all__ = [
+    "l2_penalty",
+    "selected",
+    "regularized",
+    "coefficients",
+    "Row",
+    "Selection",
+    "check_l2",
+    "check_bool",
+    "check_rules",
+    "check_center",
+]
 
 
 def _is_traced(x: Any) -> bool:
@@ -67,6 +82,32 @@ def check_l2(value: Any, name: str = "l2") -> Any:
     return value
 
 
+def check_bool(value: Any, name: str) -> bool:
+    """Checks a flag: ``True`` or ``False`` (a Python or NumPy bool), nothing truthy in their place.
+
+    Args:
+      value: the flag.
+      name: the argument's name, for the error message.
+
+    Returns:
+      ``value`` as a Python bool.
+
+    Raises:
+      Jaxl2Error: when ``value`` is anything else (a string, ``None``, ``0``/``1``).
+
+    Examples:
+      >>> check_bool(True, "has_aux")
+      True
+      >>> check_bool("yes", "has_aux")
+      Traceback (most recent call last):
+      ...
+      jaxl2.errors.Jaxl2Error: has_aux must be True or False, got 'yes' (str)
+    """
+    if not isinstance(value, (bool, np.bool_)):
+        raise Jaxl2Error(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+    return bool(value)
+
+
 def _rules(l2: Mapping[str, Any]) -> list[tuple[str, re.Pattern, Any]]:
     """The ``(pattern, compiled regex, λ)`` of an ``{regex: λ}`` mapping, each checked."""
     if not l2:
@@ -89,99 +130,269 @@ def _coefficients(chosen: list[tuple[str, Any]], l2: L2) -> list[Any]:
         return [l2] * len(chosen)
     rules = _rules(l2)
     paths = [p for p, _ in chosen]
-    for pattern, rx, _ in rules:
-        if not any(rx.fullmatch(p) for p in paths):
+    # The index of the rule that takes each path: the first one that matches it (None: no rule).
+    first = {p: next((i for i, (_, rx, _) in enumerate(rules) if rx.fullmatch(p)), None) for p in paths}
+    for i, (pattern, rx, _) in enumerate(rules):
+        matched = [p for p in paths if rx.fullmatch(p)]
+        if not matched:
             raise Jaxl2Error(
                 f"l2 pattern {pattern!r} matches no selected parameter (a typo?); "
                 f"the selected paths are: {', '.join(paths)}"
             )
+        if all(first[p] < i for p in matched):
+            takers = sorted({first[p] for p in matched})
+            names = ", ".join(repr(rules[j][0]) for j in takers)
+            which = "an earlier pattern" if len(takers) == 1 else "earlier patterns"
+            raise Jaxl2Error(
+                f"l2 pattern {pattern!r} never applies: every selected path it matches is taken by "
+                f"{which} ({names}); put it first"
+            )
     lams = []
     for p in paths:
-        lam = next((lam for _, rx, lam in rules if rx.fullmatch(p)), None)
-        if lam is None:
+        if first[p] is None:
             raise Jaxl2Error(
                 f"selected parameter {p!r} matches no l2 pattern; add an entry for it, or a "
                 "catch-all such as {'.*': 0.0} to leave the remaining leaves unpenalised on purpose"
             )
-        lams.append(lam)
+        lams.append(rules[first[p]][2])
     return lams
 
 
-def _sq_sum(w: jax.Array) -> jax.Array:
-    """``Σw²`` accumulated in at least float32 (bf16/f16 params are upcast first)."""
+def _sq_sum(w: jax.Array, w0: Any = None) -> jax.Array:
+    """``Σw²`` (or ``Σ(w − w₀)²``) accumulated in at least float32 (bf16/f16 are upcast first)."""
     acc = jnp.promote_types(w.dtype, jnp.float32)
     w = w.astype(acc)
+    if w0 is not None:
+        w = w - jnp.asarray(w0, acc)
     return jnp.sum(w * w)
 
 
-def l2_penalty(params: Any, l2: L2, *, select: _select.Selector = None) -> jax.Array:
+def _shape(x: Any) -> str:
+    return "(" + ", ".join(map(str, x.shape)) + ("," if len(x.shape) == 1 else "") + ")"
+
+
+def _what(leaf: Any) -> str:
+    if hasattr(leaf, "dtype") and hasattr(leaf, "shape"):
+        return f"an array of dtype {leaf.dtype} and shape {_shape(leaf)}"
+    text = repr(leaf)
+    return f"{text if len(text) <= 80 else text[:77] + '...'} ({type(leaf).__name__})"
+
+
+def _returned(out: Any) -> str:
+    """What a loss function returned, for a message: ``a tuple of length 3``, ``a float``."""
+    kind = type(out).__name__
+    article = "an" if kind[:1].lower() in "aeiou" else "a"
+    if isinstance(out, (tuple, list)):
+        return f"{article} {kind} of length {len(out)}"
+    if hasattr(out, "dtype") and hasattr(out, "shape"):
+        return f"{article} {kind} of dtype {out.dtype} and shape {_shape(out)}"
+    return f"{article} {kind}"
+
+
+def _structure_error(params: Any, center: Any) -> str | None:
+    """Where ``center``'s floating-point leaves first differ from ``params``' (``None``: they don't).
+
+    Paths are compared, not containers or order: a plain dict fits an NNX ``State``.
+    """
+    p_paths = [p for p, _ in _select.leaves(params)]
+    c_paths = [p for p, _ in _select.leaves(center)]
+    c_set, p_set = set(c_paths), set(p_paths)
+    if missing := next((p for p in p_paths if p not in c_set), None):
+        every = {_select.path_str(kp): x for kp, x in jax.tree_util.tree_flatten_with_path(center)[0]}
+        there = (
+            f"center has {_what(every[missing])} there" if missing in every else "center has no leaf there"
+        )
+        return f"params has a floating-point leaf at {missing!r} and {there}"
+    if extra := next((c for c in c_paths if c not in p_set), None):
+        return f"center has a floating-point leaf at {extra!r} that params lacks"
+    return None
+
+
+def _center_of(params: Any, center: Any, chosen: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``{path: w₀}`` for the chosen leaves, after checking that ``center`` is shaped like ``params``."""
+    if diff := _structure_error(params, center):
+        raise Jaxl2Error(f"center must have the structure of params (e.g. the pretrained params), but {diff}")
+    by_path = dict(_select.leaves(center))
+    for path, w in chosen:
+        if tuple(by_path[path].shape) != tuple(w.shape):
+            raise Jaxl2Error(
+                f"center must have the shapes of params on the selected leaves, but at {path!r} "
+                f"center has shape {_shape(by_path[path])} and params {_shape(w)}"
+            )
+    return {path: by_path[path] for path, _ in chosen}
+
+
+def check_center(params: Any, center: Any, *, select: _select.Selector = None) -> dict[str, Any]:
+    """Checks that ``center`` (``w₀``) fits ``params``; returns ``{path: w₀}`` of the selected leaves.
+
+    ``center`` must have a floating-point array at every path where ``params`` has one, and
+    nowhere else, with the same shape on every selected leaf. Leaves are matched by path, so
+    containers and order may differ (a plain dict for an NNX ``State``, a ``dict`` for a
+    ``FrozenDict``, ``eqx.filter(pretrained, eqx.is_array)`` for a whole Equinox module); the
+    shapes of unselected leaves are not checked (their ``w₀`` is never used).
+
+    Args:
+      params: the params, as in :func:`l2_penalty`.
+      center: the reference weights ``w₀``.
+      select: which leaves, as in :func:`l2_penalty`.
+
+    Returns:
+      ``{path: w₀ leaf}`` for every selected path, in the order of the selection.
+
+    Raises:
+      Jaxl2Error: naming the first path where they differ (and the shapes), or when the
+        selection matches nothing.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> params = {"d": {"kernel": jnp.ones((2, 3)), "bias": jnp.zeros(3)}}
+      >>> list(check_center(params, {"d": {"kernel": jnp.zeros((2, 3)), "bias": jnp.zeros(3)}}))
+      ['d/kernel']
+      >>> check_center(params, {"d": {"kernel": jnp.zeros((3, 2)), "bias": jnp.zeros(3)}})
+      Traceback (most recent call last):
+      ...
+      jaxl2.errors.Jaxl2Error: center must have the shapes of params on the selected leaves, but at 'd/kernel' center has shape (3, 2) and params (2, 3)
+    """
+    return _center_of(params, center, _select.resolve(params, select))
+
+
+def check_rules(l2: L2, *, select: _select.Selector = None, center: Any = None) -> None:
+    """Checks what can be checked before the params are known.
+
+    That is: ``l2`` (a λ, or a non-empty ``{regex: λ}`` mapping with string keys, valid
+    regexes and valid λs), ``select`` (``None``, a valid regex or a callable) and ``center``
+    (``None``, or a pytree with at least one floating-point array). Which paths the rules
+    match, and whether ``center`` fits, is checked later, against the params.
+
+    Raises:
+      Jaxl2Error: naming the argument, the value and what is allowed.
+
+    Examples:
+      >>> check_rules({"Dense_[0": 1e-3})
+      Traceback (most recent call last):
+      ...
+      jaxl2.errors.Jaxl2Error: l2 pattern 'Dense_[0' is not a valid regular expression (unterminated character set at position 6); patterns are Python regexes matched with re.fullmatch against paths like 'params/Dense_0/kernel'
+    """
+    if isinstance(l2, Mapping):
+        _rules(l2)
+    else:
+        check_l2(l2)
+    _select.predicate(select)
+    if center is not None and not _select.leaves(center):
+        raise Jaxl2Error(
+            f"center must be None or a pytree of arrays with the structure of params (e.g. the "
+            f"pretrained params), got {_what(center)}, which has no floating-point array"
+        )
+
+
+def l2_penalty(params: Any, l2: L2, *, select: _select.Selector = None, center: Any = None) -> jax.Array:
     """The L2 penalty ``Σ_leaves λ_leaf/2 · Σ w²`` over the selected leaves of ``params``.
 
     Its gradient is ``λ·w`` on selected leaves and ``0`` on all others, so
     ``loss + l2_penalty(params, λ)`` is the classic recipe ``J(W, b) + λ/2·‖W‖²``.
+
+    With ``center=w₀`` it is ``Σ_leaves λ_leaf/2 · Σ (w − w₀)²`` (L2-SP), whose gradient
+    is ``λ·(w − w₀)`` on selected leaves and ``0`` on all others.
 
     Args:
       params: any pytree of arrays: a Linen params dict, an NNX ``State`` or pure dict, a
         Haiku dict, an Equinox module.
       l2: one λ for every selected leaf (a float or 0-d array, or a traced scalar under
         ``jit``/``vmap``), or an ordered mapping ``{regex: λ}``; each selected path takes
-        the λ of the first pattern that ``re.fullmatch``-es it. Every pattern must match a
-        selected path, and every selected path must match a pattern (add ``'.*': 0.0`` to
-        opt out on purpose).
+        the λ of the first pattern that ``re.fullmatch``-es it. Every pattern must be the
+        first match of some selected path (a pattern that matches nothing, or only paths an
+        earlier pattern takes, is an error), and every selected path must match a pattern
+        (add ``'.*': 0.0`` to opt out on purpose).
       select: which leaves: ``None`` for the kernels (last key ``kernel``), a regex over
         paths, a predicate ``(path, leaf) -> bool``, or a preset from ``jaxl2.select``.
+      center: ``None`` (penalise ``w``), or ``w₀``, a pytree like ``params`` (e.g. the
+        pretrained params: the same paths of floating-point arrays, the same shapes on
+        the selected leaves) to penalise ``w − w₀``. ``w − w₀`` is computed in the
+        accumulation dtype (``w₀`` is cast to it); ``w₀``'s unselected leaves are unused.
 
     Returns:
       A scalar in ``float32`` at least (``float64`` for float64 params).
 
     Raises:
       Jaxl2Error: when the selection matches nothing, a λ is not a finite number ``>= 0``,
-        or a pattern is invalid or matches no selected leaf.
+        a pattern is invalid, matches no selected leaf or only leaves that an earlier pattern
+        takes, or ``center`` differs from
+        ``params`` in structure or in a selected leaf's shape (the first such path is named).
 
     Examples:
       >>> import jax.numpy as jnp, jaxl2
       >>> params = {"Dense_0": {"kernel": jnp.array([[1.0, 2.0]]), "bias": jnp.array([5.0])}}
       >>> float(jaxl2.l2_penalty(params, 0.1))  # 0.1/2 · (1 + 4); the bias is not selected
       0.25
+      >>> w0 = {"Dense_0": {"kernel": jnp.array([[1.0, 0.0]]), "bias": jnp.array([0.0])}}
+      >>> float(jaxl2.l2_penalty(params, 0.5, center=w0))  # 0.5/2 · ((1 − 1)² + (2 − 0)²)
+      1.0
     """
     chosen = _select.resolve(params, select)
     lams = _coefficients(chosen, l2)
-    sums = [_sq_sum(w) for _, w in chosen]
+    if center is None:
+        sums = [_sq_sum(w) for _, w in chosen]
+    else:
+        w0 = _center_of(params, center, chosen)
+        sums = [_sq_sum(w, w0[p]) for p, w in chosen]
     terms = [jnp.asarray(lam, s.dtype) / 2 * s for lam, s in zip(lams, sums)]
     dtype = jnp.result_type(*terms)
     return sum((t.astype(dtype) for t in terms[1:]), terms[0].astype(dtype))
 
 
 class Row(NamedTuple):
-    """One selected leaf: its path, shape, dtype and λ (``None`` when no λ was given)."""
+    """One selected leaf: its path, shape, dtype and λ (``None`` when no λ was given).
+
+    With a ``center``, also ``‖w₀‖`` and ``‖w − w₀‖`` of the leaf (else ``None``).
+    """
 
     path: str
     shape: tuple
     dtype: str
     l2: Any
+    center_norm: Any = None
+    center_dist: Any = None
 
 
 class Selection(list):
-    """A list of :class:`Row` that prints as a table."""
+    """A list of :class:`Row` that prints as a table (with ``‖w₀‖`` and ``‖w−w₀‖`` columns
+    when a center was given)."""
 
     def __str__(self) -> str:
-        head = ("path", "shape", "dtype", "λ")
-        body = [(r.path, "×".join(map(str, r.shape)) or "()", r.dtype, _fmt(r.l2)) for r in self]
+        centered = any(r.center_norm is not None for r in self)
+        head = ("path", "shape", "dtype", "λ") + (("‖w₀‖", "‖w−w₀‖") if centered else ())
+        body = [
+            (r.path, "×".join(map(str, r.shape)) or "()", r.dtype, _fmt(r.l2))
+            + ((_fmt(r.center_norm, ".4g"), _fmt(r.center_dist, ".4g")) if centered else ())
+            for r in self
+        ]
         widths = [max(len(str(c)) for c in col) for col in zip(head, *body)]
         lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [head, *body]]
         return "\n".join(lines[:1] + ["  ".join("-" * w for w in widths)] + lines[1:])
 
 
-def _fmt(lam: Any) -> str:
+def _fmt(lam: Any, spec: str = "g") -> str:
     if lam is None:
         return "-"
-    return "traced" if _is_traced(lam) else f"{float(lam):g}"
+    return "traced" if _is_traced(lam) else format(float(lam), spec)
 
 
-def selected(params: Any, l2: L2 | None = None, *, select: _select.Selector = None) -> Selection:
+def _norm(x: Any) -> Any:
+    """``‖x‖`` in float64 (a traced value stays traced, in at least float32)."""
+    if _is_traced(x):
+        return jnp.linalg.norm(jnp.asarray(x, jnp.promote_types(x.dtype, jnp.float32)))
+    return float(np.linalg.norm(np.asarray(x, np.float64)))
+
+
+def selected(
+    params: Any, l2: L2 | None = None, *, select: _select.Selector = None, center: Any = None
+) -> Selection:
     """What :func:`l2_penalty` would penalise: rows ``(path, shape, dtype, λ)``.
 
-    Printing the result gives a table, so rules can be checked before training.
+    Printing the result gives a table, so rules can be checked before training. With
+    ``center=w₀`` (checked as in :func:`l2_penalty`) each row also has ``‖w₀‖`` (is the
+    reference the one meant, not zeros?) and ``‖w − w₀‖`` (how far the weights are from
+    it: ``0`` when ``params`` are the pretrained weights themselves).
 
     Examples:
       >>> import jax.numpy as jnp, jaxl2
@@ -190,10 +401,84 @@ def selected(params: Any, l2: L2 | None = None, *, select: _select.Selector = No
       path            shape    dtype    λ
       --------------  -------  -------  -----
       Dense_0/kernel  784×256  float32  0.001
+      >>> w0 = {"Dense_0": {"kernel": jnp.full((784, 256), 0.5), "bias": jnp.zeros(256)}}
+      >>> print(jaxl2.selected(params, 1e-3, center=w0))  # ‖w₀‖ = 0.5·√(784·256)
+      path            shape    dtype    λ      ‖w₀‖  ‖w−w₀‖
+      --------------  -------  -------  -----  ----  ------
+      Dense_0/kernel  784×256  float32  0.001  224   224
     """
     chosen = _select.resolve(params, select)
     lams = [None] * len(chosen) if l2 is None else _coefficients(chosen, l2)
-    return Selection(Row(p, tuple(w.shape), str(w.dtype), lam) for lam, (p, w) in zip(lams, chosen))
+    rows = [Row(p, tuple(w.shape), str(w.dtype), lam) for lam, (p, w) in zip(lams, chosen)]
+    if center is not None:
+        w0 = _center_of(params, center, chosen)
+        rows = [
+            r._replace(center_norm=_norm(w0[r.path]), center_dist=_diff_norm(w, w0[r.path]))
+            for r, (_, w) in zip(rows, chosen)
+        ]
+    return Selection(rows)
+
+
+def _diff_norm(w: Any, w0: Any) -> Any:
+    if _is_traced(w) or _is_traced(w0):
+        acc = jnp.promote_types(w.dtype, jnp.float32)
+        return _norm(jnp.asarray(w, acc) - jnp.asarray(w0, acc))
+    return _norm(np.asarray(w, np.float64) - np.asarray(w0, np.float64))
+
+
+def _is_array(leaf: Any) -> bool:
+    return hasattr(leaf, "shape") and hasattr(leaf, "dtype")
+
+
+def coefficients(params: Any, l2: L2, *, select: _select.Selector = None) -> Any:
+    """The λ of every leaf of ``params``, as a pytree of the same structure.
+
+    A selected leaf gets its λ (the same rules as :func:`l2_penalty`: one λ, or the first
+    ``{regex: λ}`` pattern that matches its path), every other array leaf (a bias, a norm
+    scale, an integer array) gets ``0.0``, and every leaf that is not an array (an Equinox
+    module's activation functions) is returned unchanged, so that
+    ``jax.tree.structure(coefficients(params, l2)) == jax.tree.structure(params)`` for any
+    pytree: a Linen dict, an NNX ``State`` (its Variables then hold the λs), an
+    Equinox module whole or filtered with ``eqx.filter(model, eqx.is_array)`` (its
+    ``None`` leaves stay ``None``). The λs are returned as given (a float, a 0-d array, a
+    traced value); the zeros are the Python float ``0.0``.
+
+    It agrees with the penalty: ``l2_penalty(params, l2) = Σ_leaves c_leaf/2 · Σ w²`` summed
+    over the array leaves, with ``c = coefficients(params, l2)``, and the penalty's
+    gradient is ``c·w`` leaf by leaf.
+
+    Args:
+      params: any pytree of arrays, as in :func:`l2_penalty`.
+      l2: a λ, or an ordered ``{regex: λ}`` mapping, as in :func:`l2_penalty`.
+      select: which leaves, as in :func:`l2_penalty`.
+
+    Returns:
+      A pytree with the structure of ``params``.
+
+    Raises:
+      Jaxl2Error: as :func:`l2_penalty`: an empty selection, a bad λ, a bad pattern, a
+        pattern that matches no selected leaf (or only leaves an earlier pattern takes) or a
+        selected leaf that matches no pattern.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jaxl2.penalty import coefficients
+      >>> params = {
+      ...     "Dense_0": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)},
+      ...     "Dense_1": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)},
+      ... }
+      >>> coefficients(params, {".*Dense_0.*": 1e-2, ".*": 1e-3})
+      {'Dense_0': {'bias': 0.0, 'kernel': 0.01}, 'Dense_1': {'bias': 0.0, 'kernel': 0.001}}
+    """
+    chosen = _select.resolve(params, select)
+    lams = dict(zip((p for p, _ in chosen), _coefficients(chosen, l2)))
+
+    def coefficient(keypath: tuple, leaf: Any) -> Any:
+        if not _is_array(leaf):
+            return leaf
+        return lams.get(_select.path_str(keypath), 0.0)
+
+    return jax.tree_util.tree_map_with_path(coefficient, params)
 
 
 def regularized(
@@ -201,28 +486,37 @@ def regularized(
     l2: L2,
     *,
     select: _select.Selector = None,
+    center: Any = None,
     has_aux: bool = False,
 ) -> Callable[..., Any]:
     """Wraps ``loss_fn(params, *args)`` into ``loss_fn(params, *args) + λ/2·Σw²``.
 
     ``jax.grad`` of the result is the data gradient plus ``λ·w`` on the selected leaves.
-    With ``has_aux=True``, ``loss_fn`` returns ``(loss, aux)`` and the wrapper returns
-    ``(loss + penalty, aux')`` where ``aux'`` is ``aux`` (a mapping; anything else is put
-    under ``"aux"``) with ``"data_loss"`` and ``"penalty"`` added.
+    With ``center=w₀`` the penalty is ``λ/2·Σ(w − w₀)²`` (L2-SP) and the added gradient
+    ``λ·(w − w₀)``. With ``has_aux=True``, ``loss_fn`` returns ``(loss, aux)`` and the
+    wrapper returns ``(loss + penalty, aux')`` where ``aux'`` is ``aux`` (a mapping;
+    anything else is put under ``"aux"``) with ``"data_loss"`` and ``"penalty"`` added (an
+    ``aux`` mapping that already has either key is an error: it would be overwritten).
 
     Args:
       loss_fn: the data loss ``(params, *args, **kwargs) -> loss`` (or ``(loss, aux)``).
       l2: a λ, or an ordered ``{regex: λ}`` mapping, as in :func:`l2_penalty`.
       select: which leaves, as in :func:`l2_penalty`.
-      has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+      center: ``None``, or the reference weights ``w₀`` (a pytree like the params), as in
+        :func:`l2_penalty`. The wrapper holds on to it: a jitted loss sees it as a constant.
+      has_aux: whether ``loss_fn`` returns ``(loss, aux)``: ``True`` or ``False``.
 
     Returns:
       The regularized loss, with the signature of ``loss_fn``.
 
     Raises:
-      Jaxl2Error: at once for a bad λ, an empty mapping, a non-string key, an invalid regex
-        or a bad ``select``; at the call, when the selection or a pattern matches nothing
-        in the params it is given (only then are the paths known).
+      Jaxl2Error: at once for a ``loss_fn`` that is not callable, a ``has_aux`` that is not a
+        bool, a bad λ, an empty mapping, a non-string key, an invalid regex, a bad ``select``
+        or a ``center`` without arrays; at the call, when the selection or a pattern matches
+        nothing in the params it is given (or a pattern only paths an earlier one takes), or
+        ``center`` does not fit them (only then are the paths known), and with
+        ``has_aux=True`` when ``loss_fn`` does not return a pair or its ``aux`` mapping
+        already has a ``"data_loss"`` or ``"penalty"`` key.
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxl2
@@ -233,24 +527,44 @@ def regularized(
       >>> x, y = jnp.zeros((4, 2)), jnp.zeros((4, 1))
       >>> jax.grad(loss)(params, x, y)["Dense_0"]["kernel"].ravel().tolist()  # λ·w
       [0.5, 0.5]
+      >>> w0 = {"Dense_0": {"kernel": jnp.array([[0.5], [3.0]])}}
+      >>> loss_sp = jaxl2.regularized(mse, 0.5, center=w0)
+      >>> jax.grad(loss_sp)(params, x, y)["Dense_0"]["kernel"].ravel().tolist()  # λ·(w − w₀)
+      [0.25, -1.0]
     """
     # Everything that can be checked without params fails here, not at the first call.
-    if isinstance(l2, Mapping):
-        _rules(l2)
-    else:
-        check_l2(l2)
-    _select.predicate(select)
+    if not callable(loss_fn):
+        raise Jaxl2Error(
+            f"loss_fn must be callable, a function loss_fn(params, *args) -> loss, "
+            f"got {_what(loss_fn)}"
+        )
+    has_aux = check_bool(has_aux, "has_aux")
+    check_rules(l2, select=select, center=center)
 
     def loss(params, *args, **kwargs):
         out = loss_fn(params, *args, **kwargs)
-        pen = l2_penalty(params, l2, select=select)
+        pen = l2_penalty(params, l2, select=select, center=center)
         if not has_aux:
             return out + pen
+        if not (isinstance(out, (tuple, list)) and len(out) == 2):
+            raise Jaxl2Error(
+                f"with has_aux=True, loss_fn must return (loss, aux); it returned {_returned(out)}"
+            )
         data_loss, aux = out
-        aux = dict(aux) if isinstance(aux, Mapping) else {"aux": aux}
+        if isinstance(aux, Mapping):
+            if taken := [k for k in ("data_loss", "penalty") if k in aux]:
+                raise Jaxl2Error(
+                    f"loss_fn's aux already has a {taken[0]!r} entry, which jaxl2.regularized adds "
+                    f"(aux['data_loss'] is loss_fn's loss, aux['penalty'] the L2 penalty); "
+                    f"rename that key in loss_fn's aux"
+                )
+            aux = dict(aux)
+        else:
+            aux = {"aux": aux}
         aux.update(data_loss=data_loss, penalty=pen)
         return data_loss + pen, aux
 
+    what = "λ/2·Σw²" if center is None else "λ/2·Σ(w − w₀)²"
     loss.__name__ = f"regularized_{getattr(loss_fn, '__name__', 'loss')}"
-    loss.__doc__ = f"{getattr(loss_fn, '__name__', 'loss')} + λ/2·Σw² (jaxl2.regularized)."
+    loss.__doc__ = f"{getattr(loss_fn, '__name__', 'loss')} + {what} (jaxl2.regularized)."
     return loss

@@ -211,7 +211,9 @@ def test_eval_of_a_sweep_directory_says_so(tmp_path):
 
 
 def test_negative_split_seed_names_the_flag():
-    one_line_error(jaxl2("train", "--split-seed", "-1"), "--split-seed -1 is invalid (an integer >= 0)")
+    one_line_error(
+        jaxl2("train", "--split-seed", "-1"), "--split-seed -1 is invalid (an integer from 0 to 4294967295)"
+    )
 
 
 def test_small_idx_training_set_names_val_size(tmp_path):
@@ -253,7 +255,7 @@ def test_default_adam_learns(tmp_path):
 
 
 def test_a_run_at_chance_warns(capsys):
-    cli._warn_if_chance({"val_accuracy": 0.11, "lr": 0.3}, Config(optimizer="adam"))
+    cli._warn_if_chance([(0.11, 0.3, 1e-3)], Config(optimizer="adam"))
     err = capsys.readouterr().err
     assert "near chance" in err and "--lr" in err and err.count("\n") == 1
 
@@ -339,3 +341,131 @@ def test_val_size_error_from_data_names_the_field():
 
     with pytest.raises(ConfigError, match="val_size 4000 is invalid for a training split of 4000 images"):
         load("mnist5k", val_size=4000)
+
+
+# -- what a new user tried next ------------------------------------------------------------------------
+
+
+def test_overwrite_replaces_a_run_but_never_foreign_files(tmp_path, finished):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("important")
+    r = jaxl2("train", *TINY, "--out", str(precious), "--overwrite")
+    one_line_error(r, "holds files that are not a jaxl2 run's (thesis.txt)")
+    assert (precious / "thesis.txt").read_text() == "important"
+    r = jaxl2("train", *TINY, "--out", ".", "--overwrite", cwd=precious)
+    one_line_error(r, "holds files that are not a jaxl2 run's")
+    run = tmp_path / "run"
+    assert jaxl2("train", *TINY, "--out", str(run), "--quiet").returncode == 0
+    first = json.loads((run / "config.json").read_text())
+    r = jaxl2("train", *TINY, "--seed", "3", "--out", str(run), "--overwrite", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((run / "config.json").read_text())["seed"] == 3
+    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert [row["epoch"] for row in rows] == [1, 2]  # the old run's lines are gone, not appended to
+    assert first["seed"] == 0
+
+
+def test_sweep_overwrite_and_its_errors_name_only_its_own_flags(tmp_path):
+    out = tmp_path / "s"
+    args = ["sweep", "--l2", "0,1e-3", *TINY, "--out", str(out), "--quiet"]
+    assert jaxl2(*args).returncode == 0
+    r = jaxl2(*args)
+    one_line_error(r, "already holds a run (--overwrite to replace it")
+    assert "--resume" not in r.stderr
+    assert jaxl2(*args, "--overwrite").returncode == 0
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["train", "--devices", "0"], "--devices 0 is invalid (an integer >= 1)"),
+        (["train", "--devices", "-1"], "--devices -1 is invalid"),
+        (
+            ["train", "--seed", "9223372036854775808"],
+            "--seed 9223372036854775808 is invalid (an integer from 0",
+        ),
+        (["gradcheck", "--seed", "99999999999999999999"], "--seed 99999999999999999999 is invalid"),
+        (["train", "--l2", "-1e-3"], "--l2 must be a finite number >= 0, got -0.001"),
+        (["sweep", "--l2", "-1,0"], "--l2 must be a finite number >= 0, got -1.0"),
+        (["train", "--hidden", "-5,3"], "--hidden -5,3 is invalid"),
+        (["train", "--l2", "1e300"], "--l2 1e+300 is too large"),
+        (["sweep", "--seed", "-1"], "--seed -1 is invalid"),
+        (["train", "--out", ""], "--out is empty"),
+        (["gradcheck", "--l2", "-1"], "--l2 must be a finite number >= 0, got -1.0"),
+        ([], "a command is required (train, sweep, eval, bench or gradcheck"),
+    ],
+)
+def test_more_bad_input_is_one_line_naming_the_flag(tmp_path, args, match):
+    r = jaxl2(*args, cwd=tmp_path)
+    one_line_error(r, match)
+    assert "argument --" not in r.stderr  # the flag is named once, by our own message
+    assert not (tmp_path / "runs").exists()
+
+
+def test_per_layer_l2_items_may_have_spaces(tmp_path):
+    r = jaxl2(
+        "train", *TINY, "--l2", ".*Dense_0/kernel=1e-3, .*=1e-4", "--out", str(tmp_path / "r"), "--json"
+    )
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["l2"] == {
+        ".*Dense_0/kernel": 1e-3,
+        ".*": 1e-4,
+    }
+
+
+def test_eval_of_a_file_names_run(tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    one_line_error(jaxl2("eval", "--run", str(f)), f"--run {f} is a file")
+
+
+def test_eval_refuses_a_checkpoint_that_does_not_fit_its_config(tmp_path, finished):
+    import shutil
+
+    copy = tmp_path / "edited"
+    shutil.copytree(finished[0], copy)
+    cfg = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**cfg, "hidden": [64]}))
+    one_line_error(jaxl2("eval", "--run", str(copy)), "does not fit the model of its config.json")
+
+
+def test_idx_dataset_path_is_stored_absolute(tmp_path):
+    from tests.test_data import fake, write_idx
+
+    (tmp_path / "idx").mkdir()
+    x, y = fake(60)
+    write_idx(tmp_path / "idx", "train", x, y)
+    write_idx(tmp_path / "idx", "t10k", x, y)
+    r = jaxl2("train", "--dataset", "idx:idx", "--val-size", "10", *TINY[:4], "--batch-size", "10",
+              "--out", "r", "--quiet", cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["dataset"] == f"idx:{tmp_path / 'idx'}"
+    e = jaxl2("eval", "--run", str(tmp_path / "r"), "--json", cwd="/")
+    assert e.returncode == 0 and json.loads(e.stdout)["n"] == 60, e.stderr
+
+
+def test_a_closed_pipe_is_not_a_traceback(finished):
+    p = subprocess.Popen(
+        [sys.executable, "-m", "jaxl2", "eval", "--run", str(finished[0])],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    p.stdout.close()  # like `| head -0`: the reader is gone before anything is written
+    err = p.stderr.read()
+    assert p.wait(timeout=120) == 0, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err
+
+
+def test_a_sweep_member_at_chance_warns(tmp_path):
+    r = jaxl2("sweep", "--l2", "1e-3,5", *TINY, "--out", str(tmp_path / "s"), "--json")
+    assert r.returncode == 0, r.stderr
+    assert "1 of 2 members (first: λ 5.0)" in r.stderr and "near chance" in r.stderr
+
+
+def test_sweep_progress_is_one_line_per_epoch_without_a_terminal(tmp_path):
+    r = jaxl2("sweep", "--l2", "0,1e-3", *TINY, "--out", str(tmp_path / "s"))
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.splitlines()
+    assert "epoch 1/2" in lines and "epoch 2/2" in lines and "\r" not in r.stderr

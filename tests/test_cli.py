@@ -73,7 +73,7 @@ def test_train_human_summary(tmp_path):
             "--optimizer 'rmsprop' is unknown (allowed: sgd, momentum, adam, adamw, sgdw)",
         ),
         (["--dataset", "idx:/does/not/exist"], "idx:/does/not/exist: no such directory"),
-        (["--select", "nothing"], "select='nothing' matched no parameter"),
+        (["--select", "nothing"], "--select 'nothing' matched no parameter (kernels, or a regex"),
         (["--optimizer", "adamw", "--weight-decay", "1e-4"], "--weight-decay and --l2 together"),
         (["--hidden", "a,b"], "--hidden 'a,b' is invalid"),
     ],

@@ -17,7 +17,7 @@ Example:
   ...     validate(Config(split_seed=-1))
   ... except ConfigError as e:
   ...     print(e)
-  split_seed -1 is invalid (an integer >= 0)
+  split_seed -1 is invalid (an integer from 0 to 4294967295)
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ __all__ = [
     "SCHEDULES",
     "ACTIVATIONS",
     "INITS",
+    "SEED_LIMIT",
     "OPTIMIZERS",
     "Optimizer",
 ]
@@ -55,6 +56,8 @@ SPLITS = ("train", "val", "test")
 SCHEDULES = ("constant", "cosine")
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "gelu", "identity")
 INITS = ("lecun_normal", "normal")
+FLOAT32_MAX = 3.4028234663852886e38
+SEED_LIMIT = 2**32  # seeds are 0 ≤ seed < 2³² (JAX's and NumPy's keys take 32-bit seeds)
 
 
 class Optimizer(NamedTuple):
@@ -169,6 +172,10 @@ def _check_l2(l2: Any) -> None:
     def one(name: str, lam: Any) -> None:
         if not (_is_real(lam) and lam >= 0):
             raise ConfigError(f"{name} must be a finite number >= 0, got {lam!r}")
+        if lam > FLOAT32_MAX:
+            raise ConfigError(
+                f"{name} {lam!r} is too large (at most {FLOAT32_MAX:.3g}: training is in float32)"
+            )
 
     if isinstance(l2, Mapping):
         if not l2:
@@ -203,8 +210,8 @@ def validate(cfg: Config, num_train: int | None = None) -> Config:
         raise _unknown("dataset", cfg.dataset, DATASETS)
     if cfg.val_size is not None and not (_is_int(cfg.val_size) and cfg.val_size >= 1):
         raise _bad("val_size", cfg.val_size, "an integer >= 1")
-    if not (_is_int(cfg.split_seed) and cfg.split_seed >= 0):
-        raise _bad("split_seed", cfg.split_seed, "an integer >= 0")
+    if not (_is_int(cfg.split_seed) and 0 <= cfg.split_seed < SEED_LIMIT):
+        raise _bad("split_seed", cfg.split_seed, f"an integer from 0 to {SEED_LIMIT - 1}")
     _check_l2(cfg.l2)
     if cfg.select is not None:
         if not isinstance(cfg.select, str):
@@ -251,8 +258,8 @@ def validate(cfg: Config, num_train: int | None = None) -> Config:
         raise _unknown("activation", cfg.activation, ACTIVATIONS)
     if cfg.init not in INITS:
         raise _unknown("init", cfg.init, INITS)
-    if not (_is_int(cfg.seed) and cfg.seed >= 0):
-        raise _bad("seed", cfg.seed, "an integer >= 0")
+    if not (_is_int(cfg.seed) and 0 <= cfg.seed < SEED_LIMIT):
+        raise _bad("seed", cfg.seed, f"an integer from 0 to {SEED_LIMIT - 1}")
     if cfg.lr is None:
         cfg = dataclasses.replace(cfg, lr=OPTIMIZERS[cfg.optimizer].lr)
     return cfg

@@ -13,10 +13,7 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import signal
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -41,7 +38,6 @@ __all__ = [
     "member_summary",
     "kernel_sq_norm",
     "diverged_message",
-    "sigint_deferred",
 ]
 
 
@@ -51,21 +47,6 @@ class Diverged(Named, RuntimeError):
 
 class Interrupted(Named, RuntimeError):
     """SIGINT arrived; the epoch it interrupted was finished and checkpointed."""
-
-
-@contextlib.contextmanager
-def sigint_deferred() -> Iterator[dict[str, bool]]:
-    """Within the block, SIGINT only sets ``flag["sigint"]``: the loop finishes the epoch that
-    is running (an XLA computation is never torn down mid-flight) and stops after it."""
-    flag = {"sigint": False}
-    if threading.current_thread() is not threading.main_thread():
-        yield flag  # signal handlers can only be set from the main thread
-        return
-    old = signal.signal(signal.SIGINT, lambda *_: flag.update(sigint=True))
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGINT, old)
 
 
 def load_and_check(cfg: Config, l2s: Sequence[float] | None = None) -> tuple[Config, _data.Dataset]:

@@ -90,11 +90,19 @@ def abstract_params(cfg: Config) -> Any:
 
 def check_selection(cfg: Config) -> None:
     """``cfg.select`` and ``cfg.l2`` against the model's params (an empty match is an error)."""
+    params = abstract_params(cfg)
     try:
-        jaxl2.selected(abstract_params(cfg), cfg.l2, select=selector_of(cfg))
+        _select.resolve(params, selector_of(cfg))
+    except jaxl2.Jaxl2Error:
+        paths = ", ".join(p for p, _ in _select.leaves(params))
+        raise ConfigError(
+            f"{field('select')} {cfg.select!r} matched no parameter (kernels, or a regex over the "
+            f"paths: {paths})"
+        ) from None
+    try:
+        jaxl2.selected(params, cfg.l2, select=selector_of(cfg))
     except jaxl2.Jaxl2Error as e:
-        which = "l2" if "l2 pattern" in str(e) or "matches no l2 pattern" in str(e) else "select"
-        raise ConfigError(f"{field(which)}: {e}") from None
+        raise ConfigError(f"{field('l2')}: {e}") from None
 
 
 def reference_problem(cfg: Config, batch: int = 64, seed: int = 0):

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from jaxl2.mnist import data as _data
-from jaxl2.mnist import parallel
+from jaxl2.mnist import parallel, sigint
 from jaxl2.mnist.config import FIELDS, SPLITS, Config, ConfigError, field, validate
 from jaxl2.mnist.loop import (
     Best,
@@ -31,7 +31,6 @@ from jaxl2.mnist.loop import (
     load_and_check,
     member_summary,
     run_epochs,
-    sigint_deferred,
 )
 from jaxl2.mnist.model import abstract_params
 from jaxl2.mnist.rundir import (
@@ -57,9 +56,9 @@ def _version() -> str:
     return __version__
 
 
-def load_run_config(out: str) -> Config:
+def load_run_config(out: str, name: str = "out") -> Config:
     """The :class:`Config` of the training run in ``out`` (an error for a sweep or no run)."""
-    d = load_config(out)
+    d = load_config(out, name)
     if d.get("kind") == "sweep":
         raise ConfigError(f"{out} is a sweep, not a training run")
     return run_config(d, os.path.join(out, "config.json"))
@@ -116,6 +115,9 @@ def train_and_evaluate(
     if not (isinstance(checkpoint_every, int) and checkpoint_every >= 1):
         raise ConfigError(f"{field('checkpoint_every')} {checkpoint_every} is invalid (an integer >= 1)")
     cfg, ds = load_and_check(cfg)
+    sigint.check()
+    if devices is not None and not (isinstance(devices, int) and devices >= 1):
+        raise ConfigError(f"{field('devices')} {devices} is invalid (an integer >= 1)")
     n_dev = jax.device_count() if devices is None else devices
     mesh = None
     if n_dev > 1 or jax.process_count() > 1:
@@ -142,6 +144,7 @@ def train_and_evaluate(
 
 
 def _train(cfg, ds, out, mesh, primary, resume, checkpoint_every, on_start, on_epoch) -> dict[str, Any]:
+    sigint.check()
     if on_start:
         on_start()
     trainer = Trainer(cfg, len(ds.train.y), mesh=mesh)
@@ -173,7 +176,7 @@ def _train(cfg, ds, out, mesh, primary, resume, checkpoint_every, on_start, on_e
         return f"{diverged_message(cfg, cfg.l2, epoch, int(steps[0]), trainer.steps_per_epoch)} {ckpt.last_good()}"
 
     train_seconds, compile_seconds, train_epoch = 0.0, 0.0, None
-    with sigint_deferred() as stop, contextlib.closing(ckpt):
+    with sigint.deferred(), contextlib.closing(ckpt):
         if start < cfg.epochs:
             t0 = time.perf_counter()
             train_epoch = trainer.train_epoch.lower(state, *data[:2]).compile()
@@ -196,7 +199,7 @@ def _train(cfg, ds, out, mesh, primary, resume, checkpoint_every, on_start, on_e
                     mfile.flush()
                     os.fsync(mfile.fileno())
                 last = ep.epoch == cfg.epochs
-                if last or stop["sigint"] or ep.epoch % checkpoint_every == 0:
+                if last or sigint.pending() or ep.epoch % checkpoint_every == 0:
                     run_state = {
                         "state": state,
                         "best_params": best.params,
@@ -206,8 +209,11 @@ def _train(cfg, ds, out, mesh, primary, resume, checkpoint_every, on_start, on_e
                     ckpt.save(ep.epoch, run_state, best.epoch)
                 if on_epoch:
                     on_epoch(row)
-                if stop["sigint"] and not last:
-                    raise Interrupted(f"interrupted after epoch {ep.epoch}; checkpoint saved in {out}")
+                if sigint.pending() and not last:
+                    sigint.clear()
+                    stopped = Interrupted(f"interrupted after epoch {ep.epoch}; checkpoint saved in {out}")
+                    stopped.out = out
+                    raise stopped
 
     rows = read_metrics(metrics_path)
     if primary:
@@ -238,7 +244,7 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Accuracy and data loss (cross-entropy) of a run's best checkpoint on ``split`` of
     ``dataset`` (default: the run's own dataset and split seed)."""
-    cfg = load_run_config(out)
+    cfg = load_run_config(out, "run")
     if split not in SPLITS:
         raise ConfigError(f"{field('split')} {split!r} is unknown (allowed: {', '.join(SPLITS)})")
     if not os.path.isdir(os.path.join(out, "best")):
@@ -254,10 +260,17 @@ def evaluate_run(
     if part is None:
         raise ConfigError(f"{field('dataset')} {dataset} has no {split} split")
     ckpt = Checkpoints(out)
+    like = abstract_params(cfg)
     try:
-        params = ckpt.restore_best(abstract_params(cfg))
+        params = ckpt.restore_best(like)
     finally:
         ckpt.close()
+    shapes = [(np.shape(a), b.shape) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(like))]
+    if len(jax.tree.leaves(params)) != len(jax.tree.leaves(like)) or any(a != b for a, b in shapes):
+        raise ConfigError(
+            f"{field('run')} {out}: the best checkpoint does not fit the model of its config.json "
+            "(was config.json edited?)"
+        )
     trainer = Trainer(cfg, cfg.batch_size)  # evaluation only: num_train just sizes the lr schedule
     ev = jax.device_get(trainer.evaluate(params, part.x, part.y))
     return {

@@ -101,17 +101,39 @@ def default_out(root: str, prefix: str) -> str:
     raise ConfigError(f"{field('out')}: could not create a new directory under {root}")  # pragma: no cover
 
 
-def _check_out(out: str) -> None:
+# What a run or a sweep writes: all that --overwrite may remove.
+RUN_ENTRIES = frozenset(
+    {"config.json", "metrics.jsonl", "checkpoints", "best", "curves.png", "summary.json"}
+    | {"sweep.json", "sweep.csv", "sweep.png"}
+)
+
+
+def _check_out(out: str, name: str = "out") -> None:
+    if not out:
+        raise ConfigError(f"{field(name)} is empty (give a directory path)")
     if os.path.exists(out) and not os.path.isdir(out):
-        raise ConfigError(f"{field('out')} {out} is a file, not a directory (give a directory path)")
+        raise ConfigError(f"{field(name)} {out} is a file, not a directory (give a directory path)")
 
 
-def prepare(out: str, config_json: dict[str, Any], *, resume: bool, overwrite: bool) -> bool:
+def _replace_run(out: str) -> None:
+    """Removes what a run wrote in ``out``, and nothing else (``out`` itself stays)."""
+    for name in os.listdir(out):
+        path = os.path.join(out, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+
+
+def prepare(
+    out: str, config_json: dict[str, Any], *, resume: bool, overwrite: bool, resumable: bool = True
+) -> bool:
     """Makes ``out`` ready for a run and writes its ``config.json``; returns whether ``out`` was
     absent or empty before (so that a run that fails before its first checkpoint removes it).
 
-    ``resume`` needs a ``config.json`` there (the run's own settings win); a directory that
-    holds another run needs ``overwrite``.
+    ``resume`` needs a ``config.json`` there (the run's own settings win). A directory that
+    holds a run needs ``overwrite``, which removes that run's files; a directory that holds
+    anything else is refused, ``overwrite`` or not (jaxl2 deletes only what it wrote).
     """
     _check_out(out)
     cfg_path = os.path.join(out, "config.json")
@@ -122,14 +144,22 @@ def prepare(out: str, config_json: dict[str, Any], *, resume: bool, overwrite: b
                 f"{field('resume')}"
             )
         return False
-    if os.path.isdir(out) and os.listdir(out):
-        if not overwrite:
-            what = "a run" if os.path.exists(cfg_path) else "other files"
+    entries = set(os.listdir(out)) if os.path.isdir(out) else set()
+    if entries:
+        foreign = sorted(e for e in entries if e not in RUN_ENTRIES and not e.endswith(".tmp"))
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (", …" if len(foreign) > 5 else "")
             raise ConfigError(
-                f"{field('out')} {out} already holds {what} (use {field('resume')} to continue it, "
-                f"{field('overwrite')} to replace it, or another {field('out')})"
+                f"{field('out')} {out} holds files that are not a jaxl2 run's ({shown}); give a new or "
+                f"empty directory (jaxl2 never deletes what it did not write)"
             )
-        shutil.rmtree(out)
+        if not overwrite:
+            how = f"use {field('resume')} to continue it, " if resumable else ""
+            raise ConfigError(
+                f"{field('out')} {out} already holds a run ({how}{field('overwrite')} to replace it, "
+                f"or another {field('out')})"
+            )
+        _replace_run(out)
     try:
         os.makedirs(out, exist_ok=True)
         write_json(cfg_path, config_json)
@@ -138,9 +168,10 @@ def prepare(out: str, config_json: dict[str, Any], *, resume: bool, overwrite: b
     return True
 
 
-def load_config(out: str) -> dict[str, Any]:
-    """The ``config.json`` of the run in ``out``, as a dict (``kind`` tells a run from a sweep)."""
-    _check_out(out)
+def load_config(out: str, name: str = "out") -> dict[str, Any]:
+    """The ``config.json`` of the run in ``out``, as a dict (``kind`` tells a run from a sweep);
+    errors name the argument ``name`` (``out``, or ``run`` for an evaluation)."""
+    _check_out(out, name)
     path = os.path.join(out, "config.json")
     try:
         with open(path) as f:

@@ -1,7 +1,7 @@
 """Pure training: the state pytree, a jitted ``train_step``, a whole epoch in one ``lax.scan``.
 
-L2 enters only through :func:`jaxl2.regularized`: the loss is ``CE + λ/2·Σw²`` over the
-selected kernels and ``jax.grad`` adds ``λ·w`` to their gradients. Decoupled weight decay
+The step is :func:`jaxl2.make_train_step` (the library's, the only step in the project): the
+loss is ``CE + λ/2·Σw²`` over the selected kernels and ``jax.grad`` adds ``λ·w`` to their gradients. Decoupled weight decay
 (``adamw``) lives in the optimizer instead.
 
 Example:
@@ -13,7 +13,7 @@ Example:
   >>> x, y = jnp.zeros((4, 784)), jnp.zeros((4,), jnp.int32)
   >>> state, metrics = trainer.train_step(state, (x, y))
   >>> sorted(metrics)
-  ['accuracy', 'data_loss', 'grad_norm', 'loss', 'param_norm', 'penalty']
+  ['accuracy', 'data_loss', 'grad_norm', 'loss', 'param_norm', 'penalty', 'update_norm']
 """
 
 from __future__ import annotations
@@ -26,11 +26,12 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from jaxl2 import select as _select
+from jaxl2.decay import add_decayed_weights
 from jaxl2.mnist.config import INPUT_DIM, OPTIMIZERS, Config, validate
 from jaxl2.mnist.model import model_of, selector_of
 from jaxl2.mnist.runtime import XLA_OPTIONS
-from jaxl2.penalty import regularized
+from jaxl2.select import mask
+from jaxl2.step import make_train_step
 
 __all__ = ["TrainState", "Trainer", "make_optimizer", "cross_entropy"]
 
@@ -55,16 +56,12 @@ def make_optimizer(cfg: Config, steps_per_epoch: int) -> optax.GradientTransform
         return optax.sgd(lr, momentum=cfg.momentum)
     if cfg.optimizer == "adam":
         return optax.adam(lr)
-    pred = _select.predicate(selector_of(cfg))
-
-    def mask(params):  # decay the selected leaves only, like the L2 penalty
-        return jax.tree_util.tree_map_with_path(lambda kp, x: bool(pred(_select.path_str(kp), x)), params)
-
-    if cfg.optimizer == "adamw":
-        return optax.adamw(lr, weight_decay=cfg.weight_decay, mask=mask)
-    if cfg.optimizer == "sgdw":  # decay added to the update before momentum: coupled, = L2 for SGD
+    select = selector_of(cfg)
+    if cfg.optimizer == "adamw":  # decoupled decay of the selected leaves only, like the penalty
+        return optax.adamw(lr, weight_decay=cfg.weight_decay, mask=functools.partial(mask, select=select))
+    if cfg.optimizer == "sgdw":  # decay added to the gradient before momentum: coupled, = L2 for SGD
         return optax.chain(
-            optax.add_decayed_weights(cfg.weight_decay, mask), optax.sgd(lr, momentum=cfg.momentum)
+            add_decayed_weights(cfg.weight_decay, select=select), optax.sgd(lr, momentum=cfg.momentum)
         )
     raise ValueError(f"unknown optimizer {cfg.optimizer!r} (allowed: {', '.join(OPTIMIZERS)})")
 
@@ -125,27 +122,11 @@ class Trainer:
         return ce, {"accuracy": acc}
 
     def step_fn(self, state: TrainState, batch, l2=None):
-        x_BxD, y_B = batch
-        l2 = self.cfg.l2 if l2 is None else l2
-        if self.penalty:
-            loss_fn = regularized(self.data_loss, l2, select=self.select, has_aux=True)
-        else:
-
-            def loss_fn(params, x, y):
-                ce, aux = self.data_loss(params, x, y)
-                return ce, {**aux, "data_loss": ce, "penalty": jnp.zeros_like(ce)}
-
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, x_BxD, y_B)
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {
-            "loss": loss,
-            "data_loss": aux["data_loss"],
-            "penalty": aux["penalty"],
-            "accuracy": aux["accuracy"],
-            "param_norm": optax.tree.norm(state.params),
-            "grad_norm": optax.tree.norm(grads),
-        }
+        """One step of :func:`jaxl2.make_train_step` on the MLP's cross-entropy; ``l2`` overrides
+        ``cfg.l2`` (a traced λ in the sweep)."""
+        l2 = (self.cfg.l2 if l2 is None else l2) if self.penalty else 0.0
+        step = make_train_step(self.data_loss, self.tx, l2=l2, select=self.select, has_aux=True)
+        params, opt_state, metrics = step(state.params, state.opt_state, *batch)
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     def batches(self, state: TrainState, num_examples: int) -> jax.Array:

@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxl2.mnist.config import OPTIMIZERS, Config, ConfigError, field
+from jaxl2.mnist import sigint
+from jaxl2.mnist.config import OPTIMIZERS, SEED_LIMIT, Config, ConfigError, field, validate
 from jaxl2.mnist.loop import (
     Best,
     Interrupted,
@@ -34,7 +35,6 @@ from jaxl2.mnist.loop import (
     load_and_check,
     member_summary,
     run_epochs,
-    sigint_deferred,
 )
 from jaxl2.mnist.rundir import default_out, prepare, write_json
 from jaxl2.mnist.runtime import XLA_OPTIONS, device_name
@@ -150,6 +150,7 @@ def train_sweep(
     out: str | None = None,
     *,
     execution: str = "auto",
+    overwrite: bool = False,
     budget_bytes: int | None = None,
     on_epoch: Callable[[int, int], None] | None = None,
     log: Callable[[str], None] = lambda s: None,
@@ -164,14 +165,18 @@ def train_sweep(
     """
     if execution not in EXECUTIONS:
         raise ConfigError(f"{field('execution')} {execution!r} is unknown (allowed: {', '.join(EXECUTIONS)})")
+    validate(cfg)  # its seed first: the seeds below count from it
     seeds = list(seeds)
-    if not seeds or any(not isinstance(s, int) or s < 0 for s in seeds):
-        raise ConfigError(f"{field('seeds')} {seeds} is invalid (one or more integers >= 0)")
+    if not seeds or any(not isinstance(s, int) or not 0 <= s < SEED_LIMIT for s in seeds):
+        raise ConfigError(
+            f"{field('seeds')} {seeds} is invalid (one or more integers from 0 to {SEED_LIMIT - 1})"
+        )
     cfg, ds = load_and_check(cfg, list(l2s))
     out = default_out("runs", "sweep") if out is None else out
     config_json = {**cfg.to_json(), "kind": "sweep", "l2": [float(v) for v in l2s], "seeds": seeds}
-    created = prepare(out, config_json, resume=False, overwrite=False)
+    created = prepare(out, config_json, resume=False, overwrite=overwrite, resumable=False)
     try:
+        sigint.check()
         summary = _sweep(cfg, ds, [float(v) for v in l2s], seeds, execution, budget_bytes, on_epoch, log)
         summary["out"] = out
         _write_outputs(out, summary)
@@ -229,12 +234,13 @@ def _sweep(cfg, ds, l2s, seeds, execution, budget_bytes, on_epoch, log) -> dict[
             return sweeper.epoch(states, x, y, l2_K)
 
         epochs = range(1, cfg.epochs + 1)
-        with sigint_deferred() as stop:
+        with sigint.deferred():
             for ep in run_epochs(epoch_fn, sweeper.evaluate, states, data, epochs, best, diverged):
                 states = ep.state
                 if on_epoch:
                     on_epoch(ep.epoch, cfg.epochs)
-                if stop["sigint"] and ep.epoch < cfg.epochs:
+                if sigint.pending() and ep.epoch < cfg.epochs:
+                    sigint.clear()
                     raise Interrupted(f"sweep interrupted after epoch {ep.epoch} of {cfg.epochs}")
         for i, (lam, seed) in enumerate(chunk):
             best_i, final_i = _unstack(best.params, i), _unstack(states.params, i)

@@ -1,0 +1,184 @@
+"""make_train_step against hand-written updates, on Linen, NNX and Equinox params, jitted."""
+
+import equinox as eqx
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import jaxl2
+
+
+def ce(logits, y):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+@pytest.fixture(scope="module")
+def batch():
+    rng = np.random.default_rng(0)
+    return jnp.asarray(rng.uniform(size=(16, 6)), jnp.float32), jnp.asarray(np.arange(16) % 3)
+
+
+class Linen(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3)(nn.tanh(nn.Dense(5)(x)))
+
+
+def hand_sgd(params, grads, lr, lam, selected):
+    """w − lr·(g + λ·w) on selected leaves, w − lr·g elsewhere, in float64."""
+    out = {}
+    for (path, w), (_, g) in zip(jaxl2.select.leaves(params), jaxl2.select.leaves(grads)):
+        w64, g64 = np.asarray(w, np.float64), np.asarray(g, np.float64)
+        out[path] = w64 - lr * (g64 + (lam * w64 if path in selected else 0.0))
+    return out
+
+
+def test_linen_step_is_hand_written_sgd_with_l2(batch):
+    x, y = batch
+    model = Linen()
+    params = model.init(jax.random.key(0), x)
+    params = jax.tree_util.tree_map(lambda a: a + 0.1, params)  # non-zero biases
+    data_loss = lambda p, x, y: ce(model.apply(p, x), y)  # noqa: E731
+    tx = optax.sgd(0.3)
+    step = jax.jit(jaxl2.make_train_step(data_loss, tx, l2=0.05), donate_argnums=(0, 1))
+    grads = jax.grad(data_loss)(params, x, y)  # the data gradient alone
+    want = hand_sgd(params, grads, 0.3, 0.05, {"params/Dense_0/kernel", "params/Dense_1/kernel"})
+    pen = (
+        0.05
+        / 2
+        * sum(
+            float(np.sum(np.asarray(w, np.float64) ** 2))
+            for p, w in jaxl2.select.leaves(params)
+            if "kernel" in p
+        )
+    )
+    ref_loss = float(data_loss(params, x, y)) + pen
+    new, _, m = step(params, tx.init(params), x, y)
+    for path, w in jaxl2.select.leaves(new):
+        np.testing.assert_allclose(np.asarray(w), want[path], rtol=1e-5, atol=1e-6, err_msg=path)
+    assert float(m["penalty"]) == pytest.approx(pen, rel=1e-5)
+    assert float(m["loss"]) == pytest.approx(ref_loss, rel=1e-5)
+
+
+def test_metrics_norms_against_numpy(batch):
+    x, y = batch
+    model = Linen()
+    params = model.init(jax.random.key(1), x)
+    flat0 = np.concatenate([np.asarray(w, np.float64).ravel() for w in jax.tree.leaves(params)])
+    data_loss = lambda p, x, y: ce(model.apply(p, x), y)  # noqa: E731
+    step = jaxl2.make_train_step(data_loss, optax.sgd(0.5), l2=1e-2)
+    grads = jax.grad(jaxl2.regularized(data_loss, 1e-2))(params, x, y)
+    new, _, m = step(params, optax.sgd(0.5).init(params), x, y)
+    flat1 = np.concatenate([np.asarray(w, np.float64).ravel() for w in jax.tree.leaves(new)])
+    g = np.concatenate([np.asarray(w, np.float64).ravel() for w in jax.tree.leaves(grads)])
+    assert float(m["param_norm"]) == pytest.approx(np.linalg.norm(flat0), rel=1e-5)
+    assert float(m["grad_norm"]) == pytest.approx(np.linalg.norm(g), rel=1e-5)
+    assert float(m["update_norm"]) == pytest.approx(np.linalg.norm(flat1 - flat0), rel=1e-4)
+
+
+def test_jitted_step_compiles_once_and_donates(batch):
+    x, y = batch
+    model = Linen()
+    params = model.init(jax.random.key(0), x)
+    data_loss = lambda p, x, y: ce(model.apply(p, x), y)  # noqa: E731
+    tx = optax.adam(1e-2)
+    step = jax.jit(jaxl2.make_train_step(data_loss, tx, l2=1e-3), donate_argnums=(0, 1))
+    state = tx.init(params)
+    old = params
+    for _ in range(3):
+        params, state, _ = step(params, state, x, y)
+    assert step._cache_size() == 1
+    assert jax.tree.leaves(old)[0].is_deleted()  # the first params' buffers were donated
+
+
+def test_has_aux_metrics_pass_through(batch):
+    x, y = batch
+    model = Linen()
+    params = model.init(jax.random.key(0), x)
+
+    def data_loss(p, x, y):
+        logits = model.apply(p, x)
+        return ce(logits, y), {"accuracy": jnp.mean(jnp.argmax(logits, -1) == y)}
+
+    _, _, m = jaxl2.make_train_step(data_loss, optax.sgd(0.1), l2=1e-3, has_aux=True)(
+        params, optax.sgd(0.1).init(params), x, y
+    )
+    logits = model.apply(params, x)
+    assert float(m["accuracy"]) == pytest.approx(float(np.mean(np.argmax(logits, -1) == np.asarray(y))))
+    assert float(m["loss"]) == pytest.approx(float(m["data_loss"]) + float(m["penalty"]), rel=1e-6)
+
+
+def test_nnx_state_step(batch):
+    x, y = batch
+    model = nnx.Sequential(nnx.Linear(6, 5, rngs=nnx.Rngs(0)), nnx.tanh, nnx.Linear(5, 3, rngs=nnx.Rngs(1)))
+    graphdef, params = nnx.split(model, nnx.Param)
+    data_loss = lambda p, x, y: ce(nnx.merge(graphdef, p)(x), y)  # noqa: E731
+    tx = optax.sgd(0.2)
+    grads = jax.grad(data_loss)(params, x, y)
+    want = hand_sgd(params, grads, 0.2, 0.1, {"layers/0/kernel", "layers/2/kernel"})
+    new, _, _ = jax.jit(jaxl2.make_train_step(data_loss, tx, l2=0.1))(params, tx.init(params), x, y)
+    for path, w in jaxl2.select.leaves(new):
+        np.testing.assert_allclose(np.asarray(w), want[path], rtol=1e-5, atol=1e-6, err_msg=path)
+
+
+def test_equinox_module_step_keeps_non_array_leaves(batch):
+    x, y = batch
+    model = eqx.nn.MLP(6, 3, width_size=5, depth=1, key=jax.random.key(0))
+    data_loss = lambda m, x, y: ce(jax.vmap(m)(x), y)  # noqa: E731
+    tx = optax.sgd(0.2)
+    opt_state = tx.init(eqx.filter(model, eqx.is_array))
+    step = eqx.filter_jit(jaxl2.make_train_step(data_loss, tx, l2=0.1, select=jaxl2.select.equinox))
+    grads = eqx.filter_grad(data_loss)(model, x, y)
+    want = hand_sgd(model, grads, 0.2, 0.1, {"layers/0/weight", "layers/1/weight"})
+    new, _, m = step(model, opt_state, x, y)
+    for path, w in jaxl2.select.leaves(new):
+        np.testing.assert_allclose(np.asarray(w), want[path], rtol=1e-5, atol=1e-6, err_msg=path)
+    assert new.activation is model.activation and new.final_activation is model.final_activation
+    assert float(m["penalty"]) > 0
+
+
+def test_l2_zero_selects_nothing_but_a_positive_l2_must_match(batch):
+    x, y = batch
+    model = eqx.nn.MLP(6, 3, width_size=5, depth=1, key=jax.random.key(0))
+    data_loss = lambda m, x, y: ce(jax.vmap(m)(x), y)  # noqa: E731
+    tx = optax.sgd(0.1)
+    _, _, m = jaxl2.make_train_step(data_loss, tx)(model, tx.init(eqx.filter(model, eqx.is_array)), x, y)
+    assert float(m["penalty"]) == 0.0
+    with pytest.raises(jaxl2.Jaxl2Error, match="matched no parameter"):  # default: 'kernel' leaves
+        jaxl2.make_train_step(data_loss, tx, l2=1e-3)(model, tx.init(eqx.filter(model, eqx.is_array)), x, y)
+
+
+def test_vmapped_lambda_equals_separate_steps(batch):
+    x, y = batch
+    model = Linen()
+    params = model.init(jax.random.key(0), x)
+    data_loss = lambda p, x, y: ce(model.apply(p, x), y)  # noqa: E731
+    tx = optax.sgd(0.3, momentum=0.9)
+
+    def one(lam):
+        return jaxl2.make_train_step(data_loss, tx, l2=lam)(params, tx.init(params), x, y)[0]
+
+    lams = jnp.array([0.0, 1e-2, 1e-1])
+    stacked = jax.vmap(one)(lams)
+    for i, lam in enumerate([0.0, 1e-2, 1e-1]):
+        alone = jaxl2.make_train_step(data_loss, tx, l2=lam)(params, tx.init(params), x, y)[0]
+        for a, b in zip(jax.tree.leaves(alone), jax.tree.leaves(stacked)):
+            np.testing.assert_allclose(np.asarray(b[i]), np.asarray(a), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"loss_fn": 3}, "loss_fn must be a function"),
+        ({"tx": "sgd"}, "tx must be an optax"),
+        ({"l2": -1.0}, "l2"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    args = {"loss_fn": lambda p: 0.0, "tx": optax.sgd(0.1), **kwargs}
+    with pytest.raises(jaxl2.Jaxl2Error, match=match):
+        jaxl2.make_train_step(args.pop("loss_fn"), args.pop("tx"), **args)
