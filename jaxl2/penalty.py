@@ -535,8 +535,7 @@ def regularized(
     # Everything that can be checked without params fails here, not at the first call.
     if not callable(loss_fn):
         raise Jaxl2Error(
-            f"loss_fn must be callable, a function loss_fn(params, *args) -> loss, "
-            f"got {_what(loss_fn)}"
+            f"loss_fn must be callable, a function loss_fn(params, *args) -> loss, got {_what(loss_fn)}"
         )
     has_aux = check_bool(has_aux, "has_aux")
     check_rules(l2, select=select, center=center)

@@ -116,7 +116,6 @@ def make_train_step(
     if not (hasattr(tx, "init") and hasattr(tx, "update")):
         raise Jaxl2Error(f"tx must be an optax GradientTransformation, got {type(tx).__name__}")
     penalised = not _is_zero(l2)
-    extra = {} if center is None else {"center": center}
 
     def data_only(params, *batch):
         out = loss_fn(params, *batch)
@@ -127,9 +126,11 @@ def make_train_step(
     if not penalised:
         objective = data_only
     elif has_aux:
-        objective = regularized(loss_fn, l2, select=select, has_aux=True, **extra)
+        objective = regularized(loss_fn, l2, select=select, center=center, has_aux=True)
     else:
-        objective = regularized(lambda p, *b: (loss_fn(p, *b), {}), l2, select=select, has_aux=True, **extra)
+        objective = regularized(
+            lambda p, *b: (loss_fn(p, *b), {}), l2, select=select, center=center, has_aux=True
+        )
 
     def step(params: Any, opt_state: Any, *batch: Any) -> tuple[Any, Any, dict[str, jax.Array]]:
         arrays, merge = _split(params)

@@ -223,8 +223,10 @@ def test_decoupled_decay_under_momentum_is_not_l2():
         (conventions.from_keras, (-1.0,), "keras l2 must be a finite number >= 0"),
         (conventions.to_keras, (float("nan"),), "lam must be a finite number >= 0"),
         (conventions.from_torch_weight_decay, (float("inf"),), "weight_decay must be a finite number"),
-        (conventions.from_decoupled, (1e-3, 0.0), "lr must be > 0"),
-        (conventions.from_decoupled, (1e-3, "0.1"), "lr must be a finite number"),
+        (conventions.from_decoupled, (1e-3, 0.0), r"^lr must be a finite number > 0 .*, got 0.0 \(float\)$"),
+        (conventions.from_decoupled, (1e-3, -1), r"^lr must be a finite number > 0 .*, got -1 \(int\)$"),
+        (conventions.from_decoupled, (1e-3, float("nan")), r"^lr must be a finite number > 0 .*, got nan"),
+        (conventions.from_decoupled, (1e-3, "0.1"), r"^lr must be a finite number > 0 .*'0.1' \(str\)$"),
         (conventions.from_keras, ("5e-4",), "keras l2 must be a finite number >= 0 .*'5e-4' \\(str\\)"),
         (conventions.from_sklearn_alpha, (1.0, 0), "n_samples must be a positive integer"),
     ],
@@ -232,3 +234,28 @@ def test_decoupled_decay_under_momentum_is_not_l2():
 def test_conversion_errors(fn, args, match):
     with pytest.raises(jaxl2.Jaxl2Error, match=match):
         fn(*args)
+
+
+def test_decoupled_lr_messages_agree():
+    """lr = 0 and lr < 0 are refused for the same reason, in the same words."""
+    messages = []
+    for lr in (0, -1, 0.0, -0.1):
+        with pytest.raises(jaxl2.Jaxl2Error) as e:
+            conventions.from_decoupled(1e-4, lr)
+        messages.append(str(e.value).split(", got")[0])
+    assert set(messages) == {"lr must be a finite number > 0 (a float or a 0-d array)"}
+
+
+@pytest.mark.parametrize("flag", ["no", "False", 0, 1, None, np.array(False)], ids=repr)
+def test_decoupled_scaled_by_lr_must_be_a_bool(flag):
+    with pytest.raises(jaxl2.Jaxl2Error, match=r"^scaled_by_lr must be True or False, got "):
+        conventions.from_decoupled(1e-4, 0.1, scaled_by_lr=flag)
+
+
+def test_decoupled_scaled_by_lr_message_in_full_and_numpy_bools_accepted():
+    with pytest.raises(jaxl2.Jaxl2Error) as e:
+        conventions.from_decoupled(1e-4, 0.1, scaled_by_lr="no")
+    assert str(e.value) == "scaled_by_lr must be True or False, got 'no' (str)"
+    # λ = wd when scaled by lr, wd/lr when not (hand arithmetic)
+    assert conventions.from_decoupled(1e-4, 0.5, scaled_by_lr=np.bool_(True)) == pytest.approx(1e-4)
+    assert conventions.from_decoupled(1e-4, 0.5, scaled_by_lr=np.bool_(False)) == pytest.approx(2e-4)

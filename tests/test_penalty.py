@@ -132,9 +132,7 @@ def test_per_layer_first_match_wins_and_catch_all():
     rules = collections.OrderedDict([(".*Dense_0/kernel", 0.1), (".*", 0.02)])
     expected = np_penalty([k0], 0.1) + np_penalty([k1], 0.02)
     assert float(jaxl2.l2_penalty(p, rules)) == pytest.approx(expected, rel=1e-6)
-    # order matters: a catch-all first takes everything
-    swapped = {".*": 0.02, ".*Dense_0/kernel": 0.1}
-    assert float(jaxl2.l2_penalty(p, swapped)) == pytest.approx(np_penalty([k0, k1], 0.02), rel=1e-6)
+    # order matters: a catch-all first takes everything (and a pattern behind it is an error, below)
     rows = jaxl2.selected(p, rules)
     assert [(r.path, r.l2) for r in rows] == [("params/Dense_0/kernel", 0.1), ("params/Dense_1/kernel", 0.02)]
     g = jax.grad(lambda q: jaxl2.l2_penalty(q, rules))(p)
@@ -143,6 +141,54 @@ def test_per_layer_first_match_wins_and_catch_all():
     # an explicit zero leaves a layer unpenalised on purpose
     only0 = {".*Dense_0/kernel": 0.1, ".*": 0.0}
     assert float(jaxl2.l2_penalty(p, only0)) == pytest.approx(np_penalty([k0], 0.1), rel=1e-6)
+
+
+def test_a_pattern_partly_behind_an_earlier_one_applies_where_it_is_first():
+    p = linen_params()
+    k0, k1 = p["params"]["Dense_0"]["kernel"], p["params"]["Dense_1"]["kernel"]
+    # '.*kernel' also matches Dense_0, which '.*Dense_0.*' takes; it is first for Dense_1 only
+    rules = {".*Dense_0.*": 0.1, ".*kernel": 0.02}
+    expected = np_penalty([k0], 0.1) + np_penalty([k1], 0.02)
+    assert float(jaxl2.l2_penalty(p, rules)) == pytest.approx(expected, rel=1e-6)
+    assert [r.l2 for r in jaxl2.selected(p, rules)] == [0.1, 0.02]
+
+
+def _shadowed_calls(params, l2):
+    """Every public entry point that applies {regex: λ} rules to params."""
+    from jaxl2.decay import add_decayed_weights
+
+    return {
+        "l2_penalty": lambda: jaxl2.l2_penalty(params, l2),
+        "selected": lambda: jaxl2.selected(params, l2),
+        "coefficients": lambda: jaxl2.coefficients(params, l2),
+        "regularized": lambda: jaxl2.regularized(lambda q: 0.0, l2)(params),
+        "jit(regularized)": lambda: jax.jit(jaxl2.regularized(lambda q: 0.0, l2))(params),
+        "add_decayed_weights.init": lambda: add_decayed_weights(l2).init(params),
+    }
+
+
+@pytest.mark.parametrize("entry", list(_shadowed_calls(None, None)))
+def test_a_pattern_hidden_behind_an_earlier_catch_all_is_an_error(entry):
+    """First match wins, so a pattern never first for any selected path could never apply."""
+    p = linen_params()
+    catch_all_first = {".*": 1e-3, ".*Dense_0/kernel": 1e-4}
+    with pytest.raises(jaxl2.Jaxl2Error) as e:
+        _shadowed_calls(p, catch_all_first)[entry]()
+    assert str(e.value) == (
+        "l2 pattern '.*Dense_0/kernel' never applies: every selected path it matches is taken by "
+        "an earlier pattern ('.*'); put it first"
+    )
+    # hidden behind two patterns, each taking one of its paths: both are named, in rule order
+    two = {".*Dense_1.*": 0.1, ".*Dense_0.*": 0.2, ".*kernel": 0.3}
+    with pytest.raises(jaxl2.Jaxl2Error) as e:
+        _shadowed_calls(p, two)[entry]()
+    assert str(e.value) == (
+        "l2 pattern '.*kernel' never applies: every selected path it matches is taken by "
+        "earlier patterns ('.*Dense_1.*', '.*Dense_0.*'); put it first"
+    )
+    # put first, it applies
+    fixed = {".*Dense_0/kernel": 1e-4, ".*": 1e-3}
+    _shadowed_calls(p, fixed)[entry]()
 
 
 @pytest.mark.parametrize(
@@ -160,6 +206,7 @@ def test_per_layer_first_match_wins_and_catch_all():
             r"l2 pattern 'nomatch' matches no selected parameter.*Dense_0/kernel",
         ),
         ({".*bias": 0.1, ".*": 0.1}, None, r"l2 pattern '\.\*bias' matches no selected parameter"),
+        ({".*": 0.1, ".*Dense_1.*": 0.2}, None, r"^l2 pattern '\.\*Dense_1\.\*' never applies"),
         ({".*": -0.5}, None, r"l2\['\.\*'\] must be a finite number >= 0 .*, got -0.5 \(float\)"),
         ({}, None, r"l2 mapping is empty"),
         (
@@ -360,3 +407,111 @@ def test_jitted_loss_does_not_recompile_on_new_params():
     assert len(traces) == 1
     assert loss._cache_size() == 1
     assert float(a) != float(b)
+
+
+def test_regularized_refuses_a_loss_fn_that_is_not_callable():
+    with pytest.raises(jaxl2.Jaxl2Error) as e:
+        jaxl2.regularized(5, 1e-3)
+    assert str(e.value) == "loss_fn must be callable, a function loss_fn(params, *args) -> loss, got 5 (int)"
+    with pytest.raises(jaxl2.Jaxl2Error, match=r"^loss_fn must be callable.*got None \(NoneType\)"):
+        jaxl2.regularized(None, 1e-3, has_aux=True)
+
+
+@pytest.mark.parametrize("flag", ["yes", "False", 1, 0, None, np.array(True), jnp.array(False)], ids=repr)
+def test_regularized_has_aux_must_be_a_bool(flag):
+    with pytest.raises(jaxl2.Jaxl2Error, match=r"^has_aux must be True or False, got .* \(\w+\)$"):
+        jaxl2.regularized(lambda p: (0.0, {}), 1e-3, has_aux=flag)
+
+
+def test_regularized_has_aux_message_in_full_and_numpy_bools_accepted():
+    with pytest.raises(jaxl2.Jaxl2Error) as e:
+        jaxl2.regularized(lambda p: (0.0, {}), 1e-3, has_aux="yes")
+    assert str(e.value) == "has_aux must be True or False, got 'yes' (str)"
+    p = {"d": {"kernel": jnp.asarray(W)}}
+    total, aux = jaxl2.regularized(lambda q: (jnp.float32(1.0), {}), 0.5, has_aux=np.bool_(True))(p)
+    assert float(total) == pytest.approx(1.0 + np_penalty([W], 0.5), rel=1e-6)
+    assert float(jaxl2.regularized(lambda q: jnp.float32(1.0), 0.5, has_aux=np.bool_(False))(p)) == float(
+        total
+    )
+
+
+@pytest.mark.parametrize(
+    "out, shown",
+    [
+        (jnp.float32(1.0), "an ArrayImpl of dtype float32 and shape ()"),
+        (1.0, "a float"),
+        ((jnp.float32(1.0), {}, 3), "a tuple of length 3"),
+        ([jnp.float32(1.0)], "a list of length 1"),
+    ],
+    ids=repr,
+)
+def test_has_aux_loss_that_does_not_return_a_pair_is_a_jaxl2error(out, shown):
+    p = {"d": {"kernel": jnp.asarray(W)}}
+    loss = jaxl2.regularized(lambda q: out, 1e-3, has_aux=True)
+    with pytest.raises(jaxl2.Jaxl2Error) as e:
+        loss(p)
+    assert str(e.value) == f"with has_aux=True, loss_fn must return (loss, aux); it returned {shown}"
+
+
+def test_has_aux_loss_that_returns_a_scalar_fails_the_same_under_jit_and_grad():
+    p = {"d": {"kernel": jnp.asarray(W)}}
+    loss = jaxl2.regularized(lambda q: jnp.sum(q["d"]["kernel"]), 1e-3, has_aux=True)
+    for call in (jax.jit(loss), jax.grad(loss, has_aux=True)):
+        with pytest.raises(jaxl2.Jaxl2Error, match=r"^with has_aux=True, loss_fn must return \(loss, aux\)"):
+            call(p)
+
+
+@pytest.mark.parametrize("key", ["data_loss", "penalty"])
+def test_has_aux_mapping_that_already_has_an_added_key_is_an_error(key):
+    p = {"d": {"kernel": jnp.asarray(W)}}
+    loss = jaxl2.regularized(lambda q: (jnp.float32(1.0), {key: 7.0, "acc": 0.5}), 1e-3, has_aux=True)
+    with pytest.raises(jaxl2.Jaxl2Error, match=rf"^loss_fn's aux already has a '{key}' entry"):
+        loss(p)
+    # other keys pass through untouched, next to the two that are added
+    ok = jaxl2.regularized(lambda q: (jnp.float32(1.0), {"acc": 0.5}), 0.5, has_aux=True)
+    total, aux = ok(p)
+    assert sorted(aux) == ["acc", "data_loss", "penalty"]
+    assert float(aux["penalty"]) == pytest.approx(np_penalty([W], 0.5), rel=1e-6)
+    assert float(total) == pytest.approx(1.0 + np_penalty([W], 0.5), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "returned, shown",
+    [
+        ("no", r"'no' \(str\)"),
+        ("", r"'' \(str\)"),
+        (1, r"1 \(int\)"),
+        (None, r"None \(NoneType\)"),
+        (jnp.array(True), r"\(ArrayImpl\)"),
+        (np.array(True), r"\(ndarray\)"),
+    ],
+    ids=repr,
+)
+def test_select_predicate_must_return_a_bool(returned, shown):
+    p = linen_params()
+
+    def pred(path, leaf):
+        return returned
+
+    calls = {
+        "l2_penalty": lambda: jaxl2.l2_penalty(p, 1e-3, select=pred),
+        "selected": lambda: jaxl2.selected(p, select=pred),
+        "coefficients": lambda: jaxl2.coefficients(p, 1e-3, select=pred),
+        "regularized": lambda: jaxl2.regularized(lambda q: 0.0, 1e-3, select=pred)(p),
+        "mask": lambda: select.mask(p, select=pred),
+    }
+    for name, call in calls.items():
+        with pytest.raises(jaxl2.Jaxl2Error, match=r"^select predicate returned (.* )?" + shown) as e:
+            call()
+        assert "for path 'params/Dense_0/bias'; it must return True or False" in str(e.value), name
+
+
+def test_select_predicate_message_in_full_and_numpy_bools_accepted():
+    p = {"params": {"Dense_0": {"kernel": jnp.asarray(W)}}}
+    with pytest.raises(jaxl2.Jaxl2Error) as e:
+        jaxl2.l2_penalty(p, 1e-3, select=lambda path, leaf: "no")
+    assert str(e.value) == (
+        "select predicate returned 'no' (str) for path 'params/Dense_0/kernel'; it must return True or False"
+    )
+    pen = jaxl2.l2_penalty(p, 0.5, select=lambda path, leaf: np.bool_(leaf.ndim == 2))
+    assert float(pen) == pytest.approx(np_penalty([W], 0.5), rel=1e-6)

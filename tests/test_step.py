@@ -182,3 +182,16 @@ def test_bad_arguments(kwargs, match):
     args = {"loss_fn": lambda p: 0.0, "tx": optax.sgd(0.1), **kwargs}
     with pytest.raises(jaxl2.Jaxl2Error, match=match):
         jaxl2.make_train_step(args.pop("loss_fn"), args.pop("tx"), **args)
+
+
+def test_center_pulls_toward_reference_weights():
+    w0 = {"dense": {"kernel": jnp.full((2, 2), 0.5), "bias": jnp.zeros(2)}}
+    params = {"dense": {"kernel": jnp.array([[1.0, 2.0], [0.0, -1.0]]), "bias": jnp.ones(2)}}
+    step = jaxl2.make_train_step(
+        lambda p: 0.0 * jnp.sum(p["dense"]["bias"]), optax.sgd(0.1), l2=0.5, center=w0
+    )
+    new, _, m = step(params, optax.sgd(0.1).init(params))
+    k, k0 = np.asarray(params["dense"]["kernel"], np.float64), 0.5
+    np.testing.assert_allclose(np.asarray(new["dense"]["kernel"]), k - 0.1 * 0.5 * (k - k0), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(new["dense"]["bias"]), np.ones(2))
+    assert float(m["penalty"]) == pytest.approx(0.5 / 2 * np.sum((k - k0) ** 2), rel=1e-6)
