@@ -78,6 +78,8 @@ def parse_l2(text: str) -> float | dict[str, float]:
                 f"--l2 {text!r} is neither a number nor PATTERN=λ[,PATTERN=λ...] "
                 "(e.g. --l2 1e-3 or --l2 '.*Dense_0/kernel=1e-3,.*=1e-4')"
             )
+        if pattern in out:
+            raise argparse.ArgumentTypeError(f"--l2 {text!r}: pattern {pattern!r} is given twice")
         try:
             out[pattern] = float(lam)
         except ValueError:

@@ -481,6 +481,34 @@ def coefficients(params: Any, l2: L2, *, select: _select.Selector = None) -> Any
     return jax.tree_util.tree_map_with_path(coefficient, params)
 
 
+def add_penalty(out: Any, penalty: Any, *, has_aux: bool) -> Any:
+    """``loss_fn``'s output with ``penalty`` added: ``loss + penalty``, or with ``has_aux``
+    ``(loss + penalty, aux')`` where ``aux'`` is ``aux`` (a mapping; anything else is kept under
+    ``"aux"``) plus ``"data_loss"`` (the loss) and ``"penalty"``.
+
+    Examples:
+      >>> add_penalty((2.0, {"accuracy": 0.5}), 0.25, has_aux=True)
+      (2.25, {'accuracy': 0.5, 'data_loss': 2.0, 'penalty': 0.25})
+    """
+    if not has_aux:
+        return out + penalty
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise Jaxl2Error(f"with has_aux=True, loss_fn must return (loss, aux); it returned {_returned(out)}")
+    data_loss, aux = out
+    if isinstance(aux, Mapping):
+        if taken := [k for k in ("data_loss", "penalty") if k in aux]:
+            raise Jaxl2Error(
+                f"loss_fn's aux already has a {taken[0]!r} entry, which jaxl2 adds "
+                "(aux['data_loss'] is loss_fn's loss, aux['penalty'] the L2 penalty); "
+                "rename that key in loss_fn's aux"
+            )
+        aux = dict(aux)
+    else:
+        aux = {"aux": aux}
+    aux.update(data_loss=data_loss, penalty=penalty)
+    return data_loss + penalty, aux
+
+
 def regularized(
     loss_fn: Callable[..., Any],
     l2: L2,
@@ -542,26 +570,7 @@ def regularized(
 
     def loss(params, *args, **kwargs):
         out = loss_fn(params, *args, **kwargs)
-        pen = l2_penalty(params, l2, select=select, center=center)
-        if not has_aux:
-            return out + pen
-        if not (isinstance(out, (tuple, list)) and len(out) == 2):
-            raise Jaxl2Error(
-                f"with has_aux=True, loss_fn must return (loss, aux); it returned {_returned(out)}"
-            )
-        data_loss, aux = out
-        if isinstance(aux, Mapping):
-            if taken := [k for k in ("data_loss", "penalty") if k in aux]:
-                raise Jaxl2Error(
-                    f"loss_fn's aux already has a {taken[0]!r} entry, which jaxl2.regularized adds "
-                    f"(aux['data_loss'] is loss_fn's loss, aux['penalty'] the L2 penalty); "
-                    f"rename that key in loss_fn's aux"
-                )
-            aux = dict(aux)
-        else:
-            aux = {"aux": aux}
-        aux.update(data_loss=data_loss, penalty=pen)
-        return data_loss + pen, aux
+        return add_penalty(out, l2_penalty(params, l2, select=select, center=center), has_aux=has_aux)
 
     what = "λ/2·Σw²" if center is None else "λ/2·Σ(w − w₀)²"
     loss.__name__ = f"regularized_{getattr(loss_fn, '__name__', 'loss')}"

@@ -31,7 +31,7 @@ import optax
 
 from jaxl2 import select as _select
 from jaxl2.errors import Jaxl2Error
-from jaxl2.penalty import L2, check_l2, regularized
+from jaxl2.penalty import L2, add_penalty, check_bool, check_l2, regularized
 
 __all__ = ["make_train_step"]
 
@@ -117,11 +117,14 @@ def make_train_step(
         raise Jaxl2Error(f"tx must be an optax GradientTransformation, got {type(tx).__name__}")
     penalised = not _is_zero(l2)
 
+    has_aux = check_bool(has_aux, "has_aux")
+
     def data_only(params, *batch):
         out = loss_fn(params, *batch)
-        data_loss, aux = out if has_aux else (out, {})
-        aux = dict(aux) if isinstance(aux, Mapping) else {"aux": aux}
-        return data_loss, {**aux, "data_loss": data_loss, "penalty": jnp.zeros_like(data_loss)}
+        if not has_aux:
+            out = (out, {})
+        data_loss = out[0] if isinstance(out, tuple | list) and len(out) == 2 else out
+        return add_penalty(out, jnp.zeros_like(data_loss), has_aux=True)
 
     if not penalised:
         objective = data_only

@@ -195,3 +195,19 @@ def test_center_pulls_toward_reference_weights():
     np.testing.assert_allclose(np.asarray(new["dense"]["kernel"]), k - 0.1 * 0.5 * (k - k0), rtol=1e-6)
     np.testing.assert_array_equal(np.asarray(new["dense"]["bias"]), np.ones(2))
     assert float(m["penalty"]) == pytest.approx(0.5 / 2 * np.sum((k - k0) ** 2), rel=1e-6)
+
+
+@pytest.mark.parametrize("l2", [0.0, 1e-3])
+def test_aux_errors_are_the_same_with_and_without_a_penalty(l2):
+    params = {"dense": {"kernel": jnp.ones((2, 2))}}
+    tx = optax.sgd(0.1)
+    scalar = jaxl2.make_train_step(lambda p: jnp.sum(p["dense"]["kernel"]), tx, l2=l2, has_aux=True)
+    with pytest.raises(jaxl2.Jaxl2Error, match=r"must return \(loss, aux\)"):
+        scalar(params, tx.init(params))
+    clash = jaxl2.make_train_step(
+        lambda p: (jnp.sum(p["dense"]["kernel"]), {"penalty": 0.0}), tx, l2=l2, has_aux=True
+    )
+    with pytest.raises(jaxl2.Jaxl2Error, match="already has a 'penalty' entry"):
+        clash(params, tx.init(params))
+    with pytest.raises(jaxl2.Jaxl2Error, match="has_aux must be True or False"):
+        jaxl2.make_train_step(lambda p: 0.0, tx, l2=l2, has_aux="yes")
