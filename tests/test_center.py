@@ -1,7 +1,6 @@
 """L2-SP, center=w₀: l2_penalty, regularized, selected and gradcheck against NumPy float64 hand math."""
 
 import equinox as eqx
-import flax.linen as nn
 import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
@@ -13,6 +12,7 @@ from hypothesis import given, settings
 import jaxl2
 from jaxl2 import select
 from jaxl2.penalty import check_center
+from tests.test_penalty import NnxNet, linen_params
 
 
 def np64(x):
@@ -22,17 +22,6 @@ def np64(x):
 def np_sp_penalty(pairs, lam):
     """Σ λ/2·Σ(w − w₀)² in float64 over (w, w₀) pairs, written out."""
     return sum(lam / 2 * float(np.sum((np64(w) - np64(w0)) ** 2)) for w, w0 in pairs)
-
-
-def linen_params(seed=0):
-    class Net(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            x = nn.Dense(5)(x)
-            x = nn.LayerNorm()(x)
-            return nn.Dense(3)(nn.relu(x))
-
-    return Net().init(jax.random.key(seed), jnp.ones((1, 4)))
 
 
 def shifted(params, seed=1, scale=0.3):
@@ -46,14 +35,6 @@ def shifted(params, seed=1, scale=0.3):
 
 def kernels_of(p):
     return [p["params"]["Dense_0"]["kernel"], p["params"]["Dense_1"]["kernel"]]
-
-
-class NnxNet(nnx.Module):
-    def __init__(self, rngs):
-        self.emb = nnx.Embed(7, 4, rngs=rngs)
-        self.l1 = nnx.Linear(4, 6, rngs=rngs)
-        self.ln = nnx.LayerNorm(6, rngs=rngs)
-        self.layers = nnx.List([nnx.Linear(6, 2, rngs=rngs)])
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])

@@ -15,24 +15,7 @@ import jaxl2
 from jaxl2 import select
 from jaxl2.decay import add_decayed_weights
 from jaxl2.penalty import coefficients
-
-
-def problem(seed=0):
-    rng = np.random.default_rng(seed)
-    params = {
-        "Dense_0": {"kernel": rng.normal(size=(6, 4)), "bias": rng.normal(size=4)},
-        "Dense_1": {"kernel": rng.normal(size=(4, 3)), "bias": rng.normal(size=3)},
-    }
-    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), params)
-    x = jnp.asarray(rng.normal(size=(16, 6)), jnp.float32)
-    y = jnp.asarray(rng.integers(0, 3, 16))
-
-    def data_loss(p, x, y):
-        h = jnp.tanh(x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"])
-        logits = h @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"]
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-    return params, data_loss, x, y
+from tests.test_conventions import problem
 
 
 def mask_where(params, keep):

@@ -19,7 +19,7 @@ def np_penalty(named_arrays, lam):
     return sum(lam / 2 * float(np.sum(np.asarray(w, np.float64) ** 2)) for w in named_arrays)
 
 
-def linen_params():
+def linen_params(seed=0):
     class Net(nn.Module):
         @nn.compact
         def __call__(self, x):
@@ -27,7 +27,7 @@ def linen_params():
             x = nn.LayerNorm()(x)
             return nn.Dense(3)(nn.relu(x))
 
-    return Net().init(jax.random.key(0), jnp.ones((1, 4)))
+    return Net().init(jax.random.key(seed), jnp.ones((1, 4)))
 
 
 class NnxNet(nnx.Module):
