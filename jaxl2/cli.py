@@ -396,14 +396,29 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         f"sweep directory: {summary['out']} ({len(summary['results'])} members, {summary['execution']}, "
         f"{summary['seconds']:.1f} s; {summary['device']})"
     )
-    print(f"{'λ':>8} {'seed':>4} {'train':>7} {'val':>7} {'test':>7} {'gap':>6} {'Σ‖W‖²':>8}")
-    for r in summary["results"]:
-        print(
-            f"{r['l2']:>8g} {r['seed']:>4} {100 * r['train_accuracy']:>6.2f}% {100 * r['val_accuracy']:>6.2f}% "
-            f"{100 * r['test_accuracy']:>6.2f}% {100 * r['gap']:>5.2f} {sum(r['kernel_sq_norm'].values()):>8.1f}"
-        )
-    print(f"selected λ (best mean val accuracy): {summary['selected_l2']:g}")
+    print(format_per_l2(summary["per_l2"]))
+    print(
+        f"selected λ: {summary['selected_l2']:g} (best mean val accuracy); "
+        f"{summary['selected_l2_1se']:g} (lambda.1se: the largest λ within one standard error of it)"
+    )
+    print(f"every member: {os.path.join(summary['out'], 'sweep.csv')}")
     return 0
+
+
+def format_per_l2(rows: list[dict[str, Any]]) -> str:
+    """The sweep's table: per λ, mean ± std over seeds of the accuracies (%) and of Σ‖W‖²."""
+
+    def pm(d: dict[str, float], scale: float = 100.0, digits: int = 2) -> str:
+        return f"{scale * d['mean']:.{digits}f} ± {scale * d['std']:.{digits}f}"
+
+    head = f"{'λ':>8} {'seeds':>5} {'train %':>15} {'val %':>15} {'test %':>15} {'Σ‖W‖²':>17}"
+    lines = [head]
+    for r in rows:
+        lines.append(
+            f"{r['l2']:>8g} {r['seeds']:>5} {pm(r['train_accuracy']):>15} {pm(r['val_accuracy']):>15} "
+            f"{pm(r['test_accuracy']):>15} {pm(r['kernel_sq_norm'], 1.0, 1):>17}"
+        )
+    return "\n".join(lines)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -549,7 +564,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--quiet", action="store_true", help="no progress (on a terminal one line; else one line per epoch)"
     )
-    g.add_argument("--json", action="store_true", help='print only {"selected_l2": …, "results": […]}')
+    g.add_argument(
+        "--json",
+        action="store_true",
+        help='print only {"selected_l2": …, "selected_l2_1se": …, "per_l2": […], "results": […]}',
+    )
     sw.set_defaults(func=cmd_sweep)
 
     e = sub.add_parser(

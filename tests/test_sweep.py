@@ -118,3 +118,39 @@ def test_cli_sweep_json(tmp_path):
         "kernel_sq_norm",
     ):
         assert key in d["results"][0]
+
+
+def test_lambda_1se_and_per_l2_against_hand_math():
+    from jaxl2.mnist.sweep import per_l2, select_l2_1se
+
+    def row(lam, seed, val, train=1.0, test=0.5, norm=2.0):
+        return {"l2": lam, "seed": seed, "val_accuracy": val, "train_accuracy": train,
+                "test_accuracy": test, "kernel_sq_norm": {"a": norm, "b": 1.0}}  # fmt: skip
+
+    results = [row(0.0, 0, 0.90), row(0.0, 1, 0.96), row(1e-3, 0, 0.92), row(1e-3, 1, 0.94),
+               row(1e-2, 0, 0.901), row(1e-2, 1, 0.90)]  # fmt: skip
+    # best mean: λ = 0 and 1e-3 tie at 0.93, the larger λ wins; SE = std([.92, .94], ddof=1)/√2 = 0.01
+    assert select_l2(results) == 1e-3
+    assert select_l2_1se(results) == 1e-3  # 1e-2's mean 0.9005 < 0.93 − 0.01
+    results[4]["val_accuracy"] = 0.941  # now 1e-2's mean 0.9205 ≥ 0.92
+    assert select_l2_1se(results) == 1e-2
+    assert select_l2_1se([row(0.0, 0, 0.9), row(1e-3, 0, 0.8)]) == 0.0  # one seed: SE 0, the best
+    rows = per_l2(results)
+    assert [r["l2"] for r in rows] == [0.0, 1e-3, 1e-2] and rows[0]["seeds"] == 2
+    assert rows[2]["val_accuracy"]["mean"] == pytest.approx((0.941 + 0.90) / 2)
+    assert rows[2]["val_accuracy"]["std"] == pytest.approx(np.std([0.941, 0.90]))
+    assert rows[0]["kernel_sq_norm"] == {"mean": 3.0, "std": 0.0}
+
+
+def test_sweep_prints_mean_and_std_per_lambda(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "jaxl2", "sweep", "--hidden", "16", "--epochs", "2", "--batch-size", "500",
+         "--l2", "0,1e-3", "--seeds", "2", "--out", str(tmp_path / "s"), "--quiet"],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    summary = json.load(open(tmp_path / "s" / "sweep.json"))
+    val0 = [m["val_accuracy"] for m in summary["results"] if m["l2"] == 0.0]
+    line = next(ln for ln in r.stdout.splitlines() if ln.split()[:2] == ["0", "2"])
+    assert f"{100 * np.mean(val0):.2f} ± {100 * np.std(val0):.2f}" in line
+    assert f"{summary['selected_l2_1se']:g} (lambda.1se" in r.stdout

@@ -40,7 +40,7 @@ from jaxl2.mnist.rundir import default_out, prepare, write_json
 from jaxl2.mnist.runtime import XLA_OPTIONS, device_name
 from jaxl2.mnist.steps import Trainer
 
-__all__ = ["SweepTrainer", "train_sweep", "select_l2", "members_that_fit"]
+__all__ = ["SweepTrainer", "train_sweep", "select_l2", "select_l2_1se", "per_l2", "members_that_fit"]
 
 EXECUTIONS = ("auto", "vmap", "sequential")
 
@@ -78,15 +78,54 @@ class SweepTrainer:
         return _stack([self.trainer.init(s) for s in seeds])
 
 
+def _by_l2(results: Sequence[dict[str, Any]], key: str) -> dict[float, list[float]]:
+    by: dict[float, list[float]] = {}
+    for r in results:
+        by.setdefault(r["l2"], []).append(r[key])
+    return by
+
+
 def select_l2(results: Sequence[dict[str, Any]]) -> float:
     """The λ with the best mean **validation** accuracy over seeds (ties: the larger λ).
 
     The test accuracy is never looked at.
     """
-    by_l2: dict[float, list[float]] = {}
-    for r in results:
-        by_l2.setdefault(r["l2"], []).append(r["val_accuracy"])
+    by_l2 = _by_l2(results, "val_accuracy")
     return max(by_l2, key=lambda lam: (np.mean(by_l2[lam]), lam))
+
+
+def select_l2_1se(results: Sequence[dict[str, Any]]) -> float:
+    """glmnet's ``lambda.1se``: the **largest** λ whose mean validation accuracy is within one
+    standard error of the best mean, ``SE = std(ddof=1)/√n`` over the best λ's seeds (0 with one
+    seed, where it is the best-mean choice). It prefers the simpler model among the ties.
+
+    Example:
+      >>> rows = [{"l2": lam, "val_accuracy": a} for lam, a in
+      ...         [(0.0, 0.90), (0.0, 0.92), (1e-3, 0.95), (1e-3, 0.93), (1e-2, 0.935), (1e-2, 0.935)]]
+      >>> select_l2(rows), select_l2_1se(rows)  # best mean 0.94 ± 0.01; 0.935 is within it
+      (0.001, 0.01)
+    """
+    by_l2 = _by_l2(results, "val_accuracy")
+    best = select_l2(results)
+    accs = by_l2[best]
+    se = float(np.std(accs, ddof=1) / np.sqrt(len(accs))) if len(accs) > 1 else 0.0
+    return max(lam for lam, v in by_l2.items() if np.mean(v) >= np.mean(accs) - se)
+
+
+def per_l2(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per λ: the number of seeds and, for train / val / test accuracy and ``Σ‖W‖²``,
+    the mean and the standard deviation (``ddof=0``) over seeds, in λ order."""
+    rows = []
+    for lam in sorted({r["l2"] for r in results}):
+        members = [r for r in results if r["l2"] == lam]
+        row: dict[str, Any] = {"l2": lam, "seeds": len(members)}
+        for key in ("train_accuracy", "val_accuracy", "test_accuracy"):
+            vals = [m[key] for m in members]
+            row[key] = {"mean": float(np.mean(vals)), "std": float(np.std(vals))}
+        norms = [sum(m["kernel_sq_norm"].values()) for m in members]
+        row["kernel_sq_norm"] = {"mean": float(np.mean(norms)), "std": float(np.std(norms))}
+        rows.append(row)
+    return rows
 
 
 def members_that_fit(cfg: Config, num_train: int, budget_bytes: int) -> int:
@@ -252,6 +291,8 @@ def _sweep(cfg, ds, l2s, seeds, execution, budget_bytes, on_epoch, log) -> dict[
             results.append(row)
     return {
         "selected_l2": select_l2(results),
+        "selected_l2_1se": select_l2_1se(results),
+        "per_l2": per_l2(results),
         "results": results,
         "execution": sweeper.execution,
         "chunks": len(chunks),
@@ -276,4 +317,5 @@ def _write_outputs(out: str, summary: dict[str, Any]) -> None:
 
 
 def results_json(summary: dict[str, Any]) -> str:
-    return json.dumps({"selected_l2": summary["selected_l2"], "results": summary["results"]})
+    keys = ("selected_l2", "selected_l2_1se", "per_l2", "results")
+    return json.dumps({k: summary[k] for k in keys})
