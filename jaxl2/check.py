@@ -36,6 +36,7 @@ import numpy as np
 from jaxl2 import select as _select
 from jaxl2.errors import Jaxl2Error
 from jaxl2.penalty import L2, check_center, l2_penalty, regularized, selected
+from jaxl2.table import format_table
 
 __all__ = ["GradcheckReport", "gradcheck"]
 
@@ -76,10 +77,8 @@ class GradcheckReport:
                 str(self.finite_difference_max_rel_err <= self.rtol),
             ),
         ]
-        w = [max(len(r[i]) for r in rows) for i in range(4)]
-        lines = ["  ".join(c.ljust(n) for c, n in zip(r, w)).rstrip() for r in rows]
         tail = f"{self.n_selected} of {self.n_params} leaves penalised; float64; ok={self.ok}"
-        return "\n".join([lines[0], "  ".join("-" * n for n in w), *lines[1:], tail])
+        return f"{format_table(rows[0], rows[1:])}\n{tail}"
 
 
 def _to64(tree: Any) -> Any:

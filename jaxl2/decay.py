@@ -40,6 +40,7 @@ import optax
 from jaxl2 import select as _select
 from jaxl2.errors import Jaxl2Error
 from jaxl2.penalty import L2, check_center, check_rules, selected
+from jaxl2.table import format_shape, format_table
 
 __all__ = ["add_decayed_weights", "audit", "AuditRow", "Audit"]
 
@@ -189,7 +190,7 @@ class Audit(list):
         body = [
             (
                 r.path,
-                "×".join(map(str, r.shape)) or "()",
+                format_shape(r.shape),
                 r.dtype,
                 "yes" if r.selected else "no",
                 "yes" if r.decayed else "no",
@@ -199,9 +200,7 @@ class Audit(list):
             )
             for r in self
         ]
-        widths = [max(len(str(c)) for c in col) for col in zip(head, *body)]
-        lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [head, *body]]
-        return "\n".join(lines[:1] + ["  ".join("-" * w for w in widths)] + lines[1:])
+        return format_table(head, body)
 
 
 def _probe(params: Any) -> Any:

@@ -21,6 +21,7 @@ import numpy as np
 
 from jaxl2 import select as _select
 from jaxl2.errors import Jaxl2Error
+from jaxl2.table import format_shape, format_table
 
 L2 = float | jax.Array | Mapping[str, Any]
 
@@ -362,13 +363,11 @@ class Selection(list):
         centered = any(r.center_norm is not None for r in self)
         head = ("path", "shape", "dtype", "λ") + (("‖w₀‖", "‖w−w₀‖") if centered else ())
         body = [
-            (r.path, "×".join(map(str, r.shape)) or "()", r.dtype, _fmt(r.l2))
+            (r.path, format_shape(r.shape), r.dtype, _fmt(r.l2))
             + ((_fmt(r.center_norm, ".4g"), _fmt(r.center_dist, ".4g")) if centered else ())
             for r in self
         ]
-        widths = [max(len(str(c)) for c in col) for col in zip(head, *body)]
-        lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [head, *body]]
-        return "\n".join(lines[:1] + ["  ".join("-" * w for w in widths)] + lines[1:])
+        return format_table(head, body)
 
 
 def _fmt(lam: Any, spec: str = "g") -> str:
