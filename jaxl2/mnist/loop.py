@@ -36,6 +36,7 @@ __all__ = [
     "Epoch",
     "run_epochs",
     "member_summary",
+    "split_metrics",
     "kernel_sq_norm",
     "diverged_message",
 ]
@@ -149,17 +150,26 @@ def kernel_sq_norm(params: Any, cfg: Config) -> dict[str, float]:
     return {r.path: float(np.sum(np.square(np.asarray(leaves[r.path], np.float64)))) for r in rows}
 
 
-def member_summary(
-    evaluate: Callable[[Any, Any, Any], Any], params: Any, ds: _data.Dataset, cfg: Config, l2: Any
-) -> dict[str, Any]:
-    """Accuracy and data loss on every split, the penalty ``λ/2·Σw²`` (:func:`jaxl2.l2_penalty`),
-    the total train loss, and ``Σw²`` per selected layer, of one set of params."""
-    res: dict[str, Any] = {}
+def split_metrics(
+    evaluate: Callable[[Any, Any, Any], Any], params: Any, ds: _data.Dataset
+) -> dict[str, float]:
+    """Accuracy and data loss of ``params`` on every split: ``{split}_accuracy``, ``{split}_data_loss``."""
+    res = {}
     for name in SPLITS:
         split = getattr(ds, name)
         ev = jax.device_get(evaluate(params, split.x, split.y))
         res[f"{name}_accuracy"], res[f"{name}_data_loss"] = float(ev["accuracy"]), float(ev["data_loss"])
-    res["penalty"] = float(jaxl2.l2_penalty(parallel.host(params), l2, select=selector_of(cfg)))
+    return res
+
+
+def member_summary(
+    evaluate: Callable[[Any, Any, Any], Any], params: Any, ds: _data.Dataset, cfg: Config, l2: Any
+) -> dict[str, Any]:
+    """:func:`split_metrics`, the penalty ``λ/2·Σw²`` (:func:`jaxl2.l2_penalty`), the total train
+    loss, and ``Σw²`` per selected layer, of one set of params."""
+    res: dict[str, Any] = split_metrics(evaluate, params, ds)
+    on_host = parallel.host(params)
+    res["penalty"] = float(jaxl2.l2_penalty(on_host, l2, select=selector_of(cfg)))
     res["train_loss"] = res["train_data_loss"] + res["penalty"]
-    res["kernel_sq_norm"] = kernel_sq_norm(parallel.host(params), cfg)
+    res["kernel_sq_norm"] = kernel_sq_norm(on_host, cfg)
     return res

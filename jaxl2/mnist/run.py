@@ -143,6 +143,17 @@ def train_and_evaluate(
         raise
 
 
+def _run_state(state: Any, best: Best) -> dict[str, Any]:
+    """What a checkpoint holds: the training state and the best params so far, with their
+    validation accuracy and epoch (also the template that a resume restores into)."""
+    return {
+        "state": state,
+        "best_params": best.params,
+        "best_val": np.array(best.val, np.float32),
+        "best_epoch": np.array(best.epoch, np.int32),
+    }
+
+
 def _train(cfg, ds, out, mesh, primary, resume, checkpoint_every, on_start, on_epoch) -> dict[str, Any]:
     sigint.check()
     if on_start:
@@ -155,14 +166,7 @@ def _train(cfg, ds, out, mesh, primary, resume, checkpoint_every, on_start, on_e
     best = Best(parallel.host(state.params), keep=lambda b, p, better: parallel.host(p) if better else b)
     start = 0
     if resume:
-        restored = ckpt.restore_latest(
-            {
-                "state": state,
-                "best_params": state.params,
-                "best_val": np.array(-1, np.float32),
-                "best_epoch": np.array(0, np.int32),
-            }
-        )
+        restored = ckpt.restore_latest(_run_state(state, Best(state.params, best.keep)))
         if restored is not None:  # a run killed before its first checkpoint starts over
             start, run = restored
             state = run["state"]
@@ -200,13 +204,7 @@ def _train(cfg, ds, out, mesh, primary, resume, checkpoint_every, on_start, on_e
                     os.fsync(mfile.fileno())
                 last = ep.epoch == cfg.epochs
                 if last or sigint.pending() or ep.epoch % checkpoint_every == 0:
-                    run_state = {
-                        "state": state,
-                        "best_params": best.params,
-                        "best_val": np.array(best.val, np.float32),
-                        "best_epoch": np.array(best.epoch, np.int32),
-                    }
-                    ckpt.save(ep.epoch, run_state, best.epoch)
+                    ckpt.save(ep.epoch, _run_state(state, best), best.epoch)
                 if on_epoch:
                     on_epoch(row)
                 if sigint.pending() and not last:

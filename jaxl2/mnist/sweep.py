@@ -35,6 +35,7 @@ from jaxl2.mnist.loop import (
     load_and_check,
     member_summary,
     run_epochs,
+    split_metrics,
 )
 from jaxl2.mnist.rundir import default_out, prepare, write_json
 from jaxl2.mnist.runtime import XLA_OPTIONS, device_name
@@ -284,7 +285,7 @@ def _sweep(cfg, ds, l2s, seeds, execution, budget_bytes, on_epoch, log) -> dict[
         for i, (lam, seed) in enumerate(chunk):
             best_i, final_i = _unstack(best.params, i), _unstack(states.params, i)
             row = {"l2": lam, "seed": seed, **member_summary(trainer.evaluate, best_i, ds, cfg, lam)}
-            final = member_summary(trainer.evaluate, final_i, ds, cfg, lam)
+            final = split_metrics(trainer.evaluate, final_i, ds)
             row.update({f"final_{k}_accuracy": final[f"{k}_accuracy"] for k in ("train", "val", "test")})
             row["gap"] = row["train_accuracy"] - row["test_accuracy"]
             row["best_epoch"] = int(best.epoch[i])
