@@ -388,7 +388,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             sys.stderr.write("\n")
         raise
     rows = summary["results"]
-    _warn_if_chance([(r["val_accuracy"], cfg.lr or OPTIMIZERS[cfg.optimizer].lr, r["l2"]) for r in rows], cfg)
+    _warn_if_chance([(r["val_accuracy"], summary["lr"], r["l2"]) for r in rows], cfg)
     if args.json:
         print(_sweep.results_json(summary))
         return 0

@@ -295,6 +295,7 @@ def _sweep(cfg, ds, l2s, seeds, execution, budget_bytes, on_epoch, log) -> dict[
         "selected_l2_1se": select_l2_1se(results),
         "per_l2": per_l2(results),
         "results": results,
+        "lr": cfg.lr,
         "execution": sweeper.execution,
         "chunks": len(chunks),
         "seconds": time.perf_counter() - t0,
