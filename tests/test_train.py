@@ -62,24 +62,54 @@ def test_train_step_matches_hand_written_sgd(small_data):
 
 
 def test_scanned_epoch_equals_step_by_step(small_data):
+    """The epoch's params equal step-by-step training; its data loss and accuracy are the mean
+    of the steps'; penalty, norms and the total loss are those of the epoch's final params (in
+    float64 by hand), its update norm the epoch's displacement."""
     x, y = small_data
     tr = Trainer(SMALL, 200)
     a = tr.init()
     b = tr.init()
+    start = [np.asarray(v, np.float64) for v in jax.tree.leaves(a.params)]
     idx = np.asarray(tr.batches(b, 200))
     assert idx.shape == (3, 64)  # 200 // 64 steps; the last partial batch (8) is dropped
     assert len(set(idx.ravel())) == 192
     a, m_epoch = tr.train_epoch(a, x, y)
-    losses = []
+    data_losses, hits = [], []
     for row in idx:
+        logits = np.asarray(tr.model.apply(b.params, x[row]), np.float64)
+        hits.append(np.mean(np.argmax(logits, -1) == np.asarray(y[row])))
         b, m = tr.train_step(b, (x[row], y[row]))
-        losses.append(float(m["loss"]))
+        data_losses.append(float(m["data_loss"]))
+        assert float(m["accuracy"]) == pytest.approx(hits[-1])
+    end = [np.asarray(v, np.float64) for v in jax.tree.leaves(a.params)]
     for u, v in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
         np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6)
-    assert float(m_epoch["loss"]) == pytest.approx(np.mean(losses), rel=1e-5)
+    assert float(m_epoch["data_loss"]) == pytest.approx(np.mean(data_losses), rel=1e-5)
+    assert float(m_epoch["accuracy"]) == pytest.approx(np.mean(hits), rel=1e-6)
+    kernels = [
+        k for k in jax.tree_util.tree_leaves_with_path(a.params) if "kernel" in jax.tree_util.keystr(k[0])
+    ]
+    penalty = SMALL.l2 / 2 * sum(np.sum(np.asarray(w, np.float64) ** 2) for _, w in kernels)
+    assert float(m_epoch["penalty"]) == pytest.approx(penalty, rel=1e-5)
+    assert float(m_epoch["loss"]) == pytest.approx(np.mean(data_losses) + penalty, rel=1e-5)
+    assert float(m_epoch["param_norm"]) == pytest.approx(np.sqrt(sum(np.sum(e**2) for e in end)), rel=1e-5)
+    displacement = np.sqrt(sum(np.sum((e - s) ** 2) for e, s in zip(end, start)))
+    assert float(m_epoch["update_norm"]) == pytest.approx(displacement, rel=1e-4)
     assert int(m_epoch["nonfinite_step"]) == -1
     # the next epoch is shuffled differently
     assert not np.array_equal(np.asarray(tr.batches(a, 200)), idx)
+
+
+def test_accuracy_counts_the_label_logit_being_the_largest():
+    """cross_entropy's accuracy against NumPy's argmax (no ties), and a tie counts as a hit."""
+    from jaxl2.mnist.steps import cross_entropy
+
+    logits = np.random.default_rng(1).normal(size=(64, 10)).astype(np.float32)
+    y = np.random.default_rng(2).integers(0, 10, 64).astype(np.int32)
+    _, acc = cross_entropy(jnp.asarray(logits), jnp.asarray(y))
+    assert float(acc) == pytest.approx(np.mean(np.argmax(logits, -1) == y))
+    _, tie = cross_entropy(jnp.zeros((1, 10)), jnp.asarray([3]))
+    assert float(tie) == 1.0
 
 
 def test_train_step_and_epoch_compile_once(small_data):
@@ -188,3 +218,63 @@ def test_classic_init_is_standard_normal():
     cfg = Config(init="normal", activation="identity")
     k = model_of(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 784)))["params"]["Dense_0"]["kernel"]
     assert abs(float(jnp.std(k)) - 1.0) < 0.01 and abs(float(jnp.mean(k))) < 0.01
+
+
+class _Recorded:
+    """A metric whose host read (``np.asarray``) is logged."""
+
+    def __init__(self, log, tag, value):
+        self.log, self.tag, self.value = log, tag, value
+
+    def __array__(self, dtype=None, copy=None):
+        self.log.append(("read", self.tag))
+        return np.asarray(self.value, dtype)
+
+
+def test_run_epochs_dispatches_the_next_epoch_before_reading_the_last():
+    """Epoch k + 1 is queued before epoch k's metrics are read; a NaN in epoch 2 raises before
+    epoch 2's state is yielded, and the already-dispatched epoch 3 is never read."""
+    from types import SimpleNamespace
+
+    from jaxl2.mnist.loop import Best, Diverged, run_epochs
+
+    log = []
+
+    def epoch_fn(state, x, y):
+        k = state.k + 1
+        log.append(("epoch", k))
+        loss = float("nan") if k == 2 else 1.0
+        m = {"loss": _Recorded(log, k, loss), "nonfinite_step": _Recorded(log, k, 0 if k == 2 else -1)}
+        return SimpleNamespace(k=k, params=k), m
+
+    def evaluate(params, xv, yv):
+        return {"accuracy": np.float32(0.5), "data_loss": np.float32(1.0)}
+
+    best = Best(params=0, keep=lambda b, p, better: p if better else b)
+    seen = []
+    with pytest.raises(Diverged, match="epoch 2"):
+        for ep in run_epochs(
+            epoch_fn,
+            evaluate,
+            SimpleNamespace(k=0, params=0),
+            (0, 0, 0, 0),
+            range(1, 5),
+            best,
+            lambda epoch, bad, steps: f"diverged at epoch {epoch}",
+        ):
+            seen.append(ep.epoch)
+    assert seen == [1]
+    assert log[:3] == [("epoch", 1), ("epoch", 2), ("read", 1)]
+    assert ("epoch", 3) in log and ("read", 3) not in log
+    assert log.index(("epoch", 3)) < log.index(("read", 2))
+
+
+def test_states_of_earlier_epochs_stay_valid(small_data):
+    """The epoch does not donate its state: the run loop reads epoch k's params (best params,
+    checkpoint) after epoch k + 1 was dispatched from them."""
+    x, y = small_data
+    tr = Trainer(SMALL, 200)
+    s0 = tr.init()
+    s1, _ = tr.train_epoch(s0, x, y)
+    s2, _ = tr.train_epoch(s1, x, y)
+    assert all(np.isfinite(np.asarray(v)).all() for v in jax.tree.leaves((s0.params, s1.params, s2.params)))

@@ -10,6 +10,7 @@ what the step would reach if it were nothing but its matrix multiplies.
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import subprocess
@@ -206,26 +207,121 @@ def startup(rounds: int) -> dict[str, Any]:
     return {"cold_seconds": _stats(cold), "warm_seconds": _stats(warm)}
 
 
-def peers(batch: int, n: int, rounds: int) -> dict[str, Any]:
-    """PyTorch eager and Keras 3, if importable, interleaved round by round with a jaxl2 epoch
-    on the same data; ``jaxl2_speedup`` is the median of the per-round time ratios."""
-    x, y = _random_data(n)
-    steps = n // batch
-    jaxl2_epoch, _ = _epoch_timer(Trainer(Config(batch_size=batch, epochs=1000), n), *jax.device_put((x, y)))
-    fns, info = {"jaxl2": jaxl2_epoch}, {}
-    for name, make in (("torch", _torch_peer), ("keras", _keras_peer)):
-        made = make(batch, x, y)
-        if made is not None:
-            fns[name], info[name] = made
-            fns[name]()  # warm-up (Keras compiles here)
-    times = _interleave(fns, rounds)
-    out: dict[str, Any] = {"torch": None, "keras": None}
+PATH_EPOCHS = 15  # the train-path comparison: mnist5k's 3,500 training images, 15 epochs
+PATH_LR, PATH_L2 = 0.01, 1e-3  # plain SGD, constant lr, L2 on the three kernels (as every peer)
+
+
+def hand_written_epoch(batch: int, lr: float = PATH_LR, l2: float = PATH_L2) -> Callable[..., Any]:
+    """The peer ``jaxl2 train`` must match: a minimal hand-written jitted JAX epoch, the way a
+    careful user writes it without jaxl2 — params a list of ``(w, b)``, loss
+    ``CE + λ/2·Σ‖w‖²``, ``jax.grad``, plain SGD, ``lax.scan`` over a permutation of data held on
+    the device, params and key donated, no metrics at all.
+
+    Returns ``init(seed) -> (params, key)`` and ``epoch(params, key, x, y) -> (params, key)``.
+    """
+
+    def init(seed: int):
+        key = jax.random.PRNGKey(seed)
+        params = []
+        for d_in, d_out in zip(SIZES[:-1], SIZES[1:]):
+            key, k = jax.random.split(key)
+            params.append((jax.random.normal(k, (d_in, d_out)) / np.sqrt(d_in), jnp.zeros(d_out)))
+        return params, key
+
+    def loss(params, x, y):
+        h = x
+        for i, (w, b) in enumerate(params):
+            h = h @ w + b
+            h = jax.nn.relu(h) if i < len(params) - 1 else h
+        ce = jnp.mean(jax.nn.logsumexp(h, -1) - jnp.take_along_axis(h, y[:, None], -1)[:, 0])
+        return ce + l2 / 2 * sum(jnp.sum(w * w) for w, _ in params)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def epoch(params, key, x, y):
+        key, k = jax.random.split(key)
+        steps = x.shape[0] // batch
+        perm = jax.random.permutation(k, x.shape[0])[: steps * batch].reshape(steps, batch)
+
+        def body(p, idx):
+            g = jax.grad(loss)(p, x[idx], y[idx])
+            return jax.tree_util.tree_map(lambda a, b: a - lr * b, p, g), None
+
+        params, _ = jax.lax.scan(body, params, perm)
+        return params, key
+
+    return init, epoch
+
+
+def _hand_written_timer(batch: int, x, y, epochs: int) -> Callable[[], float]:
+    init, epoch = hand_written_epoch(batch)
+    jax.block_until_ready(epoch(*init(0), x, y))  # compiles
+
+    def timed():
+        params, key = init(0)
+        jax.block_until_ready((params, key))
+        t = time.perf_counter()
+        for _ in range(epochs):  # dispatched back to back: no host round-trip at all
+            params, key = epoch(params, key, x, y)
+        jax.block_until_ready(params)
+        return time.perf_counter() - t
+
+    return timed
+
+
+def _jaxl2_train_timer(batch: int, epochs: int, root: str) -> Callable[[], float]:
+    """``jaxl2 train`` itself (:func:`jaxl2.mnist.run.train_and_evaluate`) on mnist5k: validation
+    every epoch, ``metrics.jsonl``, checkpoints every 10 epochs and best-params tracking. The
+    time is the summary's ``seconds``: from the first epoch's dispatch to the last epoch's
+    results (compiling, the final test evaluation, the plot and summary are not counted)."""
+    from jaxl2.mnist.run import train_and_evaluate
+
+    cfg = Config(
+        optimizer="sgd", schedule="constant", lr=PATH_LR, l2=PATH_L2, batch_size=batch, epochs=epochs
+    )
+    out = os.path.join(root, f"train-{batch}")
+
+    def timed():
+        return train_and_evaluate(cfg, out, overwrite=True)["seconds"]
+
+    timed()  # warm-up: the first run in a process pays one-time costs
+    return timed
+
+
+def train_path(batch: int, rounds: int, epochs: int = PATH_EPOCHS) -> dict[str, Any]:
+    """``jaxl2 train`` against the peers on the same data (mnist5k's training images, ``epochs``
+    epochs, SGD lr 0.01, L2 1e-3 on the weights), interleaved round by round: the hand-written
+    jitted JAX epoch (:func:`hand_written_epoch`), and PyTorch eager and Keras 3 when they are
+    installed. ``jaxl2_speedup`` of a peer is the median over rounds of peer time ÷ jaxl2 time
+    (> 1: jaxl2 is faster)."""
+    from jaxl2.mnist.data import load
+
+    ds = load("mnist5k")
+    x_np, y_np = ds.train.x, ds.train.y
+    examples = epochs * (len(y_np) // batch) * batch
+    x, y = jax.device_put((x_np, y_np))
+    with tempfile.TemporaryDirectory() as root:
+        fns = {
+            "jaxl2": _jaxl2_train_timer(batch, epochs, root),
+            "jax": _hand_written_timer(batch, x, y, epochs),
+        }
+        info: dict[str, Any] = {"jax": {"version": jax.__version__}}
+        for name, make in (("torch", _torch_peer), ("keras", _keras_peer)):
+            made = make(batch, x_np, y_np)
+            if made is not None:
+                one_epoch, info[name] = made
+                one_epoch()  # warm-up (Keras compiles here)
+                fns[name] = lambda f=one_epoch: sum(f() for _ in range(epochs))
+        times = _interleave(fns, rounds)
+    out: dict[str, Any] = {
+        "examples": examples,
+        "examples_per_second": _stats([examples / t for t in times["jaxl2"]]),
+        "peers": {"torch": None, "keras": None},
+    }
     for name in info:
         ratios = [p / j for p, j in zip(times[name], times["jaxl2"])]
-        out[name] = {
+        out["peers"][name] = {
             **info[name],
-            "examples_per_second": _stats([steps * batch / t for t in times[name]]),
-            "jaxl2_examples_per_second": _stats([steps * batch / t for t in times["jaxl2"]]),
+            "examples_per_second": _stats([examples / t for t in times[name]]),
             "jaxl2_speedup": statistics.median(ratios),
         }
     return out
@@ -248,7 +344,7 @@ def _torch_peer(batch: int, x_np: np.ndarray, y_np: np.ndarray) -> tuple[Callabl
     weights = [m.weight for m in model if isinstance(m, torch.nn.Linear)]
     biases = [m.bias for m in model if isinstance(m, torch.nn.Linear)]
     opt = torch.optim.SGD(
-        [{"params": weights, "weight_decay": 1e-3}, {"params": biases, "weight_decay": 0.0}], lr=0.1
+        [{"params": weights, "weight_decay": PATH_L2}, {"params": biases, "weight_decay": 0.0}], lr=PATH_LR
     )
     x, y = torch.from_numpy(x_np), torch.from_numpy(y_np).long()
     n = len(y)
@@ -277,7 +373,7 @@ def _keras_peer(batch: int, x: np.ndarray, y: np.ndarray) -> tuple[Callable[[], 
         return None
     if keras.backend.backend() != "tensorflow":
         return None
-    reg = keras.regularizers.L2(1e-3 / 2)  # = jaxl2's λ = 1e-3
+    reg = keras.regularizers.L2(PATH_L2 / 2)  # Keras adds L2·Σw²: this is jaxl2's λ
     model = keras.Sequential(
         [
             keras.Input((784,)),
@@ -288,7 +384,7 @@ def _keras_peer(batch: int, x: np.ndarray, y: np.ndarray) -> tuple[Callable[[], 
     )
     steps = len(y) // batch
     model.compile(
-        optimizer=keras.optimizers.SGD(0.1),
+        optimizer=keras.optimizers.SGD(PATH_LR),
         jit_compile=True,
         steps_per_execution=steps,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -302,7 +398,35 @@ def _keras_peer(batch: int, x: np.ndarray, y: np.ndarray) -> tuple[Callable[[], 
     return epoch, {"version": keras.__version__}
 
 
+def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each performance target with its measured number: ``{"name", "value", "target", "met"}``
+    (``target`` is the bound, ``at_least`` its direction)."""
+    rows = []
+
+    def add(name, value, bound, at_least=True):
+        if value is not None:
+            met = value >= bound if at_least else value <= bound
+            rows.append({"name": name, "value": value, "target": bound, "at_least": at_least, "met": met})
+
+    for b, p in r["path"].items():
+        add(f"jaxl2 train ÷ hand-written JAX epoch, batch {b}", p["peers"]["jax"]["jaxl2_speedup"], 1.0)
+    torch = r["path"]["128"]["peers"]["torch"]
+    add("jaxl2 train ÷ PyTorch eager, batch 128", torch and torch["jaxl2_speedup"], 1.5)
+    add("jaxl2 train, fraction of the GEMM ceiling, batch 128", r["path"]["128"]["fraction_of_ceiling"], 0.5)
+    for b, t in r["train"].items():
+        add(f"L2 overhead, batch {b} (median of paired rounds)", t["l2_overhead"]["median"], 0.02, False)
+    add("warm start, seconds", r["startup"]["warm_seconds"]["median"], 1.0, False)
+    add("cold start, seconds", r["startup"]["cold_seconds"]["median"], 2.0, False)
+    if not r["device"].startswith("cpu"):
+        add("60,000-example epoch at batch 128, seconds", r["train"]["128"]["epoch_seconds_60k"], 0.05, False)
+        vm = r["sweep"]["vmap"]
+        k = max(vm, key=int)
+        add(f"{k}-member vmapped sweep ÷ one member, time", vm[k]["relative_to_1"] * int(k), 3.0, False)
+    return rows
+
+
 def run_bench(quick: bool = False, rounds: int | None = None) -> dict[str, Any]:
+    """Every measurement of ``jaxl2 bench`` and :func:`targets`, as one JSON-able dict."""
     rounds = rounds or (2 if quick else 9)
     n = 8192 if quick else 60000
     fpe = flops_per_example(SIZES)
@@ -311,23 +435,29 @@ def run_bench(quick: bool = False, rounds: int | None = None) -> dict[str, Any]:
     big = next(iter(res["gemm_gflops"]))
     res["flops_per_example"] = fpe
     res["xla_flops_per_example"] = {str(b): xla_flops_per_example(b) for b in (128, 1024)}
-    res["ceiling_examples_per_second"] = res["gemm_gflops"][big]["median"] * 1e9 / fpe
-    res["train"] = {}
+    ceiling = res["ceiling_examples_per_second"] = res["gemm_gflops"][big]["median"] * 1e9 / fpe
+    res["path"], res["train"] = {}, {}
     for b in (128, 1024):
+        p = train_path(b, rounds, epochs=5 if quick else PATH_EPOCHS)
+        p["fraction_of_ceiling"] = p["examples_per_second"]["median"] / ceiling
+        res["path"][str(b)] = p
         t = throughput(b, n, rounds)
-        t["fraction_of_ceiling"] = t["examples_per_second"]["median"] / res["ceiling_examples_per_second"]
+        t["fraction_of_ceiling"] = t["examples_per_second"]["median"] / ceiling
         t["shape_ceiling_examples_per_second"] = shape_ceiling(res["gemm_gflops"], b)
         t["fraction_of_shape_ceiling"] = (
             t["examples_per_second"]["median"] / t["shape_ceiling_examples_per_second"]
         )
+        t["epoch_seconds_60k"] = 60000 / t["examples_per_second"]["median"]
         res["train"][str(b)] = t
     res["startup"] = startup(1 if quick else 3)
     res["sweep"] = sweep_scaling((1, 4) if quick else (1, 4, 16), 2048 if quick else 8192, rounds)
-    res["peers"] = peers(128, n, rounds)
+    res["targets"] = targets(res)
     return res
 
 
 def format_bench(r: dict[str, Any]) -> str:
+    """The human-readable report of :func:`run_bench`'s result."""
+
     def mm(s, scale=1.0, fmt="{:,.0f}"):
         return f"{fmt.format(s['median'] * scale)} ({fmt.format(s['min'] * scale)}–{fmt.format(s['max'] * scale)})"
 
@@ -343,8 +473,26 @@ def format_bench(r: dict[str, Any]) -> str:
     )
     lines.append(f"ceiling: {r['ceiling_examples_per_second']:,.0f} examples/s")
     lines.append("")
+    labels = {
+        "jax": lambda p: f"hand-written jitted JAX epoch (jax {p['version']})",
+        "torch": lambda p: f"PyTorch eager ({p['version']}, {p['threads']} threads)",
+        "keras": lambda p: f"Keras {p['version']} (TensorFlow, jit_compile, steps_per_execution)",
+    }
+    for b, p in r["path"].items():
+        lines.append(
+            f"jaxl2 train (mnist5k, {p['examples']:,} examples, validation every epoch), batch {b}: "
+            f"{mm(p['examples_per_second'])} examples/s, {100 * p['fraction_of_ceiling']:.1f}% of the ceiling"
+        )
+        for name, label in labels.items():
+            q = p["peers"].get(name)
+            lines.append(
+                f"  {label(q)}: {mm(q['examples_per_second'])} examples/s: jaxl2 is {q['jaxl2_speedup']:.2f}×"
+                if q
+                else f"  {name}: not installed (optional peer)"
+            )
+    lines.append("")
     lines.append(
-        f"{'batch':>5}  {'examples/s (L2)':>28}  {'of ceiling':>10}  {'of shape ceiling':>22}  "
+        f"{'batch':>5}  {'epoch only: examples/s (L2)':>28}  {'of ceiling':>10}  {'of shape ceiling':>22}  "
         f"{'L2 overhead':>22}  compile"
     )
     for b, t in r["train"].items():
@@ -368,19 +516,23 @@ def format_bench(r: dict[str, Any]) -> str:
                 f"K={k} {v['seconds_per_member']:.3f} ({v['relative_to_1']:.2f}×)" for k, v in rows.items()
             )
         )
-    labels = {
-        "keras": lambda p: f"Keras {p['version']} (TensorFlow, jit_compile, steps_per_execution)",
-        "torch": lambda p: f"PyTorch eager ({p['version']}, {p['threads']} threads)",
-    }
-    for name, label in labels.items():
-        p = r["peers"].get(name)
+    lines.append("")
+    lines.append("targets:")
+    for t in r["targets"]:
+        op = "≥" if t["at_least"] else "≤"
         lines.append(
-            f"{label(p)}: {mm(p['examples_per_second'])} examples/s at batch 128, jaxl2 "
-            f"{mm(p['jaxl2_examples_per_second'])} in the same rounds: jaxl2 is {p['jaxl2_speedup']:.2f}×"
-            if p
-            else f"{name}: not installed (optional peer)"
+            f"  {'met ' if t['met'] else 'MISS'}  {t['name']}: {t['value']:.3g} ({op} {t['target']:g})"
         )
     return "\n".join(lines)
 
 
-__all__ = ["run_bench", "format_bench", "xla_flops_per_example", "gemm_rates", "throughput"]
+__all__ = [
+    "run_bench",
+    "format_bench",
+    "targets",
+    "train_path",
+    "hand_written_epoch",
+    "xla_flops_per_example",
+    "gemm_rates",
+    "throughput",
+]

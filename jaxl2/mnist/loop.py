@@ -126,19 +126,37 @@ def run_epochs(
     """Runs ``epoch_fn`` for each epoch in ``epochs``, evaluates on validation, updates ``best``
     and yields an :class:`Epoch`. A NaN/Inf loss raises :class:`Diverged` with
     ``diverged(epoch, bad_members, first_bad_steps)`` before the bad state is used.
+
+    Pipelined: epoch ``k + 1`` and its validation are dispatched *before* epoch ``k``'s
+    metrics are read, so the device never waits for the host's work between epochs (reading
+    metrics, the best params, writing rows and checkpoints while ``k + 1`` runs). ``epoch_fn``
+    must therefore not donate its state: the state yielded for epoch ``k`` stays valid. An
+    epoch dispatched past a stop (divergence, Ctrl-C, the consumer's exception) is dropped
+    unused. ``Epoch.seconds`` is wall time from one epoch's results to the next (validation
+    included; the first from its dispatch).
     """
     x, y, xv, yv = data
-    for epoch in epochs:
-        t0 = time.perf_counter()
-        new_state, m = epoch_fn(state, x, y)
+
+    def dispatch(st):
+        new, m = epoch_fn(st, x, y)
+        return new, m, evaluate_fn(new.params, xv, yv)
+
+    epochs = list(epochs)
+    t0 = time.perf_counter()
+    pending = dispatch(state) if epochs else None
+    for i, epoch in enumerate(epochs):
+        new_state, m, val = pending
+        if i + 1 < len(epochs):
+            pending = dispatch(new_state)  # queued behind this epoch: runs while we read it
         m = parallel.host(m)
-        seconds = time.perf_counter() - t0
         step = np.atleast_1d(m["nonfinite_step"])
         bad = (step >= 0) | ~np.isfinite(np.atleast_1d(m["loss"]))
         if bad.any():
             raise Diverged(diverged(epoch, np.flatnonzero(bad), np.maximum(step[bad], 0)))
         state = new_state
-        val = parallel.host(evaluate_fn(state.params, xv, yv))
+        val = parallel.host(val)
+        t1 = time.perf_counter()
+        seconds, t0 = t1 - t0, t1
         best.update(epoch, val["accuracy"], state.params)
         yield Epoch(epoch, state, {k: v for k, v in m.items() if k != "nonfinite_step"}, val, seconds)
 

@@ -208,7 +208,7 @@ class Checkpoints:
         import orbax.checkpoint as ocp
 
         self.ocp = ocp
-        opts = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False)
+        opts = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=True)
         self.latest = ocp.CheckpointManager(os.path.abspath(os.path.join(out, "checkpoints")), options=opts)
         self.best = ocp.CheckpointManager(os.path.abspath(os.path.join(out, "best")), options=opts)
 

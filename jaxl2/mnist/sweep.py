@@ -72,7 +72,7 @@ class SweepTrainer:
             def epoch(states, x, y, l2s):
                 return jax.lax.map(lambda a: trainer.epoch_fn(a[0], x, y, a[1]), (states, l2s))
 
-        self.epoch = jax.jit(epoch, donate_argnums=0, compiler_options=XLA_OPTIONS)
+        self.epoch = jax.jit(epoch, compiler_options=XLA_OPTIONS)  # not donated: see run_epochs
         self.evaluate = jax.jit(jax.vmap(trainer.eval_fn, in_axes=(0, None, None)))
 
     def init(self, seeds: Sequence[int]) -> Any:
