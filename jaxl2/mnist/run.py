@@ -160,19 +160,20 @@ def _train(cfg, ds, out, mesh, primary, resume, checkpoint_every, on_start, on_e
         on_start()
     trainer = Trainer(cfg, len(ds.train.y), mesh=mesh)
     data = tuple(parallel.put(a, mesh) for a in (ds.train.x, ds.train.y, ds.val.x, ds.val.y))
-    ckpt = Checkpoints(out)
+    ckpt = Checkpoints(out, async_save=True)
     metrics_path = os.path.join(out, "metrics.jsonl")
     state = parallel.replicate(trainer.init(), mesh)
-    best = Best(
-        state.params, keep=lambda b, p, better: p if better else b
-    )  # epochs don't donate: p stays valid
+    # host copies: best/ is saved without the mesh's sharding, so any process count restores it
+    best = Best(parallel.host(state.params), keep=lambda b, p, better: parallel.host(p) if better else b)
     start = 0
     if resume:
         restored = ckpt.restore_latest(_run_state(state, Best(state.params, best.keep)))
         if restored is not None:  # a run killed before its first checkpoint starts over
             start, run = restored
             state = run["state"]
-            best = Best(run["best_params"], best.keep, float(run["best_val"]), int(run["best_epoch"]))
+            best = Best(
+                parallel.host(run["best_params"]), best.keep, float(run["best_val"]), int(run["best_epoch"])
+            )
         if primary:
             rewrite_metrics(metrics_path, upto_epoch=start)
 

@@ -202,13 +202,19 @@ def has_checkpoint(out: str) -> bool:
 
 
 class Checkpoints:
-    """Two orbax managers: ``checkpoints/`` (latest run state) and ``best/`` (params)."""
+    """Two orbax managers: ``checkpoints/`` (latest run state) and ``best/`` (params).
 
-    def __init__(self, out: str):
+    ``async_save=True`` (training) writes in a background thread: :meth:`save` returns once the
+    arrays are copied to the host, the next epoch runs while the files are written, and
+    :meth:`close` waits for the last write. Orbax renames a checkpoint's directory only when
+    it is complete, so a kill during a write leaves the previous checkpoint as the latest.
+    """
+
+    def __init__(self, out: str, async_save: bool = False):
         import orbax.checkpoint as ocp
 
         self.ocp = ocp
-        opts = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=True)
+        opts = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=async_save)
         self.latest = ocp.CheckpointManager(os.path.abspath(os.path.join(out, "checkpoints")), options=opts)
         self.best = ocp.CheckpointManager(os.path.abspath(os.path.join(out, "best")), options=opts)
 
@@ -235,7 +241,13 @@ class Checkpoints:
         if step is None:
             raise ConfigError("the run has no best checkpoint (it stopped before its first save)")
         abstract = jax.tree_util.tree_map(self.ocp.utils.to_shape_dtype_struct, like)
-        return self.best.restore(step, args=self.ocp.args.StandardRestore(abstract))
+        try:
+            return self.best.restore(step, args=self.ocp.args.StandardRestore(abstract))
+        except (ValueError, KeyError) as e:
+            raise ConfigError(
+                "the best checkpoint does not fit the model of its config.json (was config.json edited?): "
+                + str(e).split(". ")[0][:200]
+            ) from None
 
     def last_good(self) -> str:
         step = self.latest.latest_step()
