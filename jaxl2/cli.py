@@ -597,9 +597,11 @@ def build_parser() -> argparse.ArgumentParser:
         "its number (met or MISS).",
     )
     b.add_argument(
-        "--quick", action="store_true", help="small sizes and 2 rounds (for CI; numbers are rough)"
+        "--quick",
+        action="store_true",
+        help="small sizes and 1 round (checks that it runs; numbers are rough)",
     )
-    b.add_argument("--rounds", type=int, help="interleaved rounds (default 9, 2 with --quick)")
+    b.add_argument("--rounds", type=int, help="interleaved rounds (default 9, 1 with --quick)")
     b.add_argument("--json", action="store_true", help="print one JSON object with every number")
     b.set_defaults(func=cmd_bench)
 

@@ -427,18 +427,18 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
 
 def run_bench(quick: bool = False, rounds: int | None = None) -> dict[str, Any]:
     """Every measurement of ``jaxl2 bench`` and :func:`targets`, as one JSON-able dict."""
-    rounds = rounds or (2 if quick else 9)
-    n = 8192 if quick else 60000
+    rounds = rounds or (1 if quick else 9)
+    n = 4096 if quick else 60000
     fpe = flops_per_example(SIZES)
     res: dict[str, Any] = {"device": device_name(), "quick": quick, "rounds": rounds, "examples_per_epoch": n}
-    res["gemm_gflops"] = gemm_rates(rounds, n=1024 if quick else 2048)
+    res["gemm_gflops"] = gemm_rates(rounds, n=512 if quick else 2048)
     big = next(iter(res["gemm_gflops"]))
     res["flops_per_example"] = fpe
     res["xla_flops_per_example"] = {str(b): xla_flops_per_example(b) for b in (128, 1024)}
     ceiling = res["ceiling_examples_per_second"] = res["gemm_gflops"][big]["median"] * 1e9 / fpe
     res["path"], res["train"] = {}, {}
     for b in (128, 1024):
-        p = train_path(b, rounds, epochs=5 if quick else PATH_EPOCHS)
+        p = train_path(b, rounds, epochs=2 if quick else PATH_EPOCHS)
         p["fraction_of_ceiling"] = p["examples_per_second"]["median"] / ceiling
         res["path"][str(b)] = p
         t = throughput(b, n, rounds)
@@ -450,7 +450,7 @@ def run_bench(quick: bool = False, rounds: int | None = None) -> dict[str, Any]:
         t["epoch_seconds_60k"] = 60000 / t["examples_per_second"]["median"]
         res["train"][str(b)] = t
     res["startup"] = startup(1 if quick else 3)
-    res["sweep"] = sweep_scaling((1, 4) if quick else (1, 4, 16), 2048 if quick else 8192, rounds)
+    res["sweep"] = sweep_scaling((1, 4) if quick else (1, 4, 16), 1024 if quick else 8192, rounds)
     res["targets"] = targets(res)
     return res
 
