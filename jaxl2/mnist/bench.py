@@ -268,7 +268,7 @@ def _hand_written_timer(batch: int, x, y, epochs: int) -> Callable[[], float]:
     return timed
 
 
-def _jaxl2_train_timer(batch: int, epochs: int, root: str) -> Callable[[], float]:
+def _jaxl2_train_timer(batch: int, epochs: int, root: str, warm_up: bool) -> Callable[[], float]:
     """``jaxl2 train`` itself (:func:`jaxl2.mnist.run.train_and_evaluate`) on mnist5k: validation
     every epoch, ``metrics.jsonl``, checkpoints every 10 epochs and best-params tracking. The
     time is the summary's ``seconds``: from the first epoch's dispatch to the last epoch's
@@ -283,11 +283,12 @@ def _jaxl2_train_timer(batch: int, epochs: int, root: str) -> Callable[[], float
     def timed():
         return train_and_evaluate(cfg, out, overwrite=True)["seconds"]
 
-    timed()  # warm-up: the first run in a process pays one-time costs
+    if warm_up:
+        timed()  # the first run in a process pays one-time costs
     return timed
 
 
-def train_path(batch: int, rounds: int, epochs: int = PATH_EPOCHS) -> dict[str, Any]:
+def train_path(batch: int, rounds: int, epochs: int = PATH_EPOCHS, warm_up: bool = True) -> dict[str, Any]:
     """``jaxl2 train`` against the peers on the same data (mnist5k's training images, ``epochs``
     epochs, SGD lr 0.01, L2 1e-3 on the weights), interleaved round by round: the hand-written
     jitted JAX epoch (:func:`hand_written_epoch`), and PyTorch eager and Keras 3 when they are
@@ -301,7 +302,7 @@ def train_path(batch: int, rounds: int, epochs: int = PATH_EPOCHS) -> dict[str, 
     x, y = jax.device_put((x_np, y_np))
     with tempfile.TemporaryDirectory() as root:
         fns = {
-            "jaxl2": _jaxl2_train_timer(batch, epochs, root),
+            "jaxl2": _jaxl2_train_timer(batch, epochs, root, warm_up),
             "jax": _hand_written_timer(batch, x, y, epochs),
         }
         info: dict[str, Any] = {"jax": {"version": jax.__version__}}
@@ -438,7 +439,7 @@ def run_bench(quick: bool = False, rounds: int | None = None) -> dict[str, Any]:
     ceiling = res["ceiling_examples_per_second"] = res["gemm_gflops"][big]["median"] * 1e9 / fpe
     res["path"], res["train"] = {}, {}
     for b in (128, 1024):
-        p = train_path(b, rounds, epochs=2 if quick else PATH_EPOCHS)
+        p = train_path(b, rounds, epochs=2 if quick else PATH_EPOCHS, warm_up=not quick)
         p["fraction_of_ceiling"] = p["examples_per_second"]["median"] / ceiling
         res["path"][str(b)] = p
         t = throughput(b, n, rounds)
