@@ -26,6 +26,7 @@ from jaxl2.mnist.config import (
     INITS,
     OPTIMIZERS,
     REFIT,
+    REFIT_EPOCHS,
     SCHEDULES,
     SPLITS,
     Config,
@@ -237,6 +238,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             on_epoch=progress.update if progress else None,
             devices=args.devices,
             refit=args.refit,
+            refit_epochs=args.refit_epochs,
             on_refit_epoch=progress.refit if progress else None,
         )
     except Diverged as e:
@@ -351,8 +353,8 @@ def format_summary(s: dict[str, Any]) -> str:
     ]
     if "refit_test_accuracy" in s:
         lines.append(
-            f"refit on train ∪ validation ({s['refit_examples']:,} examples, {s['refit_epochs']} epochs: "
-            f"the best epoch's count): test {100 * s['refit_test_accuracy']:.2f}% (unrefit "
+            f"refit on train ∪ validation ({s['refit_examples']:,} examples, {s['refit_epochs']} epochs, "
+            f"{EPOCH_RULE_WORDS[s['refit_epoch_rule']]}): test {100 * s['refit_test_accuracy']:.2f}% (unrefit "
             f"{100 * s['test_accuracy']:.2f}%); jaxl2 eval uses the refit model ({s['refit_seconds']:.2f} s)"
         )
     return "\n".join(lines)
@@ -420,6 +422,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             resume=args.resume,
             checkpoint_every=args.checkpoint_every,
             refit=args.refit,
+            refit_epochs=args.refit_epochs,
             on_epoch=on_epoch,
             log=log,
         )
@@ -455,7 +458,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
         epochs = ", ".join(str(m["refit_epochs"]) for m in fit["members"])
         print(
-            f"refit of λ {fit['l2']:g} on train ∪ validation ({len(fit['members'])} seeds, epochs {epochs}): "
+            f"refit of λ {fit['l2']:g} on train ∪ validation ({len(fit['members'])} seeds; epochs {epochs}, "
+            f"{EPOCH_RULE_WORDS[fit['epoch_rule']]}): "
             f"test {pm(fit['refit_test_accuracy'])} (unrefit {pm(fit['test_accuracy'])})"
         )
     print(f"every member: {os.path.join(summary['out'], 'sweep.csv')}; jaxl2 eval --run {summary['out']}")
@@ -542,6 +546,18 @@ def cmd_gradcheck(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+EPOCH_RULE_WORDS = {"all": "all the run's", "best": "the best epoch's count"}
+
+
+def _add_refit_epochs(g: argparse._ArgumentGroup) -> None:
+    g.add_argument(
+        "--refit-epochs",
+        default=REFIT_EPOCHS,
+        help="the refit's epochs: all (the run's --epochs, its full lr schedule) or best (the best "
+        f"epoch by validation accuracy) (default {REFIT_EPOCHS}: it scored higher on held-out data)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="jaxl2",
@@ -572,10 +588,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--refit",
         action=argparse.BooleanOptionalAction,
         default=REFIT,
-        help="then train again from the same init on train ∪ validation for the best epoch's count of "
-        "epochs, report its test accuracy and let jaxl2 eval use it "
-        f"(default: {'on' if REFIT else 'off'}; --no-refit: off)",
+        help="then train again from the same init on train ∪ validation (see --refit-epochs), report its "
+        f"test accuracy and let jaxl2 eval use it (default: {'on' if REFIT else 'off'}; --no-refit: off)",
     )
+    _add_refit_epochs(g)
     g.add_argument(
         "--no-cache",
         action="store_true",
@@ -643,9 +659,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--refit",
         action=argparse.BooleanOptionalAction,
         default=False,
-        help="then refit the selected λ on train ∪ validation, once per seed, each for its member's best "
-        "epoch count, and report its test accuracy (default: off)",
+        help="then refit the selected λ on train ∪ validation, once per seed (see --refit-epochs), and "
+        "report its test accuracy (default: off)",
     )
+    _add_refit_epochs(g)
     g.add_argument("--no-cache", action="store_true", help="do not use the compilation cache")
     g.add_argument(
         "--quiet", action="store_true", help="no progress (on a terminal one line; else one line per epoch)"

@@ -63,6 +63,10 @@ def test_refit_learns_the_validation_examples_and_never_sees_test(val_only_class
     logits = model_of(TINY).apply(params, ds.val.x)
     assert np.mean(np.argmax(logits, -1) == 9) > 0.9  # learned from validation: its only examples of 9
     assert res["refit_train_accuracy"] > 0.9
+    again = refit(TINY, ds, 2, str(tmp_path / "r"))  # another epoch count: a new refit, not a resume
+    assert again["refit_epochs"] == 2 and again["refit_seconds"] > 0
+    shorter = restore_refit(str(tmp_path / "r"), TINY, 2, 200)
+    assert not np.array_equal(jax.tree.leaves(shorter)[0], jax.tree.leaves(params)[0])
 
 
 def test_refit_stopped_and_resumed_is_bit_identical(val_only_class, tmp_path):

@@ -26,7 +26,7 @@ from jaxl2.mnist import data as _data
 from jaxl2.mnist import parallel, sigint, sweepdir
 from jaxl2.mnist import refit as _refit_mod
 from jaxl2.mnist import sweep as _sweep
-from jaxl2.mnist.config import FIELDS, REFIT, SPLITS, Config, ConfigError, field, validate
+from jaxl2.mnist.config import FIELDS, REFIT, REFIT_EPOCHS, SPLITS, Config, ConfigError, field, validate
 from jaxl2.mnist.loop import (
     Best,
     Interrupted,
@@ -116,6 +116,7 @@ def train_and_evaluate(
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     devices: int | None = None,
     refit: bool = REFIT,
+    refit_epochs: str = REFIT_EPOCHS,
     on_refit_epoch: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Trains ``cfg`` into the run directory ``out`` and returns the summary.
@@ -134,10 +135,11 @@ def train_and_evaluate(
     ``jaxl2 eval`` loads); ``final_val_accuracy`` is the last epoch's. ``train_loss`` is the
     total (data loss + penalty); ``*_data_loss`` is the cross-entropy alone.
 
-    ``refit=True`` (the default recipe's) then trains again from the same init on train ∪ validation for the best
-    epoch's count of epochs (:mod:`jaxl2.mnist.refit`; checkpoints in ``out/refit``,
-    ``on_refit_epoch(epoch, epochs)`` after each of its epochs) and adds its ``refit_*`` keys,
-    ``refit_test_accuracy`` among them, to the summary.
+    ``refit=True`` (the default recipe's) then trains again from the same init on train ∪
+    validation (:mod:`jaxl2.mnist.refit`) for ``refit_epochs`` epochs: ``"all"`` the run's, or
+    ``"best"`` its best epoch's count; checkpoints in ``out/refit``, ``on_refit_epoch(epoch,
+    epochs)`` after each of its epochs. The summary gains its ``refit_*`` keys,
+    ``refit_test_accuracy`` among them, and ``jaxl2 eval`` evaluates the refit model.
 
     Raises:
       ConfigError: bad input, before anything is compiled or written.
@@ -146,6 +148,8 @@ def train_and_evaluate(
     """
     if not (isinstance(checkpoint_every, int) and checkpoint_every >= 1):
         raise ConfigError(f"{field('checkpoint_every')} {checkpoint_every} is invalid (an integer >= 1)")
+    if refit:
+        _refit_mod.refit_epochs(refit_epochs, 1, 1)  # a bad rule fails before anything is done
     cfg, ds = load_and_check(cfg)
     sigint.check()
     if devices is not None and not (isinstance(devices, int) and devices >= 1):
@@ -170,9 +174,9 @@ def train_and_evaluate(
     try:
         summary = _train(cfg, ds, out, mesh, primary, resume, checkpoint_every, on_start, on_epoch)
         if refit:
-            summary.update(
-                _refit(cfg, ds, out, mesh, summary["best_epoch"], checkpoint_every, on_refit_epoch)
-            )
+            epochs = _refit_mod.refit_epochs(refit_epochs, summary["best_epoch"], cfg.epochs)
+            summary.update(_refit(cfg, ds, out, mesh, epochs, checkpoint_every, on_refit_epoch))
+            summary["refit_epoch_rule"] = refit_epochs
         if primary:
             write_json(os.path.join(out, "summary.json"), summary)
         return summary

@@ -272,7 +272,13 @@ class StepStore:
     def save(self, step: int, tree: Any) -> None:
         self.manager.save(step, args=self.ocp.args.StandardSave(tree), force=True)
 
-    def restore(self, like: Any, step: int | None = None, name: str = "resume") -> Any:
+    def restore(
+        self,
+        like: Any,
+        step: int | None = None,
+        name: str = "resume",
+        mismatch: str = "the checkpoint does not fit this model",
+    ) -> Any:
         """Step ``step`` (default: the latest) restored into the structure of ``like`` (arrays or
         ``jax.ShapeDtypeStruct``); a step that does not fit is an error naming ``name``."""
         step = self.latest() if step is None else step
@@ -280,9 +286,7 @@ class StepStore:
         try:
             return self.manager.restore(step, args=self.ocp.args.StandardRestore(abstract))
         except (ValueError, KeyError) as e:
-            raise ConfigError(
-                f"{field(name)}: the checkpoint does not fit this model ({str(e)[:200]})"
-            ) from None
+            raise ConfigError(f"{field(name)}: {mismatch} ({str(e)[:200]})") from None
 
     def close(self) -> None:
         self.manager.close()

@@ -31,7 +31,7 @@ import numpy as np
 
 from jaxl2.mnist import refit as _refit
 from jaxl2.mnist import sigint, sweepdir
-from jaxl2.mnist.config import OPTIMIZERS, SEED_LIMIT, Config, ConfigError, field, validate
+from jaxl2.mnist.config import OPTIMIZERS, REFIT_EPOCHS, SEED_LIMIT, Config, ConfigError, field, validate
 from jaxl2.mnist.loop import (
     Best,
     Interrupted,
@@ -236,6 +236,7 @@ def train_sweep(
     resume: bool = False,
     checkpoint_every: int = 10,
     refit: bool = False,
+    refit_epochs: str = REFIT_EPOCHS,
     budget_bytes: int | None = None,
     on_epoch: Callable[[str, int, int], None] | None = None,
     log: Callable[[str], None] = lambda s: None,
@@ -254,8 +255,9 @@ def train_sweep(
     chunk size) is kept, so a resumed sweep computes exactly as the first one did. One that fails
     before its first checkpoint removes the directory if it was absent or empty before.
 
-    ``refit=True`` then refits the selected λ once per seed on train ∪ validation (each member
-    for its own best epoch's count of epochs; :mod:`jaxl2.mnist.refit`): ``summary["refit"]``.
+    ``refit=True`` then refits the selected λ once per seed on train ∪ validation
+    (:mod:`jaxl2.mnist.refit`; ``refit_epochs="all"``: the sweep's epochs, ``"best"``: each
+    member's own best epoch's count): ``summary["refit"]``.
     ``on_epoch(label, epoch, epochs)`` follows the progress (``label`` names the chunk or refit).
     """
     if execution not in EXECUTIONS:
@@ -269,6 +271,8 @@ def train_sweep(
             f"{field('seeds')} {seeds} is invalid (one or more integers from 0 to {SEED_LIMIT - 1})"
         )
     l2s = [float(v) for v in l2s]
+    if refit:
+        _refit.refit_epochs(refit_epochs, 1, 1)  # a bad rule fails before anything is done
     if resume:
         if out is None:
             raise ConfigError(f"{field('resume')} needs {field('out')}, the sweep to continue")
@@ -281,7 +285,9 @@ def train_sweep(
         sigint.check()
         summary = _sweep(cfg, ds, l2s, seeds, out, execution, budget_bytes, checkpoint_every, on_epoch, log)
         if refit:
-            summary["refit"] = _refit_selected(cfg, ds, summary, out, checkpoint_every, on_epoch)
+            summary["refit"] = _refit_selected(
+                cfg, ds, summary, out, refit_epochs, checkpoint_every, on_epoch
+            )
         summary["out"] = out
         _write_outputs(out, summary)
         return summary
@@ -435,8 +441,8 @@ def _train_chunk(cfg, ds, chunk, c, sweeper, data, latest, checkpoint_every, lab
     return {"rows": rows, "best_params": best.params}
 
 
-def _refit_selected(cfg, ds, summary, out, checkpoint_every, on_epoch) -> dict[str, Any]:
-    """The selected λ refit on train ∪ validation, once per seed (each member's own best epoch)."""
+def _refit_selected(cfg, ds, summary, out, rule, checkpoint_every, on_epoch) -> dict[str, Any]:
+    """The selected λ refit on train ∪ validation, once per seed."""
     lam = summary["selected_l2"]
     members = []
     for r in (r for r in summary["results"] if r["l2"] == lam):
@@ -449,7 +455,7 @@ def _refit_selected(cfg, ds, summary, out, checkpoint_every, on_epoch) -> dict[s
         res = _refit.refit(
             dataclasses.replace(cfg, l2=lam, seed=seed),
             ds,
-            r["best_epoch"],
+            _refit.refit_epochs(rule, r["best_epoch"], cfg.epochs),
             sweepdir.refit_dir(out, seed),
             checkpoint_every=checkpoint_every,
             on_epoch=progress,
@@ -462,6 +468,7 @@ def _refit_selected(cfg, ds, summary, out, checkpoint_every, on_epoch) -> dict[s
 
     return {
         "l2": lam,
+        "epoch_rule": rule,
         "members": members,
         "test_accuracy": mean_std("test_accuracy"),
         "refit_test_accuracy": mean_std("refit_test_accuracy"),

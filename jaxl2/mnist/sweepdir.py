@@ -145,7 +145,8 @@ def restore_member(out: str, cfg: Config, chunk_size: int, n_members: int, index
             raise ConfigError(
                 f"{field('run')} {out}: chunk {chunk}'s best params are missing from {out}/best"
             )
-        stacked = store.restore(like, chunk, name="run")
+        mismatch = "the best params do not fit the model of its config.json (was config.json edited?)"
+        stacked = store.restore(like, chunk, name="run", mismatch=mismatch)
     finally:
         store.close()
     return jax.tree_util.tree_map(lambda a: jnp.asarray(a[i]), stacked)
