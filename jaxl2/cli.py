@@ -211,12 +211,15 @@ def _absolute_paths(given: dict[str, Any]) -> dict[str, Any]:
 def cmd_train(args: argparse.Namespace) -> int:
     from jaxl2.mnist import run as _run
     from jaxl2.mnist.loop import Diverged, Interrupted
+    from jaxl2.mnist.rundir import load_config
 
     given = _absolute_paths(_given(args))
+    saved = None
     if args.resume:
         if not args.out:
             return _fail("--resume needs --out DIR, the run to continue")
         cfg = dataclasses.replace(_run.load_run_config(args.out, kind="run"), **given)
+        saved = load_config(args.out)
     else:
         cfg = dataclasses.replace(DEFAULTS, **given)
     if args.distributed:
@@ -237,8 +240,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             on_start=progress.start if progress else None,
             on_epoch=progress.update if progress else None,
             devices=args.devices,
-            refit=args.refit,
-            refit_epochs=args.refit_epochs,
+            **_refit_choice(args, saved, REFIT),
             on_refit_epoch=progress.refit if progress else None,
         )
     except Diverged as e:
@@ -254,6 +256,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(json.dumps(summary) if args.json else format_summary(summary))
     _warn_if_chance([(summary["val_accuracy"], summary["lr"], cfg.l2)], cfg)
     return 0
+
+
+def _refit_choice(args: argparse.Namespace, saved: dict[str, Any] | None, default: bool) -> dict[str, Any]:
+    """``refit`` and ``refit_epochs``: the flags, else (``--resume``) what the run was started
+    with (no refit for a run from before refits), else the command's defaults."""
+    refit, rule = args.refit, args.refit_epochs
+    if saved is not None:
+        refit = saved.get("refit", False) if refit is None else refit
+        rule = rule or saved.get("refit_epochs")
+    return {"refit": default if refit is None else refit, "refit_epochs": rule or REFIT_EPOCHS}
 
 
 def _close(progress: _Progress | None) -> None:
@@ -364,17 +376,20 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from jaxl2.mnist import sweep as _sweep
     from jaxl2.mnist import sweepdir
     from jaxl2.mnist.loop import Diverged, Interrupted
+    from jaxl2.mnist.rundir import load_config
 
     l2s = args.l2
     args.l2 = None
     given = _absolute_paths(_given(args))
     if args.seeds is not None and args.seeds < 1:
         return _fail(f"--seeds {args.seeds} is invalid (an integer >= 1)")
+    saved = None
     if args.resume:
         if not args.out:
             return _fail("--resume needs --out DIR, the sweep to continue")
-        saved, saved_l2s, saved_seeds = sweepdir.load_sweep_config(args.out)
-        cfg = dataclasses.replace(saved, **given)
+        saved_cfg, saved_l2s, saved_seeds = sweepdir.load_sweep_config(args.out)
+        cfg = dataclasses.replace(saved_cfg, **given)
+        saved = load_config(args.out)
         l2s = saved_l2s if l2s is None else l2s
         seeds = saved_seeds if args.seeds is None and "seed" not in given else None
     else:
@@ -421,8 +436,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             resume=args.resume,
             checkpoint_every=args.checkpoint_every,
-            refit=args.refit,
-            refit_epochs=args.refit_epochs,
+            **_refit_choice(args, saved, False),
             on_epoch=on_epoch,
             log=log,
         )
@@ -552,7 +566,6 @@ EPOCH_RULE_WORDS = {"all": "all the run's", "best": "the best epoch's count"}
 def _add_refit_epochs(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "--refit-epochs",
-        default=REFIT_EPOCHS,
         help="the refit's epochs: all (the run's --epochs, its full lr schedule) or best (the best "
         f"epoch by validation accuracy) (default {REFIT_EPOCHS}: it scored higher on held-out data)",
     )
@@ -587,9 +600,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--refit",
         action=argparse.BooleanOptionalAction,
-        default=REFIT,
         help="then train again from the same init on train ∪ validation (see --refit-epochs), report its "
-        f"test accuracy and let jaxl2 eval use it (default: {'on' if REFIT else 'off'}; --no-refit: off)",
+        f"test accuracy and let jaxl2 eval use it (default: {'on' if REFIT else 'off'}, or with --resume the "
+        "run's own; --no-refit: off)",
     )
     _add_refit_epochs(g)
     g.add_argument(
@@ -658,9 +671,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--refit",
         action=argparse.BooleanOptionalAction,
-        default=False,
         help="then refit the selected λ on train ∪ validation, once per seed (see --refit-epochs), and "
-        "report its test accuracy (default: off)",
+        "report its test accuracy (default: off, or with --resume the sweep's own)",
     )
     _add_refit_epochs(g)
     g.add_argument("--no-cache", action="store_true", help="do not use the compilation cache")
@@ -670,7 +682,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--json",
         action="store_true",
-        help='print only {"selected_l2": …, "selected_l2_1se": …, "per_l2": […], "results": […]}',
+        help='print only {"selected_l2": …, "selected_l2_1se": …, "per_l2": […], "results": […]} '
+        '(and "refit": {…} with --refit)',
     )
     sw.set_defaults(func=cmd_sweep)
 

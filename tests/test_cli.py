@@ -55,9 +55,12 @@ def test_train_json_then_eval_reproduces_test_accuracy(tmp_path):
     assert json.loads(e.stdout)["accuracy"] == pytest.approx(s["test_accuracy"], abs=1e-6)
 
 
-def test_train_human_summary(tmp_path):
-    r = jaxl2("train", *FAST, "--out", str(tmp_path / "h"), "--quiet")
+def test_train_human_summary_and_progress_lines(tmp_path):
+    r = jaxl2("train", *FAST, "--out", str(tmp_path / "h"))
     assert r.returncode == 0, r.stderr
+    lines = r.stderr.splitlines()  # not a terminal: one plain line per epoch, no bar
+    assert [ln.split("  ")[0] for ln in lines if ln.startswith("epoch")] == ["epoch 1/2", "epoch 2/2"]
+    assert "refit on train ∪ validation: epoch 2/2" in lines and "\r" not in r.stderr
     assert "test" in r.stdout and "examples/s" in r.stdout and "params/Dense_0/kernel" in r.stdout
     assert "refit on train ∪ validation (4,000 examples, 2 epochs" in r.stdout
 

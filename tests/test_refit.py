@@ -7,9 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from jaxl2.mnist.config import Config
+from jaxl2.mnist.config import Config, ConfigError
 from jaxl2.mnist.data import Dataset, Split, load
-from jaxl2.mnist.refit import refit, restore_refit, train_val
+from jaxl2.mnist.refit import refit, refit_epochs, restore_refit, train_val
 from jaxl2.mnist.runtime import enable_compilation_cache
 
 TINY = Config(hidden=(16,), batch_size=50, epochs=6)
@@ -25,6 +25,12 @@ def compilation_cache():
 
 def rows(split):
     return sorted(hashlib.sha1(x.tobytes() + bytes([int(y)])).hexdigest() for x, y in zip(*split))
+
+
+def test_refit_epoch_rules():
+    assert refit_epochs("all", best_epoch=7, epochs=30) == 30 and refit_epochs("best", 7, 30) == 7
+    with pytest.raises(ConfigError, match=r"refit_epochs 'last' is unknown \(allowed: all, best\)"):
+        refit_epochs("last", 7, 30)
 
 
 def test_refit_data_is_exactly_train_and_validation_never_test():

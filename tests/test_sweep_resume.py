@@ -97,7 +97,7 @@ def test_sweep_stopped_before_its_first_checkpoint_removes_its_directory(tmp_pat
 
 def test_resume_with_other_settings_is_refused(ref, tmp_path):
     with pytest.raises(
-        ConfigError, match=r"settings differ .*l2.* 0.0 vs 0.0,0.01.*seeds.* \[0\] vs \[0, 1\]"
+        ConfigError, match=r"settings differ .*l2 0.0 vs 0.0,0.01; seeds 0 vs 0,1 in the sweep"
     ):
         train_sweep(CFG, L2S[:1], [0], ref["out"], resume=True)
 

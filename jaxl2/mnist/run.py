@@ -169,7 +169,10 @@ def train_and_evaluate(
         out = default_out("runs", cfg.dataset)
     if primary:
         created = prepare(
-            out, {**cfg.to_json(), "jaxl2_version": _version()}, resume=resume, overwrite=overwrite
+            out,
+            {**cfg.to_json(), "jaxl2_version": _version(), "refit": refit, "refit_epochs": refit_epochs},
+            resume=resume,
+            overwrite=overwrite,
         )
     try:
         summary = _train(cfg, ds, out, mesh, primary, resume, checkpoint_every, on_start, on_epoch)
@@ -346,27 +349,15 @@ def _no_refit(out: str, how: str) -> ConfigError:
 def _model(out: str, cfg: Config, l2, seed, refit: bool | None) -> tuple[Any, dict[str, Any]]:
     """The params that :func:`evaluate_run` evaluates, and what they are."""
     if load_config(out, "run").get("kind") == "sweep":
-        _, summary, i = _sweep_member(out, "run", l2, seed)
-        fit = summary.get("refit")
-        if refit is None:
-            refit = fit is not None and fit["l2"] == cfg.l2
-        which = {"model": "refit" if refit else "best", "l2": cfg.l2, "seed": cfg.seed}
-        if not refit:
-            n = len(summary["results"])
-            return sweepdir.restore_member(out, cfg, summary["chunk_size"], n, i), which
-        if fit is None:
-            raise _no_refit(out, f"sweep it with {field('refit')}")
-        if fit["l2"] != cfg.l2:
-            raise _no_refit(out, f"for {field('l2')} {cfg.l2:g}: only the selected λ {fit['l2']:g} was refit")
-        m = next(m for m in fit["members"] if m["seed"] == cfg.seed)
-        path = sweepdir.refit_dir(out, cfg.seed)
-        return _refit_mod.restore_refit(path, cfg, m["refit_epochs"], m["refit_examples"]), which
+        return _sweep_model(out, cfg, l2, seed, refit)
     summary = _read_summary(out)
     if refit is None:
         refit = "refit_epochs" in summary
     if refit:
         if "refit_epochs" not in summary:
-            raise _no_refit(out, f"train it with {field('refit')}, or resume it with {field('refit')}")
+            raise _no_refit(
+                out, f"train it with {field('refit')}, or add one: {field('resume')} {field('refit')}"
+            )
         path = os.path.join(out, "refit")
         params = _refit_mod.restore_refit(path, cfg, summary["refit_epochs"], summary["refit_examples"])
         return params, {"model": "refit"}
@@ -385,6 +376,29 @@ def _model(out: str, cfg: Config, l2, seed, refit: bool | None) -> tuple[Any, di
             "(was config.json edited?)"
         )
     return params, {"model": "best"}
+
+
+def _sweep_model(out: str, cfg: Config, l2, seed, refit: bool | None) -> tuple[Any, dict[str, Any]]:
+    """A sweep member's best params, or its refit's (only the selected λ is refit)."""
+    _, summary, i = _sweep_member(out, "run", l2, seed)
+    fit = summary.get("refit")
+    if refit is None:
+        refit = fit is not None and fit["l2"] == cfg.l2
+    which = {"model": "refit" if refit else "best", "l2": cfg.l2, "seed": cfg.seed}
+    if not refit:
+        if "chunk_size" not in summary:  # a sweep.json from before sweeps kept their members
+            raise ConfigError(f"{field('run')} {out}: this sweep kept no member's params (sweep again)")
+        n = len(summary["results"])
+        return sweepdir.restore_member(out, cfg, summary["chunk_size"], n, i), which
+    if fit is None:
+        raise _no_refit(
+            out, f"sweep it with {field('refit')}, or add one: {field('resume')} {field('refit')}"
+        )
+    if fit["l2"] != cfg.l2:
+        raise _no_refit(out, f"for {field('l2')} {cfg.l2:g}: only the selected λ {fit['l2']:g} was refit")
+    m = next(m for m in fit["members"] if m["seed"] == cfg.seed)
+    path = sweepdir.refit_dir(out, cfg.seed)
+    return _refit_mod.restore_refit(path, cfg, m["refit_epochs"], m["refit_examples"]), which
 
 
 def _read_summary(out: str) -> dict[str, Any]:

@@ -188,9 +188,13 @@ def load_config(out: str, name: str = "out") -> dict[str, Any]:
     return d
 
 
+# What config.json holds beside the Config's fields: the version, a sweep's kind, the refit asked for.
+RUN_KEYS = ("jaxl2_version", "kind", "refit", "refit_epochs")
+
+
 def run_config(d: dict[str, Any], path: str) -> Config:
     """The :class:`Config` of a run's ``config.json`` dict."""
-    d = {k: v for k, v in d.items() if k not in ("jaxl2_version", "kind")}
+    d = {k: v for k, v in d.items() if k not in RUN_KEYS}
     try:
         return Config.from_json(d)
     except TypeError as e:

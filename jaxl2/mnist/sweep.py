@@ -3,7 +3,9 @@
 Every member is the run ``jaxl2 train --l2 λ --seed s`` would make: the same init (from its
 seed) and the same data order (each epoch's permutation is keyed on the member's own rng, so
 members with the same seed share their data order and members with different seeds do not).
-λ is a traced array, so the whole sweep compiles once.
+λ is a traced array, so the whole sweep compiles once. A stopped sweep resumes to the same bits,
+and every member's best params are kept (:mod:`jaxl2.mnist.sweepdir`), so that ``jaxl2 eval``
+can evaluate any member (:func:`pick_member`).
 
 Example:
   >>> from jaxl2.mnist.sweep import select_l2
@@ -279,7 +281,7 @@ def train_sweep(
         sweepdir.check_resume(out, cfg, l2s, seeds)
     cfg, ds = load_and_check(cfg, l2s)
     out = default_out("runs", "sweep") if out is None else out
-    config = sweepdir.config_json(cfg, l2s, seeds, _version())
+    config = sweepdir.config_json(cfg, l2s, seeds, _version(), refit, refit_epochs)
     created = prepare(out, config, resume=resume, overwrite=overwrite)
     try:
         sigint.check()
@@ -366,12 +368,12 @@ def _sweep(cfg, ds, l2s, seeds, out, execution, budget_bytes, checkpoint_every, 
                 sigint.clear()
                 raise Interrupted(f"sweep interrupted after chunk {c} of {len(chunks)}")
             label = f"chunk {c + 1}/{len(chunks)}" if len(chunks) > 1 else ""
-            rows = _train_chunk(
+            trained = _train_chunk(
                 cfg, ds, chunks[c], c, sweeper, data, latest, checkpoint_every, label, on_epoch
             )
             if c not in best_store.steps():  # (already saved by a sweep killed just after)
-                best_store.save(c, rows.pop("best_params"))
-            results += rows["rows"]
+                best_store.save(c, trained["best_params"])
+            results += trained["rows"]
             sweepdir.write_progress(out, {**progress, "results": results})
     return {
         "selected_l2": select_l2(results),
@@ -491,5 +493,5 @@ def _write_outputs(out: str, summary: dict[str, Any]) -> None:
 
 
 def results_json(summary: dict[str, Any]) -> str:
-    keys = ("selected_l2", "selected_l2_1se", "per_l2", "results")
-    return json.dumps({k: summary[k] for k in keys})
+    keys = ("selected_l2", "selected_l2_1se", "per_l2", "results", "refit")
+    return json.dumps({k: summary[k] for k in keys if k in summary})

@@ -51,14 +51,19 @@ __all__ = [
 PROGRESS = "progress.json"
 
 
-def config_json(cfg: Config, l2s: Sequence[float], seeds: Sequence[int], version: str) -> dict[str, Any]:
-    """What a sweep's ``config.json`` holds: the Config, its λ list and its seeds."""
+def config_json(
+    cfg: Config, l2s: Sequence[float], seeds: Sequence[int], version: str, refit: bool, refit_epochs: str
+) -> dict[str, Any]:
+    """What a sweep's ``config.json`` holds: the Config, its λ list and its seeds, and the refit
+    asked for (what ``--resume`` does unless told otherwise)."""
     return {
         **cfg.to_json(),
         "kind": "sweep",
         "l2": [float(v) for v in l2s],
         "seeds": list(seeds),
         "jaxl2_version": version,
+        "refit": refit,
+        "refit_epochs": refit_epochs,
     }
 
 
@@ -80,15 +85,19 @@ def check_resume(out: str, cfg: Config, l2s: Sequence[float], seeds: Sequence[in
     field that differs."""
     saved, saved_l2s, saved_seeds = load_sweep_config(out, "out")
     saved, cfg = validate(saved), validate(cfg)
+
+    def show(v: Any) -> str:
+        return ",".join(map(str, v)) if isinstance(v, tuple | list) else str(v)
+
     differ = [
-        f"{field(f)} {getattr(cfg, f)} vs {getattr(saved, f)}"
+        f"{field(f)} {show(getattr(cfg, f))} vs {show(getattr(saved, f))}"
         for f in FIELDS
         if f != "l2" and getattr(cfg, f) != getattr(saved, f)
     ]
     if list(l2s) != saved_l2s:
-        differ.append(f"{field('l2')} {','.join(map(str, l2s))} vs {','.join(map(str, saved_l2s))}")
+        differ.append(f"{field('l2')} {show(list(l2s))} vs {show(saved_l2s)}")
     if list(seeds) != saved_seeds:
-        differ.append(f"{field('seeds')} {list(seeds)} vs {saved_seeds}")
+        differ.append(f"{field('seeds')} {show(list(seeds))} vs {show(saved_seeds)}")
     if differ:
         raise ConfigError(
             f"{field('resume')}: settings differ from {out}/config.json: {'; '.join(differ)} in the "
