@@ -42,7 +42,7 @@ def main() -> None:
             args.out, name.split(":")[0].replace(" ", "_").replace(",", "").replace(".", "")
         )
         try:
-            s = train_and_evaluate(cfg, run_dir, overwrite=True)
+            s = train_and_evaluate(cfg, run_dir, overwrite=True, refit=False)  # the recipes as they were
             rows.append(
                 {
                     "variant": name,

@@ -25,6 +25,8 @@ from jaxl2.mnist.config import (
     FIELDS,
     INITS,
     OPTIMIZERS,
+    REFIT,
+    REFIT_EPOCHS,
     SCHEDULES,
     SPLITS,
     Config,
@@ -209,12 +211,15 @@ def _absolute_paths(given: dict[str, Any]) -> dict[str, Any]:
 def cmd_train(args: argparse.Namespace) -> int:
     from jaxl2.mnist import run as _run
     from jaxl2.mnist.loop import Diverged, Interrupted
+    from jaxl2.mnist.rundir import load_config
 
     given = _absolute_paths(_given(args))
+    saved = None
     if args.resume:
         if not args.out:
             return _fail("--resume needs --out DIR, the run to continue")
-        cfg = dataclasses.replace(_run.load_run_config(args.out), **given)
+        cfg = dataclasses.replace(_run.load_run_config(args.out, kind="run"), **given)
+        saved = load_config(args.out)
     else:
         cfg = dataclasses.replace(DEFAULTS, **given)
     if args.distributed:
@@ -235,6 +240,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             on_start=progress.start if progress else None,
             on_epoch=progress.update if progress else None,
             devices=args.devices,
+            **_refit_choice(args, saved, REFIT),
+            on_refit_epoch=progress.refit if progress else None,
         )
     except Diverged as e:
         _close(progress)
@@ -249,6 +256,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(json.dumps(summary) if args.json else format_summary(summary))
     _warn_if_chance([(summary["val_accuracy"], summary["lr"], cfg.l2)], cfg)
     return 0
+
+
+def _refit_choice(args: argparse.Namespace, saved: dict[str, Any] | None, default: bool) -> dict[str, Any]:
+    """``refit`` and ``refit_epochs``: the flags, else (``--resume``) what the run was started
+    with (no refit for a run from before refits), else the command's defaults."""
+    refit, rule = args.refit, args.refit_epochs
+    if saved is not None:
+        refit = saved.get("refit", False) if refit is None else refit
+        rule = rule or saved.get("refit_epochs")
+    return {"refit": default if refit is None else refit, "refit_epochs": rule or REFIT_EPOCHS}
 
 
 def _close(progress: _Progress | None) -> None:
@@ -271,14 +288,18 @@ def _warn_if_chance(runs: list[tuple[float, float, Any]], cfg: Config) -> None:
 
 
 class _Progress:
-    """A rich progress bar on stderr: epoch, total loss = data loss + penalty, accuracies."""
+    """Training progress on stderr: epoch, total loss = data loss + penalty, accuracies. A rich
+    progress bar on a terminal; otherwise (a log file, a pipe) one plain line per epoch."""
 
     def __init__(self, epochs: int):
+        self.epochs, self.started, self.bar = epochs, False, None
+        if not sys.stderr.isatty():
+            return
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.bar = Progress(
-            TextColumn("epoch"),
+            TextColumn("{task.description}"),
             MofNCompleteColumn(),
             BarColumn(),
             TextColumn("{task.fields[info]}"),
@@ -286,12 +307,13 @@ class _Progress:
             console=Console(stderr=True),
             transient=False,
         )
-        self.task = self.bar.add_task("train", total=epochs, info="compiling…")
-        self.started = False
+        self.task = self.bar.add_task("epoch", total=epochs, info="compiling…")
+        self.refit_task = None
 
     def start(self) -> None:
         self.started = True
-        self.bar.start()
+        if self.bar:
+            self.bar.start()
 
     def update(self, row: dict[str, Any]) -> None:
         info = (
@@ -299,12 +321,26 @@ class _Progress:
             f"{row['train_penalty']:.4f}  acc {100 * row['train_accuracy']:.2f}% "
             f"val {100 * row['val_accuracy']:.2f}%"
         )
-        self.bar.update(self.task, completed=row["epoch"], info=info)
+        if self.bar:
+            self.bar.update(self.task, completed=row["epoch"], info=info)
+        else:
+            sys.stderr.write(f"epoch {row['epoch']}/{self.epochs}  {info}\n")
+            sys.stderr.flush()
+
+    def refit(self, epoch: int, epochs: int) -> None:
+        """One epoch of the refit on train ∪ validation."""
+        if not self.bar:
+            sys.stderr.write(f"refit on train ∪ validation: epoch {epoch}/{epochs}\n")
+            sys.stderr.flush()
+            return
+        if self.refit_task is None:
+            self.refit_task = self.bar.add_task("refit", total=epochs, info="on train ∪ validation")
+        self.bar.update(self.refit_task, completed=epoch)
 
     def close(self) -> None:
-        if self.started:
+        if self.started and self.bar:
             self.bar.stop()
-            self.started = False
+        self.started = False
 
 
 def format_summary(s: dict[str, Any]) -> str:
@@ -327,18 +363,41 @@ def format_summary(s: dict[str, Any]) -> str:
         "‖W‖² per layer: " + ", ".join(f"{p} {v:.1f}" for p, v in s["kernel_sq_norm"].items()),
         time_line,
     ]
+    if "refit_test_accuracy" in s:
+        lines.append(
+            f"refit on train ∪ validation ({s['refit_examples']:,} examples, {s['refit_epochs']} epochs, "
+            f"{EPOCH_RULE_WORDS[s['refit_epoch_rule']]}): test {100 * s['refit_test_accuracy']:.2f}% (unrefit "
+            f"{100 * s['test_accuracy']:.2f}%); jaxl2 eval uses the refit model ({s['refit_seconds']:.2f} s)"
+        )
     return "\n".join(lines)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from jaxl2.mnist import sweep as _sweep
+    from jaxl2.mnist import sweepdir
     from jaxl2.mnist.loop import Diverged, Interrupted
+    from jaxl2.mnist.rundir import load_config
 
     l2s = args.l2
     args.l2 = None
-    cfg = dataclasses.replace(DEFAULTS, **_absolute_paths(_given(args)))
-    if args.seeds < 1:
+    given = _absolute_paths(_given(args))
+    if args.seeds is not None and args.seeds < 1:
         return _fail(f"--seeds {args.seeds} is invalid (an integer >= 1)")
+    saved = None
+    if args.resume:
+        if not args.out:
+            return _fail("--resume needs --out DIR, the sweep to continue")
+        saved_cfg, saved_l2s, saved_seeds = sweepdir.load_sweep_config(args.out)
+        cfg = dataclasses.replace(saved_cfg, **given)
+        saved = load_config(args.out)
+        l2s = saved_l2s if l2s is None else l2s
+        seeds = saved_seeds if args.seeds is None and "seed" not in given else None
+    else:
+        cfg = dataclasses.replace(DEFAULTS, **given)
+        l2s = list(DEFAULT_SWEEP_L2) if l2s is None else l2s
+        seeds = None
+    if seeds is None:
+        seeds = [cfg.seed + i for i in range(1 if args.seeds is None else args.seeds)]
     _enable_cache(args)
     quiet = args.quiet or args.json
     tty = sys.stderr.isatty()
@@ -354,26 +413,30 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         if not quiet:
             say(f"jaxl2: {msg}")
 
-    def on_epoch(epoch: int, total: int) -> None:
+    def on_epoch(label: str, epoch: int, total: int) -> None:
         if quiet:
             return
+        text = f"{label + ': ' if label else ''}epoch {epoch}/{total}"
         if tty:  # one line, rewritten
-            sys.stderr.write(f"\repoch {epoch}/{total}")
+            sys.stderr.write(f"\r{text}\x1b[K")
             line["open"] = epoch < total
             if epoch == total:
                 sys.stderr.write("\n")
         else:  # a log: one line per epoch
-            sys.stderr.write(f"epoch {epoch}/{total}\n")
+            sys.stderr.write(text + "\n")
         sys.stderr.flush()
 
     try:
         summary = _sweep.train_sweep(
             cfg,
             l2s,
-            [cfg.seed + i for i in range(args.seeds)],
+            seeds,
             args.out,
             execution=args.execution,
             overwrite=args.overwrite,
+            resume=args.resume,
+            checkpoint_every=args.checkpoint_every,
+            **_refit_choice(args, saved, False),
             on_epoch=on_epoch,
             log=log,
         )
@@ -381,7 +444,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         say(f"jaxl2: error: {_message(e)}")
         return 1
     except Interrupted as e:
-        say(f"jaxl2: {_message(e)}; a sweep keeps no checkpoints, so its directory was removed")
+        say(f"jaxl2: {_message(e)}; continue with: jaxl2 sweep --out {e.out} --resume")
         return 130
     except BaseException:
         if line["open"]:
@@ -401,7 +464,19 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         f"selected λ: {summary['selected_l2']:g} (best mean val accuracy); "
         f"{summary['selected_l2_1se']:g} (lambda.1se: the largest λ within one standard error of it)"
     )
-    print(f"every member: {os.path.join(summary['out'], 'sweep.csv')}")
+    if "refit" in summary:
+        fit = summary["refit"]
+
+        def pm(d: dict[str, float]) -> str:
+            return f"{100 * d['mean']:.2f} ± {100 * d['std']:.2f}%"
+
+        epochs = ", ".join(str(m["refit_epochs"]) for m in fit["members"])
+        print(
+            f"refit of λ {fit['l2']:g} on train ∪ validation ({len(fit['members'])} seeds; epochs {epochs}, "
+            f"{EPOCH_RULE_WORDS[fit['epoch_rule']]}): "
+            f"test {pm(fit['refit_test_accuracy'])} (unrefit {pm(fit['test_accuracy'])})"
+        )
+    print(f"every member: {os.path.join(summary['out'], 'sweep.csv')}; jaxl2 eval --run {summary['out']}")
     return 0
 
 
@@ -440,13 +515,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     sigint.allow()  # evaluation writes nothing
 
     _enable_cache(args)
-    res = _run.evaluate_run(args.run, args.dataset, args.split, args.data_dir)
+    res = _run.evaluate_run(
+        args.run, args.dataset, args.split, args.data_dir, l2=args.l2, seed=args.seed, refit=args.refit
+    )
     if args.json:
         print(json.dumps(res))
     else:
+        model = "refit on train ∪ validation" if res["model"] == "refit" else "best epoch by validation"
+        if "seed" in res:
+            model += f"; sweep member λ {res['l2']:g}, seed {res['seed']}"
         print(
             f"{res['dataset']} {res['split']}: accuracy {100 * res['accuracy']:.2f}%  "
-            f"data loss {res['data_loss']:.4f}  n {res['n']}"
+            f"data loss {res['data_loss']:.4f}  n {res['n']}  (model: {model})"
         )
     return 0
 
@@ -480,6 +560,17 @@ def cmd_gradcheck(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+EPOCH_RULE_WORDS = {"all": "all the run's", "best": "the best epoch's count"}
+
+
+def _add_refit_epochs(g: argparse._ArgumentGroup) -> None:
+    g.add_argument(
+        "--refit-epochs",
+        help="the refit's epochs: all (the run's --epochs, its full lr schedule) or best (the best "
+        f"epoch by validation accuracy) (default {REFIT_EPOCHS}: it scored higher on held-out data)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="jaxl2",
@@ -506,6 +597,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=10,
         help="epochs between checkpoints (default 10; always at the end and on Ctrl-C)",
     )
+    g.add_argument(
+        "--refit",
+        action=argparse.BooleanOptionalAction,
+        help="then train again from the same init on train ∪ validation (see --refit-epochs), report its "
+        f"test accuracy and let jaxl2 eval use it (default: {'on' if REFIT else 'off'}, or with --resume the "
+        "run's own; --no-refit: off)",
+    )
+    _add_refit_epochs(g)
     g.add_argument(
         "--no-cache",
         action="store_true",
@@ -543,13 +642,11 @@ def build_parser() -> argparse.ArgumentParser:
     for action in sw._actions:
         if action.dest == "l2":
             action.type = _floats
-            action.default = list(DEFAULT_SWEEP_L2)
             action.help = f"comma-separated λ values (default {','.join(f'{v:g}' for v in DEFAULT_SWEEP_L2)})"
     g = sw.add_argument_group("sweep")
     g.add_argument(
         "--seeds",
         type=int,
-        default=1,
         help="init seeds per λ: --seed, --seed+1, … (default 1); data order follows the seed",
     )
     g.add_argument(
@@ -559,7 +656,25 @@ def build_parser() -> argparse.ArgumentParser:
         "timed epoch (default)",
     )
     g.add_argument("--out", help="sweep directory (default: a new runs/sweep-YYYYmmdd-HHMMSS[-N])")
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the sweep in --out from its last checkpoint (with its own settings)",
+    )
     g.add_argument("--overwrite", action="store_true", help="replace a sweep (or run) already in --out")
+    g.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=10,
+        help="epochs between checkpoints (default 10; always at the end of each chunk and on Ctrl-C)",
+    )
+    g.add_argument(
+        "--refit",
+        action=argparse.BooleanOptionalAction,
+        help="then refit the selected λ on train ∪ validation, once per seed (see --refit-epochs), and "
+        "report its test accuracy (default: off, or with --resume the sweep's own)",
+    )
+    _add_refit_epochs(g)
     g.add_argument("--no-cache", action="store_true", help="do not use the compilation cache")
     g.add_argument(
         "--quiet", action="store_true", help="no progress (on a terminal one line; else one line per epoch)"
@@ -567,17 +682,35 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--json",
         action="store_true",
-        help='print only {"selected_l2": …, "selected_l2_1se": …, "per_l2": […], "results": […]}',
+        help='print only {"selected_l2": …, "selected_l2_1se": …, "per_l2": […], "results": […]} '
+        '(and "refit": {…} with --refit)',
     )
     sw.set_defaults(func=cmd_sweep)
 
     e = sub.add_parser(
         "eval",
-        help="evaluate a run's best checkpoint",
-        description="Accuracy and data loss (cross-entropy) of a trained run's best checkpoint on a "
-        "split of its own dataset, or of another one.",
+        help="evaluate a run's model (or a sweep member's)",
+        description="Accuracy and data loss (cross-entropy) of a trained run's model (the refit one if "
+        "the run has one, else the best epoch by validation; for a sweep, one member's) on a split of "
+        "its own dataset, or of another one.",
     )
-    e.add_argument("--run", required=True, help="the run directory")
+    e.add_argument("--run", required=True, help="the run (or sweep) directory")
+    e.add_argument(
+        "--refit",
+        action=argparse.BooleanOptionalAction,
+        help="the refit model (train ∪ validation) or, with --no-refit, the best epoch by validation "
+        "(default: the refit model when the run has one)",
+    )
+    e.add_argument(
+        "--l2",
+        type=float,
+        help="for a sweep: the member's λ (default: the selected λ, best mean validation accuracy)",
+    )
+    e.add_argument(
+        "--seed",
+        type=int,
+        help="for a sweep: the member's seed (default: the seed of that λ with the best validation accuracy)",
+    )
     e.add_argument("--dataset", help=f"{', '.join(DATASETS)} (default: the run's own)")
     e.add_argument(
         "--data-dir", help="TensorFlow Datasets' data_dir for --dataset mnist (default: the run's)"

@@ -13,7 +13,7 @@ from jaxl2 import cli
 from jaxl2.mnist.config import OPTIMIZERS, Config, ConfigError, validate
 from jaxl2.mnist.rundir import default_out
 
-TINY = ["--hidden", "16", "--epochs", "2", "--batch-size", "500"]
+TINY = ["--hidden", "16", "--epochs", "2", "--batch-size", "500", "--no-refit"]  # refit: test_cli, test_refit
 
 
 def jaxl2(*args, timeout=180, cwd=None):
@@ -101,9 +101,9 @@ def finished(tmp_path_factory):
 
 def test_resume_of_a_finished_run_reports_it(finished):
     out, first = finished
-    r = jaxl2("train", "--out", str(out), "--resume", "--quiet")
+    r = jaxl2("train", "--out", str(out), "--resume", "--quiet")  # as it was started: --no-refit
     assert r.returncode == 0, r.stderr
-    assert "no epoch left to train" in r.stdout
+    assert "no epoch left to train" in r.stdout and "refit" not in r.stdout and not (out / "refit").exists()
     test_line = [ln for ln in r.stdout.splitlines() if ln.startswith("test")]
     assert test_line == [ln for ln in first.splitlines() if ln.startswith("test")]
 
@@ -163,7 +163,7 @@ def test_sigint_at_any_moment_exits_130_and_leaves_no_half_made_directory(tmp_pa
         assert (out / "checkpoints").is_dir() and f"jaxl2 train --out {out} --resume" in err, err
 
 
-def test_sigint_during_a_sweep_exits_130_and_leaves_no_directory(tmp_path):
+def test_sigint_during_a_sweep_exits_130_with_a_checkpoint_to_resume(tmp_path):
     out = tmp_path / "s"
     p = _start(out, "sweep", "--hidden", "32", "--epochs", "400", "--l2", "0,1e-3", "--quiet")
     deadline = time.time() + 60
@@ -173,7 +173,9 @@ def test_sigint_during_a_sweep_exits_130_and_leaves_no_directory(tmp_path):
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 130, err
-    assert "Traceback" not in err and not out.exists()
+    assert "Traceback" not in err
+    if out.exists():  # stopped after an epoch: checkpointed there, and it says how to resume
+        assert (out / "checkpoints").is_dir() and f"jaxl2 sweep --out {out} --resume" in err, err
 
 
 def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start(tmp_path, finished):
@@ -193,18 +195,19 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start(tmp_pat
 
 def test_eval_reads_the_dataset_from_the_run_and_split_names_are_one_set(finished):
     out, summary_text = finished
-    r = jaxl2("eval", "--run", str(out), "--split", "val", "--json")
+    r = jaxl2("eval", "--run", str(out), "--split", "val", "--no-refit", "--json")  # the best epoch's
     assert r.returncode == 0, r.stderr
     ev = json.loads(r.stdout)
-    assert ev["dataset"] == "mnist5k" and ev["n"] == 500
+    assert ev["dataset"] == "mnist5k" and ev["n"] == 500 and ev["model"] == "best"
     shown = next(ln for ln in summary_text.splitlines() if ln.startswith("val "))
     assert f"{100 * ev['accuracy']:.2f}%" in shown  # the summary's "val" row is eval's "val" split
     one_line_error(jaxl2("eval", "--run", str(out), "--split", "validation"), "allowed: train, val, test")
 
 
-def test_eval_of_a_sweep_directory_says_so(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"kind": "sweep"}))
-    one_line_error(jaxl2("eval", "--run", str(tmp_path)), "is a sweep, not a training run")
+def test_eval_of_an_unfinished_sweep_says_so(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"kind": "sweep", "l2": [0.0], "seeds": [0]}))
+    one_line_error(jaxl2("eval", "--run", str(tmp_path)), "the sweep has not finished (no sweep.json)")
+    one_line_error(jaxl2("train", "--out", str(tmp_path), "--resume"), "holds a sweep, not a training run")
 
 
 # -- flags named in errors --------------------------------------------------------------------------
@@ -245,6 +248,7 @@ def test_default_adam_learns(tmp_path):
         "64",
         "--epochs",
         "3",
+        "--no-refit",
         "--out",
         str(tmp_path / "a"),
         "--json",
@@ -356,10 +360,12 @@ def test_overwrite_replaces_a_run_but_never_foreign_files(tmp_path, finished):
     r = jaxl2("train", *TINY, "--out", ".", "--overwrite", cwd=precious)
     one_line_error(r, "holds files that are not a jaxl2 run's")
     run = tmp_path / "run"
-    assert jaxl2("train", *TINY, "--out", str(run), "--quiet").returncode == 0
+    assert jaxl2("train", *TINY, "--refit", "--out", str(run), "--quiet").returncode == 0
     first = json.loads((run / "config.json").read_text())
-    r = jaxl2("train", *TINY, "--seed", "3", "--out", str(run), "--overwrite", "--json")
+    assert (run / "refit").is_dir()
+    r = jaxl2("train", *TINY, "--seed", "3", "--out", str(run), "--overwrite", "--no-refit", "--json")
     assert r.returncode == 0, r.stderr
+    assert not (run / "refit").exists() and not any(k.startswith("refit") for k in json.loads(r.stdout))
     assert json.loads((run / "config.json").read_text())["seed"] == 3
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
     assert [row["epoch"] for row in rows] == [1, 2]  # the old run's lines are gone, not appended to
@@ -371,8 +377,7 @@ def test_sweep_overwrite_and_its_errors_name_only_its_own_flags(tmp_path):
     args = ["sweep", "--l2", "0,1e-3", *TINY, "--out", str(out), "--quiet"]
     assert jaxl2(*args).returncode == 0
     r = jaxl2(*args)
-    one_line_error(r, "already holds a run (--overwrite to replace it")
-    assert "--resume" not in r.stderr
+    one_line_error(r, "already holds a run (use --resume to continue it, --overwrite to replace it")
     assert jaxl2(*args, "--overwrite").returncode == 0
 
 

@@ -42,18 +42,27 @@ def test_train_json_then_eval_reproduces_test_accuracy(tmp_path):
         "config.json",
         "curves.png",
         "metrics.jsonl",
+        "refit",
         "summary.json",
     ]
-    e = jaxl2("eval", "--run", str(out), "--dataset", "mnist5k", "--json")
+    assert s["refit_epochs"] == s["epochs"] and s["refit_examples"] == 4000  # train ∪ validation
+    e = jaxl2("eval", "--run", str(out), "--dataset", "mnist5k", "--json")  # the refit model
     assert e.returncode == 0, e.stderr
     ev = json.loads(e.stdout)
-    assert ev["n"] == 1000 and ev["accuracy"] == pytest.approx(s["test_accuracy"], abs=1e-6)
+    assert ev["n"] == 1000 and ev["accuracy"] == pytest.approx(s["refit_test_accuracy"], abs=1e-6)
+    assert ev["model"] == "refit"
+    e = jaxl2("eval", "--run", str(out), "--no-refit", "--json")  # the best epoch by validation
+    assert json.loads(e.stdout)["accuracy"] == pytest.approx(s["test_accuracy"], abs=1e-6)
 
 
-def test_train_human_summary(tmp_path):
-    r = jaxl2("train", *FAST, "--out", str(tmp_path / "h"), "--quiet")
+def test_train_human_summary_and_progress_lines(tmp_path):
+    r = jaxl2("train", *FAST, "--out", str(tmp_path / "h"))
     assert r.returncode == 0, r.stderr
+    lines = r.stderr.splitlines()  # not a terminal: one plain line per epoch, no bar
+    assert [ln.split("  ")[0] for ln in lines if ln.startswith("epoch")] == ["epoch 1/2", "epoch 2/2"]
+    assert "refit on train ∪ validation: epoch 2/2" in lines and "\r" not in r.stderr
     assert "test" in r.stdout and "examples/s" in r.stdout and "params/Dense_0/kernel" in r.stdout
+    assert "refit on train ∪ validation (4,000 examples, 2 epochs" in r.stdout
 
 
 @pytest.mark.parametrize(

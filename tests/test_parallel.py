@@ -19,7 +19,7 @@ assert jax.device_count() == 4
 cfg = Config(hidden=(64,), epochs=2, batch_size=128)
 out = {}
 for n in (1, 4):
-    out[n] = run.train_and_evaluate(cfg, f"{sys.argv[1]}/d{n}", devices=n, checkpoint_every=1)
+    out[n] = run.train_and_evaluate(cfg, f"{sys.argv[1]}/d{n}", devices=n, checkpoint_every=1, refit=False)
 # look inside: the batch is split, the params replicated, the gradient all-reduced
 mesh = parallel.make_mesh(4)
 tr = Trainer(cfg, 3500, mesh=mesh)
@@ -99,7 +99,7 @@ def free_port():
 
 def test_two_processes_agree_with_one(tmp_path):
     env2 = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    flags = ["--hidden", "64", "--epochs", "1", "--quiet", "--checkpoint-every", "1"]
+    flags = ["--hidden", "64", "--epochs", "1", "--quiet", "--checkpoint-every", "1", "--no-refit"]
     port = free_port()
     procs = [
         subprocess.Popen(

@@ -18,7 +18,18 @@ from hypothesis import strategies as st
 import jaxl2
 from jaxl2 import select
 
-RUN = ["--hidden", "64", "--epochs", "24", "--batch-size", "64", "--checkpoint-every", "1", "--quiet"]
+RUN = [
+    "--hidden",
+    "64",
+    "--epochs",
+    "24",
+    "--batch-size",
+    "64",
+    "--checkpoint-every",
+    "1",
+    "--quiet",
+    "--no-refit",
+]
 
 
 def start(out, *extra):

@@ -51,7 +51,9 @@ def test_sweep_metrics_equal_separate_train_runs(tmp_path):
     assert len(summary["results"]) == 6 and summary["chunks"] == 1
     for r in summary["results"][:3] + summary["results"][4:5]:
         one = _run.train_and_evaluate(
-            dataclasses.replace(CFG, l2=r["l2"], seed=r["seed"]), str(tmp_path / f"{r['l2']}-{r['seed']}")
+            dataclasses.replace(CFG, l2=r["l2"], seed=r["seed"]),
+            str(tmp_path / f"{r['l2']}-{r['seed']}"),
+            refit=False,
         )
         for key in ("train_accuracy", "val_accuracy", "test_accuracy", "train_data_loss", "penalty"):
             assert r[key] == pytest.approx(one[key], abs=2e-3), key

@@ -142,7 +142,7 @@ def small_run(tmp_path, name, **kw):
 
 def test_run_directory_and_resume_equals_uninterrupted(tmp_path):
     cfg, out_a = small_run(tmp_path, "a")
-    summary = _run.train_and_evaluate(cfg, out_a, checkpoint_every=1)
+    summary = _run.train_and_evaluate(cfg, out_a, checkpoint_every=1, refit=False)  # refit: test_refit
     # every output exists and parses
     assert json.load(open(os.path.join(out_a, "config.json")))["hidden"] == [32]
     rows = [json.loads(line) for line in open(os.path.join(out_a, "metrics.jsonl"))]
@@ -162,10 +162,10 @@ def test_run_directory_and_resume_equals_uninterrupted(tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        _run.train_and_evaluate(cfg, out_b, checkpoint_every=2, on_epoch=stop_at_3)
+        _run.train_and_evaluate(cfg, out_b, checkpoint_every=2, on_epoch=stop_at_3, refit=False)
     with open(os.path.join(out_b, "metrics.jsonl"), "a") as f:
         f.write('{"epoch": 4, "torn')  # a kill mid-write
-    summary_b = _run.train_and_evaluate(cfg, out_b, resume=True, checkpoint_every=2)
+    summary_b = _run.train_and_evaluate(cfg, out_b, resume=True, checkpoint_every=2, refit=False)
     rows_b = [json.loads(line) for line in open(os.path.join(out_b, "metrics.jsonl"))]
     assert [r["epoch"] for r in rows_b] == [1, 2, 3, 4]
     for ra, rb in zip(rows, rows_b):

@@ -9,7 +9,8 @@ One concern per module, arrows pointing down to the library (:mod:`jaxl2`):
 * :mod:`~jaxl2.mnist.steps` — the pure, jitted step, epoch and evaluation;
 * :mod:`~jaxl2.mnist.loop` — the one loop that ``train`` and ``sweep`` share;
 * :mod:`~jaxl2.mnist.run` — a run and its directory (:mod:`~jaxl2.mnist.rundir`);
-  :mod:`~jaxl2.mnist.sweep` — many λ in one compiled program;
+  :mod:`~jaxl2.mnist.sweep` — many λ in one compiled program, and its directory
+  (:mod:`~jaxl2.mnist.sweepdir`); :mod:`~jaxl2.mnist.refit` — the refit on train ∪ validation;
 * :mod:`~jaxl2.mnist.parallel`, :mod:`~jaxl2.mnist.plots`, :mod:`~jaxl2.mnist.bench`,
   :mod:`~jaxl2.mnist.runtime` — devices, figures, measurements, the machine.
 

@@ -11,6 +11,7 @@ removes the directory it created; one killed outright resumes from the start.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -22,8 +23,10 @@ import jax
 import numpy as np
 
 from jaxl2.mnist import data as _data
-from jaxl2.mnist import parallel, sigint
-from jaxl2.mnist.config import FIELDS, SPLITS, Config, ConfigError, field, validate
+from jaxl2.mnist import parallel, sigint, sweepdir
+from jaxl2.mnist import refit as _refit_mod
+from jaxl2.mnist import sweep as _sweep
+from jaxl2.mnist.config import FIELDS, REFIT, REFIT_EPOCHS, SPLITS, Config, ConfigError, field, validate
 from jaxl2.mnist.loop import (
     Best,
     Interrupted,
@@ -56,16 +59,38 @@ def _version() -> str:
     return __version__
 
 
-def load_run_config(out: str, name: str = "out") -> Config:
-    """The :class:`Config` of the training run in ``out`` (an error for a sweep or no run)."""
+def load_run_config(
+    out: str, name: str = "out", *, l2: float | None = None, seed: int | None = None, kind: str | None = None
+) -> Config:
+    """The :class:`Config` of the training run in ``out``; for a finished sweep, that of one
+    member (what ``jaxl2 train --l2 λ --seed s`` would train): ``l2`` and ``seed`` pick it,
+    by default the member that ``jaxl2 eval`` evaluates (:func:`jaxl2.mnist.sweep.pick_member`).
+    ``kind="run"`` refuses a sweep (``"sweep"`` a run); errors name the argument ``name``."""
     d = load_config(out, name)
-    if d.get("kind") == "sweep":
-        raise ConfigError(f"{out} is a sweep, not a training run")
+    found = "sweep" if d.get("kind") == "sweep" else "run"
+    if kind is not None and kind != found:
+        other = "a sweep, not a training run" if found == "sweep" else "a training run, not a sweep"
+        raise ConfigError(f"{field(name)} {out} holds {other}")
+    if found == "sweep":
+        return _sweep_member(out, name, l2, seed)[0]
+    if l2 is not None or seed is not None:
+        raise ConfigError(
+            f"{field('l2')} and {field('seed')} pick a member of a sweep; {out} is a training run"
+        )
     return run_config(d, os.path.join(out, "config.json"))
 
 
+def _sweep_member(out: str, name: str, l2: float | None, seed: int | None) -> tuple[Config, dict, int]:
+    """The member's Config, the sweep's summary and the member's index in its results."""
+    cfg, _, _ = sweepdir.load_sweep_config(out, name)
+    summary = sweepdir.read_summary(out, name)
+    i = _sweep.pick_member(summary["results"], summary["selected_l2"], l2, seed)
+    row = summary["results"][i]
+    return dataclasses.replace(cfg, l2=row["l2"], seed=row["seed"]), summary, i
+
+
 def _check_resume(cfg: Config, out: str) -> None:
-    saved = validate(load_run_config(out))
+    saved = validate(load_run_config(out, kind="run"))
     differ = [f for f in FIELDS if getattr(cfg, f) != getattr(saved, f)]
     if differ:
         desc = ", ".join(
@@ -90,6 +115,9 @@ def train_and_evaluate(
     on_start: Callable[[], None] | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     devices: int | None = None,
+    refit: bool = REFIT,
+    refit_epochs: str = REFIT_EPOCHS,
+    on_refit_epoch: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Trains ``cfg`` into the run directory ``out`` and returns the summary.
 
@@ -107,6 +135,12 @@ def train_and_evaluate(
     ``jaxl2 eval`` loads); ``final_val_accuracy`` is the last epoch's. ``train_loss`` is the
     total (data loss + penalty); ``*_data_loss`` is the cross-entropy alone.
 
+    ``refit=True`` (the default recipe's) then trains again from the same init on train ∪
+    validation (:mod:`jaxl2.mnist.refit`) for ``refit_epochs`` epochs: ``"all"`` the run's, or
+    ``"best"`` its best epoch's count; checkpoints in ``out/refit``, ``on_refit_epoch(epoch,
+    epochs)`` after each of its epochs. The summary gains its ``refit_*`` keys,
+    ``refit_test_accuracy`` among them, and ``jaxl2 eval`` evaluates the refit model.
+
     Raises:
       ConfigError: bad input, before anything is compiled or written.
       Diverged: a NaN/Inf loss; the last good checkpoint is kept.
@@ -114,6 +148,8 @@ def train_and_evaluate(
     """
     if not (isinstance(checkpoint_every, int) and checkpoint_every >= 1):
         raise ConfigError(f"{field('checkpoint_every')} {checkpoint_every} is invalid (an integer >= 1)")
+    if refit:
+        _refit_mod.refit_epochs(refit_epochs, 1, 1)  # a bad rule fails before anything is done
     cfg, ds = load_and_check(cfg)
     sigint.check()
     if devices is not None and not (isinstance(devices, int) and devices >= 1):
@@ -133,10 +169,20 @@ def train_and_evaluate(
         out = default_out("runs", cfg.dataset)
     if primary:
         created = prepare(
-            out, {**cfg.to_json(), "jaxl2_version": _version()}, resume=resume, overwrite=overwrite
+            out,
+            {**cfg.to_json(), "jaxl2_version": _version(), "refit": refit, "refit_epochs": refit_epochs},
+            resume=resume,
+            overwrite=overwrite,
         )
     try:
-        return _train(cfg, ds, out, mesh, primary, resume, checkpoint_every, on_start, on_epoch)
+        summary = _train(cfg, ds, out, mesh, primary, resume, checkpoint_every, on_start, on_epoch)
+        if refit:
+            epochs = _refit_mod.refit_epochs(refit_epochs, summary["best_epoch"], cfg.epochs)
+            summary.update(_refit(cfg, ds, out, mesh, epochs, checkpoint_every, on_refit_epoch))
+            summary["refit_epoch_rule"] = refit_epochs
+        if primary:
+            write_json(os.path.join(out, "summary.json"), summary)
+        return summary
     except BaseException:
         if created and primary and not has_checkpoint(out):
             shutil.rmtree(out, ignore_errors=True)  # nothing to resume: leave no half-made run
@@ -234,21 +280,48 @@ def _train(cfg, ds, out, mesh, primary, resume, checkpoint_every, on_start, on_e
         "device": device_name(),
         "out": out,
     }
-    if primary:
-        write_json(os.path.join(out, "summary.json"), summary)
     return summary
 
 
+def _refit(cfg, ds, out, mesh, epochs, checkpoint_every, on_epoch) -> dict[str, Any]:
+    try:
+        return _refit_mod.refit(
+            cfg,
+            ds,
+            epochs,
+            os.path.join(out, "refit"),
+            mesh=mesh,
+            checkpoint_every=checkpoint_every,
+            on_epoch=on_epoch,
+        )
+    except Interrupted as e:
+        e.out = out
+        raise
+
+
 def evaluate_run(
-    out: str, dataset: str | None = None, split: str = "test", data_dir: str | None = None
+    out: str,
+    dataset: str | None = None,
+    split: str = "test",
+    data_dir: str | None = None,
+    *,
+    l2: float | None = None,
+    seed: int | None = None,
+    refit: bool | None = None,
 ) -> dict[str, Any]:
-    """Accuracy and data loss (cross-entropy) of a run's best checkpoint on ``split`` of
-    ``dataset`` (default: the run's own dataset and split seed)."""
-    cfg = load_run_config(out, "run")
+    """Accuracy and data loss (cross-entropy) of a run's model on ``split`` of ``dataset``
+    (default: the run's own dataset and split seed).
+
+    The model: the refit one (train ∪ validation) when the run has one, else the best
+    checkpoint by validation accuracy; ``refit=False`` asks for the best checkpoint, ``True``
+    for the refit. For a sweep, one member's (:func:`jaxl2.mnist.sweep.pick_member`: the
+    selected λ and its seed with the best validation accuracy, unless ``l2`` / ``seed`` say).
+    The result names the model (``"model": "refit"`` or ``"best"``, and for a sweep its λ and seed).
+    """
     if split not in SPLITS:
         raise ConfigError(f"{field('split')} {split!r} is unknown (allowed: {', '.join(SPLITS)})")
-    if not os.path.isdir(os.path.join(out, "best")):
-        raise ConfigError(f"{field('run')} {out} has no best checkpoint (expected {out}/best)")
+    cfg = load_run_config(out, "run", l2=l2, seed=seed)
+    params, which = _model(out, cfg, l2, seed, refit)
     dataset = cfg.dataset if dataset is None else dataset
     ds = _data.load(
         dataset,
@@ -259,6 +332,39 @@ def evaluate_run(
     part = getattr(ds, split)
     if part is None:
         raise ConfigError(f"{field('dataset')} {dataset} has no {split} split")
+    trainer = Trainer(cfg, cfg.batch_size)  # evaluation only: num_train just sizes the lr schedule
+    ev = jax.device_get(trainer.evaluate(params, part.x, part.y))
+    return {
+        "dataset": dataset,
+        "split": split,
+        "accuracy": float(ev["accuracy"]),
+        "data_loss": float(ev["data_loss"]),
+        "n": int(len(part.y)),
+        **which,
+    }
+
+
+def _no_refit(out: str, how: str) -> ConfigError:
+    return ConfigError(f"{field('refit')}: {out} has no refit model ({how})")
+
+
+def _model(out: str, cfg: Config, l2, seed, refit: bool | None) -> tuple[Any, dict[str, Any]]:
+    """The params that :func:`evaluate_run` evaluates, and what they are."""
+    if load_config(out, "run").get("kind") == "sweep":
+        return _sweep_model(out, cfg, l2, seed, refit)
+    summary = _read_summary(out)
+    if refit is None:
+        refit = "refit_epochs" in summary
+    if refit:
+        if "refit_epochs" not in summary:
+            raise _no_refit(
+                out, f"train it with {field('refit')}, or add one: {field('resume')} {field('refit')}"
+            )
+        path = os.path.join(out, "refit")
+        params = _refit_mod.restore_refit(path, cfg, summary["refit_epochs"], summary["refit_examples"])
+        return params, {"model": "refit"}
+    if not os.path.isdir(os.path.join(out, "best")):
+        raise ConfigError(f"{field('run')} {out} has no best checkpoint (expected {out}/best)")
     ckpt = Checkpoints(out)
     like = abstract_params(cfg)
     try:
@@ -271,12 +377,36 @@ def evaluate_run(
             f"{field('run')} {out}: the best checkpoint does not fit the model of its config.json "
             "(was config.json edited?)"
         )
-    trainer = Trainer(cfg, cfg.batch_size)  # evaluation only: num_train just sizes the lr schedule
-    ev = jax.device_get(trainer.evaluate(params, part.x, part.y))
-    return {
-        "dataset": dataset,
-        "split": split,
-        "accuracy": float(ev["accuracy"]),
-        "data_loss": float(ev["data_loss"]),
-        "n": int(len(part.y)),
-    }
+    return params, {"model": "best"}
+
+
+def _sweep_model(out: str, cfg: Config, l2, seed, refit: bool | None) -> tuple[Any, dict[str, Any]]:
+    """A sweep member's best params, or its refit's (only the selected λ is refit)."""
+    _, summary, i = _sweep_member(out, "run", l2, seed)
+    fit = summary.get("refit")
+    if refit is None:
+        refit = fit is not None and fit["l2"] == cfg.l2
+    which = {"model": "refit" if refit else "best", "l2": cfg.l2, "seed": cfg.seed}
+    if not refit:
+        if "chunk_size" not in summary:  # a sweep.json from before sweeps kept their members
+            raise ConfigError(f"{field('run')} {out}: this sweep kept no member's params (sweep again)")
+        n = len(summary["results"])
+        return sweepdir.restore_member(out, cfg, summary["chunk_size"], n, i), which
+    if fit is None:
+        raise _no_refit(
+            out, f"sweep it with {field('refit')}, or add one: {field('resume')} {field('refit')}"
+        )
+    if fit["l2"] != cfg.l2:
+        raise _no_refit(out, f"for {field('l2')} {cfg.l2:g}: only the selected λ {fit['l2']:g} was refit")
+    m = next(m for m in fit["members"] if m["seed"] == cfg.seed)
+    path = sweepdir.refit_dir(out, cfg.seed)
+    return _refit_mod.restore_refit(path, cfg, m["refit_epochs"], m["refit_examples"]), which
+
+
+def _read_summary(out: str) -> dict[str, Any]:
+    """The run's ``summary.json``, or ``{}`` (a run that has not finished)."""
+    try:
+        with open(os.path.join(out, "summary.json")) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return {}

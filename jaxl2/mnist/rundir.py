@@ -6,6 +6,7 @@
   DIR/metrics.jsonl    one JSON line per epoch, flushed and fsync-ed as it is written
   DIR/checkpoints/     orbax: the latest state (resume point)
   DIR/best/            orbax: the params with the best validation accuracy so far
+  DIR/refit/           orbax: the refit's latest state (``--refit``: train ∪ validation)
   DIR/curves.png       loss and accuracy against epoch
   DIR/summary.json     what ``jaxl2 train --json`` prints
 
@@ -42,6 +43,7 @@ __all__ = [
     "load_config",
     "has_checkpoint",
     "Checkpoints",
+    "StepStore",
 ]
 
 
@@ -104,7 +106,7 @@ def default_out(root: str, prefix: str) -> str:
 # What a run or a sweep writes: all that --overwrite may remove.
 RUN_ENTRIES = frozenset(
     {"config.json", "metrics.jsonl", "checkpoints", "best", "curves.png", "summary.json"}
-    | {"sweep.json", "sweep.csv", "sweep.png"}
+    | {"refit", "sweep.json", "sweep.csv", "sweep.png", "progress.json"}
 )
 
 
@@ -186,9 +188,13 @@ def load_config(out: str, name: str = "out") -> dict[str, Any]:
     return d
 
 
+# What config.json holds beside the Config's fields: the version, a sweep's kind, the refit asked for.
+RUN_KEYS = ("jaxl2_version", "kind", "refit", "refit_epochs")
+
+
 def run_config(d: dict[str, Any], path: str) -> Config:
     """The :class:`Config` of a run's ``config.json`` dict."""
-    d = {k: v for k, v in d.items() if k not in ("jaxl2_version", "kind")}
+    d = {k: v for k, v in d.items() if k not in RUN_KEYS}
     try:
         return Config.from_json(d)
     except TypeError as e:
@@ -258,3 +264,45 @@ class Checkpoints:
     def close(self) -> None:
         self.latest.close()
         self.best.close()
+
+
+class StepStore:
+    """An orbax manager of numbered steps of one pytree (a refit's state, a sweep's chunks), each
+    written to a temporary directory and renamed like :class:`Checkpoints`'; it keeps the last
+    ``keep`` steps (``None``: all of them)."""
+
+    def __init__(self, path: str, keep: int | None = 1):
+        import orbax.checkpoint as ocp
+
+        self.ocp = ocp
+        opts = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False)
+        self.manager = ocp.CheckpointManager(os.path.abspath(path), options=opts)
+
+    def latest(self) -> int | None:
+        """The latest complete step, or ``None``."""
+        return self.manager.latest_step()
+
+    def steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, tree: Any) -> None:
+        self.manager.save(step, args=self.ocp.args.StandardSave(tree), force=True)
+
+    def restore(
+        self,
+        like: Any,
+        step: int | None = None,
+        name: str = "resume",
+        mismatch: str = "the checkpoint does not fit this model",
+    ) -> Any:
+        """Step ``step`` (default: the latest) restored into the structure of ``like`` (arrays or
+        ``jax.ShapeDtypeStruct``); a step that does not fit is an error naming ``name``."""
+        step = self.latest() if step is None else step
+        abstract = jax.tree_util.tree_map(self.ocp.utils.to_shape_dtype_struct, like)
+        try:
+            return self.manager.restore(step, args=self.ocp.args.StandardRestore(abstract))
+        except (ValueError, KeyError) as e:
+            raise ConfigError(f"{field(name)}: {mismatch} ({str(e)[:200]})") from None
+
+    def close(self) -> None:
+        self.manager.close()

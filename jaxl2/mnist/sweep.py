@@ -3,7 +3,9 @@
 Every member is the run ``jaxl2 train --l2 λ --seed s`` would make: the same init (from its
 seed) and the same data order (each epoch's permutation is keyed on the member's own rng, so
 members with the same seed share their data order and members with different seeds do not).
-λ is a traced array, so the whole sweep compiles once.
+λ is a traced array, so the whole sweep compiles once. A stopped sweep resumes to the same bits,
+and every member's best params are kept (:mod:`jaxl2.mnist.sweepdir`), so that ``jaxl2 eval``
+can evaluate any member (:func:`pick_member`).
 
 Example:
   >>> from jaxl2.mnist.sweep import select_l2
@@ -14,8 +16,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import dataclasses
 import json
+import math
 import os
 import shutil
 import time
@@ -26,8 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxl2.mnist import sigint
-from jaxl2.mnist.config import OPTIMIZERS, SEED_LIMIT, Config, ConfigError, field, validate
+from jaxl2.mnist import refit as _refit
+from jaxl2.mnist import sigint, sweepdir
+from jaxl2.mnist.config import OPTIMIZERS, REFIT_EPOCHS, SEED_LIMIT, Config, ConfigError, field, validate
 from jaxl2.mnist.loop import (
     Best,
     Interrupted,
@@ -37,11 +43,19 @@ from jaxl2.mnist.loop import (
     run_epochs,
     split_metrics,
 )
-from jaxl2.mnist.rundir import default_out, prepare, write_json
+from jaxl2.mnist.rundir import StepStore, default_out, has_checkpoint, prepare, write_json
 from jaxl2.mnist.runtime import XLA_OPTIONS, device_name
 from jaxl2.mnist.steps import Trainer
 
-__all__ = ["SweepTrainer", "train_sweep", "select_l2", "select_l2_1se", "per_l2", "members_that_fit"]
+__all__ = [
+    "SweepTrainer",
+    "train_sweep",
+    "select_l2",
+    "select_l2_1se",
+    "per_l2",
+    "pick_member",
+    "members_that_fit",
+]
 
 EXECUTIONS = ("auto", "vmap", "sequential")
 
@@ -129,6 +143,36 @@ def per_l2(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def pick_member(
+    results: Sequence[dict[str, Any]], selected_l2: float, l2: float | None = None, seed: int | None = None
+) -> int:
+    """The index in ``results`` of the member that ``jaxl2 eval --run SWEEP`` evaluates: λ
+    ``l2`` (default: ``selected_l2``, the best mean validation accuracy) with seed ``seed``
+    (default: that λ's member with the best validation accuracy; ties: the smaller seed).
+
+    Example:
+      >>> rows = [{"l2": lam, "seed": s, "val_accuracy": a} for lam, s, a in
+      ...         [(0.0, 0, 0.91), (1e-3, 0, 0.94), (0.0, 1, 0.92), (1e-3, 1, 0.95)]]
+      >>> pick_member(rows, 1e-3), pick_member(rows, 1e-3, l2=0.0), pick_member(rows, 1e-3, seed=0)
+      (3, 2, 1)
+    """
+    l2s = sorted({r["l2"] for r in results})
+    seeds = sorted({r["seed"] for r in results})
+    lam = selected_l2
+    if l2 is not None:
+        lam = next((v for v in l2s if math.isclose(v, l2, rel_tol=1e-9)), None)
+        if lam is None:
+            raise ConfigError(
+                f"{field('l2')} {l2:g} is not one of the sweep's λ (allowed: {', '.join(f'{v:g}' for v in l2s)})"
+            )
+    if seed is not None and seed not in seeds:
+        raise ConfigError(
+            f"{field('seed')} {seed} is not one of the sweep's seeds (allowed: {', '.join(map(str, seeds))})"
+        )
+    picks = [i for i, r in enumerate(results) if r["l2"] == lam and seed in (None, r["seed"])]
+    return max(picks, key=lambda i: (results[i]["val_accuracy"], -results[i]["seed"]))
+
+
 def members_that_fit(cfg: Config, num_train: int, budget_bytes: int) -> int:
     """How many members fit in ``budget_bytes``: params, optimizer state, best params, gradients
     and one batch of activations per member, float32."""
@@ -191,53 +235,94 @@ def train_sweep(
     *,
     execution: str = "auto",
     overwrite: bool = False,
+    resume: bool = False,
+    checkpoint_every: int = 10,
+    refit: bool = False,
+    refit_epochs: str = REFIT_EPOCHS,
     budget_bytes: int | None = None,
-    on_epoch: Callable[[int, int], None] | None = None,
+    on_epoch: Callable[[str, int, int], None] | None = None,
     log: Callable[[str], None] = lambda s: None,
 ) -> dict[str, Any]:
     """Trains every (λ, seed) pair of ``cfg`` and returns ``{"selected_l2", "results", ...}``.
 
     Results carry the same keys as ``jaxl2 train --json`` (the best epoch by validation
     accuracy), plus the final epoch's accuracies and the train − test gap. The sweep writes
-    ``config.json``, ``sweep.json``, ``sweep.csv`` and ``sweep.png`` into ``out`` (default: a
-    new ``runs/sweep-YYYYmmdd-HHMMSS[-N]``); one that fails or is interrupted removes the
-    directory if it was absent or empty before.
+    ``config.json``, checkpoints, every member's best params, then ``sweep.json``, ``sweep.csv``
+    and ``sweep.png`` into ``out`` (default: a new ``runs/sweep-YYYYmmdd-HHMMSS[-N]``; the layout
+    is :mod:`jaxl2.mnist.sweepdir`'s).
+
+    A sweep stopped at any moment (SIGKILL included) continues with ``resume=True`` and ends
+    with the bits of one never stopped: checkpoints every ``checkpoint_every`` epochs, at the end
+    of each chunk and on SIGINT hold the chunk's states and best params; the plan (execution,
+    chunk size) is kept, so a resumed sweep computes exactly as the first one did. One that fails
+    before its first checkpoint removes the directory if it was absent or empty before.
+
+    ``refit=True`` then refits the selected λ once per seed on train ∪ validation
+    (:mod:`jaxl2.mnist.refit`; ``refit_epochs="all"``: the sweep's epochs, ``"best"``: each
+    member's own best epoch's count): ``summary["refit"]``.
+    ``on_epoch(label, epoch, epochs)`` follows the progress (``label`` names the chunk or refit).
     """
     if execution not in EXECUTIONS:
         raise ConfigError(f"{field('execution')} {execution!r} is unknown (allowed: {', '.join(EXECUTIONS)})")
+    if not (isinstance(checkpoint_every, int) and checkpoint_every >= 1):
+        raise ConfigError(f"{field('checkpoint_every')} {checkpoint_every} is invalid (an integer >= 1)")
     validate(cfg)  # its seed first: the seeds below count from it
     seeds = list(seeds)
     if not seeds or any(not isinstance(s, int) or not 0 <= s < SEED_LIMIT for s in seeds):
         raise ConfigError(
             f"{field('seeds')} {seeds} is invalid (one or more integers from 0 to {SEED_LIMIT - 1})"
         )
-    cfg, ds = load_and_check(cfg, list(l2s))
+    l2s = [float(v) for v in l2s]
+    if refit:
+        _refit.refit_epochs(refit_epochs, 1, 1)  # a bad rule fails before anything is done
+    if resume:
+        if out is None:
+            raise ConfigError(f"{field('resume')} needs {field('out')}, the sweep to continue")
+        sweepdir.check_resume(out, cfg, l2s, seeds)
+    cfg, ds = load_and_check(cfg, l2s)
     out = default_out("runs", "sweep") if out is None else out
-    config_json = {**cfg.to_json(), "kind": "sweep", "l2": [float(v) for v in l2s], "seeds": seeds}
-    created = prepare(out, config_json, resume=False, overwrite=overwrite, resumable=False)
+    config = sweepdir.config_json(cfg, l2s, seeds, _version(), refit, refit_epochs)
+    created = prepare(out, config, resume=resume, overwrite=overwrite)
     try:
         sigint.check()
-        summary = _sweep(cfg, ds, [float(v) for v in l2s], seeds, execution, budget_bytes, on_epoch, log)
+        summary = _sweep(cfg, ds, l2s, seeds, out, execution, budget_bytes, checkpoint_every, on_epoch, log)
+        if refit:
+            summary["refit"] = _refit_selected(
+                cfg, ds, summary, out, refit_epochs, checkpoint_every, on_epoch
+            )
         summary["out"] = out
         _write_outputs(out, summary)
         return summary
-    except BaseException:
-        if created:
-            shutil.rmtree(out, ignore_errors=True)  # no half-made sweep is left behind
+    except BaseException as e:
+        if isinstance(e, Interrupted):
+            e.out = out
+        if created and not has_checkpoint(out):
+            shutil.rmtree(out, ignore_errors=True)  # nothing to resume: no half-made sweep is left
         raise
 
 
-def _sweep(cfg, ds, l2s, seeds, execution, budget_bytes, on_epoch, log) -> dict[str, Any]:
-    members = [(lam, s) for s in seeds for lam in l2s]
+def _version() -> str:
+    from jaxl2 import __version__
+
+    return __version__
+
+
+def _chunk_state(states: Any, best: Best) -> dict[str, Any]:
+    """What a sweep's checkpoint holds: the chunk's states and best params so far, with their
+    validation accuracies and epochs (also the template a resume restores into)."""
+    return {
+        "states": states,
+        "best_params": best.params,
+        "best_val": np.asarray(best.val, np.float32),
+        "best_epoch": np.asarray(best.epoch, np.int32),
+    }
+
+
+def _plan(cfg, ds, members, trainer, data, execution, budget_bytes, log) -> dict[str, Any]:
+    """The execution and the chunk size: chosen once, kept in ``progress.json`` for a resume."""
     fit = members_that_fit(cfg, len(ds.train.y), budget_bytes or _memory_budget())
-    chunks = [members[i : i + fit] for i in range(0, len(members), fit)]
-    if len(chunks) > 1:
-        log(f"{len(members)} members do not fit at once: training {len(chunks)} chunks of up to {fit}")
-    trainer = Trainer(cfg, len(ds.train.y))
-    data = tuple(jax.device_put(a) for a in (ds.train.x, ds.train.y, ds.val.x, ds.val.y))
-    t0 = time.perf_counter()
     if execution == "auto":
-        first = chunks[0]
+        first = members[:fit]
         sweeper, timings = _choose_execution(
             trainer,
             SweepTrainer(trainer).init([m[1] for m in first]),
@@ -251,45 +336,45 @@ def _sweep(cfg, ds, l2s, seeds, execution, budget_bytes, on_epoch, log) -> dict[
                 + ", ".join(f"{k} {v:.3f} s/epoch" for k, v in timings.items())
                 + f" → {sweeper.execution}"
             )
-    else:
-        sweeper = SweepTrainer(trainer, execution)
-    results = []
-    for chunk in chunks:
-        l2_K = jnp.asarray([m[0] for m in chunk], jnp.float32)
-        states = sweeper.init([m[1] for m in chunk])
-        best = Best(
-            jax.tree_util.tree_map(jnp.copy, states.params),
-            _keep,
-            np.full(len(chunk), -1.0),
-            np.zeros(len(chunk)),
-        )
+        execution = sweeper.execution
+    return {"execution": execution, "chunk_size": fit, "results": []}
 
-        def diverged(epoch, bad, steps, chunk=chunk):
-            members = ", ".join(f"(λ {chunk[i][0]:g}, seed {chunk[i][1]})" for i in bad)
-            return f"sweep members {members}: " + diverged_message(
-                cfg, chunk[bad[0]][0], epoch, int(steps[0]), trainer.steps_per_epoch
+
+def _sweep(cfg, ds, l2s, seeds, out, execution, budget_bytes, checkpoint_every, on_epoch, log):
+    members = [(lam, s) for s in seeds for lam in l2s]
+    trainer = Trainer(cfg, len(ds.train.y))
+    data = tuple(jax.device_put(a) for a in (ds.train.x, ds.train.y, ds.val.x, ds.val.y))
+    t0 = time.perf_counter()
+    progress = sweepdir.read_progress(out)
+    if progress is None:  # a new sweep, or one killed before its plan was written
+        progress = _plan(cfg, ds, members, trainer, data, execution, budget_bytes, log)
+        sweepdir.write_progress(out, progress)
+    elif execution not in ("auto", progress["execution"]):
+        log(f"resuming with execution {progress['execution']}, the sweep's own (not {execution})")
+    fit = progress["chunk_size"]
+    chunks = [members[i : i + fit] for i in range(0, len(members), fit)]
+    if len(chunks) > 1:
+        log(f"{len(members)} members do not fit at once: training {len(chunks)} chunks of up to {fit}")
+    sweeper = SweepTrainer(trainer, progress["execution"])
+    results = list(progress["results"])
+    done = -(-len(results) // fit)  # chunks whose rows are recorded
+    if done:
+        log(f"resuming: {done} of {len(chunks)} chunks already done")
+    latest = StepStore(os.path.join(out, "checkpoints"))
+    best_store = StepStore(os.path.join(out, "best"), keep=None)
+    with sigint.deferred(), contextlib.closing(latest), contextlib.closing(best_store):
+        for c in range(done, len(chunks)):
+            if sigint.pending():  # the previous chunk was finished and recorded
+                sigint.clear()
+                raise Interrupted(f"sweep interrupted after chunk {c} of {len(chunks)}")
+            label = f"chunk {c + 1}/{len(chunks)}" if len(chunks) > 1 else ""
+            trained = _train_chunk(
+                cfg, ds, chunks[c], c, sweeper, data, latest, checkpoint_every, label, on_epoch
             )
-
-        def epoch_fn(states, x, y, l2_K=l2_K):
-            return sweeper.epoch(states, x, y, l2_K)
-
-        epochs = range(1, cfg.epochs + 1)
-        with sigint.deferred():
-            for ep in run_epochs(epoch_fn, sweeper.evaluate, states, data, epochs, best, diverged):
-                states = ep.state
-                if on_epoch:
-                    on_epoch(ep.epoch, cfg.epochs)
-                if sigint.pending() and ep.epoch < cfg.epochs:
-                    sigint.clear()
-                    raise Interrupted(f"sweep interrupted after epoch {ep.epoch} of {cfg.epochs}")
-        for i, (lam, seed) in enumerate(chunk):
-            best_i, final_i = _unstack(best.params, i), _unstack(states.params, i)
-            row = {"l2": lam, "seed": seed, **member_summary(trainer.evaluate, best_i, ds, cfg, lam)}
-            final = split_metrics(trainer.evaluate, final_i, ds)
-            row.update({f"final_{k}_accuracy": final[f"{k}_accuracy"] for k in ("train", "val", "test")})
-            row["gap"] = row["train_accuracy"] - row["test_accuracy"]
-            row["best_epoch"] = int(best.epoch[i])
-            results.append(row)
+            if c not in best_store.steps():  # (already saved by a sweep killed just after)
+                best_store.save(c, trained["best_params"])
+            results += trained["rows"]
+            sweepdir.write_progress(out, {**progress, "results": results})
     return {
         "selected_l2": select_l2(results),
         "selected_l2_1se": select_l2_1se(results),
@@ -298,8 +383,97 @@ def _sweep(cfg, ds, l2s, seeds, execution, budget_bytes, on_epoch, log) -> dict[
         "lr": cfg.lr,
         "execution": sweeper.execution,
         "chunks": len(chunks),
+        "chunk_size": fit,
         "seconds": time.perf_counter() - t0,
         "device": device_name(),
+    }
+
+
+def _train_chunk(cfg, ds, chunk, c, sweeper, data, latest, checkpoint_every, label, on_epoch):
+    """Trains one chunk of members from its checkpoint (or from the start) to the last epoch;
+    returns its rows and its stacked best params."""
+    trainer = sweeper.trainer
+    l2_K = jnp.asarray([m[0] for m in chunk], jnp.float32)
+    states = sweeper.init([m[1] for m in chunk])
+    best = Best(
+        jax.tree_util.tree_map(jnp.copy, states.params),
+        _keep,
+        np.full(len(chunk), -1.0),
+        np.zeros(len(chunk)),
+    )
+    start = 0
+    step = latest.latest()
+    if step is not None and sweepdir.chunk_and_epoch(step, cfg.epochs)[0] == c:
+        start = sweepdir.chunk_and_epoch(step, cfg.epochs)[1]
+        run = latest.restore(_chunk_state(states, best))
+        states = run["states"]
+        best = Best(run["best_params"], _keep, np.asarray(run["best_val"]), np.asarray(run["best_epoch"]))
+
+    def diverged(epoch, bad, steps):
+        members = ", ".join(f"(λ {chunk[i][0]:g}, seed {chunk[i][1]})" for i in bad)
+        return f"sweep members {members}: " + diverged_message(
+            cfg, chunk[bad[0]][0], epoch, int(steps[0]), trainer.steps_per_epoch
+        )
+
+    def epoch_fn(states, x, y):
+        return sweeper.epoch(states, x, y, l2_K)
+
+    epochs = range(start + 1, cfg.epochs + 1)
+    for ep in run_epochs(epoch_fn, sweeper.evaluate, states, data, epochs, best, diverged):
+        states = ep.state
+        last = ep.epoch == cfg.epochs
+        if last or sigint.pending() or ep.epoch % checkpoint_every == 0:
+            latest.save(sweepdir.checkpoint_step(c, ep.epoch, cfg.epochs), _chunk_state(states, best))
+        if on_epoch:
+            on_epoch(label, ep.epoch, cfg.epochs)
+        if sigint.pending() and not last:
+            sigint.clear()
+            raise Interrupted(
+                f"sweep interrupted after epoch {ep.epoch} of {cfg.epochs}" + (f" ({label})" if label else "")
+            )
+    rows = []
+    for i, (lam, seed) in enumerate(chunk):
+        best_i, final_i = _unstack(best.params, i), _unstack(states.params, i)
+        row = {"l2": lam, "seed": seed, **member_summary(trainer.evaluate, best_i, ds, cfg, lam)}
+        final = split_metrics(trainer.evaluate, final_i, ds)
+        row.update({f"final_{k}_accuracy": final[f"{k}_accuracy"] for k in ("train", "val", "test")})
+        row["gap"] = row["train_accuracy"] - row["test_accuracy"]
+        row["best_epoch"] = int(best.epoch[i])
+        rows.append(row)
+    return {"rows": rows, "best_params": best.params}
+
+
+def _refit_selected(cfg, ds, summary, out, rule, checkpoint_every, on_epoch) -> dict[str, Any]:
+    """The selected λ refit on train ∪ validation, once per seed."""
+    lam = summary["selected_l2"]
+    members = []
+    for r in (r for r in summary["results"] if r["l2"] == lam):
+        seed = r["seed"]
+
+        def progress(epoch, epochs, seed=seed):
+            if on_epoch:
+                on_epoch(f"refit λ {lam:g} seed {seed}", epoch, epochs)
+
+        res = _refit.refit(
+            dataclasses.replace(cfg, l2=lam, seed=seed),
+            ds,
+            _refit.refit_epochs(rule, r["best_epoch"], cfg.epochs),
+            sweepdir.refit_dir(out, seed),
+            checkpoint_every=checkpoint_every,
+            on_epoch=progress,
+        )
+        members.append({"seed": seed, "test_accuracy": r["test_accuracy"], **res})
+
+    def mean_std(key):
+        v = [m[key] for m in members]
+        return {"mean": float(np.mean(v)), "std": float(np.std(v))}
+
+    return {
+        "l2": lam,
+        "epoch_rule": rule,
+        "members": members,
+        "test_accuracy": mean_std("test_accuracy"),
+        "refit_test_accuracy": mean_std("refit_test_accuracy"),
     }
 
 
@@ -319,5 +493,5 @@ def _write_outputs(out: str, summary: dict[str, Any]) -> None:
 
 
 def results_json(summary: dict[str, Any]) -> str:
-    keys = ("selected_l2", "selected_l2_1se", "per_l2", "results")
-    return json.dumps({k: summary[k] for k in keys})
+    keys = ("selected_l2", "selected_l2_1se", "per_l2", "results", "refit")
+    return json.dumps({k: summary[k] for k in keys if k in summary})
