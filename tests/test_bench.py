@@ -90,7 +90,9 @@ def test_bench_quick_json_has_every_key():
     for b in ("128", "1024"):
         p = d["path"][b]
         assert p["examples_per_second"]["median"] > 0 and 0 < p["fraction_of_ceiling"]
-        assert {"jax", "torch", "keras"} <= set(p["peers"]) and p["peers"]["jax"]["jaxl2_speedup"] > 0
+        assert {"jax", "jax_val", "torch", "keras"} <= set(p["peers"]) and p["peers"]["jax"][
+            "jaxl2_speedup"
+        ] > 0
         for name, q in p["peers"].items():  # null unless the optional peer is installed
             if q is not None:
                 assert {"examples_per_second", "jaxl2_speedup", "version"} <= set(q), name
@@ -103,7 +105,7 @@ def test_bench_quick_json_has_every_key():
 def test_hand_written_peer_trains_exactly_what_jaxl2_trains():
     """The peer is a fair one: its epoch (one full batch here) moves the params as jaxl2's
     train step does with the same init, SGD lr, λ on the kernels and none on the biases."""
-    init, epoch = hand_written_epoch(256)
+    init, epoch, evaluate = hand_written_epoch(256)
     params, key = init(0)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.uniform(size=(256, 784)).astype(np.float32))
@@ -118,10 +120,19 @@ def test_hand_written_peer_trains_exactly_what_jaxl2_trains():
         ours = state.params["params"][f"Dense_{i}"]
         np.testing.assert_allclose(w, ours["kernel"], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(b, ours["bias"], rtol=1e-5, atol=1e-6)
+    ce, acc = evaluate(new, x, y)
+    ev = tr.evaluate(state.params, x, y)
+    assert float(ce) == pytest.approx(float(ev["data_loss"]), rel=1e-5)
+    assert float(acc) == pytest.approx(float(ev["accuracy"]))
 
 
 def test_targets_compare_each_number_with_its_bound():
-    peers = {"jax": {"jaxl2_speedup": 1.02}, "torch": {"jaxl2_speedup": 1.4}, "keras": None}
+    peers = {
+        "jax": {"jaxl2_speedup": 1.02},
+        "jax_val": {"jaxl2_speedup": 1.1},
+        "torch": {"jaxl2_speedup": 1.4},
+        "keras": None,
+    }
     r = {
         "device": "cpu: test",
         "path": {
@@ -135,6 +146,8 @@ def test_targets_compare_each_number_with_its_bound():
     assert met == {
         "jaxl2 train ÷ hand-written JAX epoch, batch 128": True,
         "jaxl2 train ÷ hand-written JAX epoch, batch 1024": False,
+        "jaxl2 train ÷ hand-written JAX epoch + validation, batch 128": True,
+        "jaxl2 train ÷ hand-written JAX epoch + validation, batch 1024": True,
         "jaxl2 train ÷ PyTorch eager, batch 128": False,
         "jaxl2 train, fraction of the GEMM ceiling, batch 128": True,
         "L2 overhead, batch 128 (median of paired rounds)": False,
