@@ -594,8 +594,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--checkpoint-every",
         type=int,
-        default=10,
-        help="epochs between checkpoints (default 10; always at the end and on Ctrl-C)",
+        metavar="EPOCHS",
+        help="also checkpoint every EPOCHS epochs (default: every 30 s of training; always at the end "
+        "and on Ctrl-C)",
     )
     g.add_argument(
         "--refit",
@@ -665,8 +666,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--checkpoint-every",
         type=int,
-        default=10,
-        help="epochs between checkpoints (default 10; always at the end of each chunk and on Ctrl-C)",
+        metavar="EPOCHS",
+        help="also checkpoint every EPOCHS epochs (default: every 30 s of training; always at the end "
+        "of each chunk and on Ctrl-C)",
     )
     g.add_argument(
         "--refit",

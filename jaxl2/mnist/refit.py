@@ -46,7 +46,7 @@ from jaxl2.mnist import parallel, sigint
 from jaxl2.mnist.config import Config, ConfigError, field
 from jaxl2.mnist.data import Dataset, Split
 from jaxl2.mnist.loop import Diverged, Interrupted, diverged_message
-from jaxl2.mnist.rundir import StepStore
+from jaxl2.mnist.rundir import SaveRule, StepStore
 from jaxl2.mnist.steps import Trainer
 
 __all__ = ["EPOCH_RULES", "refit_epochs", "train_val", "refit_config", "refit", "restore_refit"]
@@ -82,7 +82,7 @@ def refit(
     out: str,
     *,
     mesh: Any = None,
-    checkpoint_every: int = 10,
+    checkpoint_every: int | None = None,
     on_epoch: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Trains ``cfg`` (its seed) for ``epochs`` epochs on :func:`train_val` of ``ds``, with
@@ -103,6 +103,7 @@ def refit(
     plan = {"epochs": np.asarray(epochs, np.int32), "examples": np.asarray(len(data.y), np.int32)}
     start, state = _resume_point(out, {"state": state, **plan})
     ckpt = StepStore(out)
+    rule = SaveRule(checkpoint_every)
     seconds = 0.0
     with sigint.deferred(), contextlib.closing(ckpt):
         compile_seconds, train_epoch = 0.0, None
@@ -121,7 +122,7 @@ def refit(
                 )
                 raise Diverged(f"refit on train ∪ validation: {msg}")
             state = new_state
-            if epoch == epochs or sigint.pending() or epoch % checkpoint_every == 0:
+            if rule.due(epoch) or epoch == epochs or sigint.pending():
                 ckpt.save(epoch, {"state": state, **plan})
             if on_epoch:
                 on_epoch(epoch, epochs)

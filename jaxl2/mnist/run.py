@@ -38,6 +38,7 @@ from jaxl2.mnist.loop import (
 from jaxl2.mnist.model import abstract_params
 from jaxl2.mnist.rundir import (
     Checkpoints,
+    SaveRule,
     default_out,
     has_checkpoint,
     load_config,
@@ -111,7 +112,7 @@ def train_and_evaluate(
     *,
     resume: bool = False,
     overwrite: bool = False,
-    checkpoint_every: int = 10,
+    checkpoint_every: int | None = None,
     on_start: Callable[[], None] | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     devices: int | None = None,
@@ -124,6 +125,8 @@ def train_and_evaluate(
     ``out=None`` creates a new ``runs/DATASET-YYYYmmdd-HHMMSS[-N]`` (never one another run
     took). A run that fails or is interrupted before its first checkpoint removes the
     directory if it was absent or empty before; after that, it resumes with ``resume=True``.
+    Checkpoints: every 30 s of training, also every ``checkpoint_every`` epochs when given, at
+    the end and on SIGINT (:class:`~jaxl2.mnist.rundir.SaveRule`), written in the background.
 
     ``devices`` (default: all) > 1, or several processes, trains data-parallel over a 1-D mesh:
     the batch is split along ``data``, params are replicated (see :mod:`jaxl2.mnist.parallel`);
@@ -146,8 +149,7 @@ def train_and_evaluate(
       Diverged: a NaN/Inf loss; the last good checkpoint is kept.
       Interrupted: SIGINT; the epoch it interrupted was finished and checkpointed.
     """
-    if not (isinstance(checkpoint_every, int) and checkpoint_every >= 1):
-        raise ConfigError(f"{field('checkpoint_every')} {checkpoint_every} is invalid (an integer >= 1)")
+    SaveRule(checkpoint_every)  # checks it before anything is loaded
     if refit:
         _refit_mod.refit_epochs(refit_epochs, 1, 1)  # a bad rule fails before anything is done
     cfg, ds = load_and_check(cfg)
@@ -206,7 +208,7 @@ def _train(cfg, ds, out, mesh, primary, resume, checkpoint_every, on_start, on_e
         on_start()
     trainer = Trainer(cfg, len(ds.train.y), mesh=mesh)
     data = tuple(parallel.put(a, mesh) for a in (ds.train.x, ds.train.y, ds.val.x, ds.val.y))
-    ckpt = Checkpoints(out, async_save=True)
+    ckpt = Checkpoints(out, background=True)
     metrics_path = os.path.join(out, "metrics.jsonl")
     state = parallel.replicate(trainer.init(), mesh)
     # host copies: best/ is saved without the mesh's sharding, so any process count restores it
@@ -227,6 +229,7 @@ def _train(cfg, ds, out, mesh, primary, resume, checkpoint_every, on_start, on_e
         return f"{diverged_message(cfg, cfg.l2, epoch, int(steps[0]), trainer.steps_per_epoch)} {ckpt.last_good()}"
 
     train_seconds, compile_seconds, train_epoch, evaluate = 0.0, 0.0, None, None
+    rule = SaveRule(checkpoint_every)
     with sigint.deferred(), contextlib.closing(ckpt):
         if start < cfg.epochs:  # compiled here, so that no epoch's time includes compiling
             t0 = time.perf_counter()
@@ -251,7 +254,7 @@ def _train(cfg, ds, out, mesh, primary, resume, checkpoint_every, on_start, on_e
                     mfile.flush()
                     os.fsync(mfile.fileno())
                 last = ep.epoch == cfg.epochs
-                if last or sigint.pending() or ep.epoch % checkpoint_every == 0:
+                if rule.due(ep.epoch) or last or sigint.pending():
                     ckpt.save(ep.epoch, _run_state(state, best), best.epoch)
                 if on_epoch:
                     on_epoch(row)

@@ -43,7 +43,7 @@ from jaxl2.mnist.loop import (
     run_epochs,
     split_metrics,
 )
-from jaxl2.mnist.rundir import StepStore, default_out, has_checkpoint, prepare, write_json
+from jaxl2.mnist.rundir import SaveRule, StepStore, default_out, has_checkpoint, prepare, write_json
 from jaxl2.mnist.runtime import XLA_OPTIONS, device_name
 from jaxl2.mnist.steps import Trainer
 
@@ -236,7 +236,7 @@ def train_sweep(
     execution: str = "auto",
     overwrite: bool = False,
     resume: bool = False,
-    checkpoint_every: int = 10,
+    checkpoint_every: int | None = None,
     refit: bool = False,
     refit_epochs: str = REFIT_EPOCHS,
     budget_bytes: int | None = None,
@@ -252,8 +252,9 @@ def train_sweep(
     is :mod:`jaxl2.mnist.sweepdir`'s).
 
     A sweep stopped at any moment (SIGKILL included) continues with ``resume=True`` and ends
-    with the bits of one never stopped: checkpoints every ``checkpoint_every`` epochs, at the end
-    of each chunk and on SIGINT hold the chunk's states and best params; the plan (execution,
+    with the bits of one never stopped: checkpoints (:class:`~jaxl2.mnist.rundir.SaveRule`: every
+    30 s of training, and every ``checkpoint_every`` epochs when given), at the end of each
+    chunk and on SIGINT hold the chunk's states and best params; the plan (execution,
     chunk size) is kept, so a resumed sweep computes exactly as the first one did. One that fails
     before its first checkpoint removes the directory if it was absent or empty before.
 
@@ -264,8 +265,7 @@ def train_sweep(
     """
     if execution not in EXECUTIONS:
         raise ConfigError(f"{field('execution')} {execution!r} is unknown (allowed: {', '.join(EXECUTIONS)})")
-    if not (isinstance(checkpoint_every, int) and checkpoint_every >= 1):
-        raise ConfigError(f"{field('checkpoint_every')} {checkpoint_every} is invalid (an integer >= 1)")
+    SaveRule(checkpoint_every)  # checks it before anything is loaded
     validate(cfg)  # its seed first: the seeds below count from it
     seeds = list(seeds)
     if not seeds or any(not isinstance(s, int) or not 0 <= s < SEED_LIMIT for s in seeds):
@@ -419,10 +419,11 @@ def _train_chunk(cfg, ds, chunk, c, sweeper, data, latest, checkpoint_every, lab
         return sweeper.epoch(states, x, y, l2_K)
 
     epochs = range(start + 1, cfg.epochs + 1)
+    rule = SaveRule(checkpoint_every)
     for ep in run_epochs(epoch_fn, sweeper.evaluate, states, data, epochs, best, diverged):
         states = ep.state
         last = ep.epoch == cfg.epochs
-        if last or sigint.pending() or ep.epoch % checkpoint_every == 0:
+        if rule.due(ep.epoch) or last or sigint.pending():
             latest.save(sweepdir.checkpoint_step(c, ep.epoch, cfg.epochs), _chunk_state(states, best))
         if on_epoch:
             on_epoch(label, ep.epoch, cfg.epochs)
