@@ -43,6 +43,8 @@ def test_auto_run_writes_lambdas_and_resumes_exactly(tmp_path):
     at_best = lams[summary["best_epoch"] - 1]
     expected = sum(lam / 2 * summary["kernel_sq_norm"][p] for lam, p in zip(at_best, LAYERS))
     assert summary["penalty"] == pytest.approx(expected, rel=1e-5)
+    evaluated = _run.evaluate_run(out_a)  # jaxl2 eval reads an auto run's best checkpoint
+    assert evaluated["accuracy"] == pytest.approx(summary["test_accuracy"], abs=1e-6)
 
     # stopped after epoch 3 (checkpoint at 2), resumed: the same λs and the same params
     out_b = str(tmp_path / "b")

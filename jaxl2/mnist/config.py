@@ -49,6 +49,7 @@ __all__ = [
     "Optimizer",
     "AUTO",
     "AUTO_DEFAULTS",
+    "AUTO_L2_BOUNDS",
 ]
 
 INPUT_DIM = 784  # 28×28 pixels
@@ -115,8 +116,8 @@ class Config:
     ``lr=None`` means the optimizer's own default (:data:`OPTIMIZERS`); :func:`validate`
     fills it in. ``l2`` is a λ, an ordered ``{regex: λ}`` mapping, or ``"auto"``: one λ per
     selected layer, starting at ``l2_init`` and tuned during the run by a hypergradient step
-    on a validation batch every ``l2_every`` training steps (Adam on ``ln λ`` with learning
-    rate ``l2_lr``; see :mod:`jaxl2.mnist.auto`).
+    on a validation batch every ``l2_every`` training steps (Adam, with one second moment for
+    all layers, on ``ln λ`` with learning rate ``l2_lr``; see :mod:`jaxl2.mnist.auto`).
     """
 
     dataset: str = "mnist5k"
