@@ -152,3 +152,12 @@ def test_help_explains_auto():
     assert "Luketina et al., ICML 2016" in text and "--l2-every" in text and "lambda.png" in text
     sweep = cli.build_parser()._subparsers._group_actions[0].choices["sweep"].format_help()
     assert "--l2-init" not in sweep
+
+
+def test_a_sweep_refuses_auto_before_loading_anything(tmp_path):
+    from jaxl2.mnist.sweep import train_sweep
+
+    for cfg, l2s in ((Config(), [0.0, "auto"]), (Config(l2="auto"), [1e-3])):
+        with pytest.raises(ConfigError, match="l2 auto tunes λ within one run"):
+            train_sweep(cfg, l2s, [0], str(tmp_path / "s"))
+    assert not (tmp_path / "s").exists()
