@@ -252,9 +252,12 @@ def auto_l2(
     def paths(params: Any) -> list[str]:
         return [p for p, _ in _select.resolve(params, select)]
 
-    def rules(params: Any, state: AutoL2State) -> dict[str, Any]:
-        lam_L = jnp.exp(state.log_l2)
+    def mapping(params: Any, log_l2: jax.Array) -> dict[str, Any]:
+        lam_L = jnp.exp(log_l2)  # each path escaped: a pattern that matches its own leaf only
         return {re.escape(p): lam_L[i] for i, p in enumerate(paths(params))}
+
+    def rules(params: Any, state: AutoL2State) -> dict[str, Any]:
+        return mapping(params, state.log_l2)
 
     def init(params: Any) -> AutoL2State:
         log_l2 = jnp.full((len(paths(params)),), math.log(float(l2)), jnp.float32)
@@ -265,9 +268,8 @@ def auto_l2(
         return {p: float(lam_L[i]) for i, p in enumerate(paths(params))}
 
     def train(params: Any, opt_state: Any, log_l2: jax.Array, batch: tuple) -> tuple[Any, Any, dict]:
-        lam_L = jnp.exp(log_l2)
-        mapping = {re.escape(p): lam_L[i] for i, p in enumerate(paths(params))}
-        step = make_train_step(loss_fn, tx, l2=mapping, select=select, has_aux=has_aux, norms=norms)
+        l2_rules = mapping(params, log_l2)
+        step = make_train_step(loss_fn, tx, l2=l2_rules, select=select, has_aux=has_aux, norms=norms)
         return step(params, opt_state, *batch)
 
     def step(params: Any, opt_state: Any, state: AutoL2State, batch: tuple, val_batch: tuple | None = None):
