@@ -10,7 +10,8 @@ implement it:
   placement) and :func:`audit`, what an optax optimizer really decays;
 * conventions — :func:`from_keras`, :func:`to_keras`, :func:`from_torch_weight_decay`,
   :func:`from_decoupled`, :func:`from_sklearn_alpha`;
-* training — :func:`make_train_step`, a pure, jittable step for any params pytree;
+* training — :func:`make_train_step`, a pure, jittable step for any params pytree, and
+  :func:`auto_l2`, the same step with one λ per layer tuned during training by hypergradients;
 * checks — :func:`gradcheck` (in :mod:`jaxl2.check`);
 * errors — :class:`Jaxl2Error` (a ``ValueError``) for bad input.
 
@@ -52,6 +53,10 @@ _EXPORTS = {
     "audit": "jaxl2.decay",
     "Audit": "jaxl2.decay",
     "AuditRow": "jaxl2.decay",
+    "auto": "jaxl2.auto",
+    "auto_l2": "jaxl2.auto",
+    "AutoL2": "jaxl2.auto",
+    "AutoL2State": "jaxl2.auto",
 }
 __version__ = "0.2.0"
 

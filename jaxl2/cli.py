@@ -21,6 +21,8 @@ from typing import Any
 from jaxl2.errors import Jaxl2Error
 from jaxl2.mnist.config import (
     ACTIVATIONS,
+    AUTO,
+    AUTO_DEFAULTS,
     DATASETS,
     FIELDS,
     INITS,
@@ -62,12 +64,15 @@ def _fail(message: str) -> int:
     return 2
 
 
-def parse_l2(text: str) -> float | dict[str, float]:
-    """``1e-3`` → 1e-3; ``'.*Dense_0/kernel=1e-3,.*=1e-4'`` → an ordered ``{regex: λ}``.
+def parse_l2(text: str) -> float | dict[str, float] | str:
+    """``1e-3`` → 1e-3; ``'.*Dense_0/kernel=1e-3,.*=1e-4'`` → an ordered ``{regex: λ}``;
+    ``auto`` → ``"auto"`` (one λ per layer, tuned during the run).
 
     Patterns are full-path regexes (``re.fullmatch``), first match wins; each item is split
     at its last ``=``, items at commas (so a pattern cannot contain a comma).
     """
+    if text.strip() == AUTO:
+        return AUTO
     try:
         return float(text)
     except ValueError:
@@ -77,8 +82,8 @@ def parse_l2(text: str) -> float | dict[str, float]:
         pattern, sep, lam = item.strip().rpartition("=")
         if not sep or not pattern:
             raise argparse.ArgumentTypeError(
-                f"--l2 {text!r} is neither a number nor PATTERN=λ[,PATTERN=λ...] "
-                "(e.g. --l2 1e-3 or --l2 '.*Dense_0/kernel=1e-3,.*=1e-4')"
+                f"--l2 {text!r} is neither a number, PATTERN=λ[,PATTERN=λ...] nor auto "
+                "(e.g. --l2 1e-3, --l2 '.*Dense_0/kernel=1e-3,.*=1e-4' or --l2 auto)"
             )
         if pattern in out:
             raise argparse.ArgumentTypeError(f"--l2 {text!r}: pattern {pattern!r} is given twice")
@@ -102,6 +107,11 @@ def _ints(name: str, example: str) -> Any:
 
 
 def _floats(text: str) -> list[float]:
+    if AUTO in (v.strip() for v in text.split(",")):
+        raise argparse.ArgumentTypeError(
+            f"--l2 {AUTO} tunes λ within one run, so it is for jaxl2 train, not for a sweep, which trains "
+            "fixed λ values (e.g. --l2 0,1e-4,1e-3); compare them with: jaxl2 train --l2 auto"
+        )
     try:
         return [float(v.strip()) for v in text.split(",")]
     except ValueError:
@@ -115,7 +125,28 @@ def _lr_help() -> str:
     return f"peak learning rate (default: the optimizer's own: {defaults})"
 
 
-def _add_train_flags(p: argparse.ArgumentParser) -> None:
+def _add_auto_flags(g: Any) -> None:
+    """The settings of ``--l2 auto`` (refused without it)."""
+    g.add_argument(
+        "--l2-init",
+        type=float,
+        help=f"with --l2 {AUTO}: every layer's starting λ (default {AUTO_DEFAULTS['l2_init']:g})",
+    )
+    g.add_argument(
+        "--l2-every",
+        type=int,
+        help=f"with --l2 {AUTO}: training steps per λ update, each on one validation batch of "
+        f"--batch-size examples (default {AUTO_DEFAULTS['l2_every']})",
+    )
+    g.add_argument(
+        "--l2-lr",
+        type=float,
+        help=f"with --l2 {AUTO}: Adam's learning rate on ln λ (default {AUTO_DEFAULTS['l2_lr']:g})",
+    )
+
+
+def _add_train_flags(p: argparse.ArgumentParser, *, auto: bool = True) -> None:
+    """The config's flags; ``auto=False`` leaves out the settings of ``--l2 auto`` (a sweep)."""
     d = DEFAULTS
     g = p.add_argument_group("data")
     g.add_argument(
@@ -137,8 +168,14 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         "--l2",
         type=parse_l2,
         help=f"λ of the penalty λ/2·Σw² on the selected kernels, or per layer as 'REGEX=λ,REGEX=λ' "
-        f"matched in order against paths like params/Dense_0/kernel (default {d.l2})",
+        f"matched in order against paths like params/Dense_0/kernel, or {AUTO}: one λ per selected "
+        "kernel, tuned during the run by the hypergradient of the validation loss through one "
+        "optimizer step (Luketina et al., ICML 2016), computed on a validation batch every "
+        f"--l2-every steps; the λs go to metrics.jsonl (l2/PATH), lambda.png and the summary "
+        f"(default {d.l2})",
     )
+    if auto:
+        _add_auto_flags(g)
     g.add_argument(
         "--select",
         help="which leaves the penalty covers: kernels (default: every Dense kernel, no biases) or a "
@@ -280,10 +317,11 @@ def _warn_if_chance(runs: list[tuple[float, float, Any]], cfg: Config) -> None:
         return
     acc, lr, lam = bad[0]
     which = "" if len(runs) == 1 else f"{len(bad)} of {len(runs)} members (first: λ {lam}): "
+    smaller = f"--l2-init than {cfg.l2_init:g} (--l2 {AUTO})" if lam == AUTO else f"--l2 than {lam}"
     sys.stderr.write(
         f"jaxl2: warning: {which}validation accuracy {100 * acc:.1f}% is near chance (10%): the model "
-        f"did not learn; try a smaller --lr than {lr:g} (--optimizer {cfg.optimizer}) or a smaller --l2 "
-        f"than {lam}\n"
+        f"did not learn; try a smaller --lr than {lr:g} (--optimizer {cfg.optimizer}) or a smaller "
+        f"{smaller}\n"
     )
 
 
@@ -361,6 +399,11 @@ def format_summary(s: dict[str, Any]) -> str:
         f"(best epoch by val accuracy: {s['best_epoch']} of {s['epochs']}; data loss = cross-entropy; "
         f"penalty λ/2·Σw² = {s['penalty']:.4f}; train loss = data loss + penalty = {s['train_loss']:.4f})",
         "‖W‖² per layer: " + ", ".join(f"{p} {v:.1f}" for p, v in s["kernel_sq_norm"].items()),
+        *(
+            ["λ per layer (auto, at the end): " + ", ".join(f"{p} {v:.3g}" for p, v in s["l2_final"].items())]
+            if "l2_final" in s
+            else []
+        ),
         time_line,
     ]
     if "refit_test_accuracy" in s:
@@ -639,7 +682,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train every (λ, seed) pair together (jax.vmap over stacked states, λ traced: one "
         "compilation). Writes sweep.json, sweep.csv and sweep.png; selects λ by validation accuracy only.",
     )
-    _add_train_flags(sw)
+    _add_train_flags(sw, auto=False)
     for action in sw._actions:
         if action.dest == "l2":
             action.type = _floats

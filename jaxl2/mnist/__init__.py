@@ -7,6 +7,7 @@ One concern per module, arrows pointing down to the library (:mod:`jaxl2`):
 * :mod:`~jaxl2.mnist.config` — :class:`Config`, every vocabulary, validation;
 * :mod:`~jaxl2.mnist.model` — the Flax MLP; :mod:`~jaxl2.mnist.data` — the datasets;
 * :mod:`~jaxl2.mnist.steps` — the pure, jitted step, epoch and evaluation;
+* :mod:`~jaxl2.mnist.auto` — the trainer of ``l2="auto"`` (λ per layer, tuned during the run);
 * :mod:`~jaxl2.mnist.loop` — the one loop that ``train`` and ``sweep`` share;
 * :mod:`~jaxl2.mnist.run` — a run and its directory (:mod:`~jaxl2.mnist.rundir`);
   :mod:`~jaxl2.mnist.sweep` — many λ in one compiled program, and its directory
@@ -31,6 +32,7 @@ _EXPORTS = {
     "MLP": "jaxl2.mnist.model",
     "Trainer": "jaxl2.mnist.steps",
     "TrainState": "jaxl2.mnist.steps",
+    "AutoTrainer": "jaxl2.mnist.auto",
     "load_data": ("jaxl2.mnist.data", "load"),
     "make_mesh": "jaxl2.mnist.parallel",
     "train_and_evaluate": "jaxl2.mnist.run",

@@ -49,6 +49,9 @@ __all__ = [
     "REFIT_EPOCHS",
     "OPTIMIZERS",
     "Optimizer",
+    "AUTO",
+    "AUTO_DEFAULTS",
+    "AUTO_L2_BOUNDS",
 ]
 
 INPUT_DIM = 784  # 28×28 pixels
@@ -65,6 +68,10 @@ SEED_LIMIT = 2**32  # seeds are 0 ≤ seed < 2³² (JAX's and NumPy's keys take 
 # 95.06% unrefit, and 95.31% refit for the best epoch's count (experiments/refit.py, README).
 REFIT = True
 REFIT_EPOCHS = "all"
+AUTO = "auto"  # l2 = "auto": one λ per selected layer, tuned during the run (jaxl2.auto_l2)
+# The fields that only l2 = "auto" reads, with their defaults (jaxl2.mnist.auto says why).
+AUTO_DEFAULTS = {"l2_init": 1e-4, "l2_every": 4, "l2_lr": 0.02}
+AUTO_L2_BOUNDS = (1e-8, 1.0)  # the λs stay within them (jaxl2.auto_l2's bounds)
 
 
 class Optimizer(NamedTuple):
@@ -114,14 +121,20 @@ class Config:
     """Everything a run depends on; the defaults are the tuned ``mnist5k`` recipe.
 
     ``lr=None`` means the optimizer's own default (:data:`OPTIMIZERS`); :func:`validate`
-    fills it in.
+    fills it in. ``l2`` is a λ, an ordered ``{regex: λ}`` mapping, or ``"auto"``: one λ per
+    selected layer, starting at ``l2_init`` and tuned during the run by a hypergradient step
+    on a validation batch every ``l2_every`` training steps (Adam, with one second moment for
+    all layers, on ``ln λ`` with learning rate ``l2_lr``; see :mod:`jaxl2.mnist.auto`).
     """
 
     dataset: str = "mnist5k"
     data_dir: str | None = None
     val_size: int | None = None
     split_seed: int = 0
-    l2: float | Mapping[str, float] = 1e-3
+    l2: float | Mapping[str, float] | str = 1e-3
+    l2_init: float = AUTO_DEFAULTS["l2_init"]
+    l2_every: int = AUTO_DEFAULTS["l2_every"]
+    l2_lr: float = AUTO_DEFAULTS["l2_lr"]
     select: str | None = None
     optimizer: str = "momentum"
     lr: float | None = None
@@ -151,8 +164,13 @@ class Config:
 
     @property
     def l2_on(self) -> bool:
-        """Whether the loss has a penalty at all (a per-layer mapping counts as on)."""
+        """Whether the loss has a penalty at all (a per-layer mapping and "auto" count as on)."""
         return isinstance(self.l2, Mapping) or self.l2 != 0
+
+    @property
+    def l2_auto(self) -> bool:
+        """Whether λ is tuned during the run (``l2="auto"``)."""
+        return isinstance(self.l2, str) and self.l2 == AUTO
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(Config))
@@ -184,7 +202,10 @@ def _check_l2(l2: Any) -> None:
                 f"{name} {lam!r} is too large (at most {FLOAT32_MAX:.3g}: training is in float32)"
             )
 
-    if isinstance(l2, Mapping):
+    if isinstance(l2, str):
+        if l2 != AUTO:
+            raise ConfigError(f"{field('l2')} {l2!r} is invalid (a number >= 0, REGEX=λ entries, or {AUTO})")
+    elif isinstance(l2, Mapping):
         if not l2:
             raise ConfigError(f"{field('l2')} is an empty mapping (give REGEX=λ entries)")
         for pattern, lam in l2.items():
@@ -199,6 +220,23 @@ def _check_l2(l2: Any) -> None:
             one(f"{field('l2')} {pattern}=λ: λ", lam)
     else:
         one(field("l2"), l2)
+
+
+def _check_auto(cfg: Config) -> None:
+    """``l2_init``, ``l2_every`` and ``l2_lr``: valid, and changed only with ``l2 auto``."""
+    lo, hi = AUTO_L2_BOUNDS
+    if not (_is_real(cfg.l2_init) and lo <= cfg.l2_init <= hi):
+        raise _bad("l2_init", cfg.l2_init, f"the starting λ of {AUTO}, a number from {lo:g} to {hi:g}")
+    if not (_is_int(cfg.l2_every) and cfg.l2_every >= 1):
+        raise _bad("l2_every", cfg.l2_every, "training steps per λ update, an integer >= 1")
+    if not (_is_real(cfg.l2_lr) and cfg.l2_lr > 0):
+        raise _bad("l2_lr", cfg.l2_lr, "Adam's learning rate on ln λ, a finite number > 0")
+    changed = [f for f, v in AUTO_DEFAULTS.items() if getattr(cfg, f) != v]
+    if changed and not cfg.l2_auto:
+        raise ConfigError(
+            f"{field(changed[0])} is a setting of {field('l2')} {AUTO}, which this run does not use "
+            f"({field('l2')} {cfg.l2}); add {field('l2')} {AUTO} or drop {field(changed[0])}"
+        )
 
 
 def validate(cfg: Config, num_train: int | None = None) -> Config:
@@ -220,6 +258,7 @@ def validate(cfg: Config, num_train: int | None = None) -> Config:
     if not (_is_int(cfg.split_seed) and 0 <= cfg.split_seed < SEED_LIMIT):
         raise _bad("split_seed", cfg.split_seed, f"an integer from 0 to {SEED_LIMIT - 1}")
     _check_l2(cfg.l2)
+    _check_auto(cfg)
     if cfg.select is not None:
         if not isinstance(cfg.select, str):
             raise _bad("select", cfg.select, "'kernels' or a regular expression over parameter paths")
@@ -244,6 +283,12 @@ def validate(cfg: Config, num_train: int | None = None) -> Config:
         raise ConfigError(
             f"{field('weight_decay')} is decay in the optimizer, for {field('optimizer')} {takers} only "
             f"(use {field('l2')} with {cfg.optimizer})"
+        )
+    if cfg.weight_decay and cfg.l2_auto:
+        raise ConfigError(
+            f"{field('weight_decay')} with {field('l2')} {AUTO}: {AUTO} tunes the penalty's λ per layer, "
+            f"and decay in the optimizer would regularize too, untuned (set {field('weight_decay')} 0, "
+            f"or give a fixed {field('l2')})"
         )
     if cfg.weight_decay and cfg.l2_on and not cfg.allow_both:
         raise ConfigError(

@@ -1,4 +1,5 @@
-"""PNG figures of a run: loss and accuracy against epoch, train vs validation."""
+"""PNG figures of a run: loss and accuracy against epoch, train vs validation; λ per layer
+against epoch (``l2 auto``); for sweeps, accuracy and weight norm against λ."""
 
 from __future__ import annotations
 
@@ -87,3 +88,34 @@ def sweep(rows: Sequence[dict[str, Any]], selected_l2: float, path: str) -> None
     ax_a.legend(fontsize=8)
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def lambdas(rows: Sequence[dict[str, Any]], path: str, title: str = "") -> list[str]:
+    """Writes ``path``: each layer's λ (the ``l2/PATH`` columns of ``l2 auto``'s
+    ``metrics.jsonl``) against epoch, on a log scale, with the best epoch marked.
+
+    Returns the layers drawn (their paths).
+    """
+    layers = [k for k in rows[0] if k.startswith("l2/")] if rows else []
+    if not layers:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [r["epoch"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 3.4), constrained_layout=True)
+    for key in layers:
+        ax.plot(ep, [r[key] for r in rows], label=key[len("l2/") :])
+    best = best_epoch(rows)
+    ax.axvline(best, color="k", ls=":", lw=1, label=f"best validation: epoch {best}")
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("λ (end of epoch)")
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return [k[len("l2/") :] for k in layers]

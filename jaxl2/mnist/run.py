@@ -22,6 +22,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxl2.mnist import auto as _auto
 from jaxl2.mnist import data as _data
 from jaxl2.mnist import parallel, sigint, sweepdir
 from jaxl2.mnist import refit as _refit_mod
@@ -206,7 +207,7 @@ def _train(cfg, ds, out, mesh, primary, resume, checkpoint_every, on_start, on_e
     sigint.check()
     if on_start:
         on_start()
-    trainer = Trainer(cfg, len(ds.train.y), mesh=mesh)
+    trainer = _auto.trainer_for(cfg, len(ds.train.y), mesh=mesh)
     data = tuple(parallel.put(a, mesh) for a in (ds.train.x, ds.train.y, ds.val.x, ds.val.y))
     ckpt = Checkpoints(out, background=True)
     metrics_path = os.path.join(out, "metrics.jsonl")
@@ -230,12 +231,17 @@ def _train(cfg, ds, out, mesh, primary, resume, checkpoint_every, on_start, on_e
 
     train_seconds, compile_seconds, train_epoch, evaluate = 0.0, 0.0, None, None
     rule = SaveRule(checkpoint_every)
+    epoch_data = data if cfg.l2_auto else data[:2]  # l2 auto: the epoch draws validation batches
     with sigint.deferred(), contextlib.closing(ckpt):
         if start < cfg.epochs:  # compiled here, so that no epoch's time includes compiling
             t0 = time.perf_counter()
-            train_epoch = trainer.train_epoch.lower(state, *data[:2]).compile()
+            compiled = trainer.train_epoch.lower(state, *epoch_data).compile()
             evaluate = trainer.evaluate.lower(state.params, *data[2:]).compile()
             compile_seconds = time.perf_counter() - t0
+
+            def train_epoch(state, x, y):
+                return compiled(state, x, y, *epoch_data[2:])
+
         with open(metrics_path, "a") if primary else contextlib.nullcontext() as mfile:
             epochs = range(start + 1, cfg.epochs + 1)
             for ep in run_epochs(train_epoch, evaluate, state, data, epochs, best, diverged):
@@ -244,7 +250,8 @@ def _train(cfg, ds, out, mesh, primary, resume, checkpoint_every, on_start, on_e
                 row = {
                     "epoch": ep.epoch,
                     "step": int(state.step),
-                    **{f"train_{k}": float(v) for k, v in ep.train.items()},
+                    # per-layer entries (l2/PATH, hypergrad/PATH of l2 auto) keep their own names
+                    **{k if "/" in k else f"train_{k}": float(v) for k, v in ep.train.items()},
                     "val_data_loss": float(ep.val["data_loss"]),
                     "val_accuracy": float(ep.val["accuracy"]),
                     "epoch_seconds": ep.seconds,
@@ -266,12 +273,19 @@ def _train(cfg, ds, out, mesh, primary, resume, checkpoint_every, on_start, on_e
 
     rows = read_metrics(metrics_path)
     if primary:
-        from jaxl2.mnist.plots import curves
+        from jaxl2.mnist.plots import curves, lambdas
 
         curves(rows, os.path.join(out, "curves.png"), title=f"{cfg.dataset}, {cfg.optimizer}, λ={cfg.l2}")
+        if cfg.l2_auto:
+            lambdas(rows, os.path.join(out, "lambda.png"), title=f"{cfg.dataset}, {cfg.optimizer}, λ auto")
     trained = (cfg.epochs - start) * trainer.steps_per_epoch * cfg.batch_size
+    l2, auto = cfg.l2, {}
+    if cfg.l2_auto:  # the penalty of the best params with the λs of their epoch
+        l2 = _auto.penalty_rules(_auto.l2_at(rows, best.epoch))
+        auto = {"l2_final": trainer.lambdas(state)}
     summary = {
-        **member_summary(trainer.evaluate, best.params, ds, cfg, cfg.l2),
+        **member_summary(trainer.evaluate, best.params, ds, cfg, l2),
+        **auto,
         "best_epoch": best.epoch,
         "final_val_accuracy": rows[-1]["val_accuracy"] if rows else None,
         "epochs": cfg.epochs,

@@ -8,6 +8,7 @@
   DIR/best/            orbax: the params with the best validation accuracy so far
   DIR/refit/           orbax: the refit's latest state (``--refit``: train ∪ validation)
   DIR/curves.png       loss and accuracy against epoch
+  DIR/lambda.png       with l2 auto: each layer's λ against epoch
   DIR/summary.json     what ``jaxl2 train --json`` prints
 
 Every file is written to a temporary name and renamed, so a reader (or a resumed run)
@@ -107,7 +108,7 @@ def default_out(root: str, prefix: str) -> str:
 
 # What a run or a sweep writes: all that --overwrite may remove.
 RUN_ENTRIES = frozenset(
-    {"config.json", "metrics.jsonl", "checkpoints", "best", "curves.png", "summary.json"}
+    {"config.json", "metrics.jsonl", "checkpoints", "best", "curves.png", "lambda.png", "summary.json"}
     | {"refit", "sweep.json", "sweep.csv", "sweep.png", "progress.json"}
 )
 

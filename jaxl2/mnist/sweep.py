@@ -266,6 +266,11 @@ def train_sweep(
     if execution not in EXECUTIONS:
         raise ConfigError(f"{field('execution')} {execution!r} is unknown (allowed: {', '.join(EXECUTIONS)})")
     SaveRule(checkpoint_every)  # checks it before anything is loaded
+    if cfg.l2_auto or any(isinstance(v, str) for v in l2s):
+        raise ConfigError(
+            f"{field('l2')} auto tunes λ within one run (jaxl2 train), so a sweep, which trains fixed λ "
+            f"values, cannot take it; give numbers, e.g. {field('l2')} 0,1e-4,1e-3"
+        )
     validate(cfg)  # its seed first: the seeds below count from it
     seeds = list(seeds)
     if not seeds or any(not isinstance(s, int) or not 0 <= s < SEED_LIMIT for s in seeds):

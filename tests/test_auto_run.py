@@ -1,0 +1,163 @@
+"""``l2="auto"`` in the application: the run directory, exact resume, and the command's checks."""
+
+import dataclasses
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from jaxl2 import cli
+from jaxl2.mnist import run as _run
+from jaxl2.mnist.config import Config, ConfigError, validate
+
+AUTO = Config(l2="auto", hidden=(16,), epochs=4, batch_size=500, lr=0.1, l2_every=2, l2_lr=0.1)
+LAYERS = ["params/Dense_0/kernel", "params/Dense_1/kernel"]
+
+
+def rows_of(out):
+    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def latest_state(out):
+    import orbax.checkpoint as ocp
+
+    with ocp.CheckpointManager(os.path.abspath(os.path.join(out, "checkpoints"))) as m:
+        return m.restore(m.latest_step())["state"]
+
+
+def test_auto_run_writes_lambdas_and_resumes_exactly(tmp_path):
+    out_a = str(tmp_path / "a")
+    summary = _run.train_and_evaluate(AUTO, out_a)  # one checkpoint, at the end
+    rows = rows_of(out_a)
+    lams = np.array([[r[f"l2/{p}"] for p in LAYERS] for r in rows])
+    assert lams.shape == (4, 2) and np.all(lams > 0)
+    assert not np.allclose(lams, 1e-4, rtol=1e-3)  # the λs moved from l2_init
+    assert all(f"hypergrad/{p}" in rows[0] for p in LAYERS)
+    assert summary["l2_final"] == {p: pytest.approx(lams[-1, i], rel=1e-6) for i, p in enumerate(LAYERS)}
+    on_disk = json.load(open(os.path.join(out_a, "summary.json")))
+    assert on_disk["l2_final"] == summary["l2_final"]
+    assert open(os.path.join(out_a, "lambda.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    # the best params' penalty with the λs of their epoch: Σ_l λ_l/2·‖W_l‖²
+    at_best = lams[summary["best_epoch"] - 1]
+    expected = sum(lam / 2 * summary["kernel_sq_norm"][p] for lam, p in zip(at_best, LAYERS))
+    assert summary["penalty"] == pytest.approx(expected, rel=1e-5)
+    evaluated = _run.evaluate_run(out_a)  # jaxl2 eval reads an auto run's best checkpoint
+    assert evaluated["accuracy"] == pytest.approx(summary["test_accuracy"], abs=1e-6)
+
+    # stopped after epoch 3 (checkpoint at 2), resumed: the same λs and the same params
+    out_b = str(tmp_path / "b")
+
+    def stop_at_3(row):
+        if row["epoch"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _run.train_and_evaluate(AUTO, out_b, checkpoint_every=2, on_epoch=stop_at_3)
+    summary_b = _run.train_and_evaluate(AUTO, out_b, resume=True, checkpoint_every=2)
+    rows_b = rows_of(out_b)
+    assert [r["epoch"] for r in rows_b] == [1, 2, 3, 4]
+    for ra, rb in zip(rows, rows_b):
+        assert {k: ra[k] for k in ra if "/" in k} == {k: rb[k] for k in rb if "/" in k}
+        assert ra["train_loss"] == rb["train_loss"] and ra["val_accuracy"] == rb["val_accuracy"]
+    sa, sb = latest_state(out_a), latest_state(out_b)
+    for u, v in zip(jax.tree.leaves(sa), jax.tree.leaves(sb)):
+        np.testing.assert_array_equal(u, v)
+    assert summary_b["l2_final"] == summary["l2_final"]
+    assert summary_b["test_accuracy"] == summary["test_accuracy"]
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"l2": "automatic"}, "l2 'automatic' is invalid (a number >= 0, REGEX=λ entries, or auto)"),
+        ({"l2_init": 1e-3}, "l2_init is a setting of l2 auto, which this run does not use (l2 0.001)"),
+        (
+            {"l2": "auto", "l2_init": 0.0},
+            "l2_init 0.0 is invalid (the starting λ of auto, a number from 1e-08",
+        ),
+        ({"l2": "auto", "l2_every": 0}, "l2_every 0 is invalid (training steps per λ update"),
+        ({"l2": "auto", "l2_lr": -1.0}, "l2_lr -1.0 is invalid"),
+        (
+            {"l2": "auto", "optimizer": "adamw", "weight_decay": 1e-4, "allow_both": True},
+            "weight_decay with l2 auto: auto tunes the penalty's λ per layer",
+        ),
+    ],
+)
+def test_config_refuses_bad_auto_settings(changes, match):
+    with pytest.raises(ConfigError) as e:
+        validate(dataclasses.replace(Config(), **changes))
+    assert match in str(e.value)
+
+
+def test_config_accepts_auto_and_round_trips_through_json():
+    cfg = validate(Config(l2="auto", l2_init=1e-3, l2_every=8, l2_lr=0.05))
+    assert cfg.l2_auto and cfg.l2_on
+    assert Config.from_json(json.loads(json.dumps(cfg.to_json()))) == cfg
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (
+            ["sweep", "--l2", "auto"],
+            "--l2 auto tunes λ within one run, so it is for jaxl2 train, not for a sweep",
+        ),
+        (["sweep", "--l2", "0,auto"], "not for a sweep"),
+        (["train", "--l2", "auto", "--select", "nothing"], "--select 'nothing' matched no parameter"),
+        (
+            ["train", "--l2", "auto", "--optimizer", "adamw", "--weight-decay", "1e-4"],
+            "--weight-decay with --l2 auto: auto tunes the penalty's λ per layer",
+        ),
+        (["train", "--l2-every", "8"], "--l2-every is a setting of --l2 auto, which this run does not use"),
+        (["train", "--l2", "auto", "--l2-init", "2"], "--l2-init 2.0 is invalid (the starting λ of auto"),
+        (["train", "--l2", "autox"], "--l2 'autox' is neither a number, PATTERN=λ[,PATTERN=λ...] nor auto"),
+    ],
+)
+def test_command_refuses_bad_auto_combinations_in_one_line(tmp_path, capsys, argv, match):
+    out = tmp_path / "out"
+    try:
+        code = cli.main([*argv, "--out", str(out)])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("jaxl2: error: ") and err.count("\n") == 1, err
+    assert match in err, err
+    assert not out.exists()
+
+
+def test_the_summary_shows_the_final_lambdas():
+    summary = {
+        "out": "runs/x",
+        "epochs": 2,
+        "best_epoch": 2,
+        "penalty": 0.01,
+        "train_loss": 0.2,
+        "kernel_sq_norm": {"params/Dense_0/kernel": 10.0},
+        "l2_final": {"params/Dense_0/kernel": 0.00123456},
+        "seconds": 1.0,
+        "examples_per_second": 100.0,
+        "compile_seconds": 1.0,
+        "device": "cpu",
+        **{f"{k}_{m}": 0.5 for k in ("train", "val", "test") for m in ("accuracy", "data_loss")},
+    }
+    text = cli.format_summary(summary)
+    assert "λ per layer (auto, at the end): params/Dense_0/kernel 0.00123\n" in text
+
+
+def test_help_explains_auto():
+    text = " ".join(cli.build_parser()._subparsers._group_actions[0].choices["train"].format_help().split())
+    assert "or auto: one λ per selected kernel, tuned during the run by the hypergradient" in text
+    assert "Luketina et al., ICML 2016" in text and "--l2-every" in text and "lambda.png" in text
+    sweep = cli.build_parser()._subparsers._group_actions[0].choices["sweep"].format_help()
+    assert "--l2-init" not in sweep
+
+
+def test_a_sweep_refuses_auto_before_loading_anything(tmp_path):
+    from jaxl2.mnist.sweep import train_sweep
+
+    for cfg, l2s in ((Config(), [0.0, "auto"]), (Config(l2="auto"), [1e-3])):
+        with pytest.raises(ConfigError, match="l2 auto tunes λ within one run"):
+            train_sweep(cfg, l2s, [0], str(tmp_path / "s"))
+    assert not (tmp_path / "s").exists()
