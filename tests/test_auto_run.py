@@ -43,8 +43,10 @@ def test_auto_run_writes_lambdas_and_resumes_exactly(tmp_path):
     at_best = lams[summary["best_epoch"] - 1]
     expected = sum(lam / 2 * summary["kernel_sq_norm"][p] for lam, p in zip(at_best, LAYERS))
     assert summary["penalty"] == pytest.approx(expected, rel=1e-5)
-    evaluated = _run.evaluate_run(out_a)  # jaxl2 eval reads an auto run's best checkpoint
-    assert evaluated["accuracy"] == pytest.approx(summary["test_accuracy"], abs=1e-6)
+    best = _run.evaluate_run(out_a, refit=False)  # jaxl2 eval reads an auto run's best checkpoint
+    assert best["accuracy"] == pytest.approx(summary["test_accuracy"], abs=1e-6)
+    # and by default its refit, trained with the run's final λs fixed
+    assert _run.evaluate_run(out_a)["accuracy"] == pytest.approx(summary["refit_test_accuracy"], abs=1e-6)
 
     # stopped after epoch 3 (checkpoint at 2), resumed: the same λs and the same params
     out_b = str(tmp_path / "b")
@@ -161,3 +163,20 @@ def test_a_sweep_refuses_auto_before_loading_anything(tmp_path):
         with pytest.raises(ConfigError, match="l2 auto tunes λ within one run"):
             train_sweep(cfg, l2s, [0], str(tmp_path / "s"))
     assert not (tmp_path / "s").exists()
+
+
+def test_the_refit_of_an_auto_run_uses_its_final_lambdas_fixed():
+    """Σ_l λ_l/2·‖W_l‖² with the run's final λ per layer, by hand, equals the refit config's penalty."""
+    import jaxl2
+    from jaxl2.mnist.model import selector_of
+    from jaxl2.mnist.steps import Trainer
+
+    final = {LAYERS[0]: 3e-3, LAYERS[1]: 2e-4}
+    rcfg = _run._fixed_l2(validate(AUTO), {"l2_final": final})
+    assert not rcfg.l2_auto
+    params = Trainer(rcfg, 100).init().params
+    w = {p: np.asarray(v, np.float64) for p, v in jaxl2.select.leaves(params)}
+    by_hand = sum(lam / 2 * np.sum(w[p] ** 2) for p, lam in final.items())
+    assert float(jaxl2.l2_penalty(params, rcfg.l2, select=selector_of(rcfg))) == pytest.approx(
+        by_hand, rel=1e-5
+    )

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -27,7 +28,17 @@ from jaxl2.mnist import data as _data
 from jaxl2.mnist import parallel, sigint, sweepdir
 from jaxl2.mnist import refit as _refit_mod
 from jaxl2.mnist import sweep as _sweep
-from jaxl2.mnist.config import FIELDS, REFIT, REFIT_EPOCHS, SPLITS, Config, ConfigError, field, validate
+from jaxl2.mnist.config import (
+    AUTO_DEFAULTS,
+    FIELDS,
+    REFIT,
+    REFIT_EPOCHS,
+    SPLITS,
+    Config,
+    ConfigError,
+    field,
+    validate,
+)
 from jaxl2.mnist.loop import (
     Best,
     Interrupted,
@@ -181,7 +192,9 @@ def train_and_evaluate(
         summary = _train(cfg, ds, out, mesh, primary, resume, checkpoint_every, on_start, on_epoch)
         if refit:
             epochs = _refit_mod.refit_epochs(refit_epochs, summary["best_epoch"], cfg.epochs)
-            summary.update(_refit(cfg, ds, out, mesh, epochs, checkpoint_every, on_refit_epoch))
+            summary.update(
+                _refit(_fixed_l2(cfg, summary), ds, out, mesh, epochs, checkpoint_every, on_refit_epoch)
+            )
             summary["refit_epoch_rule"] = refit_epochs
         if primary:
             write_json(os.path.join(out, "summary.json"), summary)
@@ -298,6 +311,15 @@ def _train(cfg, ds, out, mesh, primary, resume, checkpoint_every, on_start, on_e
         "out": out,
     }
     return summary
+
+
+def _fixed_l2(cfg: Config, summary: dict[str, Any]) -> Config:
+    """The config a refit trains: an ``l2="auto"`` run's final λ per layer, fixed (the refit has
+    no validation split to tune them on); any other config as it is."""
+    if not cfg.l2_auto:
+        return cfg
+    lambdas = {re.escape(path): lam for path, lam in summary["l2_final"].items()}
+    return validate(dataclasses.replace(cfg, l2=lambdas, **AUTO_DEFAULTS))
 
 
 def _refit(cfg, ds, out, mesh, epochs, checkpoint_every, on_epoch) -> dict[str, Any]:
