@@ -221,7 +221,9 @@ class SaveRule:
 
     def __init__(self, epochs: int | None = None, seconds: float | None = CHECKPOINT_SECONDS):
         if epochs is not None and not (isinstance(epochs, int) and epochs >= 1):
-            raise ConfigError(f"{field('checkpoint_every')} {epochs} is invalid (an integer >= 1, or none)")
+            raise ConfigError(
+                f"{field('checkpoint_every')} {epochs} is invalid (an integer >= 1; without it, every 30 s)"
+            )
         self.epochs, self.seconds, self.last = epochs, seconds, time.monotonic()
 
     def due(self, epoch: int) -> bool:
