@@ -40,15 +40,6 @@ from jaxl2.step import make_train_step
 __all__ = ["TrainState", "Trainer", "make_optimizer", "cross_entropy"]
 
 
-def _norm(tree: Any) -> jax.Array:
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree_util.tree_leaves(tree)))
-
-
-def _nonzero(l2: Any) -> bool:
-    """False only for a concrete number equal to 0 (a traced or per-layer λ counts as nonzero)."""
-    return not isinstance(l2, int | float) or l2 != 0
-
-
 class TrainState(struct.PyTreeNode):
     """All that changes during training: ``step``, ``params``, ``opt_state``, ``rng`` (raw key)."""
 
@@ -156,7 +147,7 @@ class Trainer:
     def penalty_fn(self, params, l2=None):
         """``λ/2·Σw²`` over the selected leaves of ``params`` (0 without the penalty)."""
         l2 = (self.cfg.l2 if l2 is None else l2) if self.penalty else 0.0
-        return l2_penalty(params, l2, select=self.select) if _nonzero(l2) else jnp.float32(0)
+        return l2_penalty(params, l2, select=self.select)
 
     def batches(self, state: TrainState, num_examples: int) -> jax.Array:
         """This epoch's batch indices ``[steps, batch]``: a permutation keyed on the step."""
@@ -181,8 +172,8 @@ class Trainer:
         metrics = jax.tree_util.tree_map(jnp.mean, metrics_S)
         metrics["penalty"] = self.penalty_fn(state.params, l2)
         metrics["loss"] = metrics["data_loss"] + metrics["penalty"]
-        metrics["param_norm"] = _norm(state.params)
-        metrics["update_norm"] = _norm(jax.tree_util.tree_map(jnp.subtract, state.params, start))
+        metrics["param_norm"] = optax.global_norm(state.params)
+        metrics["update_norm"] = optax.global_norm(jax.tree_util.tree_map(jnp.subtract, state.params, start))
         bad_S = ~jnp.isfinite(metrics_S["data_loss"])
         metrics["nonfinite_step"] = jnp.where(bad_S.any(), jnp.argmax(bad_S), -1)
         return state, metrics
