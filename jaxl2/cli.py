@@ -606,7 +606,17 @@ def cmd_gradcheck(args: argparse.Namespace) -> int:
 EPOCH_RULE_WORDS = {"all": "all the run's", "best": "the best epoch's count"}
 
 
-def _add_refit_epochs(g: argparse._ArgumentGroup) -> None:
+def _add_checkpoints_and_refit(g: argparse._ArgumentGroup, end: str, refit_help: str) -> None:
+    """``--checkpoint-every`` (a save also at the end, with ``end`` appended, and on Ctrl-C), ``--refit`` and
+    ``--refit-epochs``: the flags that train and sweep share but word apart."""
+    g.add_argument(
+        "--checkpoint-every",
+        type=int,
+        metavar="EPOCHS",
+        help="also checkpoint every EPOCHS epochs (default: every 30 s of training; always at the end"
+        f"{end} and on Ctrl-C)",
+    )
+    g.add_argument("--refit", action=argparse.BooleanOptionalAction, help=refit_help)
     g.add_argument(
         "--refit-epochs",
         help="the refit's epochs: all (the run's --epochs, its full lr schedule) or best (the best "
@@ -634,21 +644,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", help="run directory (default: a new runs/DATASET-YYYYmmdd-HHMMSS[-N])")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     g.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    g.add_argument(
-        "--checkpoint-every",
-        type=int,
-        metavar="EPOCHS",
-        help="also checkpoint every EPOCHS epochs (default: every 30 s of training; always at the end "
-        "and on Ctrl-C)",
-    )
-    g.add_argument(
-        "--refit",
-        action=argparse.BooleanOptionalAction,
-        help="then train again from the same init on train ∪ validation (see --refit-epochs), report its "
+    _add_checkpoints_and_refit(
+        g,
+        "",
+        "then train again from the same init on train ∪ validation (see --refit-epochs), report its "
         f"test accuracy and let jaxl2 eval use it (default: {'on' if REFIT else 'off'}, or with --resume the "
         "run's own; --no-refit: off)",
     )
-    _add_refit_epochs(g)
     g.add_argument(
         "--no-cache",
         action="store_true",
@@ -706,20 +708,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the sweep in --out from its last checkpoint (with its own settings)",
     )
     g.add_argument("--overwrite", action="store_true", help="replace a sweep (or run) already in --out")
-    g.add_argument(
-        "--checkpoint-every",
-        type=int,
-        metavar="EPOCHS",
-        help="also checkpoint every EPOCHS epochs (default: every 30 s of training; always at the end "
-        "of each chunk and on Ctrl-C)",
-    )
-    g.add_argument(
-        "--refit",
-        action=argparse.BooleanOptionalAction,
-        help="then refit the selected λ on train ∪ validation, once per seed (see --refit-epochs), and "
+    _add_checkpoints_and_refit(
+        g,
+        " of each chunk",
+        "then refit the selected λ on train ∪ validation, once per seed (see --refit-epochs), and "
         "report its test accuracy (default: off, or with --resume the sweep's own)",
     )
-    _add_refit_epochs(g)
     g.add_argument("--no-cache", action="store_true", help="do not use the compilation cache")
     g.add_argument(
         "--quiet", action="store_true", help="no progress (on a terminal one line; else one line per epoch)"
