@@ -243,93 +243,10 @@ def has_checkpoint(out: str) -> bool:
     return os.path.isdir(d) and any(name.isdigit() for name in os.listdir(d))
 
 
-class Checkpoints:
-    """Two orbax managers: ``checkpoints/`` (latest run state) and ``best/`` (params).
-
-    ``background=True`` (training) writes in a thread: :meth:`save` returns at once, the
-    training goes on while orbax writes (a save is ~0.1 s here, nearly all of it waiting on the
-    file system), one save at a time, in order; :meth:`close` waits for the last and raises its
-    error, if any. Orbax writes each step to a temporary directory and renames it when
-    complete, so a kill during a write leaves the previous checkpoint as the latest. The
-    arrays handed to :meth:`save` must not change afterwards (the run's are never donated).
-    """
-
-    def __init__(self, out: str, background: bool = False):
-        import orbax.checkpoint as ocp
-
-        self.ocp = ocp
-        opts = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False)
-        self.latest = ocp.CheckpointManager(os.path.abspath(os.path.join(out, "checkpoints")), options=opts)
-        self.best = ocp.CheckpointManager(os.path.abspath(os.path.join(out, "best")), options=opts)
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="jaxl2-checkpoint") if background else None
-        self._pending: Future | None = None
-
-    def save(self, epoch: int, run_state: dict, best_epoch: int) -> None:
-        if self._pool is None:
-            self._save(epoch, run_state, best_epoch)
-            return
-        self.wait()
-        self._pending = self._pool.submit(self._save, epoch, run_state, best_epoch)
-
-    def _save(self, epoch: int, run_state: dict, best_epoch: int) -> None:
-        if best_epoch > 0 and self.best.latest_step() != best_epoch:
-            self.best.save(best_epoch, args=self.ocp.args.StandardSave(run_state["best_params"]))
-        self.latest.save(epoch, args=self.ocp.args.StandardSave(run_state), force=True)
-
-    def wait(self) -> None:
-        """Waits for the save in flight, if any (its error is raised here)."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
-
-    def restore_latest(self, like: dict) -> tuple[int, dict] | None:
-        """``(epoch, run_state)`` of the latest checkpoint, or ``None`` when there is none."""
-        step = self.latest.latest_step()
-        if step is None:
-            return None
-        abstract = jax.tree_util.tree_map(self.ocp.utils.to_shape_dtype_struct, like)
-        try:
-            return step, self.latest.restore(step, args=self.ocp.args.StandardRestore(abstract))
-        except (ValueError, KeyError) as e:
-            raise ConfigError(
-                f"{field('resume')}: the checkpoint does not fit this model ({str(e)[:200]})"
-            ) from None
-
-    def restore_best(self, like: Any) -> Any:
-        step = self.best.latest_step()
-        if step is None:
-            raise ConfigError("the run has no best checkpoint (it stopped before its first save)")
-        abstract = jax.tree_util.tree_map(self.ocp.utils.to_shape_dtype_struct, like)
-        try:
-            return self.best.restore(step, args=self.ocp.args.StandardRestore(abstract))
-        except (ValueError, KeyError) as e:
-            raise ConfigError(
-                "the best checkpoint does not fit the model of its config.json (was config.json edited?): "
-                + str(e).split(". ")[0][:200]
-            ) from None
-
-    def last_good(self) -> str:
-        with contextlib.suppress(Exception):  # the message is about the files, whatever the thread hit
-            self.wait()
-        step = self.latest.latest_step()
-        if step is None:
-            return "No checkpoint had been written yet."
-        return f"The last good checkpoint (epoch {step}) is intact."
-
-    def close(self) -> None:
-        try:
-            self.wait()
-        finally:
-            if self._pool is not None:
-                self._pool.shutdown()
-            self.latest.close()
-            self.best.close()
-
-
 class StepStore:
-    """An orbax manager of numbered steps of one pytree (a refit's state, a sweep's chunks), each
-    written to a temporary directory and renamed like :class:`Checkpoints`'; it keeps the last
-    ``keep`` steps (``None``: all of them)."""
+    """An orbax manager of numbered steps of one pytree (a run's state or best params, a refit's
+    state, a sweep's chunks), each written to a temporary directory and renamed when complete;
+    it keeps the last ``keep`` steps (``None``: all of them)."""
 
     def __init__(self, path: str, keep: int | None = 1):
         import orbax.checkpoint as ocp
@@ -366,3 +283,69 @@ class StepStore:
 
     def close(self) -> None:
         self.manager.close()
+
+
+class Checkpoints:
+    """A run's two stores (:class:`StepStore`): ``checkpoints/`` (the latest run state) and
+    ``best/`` (the params with the best validation accuracy).
+
+    ``background=True`` (training) writes in a thread: :meth:`save` returns at once, the
+    training goes on while orbax writes (a save is ~0.1 s here, nearly all of it waiting on the
+    file system), one save at a time, in order; :meth:`close` waits for the last and raises its
+    error, if any. Orbax writes each step to a temporary directory and renames it when
+    complete, so a kill during a write leaves the previous checkpoint as the latest. The
+    arrays handed to :meth:`save` must not change afterwards (the run's are never donated).
+    """
+
+    def __init__(self, out: str, background: bool = False):
+        self.latest = StepStore(os.path.join(out, "checkpoints"))
+        self.best = StepStore(os.path.join(out, "best"))
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="jaxl2-checkpoint") if background else None
+        self._pending: Future | None = None
+
+    def save(self, epoch: int, run_state: dict, best_epoch: int) -> None:
+        if self._pool is None:
+            self._save(epoch, run_state, best_epoch)
+            return
+        self.wait()
+        self._pending = self._pool.submit(self._save, epoch, run_state, best_epoch)
+
+    def _save(self, epoch: int, run_state: dict, best_epoch: int) -> None:
+        if best_epoch > 0 and self.best.latest() != best_epoch:
+            self.best.save(best_epoch, run_state["best_params"])
+        self.latest.save(epoch, run_state)
+
+    def wait(self) -> None:
+        """Waits for the save in flight, if any (its error is raised here)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def restore_latest(self, like: dict) -> tuple[int, dict] | None:
+        """``(epoch, run_state)`` of the latest checkpoint, or ``None`` when there is none."""
+        step = self.latest.latest()
+        return None if step is None else (step, self.latest.restore(like, step))
+
+    def restore_best(self, like: Any) -> Any:
+        step = self.best.latest()
+        if step is None:
+            raise ConfigError("the run has no best checkpoint (it stopped before its first save)")
+        mismatch = "the best checkpoint does not fit the model of its config.json (was config.json edited?)"
+        return self.best.restore(like, step, name="run", mismatch=mismatch)
+
+    def last_good(self) -> str:
+        with contextlib.suppress(Exception):  # the message is about the files, whatever the thread hit
+            self.wait()
+        step = self.latest.latest()
+        if step is None:
+            return "No checkpoint had been written yet."
+        return f"The last good checkpoint (epoch {step}) is intact."
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown()
+            self.latest.close()
+            self.best.close()
