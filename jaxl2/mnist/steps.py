@@ -172,8 +172,8 @@ class Trainer:
         metrics = jax.tree_util.tree_map(jnp.mean, metrics_S)
         metrics["penalty"] = self.penalty_fn(state.params, l2)
         metrics["loss"] = metrics["data_loss"] + metrics["penalty"]
-        metrics["param_norm"] = optax.global_norm(state.params)
-        metrics["update_norm"] = optax.global_norm(jax.tree_util.tree_map(jnp.subtract, state.params, start))
+        metrics["param_norm"] = optax.tree.norm(state.params)
+        metrics["update_norm"] = optax.tree.norm(jax.tree_util.tree_map(jnp.subtract, state.params, start))
         bad_S = ~jnp.isfinite(metrics_S["data_loss"])
         metrics["nonfinite_step"] = jnp.where(bad_S.any(), jnp.argmax(bad_S), -1)
         return state, metrics
