@@ -285,7 +285,7 @@ def _hand_written_timer(batch: int, x, y, epochs: int, val: tuple | None = None)
 
 def _jaxl2_train_timer(batch: int, epochs: int, root: str, warm_up: bool) -> Callable[[], float]:
     """``jaxl2 train`` itself (:func:`jaxl2.mnist.run.train_and_evaluate`) on mnist5k: validation
-    every epoch, ``metrics.jsonl``, checkpoints every 10 epochs and best-params tracking (no
+    every epoch, ``metrics.jsonl``, checkpoints (every 30 s and at the end) and best-params tracking (no
     refit: that is a second training, timed apart in ``refit_seconds``). The
     time is the summary's ``seconds``: from the first epoch's dispatch to the last epoch's
     results (compiling, the final test evaluation, the plot and summary are not counted)."""
@@ -347,11 +347,13 @@ def train_path(batch: int, rounds: int, epochs: int = PATH_EPOCHS, warm_up: bool
 
 
 def _torch_peer(batch: int, x_np: np.ndarray, y_np: np.ndarray) -> tuple[Callable[[], float], dict] | None:
-    """PyTorch eager: ``torch.optim.SGD`` with ``weight_decay`` on the weights only."""
+    """PyTorch eager: ``torch.optim.SGD`` with ``weight_decay`` on the weights only; on the GPU
+    (data resident there, as jaxl2's) when JAX runs on one and PyTorch sees CUDA."""
     try:
         import torch
     except ImportError:
         return None
+    dev = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Linear(784, 256),
@@ -359,26 +361,28 @@ def _torch_peer(batch: int, x_np: np.ndarray, y_np: np.ndarray) -> tuple[Callabl
         torch.nn.Linear(256, 256),
         torch.nn.ReLU(),
         torch.nn.Linear(256, 10),
-    )
+    ).to(dev)
     weights = [m.weight for m in model if isinstance(m, torch.nn.Linear)]
     biases = [m.bias for m in model if isinstance(m, torch.nn.Linear)]
     opt = torch.optim.SGD(
         [{"params": weights, "weight_decay": PATH_L2}, {"params": biases, "weight_decay": 0.0}], lr=PATH_LR
     )
-    x, y = torch.from_numpy(x_np), torch.from_numpy(y_np).long()
+    x, y = torch.from_numpy(x_np).to(dev), torch.from_numpy(y_np).long().to(dev)
     n = len(y)
 
     def epoch():
         t = time.perf_counter()
-        perm = torch.randperm(n)
+        perm = torch.randperm(n, device=dev)
         for i in range(n // batch):
             idx = perm[i * batch : (i + 1) * batch]
             opt.zero_grad(set_to_none=True)
             torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
+        if dev == "cuda":
+            torch.cuda.synchronize()
         return time.perf_counter() - t
 
-    return epoch, {"threads": torch.get_num_threads(), "version": torch.__version__}
+    return epoch, {"threads": torch.get_num_threads(), "version": torch.__version__, "device": dev}
 
 
 def _keras_peer(batch: int, x: np.ndarray, y: np.ndarray) -> tuple[Callable[[], float], dict] | None:
@@ -500,7 +504,11 @@ def format_bench(r: dict[str, Any]) -> str:
     labels = {
         "jax": lambda p: f"hand-written jitted JAX epoch (jax {p['version']})",
         "jax_val": lambda p: "the same + jaxl2's validation every epoch (equal work)",
-        "torch": lambda p: f"PyTorch eager ({p['version']}, {p['threads']} threads)",
+        "torch": lambda p: (
+            f"PyTorch eager ({p['version']}, CUDA)"
+            if p.get("device") == "cuda"
+            else f"PyTorch eager ({p['version']}, {p['threads']} threads)"
+        ),
         "keras": lambda p: f"Keras {p['version']} (TensorFlow, jit_compile, steps_per_execution)",
     }
     for b, p in r["path"].items():
