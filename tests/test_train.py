@@ -231,42 +231,80 @@ class _Recorded:
         return np.asarray(self.value, dtype)
 
 
-def test_run_epochs_dispatches_the_next_epoch_before_reading_the_last():
-    """Epoch k + 1 is queued before epoch k's metrics are read; a NaN in epoch 2 raises before
+def _fake_program(log, nan_epoch):
+    """A stand-in for :func:`epochs_program`: each call logs its dispatch, returns metrics that
+    log when they are read, a NaN loss at ``nan_epoch``, and validation accuracy = epoch / 100."""
+    from types import SimpleNamespace
+
+    def program(state, n):
+        first = state.k + 1
+        log.append(("call", first))
+        ks = np.arange(first, first + n)
+        loss = np.where(ks == nan_epoch, np.nan, 1.0)
+        m = {
+            "loss": _Recorded(log, first, loss),
+            "nonfinite_step": _Recorded(log, first, np.where(ks == nan_epoch, 0, -1)),
+        }
+        val = {"accuracy": ks / 100, "data_loss": np.ones(n)}
+        good = ks < nan_epoch
+        last_good = int(np.flatnonzero(good)[-1]) if good.any() else -1
+        best = {
+            "index": np.int32(last_good),
+            "val": np.float32(ks[last_good] / 100),
+            "params": int(ks[last_good]),
+        }
+        return SimpleNamespace(k=state.k + n, params=state.k + n), m, val, best
+
+    return program
+
+
+def test_run_epochs_dispatches_the_next_call_before_reading_the_last():
+    """Call k + 1 is queued before call k's metrics are read; a NaN in epoch 2 raises before
     epoch 2's state is yielded, and the already-dispatched epoch 3 is never read."""
     from types import SimpleNamespace
 
     from jaxl2.mnist.loop import Best, Diverged, run_epochs
 
-    log = []
-
-    def epoch_fn(state, x, y):
-        k = state.k + 1
-        log.append(("epoch", k))
-        loss = float("nan") if k == 2 else 1.0
-        m = {"loss": _Recorded(log, k, loss), "nonfinite_step": _Recorded(log, k, 0 if k == 2 else -1)}
-        return SimpleNamespace(k=k, params=k), m
-
-    def evaluate(params, xv, yv):
-        return {"accuracy": np.float32(0.5), "data_loss": np.float32(1.0)}
-
+    log, seen = [], []
     best = Best(params=0, keep=lambda b, p, better: p if better else b)
-    seen = []
     with pytest.raises(Diverged, match="epoch 2"):
         for ep in run_epochs(
-            epoch_fn,
-            evaluate,
+            _fake_program(log, 2),
             SimpleNamespace(k=0, params=0),
-            (0, 0, 0, 0),
             range(1, 5),
             best,
-            lambda epoch, bad, steps: f"diverged at epoch {epoch}",
+            lambda e, bad, steps: f"diverged at epoch {e}",
         ):
             seen.append(ep.epoch)
     assert seen == [1]
-    assert log[:3] == [("epoch", 1), ("epoch", 2), ("read", 1)]
-    assert ("epoch", 3) in log and ("read", 3) not in log
-    assert log.index(("epoch", 3)) < log.index(("read", 2))
+    assert log[:3] == [("call", 1), ("call", 2), ("read", 1)]
+    assert ("call", 3) in log and ("read", 3) not in log
+    assert log.index(("call", 3)) < log.index(("read", 2))
+    assert (best.epoch, best.params) == (1, 1)
+
+
+def test_run_epochs_in_calls_of_several_epochs():
+    """Calls of 3 epochs: only a call's last epoch carries its state; a NaN in epoch 5 yields
+    epoch 4 and raises for epoch 5 (step 1), with the best epoch (4) from the call's best."""
+    from types import SimpleNamespace
+
+    from jaxl2.mnist.loop import Best, Diverged, run_epochs
+
+    log, seen = [], []
+    best = Best(params=0, keep=lambda b, p, better: p if better else b)
+    with pytest.raises(Diverged, match=r"epoch 5, steps \[0\]"):
+        for ep in run_epochs(
+            _fake_program(log, 5),
+            SimpleNamespace(k=0, params=0),
+            range(1, 7),
+            best,
+            lambda e, bad, steps: f"epoch {e}, steps {[int(s) for s in steps]}",
+            size=3,
+        ):
+            seen.append((ep.epoch, None if ep.state is None else ep.state.k, float(ep.val["accuracy"])))
+    assert seen == [(1, None, 0.01), (2, None, 0.02), (3, 3, 0.03), (4, None, 0.04)]
+    assert [e for e in log if e[0] == "call"] == [("call", 1), ("call", 4)]
+    assert (best.epoch, best.val, best.params) == (4, pytest.approx(0.04), 4)
 
 
 def test_states_of_earlier_epochs_stay_valid(small_data):

@@ -1,6 +1,6 @@
 """The one training loop, shared by ``jaxl2 train`` (one state) and ``jaxl2 sweep`` (K stacked
-states): loading and split checks, validation, the epochs with divergence detection,
-best-by-validation tracking, and the final metrics (the penalty through :func:`jaxl2.l2_penalty`).
+states): loading and split checks, the epochs (several per compiled call, each validated)
+with divergence detection, best-by-validation tracking, and the final metrics (the penalty through :func:`jaxl2.l2_penalty`).
 
 Example:
   >>> from jaxl2.mnist.loop import Best
@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import jaxl2
@@ -34,6 +35,9 @@ __all__ = [
     "load_and_check",
     "Best",
     "Epoch",
+    "calls",
+    "epochs_per_call",
+    "epochs_program",
     "run_epochs",
     "member_summary",
     "split_metrics",
@@ -47,7 +51,7 @@ class Diverged(Named, RuntimeError):
 
 
 class Interrupted(Named, RuntimeError):
-    """SIGINT arrived; the epoch it interrupted was finished and checkpointed."""
+    """SIGINT arrived; the compiled call of epochs it interrupted was finished and checkpointed."""
 
 
 def load_and_check(cfg: Config, l2s: Sequence[float] | None = None) -> tuple[Config, _data.Dataset]:
@@ -105,7 +109,9 @@ class Best:
 @dataclasses.dataclass
 class Epoch:
     """One finished epoch: its number, the new state, train metrics and validation metrics
-    (host arrays: scalars for one run, ``[K]`` for a sweep), and its seconds."""
+    (host arrays: scalars for one run, ``[K]`` for a sweep), and its seconds. ``state`` is
+    ``None`` for an epoch inside a call of several epochs (only the call's last epoch has its
+    state on hand: save checkpoints and stop there)."""
 
     epoch: int
     state: Any
@@ -114,51 +120,148 @@ class Epoch:
     seconds: float
 
 
+CALL_EXAMPLES = {"cpu": 32_768}  # training examples per compiled call (other backends: 262,144)
+MAX_EPOCHS_PER_CALL = 32
+
+
+def epochs_per_call(num_train: int, members: int = 1, backend: str | None = None) -> int:
+    """How many epochs one compiled call runs: enough that one call trains about 32k examples
+    on a CPU (256k elsewhere; an epoch of mnist5k is ~30 ms on 2 CPU cores, ~1 ms on an H100,
+    while the host's work per call is some ms), at most 32, at least 1. It depends only on the
+    data and the backend, so every process of a run chooses the same.
+
+    Example:
+      >>> epochs_per_call(3500, backend="cpu"), epochs_per_call(55000, backend="cpu")
+      (10, 1)
+      >>> epochs_per_call(3500, backend="gpu"), epochs_per_call(3500, members=16, backend="cpu")
+      (32, 1)
+    """
+    target = CALL_EXAMPLES.get(backend or jax.default_backend(), 262_144)
+    return int(min(MAX_EPOCHS_PER_CALL, max(1, -(-target // (num_train * members)))))
+
+
+def calls(epochs: Sequence[int], size: int, every: int | None = None) -> list[tuple[int, int]]:
+    """``(first epoch, count)`` of each call over consecutive ``epochs``: a call ends at a
+    multiple of ``size``, of ``every`` (where checkpoints are due) and at the last epoch. The
+    ends depend on the epoch numbers alone, so a resumed run makes the same calls.
+
+    Example:
+      >>> calls(range(1, 11), 4), calls(range(6, 11), 4, every=3)
+      ([(1, 4), (5, 4), (9, 2)], [(6, 1), (7, 2), (9, 1), (10, 1)])
+    """
+    out: list[tuple[int, int]] = []
+    epochs = list(epochs)
+    for e in epochs:
+        if not out or out[-1][0] + out[-1][1] != e:
+            out.append((e, 0))
+        out[-1] = (out[-1][0], out[-1][1] + 1)
+        if e % size == 0 or (every and e % every == 0):
+            out.append((e + 1, 0))
+    return [c for c in out if c[1]]
+
+
+def epochs_program(
+    epoch_fn: Callable[..., tuple[Any, Any]], evaluate_fn: Callable[..., Any], size: int
+) -> Callable[..., Any]:
+    """The compiled unit of the run loop: ``program(state, n, *args)`` runs ``n ≤ size`` epochs
+    (``epoch_fn(state, *args) -> (state, metrics)``), each followed by validation
+    (``evaluate_fn(state.params, *args)``), in one call (``lax.scan`` of ``size``; epochs past
+    ``n`` are skipped by ``lax.cond``, so one executable serves every ``n``).
+
+    Returns ``(state, metrics, val, best)``: metrics and val stacked ``[size, ...]``, and the
+    best epoch of the call by validation accuracy among the finite ones (ties: the later),
+    ``best = {"index", "val", "params"}``, per member when the accuracy is ``[K]``.
+    """
+
+    def program(state, n, *args):
+        def one(st):
+            new, m = epoch_fn(st, *args)
+            return new, (m, evaluate_fn(new.params, *args))
+
+        shapes = jax.eval_shape(one, state)[1]
+
+        def skip(st):
+            return st, jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+
+        def body(carry, i):
+            st, alive, best = carry
+            st, (m, val) = jax.lax.cond(i < n, one, skip, st)
+            finite = jnp.all((m["nonfinite_step"] < 0) & jnp.isfinite(m["loss"]))
+            alive = alive & (finite | (i >= n))
+            better = alive & (i < n) & (val["accuracy"] >= best["val"])
+
+            def pick(new, old):
+                return jnp.where(better.reshape(better.shape + (1,) * (new.ndim - better.ndim)), new, old)
+
+            best = {
+                "index": jnp.where(better, i, best["index"]),
+                "val": jnp.where(better, val["accuracy"], best["val"]),
+                "params": jax.tree_util.tree_map(pick, st.params, best["params"]),
+            }
+            return (st, alive, best), (m, val)
+
+        acc = shapes[1]["accuracy"]
+        best = {
+            "index": jnp.full(acc.shape, -1, jnp.int32),
+            "val": jnp.full(acc.shape, -jnp.inf, acc.dtype),
+            "params": state.params,
+        }
+        (state, _, best), (m, val) = jax.lax.scan(body, (state, jnp.bool_(True), best), jnp.arange(size))
+        return state, m, val, best
+
+    return program
+
+
 def run_epochs(
-    epoch_fn: Callable[[Any, Any, Any], tuple[Any, Any]],
-    evaluate_fn: Callable[[Any, Any, Any], Any],
+    program: Callable[[Any, int], tuple[Any, Any, Any, Any]],
     state: Any,
-    data: tuple[Any, Any, Any, Any],
     epochs: range,
     best: Best,
     diverged: Callable[[int, np.ndarray, np.ndarray], str],
+    size: int = 1,
+    every: int | None = None,
 ) -> Iterator[Epoch]:
-    """Runs ``epoch_fn`` for each epoch in ``epochs``, evaluates on validation, updates ``best``
-    and yields an :class:`Epoch`. A NaN/Inf loss raises :class:`Diverged` with
-    ``diverged(epoch, bad_members, first_bad_steps)`` before the bad state is used.
+    """Runs ``epochs`` in calls of :func:`epochs_program` (``program(state, n)``, its data
+    bound; :func:`calls` with ``size`` and ``every`` says how many per call), updates ``best``
+    and yields an :class:`Epoch` per epoch. A NaN/Inf loss raises :class:`Diverged` with
+    ``diverged(epoch, bad_members, first_bad_steps)`` after the epochs before it were yielded,
+    before the bad state is used.
 
-    Pipelined: epoch ``k + 1`` and its validation are dispatched *before* epoch ``k``'s
-    metrics are read, so the device never waits for the host's work between epochs (reading
-    metrics, the best params, writing rows and checkpoints while ``k + 1`` runs). ``epoch_fn``
-    must therefore not donate its state: the state yielded for epoch ``k`` stays valid. An
-    epoch dispatched past a stop (divergence, Ctrl-C, the consumer's exception) is dropped
-    unused. ``Epoch.seconds`` is wall time from one epoch's results to the next (validation
-    included; the first from its dispatch).
+    Pipelined: call ``k + 1`` is dispatched *before* call ``k``'s metrics are read, so the
+    device never waits for the host's work between calls (reading metrics, the best params,
+    writing rows and checkpoints while ``k + 1`` runs). The program must therefore not donate
+    its state: the state yielded for call ``k`` stays valid. A call dispatched past a stop
+    (divergence, Ctrl-C, the consumer's exception) is dropped unused. ``Epoch.seconds`` is the
+    wall time from one call's results to the next, shared by its epochs (validation included;
+    the first from its dispatch).
     """
-    x, y, xv, yv = data
-
-    def dispatch(st):
-        new, m = epoch_fn(st, x, y)
-        return new, m, evaluate_fn(new.params, xv, yv)
-
-    epochs = list(epochs)
+    plan = calls(epochs, size, every)
     t0 = time.perf_counter()
-    pending = dispatch(state) if epochs else None
-    for i, epoch in enumerate(epochs):
-        new_state, m, val = pending
-        if i + 1 < len(epochs):
-            pending = dispatch(new_state)  # queued behind this epoch: runs while we read it
-        m = parallel.host(m)
-        step = np.atleast_1d(m["nonfinite_step"])
-        bad = (step >= 0) | ~np.isfinite(np.atleast_1d(m["loss"]))
-        if bad.any():
-            raise Diverged(diverged(epoch, np.flatnonzero(bad), np.maximum(step[bad], 0)))
-        state = new_state
-        val = parallel.host(val)
+    pending = program(state, plan[0][1]) if plan else None
+    for c, (first, n) in enumerate(plan):
+        new_state, m, val, call_best = pending
+        if c + 1 < len(plan):
+            pending = program(new_state, plan[c + 1][1])  # queued behind this call: runs while we read it
+        m, val, index, best_val = parallel.host((m, val, call_best["index"], call_best["val"]))
+        step = m["nonfinite_step"][:n].reshape(n, -1)
+        bad = (step >= 0) | ~np.isfinite(m["loss"][:n].reshape(n, -1))
+        good = int(np.argmax(bad.any(1))) if bad.any() else n
         t1 = time.perf_counter()
-        seconds, t0 = t1 - t0, t1
-        best.update(epoch, val["accuracy"], state.params)
-        yield Epoch(epoch, state, {k: v for k, v in m.items() if k != "nonfinite_step"}, val, seconds)
+        seconds, t0 = (t1 - t0) / n, t1
+        if good:
+            best.update(first + index, best_val, call_best["params"])
+        for i in range(good):
+            yield Epoch(
+                first + i,
+                new_state if i == n - 1 else None,
+                {k: v[i] for k, v in m.items() if k != "nonfinite_step"},
+                {k: v[i] for k, v in val.items()},
+                seconds,
+            )
+        if good < n:
+            raise Diverged(
+                diverged(first + good, np.flatnonzero(bad[good]), np.maximum(step[good][bad[good]], 0))
+            )
 
 
 def kernel_sq_norm(params: Any, cfg: Config) -> dict[str, float]:

@@ -43,6 +43,8 @@ from jaxl2.mnist.loop import (
     Best,
     Interrupted,
     diverged_message,
+    epochs_per_call,
+    epochs_program,
     load_and_check,
     member_summary,
     run_epochs,
@@ -60,7 +62,7 @@ from jaxl2.mnist.rundir import (
     run_config,
     write_json,
 )
-from jaxl2.mnist.runtime import device_name
+from jaxl2.mnist.runtime import XLA_OPTIONS, device_name
 from jaxl2.mnist.steps import Trainer
 
 __all__ = ["train_and_evaluate", "evaluate_run", "load_run_config"]
@@ -159,7 +161,7 @@ def train_and_evaluate(
     Raises:
       ConfigError: bad input, before anything is compiled or written.
       Diverged: a NaN/Inf loss; the last good checkpoint is kept.
-      Interrupted: SIGINT; the epoch it interrupted was finished and checkpointed.
+      Interrupted: SIGINT; the call of epochs it interrupted was finished and checkpointed.
     """
     SaveRule(checkpoint_every)  # checks it before anything is loaded
     if refit:
@@ -242,27 +244,41 @@ def _train(cfg, ds, out, mesh, primary, resume, checkpoint_every, on_start, on_e
     def diverged(epoch, _members, steps):
         return f"{diverged_message(cfg, cfg.l2, epoch, int(steps[0]), trainer.steps_per_epoch)} {ckpt.last_good()}"
 
-    train_seconds, compile_seconds, train_epoch, evaluate = 0.0, 0.0, None, None
+    train_seconds, compile_seconds, program = 0.0, 0.0, None
     rule = SaveRule(checkpoint_every)
-    epoch_data = data if cfg.l2_auto else data[:2]  # l2 auto: the epoch draws validation batches
+    size = epochs_per_call(len(ds.train.y))
+    if cfg.l2_auto:  # the epoch draws validation batches
+
+        def epoch_fn(st, x, y, xv, yv):
+            return trainer.epoch_fn(st, x, y, xv, yv)
+    else:
+
+        def epoch_fn(st, x, y, xv, yv):
+            return trainer.epoch_fn(st, x, y)
+
     with sigint.deferred(), contextlib.closing(ckpt):
         if start < cfg.epochs:  # compiled here, so that no epoch's time includes compiling
             t0 = time.perf_counter()
-            compiled = trainer.train_epoch.lower(state, *epoch_data).compile()
-            evaluate = trainer.evaluate.lower(state.params, *data[2:]).compile()
+            fn = jax.jit(
+                epochs_program(epoch_fn, lambda p, x, y, xv, yv: trainer.eval_fn(p, xv, yv), size),
+                compiler_options=XLA_OPTIONS,
+            )
+            compiled = fn.lower(state, 1, *data).compile()
+            # a call of 0 epochs: the executable's one-time set-up (~18 ms of a first call on
+            # 2 CPU cores) is paid here, with compiling, instead of in the first epoch's time
+            jax.block_until_ready(compiled(state, 0, *data))
             compile_seconds = time.perf_counter() - t0
 
-            def train_epoch(state, x, y):
-                return compiled(state, x, y, *epoch_data[2:])
+            def program(state, n):
+                return compiled(state, n, *data)
 
         with open(metrics_path, "a") if primary else contextlib.nullcontext() as mfile:
             epochs = range(start + 1, cfg.epochs + 1)
-            for ep in run_epochs(train_epoch, evaluate, state, data, epochs, best, diverged):
-                state = ep.state
+            for ep in run_epochs(program, state, epochs, best, diverged, size, checkpoint_every):
                 train_seconds += ep.seconds
                 row = {
                     "epoch": ep.epoch,
-                    "step": int(state.step),
+                    "step": ep.epoch * trainer.steps_per_epoch,
                     # per-layer entries (l2/PATH, hypergrad/PATH of l2 auto) keep their own names
                     **{k if "/" in k else f"train_{k}": float(v) for k, v in ep.train.items()},
                     "val_data_loss": float(ep.val["data_loss"]),
@@ -271,14 +287,17 @@ def _train(cfg, ds, out, mesh, primary, resume, checkpoint_every, on_start, on_e
                 }
                 if primary:
                     mfile.write(json.dumps(row) + "\n")
-                    mfile.flush()
-                    os.fsync(mfile.fileno())
-                last = ep.epoch == cfg.epochs
-                if rule.due(ep.epoch) or last or sigint.pending():
-                    ckpt.save(ep.epoch, _run_state(state, best), best.epoch)
+                if ep.state is not None:  # the end of a compiled call: its state is on hand
+                    state = ep.state
+                    if primary:
+                        mfile.flush()
+                        os.fsync(mfile.fileno())
+                    last = ep.epoch == cfg.epochs
+                    if rule.due(ep.epoch) or last or sigint.pending():
+                        ckpt.save(ep.epoch, _run_state(state, best), best.epoch)
                 if on_epoch:
                     on_epoch(row)
-                if sigint.pending() and not last:
+                if ep.state is not None and sigint.pending() and ep.epoch != cfg.epochs:
                     sigint.clear()
                     stopped = Interrupted(f"interrupted after epoch {ep.epoch}; checkpoint saved in {out}")
                     stopped.out = out

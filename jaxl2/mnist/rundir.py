@@ -3,7 +3,7 @@
 ::
 
   DIR/config.json      the Config (and the jaxl2 version)
-  DIR/metrics.jsonl    one JSON line per epoch, flushed and fsync-ed as it is written
+  DIR/metrics.jsonl    one JSON line per epoch, flushed and fsync-ed after each compiled call
   DIR/checkpoints/     orbax: the latest state (resume point)
   DIR/best/            orbax: the params with the best validation accuracy so far
   DIR/refit/           orbax: the refit's latest state (``--refit``: train ∪ validation)

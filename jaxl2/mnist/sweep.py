@@ -38,6 +38,8 @@ from jaxl2.mnist.loop import (
     Best,
     Interrupted,
     diverged_message,
+    epochs_per_call,
+    epochs_program,
     load_and_check,
     member_summary,
     run_epochs,
@@ -86,8 +88,24 @@ class SweepTrainer:
             def epoch(states, x, y, l2s):
                 return jax.lax.map(lambda a: trainer.epoch_fn(a[0], x, y, a[1]), (states, l2s))
 
+        self._epoch_fn, self._eval_fn = epoch, jax.vmap(trainer.eval_fn, in_axes=(0, None, None))
         self.epoch = jax.jit(epoch, compiler_options=XLA_OPTIONS)  # not donated: see run_epochs
-        self.evaluate = jax.jit(jax.vmap(trainer.eval_fn, in_axes=(0, None, None)))
+        self.evaluate = jax.jit(self._eval_fn)
+        self._programs: dict[int, Any] = {}
+
+    def program(self, size: int) -> Any:
+        """The run loop's call of up to ``size`` epochs (:func:`~jaxl2.mnist.loop.epochs_program`),
+        jitted once per size: ``program(states, n, x, y, x_val, y_val, l2s)``."""
+        if size not in self._programs:
+            self._programs[size] = jax.jit(
+                epochs_program(
+                    lambda st, x, y, xv, yv, l2s: self._epoch_fn(st, x, y, l2s),
+                    lambda p, x, y, xv, yv, l2s: self._eval_fn(p, xv, yv),
+                    size,
+                ),
+                compiler_options=XLA_OPTIONS,
+            )
+        return self._programs[size]
 
     def init(self, seeds: Sequence[int]) -> Any:
         return _stack([self.trainer.init(s) for s in seeds])
@@ -420,19 +438,23 @@ def _train_chunk(cfg, ds, chunk, c, sweeper, data, latest, checkpoint_every, lab
             cfg, chunk[bad[0]][0], epoch, int(steps[0]), trainer.steps_per_epoch
         )
 
-    def epoch_fn(states, x, y):
-        return sweeper.epoch(states, x, y, l2_K)
+    size = epochs_per_call(len(ds.train.y), len(chunk))
+    compiled = sweeper.program(size)
+
+    def program(states, n):
+        return compiled(states, n, *data, l2_K)
 
     epochs = range(start + 1, cfg.epochs + 1)
     rule = SaveRule(checkpoint_every)
-    for ep in run_epochs(epoch_fn, sweeper.evaluate, states, data, epochs, best, diverged):
-        states = ep.state
+    for ep in run_epochs(program, states, epochs, best, diverged, size, checkpoint_every):
         last = ep.epoch == cfg.epochs
-        if rule.due(ep.epoch) or last or sigint.pending():
-            latest.save(sweepdir.checkpoint_step(c, ep.epoch, cfg.epochs), _chunk_state(states, best))
+        if ep.state is not None:  # the end of a compiled call: its states are on hand
+            states = ep.state
+            if rule.due(ep.epoch) or last or sigint.pending():
+                latest.save(sweepdir.checkpoint_step(c, ep.epoch, cfg.epochs), _chunk_state(states, best))
         if on_epoch:
             on_epoch(label, ep.epoch, cfg.epochs)
-        if sigint.pending() and not last:
+        if ep.state is not None and sigint.pending() and not last:
             sigint.clear()
             raise Interrupted(
                 f"sweep interrupted after epoch {ep.epoch} of {cfg.epochs}" + (f" ({label})" if label else "")
