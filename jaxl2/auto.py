@@ -139,19 +139,6 @@ class AutoL2(NamedTuple):
     paths: Callable[[Any], list[str]]
 
 
-def _float_part(tree: Any) -> tuple[Any, Callable[[Any], Any]]:
-    """The float-array leaves of ``tree`` (``None`` elsewhere), and how to put the others back."""
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    keep = [_select.is_float_array(x) for x in leaves]
-    arrays = treedef.unflatten([x if k else None for x, k in zip(leaves, keep)])
-
-    def merge(new_arrays: Any) -> Any:
-        it = iter(jax.tree_util.tree_leaves(new_arrays))
-        return treedef.unflatten([next(it) if k else x for x, k in zip(leaves, keep)])
-
-    return arrays, merge
-
-
 def _check_bounds(bounds: Any) -> tuple[float, float]:
     ok = isinstance(bounds, tuple | list) and len(bounds) == 2
     if ok:
@@ -282,13 +269,13 @@ def auto_l2(
             params, opt_state, metrics = train(params, opt_state, state.log_l2, batch)
             return params, opt_state, state, metrics
 
-        _, merge = _float_part(params)  # make_train_step passes the non-float leaves through
+        _, merge = _select.float_part(params)  # make_train_step passes the non-float leaves through
 
         def val_after(log_l2):
             new_params, new_opt_state, metrics = train(params, opt_state, log_l2, batch)
             out = val_fn(new_params, *val_batch)
             # value_and_grad's aux holds arrays only: the float leaves go out, the rest stays.
-            return (out[0] if has_aux else out), (_float_part(new_params)[0], new_opt_state, metrics)
+            return (out[0] if has_aux else out), (_select.float_part(new_params)[0], new_opt_state, metrics)
 
         (val, (new_arrays, opt_state, metrics)), hypergrad_L = jax.value_and_grad(val_after, has_aux=True)(
             state.log_l2

@@ -52,6 +52,7 @@ __all__ = [
     "mask",
     "leaves",
     "is_float_array",
+    "float_part",
     "path_str",
     "predicate",
     "resolve",
@@ -184,6 +185,27 @@ def is_float_array(leaf: Any) -> bool:
     """Whether ``leaf`` is an array (NumPy or JAX) of a floating-point dtype."""
     dtype = getattr(leaf, "dtype", None)
     return dtype is not None and hasattr(leaf, "shape") and jnp.issubdtype(dtype, jnp.floating)
+
+
+def float_part(tree: Any) -> tuple[Any, Callable[[Any], Any]]:
+    """The float-array leaves of ``tree`` as a tree with ``None`` elsewhere (what a gradient or an
+    optax update sees), and ``merge(new)``, which puts the other leaves back around new arrays.
+
+    Example:
+      >>> import numpy as np
+      >>> arrays, merge = float_part({"w": np.ones(2), "n": np.int32(3), "tag": "a"})
+      >>> arrays["n"] is None, arrays["tag"] is None, merge({"w": np.zeros(2), "n": None, "tag": None})["n"]
+      (True, True, np.int32(3))
+    """
+    flat, treedef = jax.tree_util.tree_flatten(tree)
+    keep = [is_float_array(x) for x in flat]
+    arrays = treedef.unflatten([x if k else None for x, k in zip(flat, keep)])
+
+    def merge(new_arrays: Any) -> Any:
+        it = iter(jax.tree_util.tree_leaves(new_arrays))
+        return treedef.unflatten([next(it) if k else x for x, k in zip(flat, keep)])
+
+    return arrays, merge
 
 
 def leaves(params: Any) -> list[tuple[str, Any]]:

@@ -41,20 +41,6 @@ def _is_zero(l2: Any) -> bool:
     return not isinstance(l2, Mapping | jax.core.Tracer) and float(check_l2(l2)) == 0.0
 
 
-def _split(params: Any) -> tuple[Any, Callable[[Any], Any]]:
-    """The float-array leaves as a tree with ``None`` elsewhere, and how to put the others back."""
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    keep = [_select.is_float_array(x) for x in leaves]
-    arrays = treedef.unflatten([x if k else None for x, k in zip(leaves, keep)])
-
-    def merge(new_arrays: Any) -> Any:
-        new = jax.tree_util.tree_leaves(new_arrays)
-        it = iter(new)
-        return treedef.unflatten([next(it) if k else x for x, k in zip(leaves, keep)])
-
-    return arrays, merge
-
-
 def _norm(tree: Any) -> jax.Array:
     leaves = [jnp.asarray(x, jnp.float32) for x in jax.tree_util.tree_leaves(tree)]
     return jnp.sqrt(sum((jnp.sum(x * x) for x in leaves), jnp.float32(0)))
@@ -136,7 +122,7 @@ def make_train_step(
         )
 
     def step(params: Any, opt_state: Any, *batch: Any) -> tuple[Any, Any, dict[str, jax.Array]]:
-        arrays, merge = _split(params)
+        arrays, merge = _select.float_part(params)
 
         def of_arrays(a, *b):
             return objective(merge(a), *b)
