@@ -425,13 +425,14 @@ def test_eval_of_a_file_names_run(tmp_path):
     one_line_error(jaxl2("eval", "--run", str(f)), f"--run {f} is a file")
 
 
-def test_eval_refuses_a_checkpoint_that_does_not_fit_its_config(tmp_path, finished):
+@pytest.mark.parametrize("hidden", [[64], [16, 16], []], ids=["other-width", "more-layers", "fewer-layers"])
+def test_eval_refuses_a_checkpoint_that_does_not_fit_its_config(tmp_path, finished, hidden):
     import shutil
 
     copy = tmp_path / "edited"
     shutil.copytree(finished[0], copy)
     cfg = json.loads((copy / "config.json").read_text())
-    (copy / "config.json").write_text(json.dumps({**cfg, "hidden": [64]}))
+    (copy / "config.json").write_text(json.dumps({**cfg, "hidden": hidden}))
     one_line_error(jaxl2("eval", "--run", str(copy)), "does not fit the model of its config.json")
 
 

@@ -279,7 +279,8 @@ class StepStore:
         try:
             return self.manager.restore(step, args=self.ocp.args.StandardRestore(abstract))
         except (ValueError, KeyError) as e:
-            raise ConfigError(f"{field(name)}: {mismatch} ({str(e)[:200]})") from None
+            reason = " ".join(str(e).split())  # orbax's tree diffs span lines: one line here
+            raise ConfigError(f"{field(name)}: {mismatch} ({reason[:200]})") from None
 
     def close(self) -> None:
         self.manager.close()
