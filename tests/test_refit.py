@@ -1,6 +1,7 @@
 """The refit trains on exactly train ∪ validation, never on test, resumes bit for bit, and
 `jaxl2 eval` uses it; a sweep refits its selected λ once per seed."""
 
+import dataclasses
 import hashlib
 
 import jax
@@ -90,3 +91,17 @@ def test_refit_stopped_and_resumed_is_bit_identical(val_only_class, tmp_path):
     a, b = (restore_refit(str(tmp_path / n), TINY, 6, 200) for n in "ab")
     for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(u, v)
+
+
+def test_refit_that_diverges_names_the_refit_epoch_and_step(val_only_class, tmp_path):
+    """A NaN in the refit stops it with the run's message shape, prefixed by the refit, at the
+    first bad epoch of its compiled call (the epochs before it finished, none saved after)."""
+    from jaxl2.mnist.loop import Diverged
+
+    seen = []
+    hot = dataclasses.replace(TINY, optimizer="sgd", schedule="constant", lr=1e6)
+    with pytest.raises(
+        Diverged, match=r"^refit on train ∪ validation: the loss became NaN/Inf at epoch 1, step \d+ of 4"
+    ):
+        refit(hot, val_only_class, 6, str(tmp_path / "r"), on_epoch=lambda e, n: seen.append(e))
+    assert seen == []

@@ -40,12 +40,20 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxl2.mnist import parallel, sigint
 from jaxl2.mnist.config import Config, ConfigError, field
 from jaxl2.mnist.data import Dataset, Split
-from jaxl2.mnist.loop import Diverged, Interrupted, diverged_message
+from jaxl2.mnist.loop import (
+    Best,
+    Interrupted,
+    compile_epochs,
+    diverged_message,
+    epochs_per_call,
+    run_epochs,
+)
 from jaxl2.mnist.rundir import SaveRule, StepStore
 from jaxl2.mnist.steps import Trainer
 
@@ -93,7 +101,7 @@ def refit(
 
     Raises:
       Diverged: a NaN/Inf loss (the last good refit checkpoint is kept).
-      Interrupted: SIGINT; the epoch it interrupted was finished and checkpointed.
+      Interrupted: SIGINT; the call of epochs it interrupted was finished and checkpointed.
     """
     rcfg = refit_config(cfg, epochs)
     data = train_val(ds)
@@ -105,31 +113,35 @@ def refit(
     ckpt = StepStore(out)
     rule = SaveRule(checkpoint_every)
     seconds = 0.0
+    size = epochs_per_call(len(data.y))
+
+    def diverged(epoch, _members, steps):
+        msg = diverged_message(rcfg, rcfg.l2, epoch, int(steps[0]), trainer.steps_per_epoch)
+        return f"refit on train ∪ validation: {msg}"
+
     with sigint.deferred(), contextlib.closing(ckpt):
-        compile_seconds, train_epoch = 0.0, None
+        compile_seconds, program = 0.0, None
         if start < epochs:
             t0 = time.perf_counter()
-            train_epoch = trainer.train_epoch.lower(state, x, y).compile()
+            program = compile_epochs(
+                lambda st, x, y: trainer.epoch_fn(st, x, y), _no_validation, size, state, x, y
+            )
             compile_seconds = time.perf_counter() - t0
-        for epoch in range(start + 1, epochs + 1):
-            t0 = time.perf_counter()
-            new_state, m = train_epoch(state, x, y)
-            m = parallel.host(m)
-            seconds += time.perf_counter() - t0
-            if int(m["nonfinite_step"]) >= 0 or not np.isfinite(m["loss"]):
-                msg = diverged_message(
-                    rcfg, rcfg.l2, epoch, max(int(m["nonfinite_step"]), 0), trainer.steps_per_epoch
-                )
-                raise Diverged(f"refit on train ∪ validation: {msg}")
-            state = new_state
-            if rule.due(epoch) or epoch == epochs or sigint.pending():
-                ckpt.save(epoch, {"state": state, **plan})
+        nothing = Best(None, keep=lambda b, p, better: None)  # no validation, no best epoch to keep
+        for ep in run_epochs(
+            program, state, range(start + 1, epochs + 1), nothing, diverged, size, checkpoint_every
+        ):
+            seconds += ep.seconds
+            if ep.state is not None:  # the end of a compiled call: its state is on hand
+                state = ep.state
+                if rule.due(ep.epoch) or ep.epoch == epochs or sigint.pending():
+                    ckpt.save(ep.epoch, {"state": state, **plan})
             if on_epoch:
-                on_epoch(epoch, epochs)
-            if sigint.pending() and epoch < epochs:
+                on_epoch(ep.epoch, epochs)
+            if ep.state is not None and sigint.pending() and ep.epoch < epochs:
                 sigint.clear()
                 raise Interrupted(
-                    f"interrupted during the refit, after its epoch {epoch} of {epochs}; checkpoint saved in {out}"
+                    f"interrupted during the refit, after its epoch {ep.epoch} of {epochs}; checkpoint saved in {out}"
                 )
     train = parallel.host(trainer.evaluate(state.params, x, y))
     test = parallel.host(trainer.evaluate(state.params, *(parallel.put(a, mesh) for a in ds.test)))
@@ -142,6 +154,12 @@ def refit(
         "refit_seconds": seconds,
         "refit_compile_seconds": compile_seconds,
     }
+
+
+def _no_validation(params: Any, *data: Any) -> dict[str, jax.Array]:
+    """The refit has no validation split: the run loop's validation slot gets zeros."""
+    zero = jnp.zeros((), jnp.float32)
+    return {"accuracy": zero, "data_loss": zero}
 
 
 def _resume_point(out: str, like: dict[str, Any]) -> tuple[int, Any]:

@@ -42,9 +42,9 @@ from jaxl2.mnist.config import (
 from jaxl2.mnist.loop import (
     Best,
     Interrupted,
+    compile_epochs,
     diverged_message,
     epochs_per_call,
-    epochs_program,
     load_and_check,
     member_summary,
     run_epochs,
@@ -62,7 +62,7 @@ from jaxl2.mnist.rundir import (
     run_config,
     write_json,
 )
-from jaxl2.mnist.runtime import XLA_OPTIONS, device_name
+from jaxl2.mnist.runtime import device_name
 from jaxl2.mnist.steps import Trainer
 
 __all__ = ["train_and_evaluate", "evaluate_run", "load_run_config"]
@@ -259,18 +259,10 @@ def _train(cfg, ds, out, mesh, primary, resume, checkpoint_every, on_start, on_e
     with sigint.deferred(), contextlib.closing(ckpt):
         if start < cfg.epochs:  # compiled here, so that no epoch's time includes compiling
             t0 = time.perf_counter()
-            fn = jax.jit(
-                epochs_program(epoch_fn, lambda p, x, y, xv, yv: trainer.eval_fn(p, xv, yv), size),
-                compiler_options=XLA_OPTIONS,
+            program = compile_epochs(
+                epoch_fn, lambda p, x, y, xv, yv: trainer.eval_fn(p, xv, yv), size, state, *data
             )
-            compiled = fn.lower(state, 1, *data).compile()
-            # a call of 0 epochs: the executable's one-time set-up (~18 ms of a first call on
-            # 2 CPU cores) is paid here, with compiling, instead of in the first epoch's time
-            jax.block_until_ready(compiled(state, 0, *data))
             compile_seconds = time.perf_counter() - t0
-
-            def program(state, n):
-                return compiled(state, n, *data)
 
         with open(metrics_path, "a") if primary else contextlib.nullcontext() as mfile:
             epochs = range(start + 1, cfg.epochs + 1)
