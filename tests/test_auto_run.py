@@ -39,6 +39,14 @@ def test_auto_run_writes_lambdas_and_resumes_exactly(tmp_path):
     on_disk = json.load(open(os.path.join(out_a, "summary.json")))
     assert on_disk["l2_final"] == summary["l2_final"]
     assert open(os.path.join(out_a, "lambda.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    # the last row's penalty and norm are those of the final params (float64, by hand)
+    final = latest_state(out_a)["params"]["params"]
+    sq = {f"params/{k}/kernel": np.sum(np.asarray(v["kernel"], np.float64) ** 2) for k, v in final.items()}
+    assert rows[-1]["train_penalty"] == pytest.approx(
+        sum(lam / 2 * sq[p] for lam, p in zip(lams[-1], LAYERS)), rel=1e-5
+    )
+    every = [np.asarray(a, np.float64) for a in jax.tree.leaves(final)]
+    assert rows[-1]["train_param_norm"] == pytest.approx(np.sqrt(sum(np.sum(a * a) for a in every)), rel=1e-5)
     # the best params' penalty with the λs of their epoch: Σ_l λ_l/2·‖W_l‖²
     at_best = lams[summary["best_epoch"] - 1]
     expected = sum(lam / 2 * summary["kernel_sq_norm"][p] for lam, p in zip(at_best, LAYERS))

@@ -34,11 +34,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jaxl2.auto import AutoL2State, auto_l2, shared_adam
 from jaxl2.mnist.config import AUTO_L2_BOUNDS, INPUT_DIM, Config
 from jaxl2.mnist.model import abstract_params
 from jaxl2.mnist.steps import Trainer, TrainState
+from jaxl2.penalty import l2_penalty
 
 __all__ = ["AutoTrainState", "AutoTrainer", "trainer_for", "lambda_columns", "l2_at", "penalty_rules"]
 
@@ -70,6 +72,7 @@ class AutoTrainer(Trainer):
             hyper_tx=shared_adam(self.cfg.l2_lr),
             bounds=AUTO_L2_BOUNDS,
             has_aux=True,
+            norms=False,  # the norms are taken once per epoch, from the state (as Trainer does)
         )
         self.paths = self.auto.paths(abstract_params(self.cfg))
 
@@ -123,6 +126,7 @@ class AutoTrainer(Trainer):
             st, m = jax.lax.cond(updating, hyper, plain, st, batch)
             return st, {**m, "updating": updating}
 
+        start = state.params
         state, metrics_S = jax.lax.scan(body, state, idx_SxB)
         updating_S = metrics_S.pop("updating").astype(jnp.float32)
         hypergrad_SxL = metrics_S.pop("hypergrad")
@@ -130,6 +134,13 @@ class AutoTrainer(Trainer):
         metrics = jax.tree_util.tree_map(jnp.mean, metrics_S)
         bad_S = ~jnp.isfinite(metrics_S["loss"])
         metrics["nonfinite_step"] = jnp.where(bad_S.any(), jnp.argmax(bad_S), -1)
+        # as Trainer's rows: the penalty (with the epoch's last λs) and norms of the final params
+        metrics["penalty"] = l2_penalty(
+            state.params, self.auto.rules(state.params, state.l2), select=self.select
+        )
+        metrics["loss"] = metrics["data_loss"] + metrics["penalty"]
+        metrics["param_norm"] = optax.tree.norm(state.params)
+        metrics["update_norm"] = optax.tree.norm(jax.tree_util.tree_map(jnp.subtract, state.params, start))
         hypergrad_L = (updating_S @ hypergrad_SxL) / jnp.maximum(updating_S.sum(), 1.0)
         lam_L = jnp.exp(state.l2.log_l2)
         for i, path in enumerate(self.paths):
