@@ -258,25 +258,33 @@ def _fake_program(log, nan_epoch):
     return program
 
 
-def test_run_epochs_dispatches_the_next_call_before_reading_the_last():
-    """Call k + 1 is queued before call k's metrics are read; a NaN in epoch 2 raises before
-    epoch 2's state is yielded, and the already-dispatched epoch 3 is never read."""
+def _run_until_diverged(nan_epoch, epochs, size, match):
+    """Runs :func:`_fake_program` through ``run_epochs`` until it raises ``Diverged`` (message
+    ``epoch E, steps [S]`` matching ``match``); returns the call log, the yielded epochs, the best."""
     from types import SimpleNamespace
 
     from jaxl2.mnist.loop import Best, Diverged, run_epochs
 
     log, seen = [], []
     best = Best(params=0, keep=lambda b, p, better: p if better else b)
-    with pytest.raises(Diverged, match="epoch 2"):
+    with pytest.raises(Diverged, match=match):
         for ep in run_epochs(
-            _fake_program(log, 2),
+            _fake_program(log, nan_epoch),
             SimpleNamespace(k=0, params=0),
-            range(1, 5),
+            range(1, epochs + 1),
             best,
-            lambda e, bad, steps: f"diverged at epoch {e}",
+            lambda e, bad, steps: f"epoch {e}, steps {[int(s) for s in steps]}",
+            size=size,
         ):
-            seen.append(ep.epoch)
-    assert seen == [1]
+            seen.append(ep)
+    return log, seen, best
+
+
+def test_run_epochs_dispatches_the_next_call_before_reading_the_last():
+    """Call k + 1 is queued before call k's metrics are read; a NaN in epoch 2 raises before
+    epoch 2's state is yielded, and the already-dispatched epoch 3 is never read."""
+    log, seen, best = _run_until_diverged(2, 4, 1, "epoch 2")
+    assert [ep.epoch for ep in seen] == [1]
     assert log[:3] == [("call", 1), ("call", 2), ("read", 1)]
     assert ("call", 3) in log and ("read", 3) not in log
     assert log.index(("call", 3)) < log.index(("read", 2))
@@ -286,23 +294,9 @@ def test_run_epochs_dispatches_the_next_call_before_reading_the_last():
 def test_run_epochs_in_calls_of_several_epochs():
     """Calls of 3 epochs: only a call's last epoch carries its state; a NaN in epoch 5 yields
     epoch 4 and raises for epoch 5 (step 1), with the best epoch (4) from the call's best."""
-    from types import SimpleNamespace
-
-    from jaxl2.mnist.loop import Best, Diverged, run_epochs
-
-    log, seen = [], []
-    best = Best(params=0, keep=lambda b, p, better: p if better else b)
-    with pytest.raises(Diverged, match=r"epoch 5, steps \[0\]"):
-        for ep in run_epochs(
-            _fake_program(log, 5),
-            SimpleNamespace(k=0, params=0),
-            range(1, 7),
-            best,
-            lambda e, bad, steps: f"epoch {e}, steps {[int(s) for s in steps]}",
-            size=3,
-        ):
-            seen.append((ep.epoch, None if ep.state is None else ep.state.k, float(ep.val["accuracy"])))
-    assert seen == [(1, None, 0.01), (2, None, 0.02), (3, 3, 0.03), (4, None, 0.04)]
+    log, seen, best = _run_until_diverged(5, 6, 3, r"epoch 5, steps \[0\]")
+    got = [(ep.epoch, None if ep.state is None else ep.state.k, float(ep.val["accuracy"])) for ep in seen]
+    assert got == [(1, None, 0.01), (2, None, 0.02), (3, 3, 0.03), (4, None, 0.04)]
     assert [e for e in log if e[0] == "call"] == [("call", 1), ("call", 4)]
     assert (best.epoch, best.val, best.params) == (4, pytest.approx(0.04), 4)
 
