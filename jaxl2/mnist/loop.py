@@ -25,9 +25,10 @@ import numpy as np
 import jaxl2
 from jaxl2 import select as _select
 from jaxl2.mnist import data as _data
-from jaxl2.mnist import parallel
+from jaxl2.mnist import parallel, sigint
 from jaxl2.mnist.config import SPLITS, Config, ConfigError, Named, field, validate
 from jaxl2.mnist.model import check_selection, selector_of
+from jaxl2.mnist.rundir import SaveRule
 from jaxl2.mnist.runtime import XLA_OPTIONS
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "epochs_program",
     "compile_epochs",
     "run_epochs",
+    "call_end",
     "member_summary",
     "split_metrics",
     "kernel_sq_norm",
@@ -281,6 +283,24 @@ def run_epochs(
             raise Diverged(
                 diverged(first + good, np.flatnonzero(bad[good]), np.maximum(step[good][bad[good]], 0))
             )
+
+
+def call_end(rule: SaveRule, epoch: int, last: bool) -> tuple[bool, bool]:
+    """``(save, stop)`` at the end of a compiled call, whose state is on hand: save when
+    ``rule`` is due, at the ``last`` epoch or on Ctrl-C; stop on Ctrl-C before the last epoch
+    (the interrupt is then cleared). Every process of a distributed run takes the same decision
+    (:func:`~jaxl2.mnist.parallel.any_process`): one process's clock or Ctrl-C counts for all.
+
+    Example:
+      >>> from jaxl2.mnist.rundir import SaveRule
+      >>> call_end(SaveRule(epochs=2, seconds=None), 4, last=False)
+      (True, False)
+    """
+    interrupted = sigint.pending()
+    save, stop = parallel.any_process(rule.due(epoch) or last or interrupted, interrupted and not last)
+    if stop:
+        sigint.clear()
+    return save, stop
 
 
 def kernel_sq_norm(params: Any, cfg: Config) -> dict[str, float]:

@@ -31,6 +31,7 @@ __all__ = [
     "put",
     "replicate",
     "host",
+    "any_process",
     "initialize_distributed",
 ]
 
@@ -97,6 +98,26 @@ def host(tree: Any) -> Any:
         return np.asarray(a)
 
     return jax.tree_util.tree_map(one, tree)
+
+
+def any_process(*flags: bool) -> tuple[bool, ...]:
+    """Each flag, true if it is true on any process: one decision that every process takes.
+
+    A multi-process run must agree on when to checkpoint and when to stop, for orbax's save and
+    every training step are collectives: a process that saves or stops alone leaves the others
+    waiting in one. Each process's own clock (the 30 s rule) and Ctrl-C can differ, so the flags
+    are gathered (a small collective) and OR-ed. With one process, the flags as they are.
+
+    Example:
+      >>> any_process(True, False)
+      (True, False)
+    """
+    if jax.process_count() == 1:
+        return tuple(bool(f) for f in flags)
+    from jax.experimental import multihost_utils
+
+    gathered = multihost_utils.process_allgather(np.asarray(flags, np.int32))
+    return tuple(bool(f) for f in np.asarray(gathered).reshape(-1, len(flags)).any(axis=0))
 
 
 def initialize_distributed(

@@ -49,6 +49,7 @@ from jaxl2.mnist.data import Dataset, Split
 from jaxl2.mnist.loop import (
     Best,
     Interrupted,
+    call_end,
     compile_epochs,
     diverged_message,
     epochs_per_call,
@@ -132,14 +133,15 @@ def refit(
             program, state, range(start + 1, epochs + 1), nothing, diverged, size, checkpoint_every
         ):
             seconds += ep.seconds
+            save = stop = False
             if ep.state is not None:  # the end of a compiled call: its state is on hand
                 state = ep.state
-                if rule.due(ep.epoch) or ep.epoch == epochs or sigint.pending():
+                save, stop = call_end(rule, ep.epoch, last=ep.epoch == epochs)
+                if save:
                     ckpt.save(ep.epoch, {"state": state, **plan})
             if on_epoch:
                 on_epoch(ep.epoch, epochs)
-            if ep.state is not None and sigint.pending() and ep.epoch < epochs:
-                sigint.clear()
+            if stop:
                 raise Interrupted(
                     f"interrupted during the refit, after its epoch {ep.epoch} of {epochs}; checkpoint saved in {out}"
                 )

@@ -42,6 +42,7 @@ from jaxl2.mnist.config import (
 from jaxl2.mnist.loop import (
     Best,
     Interrupted,
+    call_end,
     compile_epochs,
     diverged_message,
     epochs_per_call,
@@ -144,7 +145,9 @@ def train_and_evaluate(
 
     ``devices`` (default: all) > 1, or several processes, trains data-parallel over a 1-D mesh:
     the batch is split along ``data``, params are replicated (see :mod:`jaxl2.mnist.parallel`);
-    only process 0 writes the run directory's files (orbax coordinates the checkpoints).
+    only process 0 writes the run directory's files (orbax coordinates the checkpoints). With
+    several processes, checkpoints are written in the foreground, and all processes save and
+    stop at the same epochs (:func:`~jaxl2.mnist.loop.call_end`).
 
     ``on_start()`` is called once the input is validated (before compiling), ``on_epoch(row)``
     after every epoch with its ``metrics.jsonl`` row. The summary's accuracies, data losses,
@@ -224,7 +227,9 @@ def _train(cfg, ds, out, mesh, primary, resume, checkpoint_every, on_start, on_e
         on_start()
     trainer = _auto.trainer_for(cfg, len(ds.train.y), mesh=mesh)
     data = tuple(parallel.put(a, mesh) for a in (ds.train.x, ds.train.y, ds.val.x, ds.val.y))
-    ckpt = Checkpoints(out, background=True)
+    # orbax's save syncs the processes with a collective: from a thread, it could interleave
+    # with the training's own collectives in a different order on each process (a hang)
+    ckpt = Checkpoints(out, background=jax.process_count() == 1)
     metrics_path = os.path.join(out, "metrics.jsonl")
     state = parallel.replicate(trainer.init(), mesh)
     # host copies: best/ is saved without the mesh's sharding, so any process count restores it
@@ -279,18 +284,18 @@ def _train(cfg, ds, out, mesh, primary, resume, checkpoint_every, on_start, on_e
                 }
                 if primary:
                     mfile.write(json.dumps(row) + "\n")
+                save = stop = False
                 if ep.state is not None:  # the end of a compiled call: its state is on hand
                     state = ep.state
                     if primary:
                         mfile.flush()
                         os.fsync(mfile.fileno())
-                    last = ep.epoch == cfg.epochs
-                    if rule.due(ep.epoch) or last or sigint.pending():
+                    save, stop = call_end(rule, ep.epoch, last=ep.epoch == cfg.epochs)
+                    if save:
                         ckpt.save(ep.epoch, _run_state(state, best), best.epoch)
                 if on_epoch:
                     on_epoch(row)
-                if ep.state is not None and sigint.pending() and ep.epoch != cfg.epochs:
-                    sigint.clear()
+                if stop:
                     stopped = Interrupted(f"interrupted after epoch {ep.epoch}; checkpoint saved in {out}")
                     stopped.out = out
                     raise stopped

@@ -37,6 +37,7 @@ from jaxl2.mnist.config import OPTIMIZERS, REFIT_EPOCHS, SEED_LIMIT, Config, Con
 from jaxl2.mnist.loop import (
     Best,
     Interrupted,
+    call_end,
     diverged_message,
     epochs_per_call,
     epochs_program,
@@ -447,15 +448,15 @@ def _train_chunk(cfg, ds, chunk, c, sweeper, data, latest, checkpoint_every, lab
     epochs = range(start + 1, cfg.epochs + 1)
     rule = SaveRule(checkpoint_every)
     for ep in run_epochs(program, states, epochs, best, diverged, size, checkpoint_every):
-        last = ep.epoch == cfg.epochs
+        save = stop = False
         if ep.state is not None:  # the end of a compiled call: its states are on hand
             states = ep.state
-            if rule.due(ep.epoch) or last or sigint.pending():
+            save, stop = call_end(rule, ep.epoch, last=ep.epoch == cfg.epochs)
+            if save:
                 latest.save(sweepdir.checkpoint_step(c, ep.epoch, cfg.epochs), _chunk_state(states, best))
         if on_epoch:
             on_epoch(label, ep.epoch, cfg.epochs)
-        if ep.state is not None and sigint.pending() and not last:
-            sigint.clear()
+        if stop:
             raise Interrupted(
                 f"sweep interrupted after epoch {ep.epoch} of {cfg.epochs}" + (f" ({label})" if label else "")
             )
