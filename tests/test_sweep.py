@@ -156,3 +156,26 @@ def test_sweep_prints_mean_and_std_per_lambda(tmp_path):
     line = next(ln for ln in r.stdout.splitlines() if ln.split()[:2] == ["0", "2"])
     assert f"{100 * np.mean(val0):.2f} ± {100 * np.std(val0):.2f}" in line
     assert f"{summary['selected_l2_1se']:g} (lambda.1se" in r.stdout
+
+
+def test_auto_execution_trains_with_the_program_it_timed(tmp_path, monkeypatch):
+    made = []
+    init = SweepTrainer.__init__
+
+    def counted(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(SweepTrainer, "__init__", counted)
+    log = []
+    summary = train_sweep(
+        CFG, L2S, [0], str(tmp_path / "auto"), execution="auto", refit=False, log=log.append
+    )
+    assert "vmap" in log[0] and "sequential" in log[0] and log[0].endswith(f"→ {summary['execution']}")
+    # the two timed candidates and no third one: the sweep reuses the chosen one's compiled program
+    assert sorted(sw.execution for sw in made) == ["sequential", "vmap"]
+    chosen = next(sw for sw in made if sw.execution == summary["execution"])
+    assert [p._cache_size() for p in chosen._programs.values()] == [1]
+    ref = train_sweep(CFG, L2S, [0], str(tmp_path / "ref"), execution=summary["execution"], refit=False)
+    for a, b in zip(summary["results"], ref["results"]):
+        assert a["val_accuracy"] == b["val_accuracy"] and a["test_accuracy"] == b["test_accuracy"]

@@ -72,7 +72,8 @@ def _unstack(tree: Any, i: int) -> Any:
 
 
 class SweepTrainer:
-    """The compiled functions of a sweep: ``epoch(states, x, y, l2s)`` and ``evaluate``.
+    """The compiled functions of a sweep: ``epoch(states, x, y, l2s)`` (one epoch of every
+    member) and :meth:`program` (the run loop's call of several epochs, validated).
 
     ``execution="vmap"`` batches the members' matmuls; ``"sequential"`` runs them one after
     another inside the same compiled program (``lax.map``), which can be faster on some CPUs.
@@ -91,7 +92,6 @@ class SweepTrainer:
 
         self._epoch_fn, self._eval_fn = epoch, jax.vmap(trainer.eval_fn, in_axes=(0, None, None))
         self.epoch = jax.jit(epoch, compiler_options=XLA_OPTIONS)  # not donated: see run_epochs
-        self.evaluate = jax.jit(self._eval_fn)
         self._programs: dict[int, Any] = {}
 
     def program(self, size: int) -> Any:
@@ -227,22 +227,23 @@ def _keep(best: Any, params: Any, better_K: np.ndarray) -> Any:
     return _keep_best(best, params, jnp.asarray(better_K))
 
 
-def _time_epoch(sweeper: SweepTrainer, states, x, y, l2s) -> float:
-    """Seconds of one epoch on a copy of ``states``, after a first call that compiles
-    (so the sweep that follows reuses ``sweeper``'s compiled epoch)."""
-    jax.block_until_ready(sweeper.epoch(jax.tree_util.tree_map(jnp.copy, states), x, y, l2s))
+def _time_call(sweeper: SweepTrainer, size: int, states, data, l2s) -> float:
+    """Seconds of one epoch run through the program the sweep runs (``sweeper.program(size)``,
+    compiled by a first call, so the sweep reuses it); on copies of ``states``."""
+    program = sweeper.program(size)
+    jax.block_until_ready(program(jax.tree_util.tree_map(jnp.copy, states), 1, *data, l2s))
     copy = jax.tree_util.tree_map(jnp.copy, states)
     t0 = time.perf_counter()
-    jax.block_until_ready(sweeper.epoch(copy, x, y, l2s))
+    jax.block_until_ready(program(copy, 1, *data, l2s))
     return time.perf_counter() - t0
 
 
-def _choose_execution(trainer, states, x, y, l2s) -> tuple[SweepTrainer, dict[str, float]]:
+def _choose_execution(trainer, size, states, data, l2s) -> tuple[SweepTrainer, dict[str, float]]:
     """On CPU, the faster execution on one timed epoch of each (on copies); elsewhere vmap."""
     if jax.devices()[0].platform != "cpu" or states.step.shape[0] == 1:
         return SweepTrainer(trainer, "vmap"), {}
     sweepers = {ex: SweepTrainer(trainer, ex) for ex in ("vmap", "sequential")}
-    times = {ex: _time_epoch(sw, states, x, y, l2s) for ex, sw in sweepers.items()}
+    times = {ex: _time_call(sw, size, states, data, l2s) for ex, sw in sweepers.items()}
     return sweepers[min(times, key=times.get)], times
 
 
@@ -342,16 +343,18 @@ def _chunk_state(states: Any, best: Best) -> dict[str, Any]:
     }
 
 
-def _plan(cfg, ds, members, trainer, data, execution, budget_bytes, log) -> dict[str, Any]:
-    """The execution and the chunk size: chosen once, kept in ``progress.json`` for a resume."""
+def _plan(cfg, ds, members, trainer, data, execution, budget_bytes, log):
+    """The execution and the chunk size, chosen once and kept in ``progress.json`` for a
+    resume; and the :class:`SweepTrainer` of that execution (its program compiled when timed)."""
     fit = members_that_fit(cfg, len(ds.train.y), budget_bytes or _memory_budget())
-    if execution == "auto":
+    sweeper = SweepTrainer(trainer, execution) if execution != "auto" else None
+    if sweeper is None:
         first = members[:fit]
         sweeper, timings = _choose_execution(
             trainer,
-            SweepTrainer(trainer).init([m[1] for m in first]),
-            data[0],
-            data[1],
+            epochs_per_call(len(ds.train.y), len(first)),
+            _stack([trainer.init(m[1]) for m in first]),
+            data,
             jnp.asarray([m[0] for m in first], jnp.float32),
         )
         if timings:
@@ -360,8 +363,7 @@ def _plan(cfg, ds, members, trainer, data, execution, budget_bytes, log) -> dict
                 + ", ".join(f"{k} {v:.3f} s/epoch" for k, v in timings.items())
                 + f" → {sweeper.execution}"
             )
-        execution = sweeper.execution
-    return {"execution": execution, "chunk_size": fit, "results": []}
+    return {"execution": sweeper.execution, "chunk_size": fit, "results": []}, sweeper
 
 
 def _sweep(cfg, ds, l2s, seeds, out, execution, budget_bytes, checkpoint_every, on_epoch, log):
@@ -369,17 +371,18 @@ def _sweep(cfg, ds, l2s, seeds, out, execution, budget_bytes, checkpoint_every, 
     trainer = Trainer(cfg, len(ds.train.y))
     data = tuple(jax.device_put(a) for a in (ds.train.x, ds.train.y, ds.val.x, ds.val.y))
     t0 = time.perf_counter()
-    progress = sweepdir.read_progress(out)
+    progress, sweeper = sweepdir.read_progress(out), None
     if progress is None:  # a new sweep, or one killed before its plan was written
-        progress = _plan(cfg, ds, members, trainer, data, execution, budget_bytes, log)
+        progress, sweeper = _plan(cfg, ds, members, trainer, data, execution, budget_bytes, log)
         sweepdir.write_progress(out, progress)
-    elif execution not in ("auto", progress["execution"]):
-        log(f"resuming with execution {progress['execution']}, the sweep's own (not {execution})")
+    else:
+        sweeper = SweepTrainer(trainer, progress["execution"])
+        if execution not in ("auto", progress["execution"]):
+            log(f"resuming with execution {progress['execution']}, the sweep's own (not {execution})")
     fit = progress["chunk_size"]
     chunks = [members[i : i + fit] for i in range(0, len(members), fit)]
     if len(chunks) > 1:
         log(f"{len(members)} members do not fit at once: training {len(chunks)} chunks of up to {fit}")
-    sweeper = SweepTrainer(trainer, progress["execution"])
     results = list(progress["results"])
     done = -(-len(results) // fit)  # chunks whose rows are recorded
     if done:
