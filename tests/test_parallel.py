@@ -184,3 +184,42 @@ def test_ctrl_c_on_one_process_stops_both(tmp_path):
     assert int(said[1].group(1)) == epoch < 200
     assert os.listdir(out / "checkpoints") == [str(epoch)]
     assert len(metrics.read_text().splitlines()) == epoch
+
+
+ANY = r"""
+import sys, jax
+jax.distributed.initialize(f"127.0.0.1:{sys.argv[1]}", num_processes=2, process_id=int(sys.argv[2]))
+from jaxl2.mnist import parallel
+i = jax.process_index()
+print(parallel.any_process(i == 1, False, i == 0), parallel.any_process(False))
+"""
+
+
+def test_any_process_ors_the_flags_of_all_processes():
+    env2 = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    port = str(free_port())
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", ANY, port, str(i)],
+            env=env2,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = finish(procs, timeout=120)
+    skip_without_collectives(procs, outs)
+    assert all(p.returncode == 0 for p in procs), (outs[0][1] + outs[1][1])[-3000:]
+    for out, _ in outs:  # each process sees every process's flags
+        assert out.strip().splitlines()[-1] == "(True, False, True) (False,)"
+
+
+def test_a_ctrl_c_on_another_process_interrupts_this_one(monkeypatch):
+    from jaxl2.mnist import loop, parallel, sigint
+
+    assert not sigint.pending()
+    loop.check_interrupt()  # nobody was interrupted
+    monkeypatch.setattr(parallel, "any_process", lambda *flags: (True,) * len(flags))  # another process was
+    with pytest.raises(KeyboardInterrupt):
+        loop.check_interrupt()

@@ -43,6 +43,7 @@ __all__ = [
     "compile_epochs",
     "run_epochs",
     "call_end",
+    "check_interrupt",
     "member_summary",
     "split_metrics",
     "kernel_sq_norm",
@@ -301,6 +302,15 @@ def call_end(rule: SaveRule, epoch: int, last: bool) -> tuple[bool, bool]:
     if stop:
         sigint.clear()
     return save, stop
+
+
+def check_interrupt() -> None:
+    """:func:`jaxl2.mnist.sigint.check` taken by every process together: a Ctrl-C that reached
+    one process raises ``KeyboardInterrupt`` in all (alone, it would leave the others waiting in
+    their first collective). Between start-up phases; one process: ``sigint.check()`` itself."""
+    if parallel.any_process(sigint.pending())[0]:
+        sigint.clear()
+        raise KeyboardInterrupt
 
 
 def kernel_sq_norm(params: Any, cfg: Config) -> dict[str, float]:

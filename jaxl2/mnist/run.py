@@ -43,6 +43,7 @@ from jaxl2.mnist.loop import (
     Best,
     Interrupted,
     call_end,
+    check_interrupt,
     compile_epochs,
     diverged_message,
     epochs_per_call,
@@ -170,7 +171,7 @@ def train_and_evaluate(
     if refit:
         _refit_mod.refit_epochs(refit_epochs, 1, 1)  # a bad rule fails before anything is done
     cfg, ds = load_and_check(cfg)
-    sigint.check()
+    check_interrupt()
     if devices is not None and not (isinstance(devices, int) and devices >= 1):
         raise ConfigError(f"{field('devices')} {devices} is invalid (an integer >= 1)")
     n_dev = jax.device_count() if devices is None else devices
@@ -222,7 +223,7 @@ def _run_state(state: Any, best: Best) -> dict[str, Any]:
 
 
 def _train(cfg, ds, out, mesh, primary, resume, checkpoint_every, on_start, on_epoch) -> dict[str, Any]:
-    sigint.check()
+    check_interrupt()
     if on_start:
         on_start()
     trainer = _auto.trainer_for(cfg, len(ds.train.y), mesh=mesh)
