@@ -186,6 +186,20 @@ def test_ctrl_c_on_one_process_stops_both(tmp_path):
     assert len(metrics.read_text().splitlines()) == epoch
 
 
+def test_a_refused_out_dir_stops_every_process(tmp_path):
+    """Only process 0 prepares --out; when it refuses, the others stop too (they hung in their
+    first collective, waiting for process 0)."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("not a run")
+    procs = start_two_processes(out, ["--hidden", "64", "--epochs", "1", "--quiet", "--no-refit"])
+    outs = finish(procs, timeout=120)
+    assert [p.returncode for p in procs] == [2, 2], (outs[0][1] + outs[1][1])[-3000:]
+    assert "holds files that are not a jaxl2 run's (notes.txt)" in outs[0][1]
+    assert f"process 0 could not prepare --out {out} (its error says why)" in outs[1][1]
+    assert sorted(os.listdir(out)) == ["notes.txt"]
+
+
 ANY = r"""
 import sys, jax
 jax.distributed.initialize(f"127.0.0.1:{sys.argv[1]}", num_processes=2, process_id=int(sys.argv[2]))
@@ -223,3 +237,17 @@ def test_a_ctrl_c_on_another_process_interrupts_this_one(monkeypatch):
     monkeypatch.setattr(parallel, "any_process", lambda *flags: (True,) * len(flags))  # another process was
     with pytest.raises(KeyboardInterrupt):
         loop.check_interrupt()
+
+
+def test_a_save_another_process_asked_for_restarts_this_clock(monkeypatch):
+    from jaxl2.mnist import loop, parallel
+    from jaxl2.mnist.rundir import SaveRule
+
+    rule = SaveRule(seconds=30)
+    rule.last -= 20  # this process's clock: 20 s of 30
+    assert loop.call_end(rule, 1, last=False) == (False, False)
+    monkeypatch.setattr(parallel, "any_process", lambda *flags: (True,) + flags[1:])  # another's fired
+    assert loop.call_end(rule, 2, last=False) == (True, False)
+    assert time.monotonic() - rule.last < 5  # restarted here too: the processes' clocks stay together
+    rule.last -= 31
+    assert rule.due(3) and rule.due(3)  # asking does not restart it; only a save does

@@ -299,6 +299,8 @@ def call_end(rule: SaveRule, epoch: int, last: bool) -> tuple[bool, bool]:
     """
     interrupted = sigint.pending()
     save, stop = parallel.any_process(rule.due(epoch) or last or interrupted, interrupted and not last)
+    if save:  # on every process, whichever clock or reason asked for it
+        rule.saved()
     if stop:
         sigint.clear()
     return save, stop

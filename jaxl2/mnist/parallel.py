@@ -32,6 +32,7 @@ __all__ = [
     "replicate",
     "host",
     "any_process",
+    "barrier",
     "initialize_distributed",
 ]
 
@@ -118,6 +119,14 @@ def any_process(*flags: bool) -> tuple[bool, ...]:
 
     gathered = multihost_utils.process_allgather(np.asarray(flags, np.int32))
     return tuple(bool(f) for f in np.asarray(gathered).reshape(-1, len(flags)).any(axis=0))
+
+
+def barrier(name: str) -> None:
+    """Waits until every process has reached the barrier ``name`` (one process: returns)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def initialize_distributed(

@@ -178,7 +178,10 @@ def _resume_point(out: str, like: dict[str, Any]) -> tuple[int, Any]:
         return 0, like["state"]
     if all(int(saved[k]) == int(like[k]) for k in ("epochs", "examples")):
         return step, saved["state"]
-    shutil.rmtree(out)
+    parallel.barrier("jaxl2-refit-read")  # every process has read it; one removes it; none
+    if jax.process_index() == 0:  # starts the new refit before it is gone
+        shutil.rmtree(out)
+    parallel.barrier("jaxl2-refit-reset")
     return 0, like["state"]
 
 

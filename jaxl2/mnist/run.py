@@ -187,13 +187,21 @@ def train_and_evaluate(
         if jax.process_count() > 1:
             raise ConfigError(f"several processes need one {field('out')} directory that all of them reach")
         out = default_out("runs", cfg.dataset)
+    failed = None
     if primary:
-        created = prepare(
-            out,
-            {**cfg.to_json(), "jaxl2_version": _version(), "refit": refit, "refit_epochs": refit_epochs},
-            resume=resume,
-            overwrite=overwrite,
-        )
+        try:
+            created = prepare(
+                out,
+                {**cfg.to_json(), "jaxl2_version": _version(), "refit": refit, "refit_epochs": refit_epochs},
+                resume=resume,
+                overwrite=overwrite,
+            )
+        except Exception as e:  # the other processes must not go on to train without it
+            failed = e
+    if parallel.any_process(failed is not None)[0]:
+        if failed is not None:
+            raise failed
+        raise ConfigError(f"process 0 could not prepare {field('out')} {out} (its error says why)")
     try:
         summary = _train(cfg, ds, out, mesh, primary, resume, checkpoint_every, on_start, on_epoch)
         if refit:

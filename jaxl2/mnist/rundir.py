@@ -227,14 +227,14 @@ class SaveRule:
         self.epochs, self.seconds, self.last = epochs, seconds, time.monotonic()
 
     def due(self, epoch: int) -> bool:
-        """Whether to save after ``epoch`` (and if so, the time rule restarts from now)."""
-        now = time.monotonic()
-        if (self.epochs and epoch % self.epochs == 0) or (
-            self.seconds is not None and now - self.last >= self.seconds
-        ):
-            self.last = now
-            return True
-        return False
+        """Whether to save after ``epoch`` (a question only: :meth:`saved` restarts the clock)."""
+        return bool(self.epochs and epoch % self.epochs == 0) or (
+            self.seconds is not None and time.monotonic() - self.last >= self.seconds
+        )
+
+    def saved(self) -> None:
+        """A checkpoint was written (by this rule or another reason): the time rule restarts now."""
+        self.last = time.monotonic()
 
 
 def has_checkpoint(out: str) -> bool:
