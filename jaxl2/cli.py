@@ -11,11 +11,13 @@ is fast; without the ``mnist`` extra, commands say how to install it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import re
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from jaxl2.errors import Jaxl2Error
@@ -259,40 +261,59 @@ def cmd_train(args: argparse.Namespace) -> int:
         saved = load_config(args.out)
     else:
         cfg = dataclasses.replace(DEFAULTS, **given)
-    if args.distributed:
-        from jaxl2.mnist.parallel import initialize_distributed
+    # gloo (the CPU collectives) prints "Rank 0 is connected…" on stdout, which --json keeps for its object
+    with _fd1_to_stderr(args.json and args.distributed):
+        if args.distributed:
+            from jaxl2.mnist.parallel import initialize_distributed
 
-        if not args.out:
-            return _fail("--distributed needs --out DIR (one directory that every process can reach)")
-        initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-    _enable_cache(args)
-    progress = None if args.quiet or args.json else _Progress(cfg.epochs)
-    try:
-        summary = _run.train_and_evaluate(
-            cfg,
-            args.out,
-            resume=args.resume,
-            overwrite=args.overwrite,
-            checkpoint_every=args.checkpoint_every,
-            on_start=progress.start if progress else None,
-            on_epoch=progress.update if progress else None,
-            devices=args.devices,
-            **_refit_choice(args, saved, REFIT),
-            on_refit_epoch=progress.refit if progress else None,
-        )
-    except Diverged as e:
-        _close(progress)
-        sys.stderr.write(f"jaxl2: error: {_message(e)}\n")
-        return 1
-    except Interrupted as e:
-        _close(progress)
-        sys.stderr.write(f"jaxl2: {_message(e)}; continue with: jaxl2 train --out {e.out} --resume\n")
-        return 130
-    finally:
-        _close(progress)
+            if not args.out:
+                return _fail("--distributed needs --out DIR (one directory that every process can reach)")
+            initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+        _enable_cache(args)
+        progress = None if args.quiet or args.json else _Progress(cfg.epochs)
+        try:
+            summary = _run.train_and_evaluate(
+                cfg,
+                args.out,
+                resume=args.resume,
+                overwrite=args.overwrite,
+                checkpoint_every=args.checkpoint_every,
+                on_start=progress.start if progress else None,
+                on_epoch=progress.update if progress else None,
+                devices=args.devices,
+                **_refit_choice(args, saved, REFIT),
+                on_refit_epoch=progress.refit if progress else None,
+            )
+        except Diverged as e:
+            _close(progress)
+            sys.stderr.write(f"jaxl2: error: {_message(e)}\n")
+            return 1
+        except Interrupted as e:
+            _close(progress)
+            sys.stderr.write(f"jaxl2: {_message(e)}; continue with: jaxl2 train --out {e.out} --resume\n")
+            return 130
+        finally:
+            _close(progress)
     print(json.dumps(summary) if args.json else format_summary(summary))
     _warn_if_chance([(summary["val_accuracy"], summary["lr"], cfg.l2)], cfg)
     return 0
+
+
+@contextlib.contextmanager
+def _fd1_to_stderr(on: bool) -> Iterator[None]:
+    """While ``on``, file descriptor 1 (stdout, where native libraries write) goes to stderr."""
+    if not on:
+        yield
+        return
+    sys.stdout.flush()
+    kept = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(kept, 1)
+        os.close(kept)
 
 
 def _refit_choice(args: argparse.Namespace, saved: dict[str, Any] | None, default: bool) -> dict[str, Any]:

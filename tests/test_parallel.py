@@ -139,11 +139,13 @@ def skip_without_collectives(procs, outs):
 def test_two_processes_agree_with_one(tmp_path):
     # several calls, each ending in a checkpoint: the saves (orbax syncs the processes with a
     # collective) must not interleave with the next call's collectives (this hung before)
-    flags = ["--hidden", "64", "--epochs", "5", "--checkpoint-every", "2", "--quiet", "--no-refit"]
+    flags = ["--hidden", "64", "--epochs", "5", "--checkpoint-every", "2", "--json", "--no-refit"]
     procs = start_two_processes(tmp_path / "multi", flags)
     outs = finish(procs)
     skip_without_collectives(procs, outs)
     assert all(p.returncode == 0 for p in procs), (outs[0][1] + outs[1][1])[-3000:]
+    # --json: stdout is the one JSON object (gloo's own lines go to stderr)
+    assert [json.loads(out)["epochs"] for out, _ in outs] == [5, 5]
     single = subprocess.run(
         [sys.executable, "-m", "jaxl2", "train", *flags, "--out", str(tmp_path / "single")],
         env=ENV4,
