@@ -169,7 +169,9 @@ def test_ctrl_c_on_one_process_stops_both(tmp_path):
     """Ctrl-C reaches one process only: both stop after the same epoch, with a checkpoint of it
     (a process that stopped alone left the other waiting in a collective forever)."""
     out = tmp_path / "run"
-    procs = start_two_processes(out, ["--hidden", "64", "--epochs", "200", "--quiet", "--no-refit"])
+    procs = start_two_processes(
+        out, ["--hidden", "64", "--epochs", "200", "--checkpoint-every", "1", "--quiet", "--no-refit"]
+    )
     metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + 180
     while not (metrics.exists() and metrics.read_text().strip()):  # training has begun
