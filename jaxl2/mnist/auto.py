@@ -34,7 +34,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from jaxl2.auto import AutoL2State, auto_l2, shared_adam
 from jaxl2.mnist.config import AUTO_L2_BOUNDS, INPUT_DIM, Config
@@ -135,12 +134,8 @@ class AutoTrainer(Trainer):
         bad_S = ~jnp.isfinite(metrics_S["loss"])
         metrics["nonfinite_step"] = jnp.where(bad_S.any(), jnp.argmax(bad_S), -1)
         # as Trainer's rows: the penalty (with the epoch's last λs) and norms of the final params
-        metrics["penalty"] = l2_penalty(
-            state.params, self.auto.rules(state.params, state.l2), select=self.select
-        )
-        metrics["loss"] = metrics["data_loss"] + metrics["penalty"]
-        metrics["param_norm"] = optax.tree.norm(state.params)
-        metrics["update_norm"] = optax.tree.norm(jax.tree_util.tree_map(jnp.subtract, state.params, start))
+        penalty = l2_penalty(state.params, self.auto.rules(state.params, state.l2), select=self.select)
+        metrics = self.with_final_params(metrics, start, state.params, penalty)
         hypergrad_L = (updating_S @ hypergrad_SxL) / jnp.maximum(updating_S.sum(), 1.0)
         lam_L = jnp.exp(state.l2.log_l2)
         for i, path in enumerate(self.paths):

@@ -170,13 +170,23 @@ class Trainer:
         start = state.params
         state, metrics_S = jax.lax.scan(body, state, idx_SxB)
         metrics = jax.tree_util.tree_map(jnp.mean, metrics_S)
-        metrics["penalty"] = self.penalty_fn(state.params, l2)
-        metrics["loss"] = metrics["data_loss"] + metrics["penalty"]
-        metrics["param_norm"] = optax.tree.norm(state.params)
-        metrics["update_norm"] = optax.tree.norm(jax.tree_util.tree_map(jnp.subtract, state.params, start))
+        metrics = self.with_final_params(metrics, start, state.params, self.penalty_fn(state.params, l2))
         bad_S = ~jnp.isfinite(metrics_S["data_loss"])
         metrics["nonfinite_step"] = jnp.where(bad_S.any(), jnp.argmax(bad_S), -1)
         return state, metrics
+
+    @staticmethod
+    def with_final_params(metrics: dict, start: Any, params: Any, penalty: jax.Array) -> dict:
+        """An epoch's ``metrics`` (its steps' means) with what its final ``params`` give:
+        ``penalty`` (``λ/2·Σw²``), ``loss = data_loss + penalty``, ``param_norm`` and
+        ``update_norm = ‖params − start‖``, one pass over the weights per epoch."""
+        return {
+            **metrics,
+            "penalty": penalty,
+            "loss": metrics["data_loss"] + penalty,
+            "param_norm": optax.tree.norm(params),
+            "update_norm": optax.tree.norm(jax.tree_util.tree_map(jnp.subtract, params, start)),
+        }
 
     def eval_fn(self, params, x_NxD, y_N, chunk: int = 2048):
         n = x_NxD.shape[0]
