@@ -353,8 +353,9 @@ def _plan(cfg, ds, members, trainer, data, execution, budget_bytes, log):
     """The execution and the chunk size, chosen once and kept in ``progress.json`` for a
     resume; and the :class:`SweepTrainer` of that execution (its program compiled when timed)."""
     fit = members_that_fit(cfg, len(ds.train.y), budget_bytes or _memory_budget())
-    sweeper = SweepTrainer(trainer, execution) if execution != "auto" else None
-    if sweeper is None:
+    if execution != "auto":
+        sweeper = SweepTrainer(trainer, execution)
+    else:
         first = members[:fit]
         sweeper, timings = _choose_execution(
             trainer,
