@@ -100,21 +100,26 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_two_processes(out, flags):
-    """``jaxl2 train --distributed`` as processes 0 and 1 of one run, 2 CPU devices each."""
+def start_two(command):
+    """``command(port, i)`` as processes 0 and 1 of one distributed job, 2 CPU devices each."""
     env2 = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     port = free_port()
     return [
         subprocess.Popen(
-            [sys.executable, "-m", "jaxl2", "train", *flags, "--out", str(out), "--distributed"]
-            + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
-            env=env2,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+            command(port, i), env=env2, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
         for i in range(2)
     ]
+
+
+def start_two_processes(out, flags):
+    """``jaxl2 train --distributed`` as processes 0 and 1 of one run."""
+    return start_two(
+        lambda port, i: (
+            [sys.executable, "-m", "jaxl2", "train", *flags, "--out", str(out), "--distributed"]
+            + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)]
+        )
+    )
 
 
 def finish(procs, timeout=240):
@@ -214,18 +219,7 @@ print(parallel.any_process(i == 1, False, i == 0), parallel.any_process(False))
 
 
 def test_any_process_ors_the_flags_of_all_processes():
-    env2 = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    port = str(free_port())
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", ANY, port, str(i)],
-            env=env2,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
+    procs = start_two(lambda port, i: [sys.executable, "-c", ANY, str(port), str(i)])
     outs = finish(procs, timeout=120)
     skip_without_collectives(procs, outs)
     assert all(p.returncode == 0 for p in procs), (outs[0][1] + outs[1][1])[-3000:]
