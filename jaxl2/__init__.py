@@ -4,10 +4,14 @@ The library: jax, numpy and optax only. The public API, re-exported from the mod
 implement it:
 
 * the penalty — :func:`l2_penalty`, :func:`regularized`, :func:`selected`, :func:`coefficients`
-  (all with ``center=`` for L2 toward reference weights, L2-SP); selection rules and presets in
-  :mod:`jaxl2.select`, and :func:`mask`, the same selection as an optax ``mask=``;
-* decay in the optimizer — :func:`add_decayed_weights` (per-layer λ, coupled or decoupled by
-  placement) and :func:`audit`, what an optax optimizer really decays;
+  (all with ``center=`` for L2 toward reference weights, L2-SP, and ``stacked=`` for layers
+  stacked along an axis, one λ per layer); selection rules and presets in :mod:`jaxl2.select`,
+  λ rules, schedules and stacked layers in :mod:`jaxl2.rules`, and :func:`mask`, the same
+  selection as an optax ``mask=``;
+* decay in the optimizer — :func:`add_decayed_weights` (per-layer λ, optax schedules, coupled
+  or decoupled by placement) and :func:`audit`, what an optax optimizer really decays;
+* what to log — :func:`group_norms`: per rule group, ``‖w‖``, ``‖g‖``, ``‖update‖`` and the
+  decay's share (in :mod:`jaxl2.norms`);
 * conventions — :func:`from_keras`, :func:`to_keras`, :func:`from_torch_weight_decay`,
   :func:`from_decoupled`, :func:`from_sklearn_alpha`;
 * training — :func:`make_train_step`, a pure, jittable step for any params pytree, and
@@ -45,12 +49,17 @@ _EXPORTS = {
     "GradcheckReport": "jaxl2.check",
     "Jaxl2Error": "jaxl2.errors",
     "make_train_step": "jaxl2.step",
+    "ScheduledState": "jaxl2.step",
+    "rules": "jaxl2.rules",
+    "norms": "jaxl2.norms",
+    "group_norms": "jaxl2.norms",
     "mask": "jaxl2.select",
     "Preset": "jaxl2.select",
     "coefficients": "jaxl2.penalty",
     "decay": "jaxl2.decay",
     "add_decayed_weights": "jaxl2.decay",
     "audit": "jaxl2.decay",
+    "ScheduleState": "jaxl2.decay",
     "Audit": "jaxl2.decay",
     "AuditRow": "jaxl2.decay",
     "auto": "jaxl2.auto",

@@ -160,7 +160,7 @@ def auto_l2(
     hyper_tx: optax.GradientTransformation | None = None,
     bounds: tuple[float, float] = DEFAULT_BOUNDS,
     has_aux: bool = False,
-    norms: bool = True,
+    norms: bool = False,
 ) -> AutoL2:
     """Training with one λ per selected leaf, each adapted online by its hypergradient.
 
@@ -188,7 +188,8 @@ def auto_l2(
         one second moment for all the λs).
       bounds: ``(lo, hi)``: the λs stay within them (default ``(1e-8, 1.0)``).
       has_aux: whether ``loss_fn`` (and ``val_loss_fn``) return ``(loss, aux)``.
-      norms: as in :func:`jaxl2.make_train_step`.
+      norms: as in :func:`jaxl2.make_train_step` (default False; with True, the norms of each
+        selected leaf, its own λ group).
 
     Returns:
       An :class:`AutoL2`: ``init``, ``step``, ``l2``, ``rules``, ``paths``. ``step`` is pure:

@@ -37,23 +37,32 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxl2 import rules as _rules
 from jaxl2 import select as _select
 from jaxl2.errors import Jaxl2Error
-from jaxl2.penalty import L2, check_center, check_rules, selected
+from jaxl2.penalty import check_center, check_rules
+from jaxl2.rules import L2, Stacked, has_schedule
 from jaxl2.table import format_shape, format_table
 
-__all__ = ["add_decayed_weights", "audit", "AuditRow", "Audit"]
+__all__ = ["add_decayed_weights", "audit", "AuditRow", "Audit", "ScheduleState"]
+
+
+class ScheduleState(NamedTuple):
+    """The state of :func:`add_decayed_weights` when a λ is a schedule: the step count, as in
+    ``optax.add_decayed_weights`` (read at ``count``, then incremented)."""
+
+    count: jax.Array
 
 
 def add_decayed_weights(
-    l2: L2, *, select: _select.Selector = None, center: Any = None
+    l2: L2, *, select: _select.Selector = None, center: Any = None, stacked: Stacked = None
 ) -> optax.GradientTransformation:
-    """Adds ``λ_leaf·(w − w₀)`` to the updates of the selected leaves, ``0`` to the others.
+    """Adds ``λ_unit·(w − w₀)`` to the updates of the selected leaves, ``0`` to the others.
 
-    ``update(u, state, params)`` returns ``u + λ_leaf·(w − w₀)`` on every selected leaf
-    (``w₀ = 0`` without ``center``) and ``u`` unchanged elsewhere; ``λ·(w − w₀)`` is computed
-    in at least float32 and cast to the update's dtype, as the gradient of
-    :func:`jaxl2.l2_penalty` is.
+    ``update(u, state, params)`` returns ``u + λ_unit·(w − w₀)`` on every selected leaf
+    (``w₀ = 0`` without ``center``; one λ per layer slice of a ``stacked`` leaf) and ``u``
+    unchanged elsewhere; ``λ·(w − w₀)`` is computed in at least float32 and cast to the
+    update's dtype, as the gradient of :func:`jaxl2.l2_penalty` is.
 
     **Where it goes in the chain.**
 
@@ -69,30 +78,38 @@ def add_decayed_weights(
     * Not after ``scale_by_learning_rate``: the updates there are already ``−lr·…``, and adding
       ``+λ·w`` would grow the weights instead of shrinking them.
 
+    **Schedules.** ``l2``, or any value of an ``l2`` mapping, may be an optax schedule (a
+    function of the step count, e.g. ``optax.linear_schedule(1e-2, 0.0, 1000)``). The state is
+    then :class:`ScheduleState`: the count starts at 0, each update reads the schedules at it
+    and increments it, as ``optax.add_decayed_weights`` and ``optax.inject_hyperparams`` do.
+    Otherwise the state is empty.
+
     **Params.** ``update`` needs the params (``tx.update(updates, state, params)``). The rules
     are checked on the params given to ``init`` (a selection or pattern that matches nothing,
     a ``center`` that does not fit them, fail there) and applied by path, by the same rules,
-    to the params given to ``update``; the state is empty. Params may be a Linen dict, an NNX
+    to the params given to ``update``. Params may be a Linen dict, an NNX
     ``State`` (``nnx.split(model, nnx.Param)``; ``nnx.Optimizer``, which initialises with the
     ``State`` of Variables and updates with plain arrays, works too), an Equinox module
     filtered with ``eqx.filter(model, eqx.is_array)`` (its ``None`` leaves stay ``None``).
 
     Args:
-      l2: one λ for every selected leaf (a float, a 0-d array, or a traced scalar), or an
-        ordered mapping ``{regex: λ}``: each selected path takes the λ of the first pattern
-        that ``re.fullmatch``-es it, as in :func:`jaxl2.l2_penalty`.
+      l2: one λ for every selected leaf (a float, a 0-d array, a traced scalar, or a
+        schedule), or an ordered mapping ``{regex: λ}``: each unit takes the λ of the first
+        pattern that ``re.fullmatch``-es it, as in :func:`jaxl2.l2_penalty`.
       select: which leaves: ``None`` for the kernels, a regex over paths, a predicate
         ``(path, leaf) -> bool`` or a preset from ``jaxl2.select``.
       center: ``None``, or the reference weights ``w₀`` (L2-SP): a pytree like the params,
         e.g. the pretrained params, with the same shapes on the selected leaves.
+      stacked: ``None``, or ``{regex over leaf paths: layer axis}`` for leaves that hold
+        stacked layers, each slice ``path[i]`` with its own λ, as in :func:`jaxl2.l2_penalty`.
 
     Returns:
-      An ``optax.GradientTransformation`` with an empty state.
+      An ``optax.GradientTransformation``.
 
     Raises:
-      Jaxl2Error: here for a bad λ, mapping, regex or ``select``, or a ``center`` without
-        arrays; at ``init`` when the selection or a pattern matches nothing or ``center`` does
-        not fit the params; at ``update`` when no params are given.
+      Jaxl2Error: here for a bad λ, mapping, regex, ``select`` or ``stacked``, or a ``center``
+        without arrays; at ``init`` when the selection or a pattern matches nothing or
+        ``center`` does not fit the params; at ``update`` when no params are given.
 
     Examples:
       Per-layer decoupled decay, Adam's step then ``lr·λ_leaf·w``:
@@ -109,44 +126,59 @@ def add_decayed_weights(
       >>> updates, _ = tx.update(zero, tx.init(params), params)
       >>> [round(float(u["kernel"][0, 0]), 6) for u in updates.values()]  # −0.1·0.5·1, −0.1·0.25·1
       [-0.05, -0.025]
-    """
-    check_rules(l2, select=select, center=center)
 
-    def init_fn(params: Any) -> optax.EmptyState:
-        selected(params, l2, select=select)  # an empty selection or a stray pattern fails here
+      A decay that falls linearly from 0.5 to 0 over two steps:
+
+      >>> tx = add_decayed_weights(optax.linear_schedule(0.5, 0.0, 2))
+      >>> state = tx.init(params)
+      >>> for _ in range(3):
+      ...     u, state = tx.update(zero, state, params)
+      ...     print(float(u["Dense_0"]["kernel"][0, 0]), int(state.count))
+      0.5 1
+      0.25 2
+      0.0 3
+    """
+    check_rules(l2, select=select, center=center, stacked=stacked, schedule=True)
+    scheduled = has_schedule(l2)
+
+    def init_fn(params: Any) -> Any:
+        # an empty selection, a stray pattern or a bad stacked axis fails here
+        _rules.plan(params, l2, select=select, stacked=stacked)
         if center is not None:
             check_center(params, center, select=select)
-        return optax.EmptyState()
+        return ScheduleState(jnp.zeros([], jnp.int32)) if scheduled else optax.EmptyState()
 
-    def update_fn(updates: Any, state: optax.EmptyState, params: Any = None) -> tuple[Any, Any]:
+    def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
         if params is None:
             raise Jaxl2Error(
                 "params must be given to jaxl2.add_decayed_weights' update, which adds λ·(w − w₀): "
                 "call tx.update(updates, state, params)"
             )
-        lams = {row.path: row.l2 for row in selected(params, l2, select=select)}
+        count = state.count if scheduled else None
+        entries = {e.path: e for e in _rules.plan(params, l2, select=select, stacked=stacked)}
         w0 = {} if center is None else check_center(params, center, select=select)
-        w = {path: leaf for path, leaf in _select.leaves(params) if path in lams}
         done = set()
 
         def add(keypath: tuple, u: Any) -> Any:
             path = _select.path_str(keypath)
-            if path not in lams:
+            if path not in entries:
                 return u
             done.add(path)
-            acc = jnp.promote_types(w[path].dtype, jnp.float32)
-            d = w[path].astype(acc)
+            e = entries[path]
+            acc = jnp.promote_types(e.leaf.dtype, jnp.float32)
+            d = e.leaf.astype(acc)
             if path in w0:
                 d = d - jnp.asarray(w0[path], acc)
-            return u + (jnp.asarray(lams[path], acc) * d).astype(u.dtype)
+            lam = _rules.broadcast(jnp.asarray(_rules.value(e, count, acc), acc), e)
+            return u + (lam * d).astype(u.dtype)
 
         updates = jax.tree_util.tree_map_with_path(add, updates)
-        if missing := [p for p in lams if p not in done]:
+        if missing := [p for p in entries if p not in done]:
             raise Jaxl2Error(
                 f"updates have no leaf at {missing[0]!r}, a selected path of params: "
                 "updates and params must have the same structure"
             )
-        return updates, state
+        return updates, (ScheduleState(optax.safe_increment(count)) if scheduled else state)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -243,7 +275,27 @@ def _row(path: str, w: Any, u: Any, selected: bool) -> AuditRow:
     )
 
 
-def audit(tx: optax.GradientTransformation, params: Any, *, select: _select.Selector = None) -> Audit:
+def _at_step(state: Any, step: int) -> Any:
+    """``state`` with every step counter (a field named ``count``) set to ``step``."""
+
+    def set_count(keypath: tuple, x: Any) -> Any:
+        last = keypath[-1] if keypath else None
+        name = getattr(last, "name", None)
+        if name == "count" and hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.integer):
+            return jnp.full_like(x, step)
+        return x
+
+    return jax.tree_util.tree_map_with_path(set_count, state)
+
+
+def audit(
+    tx: optax.GradientTransformation,
+    params: Any,
+    *,
+    select: _select.Selector = None,
+    stacked: Stacked = None,
+    step: int = 0,
+) -> Audit:
     """What one step of ``tx`` does to each floating-point leaf of ``params`` when the gradient is 0.
 
     Runs ``state = tx.init(p)`` and ``updates, _ = tx.update(zeros_like(p), state, p)`` once,
@@ -267,10 +319,14 @@ def audit(tx: optax.GradientTransformation, params: Any, *, select: _select.Sele
     accident to look for.
 
     One step is enough: with a zero gradient Adam's moments stay zero, so its bias correction
-    has nothing to correct and decoupled decay is ``−lr·wd·w`` at every step. A schedule (of
-    the learning rate or of the decay) is read at step 0; later steps scale ``shrink`` by the
-    schedule's factor, and momentum makes a coupled decay grow from ``lr·λ`` at the first step
-    to ``lr·λ/(1 − β)``.
+    has nothing to correct and decoupled decay is ``−lr·wd·w`` at every step. Schedules (of
+    the learning rate or of the decay) are read at ``step``: every step counter in the state
+    (each field named ``count``: optax's schedules, ``inject_hyperparams``,
+    :func:`add_decayed_weights`) is set to it before the step. Momentum makes a coupled decay
+    grow from ``lr·λ`` at the first step to ``lr·λ/(1 − β)``; the audit shows the first.
+
+    With ``stacked`` (as in :func:`jaxl2.l2_penalty`), a selected stacked leaf gives one row
+    per layer slice ``path[i]``, its shrink measured on that slice.
 
     Args:
       tx: the optax optimizer, exactly as it will be used (masks included).
@@ -278,6 +334,8 @@ def audit(tx: optax.GradientTransformation, params: Any, *, select: _select.Sele
         (``nnx.state(model, nnx.Param)``), ``eqx.filter(model, eqx.is_array)``.
       select: what should be decayed, as in ``jaxl2.l2_penalty``: ``None`` (the kernels), a
         regex, a predicate, or a preset (``jaxl2.select.haiku``, ``jaxl2.select.equinox``).
+      stacked: ``None``, or ``{regex over leaf paths: layer axis}``: rows per layer slice.
+      step: the step count at which schedules are read (default 0).
 
     Returns:
       An :class:`Audit`: a list of :class:`AuditRow` in tree order that prints as a table;
@@ -296,8 +354,19 @@ def audit(tx: optax.GradientTransformation, params: Any, *, select: _select.Sele
       Dense_0/bias    3      float32  no        yes      1e-05        MISMATCH  decayed but not selected
       Dense_0/kernel  2×3    float32  yes       yes      1e-05        -
     """
-    chosen = {p for p, _ in _select.resolve(params, select)}
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+        raise Jaxl2Error(f"step must be an int >= 0 (the step count), got {step!r} ({type(step).__name__})")
+    entries = {e.path: e for e in _rules.plan(params, None, select=select, stacked=stacked)}
     probe = _probe(params)
-    updates, _ = tx.update(_zeros(probe), tx.init(probe), probe)
+    updates, _ = tx.update(_zeros(probe), _at_step(tx.init(probe), int(step)), probe)
     by_path = dict(_select.leaves(updates))
-    return Audit(_row(p, w, by_path.get(p), p in chosen) for p, w in _select.leaves(probe))
+    rows = []
+    for p, w in _select.leaves(probe):
+        u, e = by_path.get(p), entries.get(p)
+        if e is None or e.axis is None:
+            rows.append(_row(p, w, u, e is not None))
+            continue
+        us = [None] * len(e.units) if u is None else list(np.moveaxis(np.asarray(u), e.axis, 0))
+        ws = np.moveaxis(np.asarray(w), e.axis, 0)
+        rows += [_row(n, ws[i], us[i], True) for i, n in enumerate(e.units)]
+    return Audit(rows)

@@ -10,8 +10,6 @@ weights toward ``w₀`` rather than toward zero, and its gradient is ``λ·(w �
 
 from __future__ import annotations
 
-import math
-import re
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -19,11 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxl2 import rules as _rules
 from jaxl2 import select as _select
 from jaxl2.errors import Jaxl2Error
+from jaxl2.rules import L2, Stacked, check_bool, check_l2
 from jaxl2.table import format_shape, format_table
-
-L2 = float | jax.Array | Mapping[str, Any]
 
 __all__ = [
     "l2_penalty",
@@ -36,127 +34,12 @@ __all__ = [
     "check_bool",
     "check_rules",
     "check_center",
+    "check_order",
 ]
 
 
 def _is_traced(x: Any) -> bool:
     return isinstance(x, jax.core.Tracer)
-
-
-def check_l2(value: Any, name: str = "l2") -> Any:
-    """Checks one coefficient ``λ``: a real number, finite and ``>= 0``.
-
-    Accepted: a python ``int``/``float``, a NumPy integer or float scalar, a 0-d NumPy or
-    JAX array of an integer or float dtype (all checked for ``0 <= λ < ∞``), and a traced
-    value under ``jit``/``vmap`` (returned unchecked: its value is not known yet). Refused:
-    strings, bytes, bools, ``None``, complex numbers and arrays that are not 0-d.
-
-    Args:
-      value: the coefficient.
-      name: the argument's name, for the error message.
-
-    Returns:
-      ``value`` itself.
-
-    Raises:
-      Jaxl2Error: when ``value`` is not one of the above, or is negative, NaN or infinite.
-
-    Examples:
-      >>> check_l2(1e-3)
-      0.001
-      >>> check_l2("1e-3")
-      Traceback (most recent call last):
-      ...
-      jaxl2.errors.Jaxl2Error: l2 must be a finite number >= 0 (a float or a 0-d array), got '1e-3' (str)
-    """
-    if _is_traced(value):
-        return value
-    real = isinstance(value, (int, float, np.integer, np.floating, np.ndarray, jax.Array))
-    if real and hasattr(value, "dtype"):
-        dtype = value.dtype
-        real = value.ndim == 0 and (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating))
-    if not real or isinstance(value, bool) or not (0 <= float(value) < math.inf):
-        raise Jaxl2Error(
-            f"{name} must be a finite number >= 0 (a float or a 0-d array), "
-            f"got {value!r} ({type(value).__name__})"
-        )
-    return value
-
-
-def check_bool(value: Any, name: str) -> bool:
-    """Checks a flag: ``True`` or ``False`` (a Python or NumPy bool), nothing truthy in their place.
-
-    Args:
-      value: the flag.
-      name: the argument's name, for the error message.
-
-    Returns:
-      ``value`` as a Python bool.
-
-    Raises:
-      Jaxl2Error: when ``value`` is anything else (a string, ``None``, ``0``/``1``).
-
-    Examples:
-      >>> check_bool(True, "has_aux")
-      True
-      >>> check_bool("yes", "has_aux")
-      Traceback (most recent call last):
-      ...
-      jaxl2.errors.Jaxl2Error: has_aux must be True or False, got 'yes' (str)
-    """
-    if not isinstance(value, (bool, np.bool_)):
-        raise Jaxl2Error(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
-    return bool(value)
-
-
-def _rules(l2: Mapping[str, Any]) -> list[tuple[str, re.Pattern, Any]]:
-    """The ``(pattern, compiled regex, λ)`` of an ``{regex: λ}`` mapping, each checked."""
-    if not l2:
-        raise Jaxl2Error("l2 mapping is empty; give {regex: λ} entries, e.g. {'.*': 1e-3}")
-    rules = []
-    for pattern, lam in l2.items():
-        if not isinstance(pattern, str):
-            raise Jaxl2Error(
-                f"l2 mapping keys must be regex strings, got {pattern!r} ({type(pattern).__name__})"
-            )
-        check_l2(lam, f"l2[{pattern!r}]")
-        rules.append((pattern, _select.compile_regex(pattern, "l2"), lam))
-    return rules
-
-
-def _coefficients(chosen: list[tuple[str, Any]], l2: L2) -> list[Any]:
-    """One λ per chosen leaf: a scalar for all, or the first matching ``{regex: λ}`` entry."""
-    if not isinstance(l2, Mapping):
-        check_l2(l2)
-        return [l2] * len(chosen)
-    rules = _rules(l2)
-    paths = [p for p, _ in chosen]
-    # The index of the rule that takes each path: the first one that matches it (None: no rule).
-    first = {p: next((i for i, (_, rx, _) in enumerate(rules) if rx.fullmatch(p)), None) for p in paths}
-    for i, (pattern, rx, _) in enumerate(rules):
-        matched = [p for p in paths if rx.fullmatch(p)]
-        if not matched:
-            raise Jaxl2Error(
-                f"l2 pattern {pattern!r} matches no selected parameter (a typo?); "
-                f"the selected paths are: {', '.join(paths)}"
-            )
-        if all(first[p] < i for p in matched):
-            takers = sorted({first[p] for p in matched})
-            names = ", ".join(repr(rules[j][0]) for j in takers)
-            which = "an earlier pattern" if len(takers) == 1 else "earlier patterns"
-            raise Jaxl2Error(
-                f"l2 pattern {pattern!r} never applies: every selected path it matches is taken by "
-                f"{which} ({names}); put it first"
-            )
-    lams = []
-    for p in paths:
-        if first[p] is None:
-            raise Jaxl2Error(
-                f"selected parameter {p!r} matches no l2 pattern; add an entry for it, or a "
-                "catch-all such as {'.*': 0.0} to leave the remaining leaves unpenalised on purpose"
-            )
-        lams.append(rules[first[p]][2])
-    return lams
 
 
 def _sq_sum(w: jax.Array, w0: Any = None) -> jax.Array:
@@ -179,7 +62,7 @@ def _what(leaf: Any) -> str:
     return f"{text if len(text) <= 80 else text[:77] + '...'} ({type(leaf).__name__})"
 
 
-def _returned(out: Any) -> str:
+def describe_output(out: Any) -> str:
     """What a loss function returned, for a message: ``a tuple of length 3``, ``a float``."""
     kind = type(out).__name__
     article = "an" if kind[:1].lower() in "aeiou" else "a"
@@ -257,13 +140,21 @@ def check_center(params: Any, center: Any, *, select: _select.Selector = None) -
     return _center_of(params, center, _select.resolve(params, select))
 
 
-def check_rules(l2: L2, *, select: _select.Selector = None, center: Any = None) -> None:
+def check_rules(
+    l2: L2,
+    *,
+    select: _select.Selector = None,
+    center: Any = None,
+    stacked: Stacked = None,
+    schedule: bool = False,
+) -> None:
     """Checks what can be checked before the params are known.
 
     That is: ``l2`` (a λ, or a non-empty ``{regex: λ}`` mapping with string keys, valid
-    regexes and valid λs), ``select`` (``None``, a valid regex or a callable) and ``center``
-    (``None``, or a pytree with at least one floating-point array). Which paths the rules
-    match, and whether ``center`` fits, is checked later, against the params.
+    regexes and valid λs; schedules only with ``schedule=True``), ``select`` (``None``, a
+    valid regex or a callable), ``center`` (``None``, or a pytree with at least one
+    floating-point array) and ``stacked`` (``None`` or ``{regex: axis}``). Which paths the
+    rules match, and whether ``center`` fits, is checked later, against the params.
 
     Raises:
       Jaxl2Error: naming the argument, the value and what is allowed.
@@ -274,11 +165,9 @@ def check_rules(l2: L2, *, select: _select.Selector = None, center: Any = None) 
       ...
       jaxl2.errors.Jaxl2Error: l2 pattern 'Dense_[0' is not a valid regular expression (unterminated character set at position 6); patterns are Python regexes matched with re.fullmatch against paths like 'params/Dense_0/kernel'
     """
-    if isinstance(l2, Mapping):
-        _rules(l2)
-    else:
-        check_l2(l2)
+    _rules.check_l2_rules(l2, schedule=schedule)
     _select.predicate(select)
+    _rules.check_stacked(stacked)
     if center is not None and not _select.leaves(center):
         raise Jaxl2Error(
             f"center must be None or a pytree of arrays with the structure of params (e.g. the "
@@ -286,39 +175,95 @@ def check_rules(l2: L2, *, select: _select.Selector = None, center: Any = None) 
         )
 
 
-def l2_penalty(params: Any, l2: L2, *, select: _select.Selector = None, center: Any = None) -> jax.Array:
-    """The L2 penalty ``Σ_leaves λ_leaf/2 · Σ w²`` over the selected leaves of ``params``.
+def check_order(params: Any, l2: Any, fn: str) -> None:
+    """Refuses ``fn(l2, params)``: params that are a bare number while ``l2`` holds arrays.
 
-    Its gradient is ``λ·w`` on selected leaves and ``0`` on all others, so
-    ``loss + l2_penalty(params, λ)`` is the classic recipe ``J(W, b) + λ/2·‖W‖²``.
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> check_order(1e-3, {"d": {"kernel": jnp.ones((2, 2))}}, "l2_penalty")
+      Traceback (most recent call last):
+      ...
+      jaxl2.errors.Jaxl2Error: l2_penalty(params, l2) takes the params first, but got the number 0.001 as params and a pytree of arrays as l2: are the arguments swapped?
+    """
+    number = isinstance(params, (int, float, np.number)) or (hasattr(params, "ndim") and params.ndim == 0)
+    if number and not isinstance(params, bool) and _select.leaves(l2):
+        raise Jaxl2Error(
+            f"{fn}(params, l2) takes the params first, but got the number {_rules.number_text(params)} as params "
+            "and a pytree of arrays as l2: are the arguments swapped?"
+        )
 
-    With ``center=w₀`` it is ``Σ_leaves λ_leaf/2 · Σ (w − w₀)²`` (L2-SP), whose gradient
+
+def _check_call(params: Any, l2: Any, fn: str, step: Any) -> None:
+    """The checks of ``fn(params, l2, step=step)`` that need no params: the order, λ, schedules."""
+    check_order(params, l2, fn)
+    _rules.check_l2_rules(l2, schedule=True)
+    if step is None and _rules.has_schedule(l2):
+        raise Jaxl2Error(
+            f"l2 holds a schedule (a function of the step count): give {fn} the step=, "
+            "or use jaxl2.make_train_step or jaxl2.add_decayed_weights, which count the steps"
+        )
+
+
+def _penalty(entry: _rules.Entry, count: Any, w0: Any = None) -> jax.Array:
+    """``Σ_units λ_u/2 · Σ_u (w − w₀)²`` of one entry, accumulated in at least float32."""
+    acc = jnp.promote_types(entry.leaf.dtype, jnp.float32)
+    lam = _rules.value(entry, count, acc)
+    if jnp.ndim(lam) == 0:
+        return jnp.asarray(lam, acc) / 2 * _sq_sum(entry.leaf, w0)
+    d = entry.leaf.astype(acc) if w0 is None else entry.leaf.astype(acc) - jnp.asarray(w0, acc)
+    return jnp.sum(lam * _rules.slice_sums(entry, d * d)) / 2
+
+
+def l2_penalty(
+    params: Any,
+    l2: L2,
+    *,
+    select: _select.Selector = None,
+    center: Any = None,
+    stacked: Stacked = None,
+    step: Any = None,
+) -> jax.Array:
+    """The L2 penalty ``Σ_units λ_unit/2 · Σ w²`` over the selected leaves of ``params``.
+
+    A unit is a selected leaf, or one layer slice of a leaf stacked along an axis (``stacked``):
+    the penalty of a stack of L layers with λ_i each is ``Σ_i λ_i/2 · Σ w_i²``, exactly that of
+    the same L layers unrolled. Its gradient is ``λ·w`` on selected leaves (``λ_i·w_i`` on each
+    slice) and ``0`` on all others, so ``loss + l2_penalty(params, λ)`` is the classic recipe
+    ``J(W, b) + λ/2·‖W‖²``.
+
+    With ``center=w₀`` it is ``Σ_units λ_unit/2 · Σ (w − w₀)²`` (L2-SP), whose gradient
     is ``λ·(w − w₀)`` on selected leaves and ``0`` on all others.
 
     Args:
       params: any pytree of arrays: a Linen params dict, an NNX ``State`` or pure dict, a
         Haiku dict, an Equinox module.
-      l2: one λ for every selected leaf (a float or 0-d array, or a traced scalar under
-        ``jit``/``vmap``), or an ordered mapping ``{regex: λ}``; each selected path takes
-        the λ of the first pattern that ``re.fullmatch``-es it. Every pattern must be the
-        first match of some selected path (a pattern that matches nothing, or only paths an
-        earlier pattern takes, is an error), and every selected path must match a pattern
-        (add ``'.*': 0.0`` to opt out on purpose).
+      l2: one λ for every unit (a float or 0-d array, a traced scalar under ``jit``/``vmap``,
+        or with ``step`` an optax schedule ``count -> λ``), or an ordered mapping
+        ``{regex: λ}``; each unit takes the λ of the first pattern that ``re.fullmatch``-es its
+        name (a slice ``path[i]`` also matches by its leaf's ``path``). Every pattern must be
+        the first match of some unit (a pattern that matches nothing, or only units an earlier
+        pattern takes, is an error, except a catch-all that matches every leaf), and
+        every unit must match a pattern (add ``'.*': 0.0`` to opt out on purpose).
       select: which leaves: ``None`` for the kernels (last key ``kernel``), a regex over
         paths, a predicate ``(path, leaf) -> bool``, or a preset from ``jaxl2.select``.
       center: ``None`` (penalise ``w``), or ``w₀``, a pytree like ``params`` (e.g. the
         pretrained params: the same paths of floating-point arrays, the same shapes on
         the selected leaves) to penalise ``w − w₀``. ``w − w₀`` is computed in the
         accumulation dtype (``w₀`` is cast to it); ``w₀``'s unselected leaves are unused.
+      stacked: ``None``, or an ordered mapping ``{regex over leaf paths: axis}``: a selected
+        leaf whose path a pattern fullmatches first holds one layer per index of that axis
+        (``nn.scan``/``jax.lax.scan``-stacked kernels, usually axis 0), named ``path[i]``.
+      step: the step count (an int, or traced) at which schedules in ``l2`` are read.
 
     Returns:
       A scalar in ``float32`` at least (``float64`` for float64 params).
 
     Raises:
       Jaxl2Error: when the selection matches nothing, a λ is not a finite number ``>= 0``,
-        a pattern is invalid, matches no selected leaf or only leaves that an earlier pattern
-        takes, or ``center`` differs from
-        ``params`` in structure or in a selected leaf's shape (the first such path is named).
+        a schedule is given without ``step``, a pattern is invalid, matches no unit or only
+        units that an earlier pattern takes, ``stacked`` names no selected leaf or an axis
+        the leaf lacks, ``center`` differs from ``params`` in structure or in a selected
+        leaf's shape (the first such path is named), or the arguments look swapped.
 
     Examples:
       >>> import jax.numpy as jnp, jaxl2
@@ -328,23 +273,30 @@ def l2_penalty(params: Any, l2: L2, *, select: _select.Selector = None, center: 
       >>> w0 = {"Dense_0": {"kernel": jnp.array([[1.0, 0.0]]), "bias": jnp.array([0.0])}}
       >>> float(jaxl2.l2_penalty(params, 0.5, center=w0))  # 0.5/2 · ((1 − 1)² + (2 − 0)²)
       1.0
+
+      Two layers stacked on axis 0, each with its own λ:
+
+      >>> stack = {"blocks": {"kernel": jnp.stack([jnp.ones((2, 2)), 2 * jnp.ones((2, 2))])}}
+      >>> rules = {r"blocks/kernel\\[0\\]": 0.5, "blocks/kernel": 0.25}
+      >>> float(jaxl2.l2_penalty(stack, rules, stacked={"blocks/.*": 0}))  # 0.5/2·4 + 0.25/2·16
+      3.0
     """
-    chosen = _select.resolve(params, select)
-    lams = _coefficients(chosen, l2)
+    _check_call(params, l2, "l2_penalty", step)
+    entries = _rules.plan(params, l2, select=select, stacked=stacked)
     if center is None:
-        sums = [_sq_sum(w) for _, w in chosen]
+        terms = [_penalty(e, step) for e in entries]
     else:
-        w0 = _center_of(params, center, chosen)
-        sums = [_sq_sum(w, w0[p]) for p, w in chosen]
-    terms = [jnp.asarray(lam, s.dtype) / 2 * s for lam, s in zip(lams, sums)]
+        w0 = _center_of(params, center, [(e.path, e.leaf) for e in entries])
+        terms = [_penalty(e, step, w0[e.path]) for e in entries]
     dtype = jnp.result_type(*terms)
     return sum((t.astype(dtype) for t in terms[1:]), terms[0].astype(dtype))
 
 
 class Row(NamedTuple):
-    """One selected leaf: its path, shape, dtype and λ (``None`` when no λ was given).
+    """One unit (a selected leaf, or a layer slice ``path[i]`` of a stacked leaf): its name,
+    shape (a slice's, without the layer axis), dtype and λ (``None`` when no λ was given).
 
-    With a ``center``, also ``‖w₀‖`` and ``‖w − w₀‖`` of the leaf (else ``None``).
+    With a ``center``, also ``‖w₀‖`` and ``‖w − w₀‖`` of the unit (else ``None``).
     """
 
     path: str
@@ -383,15 +335,34 @@ def _norm(x: Any) -> Any:
     return float(np.linalg.norm(np.asarray(x, np.float64)))
 
 
-def selected(
-    params: Any, l2: L2 | None = None, *, select: _select.Selector = None, center: Any = None
-) -> Selection:
-    """What :func:`l2_penalty` would penalise: rows ``(path, shape, dtype, λ)``.
+def _slices(entry: _rules.Entry, x: Any) -> list[Any]:
+    """``x`` (shaped like the entry's leaf) cut into its units."""
+    if entry.axis is None:
+        return [x]
+    return [jnp.take(x, i, axis=entry.axis) for i in range(len(entry.units))]
 
-    Printing the result gives a table, so rules can be checked before training. With
-    ``center=w₀`` (checked as in :func:`l2_penalty`) each row also has ``‖w₀‖`` (is the
-    reference the one meant, not zeros?) and ``‖w − w₀‖`` (how far the weights are from
-    it: ``0`` when ``params`` are the pretrained weights themselves).
+
+def _unit_l2(entry: _rules.Entry, step: Any) -> list[Any]:
+    return [lam(step) if callable(lam) else lam for lam in entry.l2]
+
+
+def selected(
+    params: Any,
+    l2: L2 | None = None,
+    *,
+    select: _select.Selector = None,
+    center: Any = None,
+    stacked: Stacked = None,
+    step: Any = 0,
+) -> Selection:
+    """What :func:`l2_penalty` would penalise: rows ``(path, shape, dtype, λ)``, one per unit.
+
+    Printing the result gives a table, so rules can be checked before training. A stacked
+    leaf (``stacked``) gives one row per layer slice, ``path[i]``, with the slice's shape; a
+    schedule shows its λ at ``step`` (default 0). With ``center=w₀`` (checked as in
+    :func:`l2_penalty`) each row also has ``‖w₀‖`` (is the reference the one meant, not
+    zeros?) and ``‖w − w₀‖`` (how far the weights are from it: ``0`` when ``params`` are the
+    pretrained weights themselves).
 
     Examples:
       >>> import jax.numpy as jnp, jaxl2
@@ -405,16 +376,26 @@ def selected(
       path            shape    dtype    λ      ‖w₀‖  ‖w−w₀‖
       --------------  -------  -------  -----  ----  ------
       Dense_0/kernel  784×256  float32  0.001  224   224
+      >>> stack = {"blocks": {"kernel": jnp.ones((2, 8, 8))}}
+      >>> print(jaxl2.selected(stack, {r".*\\[0\\]": 1e-2, ".*": 1e-3}, stacked={"blocks/.*": 0}))
+      path              shape  dtype    λ
+      ----------------  -----  -------  -----
+      blocks/kernel[0]  8×8    float32  0.01
+      blocks/kernel[1]  8×8    float32  0.001
     """
-    chosen = _select.resolve(params, select)
-    lams = [None] * len(chosen) if l2 is None else _coefficients(chosen, l2)
-    rows = [Row(p, tuple(w.shape), str(w.dtype), lam) for lam, (p, w) in zip(lams, chosen)]
-    if center is not None:
-        w0 = _center_of(params, center, chosen)
-        rows = [
-            r._replace(center_norm=_norm(w0[r.path]), center_dist=_diff_norm(w, w0[r.path]))
-            for r, (_, w) in zip(rows, chosen)
-        ]
+    check_order(params, l2, "selected")
+    entries = _rules.plan(params, l2, select=select, stacked=stacked)
+    w0 = None if center is None else _center_of(params, center, [(e.path, e.leaf) for e in entries])
+    rows = []
+    for e in entries:
+        lams = [None] * len(e.units) if l2 is None else _unit_l2(e, step)
+        ws = _slices(e, e.leaf)
+        refs = [None] * len(ws) if w0 is None else _slices(e, w0[e.path])
+        for name, lam, w, ref in zip(e.units, lams, ws, refs):
+            row = Row(name, tuple(w.shape), str(e.leaf.dtype), lam)
+            if ref is not None:
+                row = row._replace(center_norm=_norm(ref), center_dist=_diff_norm(w, ref))
+            rows.append(row)
     return Selection(rows)
 
 
@@ -429,7 +410,9 @@ def _is_array(leaf: Any) -> bool:
     return hasattr(leaf, "shape") and hasattr(leaf, "dtype")
 
 
-def coefficients(params: Any, l2: L2, *, select: _select.Selector = None) -> Any:
+def coefficients(
+    params: Any, l2: L2, *, select: _select.Selector = None, stacked: Stacked = None, step: Any = None
+) -> Any:
     """The λ of every leaf of ``params``, as a pytree of the same structure.
 
     A selected leaf gets its λ (the same rules as :func:`l2_penalty`: one λ, or the first
@@ -440,9 +423,11 @@ def coefficients(params: Any, l2: L2, *, select: _select.Selector = None) -> Any
     pytree: a Linen dict, an NNX ``State`` (its Variables then hold the λs), an
     Equinox module whole or filtered with ``eqx.filter(model, eqx.is_array)`` (its
     ``None`` leaves stay ``None``). The λs are returned as given (a float, a 0-d array, a
-    traced value); the zeros are the Python float ``0.0``.
+    traced value; a schedule read at ``step``); the zeros are the Python float ``0.0``. A
+    stacked leaf whose slices have different λs gets an array that broadcasts against it:
+    the λs along the layer axis, size 1 on every other axis.
 
-    It agrees with the penalty: ``l2_penalty(params, l2) = Σ_leaves c_leaf/2 · Σ w²`` summed
+    It agrees with the penalty: ``l2_penalty(params, l2) = Σ_leaves Σ c_leaf/2 · w²`` summed
     over the array leaves, with ``c = coefficients(params, l2)``, and the penalty's
     gradient is ``c·w`` leaf by leaf.
 
@@ -450,6 +435,8 @@ def coefficients(params: Any, l2: L2, *, select: _select.Selector = None) -> Any
       params: any pytree of arrays, as in :func:`l2_penalty`.
       l2: a λ, or an ordered ``{regex: λ}`` mapping, as in :func:`l2_penalty`.
       select: which leaves, as in :func:`l2_penalty`.
+      stacked: which leaves are stacked layers, as in :func:`l2_penalty`.
+      step: the step count at which schedules are read, as in :func:`l2_penalty`.
 
     Returns:
       A pytree with the structure of ``params``.
@@ -469,8 +456,9 @@ def coefficients(params: Any, l2: L2, *, select: _select.Selector = None) -> Any
       >>> coefficients(params, {".*Dense_0.*": 1e-2, ".*": 1e-3})
       {'Dense_0': {'bias': 0.0, 'kernel': 0.01}, 'Dense_1': {'bias': 0.0, 'kernel': 0.001}}
     """
-    chosen = _select.resolve(params, select)
-    lams = dict(zip((p for p, _ in chosen), _coefficients(chosen, l2)))
+    _check_call(params, l2, "coefficients", step)
+    entries = _rules.plan(params, l2, select=select, stacked=stacked)
+    lams = {e.path: _rules.broadcast(_rules.value(e, step), e) for e in entries}
 
     def coefficient(keypath: tuple, leaf: Any) -> Any:
         if not _is_array(leaf):
@@ -485,14 +473,33 @@ def add_penalty(out: Any, penalty: Any, *, has_aux: bool) -> Any:
     ``(loss + penalty, aux')`` where ``aux'`` is ``aux`` (a mapping; anything else is kept under
     ``"aux"``) plus ``"data_loss"`` (the loss) and ``"penalty"``.
 
+    A tuple returned without ``has_aux`` (and anything but a pair with it) is an error that
+    says which flag the output asks for.
+
     Examples:
       >>> add_penalty((2.0, {"accuracy": 0.5}), 0.25, has_aux=True)
       (2.25, {'accuracy': 0.5, 'data_loss': 2.0, 'penalty': 0.25})
+      >>> add_penalty((2.0, {"accuracy": 0.5}), 0.25, has_aux=False)
+      Traceback (most recent call last):
+      ...
+      jaxl2.errors.Jaxl2Error: loss_fn returned a tuple of length 2, not a scalar loss; a loss_fn that returns (loss, aux) needs has_aux=True
     """
     if not has_aux:
+        if isinstance(out, (tuple, list)):
+            raise Jaxl2Error(
+                f"loss_fn returned {describe_output(out)}, not a scalar loss; a loss_fn that returns "
+                "(loss, aux) needs has_aux=True"
+            )
         return out + penalty
     if not (isinstance(out, (tuple, list)) and len(out) == 2):
-        raise Jaxl2Error(f"with has_aux=True, loss_fn must return (loss, aux); it returned {_returned(out)}")
+        hint = (
+            ""
+            if isinstance(out, (tuple, list))
+            else " (a loss_fn that returns the loss alone needs has_aux=False)"
+        )
+        raise Jaxl2Error(
+            f"with has_aux=True, loss_fn must return (loss, aux); it returned {describe_output(out)}{hint}"
+        )
     data_loss, aux = out
     if isinstance(aux, Mapping):
         if taken := [k for k in ("data_loss", "penalty") if k in aux]:
@@ -514,6 +521,7 @@ def regularized(
     *,
     select: _select.Selector = None,
     center: Any = None,
+    stacked: Stacked = None,
     has_aux: bool = False,
 ) -> Callable[..., Any]:
     """Wraps ``loss_fn(params, *args)`` into ``loss_fn(params, *args) + λ/2·Σw²``.
@@ -531,6 +539,7 @@ def regularized(
       select: which leaves, as in :func:`l2_penalty`.
       center: ``None``, or the reference weights ``w₀`` (a pytree like the params), as in
         :func:`l2_penalty`. The wrapper holds on to it: a jitted loss sees it as a constant.
+      stacked: which leaves are stacked layers (``{regex: axis}``), as in :func:`l2_penalty`.
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``: ``True`` or ``False``.
 
     Returns:
@@ -565,11 +574,18 @@ def regularized(
             f"loss_fn must be callable, a function loss_fn(params, *args) -> loss, got {_what(loss_fn)}"
         )
     has_aux = check_bool(has_aux, "has_aux")
-    check_rules(l2, select=select, center=center)
+    if _rules.has_schedule(l2):
+        raise Jaxl2Error(
+            "l2 holds a schedule (a function of the step count), and a loss function has no step count: "
+            "use jaxl2.make_train_step (it counts the steps), or add "
+            "jaxl2.l2_penalty(params, l2, step=count) to the loss yourself"
+        )
+    check_rules(l2, select=select, center=center, stacked=stacked)
 
     def loss(params, *args, **kwargs):
         out = loss_fn(params, *args, **kwargs)
-        return add_penalty(out, l2_penalty(params, l2, select=select, center=center), has_aux=has_aux)
+        pen = l2_penalty(params, l2, select=select, center=center, stacked=stacked)
+        return add_penalty(out, pen, has_aux=has_aux)
 
     what = "λ/2·Σw²" if center is None else "λ/2·Σ(w − w₀)²"
     loss.__name__ = f"regularized_{getattr(loss_fn, '__name__', 'loss')}"

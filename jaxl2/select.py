@@ -284,19 +284,48 @@ def _describe(select: Selector) -> str:
     return f"select={getattr(select, '__name__', repr(select))}"
 
 
+def _other_arrays(params: Any) -> list[tuple[str, Any]]:
+    """The array leaves that are not floating-point (integers, bools, keys), as ``(path, leaf)``."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(params)
+    return [
+        (path_str(kp), x)
+        for kp, x in flat
+        if hasattr(x, "shape") and hasattr(x, "dtype") and not is_float_array(x)
+    ]
+
+
 def resolve(params: Any, select: Selector = None) -> list[tuple[str, Any]]:
     """The ``(path, leaf)`` pairs that ``select`` picks; an empty match is a ``ValueError``.
 
     The error lists the floating-point paths that do exist, so a typo or a preset for
-    another library (``kernel`` vs ``w`` vs ``weight``) shows at once.
+    another library (``kernel`` vs ``w`` vs ``weight``) shows at once. A selection that names
+    an array that is not floating-point (an ``int8`` kernel, an integer counter) is an error
+    too, naming it: such a leaf has no gradient, so it cannot be penalised or decayed.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> resolve({"q": {"kernel": jnp.ones((2, 2), jnp.int8)}, "d": {"kernel": jnp.ones(2)}})
+      Traceback (most recent call last):
+      ...
+      jaxl2.errors.Jaxl2Error: the default selection (kernels: last path key 'kernel') names 'q/kernel', an array of dtype int8: only floating-point leaves can be penalised (they alone have gradients); narrow the selection with select= (a regex, a predicate or a preset)
     """
     candidates = leaves(params)
+    others = _other_arrays(params)
     if isinstance(select, Preset):
         wanted = select.paths(params)
         chosen = [(p, x) for p, x in candidates if p in wanted]
+        named = [(p, x) for p, x in others if p in wanted]
     else:
         pred = predicate(select)
         chosen = [(p, x) for p, x in candidates if pred(p, x)]
+        named = [(p, x) for p, x in others if pred(p, x)]
+    if named:
+        p, x = named[0]
+        raise Jaxl2Error(
+            f"{_describe(select)} names {p!r}, an array of dtype {x.dtype}: only floating-point leaves "
+            "can be penalised (they alone have gradients); narrow the selection with select= "
+            "(a regex, a predicate or a preset)"
+        )
     if not chosen:
         existing = ", ".join(p for p, _ in candidates) or "(none: no floating-point leaves)"
         raise Jaxl2Error(

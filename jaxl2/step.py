@@ -11,39 +11,57 @@ Example:
   >>> def mse(params, x, y):
   ...     return jnp.mean((x @ params["dense"]["kernel"] - y) ** 2)
   >>> params = {"dense": {"kernel": jnp.ones((2, 1))}}
-  >>> tx = optax.sgd(0.1)
-  >>> step = jax.jit(jaxl2.make_train_step(mse, tx, l2=0.5), donate_argnums=(0, 1))
-  >>> params, opt_state, metrics = step(params, tx.init(params), jnp.zeros((4, 2)), jnp.zeros((4, 1)))
+  >>> step = jaxl2.make_train_step(mse, optax.sgd(0.1), l2=0.5)
+  >>> jstep = jax.jit(step, donate_argnums=(0, 1))
+  >>> params, opt_state, metrics = jstep(params, step.init(params), jnp.zeros((4, 2)), jnp.zeros((4, 1)))
   >>> params["dense"]["kernel"].ravel().tolist()  # w − lr·λ·w = 1 − 0.1·0.5
   [0.949999988079071, 0.949999988079071]
   >>> sorted(metrics)
-  ['data_loss', 'grad_norm', 'loss', 'param_norm', 'penalty', 'update_norm']
+  ['data_loss', 'loss', 'penalty']
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from jaxl2 import rules as _rules
 from jaxl2 import select as _select
 from jaxl2.errors import Jaxl2Error
-from jaxl2.penalty import L2, add_penalty, check_bool, check_l2, regularized
+from jaxl2.norms import global_norms, group_norms
+from jaxl2.penalty import add_penalty, check_rules, describe_output, l2_penalty
+from jaxl2.rules import L2, Stacked, check_bool, check_l2
 
-__all__ = ["make_train_step"]
+__all__ = ["make_train_step", "ScheduledState"]
+
+
+class ScheduledState(NamedTuple):
+    """The optimizer state of a step whose ``l2`` holds a schedule: the step count (the
+    schedules are read at it, then it is incremented) and ``tx``'s own state."""
+
+    count: jax.Array
+    opt_state: Any
 
 
 def _is_zero(l2: Any) -> bool:
     """A concrete number equal to 0 (a traced λ, as in a vmapped sweep, is never "zero")."""
-    return not isinstance(l2, Mapping | jax.core.Tracer) and float(check_l2(l2)) == 0.0
+    return (
+        not isinstance(l2, Mapping | jax.core.Tracer)
+        and not _rules.is_schedule(l2)
+        and float(check_l2(l2)) == 0.0
+    )
 
 
-def _norm(tree: Any) -> jax.Array:
-    leaves = [jnp.asarray(x, jnp.float32) for x in jax.tree_util.tree_leaves(tree)]
-    return jnp.sqrt(sum((jnp.sum(x * x) for x in leaves), jnp.float32(0)))
+def _scalar(loss: Any) -> Any:
+    if getattr(loss, "shape", ()) != ():
+        raise Jaxl2Error(
+            f"loss_fn must return a scalar loss (e.g. the mean over the batch); it returned {describe_output(loss)}"
+        )
+    return loss
 
 
 def make_train_step(
@@ -53,86 +71,133 @@ def make_train_step(
     l2: L2 = 0.0,
     select: _select.Selector = None,
     center: Any = None,
+    stacked: Stacked = None,
     has_aux: bool = False,
-    norms: bool = True,
+    norms: bool = False,
 ) -> Callable[..., tuple[Any, Any, dict[str, jax.Array]]]:
     """A pure train step on ``loss_fn(params, *batch) + λ/2·Σ(w − w₀)²`` for any params pytree.
 
     ``step(params, opt_state, *batch) -> (params, opt_state, metrics)``:
 
     * the loss is ``loss_fn`` plus :func:`jaxl2.l2_penalty` over the selected leaves
-      (``w₀ = center``, default 0), so the gradient gains ``λ·(w − w₀)`` there and nothing
-      elsewhere; ``l2=0`` (a number) adds no penalty and selects nothing;
+      (``w₀ = center``, default 0; per layer slice for ``stacked`` leaves), so the gradient
+      gains ``λ·(w − w₀)`` there and nothing elsewhere; ``l2=0`` (a number) adds no penalty and
+      selects nothing;
     * ``updates, opt_state = tx.update(grads, opt_state, params)``, then
       ``optax.apply_updates``; decoupled decay, if any, belongs to ``tx``;
-    * ``metrics``: ``loss`` (total), ``data_loss``, ``penalty``, and with ``norms`` the
-      global L2 norms ``param_norm`` (before the step), ``grad_norm`` and ``update_norm``;
-      with ``has_aux`` the entries of ``loss_fn``'s aux mapping are added too.
+    * ``metrics``: ``loss`` (total), ``data_loss``, ``penalty``; with ``has_aux`` the entries
+      of ``loss_fn``'s aux mapping too. That is all by default: the step costs what a
+      hand-written one does. With ``norms=True`` also :func:`jaxl2.norms.group_norms`: the
+      global ``param_norm`` (before the step), ``grad_norm`` and ``update_norm``, and per
+      group (each rule of an ``l2`` mapping, else each selected unit, and ``unselected``)
+      ``param_norm/G``, ``grad_norm/G``, ``update_norm/G`` and ``decay_share/G``, from one
+      pass over each leaf's weights, gradient and update (with ``l2=0``, the global three).
+
+    ``step.init(params)`` builds the optimizer state the step expects: ``tx.init`` of the
+    float leaves, or, when ``l2`` holds an optax schedule (``l2=optax.cosine_decay_schedule(…)``,
+    or a schedule as a value of the mapping), a :class:`ScheduledState` ``(count, tx state)``:
+    the step reads the schedules at ``count`` and increments it, as optax's schedules do.
 
     Only floating-point array leaves are differentiated and updated; for params with other
-    leaves (an Equinox module), build ``opt_state`` with
-    ``tx.init(eqx.filter(model, eqx.is_array))`` and compile with ``eqx.filter_jit``.
+    leaves (an Equinox module), compile with ``eqx.filter_jit``.
 
     Args:
       loss_fn: ``loss_fn(params, *batch)`` → scalar data loss, or ``(loss, aux)`` with
         ``has_aux=True`` (aux: a mapping of metrics, or anything, kept under ``"aux"``).
       tx: the optax optimizer.
-      l2: λ (a number, a traced scalar, or an ordered ``{regex: λ}`` mapping), as in
-        :func:`jaxl2.l2_penalty`.
+      l2: λ (a number, a traced scalar, an optax schedule, or an ordered ``{regex: λ}``
+        mapping of those), as in :func:`jaxl2.l2_penalty`.
       select: which leaves are penalised (default: the kernels).
       center: reference weights ``w₀`` (L2-SP), a pytree of the params' structure, or None.
+      stacked: ``{regex over leaf paths: layer axis}`` for stacked layers, as in
+        :func:`jaxl2.l2_penalty`.
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
-      norms: whether to compute the three norms (each costs a pass over the params).
+      norms: whether to add the per-group and global norms to the metrics.
 
     Returns:
-      The pure step; ``jax.jit(step, donate_argnums=(0, 1))`` compiles it once and reuses the
-      params' and optimizer state's buffers.
+      The pure step, with its ``init``; ``jax.jit(step, donate_argnums=(0, 1))`` compiles it
+      once and reuses the params' and optimizer state's buffers.
+
+    Raises:
+      Jaxl2Error: at once for a bad ``loss_fn``, ``tx``, ``l2``, ``select``, ``stacked``,
+        ``center``, ``has_aux`` or ``norms``; at trace time when ``loss_fn``'s output does not
+        fit ``has_aux`` or is not a scalar, when the rules do not fit the params, or when a
+        scheduled step is given a state that ``step.init`` did not build.
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax, jaxl2
       >>> loss = lambda p, x: jnp.sum(p["layer"]["bias"] * x)
       >>> params = {"layer": {"kernel": jnp.full((2, 2), 2.0), "bias": jnp.ones(2)}}
       >>> step = jaxl2.make_train_step(loss, optax.sgd(1.0), l2=0.25)
-      >>> new, _, m = step(params, optax.sgd(1.0).init(params), jnp.ones(2))
+      >>> new, _, m = step(params, step.init(params), jnp.ones(2))
       >>> float(new["layer"]["kernel"][0, 0]), float(m["penalty"])  # 2 − 0.25·2; 0.25/2·16
       (1.5, 2.0)
+
+      λ on a schedule, read at the step count:
+
+      >>> step = jaxl2.make_train_step(loss, optax.sgd(1.0), l2=optax.linear_schedule(0.25, 0.0, 1))
+      >>> state = step.init(params)
+      >>> p1, state, m1 = step(params, state, jnp.ones(2))
+      >>> p2, state, m2 = step(p1, state, jnp.ones(2))
+      >>> float(m1["penalty"]), float(m2["penalty"]), int(state.count)  # λ = 0.25, then 0
+      (2.0, 0.0, 2)
     """
     if not callable(loss_fn):
         raise Jaxl2Error(f"loss_fn must be a function loss_fn(params, *batch), got {type(loss_fn).__name__}")
     if not (hasattr(tx, "init") and hasattr(tx, "update")):
         raise Jaxl2Error(f"tx must be an optax GradientTransformation, got {type(tx).__name__}")
     penalised = not _is_zero(l2)
-
+    if penalised:
+        check_rules(l2, select=select, center=center, stacked=stacked, schedule=True)
     has_aux = check_bool(has_aux, "has_aux")
+    norms = check_bool(norms, "norms")
+    scheduled = penalised and _rules.has_schedule(l2)
 
-    def data_only(params, *batch):
+    def objective(params: Any, count: Any, *batch: Any) -> tuple[Any, dict[str, Any]]:
         out = loss_fn(params, *batch)
         if not has_aux:
+            add_penalty(out, 0, has_aux=False)  # a (loss, aux) pair without has_aux fails here
             out = (out, {})
-        data_loss = out[0] if isinstance(out, tuple | list) and len(out) == 2 else out
-        return add_penalty(out, jnp.zeros_like(data_loss), has_aux=True)
+        else:
+            add_penalty(out, 0, has_aux=True)  # a bare loss with has_aux fails here
+        data_loss = _scalar(out[0])
+        if penalised:
+            pen = l2_penalty(params, l2, select=select, center=center, stacked=stacked, step=count)
+        else:
+            pen = jnp.zeros_like(data_loss)
+        return add_penalty(out, pen, has_aux=True)
 
-    if not penalised:
-        objective = data_only
-    elif has_aux:
-        objective = regularized(loss_fn, l2, select=select, center=center, has_aux=True)
-    else:
-        objective = regularized(
-            lambda p, *b: (loss_fn(p, *b), {}), l2, select=select, center=center, has_aux=True
-        )
+    def init(params: Any) -> Any:
+        state = tx.init(_select.float_part(params)[0])
+        return ScheduledState(jnp.zeros([], jnp.int32), state) if scheduled else state
 
     def step(params: Any, opt_state: Any, *batch: Any) -> tuple[Any, Any, dict[str, jax.Array]]:
+        count = None
+        if scheduled:
+            if not isinstance(opt_state, ScheduledState):
+                raise Jaxl2Error(
+                    "l2 holds a schedule, so the step counts its steps in the optimizer state: build "
+                    "it with step.init(params) (a jaxl2.step.ScheduledState(count, tx state)), "
+                    f"not tx.init(params); got {type(opt_state).__name__}"
+                )
+            count, opt_state = opt_state
         arrays, merge = _select.float_part(params)
 
         def of_arrays(a, *b):
-            return objective(merge(a), *b)
+            return objective(merge(a), count, *b)
 
         (loss, aux), grads = jax.value_and_grad(of_arrays, has_aux=True)(arrays, *batch)
         updates, opt_state = tx.update(grads, opt_state, arrays)
         new_arrays = optax.apply_updates(arrays, updates)
         metrics = {**aux, "loss": loss}
-        if norms:
-            metrics.update(param_norm=_norm(arrays), grad_norm=_norm(grads), update_norm=_norm(updates))
+        if norms and penalised:
+            kw = dict(select=select, stacked=stacked, center=center, step=count)
+            metrics.update(group_norms(arrays, grads, updates, l2, **kw))
+        elif norms:
+            metrics.update(global_norms(arrays, grads, updates))
+        if scheduled:
+            opt_state = ScheduledState(optax.safe_increment(count), opt_state)
         return merge(new_arrays), opt_state, metrics
 
+    step.init = init
     return step

@@ -90,8 +90,10 @@ def test_has_aux_ignores_aux():
     assert aux.ok, str(aux)
     assert aux.finite_difference_max_rel_err == pytest.approx(plain.finite_difference_max_rel_err, abs=1e-9)
     assert (aux.n_params, aux.n_selected) == (plain.n_params, plain.n_selected)
-    with pytest.raises(TypeError):  # without has_aux the tuple is not a loss
+    with pytest.raises(jaxl2.Jaxl2Error, match=r"returned a tuple of length 2.*needs has_aux=True"):
         jaxl2.gradcheck(with_aux, params, x, y, l2=1e-2, directions=1)
+    with pytest.raises(jaxl2.Jaxl2Error, match=r"has_aux.*loss alone needs has_aux=False"):
+        jaxl2.gradcheck(loss_fn, params, x, y, l2=1e-2, has_aux=True, directions=1)
 
 
 def test_equinox_module_with_non_array_leaves():

@@ -12,7 +12,19 @@ import pytest
 import jaxl2
 from jaxl2 import conventions, select
 
-LIBRARY = ["select", "penalty", "conventions", "check", "errors", "decay", "step", "table"]
+LIBRARY = [
+    "select",
+    "rules",
+    "penalty",
+    "norms",
+    "conventions",
+    "check",
+    "errors",
+    "decay",
+    "step",
+    "table",
+    "auto",
+]
 ROOT = pathlib.Path(__file__).resolve().parent.parent / "jaxl2"
 APPLICATION_PACKAGES = {
     "flax",

@@ -175,20 +175,38 @@ def test_a_pattern_hidden_behind_an_earlier_catch_all_is_an_error(entry):
     with pytest.raises(jaxl2.Jaxl2Error) as e:
         _shadowed_calls(p, catch_all_first)[entry]()
     assert str(e.value) == (
-        "l2 pattern '.*Dense_0/kernel' never applies: every selected path it matches is taken by "
-        "an earlier pattern ('.*'); put it first"
+        "l2 pattern '.*Dense_0/kernel' never applies: the first match wins, and every selected path it "
+        "matches (params/Dense_0/kernel) is taken by an earlier pattern ('.*'); remove it, or narrow "
+        "the earlier pattern if it was meant to take some of them"
     )
     # hidden behind two patterns, each taking one of its paths: both are named, in rule order
-    two = {".*Dense_1.*": 0.1, ".*Dense_0.*": 0.2, ".*kernel": 0.3}
+    three = {"params": {**p["params"], "Dense_2": p["params"]["Dense_0"]}}
+    two = {".*Dense_1.*": 0.1, ".*Dense_0.*": 0.2, ".*Dense_[01]/kernel": 0.3, ".*": 0.0}
     with pytest.raises(jaxl2.Jaxl2Error) as e:
-        _shadowed_calls(p, two)[entry]()
-    assert str(e.value) == (
-        "l2 pattern '.*kernel' never applies: every selected path it matches is taken by "
-        "earlier patterns ('.*Dense_1.*', '.*Dense_0.*'); put it first"
+        _shadowed_calls(three, two)[entry]()
+    assert str(e.value).startswith(
+        "l2 pattern '.*Dense_[01]/kernel' never applies: the first match wins, and every selected path "
+        "it matches (params/Dense_0/kernel, params/Dense_1/kernel) is taken by earlier patterns "
+        "('.*Dense_1.*', '.*Dense_0.*'); remove it"
     )
     # put first, it applies
     fixed = {".*Dense_0/kernel": 1e-4, ".*": 1e-3}
     _shadowed_calls(p, fixed)[entry]()
+
+
+@pytest.mark.parametrize("entry", list(_shadowed_calls(None, None)))
+def test_a_trailing_catch_all_is_accepted_and_means_the_rest(entry):
+    """The README's {'.*kernel': λ, '.*': 0.0}: '.*' takes nothing here, on purpose; accepted."""
+    p = linen_params()
+    _shadowed_calls(p, {".*kernel": 1e-3, ".*": 0.0})[entry]()
+    w = p["params"]
+    want = (
+        1e-3
+        / 2
+        * sum(float(np.sum(np.asarray(w[k]["kernel"], np.float64) ** 2)) for k in ("Dense_0", "Dense_1"))
+    )
+    got = jaxl2.l2_penalty(p, {".*Dense_0.*": 1e-3, ".*kernel": 1e-3, ".*": 0.0})
+    np.testing.assert_allclose(float(got), want, rtol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -317,8 +335,18 @@ def test_regularized_pattern_that_matches_nothing_fails_at_the_call():
 
 
 def test_no_float_leaves_is_an_error():
-    with pytest.raises(ValueError, match=r"no floating-point leaves"):
-        jaxl2.l2_penalty({"kernel": jnp.arange(3)}, 0.1)
+    with pytest.raises(jaxl2.Jaxl2Error, match=r"no floating-point leaves"):
+        jaxl2.l2_penalty({"w": jnp.arange(3)}, 0.1)
+
+
+def test_a_selected_integer_leaf_is_an_error_naming_it():
+    """An int8 'kernel' (a quantized layer) would be silently skipped; it is named instead."""
+    p = {"q": {"kernel": jnp.ones((2, 2), jnp.int8)}, "d": {"kernel": jnp.ones((2, 2))}}
+    with pytest.raises(
+        jaxl2.Jaxl2Error, match=r"names 'q/kernel', an array of dtype int8: only floating-point"
+    ):
+        jaxl2.l2_penalty(p, 0.1)
+    assert float(jaxl2.l2_penalty(p, 0.1, select="d/.*")) == pytest.approx(0.2)
 
 
 def test_regularized_checks_l2_and_regex_up_front():
@@ -450,7 +478,8 @@ def test_has_aux_loss_that_does_not_return_a_pair_is_a_jaxl2error(out, shown):
     loss = jaxl2.regularized(lambda q: out, 1e-3, has_aux=True)
     with pytest.raises(jaxl2.Jaxl2Error) as e:
         loss(p)
-    assert str(e.value) == f"with has_aux=True, loss_fn must return (loss, aux); it returned {shown}"
+    hint = " (a loss_fn that returns the loss alone needs has_aux=False)" if "length" not in shown else ""
+    assert str(e.value) == f"with has_aux=True, loss_fn must return (loss, aux); it returned {shown}{hint}"
 
 
 def test_has_aux_loss_that_returns_a_scalar_fails_the_same_under_jit_and_grad():

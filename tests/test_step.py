@@ -70,7 +70,7 @@ def test_metrics_norms_against_numpy(batch):
     params = model.init(jax.random.key(1), x)
     flat0 = np.concatenate([np.asarray(w, np.float64).ravel() for w in jax.tree.leaves(params)])
     data_loss = lambda p, x, y: ce(model.apply(p, x), y)  # noqa: E731
-    step = jaxl2.make_train_step(data_loss, optax.sgd(0.5), l2=1e-2)
+    step = jaxl2.make_train_step(data_loss, optax.sgd(0.5), l2=1e-2, norms=True)
     grads = jax.grad(jaxl2.regularized(data_loss, 1e-2))(params, x, y)
     new, _, m = step(params, optax.sgd(0.5).init(params), x, y)
     flat1 = np.concatenate([np.asarray(w, np.float64).ravel() for w in jax.tree.leaves(new)])

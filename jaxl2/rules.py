@@ -1,0 +1,383 @@
+"""Which λ each selected leaf gets: one λ, ``{regex: λ}`` rules, schedules and stacked layers.
+
+A *unit* is what one λ applies to. It is a selected leaf, named by its path, or, for a leaf
+whose layers are stacked along an axis (``nn.scan``, ``jax.lax.scan``, ``eqx.filter_vmap``),
+one slice of it along that axis, named ``path[i]``: a kernel of shape ``(12, 768, 3072)``
+stacked on axis 0 is twelve units ``…/kernel[0]`` … ``…/kernel[11]`` of shape ``768×3072``.
+
+* ``l2`` is one λ for every unit, or an ordered mapping ``{regex: λ}``: each unit takes the λ
+  of the first pattern that ``re.fullmatch``-es its name, or, for a slice, its leaf's path (so
+  ``'.*kernel'`` covers every slice and ``r'.*kernel\\[0\\]'`` the first one only).
+* A λ is a finite number ``>= 0``, a traced scalar (under ``jit``/``vmap``), or, where a step
+  count is known, an optax schedule: a function of the step count, such as
+  ``optax.linear_schedule(1e-2, 0.0, 1000)``.
+* ``stacked`` is ``None`` or an ordered mapping ``{regex: axis}`` over leaf paths: a selected
+  leaf whose path a pattern fullmatches first is stacked along that axis.
+
+Example:
+  >>> import jax.numpy as jnp
+  >>> from jaxl2 import rules
+  >>> params = {"blocks": {"kernel": jnp.ones((3, 4, 4))}, "head": {"kernel": jnp.ones((4, 2))}}
+  >>> for e in rules.plan(params, {r".*kernel\\[0\\]": 1e-2, ".*": 1e-3}, stacked={"blocks/.*": 0}):
+  ...     print(e.path, e.axis, e.units, e.l2)
+  blocks/kernel 0 ('blocks/kernel[0]', 'blocks/kernel[1]', 'blocks/kernel[2]') (0.01, 0.001, 0.001)
+  head/kernel None ('head/kernel',) (0.001,)
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxl2 import select as _select
+from jaxl2.errors import Jaxl2Error
+
+__all__ = [
+    "L2",
+    "Entry",
+    "check_l2",
+    "check_bool",
+    "check_stacked",
+    "check_l2_rules",
+    "has_schedule",
+    "plan",
+    "value",
+    "broadcast",
+]
+
+Schedule = Callable[[Any], Any]
+L2 = float | jax.Array | Schedule | Mapping[str, Any]
+Stacked = Mapping[str, int] | None
+
+
+def _is_traced(x: Any) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+def is_schedule(value: Any) -> bool:
+    """A function of the step count (an optax schedule): callable and not an array."""
+    return callable(value) and not hasattr(value, "dtype")
+
+
+def check_l2(value: Any, name: str = "l2", *, schedule: bool = False) -> Any:
+    """Checks one coefficient ``λ``: a real number, finite and ``>= 0`` (or, with ``schedule``, a
+    function of the step count whose value at step 0 is one).
+
+    Accepted: a python ``int``/``float``, a NumPy integer or float scalar, a 0-d NumPy or
+    JAX array of an integer or float dtype (all checked for ``0 <= λ < ∞``), and a traced
+    value under ``jit``/``vmap`` (returned unchecked: its value is not known yet). Refused:
+    strings, bytes, bools, ``None``, complex numbers and arrays that are not 0-d.
+
+    Args:
+      value: the coefficient.
+      name: the argument's name, for the error message.
+      schedule: whether an optax schedule (``count -> λ``) is allowed here.
+
+    Returns:
+      ``value`` itself.
+
+    Raises:
+      Jaxl2Error: when ``value`` is not one of the above, or is negative, NaN or infinite.
+
+    Examples:
+      >>> check_l2(1e-3)
+      0.001
+      >>> check_l2("1e-3")
+      Traceback (most recent call last):
+      ...
+      jaxl2.errors.Jaxl2Error: l2 must be a finite number >= 0 (a float or a 0-d array), got '1e-3' (str)
+      >>> import optax
+      >>> check_l2(optax.linear_schedule(-1.0, 0.0, 10), schedule=True)
+      Traceback (most recent call last):
+      ...
+      jaxl2.errors.Jaxl2Error: l2 is a schedule whose value at step 0 is -1.0; a λ must be a finite number >= 0
+    """
+    if _is_traced(value):
+        return value
+    if is_schedule(value):
+        if not schedule:
+            raise Jaxl2Error(
+                f"{name} is a schedule (a function of the step count), and there is no step count here: "
+                "schedules are taken by jaxl2.add_decayed_weights and jaxl2.make_train_step, and by "
+                "jaxl2.l2_penalty with step=; otherwise give a number"
+            )
+        try:
+            at0 = value(0)
+        except Exception as e:  # a user's callable: say which argument it was
+            raise Jaxl2Error(
+                f"{name} is callable, so it is taken as a schedule (step count -> λ), but {name}(0) "
+                f"raised {type(e).__name__}: {e}"
+            ) from None
+        if _is_traced(at0):  # a schedule closing over a traced value: checked when it is known
+            return value
+        try:
+            check_l2(at0, name)
+        except Jaxl2Error:
+            raise Jaxl2Error(
+                f"{name} is a schedule whose value at step 0 is {number_text(at0)}; a λ must be a finite number >= 0"
+            ) from None
+        return value
+    real = isinstance(value, (int, float, np.integer, np.floating, np.ndarray, jax.Array))
+    if real and hasattr(value, "dtype"):
+        dtype = value.dtype
+        real = value.ndim == 0 and (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating))
+    if not real or isinstance(value, bool) or not (0 <= float(value) < math.inf):
+        raise Jaxl2Error(
+            f"{name} must be a finite number >= 0 (a float or a 0-d array), "
+            f"got {value!r} ({type(value).__name__})"
+        )
+    return value
+
+
+def number_text(x: Any) -> str:
+    try:
+        return repr(float(x))
+    except (TypeError, ValueError):
+        return repr(x)
+
+
+def check_bool(value: Any, name: str) -> bool:
+    """Checks a flag: ``True`` or ``False`` (a Python or NumPy bool), nothing truthy in their place.
+
+    Examples:
+      >>> check_bool(True, "has_aux")
+      True
+      >>> check_bool("yes", "has_aux")
+      Traceback (most recent call last):
+      ...
+      jaxl2.errors.Jaxl2Error: has_aux must be True or False, got 'yes' (str)
+    """
+    if not isinstance(value, (bool, np.bool_)):
+        raise Jaxl2Error(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+    return bool(value)
+
+
+def check_l2_rules(l2: Any, *, schedule: bool = False) -> list[tuple[str, re.Pattern, Any]] | None:
+    """Checks ``l2``; returns its ``(pattern, compiled regex, λ)`` rules, or ``None`` for one λ."""
+    if not isinstance(l2, Mapping):
+        check_l2(l2, schedule=schedule)
+        return None
+    if not l2:
+        raise Jaxl2Error("l2 mapping is empty; give {regex: λ} entries, e.g. {'.*': 1e-3}")
+    rules = []
+    for pattern, lam in l2.items():
+        if not isinstance(pattern, str):
+            raise Jaxl2Error(
+                f"l2 mapping keys must be regex strings, got {pattern!r} ({type(pattern).__name__})"
+            )
+        check_l2(lam, f"l2[{pattern!r}]", schedule=schedule)
+        rules.append((pattern, _select.compile_regex(pattern, "l2"), lam))
+    return rules
+
+
+def check_stacked(stacked: Stacked) -> list[tuple[str, re.Pattern, int]]:
+    """Checks ``stacked``: ``None`` or a non-empty mapping ``{regex over leaf paths: axis (an int)}``.
+
+    Examples:
+      >>> check_stacked({".*blocks.*": "0"})
+      Traceback (most recent call last):
+      ...
+      jaxl2.errors.Jaxl2Error: stacked['.*blocks.*'] must be an int, the layer axis of the leaves it matches, got '0' (str)
+    """
+    if stacked is None:
+        return []
+    if not isinstance(stacked, Mapping) or not stacked:
+        raise Jaxl2Error(
+            "stacked must be None or a non-empty mapping {regex over leaf paths: layer axis}, e.g. "
+            f"{{'params/blocks/.*': 0}}; got {stacked!r} ({type(stacked).__name__})"
+        )
+    out = []
+    for pattern, axis in stacked.items():
+        if not isinstance(pattern, str):
+            raise Jaxl2Error(
+                f"stacked keys must be regex strings, got {pattern!r} ({type(pattern).__name__})"
+            )
+        if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
+            raise Jaxl2Error(
+                f"stacked[{pattern!r}] must be an int, the layer axis of the leaves it matches, "
+                f"got {axis!r} ({type(axis).__name__})"
+            )
+        out.append((pattern, _select.compile_regex(pattern, "stacked"), int(axis)))
+    return out
+
+
+def has_schedule(l2: Any) -> bool:
+    """Whether ``l2`` (one λ or a mapping) holds a schedule."""
+    values = l2.values() if isinstance(l2, Mapping) else [l2]
+    return any(is_schedule(v) for v in values)
+
+
+class Entry(NamedTuple):
+    """One selected leaf and the λ of each of its units.
+
+    Attributes:
+      path: the leaf's path.
+      leaf: the leaf.
+      axis: its layer axis (non-negative) when it is stacked, else ``None``.
+      units: the units' names: ``(path,)``, or ``(path[0], …, path[L-1])`` when stacked.
+      l2: one λ (a number, a traced value or a schedule) per unit; ``None`` each when no λ
+        was asked for.
+      rules: per unit, the ``l2`` pattern that gave its λ (``None`` when ``l2`` is not a mapping).
+    """
+
+    path: str
+    leaf: Any
+    axis: int | None
+    units: tuple[str, ...]
+    l2: tuple
+    rules: tuple
+
+
+def _axes(chosen: list[tuple[str, Any]], stacked: Stacked) -> list[int | None]:
+    """The layer axis of each chosen leaf (``None``: not stacked), every pattern checked."""
+    specs = check_stacked(stacked)
+    paths = [p for p, _ in chosen]
+    for pattern, rx, _ in specs:
+        if not any(rx.fullmatch(p) for p in paths):
+            raise Jaxl2Error(
+                f"stacked pattern {pattern!r} matches no selected parameter (a typo?); "
+                f"the selected paths are: {', '.join(paths)}"
+            )
+    axes = []
+    for p, w in chosen:
+        axis = next((a for _, rx, a in specs if rx.fullmatch(p)), None)
+        if axis is not None:
+            if not -w.ndim <= axis < max(w.ndim, 1) or w.ndim == 0:
+                raise Jaxl2Error(
+                    f"stacked gives {p!r} layer axis {axis}, but it has shape {tuple(w.shape)} "
+                    f"(ndim {w.ndim}); the axis must be in [-{w.ndim}, {w.ndim})"
+                )
+            axis %= w.ndim
+        axes.append(axis)
+    return axes
+
+
+def _rule_l2(
+    units: list[tuple[str, str]], rules: list[tuple[str, re.Pattern, Any]], every: list[str]
+) -> list[tuple[Any, str]]:
+    """``(λ, pattern)`` of each ``(unit name, leaf path)``: those of the first rule matching either.
+
+    ``every`` holds the paths of all of params' array leaves, selected or not."""
+
+    def matches(rx: re.Pattern, unit: tuple[str, str]) -> bool:
+        return rx.fullmatch(unit[0]) is not None or (unit[0] != unit[1] and rx.fullmatch(unit[1]) is not None)
+
+    first = [next((i for i, (_, rx, _) in enumerate(rules) if matches(rx, u)), None) for u in units]
+    names = [u[0] for u in units]
+    for i, (pattern, rx, _) in enumerate(rules):
+        hits = [j for j, u in enumerate(units) if matches(rx, u)]
+        if not hits:
+            raise Jaxl2Error(
+                f"l2 pattern {pattern!r} matches no selected parameter (a typo?); "
+                f"the selected paths are: {', '.join(names)}"
+            )
+        # A pattern that only matches units an earlier one takes is dead code, unless it matches
+        # every leaf of params: a catch-all ('.*': 0.0) that says "the rest" on purpose.
+        catch_all = all(rx.fullmatch(p) for p in every)
+        if all(first[j] < i for j in hits) and not catch_all:
+            takers = sorted({first[j] for j in hits})
+            said = ", ".join(repr(rules[t][0]) for t in takers)
+            which = "an earlier pattern" if len(takers) == 1 else "earlier patterns"
+            raise Jaxl2Error(
+                f"l2 pattern {pattern!r} never applies: the first match wins, and every selected path it "
+                f"matches ({', '.join(names[j] for j in hits)}) is taken by {which} ({said}); remove it, "
+                "or narrow the earlier pattern if it was meant to take some of them"
+            )
+    lams = []
+    for (name, _), i in zip(units, first):
+        if i is None:
+            raise Jaxl2Error(
+                f"selected parameter {name!r} matches no l2 pattern; add an entry for it, or a "
+                "catch-all such as {'.*': 0.0} to leave the remaining leaves unpenalised on purpose"
+            )
+        lams.append((rules[i][2], rules[i][0]))
+    return lams
+
+
+def plan(
+    params: Any,
+    l2: L2 | None,
+    *,
+    select: _select.Selector = None,
+    stacked: Stacked = None,
+    schedule: bool = True,
+) -> list[Entry]:
+    """The selected leaves of ``params``, their units and each unit's λ (``l2=None``: no λ).
+
+    Raises:
+      Jaxl2Error: an empty selection (the paths that exist are listed), a bad λ, an l2
+        pattern that matches nothing or only units an earlier pattern takes (unless it matches
+        every leaf of params, a catch-all), a selected unit no pattern matches, a bad ``stacked`` (not a mapping, a
+        pattern that matches no selected leaf, an axis out of range).
+    """
+    chosen = _select.resolve(params, select)
+    axes = _axes(chosen, stacked)
+    units = [
+        [(p, p)] if axis is None else [(f"{p}[{i}]", p) for i in range(w.shape[axis])]
+        for (p, w), axis in zip(chosen, axes)
+    ]
+    flat = [u for us in units for u in us]
+    if l2 is None:
+        lams = [(None, None)] * len(flat)
+    else:
+        rules = check_l2_rules(l2, schedule=schedule)
+        every = [p for p, _ in _select.leaves(params)]
+        lams = [(l2, None)] * len(flat) if rules is None else _rule_l2(flat, rules, every)
+    it = iter(lams)
+    entries = []
+    for (p, w), axis, us in zip(chosen, axes, units):
+        mine = [next(it) for _ in us]
+        entries.append(Entry(p, w, axis, tuple(n for n, _ in us), *map(tuple, zip(*mine))))
+    return entries
+
+
+def _same(lams: tuple) -> bool:
+    """Whether every λ is the same object or the same concrete number."""
+    a = lams[0]
+    for b in lams[1:]:
+        if b is a:
+            continue
+        concrete = not (callable(a) or callable(b) or _is_traced(a) or _is_traced(b))
+        if not (concrete and float(a) == float(b)):
+            return False
+    return True
+
+
+def value(entry: Entry, count: Any = None, dtype: Any = jnp.float32) -> Any:
+    """The λ of ``entry`` at step ``count``: one scalar for the whole leaf when all its units
+    share a λ, else a ``[L]`` vector of ``dtype`` (one λ per slice, in order).
+
+    Examples:
+      >>> import jax.numpy as jnp, optax
+      >>> e = Entry("k", jnp.ones((2, 3)), 0, ("k[0]", "k[1]"), (0.5, optax.constant_schedule(0.25)), (None, None))
+      >>> value(e, count=0).tolist()
+      [0.5, 0.25]
+    """
+    if count is None and any(callable(lam) for lam in entry.l2):
+        raise Jaxl2Error(f"the λ of {entry.path!r} is a schedule, which needs the step count")
+    lams = tuple(lam(count) if callable(lam) else lam for lam in entry.l2)
+    if _same(entry.l2):
+        return lams[0]
+    return jnp.stack([jnp.asarray(lam, dtype) for lam in lams])
+
+
+def broadcast(lam: Any, entry: Entry) -> Any:
+    """``lam`` shaped to multiply ``entry.leaf``: a ``[L]`` vector along the layer axis."""
+    if jnp.ndim(lam) == 0:
+        return lam
+    shape = [1] * entry.leaf.ndim
+    shape[entry.axis] = -1
+    return jnp.reshape(lam, shape)
+
+
+def slice_sums(entry: Entry, x: jax.Array) -> jax.Array:
+    """``Σx`` over each unit of ``entry``: a ``[L]`` vector when stacked, else a scalar."""
+    if entry.axis is None:
+        return jnp.sum(x)
+    return jnp.sum(x, axis=tuple(i for i in range(x.ndim) if i != entry.axis))
