@@ -283,11 +283,13 @@ def l2_penalty(
     """
     _check_call(params, l2, "l2_penalty", step)
     entries = _rules.plan(params, l2, select=select, stacked=stacked)
-    if center is None:
-        terms = [_penalty(e, step) for e in entries]
-    else:
-        w0 = _center_of(params, center, [(e.path, e.leaf) for e in entries])
-        terms = [_penalty(e, step, w0[e.path]) for e in entries]
+    w0 = {} if center is None else _center_of(params, center, [(e.path, e.leaf) for e in entries])
+    if not isinstance(l2, Mapping):  # one λ: λ/2 · Σ_leaves Σw², the sum a hand-written penalty takes
+        sums = [_sq_sum(e.leaf, w0.get(e.path)) for e in entries]
+        dtype = jnp.result_type(*sums)
+        total = sum((t.astype(dtype) for t in sums[1:]), sums[0].astype(dtype))
+        return jnp.asarray(_rules.value(entries[0], step, dtype), dtype) / 2 * total
+    terms = [_penalty(e, step, w0.get(e.path)) for e in entries]
     dtype = jnp.result_type(*terms)
     return sum((t.astype(dtype) for t in terms[1:]), terms[0].astype(dtype))
 
