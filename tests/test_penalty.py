@@ -544,3 +544,22 @@ def test_select_predicate_message_in_full_and_numpy_bools_accepted():
     )
     pen = jaxl2.l2_penalty(p, 0.5, select=lambda path, leaf: np.bool_(leaf.ndim == 2))
     assert float(pen) == pytest.approx(np_penalty([W], 0.5), rel=1e-6)
+
+
+@pytest.mark.parametrize("fn", ["l2_penalty", "selected", "coefficients"])
+def test_swapped_arguments_are_an_error_that_says_so(fn):
+    p = {"d": {"kernel": jnp.ones((2, 2))}}
+    with pytest.raises(
+        jaxl2.Jaxl2Error, match=rf"^{fn}\(params, l2\) takes the params first.*arguments swapped\?$"
+    ):
+        getattr(jaxl2, fn)(1e-3, p)
+    with pytest.raises(jaxl2.Jaxl2Error, match=r"takes the params first, but got the number 0.5"):
+        getattr(jaxl2, fn)(jnp.float32(0.5), p)
+
+
+def test_a_loss_returning_loss_and_aux_without_has_aux_is_an_error_saying_which_flag():
+    p = {"d": {"kernel": jnp.ones((2, 2))}}
+    loss = jaxl2.regularized(lambda q: (jnp.sum(q["d"]["kernel"]), {"acc": 1.0}), 1e-3)
+    for call in (loss, jax.jit(loss), jax.grad(loss)):
+        with pytest.raises(jaxl2.Jaxl2Error, match=r"returned a tuple of length 2.*needs has_aux=True"):
+            call(p)
