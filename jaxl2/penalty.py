@@ -285,13 +285,15 @@ def l2_penalty(
     entries = _rules.plan(params, l2, select=select, stacked=stacked)
     w0 = {} if center is None else _center_of(params, center, [(e.path, e.leaf) for e in entries])
     if not isinstance(l2, Mapping):  # one λ: λ/2 · Σ_leaves Σw², the sum a hand-written penalty takes
-        sums = [_sq_sum(e.leaf, w0.get(e.path)) for e in entries]
-        dtype = jnp.result_type(*sums)
-        total = sum((t.astype(dtype) for t in sums[1:]), sums[0].astype(dtype))
-        return jnp.asarray(_rules.value(entries[0], step, dtype), dtype) / 2 * total
-    terms = [_penalty(e, step, w0.get(e.path)) for e in entries]
-    dtype = jnp.result_type(*terms)
-    return sum((t.astype(dtype) for t in terms[1:]), terms[0].astype(dtype))
+        total = _total([_sq_sum(e.leaf, w0.get(e.path)) for e in entries])
+        return jnp.asarray(_rules.value(entries[0], step, total.dtype), total.dtype) / 2 * total
+    return _total([_penalty(e, step, w0.get(e.path)) for e in entries])
+
+
+def _total(xs: list[jax.Array]) -> jax.Array:
+    """``Σ xs`` in their common result dtype."""
+    dtype = jnp.result_type(*xs)
+    return sum((x.astype(dtype) for x in xs[1:]), xs[0].astype(dtype))
 
 
 class Row(NamedTuple):
