@@ -153,6 +153,21 @@ def _integer(name: str, value: Any, *, minimum: int) -> int:
     return int(value)
 
 
+def _check_resolution(err: float, rtol: float, eps: float, loss: float, slope: float) -> None:
+    """Refuses a failed direction that rounding alone explains: ``L(θ ± eps·d)`` are each rounded
+    to float64's ``ε·|L|``, so ``D_d`` carries an error of about ``ε·|L|/eps``; when that exceeds
+    ``rtol·|⟨∇L, d⟩|``, the step is below what float64 resolves and the verdict would be noise."""
+    noise = float(np.finfo(np.float64).eps) * loss / eps
+    if err <= rtol or noise <= rtol * slope:
+        return
+    smallest = float(np.finfo(np.float64).eps) * loss / (rtol * max(slope, 1e-300))
+    raise Jaxl2Error(
+        f"eps {eps:g} is below what float64 resolves here: the central difference's rounding error "
+        f"(about ε·|L|/eps = {noise:.2g}) exceeds rtol·|⟨∇L, d⟩| = {rtol * slope:.2g}; use eps >= "
+        f"{10 ** np.ceil(np.log10(10 * smallest)):g} (default 1e-5)"
+    )
+
+
 def gradcheck(
     loss_fn: Callable[..., Any],
     params: Any,
@@ -205,8 +220,9 @@ def gradcheck(
 
     Raises:
       Jaxl2Error: for a bad argument, a selection or pattern that matches nothing, a
-        ``center`` that does not fit ``params``, or a ``loss_fn`` that computes in a float
-        narrower than float64.
+        ``center`` that does not fit ``params``, a ``loss_fn`` that computes in a float
+        narrower than float64, or an ``eps`` so small that float64's rounding alone would fail
+        the check (its error ``≈ ε·|L|/eps`` exceeds ``rtol·|⟨∇L, d⟩|``).
 
     Examples:
       >>> import jax.numpy as jnp
@@ -259,7 +275,9 @@ def gradcheck(
         for _ in range(directions):
             d = rng.standard_normal(flat.shape)
             d /= np.linalg.norm(d)
-            fd = (float(value(flat + eps * d)) - float(value(flat - eps * d))) / (2 * eps)
-            ad = float(grad @ d)
-            fd_err = max(fd_err, abs(fd - ad) / max(abs(fd), abs(ad), 1e-30))
+            up, down = float(value(flat + eps * d)), float(value(flat - eps * d))
+            fd, ad = (up - down) / (2 * eps), float(grad @ d)
+            err = abs(fd - ad) / max(abs(fd), abs(ad), 1e-30)
+            _check_resolution(err, rtol, eps, max(abs(up), abs(down)), abs(ad))
+            fd_err = max(fd_err, err)
     return GradcheckReport(pen_err, fd_err, atol, rtol, len(leaves), len(rows))
