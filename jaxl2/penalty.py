@@ -20,7 +20,7 @@ import numpy as np
 from jaxl2 import rules as _rules
 from jaxl2 import select as _select
 from jaxl2.errors import Jaxl2Error
-from jaxl2.rules import L2, Stacked, check_bool, check_l2
+from jaxl2.rules import L2, Stacked, check_bool, check_l2, is_traced
 from jaxl2.table import format_shape, format_table
 
 __all__ = [
@@ -36,10 +36,6 @@ __all__ = [
     "check_center",
     "check_order",
 ]
-
-
-def _is_traced(x: Any) -> bool:
-    return isinstance(x, jax.core.Tracer)
 
 
 def _sq_sum(w: jax.Array, w0: Any = None) -> jax.Array:
@@ -329,12 +325,12 @@ class Selection(list):
 def _fmt(lam: Any, spec: str = "g") -> str:
     if lam is None:
         return "-"
-    return "traced" if _is_traced(lam) else format(float(lam), spec)
+    return "traced" if is_traced(lam) else format(float(lam), spec)
 
 
 def _norm(x: Any) -> Any:
     """``‖x‖`` in float64 (a traced value stays traced, in at least float32)."""
-    if _is_traced(x):
+    if is_traced(x):
         return jnp.linalg.norm(jnp.asarray(x, jnp.promote_types(x.dtype, jnp.float32)))
     return float(np.linalg.norm(np.asarray(x, np.float64)))
 
@@ -404,7 +400,7 @@ def selected(
 
 
 def _diff_norm(w: Any, w0: Any) -> Any:
-    if _is_traced(w) or _is_traced(w0):
+    if is_traced(w) or is_traced(w0):
         acc = jnp.promote_types(w.dtype, jnp.float32)
         return _norm(jnp.asarray(w, acc) - jnp.asarray(w0, acc))
     return _norm(np.asarray(w, np.float64) - np.asarray(w0, np.float64))

@@ -39,6 +39,7 @@ from jaxl2 import select as _select
 from jaxl2.errors import Jaxl2Error
 
 __all__ = [
+    "is_traced",
     "L2",
     "Entry",
     "check_l2",
@@ -56,7 +57,8 @@ L2 = float | jax.Array | Schedule | Mapping[str, Any]
 Stacked = Mapping[str, int] | None
 
 
-def _is_traced(x: Any) -> bool:
+def is_traced(x: Any) -> bool:
+    """Whether ``x`` is a tracer (a value inside ``jit``/``vmap``/``grad``), not a concrete number."""
     return isinstance(x, jax.core.Tracer)
 
 
@@ -98,7 +100,7 @@ def check_l2(value: Any, name: str = "l2", *, schedule: bool = False) -> Any:
       ...
       jaxl2.errors.Jaxl2Error: l2 is a schedule whose value at step 0 is -1.0; a λ must be a finite number >= 0
     """
-    if _is_traced(value):
+    if is_traced(value):
         return value
     if is_schedule(value):
         if not schedule:
@@ -114,7 +116,7 @@ def check_l2(value: Any, name: str = "l2", *, schedule: bool = False) -> Any:
                 f"{name} is callable, so it is taken as a schedule (step count -> λ), but {name}(0) "
                 f"raised {type(e).__name__}: {e}"
             ) from None
-        if _is_traced(at0):  # a schedule closing over a traced value: checked when it is known
+        if is_traced(at0):  # a schedule closing over a traced value: checked when it is known
             return value
         try:
             check_l2(at0, name)
@@ -343,7 +345,7 @@ def _same(lams: tuple) -> bool:
     for b in lams[1:]:
         if b is a:
             continue
-        concrete = not (callable(a) or callable(b) or _is_traced(a) or _is_traced(b))
+        concrete = not (callable(a) or callable(b) or is_traced(a) or is_traced(b))
         if not (concrete and float(a) == float(b)):
             return False
     return True
