@@ -18,8 +18,7 @@ import time
 
 import numpy as np
 
-from jaxl2.cli import DEFAULT_SWEEP_L2
-from jaxl2.mnist.config import Config
+from jaxl2.mnist.config import DEFAULT_SWEEP_L2, Config
 from jaxl2.mnist.run import train_and_evaluate
 from jaxl2.mnist.runtime import device_name
 from jaxl2.mnist.sweep import train_sweep

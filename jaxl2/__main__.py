@@ -1,7 +1,6 @@
-from jaxl2.mnist import sigint
+"""``python -m jaxl2 …``: runs the application's command (``python -m jaxl2.mnist``), which
+needs the ``mnist`` extra. The library itself imports nothing of the application."""
 
-sigint.install()  # before anything heavy is imported: see jaxl2.mnist.sigint
+import runpy
 
-from jaxl2.cli import main  # noqa: E402
-
-raise SystemExit(main())
+runpy.run_module("jaxl2.mnist", run_name="__main__", alter_sys=True)

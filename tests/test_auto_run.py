@@ -8,8 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-from jaxl2 import cli
+from jaxl2.mnist import cli
 from jaxl2.mnist import run as _run
+from jaxl2.mnist.cli import report
 from jaxl2.mnist.config import Config, ConfigError, validate
 
 AUTO = Config(l2="auto", hidden=(16,), epochs=4, batch_size=500, lr=0.1, l2_every=2, l2_lr=0.1)
@@ -152,7 +153,7 @@ def test_the_summary_shows_the_final_lambdas():
         "device": "cpu",
         **{f"{k}_{m}": 0.5 for k in ("train", "val", "test") for m in ("accuracy", "data_loss")},
     }
-    text = cli.format_summary(summary)
+    text = report.format_summary(summary)
     assert "λ per layer (auto, at the end): params/Dense_0/kernel 0.00123\n" in text
 
 

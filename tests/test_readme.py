@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from jaxl2 import cli
+from jaxl2.mnist import cli
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 README = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()

@@ -483,11 +483,45 @@ def run_bench(quick: bool = False, rounds: int | None = None) -> dict[str, Any]:
     return res
 
 
+def mm(s: dict[str, float], scale: float = 1.0, fmt: str = "{:,.0f}") -> str:
+    """``median (min–max)`` of a measurement."""
+    return (
+        f"{fmt.format(s['median'] * scale)} ({fmt.format(s['min'] * scale)}–{fmt.format(s['max'] * scale)})"
+    )
+
+
+PEER_LABELS = {
+    "jax": lambda p: f"hand-written jitted JAX epoch (jax {p['version']})",
+    "jax_val": lambda p: "the same + jaxl2's validation every epoch (equal work)",
+    "torch": lambda p: (
+        f"PyTorch eager ({p['version']}, CUDA)"
+        if p.get("device") == "cuda"
+        else f"PyTorch eager ({p['version']}, {p['threads']} threads)"
+    ),
+    "keras": lambda p: f"Keras {p['version']} (TensorFlow, jit_compile, steps_per_execution)",
+}
+
+
+def _path_lines(r: dict[str, Any]) -> list[str]:
+    """The report's lines of the ``jaxl2 train`` path against its peers, per batch size."""
+    lines = []
+    for b, p in r["path"].items():
+        lines.append(
+            f"jaxl2 train (mnist5k, {p['examples']:,} examples, validation every epoch), batch {b}: "
+            f"{mm(p['examples_per_second'])} examples/s, {100 * p['fraction_of_ceiling']:.1f}% of the ceiling"
+        )
+        for name, label in PEER_LABELS.items():
+            q = p["peers"].get(name)
+            lines.append(
+                f"  {label(q)}: {mm(q['examples_per_second'])} examples/s: jaxl2 is {q['jaxl2_speedup']:.2f}×"
+                if q
+                else f"  {name}: not installed (optional peer)"
+            )
+    return lines
+
+
 def format_bench(r: dict[str, Any]) -> str:
     """The human-readable report of :func:`run_bench`'s result."""
-
-    def mm(s, scale=1.0, fmt="{:,.0f}"):
-        return f"{fmt.format(s['median'] * scale)} ({fmt.format(s['min'] * scale)}–{fmt.format(s['max'] * scale)})"
 
     big = next(iter(r["gemm_gflops"]))
     lines = [f"device: {r['device']}   rounds: {r['rounds']} (interleaved; median (min–max))", ""]
@@ -501,28 +535,7 @@ def format_bench(r: dict[str, Any]) -> str:
     )
     lines.append(f"ceiling: {r['ceiling_examples_per_second']:,.0f} examples/s")
     lines.append("")
-    labels = {
-        "jax": lambda p: f"hand-written jitted JAX epoch (jax {p['version']})",
-        "jax_val": lambda p: "the same + jaxl2's validation every epoch (equal work)",
-        "torch": lambda p: (
-            f"PyTorch eager ({p['version']}, CUDA)"
-            if p.get("device") == "cuda"
-            else f"PyTorch eager ({p['version']}, {p['threads']} threads)"
-        ),
-        "keras": lambda p: f"Keras {p['version']} (TensorFlow, jit_compile, steps_per_execution)",
-    }
-    for b, p in r["path"].items():
-        lines.append(
-            f"jaxl2 train (mnist5k, {p['examples']:,} examples, validation every epoch), batch {b}: "
-            f"{mm(p['examples_per_second'])} examples/s, {100 * p['fraction_of_ceiling']:.1f}% of the ceiling"
-        )
-        for name, label in labels.items():
-            q = p["peers"].get(name)
-            lines.append(
-                f"  {label(q)}: {mm(q['examples_per_second'])} examples/s: jaxl2 is {q['jaxl2_speedup']:.2f}×"
-                if q
-                else f"  {name}: not installed (optional peer)"
-            )
+    lines += _path_lines(r)
     lines.append("")
     lines.append(
         f"{'batch':>5}  {'epoch only: examples/s (L2)':>28}  {'of ceiling':>10}  {'of shape ceiling':>22}  "

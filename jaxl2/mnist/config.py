@@ -47,6 +47,7 @@ __all__ = [
     "SEED_LIMIT",
     "REFIT",
     "REFIT_EPOCHS",
+    "DEFAULT_SWEEP_L2",
     "OPTIMIZERS",
     "Optimizer",
     "AUTO",
@@ -68,6 +69,8 @@ SEED_LIMIT = 2**32  # seeds are 0 ≤ seed < 2³² (JAX's and NumPy's keys take 
 # 95.06% unrefit, and 95.31% refit for the best epoch's count (experiments/refit.py, README).
 REFIT = True
 REFIT_EPOCHS = "all"
+# The λ values a sweep trains when none are given (jaxl2 sweep --l2).
+DEFAULT_SWEEP_L2 = (0.0, 1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 AUTO = "auto"  # l2 = "auto": one λ per selected layer, tuned during the run (jaxl2.auto_l2)
 # The fields that only l2 = "auto" reads, with their defaults (jaxl2.mnist.auto says why).
 AUTO_DEFAULTS = {"l2_init": 1e-4, "l2_every": 4, "l2_lr": 0.02}
@@ -127,27 +130,31 @@ class Config:
     all layers, on ``ln λ`` with learning rate ``l2_lr``; see :mod:`jaxl2.mnist.auto`).
     """
 
-    dataset: str = "mnist5k"
-    data_dir: str | None = None
-    val_size: int | None = None
-    split_seed: int = 0
-    l2: float | Mapping[str, float] | str = 1e-3
-    l2_init: float = AUTO_DEFAULTS["l2_init"]
-    l2_every: int = AUTO_DEFAULTS["l2_every"]
-    l2_lr: float = AUTO_DEFAULTS["l2_lr"]
-    select: str | None = None
-    optimizer: str = "momentum"
-    lr: float | None = None
-    schedule: str = "cosine"
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    allow_both: bool = False
-    batch_size: int = 128
-    epochs: int = 120
-    hidden: tuple[int, ...] = (256, 256)
-    activation: str = "relu"
-    init: str = "lecun_normal"
-    seed: int = 0
+    # -- data
+    dataset: str = "mnist5k"  # mnist5k (shipped, offline), mnist (TFDS) or idx:DIR (raw IDX files)
+    data_dir: str | None = None  # TensorFlow Datasets' data_dir for dataset "mnist"
+    val_size: int | None = None  # validation examples carved from train (None: 500 for mnist5k, else 5000)
+    split_seed: int = 0  # seed of the train/validation split
+    # -- regularization
+    l2: float | Mapping[str, float] | str = 1e-3  # λ of λ/2·Σw², a {regex: λ} mapping, or "auto"
+    l2_init: float = AUTO_DEFAULTS["l2_init"]  # l2 "auto": every layer's starting λ
+    l2_every: int = AUTO_DEFAULTS["l2_every"]  # l2 "auto": training steps per λ update
+    l2_lr: float = AUTO_DEFAULTS["l2_lr"]  # l2 "auto": Adam's learning rate on ln λ
+    select: str | None = None  # the penalised leaves: None/"kernels" (every Dense kernel) or a path regex
+    weight_decay: float = 0.0  # decay in the optimizer (adamw: decoupled; sgdw: before momentum)
+    allow_both: bool = False  # allow l2 > 0 together with weight_decay > 0
+    # -- optimization
+    optimizer: str = "momentum"  # one of OPTIMIZERS: sgd, momentum, adam, adamw, sgdw
+    lr: float | None = None  # peak learning rate (None: the optimizer's own default)
+    schedule: str = "cosine"  # constant, or cosine decay from lr to 0 over the run's steps
+    momentum: float = 0.9  # for optimizer momentum and sgdw
+    batch_size: int = 128  # examples per step; the last partial batch of an epoch is dropped
+    epochs: int = 120  # passes over the training split
+    # -- model
+    hidden: tuple[int, ...] = (256, 256)  # hidden widths of the MLP 784-…-10
+    activation: str = "relu"  # one of ACTIVATIONS
+    init: str = "lecun_normal"  # kernel init: lecun_normal (Flax's) or normal (N(0, 1), the classic recipe)
+    seed: int = 0  # init and data-order seed
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -239,6 +246,29 @@ def _check_auto(cfg: Config) -> None:
         )
 
 
+def _check_decay(cfg: Config) -> None:
+    """``weight_decay``: a number, for an optimizer that takes it, and not with ``l2`` by accident."""
+    if not (_is_real(cfg.weight_decay) and cfg.weight_decay >= 0):
+        raise _bad("weight_decay", cfg.weight_decay, "a finite number >= 0")
+    if cfg.weight_decay and not OPTIMIZERS[cfg.optimizer].decays:
+        takers = ", ".join(k for k, v in OPTIMIZERS.items() if v.decays)
+        raise ConfigError(
+            f"{field('weight_decay')} is decay in the optimizer, for {field('optimizer')} {takers} only "
+            f"(use {field('l2')} with {cfg.optimizer})"
+        )
+    if cfg.weight_decay and cfg.l2_auto:
+        raise ConfigError(
+            f"{field('weight_decay')} with {field('l2')} {AUTO}: {AUTO} tunes the penalty's λ per layer, "
+            f"and decay in the optimizer would regularize too, untuned (set {field('weight_decay')} 0, "
+            f"or give a fixed {field('l2')})"
+        )
+    if cfg.weight_decay and cfg.l2_on and not cfg.allow_both:
+        raise ConfigError(
+            f"{field('weight_decay')} and {field('l2')} together regularize twice "
+            f"(set {field('l2')} 0, or {field('allow_both')} to mean it)"
+        )
+
+
 def validate(cfg: Config, num_train: int | None = None) -> Config:
     """Checks every field of ``cfg`` and returns it with ``lr`` filled in.
 
@@ -276,25 +306,7 @@ def validate(cfg: Config, num_train: int | None = None) -> Config:
         raise _unknown("schedule", cfg.schedule, SCHEDULES)
     if not (_is_real(cfg.momentum) and 0 <= cfg.momentum < 1):
         raise _bad("momentum", cfg.momentum, "0 <= momentum < 1")
-    if not (_is_real(cfg.weight_decay) and cfg.weight_decay >= 0):
-        raise _bad("weight_decay", cfg.weight_decay, "a finite number >= 0")
-    if cfg.weight_decay and not OPTIMIZERS[cfg.optimizer].decays:
-        takers = ", ".join(k for k, v in OPTIMIZERS.items() if v.decays)
-        raise ConfigError(
-            f"{field('weight_decay')} is decay in the optimizer, for {field('optimizer')} {takers} only "
-            f"(use {field('l2')} with {cfg.optimizer})"
-        )
-    if cfg.weight_decay and cfg.l2_auto:
-        raise ConfigError(
-            f"{field('weight_decay')} with {field('l2')} {AUTO}: {AUTO} tunes the penalty's λ per layer, "
-            f"and decay in the optimizer would regularize too, untuned (set {field('weight_decay')} 0, "
-            f"or give a fixed {field('l2')})"
-        )
-    if cfg.weight_decay and cfg.l2_on and not cfg.allow_both:
-        raise ConfigError(
-            f"{field('weight_decay')} and {field('l2')} together regularize twice "
-            f"(set {field('l2')} 0, or {field('allow_both')} to mean it)"
-        )
+    _check_decay(cfg)
     if not (_is_int(cfg.batch_size) and cfg.batch_size >= 1):
         raise _bad("batch_size", cfg.batch_size, "an integer >= 1")
     if num_train is not None and cfg.batch_size > num_train:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import gzip
 import os
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -232,11 +233,14 @@ def read_idx(path: str, magic: int) -> np.ndarray:
     return np.frombuffer(raw, np.uint8, offset=header).reshape(dims)
 
 
-def _load_idx(directory: str) -> dict[str, Split]:
+def _load_idx(directory: str, files: Sequence[str] = tuple(IDX_FILES)) -> dict[str, Split]:
+    """The pairs of ``files`` (``"train"``, ``"test"``) present in ``directory``; others are not read."""
     if not os.path.isdir(directory):
         raise DataError(f"idx:{directory}: no such directory (expected the four MNIST IDX files)")
     out = {}
     for split, (img_stem, lbl_stem) in IDX_FILES.items():
+        if split not in files:
+            continue
         img, lbl = _find(directory, img_stem), _find(directory, lbl_stem)
         if img is None and lbl is None:
             continue
@@ -256,23 +260,31 @@ def _load_idx(directory: str) -> dict[str, Split]:
 
 
 def load(
-    spec: str = "mnist5k", *, data_dir: str | None = None, val_size: int | None = None, split_seed: int = 0
+    spec: str = "mnist5k",
+    *,
+    data_dir: str | None = None,
+    val_size: int | None = None,
+    split_seed: int = 0,
+    splits: Sequence[str] = ("train", "val", "test"),
 ) -> Dataset:
     """Loads ``spec`` (``mnist5k``, ``mnist`` or ``idx:DIR``) into train / val / test splits.
 
     ``val_size`` defaults to 500 for ``mnist5k`` and 5,000 otherwise. A source without a
     training split (an IDX directory with only ``t10k-*``) has ``train = val = None``.
+    ``splits`` are those the caller needs: ``("test",)`` reads no training files of an IDX
+    directory (the others are then ``None``).
     """
     if spec == "mnist5k":
         return _load_mnist5k(500 if val_size is None else val_size, split_seed)
     if spec == "mnist":
-        splits = _load_tfds(data_dir)
+        found = _load_tfds(data_dir)
     elif spec.startswith("idx:") and len(spec) > 4:
-        splits = _load_idx(os.path.expanduser(spec[4:]))
+        files = ["train"] * bool({"train", "val"} & set(splits)) + ["test"] * ("test" in splits)
+        found = _load_idx(os.path.expanduser(spec[4:]), files)
     else:
         raise DataError(f"{field('dataset')} {spec!r} is unknown (allowed: {', '.join(DATASETS)})")
     train = val = None
-    if "train" in splits:
+    if "train" in found:
         rng = np.random.default_rng(split_seed)
-        train, val = _carve_val(splits["train"], 5000 if val_size is None else val_size, rng)
-    return Dataset(spec, train, val, splits.get("test"))
+        train, val = _carve_val(found["train"], 5000 if val_size is None else val_size, rng)
+    return Dataset(spec, train, val, found.get("test"))

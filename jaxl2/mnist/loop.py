@@ -43,6 +43,9 @@ __all__ = [
     "compile_epochs",
     "run_epochs",
     "call_end",
+    "train_epochs",
+    "stopped",
+    "stop_if_signalled",
     "check_interrupt",
     "member_summary",
     "split_metrics",
@@ -56,7 +59,19 @@ class Diverged(Named, RuntimeError):
 
 
 class Interrupted(Named, RuntimeError):
-    """SIGINT arrived; the compiled call of epochs it interrupted was finished and checkpointed."""
+    """SIGINT or SIGTERM arrived; the compiled call of epochs it interrupted was finished and
+    checkpointed. ``signal`` says which, ``out`` is the directory to resume."""
+
+    out: str | None = None
+    signal: int = 2  # signal.SIGINT
+
+
+def stopped(where: str, out: str | None = None) -> Interrupted:
+    """The :class:`Interrupted` of the signal that came: ``"interrupted " + where`` (Ctrl-C) or
+    ``"stopped by SIGTERM " + where``."""
+    e = Interrupted(f"{sigint.name()} {where}")
+    e.signal, e.out = sigint.last_signal(), out
+    return e
 
 
 def load_and_check(cfg: Config, l2s: Sequence[float] | None = None) -> tuple[Config, _data.Dataset]:
@@ -288,9 +303,11 @@ def run_epochs(
 
 def call_end(rule: SaveRule, epoch: int, last: bool) -> tuple[bool, bool]:
     """``(save, stop)`` at the end of a compiled call, whose state is on hand: save when
-    ``rule`` is due, at the ``last`` epoch or on Ctrl-C; stop on Ctrl-C before the last epoch
-    (the interrupt is then cleared). Every process of a distributed run takes the same decision
-    (:func:`~jaxl2.mnist.parallel.any_process`): one process's clock or Ctrl-C counts for all.
+    ``rule`` is due, at the ``last`` epoch or on a signal; stop on a signal (SIGINT or SIGTERM),
+    the last epoch included: what comes after training (the summary, a refit) is left to the
+    resume, and the signal is cleared. Every process of a distributed run takes the same
+    decision (:func:`~jaxl2.mnist.parallel.any_process`): one process's clock or signal counts
+    for all.
 
     Example:
       >>> from jaxl2.mnist.rundir import SaveRule
@@ -298,12 +315,67 @@ def call_end(rule: SaveRule, epoch: int, last: bool) -> tuple[bool, bool]:
       (True, False)
     """
     interrupted = sigint.pending()
-    save, stop = parallel.any_process(rule.due(epoch) or last or interrupted, interrupted and not last)
+    save, stop = parallel.any_process(rule.due(epoch) or last or interrupted, interrupted)
     if save:  # on every process, whichever clock or reason asked for it
         rule.saved()
     if stop:
         sigint.clear()
     return save, stop
+
+
+def train_epochs(
+    program: Callable[[Any, int], tuple[Any, Any, Any, Any]],
+    state: Any,
+    epochs: range,
+    best: Best,
+    *,
+    diverged: Callable[[int, np.ndarray, np.ndarray], str],
+    size: int,
+    every: int | None,
+    save: Callable[[int, Any], None],
+    on_epoch: Callable[[Epoch], None] | None = None,
+    where: Callable[[int], str] = lambda epoch: f"after epoch {epoch}",
+) -> Any:
+    """The one training driver of a run, a sweep's chunk and a refit: :func:`run_epochs`, and at
+    the end of each compiled call (:func:`call_end`) ``save(epoch, state)`` when a checkpoint is
+    due and a stop on SIGINT/SIGTERM (:func:`stopped`, ``where(epoch)`` in its message).
+    ``on_epoch(epoch)`` sees every :class:`Epoch` before its call's checkpoint is written.
+    Returns the last state; ``best`` is updated in place.
+
+    Example (a "program" of plain Python that adds 1 per epoch):
+      >>> import numpy as np
+      >>> from types import SimpleNamespace as NS
+      >>> def program(st, n):
+      ...     m = {"loss": np.zeros(n), "nonfinite_step": -np.ones(n, int)}
+      ...     best = {"index": n - 1, "val": 0.5, "params": st.params + n}
+      ...     return NS(params=st.params + n), m, {"accuracy": np.full(n, 0.5)}, best
+      >>> saved = []
+      >>> end = train_epochs(program, NS(params=0), range(1, 6), Best(0, lambda b, p, better: p),
+      ...                    diverged=str, size=2, every=None, save=lambda e, st: saved.append(e))
+      >>> end.params, saved
+      (5, [5])
+    """
+    rule = SaveRule(every)
+    for ep in run_epochs(program, state, epochs, best, diverged, size, every):
+        stop = False
+        if on_epoch:
+            on_epoch(ep)
+        if ep.state is not None:  # the end of a compiled call: its state is on hand
+            state = ep.state
+            due, stop = call_end(rule, ep.epoch, last=ep.epoch == epochs[-1])
+            if due:
+                save(ep.epoch, state)
+        if stop:
+            raise stopped(where(ep.epoch))
+    return state
+
+
+def stop_if_signalled(where: str, out: str | None = None) -> None:
+    """Raises :func:`stopped` ``(where, out)`` if SIGINT or SIGTERM reached any process: between
+    the phases of a run that has something to resume (training done, the refit not begun)."""
+    if parallel.any_process(sigint.pending())[0]:
+        sigint.clear()
+        raise stopped(where, out)
 
 
 def check_interrupt() -> None:

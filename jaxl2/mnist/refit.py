@@ -48,14 +48,13 @@ from jaxl2.mnist.config import Config, ConfigError, field
 from jaxl2.mnist.data import Dataset, Split
 from jaxl2.mnist.loop import (
     Best,
-    Interrupted,
-    call_end,
+    Epoch,
     compile_epochs,
     diverged_message,
     epochs_per_call,
-    run_epochs,
+    train_epochs,
 )
-from jaxl2.mnist.rundir import SaveRule, StepStore
+from jaxl2.mnist.rundir import StepStore
 from jaxl2.mnist.steps import Trainer
 
 __all__ = ["EPOCH_RULES", "refit_epochs", "train_val", "refit_config", "refit", "restore_refit"]
@@ -102,7 +101,7 @@ def refit(
 
     Raises:
       Diverged: a NaN/Inf loss (the last good refit checkpoint is kept).
-      Interrupted: SIGINT; the call of epochs it interrupted was finished and checkpointed.
+      Interrupted: SIGINT or SIGTERM; the call of epochs it interrupted was finished and checkpointed.
     """
     rcfg = refit_config(cfg, epochs)
     data = train_val(ds)
@@ -112,7 +111,6 @@ def refit(
     plan = {"epochs": np.asarray(epochs, np.int32), "examples": np.asarray(len(data.y), np.int32)}
     start, state = _resume_point(out, {"state": state, **plan})
     ckpt = StepStore(out)
-    rule = SaveRule(checkpoint_every)
     seconds = 0.0
     size = epochs_per_call(len(data.y))
 
@@ -121,30 +119,29 @@ def refit(
         return f"refit on train ∪ validation: {msg}"
 
     with sigint.deferred(), contextlib.closing(ckpt):
-        compile_seconds, program = 0.0, None
-        if start < epochs:
-            t0 = time.perf_counter()
-            program = compile_epochs(
-                lambda st, x, y: trainer.epoch_fn(st, x, y), _no_validation, size, state, x, y
-            )
-            compile_seconds = time.perf_counter() - t0
+        program, compile_seconds = _compile(trainer, size, state, x, y) if start < epochs else (None, 0.0)
         nothing = Best(None, keep=lambda b, p, better: None)  # no validation, no best epoch to keep
-        for ep in run_epochs(
-            program, state, range(start + 1, epochs + 1), nothing, diverged, size, checkpoint_every
-        ):
+
+        def on(ep: Epoch) -> None:
+            nonlocal seconds
             seconds += ep.seconds
-            save = stop = False
-            if ep.state is not None:  # the end of a compiled call: its state is on hand
-                state = ep.state
-                save, stop = call_end(rule, ep.epoch, last=ep.epoch == epochs)
-                if save:
-                    ckpt.save(ep.epoch, {"state": state, **plan})
             if on_epoch:
                 on_epoch(ep.epoch, epochs)
-            if stop:
-                raise Interrupted(
-                    f"interrupted during the refit, after its epoch {ep.epoch} of {epochs}; checkpoint saved in {out}"
-                )
+
+        state = train_epochs(
+            program,
+            state,
+            range(start + 1, epochs + 1),
+            nothing,
+            diverged=diverged,
+            size=size,
+            every=checkpoint_every,
+            save=lambda epoch, st: ckpt.save(epoch, {"state": st, **plan}),
+            on_epoch=on,
+            where=lambda epoch: (
+                f"during the refit, after its epoch {epoch} of {epochs}; checkpoint saved in {out}"
+            ),
+        )
     train = parallel.host(trainer.evaluate(state.params, x, y))
     test = parallel.host(trainer.evaluate(state.params, *(parallel.put(a, mesh) for a in ds.test)))
     return {
@@ -156,6 +153,13 @@ def refit(
         "refit_seconds": seconds,
         "refit_compile_seconds": compile_seconds,
     }
+
+
+def _compile(trainer: Trainer, size: int, state: Any, x: Any, y: Any) -> tuple[Any, float]:
+    """The refit's compiled call of ``size`` epochs, and the seconds it took to compile."""
+    t0 = time.perf_counter()
+    program = compile_epochs(lambda st, x, y: trainer.epoch_fn(st, x, y), _no_validation, size, state, x, y)
+    return program, time.perf_counter() - t0
 
 
 def _no_validation(params: Any, *data: Any) -> dict[str, jax.Array]:

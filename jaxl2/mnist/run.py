@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxl2 import __version__
 from jaxl2.mnist import auto as _auto
 from jaxl2.mnist import data as _data
 from jaxl2.mnist import parallel, sigint, sweepdir
@@ -41,22 +42,26 @@ from jaxl2.mnist.config import (
 )
 from jaxl2.mnist.loop import (
     Best,
+    Epoch,
     Interrupted,
-    call_end,
     check_interrupt,
     compile_epochs,
     diverged_message,
     epochs_per_call,
     load_and_check,
     member_summary,
-    run_epochs,
+    stop_if_signalled,
+    train_epochs,
 )
 from jaxl2.mnist.model import abstract_params
 from jaxl2.mnist.rundir import (
     Checkpoints,
+    Claim,
     SaveRule,
     default_out,
+    disk_errors,
     has_checkpoint,
+    is_disk_error,
     load_config,
     prepare,
     read_metrics,
@@ -68,12 +73,6 @@ from jaxl2.mnist.runtime import device_name
 from jaxl2.mnist.steps import Trainer
 
 __all__ = ["train_and_evaluate", "evaluate_run", "load_run_config"]
-
-
-def _version() -> str:
-    from jaxl2 import __version__
-
-    return __version__
 
 
 def load_run_config(
@@ -135,6 +134,7 @@ def train_and_evaluate(
     refit: bool = REFIT,
     refit_epochs: str = REFIT_EPOCHS,
     on_refit_epoch: Callable[[int, int], None] | None = None,
+    log: Callable[[str], None] = lambda text: None,
 ) -> dict[str, Any]:
     """Trains ``cfg`` into the run directory ``out`` and returns the summary.
 
@@ -165,58 +165,80 @@ def train_and_evaluate(
     Raises:
       ConfigError: bad input, before anything is compiled or written.
       Diverged: a NaN/Inf loss; the last good checkpoint is kept.
-      Interrupted: SIGINT; the call of epochs it interrupted was finished and checkpointed.
+      Interrupted: SIGINT or SIGTERM; the call of epochs it interrupted was finished and
+        checkpointed (the last call too: the refit is then left to the resume).
+      DiskFull: a file of the run could not be written (no space, a quota, a read-only file
+        system); the last complete checkpoint and ``config.json`` are kept for the resume.
     """
     SaveRule(checkpoint_every)  # checks it before anything is loaded
     if refit:
         _refit_mod.refit_epochs(refit_epochs, 1, 1)  # a bad rule fails before anything is done
     cfg, ds = load_and_check(cfg)
     check_interrupt()
-    if devices is not None and not (isinstance(devices, int) and devices >= 1):
-        raise ConfigError(f"{field('devices')} {devices} is invalid (an integer >= 1)")
-    n_dev = jax.device_count() if devices is None else devices
-    mesh = None
-    if n_dev > 1 or jax.process_count() > 1:
-        mesh = parallel.make_mesh(n_dev)
-        parallel.check_batch(cfg.batch_size, n_dev)
+    mesh = _mesh(devices, cfg.batch_size)
     primary = jax.process_index() == 0
     if resume:
         _check_resume(cfg, out)
-    created = False
     if out is None:
         if jax.process_count() > 1:
             raise ConfigError(f"several processes need one {field('out')} directory that all of them reach")
         out = default_out("runs", cfg.dataset)
-    failed = None
+    config = {**cfg.to_json(), "jaxl2_version": __version__, "refit": refit, "refit_epochs": refit_epochs}
+    claim = _prepare_everywhere(out, config, resume, overwrite, primary)
+    before = _read_summary(out) if resume else {}
+    with claim, disk_errors(out):
+        try:
+            job = _Job(cfg, ds, out, mesh, primary, checkpoint_every, on_epoch, log)
+            summary = _train(job, resume, on_start)
+            if before and summary["epochs_trained"] == 0:  # a finished run: its numbers stay
+                summary = {k: v for k, v in before.items() if not k.startswith("refit")}
+            if refit and before.get("refit_epoch_rule") == refit_epochs:
+                summary.update({k: v for k, v in before.items() if k.startswith("refit")})
+            elif refit:
+                epochs = _refit_mod.refit_epochs(refit_epochs, summary["best_epoch"], cfg.epochs)
+                stop_if_signalled(f"after training, before the refit; checkpoint saved in {out}", out)
+                fit = _refit(_fixed_l2(cfg, summary), ds, out, mesh, epochs, checkpoint_every, on_refit_epoch)
+                summary.update(fit, refit_epoch_rule=refit_epochs)
+            if primary and summary != before:
+                write_json(os.path.join(out, "summary.json"), summary)
+            elif primary:
+                log(f"{out} had finished; its summary.json is unchanged")
+            return summary
+        except BaseException as e:
+            if isinstance(e, Interrupted):
+                e.out = out
+            if claim.created and primary and not has_checkpoint(out) and not is_disk_error(e):
+                shutil.rmtree(out, ignore_errors=True)  # nothing to resume: leave no half-made run
+            raise
+
+
+def _mesh(devices: int | None, batch_size: int) -> Any:
+    """The data-parallel mesh over ``devices`` (default: all), or ``None`` for one device."""
+    if devices is not None and not (isinstance(devices, int) and devices >= 1):
+        raise ConfigError(f"{field('devices')} {devices} is invalid (an integer >= 1)")
+    n_dev = jax.device_count() if devices is None else devices
+    if n_dev == 1 and jax.process_count() == 1:
+        return None
+    parallel.check_batch(batch_size, n_dev)
+    return parallel.make_mesh(n_dev)
+
+
+def _prepare_everywhere(
+    out: str, config: dict[str, Any], resume: bool, overwrite: bool, primary: bool
+) -> Claim:
+    """:func:`~jaxl2.mnist.rundir.prepare` on process 0 (the others get an unheld claim); every
+    process raises if it failed there, so that none goes on to train without it."""
+    failed, claim = None, Claim(out, created=False)
     if primary:
         try:
-            created = prepare(
-                out,
-                {**cfg.to_json(), "jaxl2_version": _version(), "refit": refit, "refit_epochs": refit_epochs},
-                resume=resume,
-                overwrite=overwrite,
-            )
-        except Exception as e:  # the other processes must not go on to train without it
+            claim = prepare(out, config, resume=resume, overwrite=overwrite)
+        except Exception as e:
             failed = e
     if parallel.any_process(failed is not None)[0]:
         if failed is not None:
             raise failed
         raise ConfigError(f"process 0 could not prepare {field('out')} {out} (its error says why)")
-    try:
-        summary = _train(cfg, ds, out, mesh, primary, resume, checkpoint_every, on_start, on_epoch)
-        if refit:
-            epochs = _refit_mod.refit_epochs(refit_epochs, summary["best_epoch"], cfg.epochs)
-            summary.update(
-                _refit(_fixed_l2(cfg, summary), ds, out, mesh, epochs, checkpoint_every, on_refit_epoch)
-            )
-            summary["refit_epoch_rule"] = refit_epochs
-        if primary:
-            write_json(os.path.join(out, "summary.json"), summary)
-        return summary
-    except BaseException:
-        if created and primary and not has_checkpoint(out):
-            shutil.rmtree(out, ignore_errors=True)  # nothing to resume: leave no half-made run
-        raise
+    return claim
 
 
 def _run_state(state: Any, best: Best) -> dict[str, Any]:
@@ -230,112 +252,173 @@ def _run_state(state: Any, best: Best) -> dict[str, Any]:
     }
 
 
-def _train(cfg, ds, out, mesh, primary, resume, checkpoint_every, on_start, on_epoch) -> dict[str, Any]:
+@dataclasses.dataclass
+class _Job:
+    """What :func:`train_and_evaluate` hands its phases: the checked config and data, where the
+    run goes and how it reports."""
+
+    cfg: Config
+    ds: _data.Dataset
+    out: str
+    mesh: Any  # the data-parallel mesh, or None for one device
+    primary: bool  # process 0: it writes the run's files
+    checkpoint_every: int | None
+    on_epoch: Callable[[dict[str, Any]], None] | None
+    log: Callable[[str], None]
+
+    @property
+    def metrics(self) -> str:
+        return os.path.join(self.out, "metrics.jsonl")
+
+
+def _train(job: _Job, resume: bool, on_start: Callable[[], None] | None) -> dict[str, Any]:
+    """Trains the run from its start (or its checkpoint) and returns its summary."""
     check_interrupt()
     if on_start:
         on_start()
-    trainer = _auto.trainer_for(cfg, len(ds.train.y), mesh=mesh)
-    data = tuple(parallel.put(a, mesh) for a in (ds.train.x, ds.train.y, ds.val.x, ds.val.y))
+    trainer = _auto.trainer_for(job.cfg, len(job.ds.train.y), mesh=job.mesh)
     # orbax's save syncs the processes with a collective: from a thread, it could interleave
     # with the training's own collectives in a different order on each process (a hang)
-    ckpt = Checkpoints(out, background=jax.process_count() == 1)
-    metrics_path = os.path.join(out, "metrics.jsonl")
-    state = parallel.replicate(trainer.init(), mesh)
+    ckpt = Checkpoints(job.out, background=jax.process_count() == 1)
+    state = parallel.replicate(trainer.init(), job.mesh)
     # host copies: best/ is saved without the mesh's sharding, so any process count restores it
     best = Best(parallel.host(state.params), keep=lambda b, p, better: parallel.host(p) if better else b)
     start = 0
     if resume:
-        restored = ckpt.restore_latest(_run_state(state, Best(state.params, best.keep)))
-        if restored is not None:  # a run killed before its first checkpoint starts over
-            start, run = restored
-            state = run["state"]
-            best = Best(
-                parallel.host(run["best_params"]), best.keep, float(run["best_val"]), int(run["best_epoch"])
-            )
-        if primary:
-            rewrite_metrics(metrics_path, upto_epoch=start)
+        start, state, best = _restore(job, ckpt, state, best)
+    with sigint.deferred(), contextlib.closing(ckpt):
+        state, seconds, compile_seconds = _epochs(job, trainer, ckpt, state, best, start)
+    return _summary(job, trainer, state, best, start, seconds, compile_seconds)
+
+
+def _restore(job: _Job, ckpt: Checkpoints, state: Any, best: Best) -> tuple[int, Any, Best]:
+    """The run's latest checkpoint (or its start, when none was written), its metrics cut there."""
+    start = 0
+    restored = ckpt.restore_latest(_run_state(state, Best(state.params, best.keep)))
+    if restored is not None:  # a run killed before its first checkpoint starts over
+        start, run = restored
+        state = run["state"]
+        best = Best(
+            parallel.host(run["best_params"]), best.keep, float(run["best_val"]), int(run["best_epoch"])
+        )
+    if job.primary:
+        rewrite_metrics(job.metrics, upto_epoch=start)
+    job.log(_resume_line(job.out, start, job.cfg.epochs))
+    return start, state, best
+
+
+def _epochs(
+    job: _Job, trainer: Any, ckpt: Checkpoints, state: Any, best: Best, start: int
+) -> tuple[Any, float, float]:
+    """Epochs ``start + 1 …`` through :func:`~jaxl2.mnist.loop.train_epochs`, a ``metrics.jsonl``
+    row each; returns the last state, the training seconds and the compiling seconds."""
+    cfg, primary = job.cfg, job.primary
+    data = tuple(
+        parallel.put(a, job.mesh) for a in (job.ds.train.x, job.ds.train.y, job.ds.val.x, job.ds.val.y)
+    )
+    size = epochs_per_call(len(job.ds.train.y))
+    seconds, compile_seconds, program = 0.0, 0.0, None
+    if start < cfg.epochs:  # compiled here, so that no epoch's time includes compiling
+        t0 = time.perf_counter()
+        auto = cfg.l2_auto  # the epoch draws validation batches
+
+        def epoch_fn(st, x, y, xv, yv):
+            return trainer.epoch_fn(st, x, y, xv, yv) if auto else trainer.epoch_fn(st, x, y)
+
+        program = compile_epochs(
+            epoch_fn, lambda p, x, y, xv, yv: trainer.eval_fn(p, xv, yv), size, state, *data
+        )
+        compile_seconds = time.perf_counter() - t0
 
     def diverged(epoch, _members, steps):
         return f"{diverged_message(cfg, cfg.l2, epoch, int(steps[0]), trainer.steps_per_epoch)} {ckpt.last_good()}"
 
-    train_seconds, compile_seconds, program = 0.0, 0.0, None
-    rule = SaveRule(checkpoint_every)
-    size = epochs_per_call(len(ds.train.y))
-    if cfg.l2_auto:  # the epoch draws validation batches
+    with open(job.metrics, "a") if primary else contextlib.nullcontext() as mfile:
 
-        def epoch_fn(st, x, y, xv, yv):
-            return trainer.epoch_fn(st, x, y, xv, yv)
-    else:
+        def on(ep: Epoch) -> None:
+            nonlocal seconds
+            seconds += ep.seconds
+            row = _metrics_row(ep, trainer.steps_per_epoch)
+            if primary:
+                mfile.write(json.dumps(row) + "\n")
+            if job.on_epoch:
+                job.on_epoch(row)
 
-        def epoch_fn(st, x, y, xv, yv):
-            return trainer.epoch_fn(st, x, y)
+        def save(epoch: int, st: Any) -> None:
+            if primary:  # the rows up to the checkpoint are on disk before it
+                mfile.flush()
+                os.fsync(mfile.fileno())
+            ckpt.save(epoch, _run_state(st, best), best.epoch)
 
-    with sigint.deferred(), contextlib.closing(ckpt):
-        if start < cfg.epochs:  # compiled here, so that no epoch's time includes compiling
-            t0 = time.perf_counter()
-            program = compile_epochs(
-                epoch_fn, lambda p, x, y, xv, yv: trainer.eval_fn(p, xv, yv), size, state, *data
-            )
-            compile_seconds = time.perf_counter() - t0
+        state = train_epochs(
+            program,
+            state,
+            range(start + 1, cfg.epochs + 1),
+            best,
+            diverged=diverged,
+            size=size,
+            every=job.checkpoint_every,
+            save=save,
+            on_epoch=on,
+            where=lambda epoch: f"after epoch {epoch}; checkpoint saved in {job.out}",
+        )
+    return state, seconds, compile_seconds
 
-        with open(metrics_path, "a") if primary else contextlib.nullcontext() as mfile:
-            epochs = range(start + 1, cfg.epochs + 1)
-            for ep in run_epochs(program, state, epochs, best, diverged, size, checkpoint_every):
-                train_seconds += ep.seconds
-                row = {
-                    "epoch": ep.epoch,
-                    "step": ep.epoch * trainer.steps_per_epoch,
-                    # per-layer entries (l2/PATH, hypergrad/PATH of l2 auto) keep their own names
-                    **{k if "/" in k else f"train_{k}": float(v) for k, v in ep.train.items()},
-                    "val_data_loss": float(ep.val["data_loss"]),
-                    "val_accuracy": float(ep.val["accuracy"]),
-                    "epoch_seconds": ep.seconds,
-                }
-                if primary:
-                    mfile.write(json.dumps(row) + "\n")
-                save = stop = False
-                if ep.state is not None:  # the end of a compiled call: its state is on hand
-                    state = ep.state
-                    if primary:
-                        mfile.flush()
-                        os.fsync(mfile.fileno())
-                    save, stop = call_end(rule, ep.epoch, last=ep.epoch == cfg.epochs)
-                    if save:
-                        ckpt.save(ep.epoch, _run_state(state, best), best.epoch)
-                if on_epoch:
-                    on_epoch(row)
-                if stop:
-                    stopped = Interrupted(f"interrupted after epoch {ep.epoch}; checkpoint saved in {out}")
-                    stopped.out = out
-                    raise stopped
 
-    rows = read_metrics(metrics_path)
-    if primary:
+def _summary(
+    job: _Job, trainer: Any, state: Any, best: Best, start: int, seconds: float, compile_seconds: float
+) -> dict[str, Any]:
+    """The run's plots and summary: the best params' metrics, the times, the device."""
+    cfg = job.cfg
+    rows = read_metrics(job.metrics)
+    if job.primary:
         from jaxl2.mnist.plots import curves, lambdas
 
-        curves(rows, os.path.join(out, "curves.png"), title=f"{cfg.dataset}, {cfg.optimizer}, λ={cfg.l2}")
+        title = f"{cfg.dataset}, {cfg.optimizer}, λ="
+        curves(rows, os.path.join(job.out, "curves.png"), title=f"{title}{cfg.l2}")
         if cfg.l2_auto:
-            lambdas(rows, os.path.join(out, "lambda.png"), title=f"{cfg.dataset}, {cfg.optimizer}, λ auto")
+            lambdas(rows, os.path.join(job.out, "lambda.png"), title=f"{title}auto")
     trained = (cfg.epochs - start) * trainer.steps_per_epoch * cfg.batch_size
     l2, auto = cfg.l2, {}
     if cfg.l2_auto:  # the penalty of the best params with the λs of their epoch
         l2 = _auto.penalty_rules(_auto.l2_at(rows, best.epoch))
         auto = {"l2_final": trainer.lambdas(state)}
-    summary = {
-        **member_summary(trainer.evaluate, best.params, ds, cfg, l2),
+    return {
+        **member_summary(trainer.evaluate, best.params, job.ds, cfg, l2),
         **auto,
         "best_epoch": best.epoch,
         "final_val_accuracy": rows[-1]["val_accuracy"] if rows else None,
         "epochs": cfg.epochs,
         "epochs_trained": cfg.epochs - start,
         "lr": cfg.lr,
-        "seconds": train_seconds,
+        "seconds": seconds,
         "compile_seconds": compile_seconds,
-        "examples_per_second": trained / train_seconds if train_seconds else None,
+        "examples_per_second": trained / seconds if seconds else None,
         "device": device_name(),
-        "out": out,
+        "out": job.out,
     }
-    return summary
+
+
+def _resume_line(out: str, start: int, epochs: int) -> str:
+    """What a resume says about where it starts."""
+    if start == 0:
+        return f"resuming {out}: no checkpoint was written yet, so training starts at epoch 1"
+    if start >= epochs:
+        return f"resuming {out}: all {epochs} epochs were trained already"
+    return f"resuming {out} after epoch {start}: training epochs {start + 1} to {epochs}"
+
+
+def _metrics_row(ep: Epoch, steps_per_epoch: int) -> dict[str, Any]:
+    """The ``metrics.jsonl`` row of an epoch."""
+    return {
+        "epoch": ep.epoch,
+        "step": ep.epoch * steps_per_epoch,
+        # per-layer entries (l2/PATH, hypergrad/PATH of l2 auto) keep their own names
+        **{k if "/" in k else f"train_{k}": float(v) for k, v in ep.train.items()},
+        "val_data_loss": float(ep.val["data_loss"]),
+        "val_accuracy": float(ep.val["accuracy"]),
+        "epoch_seconds": ep.seconds,
+    }
 
 
 def _fixed_l2(cfg: Config, summary: dict[str, Any]) -> Config:
@@ -392,6 +475,7 @@ def evaluate_run(
         data_dir=cfg.data_dir if data_dir is None and dataset == cfg.dataset else data_dir,
         val_size=cfg.val_size if dataset == cfg.dataset else None,
         split_seed=cfg.split_seed,
+        splits=(split,),
     )
     part = getattr(ds, split)
     if part is None:
@@ -452,8 +536,6 @@ def _sweep_model(out: str, cfg: Config, l2, seed, refit: bool | None) -> tuple[A
         refit = fit is not None and fit["l2"] == cfg.l2
     which = {"model": "refit" if refit else "best", "l2": cfg.l2, "seed": cfg.seed}
     if not refit:
-        if "chunk_size" not in summary:  # a sweep.json from before sweeps kept their members
-            raise ConfigError(f"{field('run')} {out}: this sweep kept no member's params (sweep again)")
         n = len(summary["results"])
         return sweepdir.restore_member(out, cfg, summary["chunk_size"], n, i), which
     if fit is None:

@@ -12,7 +12,8 @@
   DIR/summary.json     what ``jaxl2 train --json`` prints
 
 Every file is written to a temporary name and renamed, so a reader (or a resumed run)
-never sees half a file.
+never sees half a file. One process at a time trains into a directory (:class:`Claim`); a file
+that cannot be written (a full disk) is one :class:`DiskFull` error that names what was kept.
 
 Example:
   >>> import tempfile, os
@@ -26,16 +27,20 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import logging
 import os
+import re
 import shutil
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import jax
 
-from jaxl2.mnist.config import Config, ConfigError, field
+from jaxl2.mnist.config import Config, ConfigError, Named, field
 
 __all__ = [
     "write_json",
@@ -47,6 +52,10 @@ __all__ = [
     "has_checkpoint",
     "Checkpoints",
     "StepStore",
+    "Claim",
+    "DiskFull",
+    "disk_errors",
+    "is_disk_error",
 ]
 
 
@@ -113,6 +122,45 @@ RUN_ENTRIES = frozenset(
 )
 
 
+class Claim:
+    """A run directory held by this process: an exclusive ``flock`` on the directory itself, which
+    the kernel releases when the process ends, however it ends (SIGKILL included). ``created``:
+    the directory was absent or empty before. A context manager; leaving releases the lock.
+    An unheld claim (``fd=None``) stands for the processes of a distributed run other than 0."""
+
+    def __init__(self, out: str, created: bool, fd: int | None = None):
+        self.out, self.created, self.fd = out, created, fd
+
+    @classmethod
+    def take(cls, out: str, created: bool) -> Claim:
+        """Locks ``out`` (which exists), or raises :class:`ConfigError` if another process holds it."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX: no lock
+            return cls(out, created)
+        fd = os.open(out, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise ConfigError(
+                f"{field('out')} {out} is in use by another jaxl2 process, which holds its lock: let it "
+                f"finish or stop it, then try again (or give another {field('out')})"
+            ) from None
+        return cls(out, created, fd)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> Claim:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 def _check_out(out: str, name: str = "out") -> None:
     if not out:
         raise ConfigError(f"{field(name)} is empty (give a directory path)")
@@ -132,45 +180,114 @@ def _replace_run(out: str) -> None:
 
 def prepare(
     out: str, config_json: dict[str, Any], *, resume: bool, overwrite: bool, resumable: bool = True
-) -> bool:
-    """Makes ``out`` ready for a run and writes its ``config.json``; returns whether ``out`` was
-    absent or empty before (so that a run that fails before its first checkpoint removes it).
+) -> Claim:
+    """Makes ``out`` ready for a run, takes it (:class:`Claim`: a directory that another live
+    process trains into is refused) and writes its ``config.json``; the claim says whether ``out``
+    was absent or empty before (so that a run that fails before its first checkpoint removes it).
 
     ``resume`` needs a ``config.json`` there (the run's own settings win). A directory that
     holds a run needs ``overwrite``, which removes that run's files; a directory that holds
     anything else is refused, ``overwrite`` or not (jaxl2 deletes only what it wrote).
     """
     _check_out(out)
-    cfg_path = os.path.join(out, "config.json")
     if resume:
-        if not os.path.exists(cfg_path):
+        if not os.path.exists(os.path.join(out, "config.json")):
             raise ConfigError(
                 f"{field('resume')}: {out} holds no jaxl2 run (no config.json); start it without "
                 f"{field('resume')}"
             )
-        return False
+        return Claim.take(out, created=False)
     entries = set(os.listdir(out)) if os.path.isdir(out) else set()
-    if entries:
-        foreign = sorted(e for e in entries if e not in RUN_ENTRIES and not e.endswith(".tmp"))
-        if foreign:
-            shown = ", ".join(foreign[:5]) + (", …" if len(foreign) > 5 else "")
-            raise ConfigError(
-                f"{field('out')} {out} holds files that are not a jaxl2 run's ({shown}); give a new or "
-                f"empty directory (jaxl2 never deletes what it did not write)"
-            )
-        if not overwrite:
+    foreign = sorted(e for e in entries if e not in RUN_ENTRIES and not e.endswith(".tmp"))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", …" if len(foreign) > 5 else "")
+        raise ConfigError(
+            f"{field('out')} {out} holds files that are not a jaxl2 run's ({shown}); give a new or "
+            f"empty directory (jaxl2 never deletes what it did not write)"
+        )
+    try:
+        os.makedirs(out, exist_ok=True)
+        claim = Claim.take(out, created=not entries)
+    except OSError as e:
+        raise ConfigError(f"{field('out')} {out} cannot be written ({e.strerror or e})") from None
+    try:
+        if entries and not overwrite:
             how = f"use {field('resume')} to continue it, " if resumable else ""
             raise ConfigError(
                 f"{field('out')} {out} already holds a run ({how}{field('overwrite')} to replace it, "
                 f"or another {field('out')})"
             )
-        _replace_run(out)
-    try:
-        os.makedirs(out, exist_ok=True)
-        write_json(cfg_path, config_json)
+        if entries:
+            _replace_run(out)
+        write_json(os.path.join(out, "config.json"), config_json)
     except OSError as e:
+        claim.release()
         raise ConfigError(f"{field('out')} {out} cannot be written ({e.strerror or e})") from None
-    return True
+    except BaseException:
+        claim.release()
+        raise
+    return claim
+
+
+# errno values of "the disk cannot take it": full, over quota, a file over its size limit, read-only.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+
+class DiskFull(Named, OSError):
+    """A file of a run could not be written (no space, a quota, a read-only file system); the
+    message names the path and what was kept; ``out`` is the directory to resume."""
+
+    out: str | None = None
+
+
+def disk_cause(e: BaseException | None) -> OSError | None:
+    """The disk error (:data:`DISK_ERRNOS`) that ``e`` is, or was raised from, as an ``OSError``;
+    ``None`` if it is none. Orbax's writer (tensorstore) reports one as a ``ValueError`` whose
+    message carries ``os_error_code='28'`` and the path: it is read from there."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
+            return e
+        code = re.search(r"os_error_code='(\d+)'", str(e))
+        if code and int(code.group(1)) in DISK_ERRNOS:
+            path = re.search(r'Failed (?:writing|to open|to create)[^"]*"([^"]+)"', str(e))
+            number = int(code.group(1))
+            where = path.group(1).split(".orbax-checkpoint-tmp")[0] if path else None
+            return OSError(number, os.strerror(number), where and os.path.dirname(where))
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def is_disk_error(e: BaseException | None) -> bool:
+    """Whether ``e`` is a :class:`DiskFull` or has a :func:`disk_cause`."""
+    return isinstance(e, DiskFull) or disk_cause(e) is not None
+
+
+def kept(out: str) -> str:
+    """What a stopped run in ``out`` can resume from: its last complete checkpoint, or nothing."""
+    d = os.path.join(out, "checkpoints")
+    steps = sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+    if steps:
+        return f"the last complete checkpoint ({d}/{steps[-1]}) and config.json"
+    return "config.json (no checkpoint was complete: the resume starts from the beginning)"
+
+
+@contextlib.contextmanager
+def disk_errors(out: str) -> Iterator[None]:
+    """Turns a disk error in the block (:func:`is_disk_error`) into one :class:`DiskFull` that
+    names the path and what was kept in ``out`` (its ``out`` attribute: what to resume)."""
+    try:
+        yield
+    except BaseException as e:
+        cause = None if isinstance(e, DiskFull) else disk_cause(e)
+        if cause is None:
+            raise
+        full = DiskFull(
+            f"cannot write {cause.filename or out} ({cause.strerror or cause}); kept in {out}: {kept(out)}"
+        )
+        full.out = out
+        raise full from None
 
 
 def load_config(out: str, name: str = "out") -> dict[str, Any]:
@@ -243,6 +360,12 @@ def has_checkpoint(out: str) -> bool:
     return os.path.isdir(d) and any(name.isdigit() for name in os.listdir(d))
 
 
+def _orbax_thread_error(record: logging.LogRecord) -> bool:
+    """False for the traceback that orbax's writer thread logs before the error reaches the
+    caller, which raises it (as one :class:`DiskFull` line, for a full disk)."""
+    return not (record.exc_info and "orbax" in record.pathname.replace("\\", "/"))
+
+
 class StepStore:
     """An orbax manager of numbered steps of one pytree (a run's state or best params, a refit's
     state, a sweep's chunks), each written to a temporary directory and renamed when complete;
@@ -252,6 +375,9 @@ class StepStore:
         import orbax.checkpoint as ocp
 
         self.ocp = ocp
+        absl = logging.getLogger("absl")
+        if _orbax_thread_error not in absl.filters:
+            absl.addFilter(_orbax_thread_error)
         opts = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False)
         self.manager = ocp.CheckpointManager(os.path.abspath(path), options=opts)
 

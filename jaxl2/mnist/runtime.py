@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import platform
+import warnings
 
 import jax
 
@@ -34,7 +35,10 @@ def cache_dir() -> str:
 
 def enable_compilation_cache(path: str | None = None) -> None:
     """Turns on JAX's persistent compilation cache for every compiled function, in ``path``
-    (default ``jax/`` in :func:`cache_dir`: ``~/.cache/jaxl2/jax``)."""
+    (default ``jax/`` in :func:`cache_dir`: ``~/.cache/jaxl2/jax``). A cache entry that cannot be
+    written (a full disk) is skipped in silence: the cache only saves compile time, and the run's
+    own files report a full disk in one line."""
+    warnings.filterwarnings("ignore", message="Error (writing|reading) persistent compilation cache entry")
     jax.config.update("jax_compilation_cache_dir", path or os.path.join(cache_dir(), "jax"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -1,10 +1,11 @@
-"""Ctrl-C (SIGINT) deferred to safe points, so that it never lands inside an import of jaxlib,
-a JAX callback or a running XLA computation (any of which can crash the process or swallow
-the interrupt).
+"""Ctrl-C (SIGINT) and a scheduler's SIGTERM deferred to safe points, so that neither lands
+inside an import of jaxlib, a JAX callback or a running XLA computation (any of which can crash
+the process or swallow the interrupt), and a stopped run saves first.
 
 Within :func:`deferred` (and for the whole ``jaxl2`` command, which calls :func:`install`
-first), SIGINT only records itself; the application asks :func:`pending` between epochs and
-:func:`check` between start-up phases, and stops there.
+first), both signals only record themselves; the application asks :func:`pending` between
+epochs and :func:`check` between start-up phases, and stops there. :func:`last_signal` says
+which one came (the command exits 130 for SIGINT, 143 for SIGTERM).
 
 Example:
   >>> import os, signal
@@ -24,13 +25,24 @@ import signal
 import threading
 from collections.abc import Iterator
 
-__all__ = ["install", "allow", "deferred", "pending", "check", "clear"]
+__all__ = ["SIGNALS", "install", "allow", "deferred", "pending", "check", "clear", "last_signal", "name"]
 
-_state = {"pending": False}
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_state = {"pending": False, "signal": signal.SIGINT}
 
 
-def _record(*_: object) -> None:
-    _state["pending"] = True
+def _record(signum: int, _frame: object = None) -> None:
+    _state["pending"], _state["signal"] = True, signum
+
+
+def last_signal() -> int:
+    """The signal that came last (``signal.SIGINT`` when none did)."""
+    return int(_state["signal"])
+
+
+def name() -> str:
+    """How messages call the last signal: ``interrupted`` (Ctrl-C) or ``stopped by SIGTERM``."""
+    return "stopped by SIGTERM" if last_signal() == signal.SIGTERM else "interrupted"
 
 
 def _main_thread() -> bool:
@@ -38,21 +50,24 @@ def _main_thread() -> bool:
 
 
 def install() -> None:
-    """From now on, SIGINT only records itself (the ``jaxl2`` command's first step)."""
+    """From now on, SIGINT and SIGTERM only record themselves (the ``jaxl2`` command's first step)."""
     if _main_thread():
-        signal.signal(signal.SIGINT, _record)
+        for s in SIGNALS:
+            signal.signal(s, _record)
 
 
 def allow() -> None:
-    """SIGINT raises ``KeyboardInterrupt`` again (Python's default), at once if one is pending:
-    for work that writes nothing (evaluation, the benchmark), once its imports are done."""
+    """SIGINT raises ``KeyboardInterrupt`` again (Python's default) and SIGTERM terminates, at
+    once if one is pending: for work that writes nothing (evaluation, the benchmark), once its
+    imports are done."""
     if _main_thread():
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     check()
 
 
 def pending() -> bool:
-    """Whether SIGINT arrived and was not acted upon yet."""
+    """Whether SIGINT or SIGTERM arrived and was not acted upon yet."""
     return _state["pending"]
 
 
@@ -61,7 +76,7 @@ def clear() -> None:
 
 
 def check() -> None:
-    """Raises ``KeyboardInterrupt`` if SIGINT is pending: call it where stopping is safe."""
+    """Raises ``KeyboardInterrupt`` if a signal is pending: call it where stopping is safe."""
     if _state["pending"]:
         clear()
         raise KeyboardInterrupt
@@ -69,14 +84,15 @@ def check() -> None:
 
 @contextlib.contextmanager
 def deferred() -> Iterator[None]:
-    """SIGINT only records itself within the block; the previous handler comes back after it
-    (a pending interrupt is forgotten unless the command installed deferral for good)."""
+    """SIGINT and SIGTERM only record themselves within the block; the previous handlers come
+    back after it (a pending signal is forgotten unless the command installed deferral for good)."""
     if not _main_thread() or signal.getsignal(signal.SIGINT) is _record:
         yield  # handlers can only be set from the main thread; or deferral is already on
         return
-    old = signal.signal(signal.SIGINT, _record)
+    old = {s: signal.signal(s, _record) for s in SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, old)
+        for s, handler in old.items():
+            signal.signal(s, handler)
         clear()

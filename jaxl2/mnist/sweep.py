@@ -31,22 +31,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxl2 import __version__
 from jaxl2.mnist import refit as _refit
 from jaxl2.mnist import sigint, sweepdir
 from jaxl2.mnist.config import OPTIMIZERS, REFIT_EPOCHS, SEED_LIMIT, Config, ConfigError, field, validate
 from jaxl2.mnist.loop import (
     Best,
     Interrupted,
-    call_end,
     diverged_message,
     epochs_per_call,
     epochs_program,
     load_and_check,
     member_summary,
-    run_epochs,
     split_metrics,
+    stop_if_signalled,
+    stopped,
+    train_epochs,
 )
-from jaxl2.mnist.rundir import SaveRule, StepStore, default_out, has_checkpoint, prepare, write_json
+from jaxl2.mnist.rundir import (
+    SaveRule,
+    StepStore,
+    default_out,
+    disk_errors,
+    has_checkpoint,
+    is_disk_error,
+    prepare,
+    write_json,
+)
 from jaxl2.mnist.runtime import XLA_OPTIONS, device_name
 from jaxl2.mnist.steps import Trainer
 
@@ -253,6 +264,29 @@ def _choose_execution(trainer, size, states, data, l2s) -> tuple[SweepTrainer, d
     return sweepers[min(times, key=times.get)], times
 
 
+def _check_members(cfg: Config, l2s: Sequence[Any], seeds: Sequence[Any]) -> tuple[list[float], list[int]]:
+    """The sweep's λs (numbers, each once) and seeds (in range), or a :class:`ConfigError`."""
+    if cfg.l2_auto or any(isinstance(v, str) for v in l2s):
+        raise ConfigError(
+            f"{field('l2')} auto tunes λ within one run (jaxl2 train), so a sweep, which trains fixed λ "
+            f"values, cannot take it; give numbers, e.g. {field('l2')} 0,1e-4,1e-3"
+        )
+    validate(cfg)  # its seed first: the seeds below count from it
+    seeds = list(seeds)
+    if not seeds or any(not isinstance(s, int) or not 0 <= s < SEED_LIMIT for s in seeds):
+        raise ConfigError(
+            f"{field('seeds')} {seeds} is invalid (one or more integers from 0 to {SEED_LIMIT - 1})"
+        )
+    l2s = [float(v) for v in l2s]
+    twice = sorted({v for v in l2s if l2s.count(v) > 1})
+    if twice:
+        raise ConfigError(
+            f"{field('l2')} gives λ {', '.join(f'{v:g}' for v in twice)} more than once; give each λ once "
+            f"(more runs of one λ are seeds: {field('seeds')})"
+        )
+    return l2s, seeds
+
+
 def train_sweep(
     cfg: Config,
     l2s: Sequence[float],
@@ -292,18 +326,7 @@ def train_sweep(
     if execution not in EXECUTIONS:
         raise ConfigError(f"{field('execution')} {execution!r} is unknown (allowed: {', '.join(EXECUTIONS)})")
     SaveRule(checkpoint_every)  # checks it before anything is loaded
-    if cfg.l2_auto or any(isinstance(v, str) for v in l2s):
-        raise ConfigError(
-            f"{field('l2')} auto tunes λ within one run (jaxl2 train), so a sweep, which trains fixed λ "
-            f"values, cannot take it; give numbers, e.g. {field('l2')} 0,1e-4,1e-3"
-        )
-    validate(cfg)  # its seed first: the seeds below count from it
-    seeds = list(seeds)
-    if not seeds or any(not isinstance(s, int) or not 0 <= s < SEED_LIMIT for s in seeds):
-        raise ConfigError(
-            f"{field('seeds')} {seeds} is invalid (one or more integers from 0 to {SEED_LIMIT - 1})"
-        )
-    l2s = [float(v) for v in l2s]
+    l2s, seeds = _check_members(cfg, l2s, seeds)
     if refit:
         _refit.refit_epochs(refit_epochs, 1, 1)  # a bad rule fails before anything is done
     if resume:
@@ -312,30 +335,28 @@ def train_sweep(
         sweepdir.check_resume(out, cfg, l2s, seeds)
     cfg, ds = load_and_check(cfg, l2s)
     out = default_out("runs", "sweep") if out is None else out
-    config = sweepdir.config_json(cfg, l2s, seeds, _version(), refit, refit_epochs)
-    created = prepare(out, config, resume=resume, overwrite=overwrite)
-    try:
-        sigint.check()
-        summary = _sweep(cfg, ds, l2s, seeds, out, execution, budget_bytes, checkpoint_every, on_epoch, log)
-        if refit:
-            summary["refit"] = _refit_selected(
-                cfg, ds, summary, out, refit_epochs, checkpoint_every, on_epoch
+    config = sweepdir.config_json(cfg, l2s, seeds, __version__, refit, refit_epochs)
+    claim = prepare(out, config, resume=resume, overwrite=overwrite)
+    with claim, disk_errors(out):
+        try:
+            sigint.check()
+            summary = _sweep(
+                cfg, ds, l2s, seeds, out, execution, budget_bytes, checkpoint_every, on_epoch, log
             )
-        summary["out"] = out
-        _write_outputs(out, summary)
-        return summary
-    except BaseException as e:
-        if isinstance(e, Interrupted):
-            e.out = out
-        if created and not has_checkpoint(out):
-            shutil.rmtree(out, ignore_errors=True)  # nothing to resume: no half-made sweep is left
-        raise
-
-
-def _version() -> str:
-    from jaxl2 import __version__
-
-    return __version__
+            if refit:
+                stop_if_signalled(f"after the sweep, before its refit; checkpoint saved in {out}", out)
+                summary["refit"] = _refit_selected(
+                    cfg, ds, summary, out, refit_epochs, checkpoint_every, on_epoch
+                )
+            summary["out"] = out
+            _write_outputs(out, summary)
+            return summary
+        except BaseException as e:
+            if isinstance(e, Interrupted):
+                e.out = out
+            if claim.created and not has_checkpoint(out) and not is_disk_error(e):
+                shutil.rmtree(out, ignore_errors=True)  # nothing to resume: no half-made sweep is left
+            raise
 
 
 def _chunk_state(states: Any, best: Best) -> dict[str, Any]:
@@ -400,7 +421,7 @@ def _sweep(cfg, ds, l2s, seeds, out, execution, budget_bytes, checkpoint_every, 
         for c in range(done, len(chunks)):
             if sigint.pending():  # the previous chunk was finished and recorded
                 sigint.clear()
-                raise Interrupted(f"sweep interrupted after chunk {c} of {len(chunks)}")
+                raise stopped(f"after chunk {c} of {len(chunks)} of the sweep")
             label = f"chunk {c + 1}/{len(chunks)}" if len(chunks) > 1 else ""
             trained = _train_chunk(
                 cfg, ds, chunks[c], c, sweeper, data, latest, checkpoint_every, label, on_epoch
@@ -455,21 +476,23 @@ def _train_chunk(cfg, ds, chunk, c, sweeper, data, latest, checkpoint_every, lab
     def program(states, n):
         return compiled(states, n, *data, l2_K)
 
-    epochs = range(start + 1, cfg.epochs + 1)
-    rule = SaveRule(checkpoint_every)
-    for ep in run_epochs(program, states, epochs, best, diverged, size, checkpoint_every):
-        save = stop = False
-        if ep.state is not None:  # the end of a compiled call: its states are on hand
-            states = ep.state
-            save, stop = call_end(rule, ep.epoch, last=ep.epoch == cfg.epochs)
-            if save:
-                latest.save(sweepdir.checkpoint_step(c, ep.epoch, cfg.epochs), _chunk_state(states, best))
-        if on_epoch:
-            on_epoch(label, ep.epoch, cfg.epochs)
-        if stop:
-            raise Interrupted(
-                f"sweep interrupted after epoch {ep.epoch} of {cfg.epochs}" + (f" ({label})" if label else "")
-            )
+    def save(epoch: int, st: Any) -> None:
+        latest.save(sweepdir.checkpoint_step(c, epoch, cfg.epochs), _chunk_state(st, best))
+
+    states = train_epochs(
+        program,
+        states,
+        range(start + 1, cfg.epochs + 1),
+        best,
+        diverged=diverged,
+        size=size,
+        every=checkpoint_every,
+        save=save,
+        on_epoch=lambda ep: on_epoch(label, ep.epoch, cfg.epochs) if on_epoch else None,
+        where=lambda epoch: (
+            f"after epoch {epoch} of {cfg.epochs} of the sweep" + (f" ({label})" if label else "")
+        ),
+    )
     rows = []
     for i, (lam, seed) in enumerate(chunk):
         best_i, final_i = _unstack(best.params, i), _unstack(states.params, i)

@@ -1,0 +1,88 @@
+"""The ``jaxl2`` command: ``train`` (the main job), ``sweep``, ``eval``, ``bench``, ``gradcheck``.
+
+One module per command (:mod:`~jaxl2.mnist.cli.train`, …), the parser
+(:mod:`~jaxl2.mnist.cli.parser`), one progress reporter (:mod:`~jaxl2.mnist.cli.progress`) and
+what is printed (:mod:`~jaxl2.mnist.cli.report`). The command maps flags to config fields, and
+jaxl2's own errors to exit codes:
+
+* 0 done; 1 training diverged (or a gradient check failed);
+* 2 bad input, with one line ``jaxl2: error: <what> (<allowed>)``;
+* 74 a file could not be written (a full disk, a quota, a read-only file system): one line
+  naming the path, what was kept and how to resume;
+* 130 interrupted (Ctrl-C), 143 stopped by SIGTERM: both after saving at the next safe point, with
+  a line saying how to resume.
+
+Only jaxl2's own error types are caught: anything else is a bug and shows its traceback. The
+application is imported only when a command runs, so ``jaxl2 --help`` is fast; without the
+``mnist`` extra, commands say how to install it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import sys
+
+from jaxl2.errors import Jaxl2Error
+from jaxl2.mnist import sigint
+from jaxl2.mnist.cli.parser import build_parser, parse_args
+from jaxl2.mnist.cli.report import fail, message
+
+__all__ = ["main", "build_parser"]
+
+MODULES = {"train": "train", "sweep": "sweep", "eval": "evaluate", "bench": "bench", "gradcheck": "gradcheck"}
+EXTRAS = ("flax", "orbax", "tensorflow_datasets", "matplotlib", "rich")
+
+
+def _dispatch(args) -> int:
+    from jaxl2.mnist.loop import Diverged, Interrupted
+    from jaxl2.mnist.rundir import DiskFull
+
+    command = importlib.import_module(f"jaxl2.mnist.cli.{MODULES[args.command]}")
+    resume = f"jaxl2 {args.command} --out {{}} --resume"
+    try:
+        code = command.run(args)
+    except Diverged as e:
+        return fail(message(e), 1)
+    except DiskFull as e:
+        return fail(f"{message(e)}; free some space, then continue with: {resume.format(e.out)}", 74)
+    except Interrupted as e:
+        sys.stderr.write(f"jaxl2: {message(e)}; continue with: {resume.format(e.out)}\n")
+        return 143 if e.signal == signal.SIGTERM else 130
+    if sigint.pending():  # the signal came after the last safe point: the work is complete
+        sys.stderr.write(f"jaxl2: {sigint.name()} after the work was done (nothing is lost)\n")
+        return 143 if sigint.last_signal() == signal.SIGTERM else 130
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs ``jaxl2 ARGV`` and returns its exit status."""
+    previous = {s: signal.getsignal(s) for s in sigint.SIGNALS}
+    sigint.install()  # Ctrl-C and SIGTERM wait for a safe point: never inside an import of jaxlib or XLA
+    command = None
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else list(argv))
+        command = args.command
+        sigint.check()
+        return _dispatch(args)
+    except Jaxl2Error as e:
+        return fail(message(e))
+    except BrokenPipeError:  # `jaxl2 … | head`: the reader left; the work itself is done
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        # What the command made is already removed (or checkpointed). Exit at once: tearing the
+        # interpreter down while XLA's threads may still run can crash it.
+        sys.stderr.write("jaxl2: interrupted\n")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(143 if sigint.last_signal() == signal.SIGTERM else 130)
+    except ImportError as e:
+        if command and e.name and e.name.split(".")[0] in EXTRAS:
+            return fail(f"jaxl2 {command} needs the mnist extra ({e}): pip install 'jaxl2[mnist]'")
+        raise
+    finally:
+        for s, handler in previous.items():
+            if handler is not None:
+                signal.signal(s, handler)

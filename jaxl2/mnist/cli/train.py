@@ -1,0 +1,54 @@
+"""``jaxl2 train``: one run into its directory (:func:`jaxl2.mnist.run.train_and_evaluate`)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+from jaxl2.mnist.cli.options import enable_cache, fd1_to_stderr, given, refit_choice
+from jaxl2.mnist.cli.progress import Progress, epoch_info
+from jaxl2.mnist.cli.report import fail, format_summary, warn_if_chance
+from jaxl2.mnist.config import REFIT, REFIT_EPOCHS, Config
+
+__all__ = ["run"]
+
+
+def run(args: argparse.Namespace) -> int:
+    from jaxl2.mnist import run as _run
+    from jaxl2.mnist.rundir import load_config
+
+    fields, saved = given(args), None
+    if args.resume:
+        if not args.out:
+            return fail("--resume needs --out DIR, the run to continue")
+        cfg = dataclasses.replace(_run.load_run_config(args.out, kind="run"), **fields)
+        saved = load_config(args.out)
+    else:
+        cfg = dataclasses.replace(Config(), **fields)
+    # gloo (the CPU collectives) prints "Rank 0 is connected…" on stdout, which --json keeps for its object
+    with fd1_to_stderr(args.json and args.distributed):
+        if args.distributed:
+            from jaxl2.mnist.parallel import initialize_distributed
+
+            if not args.out:
+                return fail("--distributed needs --out DIR (one directory that every process can reach)")
+            initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+        enable_cache(args)
+        with Progress(args.quiet or args.json, first="", epochs=cfg.epochs) as progress:
+            summary = _run.train_and_evaluate(
+                cfg,
+                args.out,
+                resume=args.resume,
+                overwrite=args.overwrite,
+                checkpoint_every=args.checkpoint_every,
+                on_start=progress.start,
+                on_epoch=lambda row: progress.epoch("", row["epoch"], cfg.epochs, epoch_info(row)),
+                devices=args.devices,
+                **refit_choice(args, saved, REFIT, REFIT_EPOCHS),
+                on_refit_epoch=lambda e, n: progress.epoch("refit on train ∪ validation", e, n),
+                log=lambda text: progress.say(f"jaxl2: {text}"),
+            )
+    print(json.dumps(summary) if args.json else format_summary(summary))
+    warn_if_chance([(summary["val_accuracy"], summary["lr"], cfg.l2)], cfg)
+    return 0
