@@ -5,7 +5,7 @@
 Serves SITE on 127.0.0.1, drives Chromium over the DevTools protocol on a pipe (no websocket
 library, no browser-automation dependency) and checks: the home page renders its title and the
 navigation; the API page has an entry for every name in ``jaxl2.__all__`` and
-``jaxl2.mnist.__all__``; the search box finds ``add_decayed_weights``; every figure loads.
+``jaxl2.mnist.__all__``; the command reference has a section per command; the search box finds ``add_decayed_weights``; every figure loads.
 Screenshots of each go to OUT_DIR (default build/docs-check/). Exit status 0 when all pass.
 """
 
@@ -173,6 +173,16 @@ def main(site: str, out: str) -> int:
             + (f"; missing {missing}" if missing else ""),
         )
         browser.screenshot(s, os.path.join(out, "api.png"))
+
+        s = browser.open(base + "app/cli/")
+        heads = browser.wait(
+            s,
+            "document.readyState === 'complete' && "
+            "[...document.querySelectorAll('.md-content h2')].map(h => h.textContent.replace('¶', '').trim())",
+        )
+        commands = [f"jaxl2 {c}" for c in ("train", "sweep", "eval", "bench", "gradcheck")]
+        check(all(c in (heads or []) for c in commands), f"command reference has sections {heads}")
+        browser.screenshot(s, os.path.join(out, "cli.png"))
 
         s = browser.open(base)
         browser.wait(s, "document.readyState === 'complete'")
