@@ -2,7 +2,7 @@
 passes, and the wheel alone (no extras) installed into a fresh virtualenv runs the library's
 docstring examples and the library-only docs pages from outside the source tree.
 
-About 40 s (a venv and jax's install, from pip's cache), so it is marked ``wheel`` and runs in
+About a minute (a build, a venv and jax's install), so it is marked ``wheel`` and runs in
 ``make wheel-check`` (which .ci/run calls), not in ``make test``."""
 
 import glob
@@ -14,7 +14,7 @@ import zipfile
 
 import pytest
 
-from tests.test_readme import BLOCKS, DRIVER
+from tests.test_readme import BLOCKS
 
 pytestmark = pytest.mark.wheel
 
@@ -40,11 +40,16 @@ LIBRARY_PAGES = [  # pages whose blocks import nothing beyond jax, numpy, optax 
     "docs/guide/l2-sp.md",
     "docs/guide/large-models.md",
 ]
-DOCTESTS = r"""
-import doctest, importlib, sys
-failed = 0
-for name in sys.argv[1:]:
-    failed += doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS).failed
+# One process (jax is imported once): the modules' docstring examples, then each page's blocks in
+# a namespace of its own; prints where jaxl2 came from and whether flax was loaded.
+EXAMPLES = r"""
+import doctest, importlib, json, sys
+modules, pages = json.load(sys.stdin)
+failed = sum(doctest.testmod(importlib.import_module(m), optionflags=doctest.ELLIPSIS).failed for m in modules)
+for page, blocks in pages:
+    namespace = {"__name__": "__main__"}
+    for i, code in enumerate(blocks):
+        exec(compile(code, f"{page}, python block {i + 1}", "exec"), namespace)
 import jaxl2
 print(jaxl2.__file__, jaxl2.__version__, sorted(m for m in sys.modules if m.split(".")[0] == "flax"))
 sys.exit(failed)
@@ -59,7 +64,7 @@ def _run(argv, **kw):
 
 def test_the_wheel_builds_passes_twine_and_runs_the_library_examples_alone(tmp_path):
     dist = tmp_path / "dist"
-    _run([sys.executable, "-m", "build", "--outdir", str(dist), ROOT])
+    _run([sys.executable, "-m", "build", "--sdist", "--wheel", "--outdir", str(dist), ROOT])
     wheel, sdist = glob.glob(str(dist / "*.whl")), glob.glob(str(dist / "*.tar.gz"))
     assert len(wheel) == 1 and len(sdist) == 1
     _run([sys.executable, "-m", "twine", "check", "--strict", *wheel, *sdist])
@@ -71,9 +76,7 @@ def test_the_wheel_builds_passes_twine_and_runs_the_library_examples_alone(tmp_p
     _run([python, "-m", "pip", "install", "-q", wheel[0]])
     work = tmp_path / "work"  # outside the checkout, so `import jaxl2` is the installed one
     work.mkdir()
-    out = _run([python, "-c", DOCTESTS, *LIBRARY], cwd=work)
+    pages = [(page, [code for lang, code in BLOCKS[page] if lang == "python"]) for page in LIBRARY_PAGES]
+    out = _run([python, "-c", EXAMPLES], input=json.dumps([LIBRARY, pages]), cwd=work)
     where, version, flax = out.split()[-3:]
     assert where.startswith(str(venv)) and version == "0.3.0" and flax == "[]", out
-    for page in LIBRARY_PAGES:
-        blocks = [code for lang, code in BLOCKS[page] if lang == "python"]
-        _run([python, "-c", DRIVER], input=json.dumps([page, blocks]), cwd=work)
