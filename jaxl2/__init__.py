@@ -28,7 +28,42 @@ Example:
 """
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load lazily below
+    from jaxl2 import auto as auto
+    from jaxl2 import conventions as conventions
+    from jaxl2 import decay as decay
+    from jaxl2 import norms as norms
+    from jaxl2 import rules as rules
+    from jaxl2 import select as select
+    from jaxl2.auto import AutoL2 as AutoL2
+    from jaxl2.auto import AutoL2State as AutoL2State
+    from jaxl2.auto import auto_l2 as auto_l2
+    from jaxl2.check import GradcheckReport as GradcheckReport
+    from jaxl2.check import gradcheck as gradcheck
+    from jaxl2.conventions import from_decoupled as from_decoupled
+    from jaxl2.conventions import from_keras as from_keras
+    from jaxl2.conventions import from_sklearn_alpha as from_sklearn_alpha
+    from jaxl2.conventions import from_torch_weight_decay as from_torch_weight_decay
+    from jaxl2.conventions import to_keras as to_keras
+    from jaxl2.decay import Audit as Audit
+    from jaxl2.decay import AuditRow as AuditRow
+    from jaxl2.decay import ScheduleState as ScheduleState
+    from jaxl2.decay import add_decayed_weights as add_decayed_weights
+    from jaxl2.decay import audit as audit
+    from jaxl2.errors import Jaxl2Error as Jaxl2Error
+    from jaxl2.norms import group_norms as group_norms
+    from jaxl2.penalty import Row as Row
+    from jaxl2.penalty import Selection as Selection
+    from jaxl2.penalty import coefficients as coefficients
+    from jaxl2.penalty import l2_penalty as l2_penalty
+    from jaxl2.penalty import regularized as regularized
+    from jaxl2.penalty import selected as selected
+    from jaxl2.select import Preset as Preset
+    from jaxl2.select import mask as mask
+    from jaxl2.step import ScheduledState as ScheduledState
+    from jaxl2.step import make_train_step as make_train_step
 
 # name -> module that defines it. Loaded on first use, so that ``import jaxl2`` costs nothing
 # until jaxl2 is used (the command's start-up, and Ctrl-C during it, stay in jaxl2's hands).
@@ -67,7 +102,7 @@ _EXPORTS = {
     "AutoL2": "jaxl2.auto",
     "AutoL2State": "jaxl2.auto",
 }
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = list(_EXPORTS)
 

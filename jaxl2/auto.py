@@ -66,7 +66,7 @@ DEFAULT_BOUNDS = (1e-8, 1.0)
 class SharedAdamState(NamedTuple):
     """Adam's state with one second moment for the whole vector."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # a field named as optax names it, over tuple.count
     mu: jax.Array
     nu: jax.Array
 

@@ -101,7 +101,9 @@ def _flatten_floats(params: Any) -> tuple[jax.Array, Callable[[jax.Array], Any]]
 
     def rebuild(vec: jax.Array) -> Any:
         parts = iter(jnp.split(vec, splits))
-        return treedef.unflatten([next(parts).reshape(x.shape) if f else x for x, f in zip(leaves, is_float)])
+        return jax.tree_util.tree_unflatten(
+            treedef, [next(parts).reshape(x.shape) if f else x for x, f in zip(leaves, is_float)]
+        )
 
     return flat, rebuild
 

@@ -51,7 +51,7 @@ class ScheduleState(NamedTuple):
     """The state of :func:`add_decayed_weights` when a λ is a schedule: the step count, as in
     ``optax.add_decayed_weights`` (read at ``count``, then incremented)."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # a field named as optax names it, over tuple.count
 
 
 def add_decayed_weights(

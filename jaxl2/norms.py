@@ -26,7 +26,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -154,7 +154,7 @@ def group_norms(
             decay = lam * lam * sd
         for i, unit in enumerate(e.units):
             group = e.rules[i] if isinstance(l2, Mapping) else unit
-            pick = (lambda x: x) if per is None else (lambda x, i=i: x[i])
+            pick: Callable[..., Any] = (lambda x: x) if per is None else (lambda x, i=i: x[i])
             add(group, [pick(sw), pick(sg), pick(su), pick(jnp.broadcast_to(decay, sd.shape))])
     out: dict[str, jax.Array] = {}
     for group, (sw, sg, su, sd) in sums.items():

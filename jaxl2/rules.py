@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -270,7 +270,10 @@ def _rule_l2(
     def matches(rx: re.Pattern, unit: tuple[str, str]) -> bool:
         return rx.fullmatch(unit[0]) is not None or (unit[0] != unit[1] and rx.fullmatch(unit[1]) is not None)
 
-    first = [next((i for i, (_, rx, _) in enumerate(rules) if matches(rx, u)), None) for u in units]
+    # the index of each unit's first matching rule, None where none matches
+    first: list[Any] = [
+        next((i for i, (_, rx, _) in enumerate(rules) if matches(rx, u)), None) for u in units
+    ]
     names = [u[0] for u in units]
     for i, (pattern, rx, _) in enumerate(rules):
         hits = [j for j, u in enumerate(units) if matches(rx, u)]
@@ -325,6 +328,7 @@ def plan(
         for (p, w), axis in zip(chosen, axes)
     ]
     flat = [u for us in units for u in us]
+    lams: list[tuple[Any, Any]]
     if l2 is None:
         lams = [(None, None)] * len(flat)
     else:
@@ -374,7 +378,7 @@ def broadcast(lam: Any, entry: Entry) -> Any:
     if jnp.ndim(lam) == 0:
         return lam
     shape = [1] * entry.leaf.ndim
-    shape[entry.axis] = -1
+    shape[cast(int, entry.axis)] = -1  # a vector λ belongs to a stacked leaf, which has an axis
     return jnp.reshape(lam, shape)
 
 

@@ -199,11 +199,11 @@ def float_part(tree: Any) -> tuple[Any, Callable[[Any], Any]]:
     """
     flat, treedef = jax.tree_util.tree_flatten(tree)
     keep = [is_float_array(x) for x in flat]
-    arrays = treedef.unflatten([x if k else None for x, k in zip(flat, keep)])
+    arrays = jax.tree_util.tree_unflatten(treedef, [x if k else None for x, k in zip(flat, keep)])
 
     def merge(new_arrays: Any) -> Any:
         it = iter(jax.tree_util.tree_leaves(new_arrays))
-        return treedef.unflatten([next(it) if k else x for x, k in zip(flat, keep)])
+        return jax.tree_util.tree_unflatten(treedef, [next(it) if k else x for x, k in zip(flat, keep)])
 
     return arrays, merge
 
@@ -395,4 +395,4 @@ def mask(params: Any, *, select: Selector = None) -> Any:
     """
     wanted = {p for p, _ in resolve(params, select)}
     flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_variable())
-    return treedef.unflatten([path_str(kp) in wanted for kp, _ in flat])
+    return jax.tree_util.tree_unflatten(treedef, [path_str(kp) in wanted for kp, _ in flat])

@@ -43,7 +43,7 @@ class ScheduledState(NamedTuple):
     """The optimizer state of a step whose ``l2`` holds a schedule: the step count (the
     schedules are read at it, then it is incremented) and ``tx``'s own state."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # a field named as optax names it, over tuple.count
     opt_state: Any
 
 
@@ -199,5 +199,5 @@ def make_train_step(
             opt_state = ScheduledState(optax.safe_increment(count), opt_state)
         return merge(new_arrays), opt_state, metrics
 
-    step.init = init
+    step.init = init  # type: ignore[attr-defined]  # the step function carries its own init
     return step

@@ -1,7 +1,10 @@
-"""The README's code blocks: every ``python`` block runs as pasted (each in a fresh process),
-and every ``jaxl2 …`` / ``python experiments/…`` line of a ``sh`` block names a real command
-with flags that parse (the long ones are not run here: their numbers are in the README)."""
+"""The code blocks of the README and of every docs page: the ``python`` blocks of a page run as
+pasted, in order, in one fresh process (as if the page were pasted into one session), and every
+``jaxl2 …`` / ``python experiments/…`` / ``make …`` line of a ``sh`` block names a real command
+with flags that parse (the long ones are not run here: their numbers are in the docs)."""
 
+import glob
+import json
 import os
 import re
 import shlex
@@ -13,25 +16,60 @@ import pytest
 from jaxl2.mnist import cli
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
+PAGES = ["README.md"] + sorted(
+    os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "**", "*.md"), recursive=True)
+)
+
+
+def _blocks(page: str) -> list[tuple[str, str]]:
+    text = open(os.path.join(ROOT, page), encoding="utf-8").read()
+    return re.findall(r"^```(\w+)\n(.*?)^```", text, flags=re.S | re.M)
+
+
+BLOCKS = {page: _blocks(page) for page in PAGES}
 README = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-BLOCKS = re.findall(r"^```(\w+)\n(.*?)^```", README, flags=re.S | re.M)
-PYTHON = [code for lang, code in BLOCKS if lang == "python"]
-SHELL = [code for lang, code in BLOCKS if lang == "sh"]
+PYTHON_PAGES = [page for page in PAGES if any(lang == "python" for lang, _ in BLOCKS[page])]
+
+# Runs a page's blocks in order in one namespace; names the block that fails.
+DRIVER = r"""
+import json, sys, traceback
+page, blocks = json.load(sys.stdin)
+namespace = {"__name__": "__main__"}
+for i, code in enumerate(blocks):
+    try:
+        exec(compile(code, f"{page}, python block {i + 1}", "exec"), namespace)
+    except BaseException:
+        traceback.print_exc()
+        sys.exit(f"{page}: python block {i + 1} of {len(blocks)} failed")
+"""
 
 
 def test_the_readme_has_blocks_and_starts_with_the_two_commands():
-    assert len(PYTHON) >= 5 and SHELL
-    first = SHELL[0].splitlines()
+    python = [code for lang, code in BLOCKS["README.md"] if lang == "python"]
+    shell = [code for lang, code in BLOCKS["README.md"] if lang == "sh"]
+    assert python and shell
+    first = shell[0].splitlines()
     assert first[0].startswith("make run") and first[1].startswith("make test")
     assert README.index("```sh") < README.index("```python")
+    assert len(README.splitlines()) <= 200
 
 
-@pytest.mark.parametrize("code", PYTHON, ids=[f"python-{i}" for i in range(len(PYTHON))])
-def test_python_block_runs_as_pasted(code, tmp_path):
+def test_every_page_with_code_is_collected():
+    assert "README.md" in PYTHON_PAGES and len(PYTHON_PAGES) >= 8, PYTHON_PAGES
+
+
+@pytest.mark.parametrize("page", PYTHON_PAGES)
+def test_python_blocks_of_a_page_run_as_pasted(page, tmp_path):
+    blocks = [code for lang, code in BLOCKS[page] if lang == "python"]
     r = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path
+        [sys.executable, "-c", DRIVER],
+        input=json.dumps([page, blocks]),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
     )
-    assert r.returncode == 0, f"{code}\n--- stderr:\n{r.stderr[-3000:]}"
+    assert r.returncode == 0, f"--- stderr:\n{r.stderr[-4000:]}"
 
 
 def _commands(block: str) -> list[list[str]]:
@@ -44,11 +82,15 @@ def _commands(block: str) -> list[list[str]]:
     return out
 
 
-SHELL_COMMANDS = [argv for block in SHELL for argv in _commands(block)]
+SHELL_COMMANDS = [
+    (page, argv) for page in PAGES for lang, code in BLOCKS[page] if lang == "sh" for argv in _commands(code)
+]
 
 
-@pytest.mark.parametrize("argv", SHELL_COMMANDS, ids=[" ".join(a)[:60] for a in SHELL_COMMANDS])
-def test_shell_line_names_a_real_command_whose_flags_parse(argv):
+@pytest.mark.parametrize(
+    "page, argv", SHELL_COMMANDS, ids=[f"{p}: {' '.join(a)[:60]}" for p, a in SHELL_COMMANDS]
+)
+def test_shell_line_names_a_real_command_whose_flags_parse(page, argv):
     prog = os.path.basename(argv[0])
     if prog == "make":
         assert re.search(rf"^{argv[1]}:", open(os.path.join(ROOT, "Makefile")).read(), re.M)
@@ -64,4 +106,4 @@ def test_shell_line_names_a_real_command_whose_flags_parse(argv):
     elif prog == "pip":
         assert argv[1] == "install"
     else:
-        pytest.fail(f"unknown command in a README sh block: {argv}")
+        pytest.fail(f"unknown command in a sh block of {page}: {argv}")

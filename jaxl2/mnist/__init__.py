@@ -22,7 +22,22 @@ Example:
 """
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load lazily below
+    from jaxl2.mnist.auto import AutoTrainer as AutoTrainer
+    from jaxl2.mnist.config import Config as Config
+    from jaxl2.mnist.config import ConfigError as ConfigError
+    from jaxl2.mnist.data import load as load_data  # noqa: F401 (re-exported: __all__)
+    from jaxl2.mnist.loop import Diverged as Diverged
+    from jaxl2.mnist.loop import Interrupted as Interrupted
+    from jaxl2.mnist.model import MLP as MLP
+    from jaxl2.mnist.parallel import make_mesh as make_mesh
+    from jaxl2.mnist.run import evaluate_run as evaluate_run
+    from jaxl2.mnist.run import train_and_evaluate as train_and_evaluate
+    from jaxl2.mnist.steps import Trainer as Trainer
+    from jaxl2.mnist.steps import TrainState as TrainState
+    from jaxl2.mnist.sweep import train_sweep as train_sweep
 
 _EXPORTS = {
     "Config": "jaxl2.mnist.config",
