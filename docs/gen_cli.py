@@ -7,7 +7,7 @@ The page's source holds only a marker; every flag, its default and its help come
 import argparse
 
 # The one place the docs import the command line (it moves with the CLI: change this line only).
-from jaxl2.cli import build_parser
+from jaxl2.mnist.cli import build_parser
 
 MARKER = "<!-- generated: the command reference -->"
 

@@ -342,6 +342,8 @@ def test_curves_show_every_epoch_and_mark_the_best(tmp_path):
     assert info["best_epoch"] == 4
     low, high = info["accuracy_limits"]
     assert low <= 100 * min(acc) and high >= 100 * max(a + 0.02 for a in acc)
+    short = curves(rows[:3], str(tmp_path / "short.png"))  # 3 epochs: matplotlib alone ticks 1.5
+    assert short["epoch_ticks"] and all(t == int(t) for t in short["epoch_ticks"]), short
 
 
 def test_val_size_error_from_data_names_the_field():

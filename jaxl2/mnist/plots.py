@@ -17,10 +17,10 @@ def curves(rows: Sequence[dict[str, Any]], path: str, title: str = "") -> dict[s
 
     The accuracy axis spans every epoch's values (train and validation), and the best epoch
     by validation accuracy, the one the run keeps, is marked on both panels. Returns
-    ``{"best_epoch", "accuracy_limits"}`` (what was drawn).
+    ``{"best_epoch", "accuracy_limits", "epoch_ticks"}`` (what was drawn).
     """
     if not rows:
-        return {"best_epoch": None, "accuracy_limits": None}
+        return {"best_epoch": None, "accuracy_limits": None, "epoch_ticks": []}
     import matplotlib
 
     matplotlib.use("Agg")
@@ -48,15 +48,27 @@ def curves(rows: Sequence[dict[str, Any]], path: str, title: str = "") -> dict[s
     limits = (max(0.0, min(acc) - 2), min(100.0, max(acc)) + 1)
     ax_a.set_ylim(*limits)
     ax_a.legend(fontsize=8)
+    _whole_epochs(ax_l, ax_a)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.savefig(path, dpi=90)
+    low, high = ax_a.get_xlim()
+    ticks = [float(t) for t in ax_a.get_xticks() if low <= t <= high]
     plt.close(fig)
-    return {"best_epoch": best, "accuracy_limits": limits}
+    return {"best_epoch": best, "accuracy_limits": limits, "epoch_ticks": ticks}
 
 
-def sweep(rows: Sequence[dict[str, Any]], selected_l2: float, path: str) -> None:
-    """Writes ``path``: train/validation accuracy and Σ‖W‖² against λ (mean ± std over seeds)."""
+def _whole_epochs(*axes: Any) -> None:
+    """Epoch ticks at whole numbers only (a run of 3 epochs has no tick at 1.5)."""
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def sweep(rows: Sequence[dict[str, Any]], selected_l2: float, path: str, title: str = "") -> None:
+    """Writes ``path``: train/validation accuracy and Σ‖W‖² against λ (mean ± std over seeds),
+    titled ``title`` (default: the number of λs and seeds)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -86,6 +98,8 @@ def sweep(rows: Sequence[dict[str, Any]], selected_l2: float, path: str) -> None
         ax.set_xlim(-0.3 * linthresh, 1.5 * max(lams))
         ax.set_xlabel("λ (symlog: 0 at the left)")
     ax_a.legend(fontsize=8)
+    seeds = len({r["seed"] for r in rows}) if all("seed" in r for r in rows) else 1
+    fig.suptitle(title or f"λ sweep: {len(lams)} values × {seeds} seed{'s' * (seeds > 1)}", fontsize=9)
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
@@ -114,6 +128,7 @@ def lambdas(rows: Sequence[dict[str, Any]], path: str, title: str = "") -> list[
     ax.set_xlabel("epoch")
     ax.set_ylabel("λ (end of epoch)")
     ax.legend(fontsize=8)
+    _whole_epochs(ax)
     if title:
         ax.set_title(title, fontsize=9)
     fig.savefig(path, dpi=90)

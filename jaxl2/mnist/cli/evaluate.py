@@ -23,6 +23,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(res))
         return 0
     model = "refit on train ∪ validation" if res["model"] == "refit" else "best epoch by validation"
+    if res["model"] == "refit" and res["split"] in ("train", "val"):
+        model += f", so it trained on this {res['split']} split"
     if "seed" in res:
         model += f"; sweep member λ {res['l2']:g}, seed {res['seed']}"
     print(
