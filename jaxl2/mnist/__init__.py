@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load
     from jaxl2.mnist.steps import TrainState as TrainState
     from jaxl2.mnist.sweep import train_sweep as train_sweep
 
-_EXPORTS = {
+_EXPORTS: dict[str, str | tuple[str, str]] = {
     "Config": "jaxl2.mnist.config",
     "ConfigError": "jaxl2.mnist.config",
     "Diverged": "jaxl2.mnist.loop",
@@ -61,5 +61,6 @@ def __getattr__(name: str) -> Any:
     # Lazy, so that importing jaxl2.mnist.config (the command's --help) loads no flax.
     if name not in _EXPORTS:
         raise AttributeError(f"module 'jaxl2.mnist' has no attribute {name!r}")
-    module, attr = _EXPORTS[name] if isinstance(_EXPORTS[name], tuple) else (_EXPORTS[name], name)
+    where = _EXPORTS[name]
+    module, attr = where if isinstance(where, tuple) else (where, name)
     return getattr(importlib.import_module(module), attr)

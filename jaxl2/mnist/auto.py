@@ -88,7 +88,7 @@ class AutoTrainer(Trainer):
         lam_L = np.exp(np.asarray(jax.device_get(state.l2.log_l2), np.float64))
         return {p: float(lam) for p, lam in zip(self.paths, lam_L)}
 
-    def step_fn(self, state: AutoTrainState, batch, val_batch=None):
+    def step_fn(self, state: AutoTrainState, batch, val_batch=None):  # type: ignore[override]  # λ in the state
         """One step of :func:`jaxl2.auto_l2`; with ``val_batch`` also the λ update."""
         params, opt_state, l2, metrics = self.auto.step(
             state.params,
@@ -99,7 +99,7 @@ class AutoTrainer(Trainer):
         )
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state, l2=l2), metrics
 
-    def epoch_fn(self, state: AutoTrainState, x_NxD, y_N, xv_MxD, yv_M):
+    def epoch_fn(self, state: AutoTrainState, x_NxD, y_N, xv_MxD, yv_M):  # type: ignore[override]  # draws val batches
         idx_SxB = self.batches(state, x_NxD.shape[0])
         every, n_val, bs = self.cfg.l2_every, yv_M.shape[0], self.cfg.batch_size
         n_paths = state.l2.log_l2.shape[0]

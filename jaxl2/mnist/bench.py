@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -37,10 +37,10 @@ def _stats(xs: list[float]) -> dict[str, float]:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
 
 
-def _interleave(fns: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+def _interleave(fns: Mapping[Any, Callable[..., float]], rounds: int) -> dict[Any, list[float]]:
     """Runs each timing function once per round, in turn, the order reversed every other round
     (A B, B A, …: whatever drifts within a round favours no one); returns the seconds of each."""
-    out: dict[str, list[float]] = {k: [] for k in fns}
+    out: dict[Any, list[float]] = {k: [] for k in fns}
     for r in range(rounds):
         for k in list(fns) if r % 2 == 0 else reversed(list(fns)):
             out[k].append(fns[k]())
@@ -99,6 +99,7 @@ def xla_flops_per_example(batch: int) -> float:
     batch_xy = (jnp.zeros((batch, INPUT_DIM), jnp.float32), jnp.zeros((batch,), jnp.int32))
     ca = jax.jit(tr.step_fn).lower(s, batch_xy).compile().cost_analysis()
     ca = ca[0] if isinstance(ca, list) else ca
+    assert ca is not None, "XLA gave no cost analysis"
     return float(ca["flops"]) / batch
 
 
@@ -190,7 +191,8 @@ print(time.time() - t0)
 def startup(rounds: int) -> dict[str, Any]:
     """Process start → first trained step (the default recipe on mnist5k), cold (empty jaxl2
     cache: nothing compiled, mnist5k not parsed) and warm (the same process run again)."""
-    cold, warm = [], []
+    cold: list[float] = []
+    warm: list[float] = []
     for _ in range(rounds):
         with tempfile.TemporaryDirectory() as cache:
             for bucket in (cold, warm):
@@ -211,7 +213,9 @@ PATH_EPOCHS = 15  # the train-path comparison: mnist5k's 3,500 training images, 
 PATH_LR, PATH_L2 = 0.01, 1e-3  # plain SGD, constant lr, L2 on the three kernels (as every peer)
 
 
-def hand_written_epoch(batch: int, lr: float = PATH_LR, l2: float = PATH_L2) -> Callable[..., Any]:
+def hand_written_epoch(
+    batch: int, lr: float = PATH_LR, l2: float = PATH_L2
+) -> tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]]:
     """The peer ``jaxl2 train`` must match: a minimal hand-written jitted JAX epoch, the way a
     careful user writes it without jaxl2 — params a list of ``(w, b)``, loss
     ``CE + λ/2·Σ‖w‖²``, ``jax.grad``, plain SGD, ``lax.scan`` over a permutation of data held on
@@ -261,6 +265,11 @@ def hand_written_epoch(batch: int, lr: float = PATH_LR, l2: float = PATH_L2) -> 
         return params, key
 
     return init, epoch, evaluate
+
+
+def _repeat(one_epoch: Callable[[], float], epochs: int) -> float:
+    """Seconds of ``epochs`` calls of a peer's ``one_epoch()`` (each returns its seconds)."""
+    return sum(one_epoch() for _ in range(epochs))
 
 
 def _hand_written_timer(batch: int, x, y, epochs: int, val: tuple | None = None) -> Callable[[], float]:
@@ -314,14 +323,14 @@ def train_path(batch: int, rounds: int, epochs: int = PATH_EPOCHS, warm_up: bool
     from jaxl2.mnist.data import load
 
     ds = load("mnist5k")
-    x_np, y_np = ds.train.x, ds.train.y
+    x_np, y_np = ds.need("train")
     examples = epochs * (len(y_np) // batch) * batch
     x, y = jax.device_put((x_np, y_np))
     with tempfile.TemporaryDirectory() as root:
-        fns = {
+        fns: dict[str, Callable[[], float]] = {
             "jaxl2": _jaxl2_train_timer(batch, epochs, root, warm_up),
             "jax": _hand_written_timer(batch, x, y, epochs),
-            "jax_val": _hand_written_timer(batch, x, y, epochs, jax.device_put((ds.val.x, ds.val.y))),
+            "jax_val": _hand_written_timer(batch, x, y, epochs, jax.device_put(tuple(ds.need("val")))),
         }
         info: dict[str, Any] = {"jax": {"version": jax.__version__}, "jax_val": {"version": jax.__version__}}
         for name, make in (("torch", _torch_peer), ("keras", _keras_peer)):
@@ -329,7 +338,7 @@ def train_path(batch: int, rounds: int, epochs: int = PATH_EPOCHS, warm_up: bool
             if made is not None:
                 one_epoch, info[name] = made
                 one_epoch()  # warm-up (Keras compiles here)
-                fns[name] = lambda f=one_epoch: sum(f() for _ in range(epochs))
+                fns[name] = functools.partial(_repeat, one_epoch, epochs)
         times = _interleave(fns, rounds)
     out: dict[str, Any] = {
         "examples": examples,

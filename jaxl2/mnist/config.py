@@ -73,7 +73,7 @@ REFIT_EPOCHS = "all"
 DEFAULT_SWEEP_L2 = (0.0, 1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 AUTO = "auto"  # l2 = "auto": one λ per selected layer, tuned during the run (jaxl2.auto_l2)
 # The fields that only l2 = "auto" reads, with their defaults (jaxl2.mnist.auto says why).
-AUTO_DEFAULTS = {"l2_init": 1e-4, "l2_every": 4, "l2_lr": 0.02}
+AUTO_DEFAULTS: dict[str, Any] = {"l2_init": 1e-4, "l2_every": 4, "l2_lr": 0.02}
 AUTO_L2_BOUNDS = (1e-8, 1.0)  # the λs stay within them (jaxl2.auto_l2's bounds)
 
 
@@ -106,6 +106,8 @@ def field(name: str) -> str:
 
 class Named:
     """Mixin of the application's errors: a message that names fields through :func:`field`."""
+
+    args: tuple[Any, ...]  # the exception's, which every user of the mixin is
 
     def render(self, name_of: Callable[[str], str] = lambda f: f) -> str:
         parts = str(self.args[0] if self.args else "").split(_MARK)

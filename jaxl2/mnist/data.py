@@ -45,10 +45,19 @@ class Split(NamedTuple):
 
 
 class Dataset(NamedTuple):
+    """A source's splits; a split it does not have (or that :func:`load` was not asked for) is ``None``."""
+
     name: str
     train: Split | None
     val: Split | None
     test: Split | None
+
+    def need(self, split: str) -> Split:
+        """The split ``split`` (``"train"``, ``"val"`` or ``"test"``), which must be there."""
+        part = getattr(self, split)
+        if part is None:
+            raise ConfigError(f"{field('dataset')} {self.name} has no {split} split")
+        return part
 
 
 def _split(x: np.ndarray, y: np.ndarray) -> Split:
@@ -63,8 +72,8 @@ def _stratified(y: np.ndarray, n_take: int, rng: np.random.Generator) -> tuple[n
     share = n_take * counts / len(y)
     quota = np.floor(share).astype(int)
     quota[np.argsort(quota - share)[: n_take - quota.sum()]] += 1  # largest remainders first
-    taken = [rng.permutation(np.flatnonzero(y == c))[:q] for c, q in zip(classes, quota)]
-    taken = np.sort(np.concatenate(taken))
+    parts = [rng.permutation(np.flatnonzero(y == c))[:q] for c, q in zip(classes, quota)]
+    taken = np.sort(np.concatenate(parts))
     return taken, np.setdiff1d(np.arange(len(y)), taken)
 
 

@@ -99,7 +99,7 @@ def load_and_check(cfg: Config, l2s: Sequence[float] | None = None) -> tuple[Con
 
 def diverged_message(cfg: Config, l2: Any, epoch: int, step: int, steps_per_epoch: int) -> str:
     """The one shape of the divergence message, for a run and for a sweep's member."""
-    lam_lr = "per-layer" if not isinstance(l2, int | float) else f"{l2 * cfg.lr:g}"
+    lam_lr = "per-layer" if not isinstance(l2, int | float) else f"{l2 * (cfg.lr or 0.0):g}"
     return (
         f"the loss became NaN/Inf at epoch {epoch}, step {step + 1} of {steps_per_epoch} "
         f"({field('lr')} {cfg.lr:g}, λ {l2}, λ·lr {lam_lr}): the learning rate (or λ·lr) is too "
@@ -117,6 +117,8 @@ class Best:
         self._set(np.asarray(val, np.float64), np.asarray(epoch, np.int64))
 
     def _set(self, val: np.ndarray, epoch: np.ndarray) -> None:
+        self.val: Any
+        self.epoch: Any
         self.val, self.epoch = (float(val), int(epoch)) if val.ndim == 0 else (val, epoch)
 
     def update(self, epoch: int, val_accuracy: Any, params: Any) -> None:
@@ -274,7 +276,9 @@ def run_epochs(
     """
     plan = calls(epochs, size, every)
     t0 = time.perf_counter()
-    pending = program(state, plan[0][1]) if plan else None
+    if not plan:
+        return
+    pending = program(state, plan[0][1])
     for c, (first, n) in enumerate(plan):
         new_state, m, val, call_best = pending
         if c + 1 < len(plan):
@@ -324,7 +328,7 @@ def call_end(rule: SaveRule, epoch: int, last: bool) -> tuple[bool, bool]:
 
 
 def train_epochs(
-    program: Callable[[Any, int], tuple[Any, Any, Any, Any]],
+    program: Callable[[Any, int], tuple[Any, Any, Any, Any]] | None,
     state: Any,
     epochs: range,
     best: Best,
@@ -356,6 +360,10 @@ def train_epochs(
       (5, [5])
     """
     rule = SaveRule(every)
+    if program is None:  # nothing compiled: no epoch is left to train
+        if len(epochs):
+            raise ValueError(f"no program to train epochs {epochs}")
+        return state
     for ep in run_epochs(program, state, epochs, best, diverged, size, every):
         stop = False
         if on_epoch:

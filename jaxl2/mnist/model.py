@@ -100,7 +100,7 @@ def check_selection(cfg: Config) -> None:
             f"paths: {paths})"
         ) from None
     try:
-        jaxl2.selected(params, None if cfg.l2_auto else cfg.l2, select=selector_of(cfg))
+        jaxl2.selected(params, None if isinstance(cfg.l2, str) else cfg.l2, select=selector_of(cfg))
     except jaxl2.Jaxl2Error as e:
         raise ConfigError(f"{field('l2')}: {e}") from None
 

@@ -118,7 +118,7 @@ def any_process(*flags: bool) -> tuple[bool, ...]:
     from jax.experimental import multihost_utils
 
     gathered = multihost_utils.process_allgather(np.asarray(flags, np.int32))
-    return tuple(bool(f) for f in np.asarray(gathered).reshape(-1, len(flags)).any(axis=0))
+    return tuple(bool(f) for f in np.asarray(np.asarray(gathered).reshape(-1, len(flags)).any(axis=0)))
 
 
 def barrier(name: str) -> None:

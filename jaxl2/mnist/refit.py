@@ -73,7 +73,8 @@ def refit_epochs(rule: str, best_epoch: int, epochs: int) -> int:
 
 def train_val(ds: Dataset) -> Split:
     """The training examples, then the validation examples: what a refit trains on."""
-    return Split(np.concatenate([ds.train.x, ds.val.x]), np.concatenate([ds.train.y, ds.val.y]))
+    train, val = ds.need("train"), ds.need("val")
+    return Split(np.concatenate([train.x, val.x]), np.concatenate([train.y, val.y]))
 
 
 def refit_config(cfg: Config, epochs: int) -> Config:
@@ -143,7 +144,7 @@ def refit(
             ),
         )
     train = parallel.host(trainer.evaluate(state.params, x, y))
-    test = parallel.host(trainer.evaluate(state.params, *(parallel.put(a, mesh) for a in ds.test)))
+    test = parallel.host(trainer.evaluate(state.params, *(parallel.put(a, mesh) for a in ds.need("test"))))
     return {
         "refit_epochs": epochs,
         "refit_examples": int(len(data.y)),
@@ -178,7 +179,7 @@ def _resume_point(out: str, like: dict[str, Any]) -> tuple[int, Any]:
         saved = None if step is None else ckpt.restore(like)
     finally:
         ckpt.close()
-    if saved is None:  # none, or killed before its first checkpoint: from the start
+    if step is None or saved is None:  # none, or killed before its first checkpoint: from the start
         return 0, like["state"]
     if all(int(saved[k]) == int(like[k]) for k in ("epochs", "examples")):
         return step, saved["state"]

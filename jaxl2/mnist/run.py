@@ -178,6 +178,8 @@ def train_and_evaluate(
     mesh = _mesh(devices, cfg.batch_size)
     primary = jax.process_index() == 0
     if resume:
+        if out is None:
+            raise ConfigError(f"{field('resume')} needs {field('out')}, the run to continue")
         _check_resume(cfg, out)
     if out is None:
         if jax.process_count() > 1:
@@ -276,7 +278,7 @@ def _train(job: _Job, resume: bool, on_start: Callable[[], None] | None) -> dict
     check_interrupt()
     if on_start:
         on_start()
-    trainer = _auto.trainer_for(job.cfg, len(job.ds.train.y), mesh=job.mesh)
+    trainer = _auto.trainer_for(job.cfg, len(job.ds.need("train").y), mesh=job.mesh)
     # orbax's save syncs the processes with a collective: from a thread, it could interleave
     # with the training's own collectives in a different order on each process (a hang)
     ckpt = Checkpoints(job.out, background=jax.process_count() == 1)
@@ -313,10 +315,8 @@ def _epochs(
     """Epochs ``start + 1 …`` through :func:`~jaxl2.mnist.loop.train_epochs`, a ``metrics.jsonl``
     row each; returns the last state, the training seconds and the compiling seconds."""
     cfg, primary = job.cfg, job.primary
-    data = tuple(
-        parallel.put(a, job.mesh) for a in (job.ds.train.x, job.ds.train.y, job.ds.val.x, job.ds.val.y)
-    )
-    size = epochs_per_call(len(job.ds.train.y))
+    data = tuple(parallel.put(a, job.mesh) for a in (*job.ds.need("train"), *job.ds.need("val")))
+    size = epochs_per_call(len(job.ds.need("train").y))
     seconds, compile_seconds, program = 0.0, 0.0, None
     if start < cfg.epochs:  # compiled here, so that no epoch's time includes compiling
         t0 = time.perf_counter()
@@ -333,7 +333,8 @@ def _epochs(
     def diverged(epoch, _members, steps):
         return f"{diverged_message(cfg, cfg.l2, epoch, int(steps[0]), trainer.steps_per_epoch)} {ckpt.last_good()}"
 
-    with open(job.metrics, "a") if primary else contextlib.nullcontext() as mfile:
+    metrics: Any = open(job.metrics, "a") if primary else contextlib.nullcontext()
+    with metrics as mfile:
 
         def on(ep: Epoch) -> None:
             nonlocal seconds

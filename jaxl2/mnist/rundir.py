@@ -70,7 +70,7 @@ def write_json(path: str, obj: Any) -> None:
 
 def read_metrics(path: str, upto_epoch: int | None = None) -> list[dict[str, Any]]:
     """The complete lines of ``metrics.jsonl`` (a torn last line is dropped), up to an epoch."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     if not os.path.exists(path):
         return rows
     with open(path) as f:

@@ -24,11 +24,12 @@ import contextlib
 import signal
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 __all__ = ["SIGNALS", "install", "allow", "deferred", "pending", "check", "clear", "last_signal", "name"]
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
-_state = {"pending": False, "signal": signal.SIGINT}
+_state: dict[str, Any] = {"pending": False, "signal": signal.SIGINT}
 
 
 def _record(signum: int, _frame: object = None) -> None:
@@ -68,7 +69,7 @@ def allow() -> None:
 
 def pending() -> bool:
     """Whether SIGINT or SIGTERM arrived and was not acted upon yet."""
-    return _state["pending"]
+    return bool(_state["pending"])
 
 
 def clear() -> None:

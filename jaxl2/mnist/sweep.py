@@ -95,7 +95,7 @@ class SweepTrainer:
             raise ConfigError(f"{field('execution')} {execution!r} is unknown (allowed: vmap, sequential)")
         self.trainer, self.execution = trainer, execution
         if execution == "vmap":
-            epoch = jax.vmap(trainer.epoch_fn, in_axes=(0, None, None, 0))
+            epoch: Callable[..., Any] = jax.vmap(trainer.epoch_fn, in_axes=(0, None, None, 0))
         else:
 
             def epoch(states, x, y, l2s):
@@ -188,7 +188,7 @@ def pick_member(
     """
     l2s = sorted({r["l2"] for r in results})
     seeds = sorted({r["seed"] for r in results})
-    lam = selected_l2
+    lam: float | None = selected_l2
     if l2 is not None:
         lam = next((v for v in l2s if math.isclose(v, l2, rel_tol=1e-9)), None)
         if lam is None:
@@ -261,7 +261,7 @@ def _choose_execution(trainer, size, states, data, l2s) -> tuple[SweepTrainer, d
         return SweepTrainer(trainer, "vmap"), {}
     sweepers = {ex: SweepTrainer(trainer, ex) for ex in ("vmap", "sequential")}
     times = {ex: _time_call(sw, size, states, data, l2s) for ex, sw in sweepers.items()}
-    return sweepers[min(times, key=times.get)], times
+    return sweepers[min(times, key=lambda ex: times[ex])], times
 
 
 def _check_members(cfg: Config, l2s: Sequence[Any], seeds: Sequence[Any]) -> tuple[list[float], list[int]]:

@@ -27,7 +27,9 @@ class Progress:
     :meth:`say`'s lines. Use it as a context manager: leaving stops the bars."""
 
     def __init__(self, quiet: bool = False, first: str | None = None, epochs: int = 0):
-        self.quiet, self.bar, self.tasks, self.first = quiet, None, {}, (first, epochs)
+        self.quiet, self.first = quiet, (first, epochs)
+        self.bar: Any = None
+        self.tasks: dict[str, Any] = {}
         self.started = False
         if quiet or not sys.stderr.isatty():
             return
