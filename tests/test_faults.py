@@ -218,3 +218,23 @@ def test_eval_of_the_test_split_reads_no_training_file(tmp_path):
     assert json.loads(r.stdout)["n"] == 50
     bad = jaxl2("eval", "--run", str(out), "--dataset", f"idx:{idx}", "--split", "val")
     assert bad.returncode == 2 and "train-images-idx3-ubyte" in bad.stderr, bad.stderr
+
+
+def test_a_claim_is_exclusive_and_a_file_system_without_locks_goes_on_unlocked(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    from jaxl2.mnist.config import ConfigError
+    from jaxl2.mnist.rundir import Claim
+
+    with Claim.take(str(tmp_path), created=True) as held:
+        assert held.fd is not None
+        with pytest.raises(ConfigError, match="is in use by another jaxl2 process"):
+            Claim.take(str(tmp_path), created=False)
+    Claim.take(str(tmp_path), created=False).release()  # released: free again
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    assert Claim.take(str(tmp_path), created=False).fd is None

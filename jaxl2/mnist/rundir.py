@@ -141,12 +141,15 @@ class Claim:
         fd = os.open(out, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             os.close(fd)
             raise ConfigError(
                 f"{field('out')} {out} is in use by another jaxl2 process, which holds its lock: let it "
                 f"finish or stop it, then try again (or give another {field('out')})"
             ) from None
+        except OSError:  # a file system without locks (some network mounts): go on unlocked
+            os.close(fd)
+            return cls(out, created)
         return cls(out, created, fd)
 
     def release(self) -> None:

@@ -35,6 +35,7 @@ from jaxl2 import __version__
 from jaxl2.mnist import refit as _refit
 from jaxl2.mnist import sigint, sweepdir
 from jaxl2.mnist.config import OPTIMIZERS, REFIT_EPOCHS, SEED_LIMIT, Config, ConfigError, field, validate
+from jaxl2.mnist.data import Dataset
 from jaxl2.mnist.loop import (
     Best,
     Interrupted,
@@ -340,9 +341,8 @@ def train_sweep(
     with claim, disk_errors(out):
         try:
             sigint.check()
-            summary = _sweep(
-                cfg, ds, l2s, seeds, out, execution, budget_bytes, checkpoint_every, on_epoch, log
-            )
+            job = _SweepJob(cfg, ds, out, checkpoint_every, on_epoch, log)
+            summary = _sweep(job, l2s, seeds, execution, budget_bytes)
             if refit:
                 stop_if_signalled(f"after the sweep, before its refit; checkpoint saved in {out}", out)
                 summary["refit"] = _refit_selected(
@@ -394,10 +394,27 @@ def _plan(cfg, ds, members, trainer, data, execution, budget_bytes, log):
     return {"execution": sweeper.execution, "chunk_size": fit, "results": []}, sweeper
 
 
-def _sweep(cfg, ds, l2s, seeds, out, execution, budget_bytes, checkpoint_every, on_epoch, log):
+@dataclasses.dataclass
+class _SweepJob:
+    """What the phases of :func:`train_sweep` share: the checked config and data, the sweep's
+    directory, its checkpoint rule and how it reports."""
+
+    cfg: Config
+    ds: Dataset
+    out: str
+    checkpoint_every: int | None
+    on_epoch: Callable[[str, int, int], None] | None
+    log: Callable[[str], None]
+
+
+def _sweep(
+    job: _SweepJob, l2s: list[float], seeds: list[int], execution: str, budget_bytes: int | None
+) -> dict[str, Any]:
+    """Trains every member, chunk by chunk (resumed from ``progress.json`` and the checkpoints)."""
+    cfg, ds, out, log = job.cfg, job.ds, job.out, job.log
     members = [(lam, s) for s in seeds for lam in l2s]
-    trainer = Trainer(cfg, len(ds.train.y))
-    data = tuple(jax.device_put(a) for a in (ds.train.x, ds.train.y, ds.val.x, ds.val.y))
+    trainer = Trainer(cfg, len(ds.need("train").y))
+    data = tuple(jax.device_put(a) for a in (*ds.need("train"), *ds.need("val")))
     t0 = time.perf_counter()
     progress, sweeper = sweepdir.read_progress(out), None
     if progress is None:  # a new sweep, or one killed before its plan was written
@@ -423,9 +440,7 @@ def _sweep(cfg, ds, l2s, seeds, out, execution, budget_bytes, checkpoint_every, 
                 sigint.clear()
                 raise stopped(f"after chunk {c} of {len(chunks)} of the sweep")
             label = f"chunk {c + 1}/{len(chunks)}" if len(chunks) > 1 else ""
-            trained = _train_chunk(
-                cfg, ds, chunks[c], c, sweeper, data, latest, checkpoint_every, label, on_epoch
-            )
+            trained = _train_chunk(job, chunks[c], c, sweeper, data, latest, label)
             if c not in best_store.steps():  # (already saved by a sweep killed just after)
                 best_store.save(c, trained["best_params"])
             results += trained["rows"]
@@ -444,9 +459,18 @@ def _sweep(cfg, ds, l2s, seeds, out, execution, budget_bytes, checkpoint_every, 
     }
 
 
-def _train_chunk(cfg, ds, chunk, c, sweeper, data, latest, checkpoint_every, label, on_epoch):
-    """Trains one chunk of members from its checkpoint (or from the start) to the last epoch;
+def _train_chunk(
+    job: _SweepJob,
+    chunk: list[tuple[float, int]],
+    c: int,
+    sweeper: SweepTrainer,
+    data: tuple,
+    latest: StepStore,
+    label: str,
+) -> dict[str, Any]:
+    """Trains chunk ``c`` of members from its checkpoint (or from the start) to the last epoch;
     returns its rows and its stacked best params."""
+    cfg, ds, on_epoch = job.cfg, job.ds, job.on_epoch
     trainer = sweeper.trainer
     l2_K = jnp.asarray([m[0] for m in chunk], jnp.float32)
     states = sweeper.init([m[1] for m in chunk])
@@ -463,6 +487,7 @@ def _train_chunk(cfg, ds, chunk, c, sweeper, data, latest, checkpoint_every, lab
         run = latest.restore(_chunk_state(states, best))
         states = run["states"]
         best = Best(run["best_params"], _keep, np.asarray(run["best_val"]), np.asarray(run["best_epoch"]))
+        job.log(f"resuming {label or 'the sweep'} after epoch {start} of {cfg.epochs}")
 
     def diverged(epoch, bad, steps):
         members = ", ".join(f"(λ {chunk[i][0]:g}, seed {chunk[i][1]})" for i in bad)
@@ -470,7 +495,7 @@ def _train_chunk(cfg, ds, chunk, c, sweeper, data, latest, checkpoint_every, lab
             cfg, chunk[bad[0]][0], epoch, int(steps[0]), trainer.steps_per_epoch
         )
 
-    size = epochs_per_call(len(ds.train.y), len(chunk))
+    size = epochs_per_call(len(ds.need("train").y), len(chunk))
     compiled = sweeper.program(size)
 
     def program(states, n):
@@ -486,23 +511,31 @@ def _train_chunk(cfg, ds, chunk, c, sweeper, data, latest, checkpoint_every, lab
         best,
         diverged=diverged,
         size=size,
-        every=checkpoint_every,
+        every=job.checkpoint_every,
         save=save,
         on_epoch=lambda ep: on_epoch(label, ep.epoch, cfg.epochs) if on_epoch else None,
         where=lambda epoch: (
             f"after epoch {epoch} of {cfg.epochs} of the sweep" + (f" ({label})" if label else "")
         ),
     )
+    return {"rows": _chunk_rows(job, trainer, chunk, best, states), "best_params": best.params}
+
+
+def _chunk_rows(
+    job: _SweepJob, trainer: Trainer, chunk: list[tuple[float, int]], best: Best, states: Any
+) -> list[dict[str, Any]]:
+    """One result row per member of a trained chunk: its best params' summary, its final
+    epoch's accuracies, the train − test gap and its best epoch."""
     rows = []
     for i, (lam, seed) in enumerate(chunk):
         best_i, final_i = _unstack(best.params, i), _unstack(states.params, i)
-        row = {"l2": lam, "seed": seed, **member_summary(trainer.evaluate, best_i, ds, cfg, lam)}
-        final = split_metrics(trainer.evaluate, final_i, ds)
+        row = {"l2": lam, "seed": seed, **member_summary(trainer.evaluate, best_i, job.ds, job.cfg, lam)}
+        final = split_metrics(trainer.evaluate, final_i, job.ds)
         row.update({f"final_{k}_accuracy": final[f"{k}_accuracy"] for k in ("train", "val", "test")})
         row["gap"] = row["train_accuracy"] - row["test_accuracy"]
         row["best_epoch"] = int(best.epoch[i])
         rows.append(row)
-    return {"rows": rows, "best_params": best.params}
+    return rows
 
 
 def _refit_selected(cfg, ds, summary, out, rule, checkpoint_every, on_epoch) -> dict[str, Any]:
