@@ -381,8 +381,7 @@ def train_epochs(
 def stop_if_signalled(where: str, out: str | None = None) -> None:
     """Raises :func:`stopped` ``(where, out)`` if SIGINT or SIGTERM reached any process: between
     the phases of a run that has something to resume (training done, the refit not begun)."""
-    if parallel.any_process(sigint.pending())[0]:
-        sigint.clear()
+    if _signalled_anywhere():
         raise stopped(where, out)
 
 
@@ -390,9 +389,17 @@ def check_interrupt() -> None:
     """:func:`jaxl2.mnist.sigint.check` taken by every process together: a Ctrl-C that reached
     one process raises ``KeyboardInterrupt`` in all (alone, it would leave the others waiting in
     their first collective). Between start-up phases; one process: ``sigint.check()`` itself."""
-    if parallel.any_process(sigint.pending())[0]:
-        sigint.clear()
+    if _signalled_anywhere():
         raise KeyboardInterrupt
+
+
+def _signalled_anywhere() -> bool:
+    """Whether SIGINT or SIGTERM reached any process (one decision for all); the signal is then
+    cleared, since the caller acts on it."""
+    signalled = parallel.any_process(sigint.pending())[0]
+    if signalled:
+        sigint.clear()
+    return signalled
 
 
 def kernel_sq_norm(params: Any, cfg: Config) -> dict[str, float]:

@@ -50,6 +50,7 @@ __all__ = [
     "prepare",
     "load_config",
     "has_checkpoint",
+    "checkpoint_steps",
     "Checkpoints",
     "StepStore",
     "Claim",
@@ -269,10 +270,11 @@ def is_disk_error(e: BaseException | None) -> bool:
 
 def kept(out: str) -> str:
     """What a stopped run in ``out`` can resume from: its last complete checkpoint, or nothing."""
-    d = os.path.join(out, "checkpoints")
-    steps = sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+    steps = checkpoint_steps(out)
     if steps:
-        return f"the last complete checkpoint ({d}/{steps[-1]}) and config.json"
+        return (
+            f"the last complete checkpoint ({os.path.join(out, 'checkpoints')}/{steps[-1]}) and config.json"
+        )
     return "config.json (no checkpoint was complete: the resume starts from the beginning)"
 
 
@@ -357,10 +359,15 @@ class SaveRule:
         self.last = time.monotonic()
 
 
+def checkpoint_steps(out: str) -> list[int]:
+    """The complete (renamed) orbax steps in ``out/checkpoints``, in order."""
+    d = os.path.join(out, "checkpoints")
+    return sorted(int(name) for name in os.listdir(d) if name.isdigit()) if os.path.isdir(d) else []
+
+
 def has_checkpoint(out: str) -> bool:
     """Whether ``out/checkpoints`` holds a complete (renamed) orbax step."""
-    d = os.path.join(out, "checkpoints")
-    return os.path.isdir(d) and any(name.isdigit() for name in os.listdir(d))
+    return bool(checkpoint_steps(out))
 
 
 def _orbax_thread_error(record: logging.LogRecord) -> bool:

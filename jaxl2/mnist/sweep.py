@@ -46,7 +46,6 @@ from jaxl2.mnist.loop import (
     member_summary,
     split_metrics,
     stop_if_signalled,
-    stopped,
     train_epochs,
 )
 from jaxl2.mnist.rundir import (
@@ -436,9 +435,8 @@ def _sweep(
     best_store = StepStore(os.path.join(out, "best"), keep=None)
     with sigint.deferred(), contextlib.closing(latest), contextlib.closing(best_store):
         for c in range(done, len(chunks)):
-            if sigint.pending():  # the previous chunk was finished and recorded
-                sigint.clear()
-                raise stopped(f"after chunk {c} of {len(chunks)} of the sweep")
+            # the previous chunk was finished and recorded
+            stop_if_signalled(f"after chunk {c} of {len(chunks)} of the sweep", out)
             label = f"chunk {c + 1}/{len(chunks)}" if len(chunks) > 1 else ""
             trained = _train_chunk(job, chunks[c], c, sweeper, data, latest, label)
             if c not in best_store.steps():  # (already saved by a sweep killed just after)

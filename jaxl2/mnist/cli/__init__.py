@@ -35,6 +35,11 @@ MODULES = {"train": "train", "sweep": "sweep", "eval": "evaluate", "bench": "ben
 EXTRAS = ("flax", "orbax", "tensorflow_datasets", "matplotlib", "rich")
 
 
+def _status(signum: int) -> int:
+    """The exit status of a command stopped by ``signum``: 143 for SIGTERM, 130 for Ctrl-C."""
+    return 143 if signum == signal.SIGTERM else 130
+
+
 def _dispatch(args) -> int:
     from jaxl2.mnist.loop import Diverged, Interrupted
     from jaxl2.mnist.rundir import DiskFull
@@ -49,10 +54,10 @@ def _dispatch(args) -> int:
         return fail(f"{message(e)}; free some space, then continue with: {resume.format(e.out)}", 74)
     except Interrupted as e:
         sys.stderr.write(f"jaxl2: {message(e)}; continue with: {resume.format(e.out)}\n")
-        return 143 if e.signal == signal.SIGTERM else 130
+        return _status(e.signal)
     if sigint.pending():  # the signal came after the last safe point: the work is complete
         sys.stderr.write(f"jaxl2: {sigint.name()} after the work was done (nothing is lost)\n")
-        return 143 if sigint.last_signal() == signal.SIGTERM else 130
+        return _status(sigint.last_signal())
     return code
 
 
@@ -77,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("jaxl2: interrupted\n")
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(143 if sigint.last_signal() == signal.SIGTERM else 130)
+        os._exit(_status(sigint.last_signal()))
     except ImportError as e:
         if command and e.name and e.name.split(".")[0] in EXTRAS:
             return fail(f"jaxl2 {command} needs the mnist extra ({e}): pip install 'jaxl2[mnist]'")

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from jaxl2.mnist.config import FIELDS
+from jaxl2.mnist.config import FIELDS, REFIT_EPOCHS
 
 __all__ = ["given", "refit_choice", "enable_cache", "fd1_to_stderr"]
 
@@ -27,16 +27,14 @@ def given(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def refit_choice(
-    args: argparse.Namespace, saved: dict[str, Any] | None, default: bool, rule: str
-) -> dict[str, Any]:
+def refit_choice(args: argparse.Namespace, saved: dict[str, Any] | None, default: bool) -> dict[str, Any]:
     """``refit`` and ``refit_epochs``: the flags, else (``--resume``) what the run was started
-    with (its ``config.json``), else the command's defaults (``default``, ``rule``)."""
+    with (its ``config.json``), else the command's ``default`` and :data:`REFIT_EPOCHS`."""
     refit, epochs = args.refit, args.refit_epochs
     if saved is not None:
         refit = saved.get("refit", default) if refit is None else refit
         epochs = epochs or saved.get("refit_epochs")
-    return {"refit": default if refit is None else refit, "refit_epochs": epochs or rule}
+    return {"refit": default if refit is None else refit, "refit_epochs": epochs or REFIT_EPOCHS}
 
 
 def enable_cache(args: argparse.Namespace) -> None:

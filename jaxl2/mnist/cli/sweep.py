@@ -9,7 +9,7 @@ import os
 from jaxl2.mnist.cli.options import enable_cache, given, refit_choice
 from jaxl2.mnist.cli.progress import Progress
 from jaxl2.mnist.cli.report import fail, format_per_l2, format_refit, warn_if_chance
-from jaxl2.mnist.config import DEFAULT_SWEEP_L2, REFIT_EPOCHS, Config
+from jaxl2.mnist.config import DEFAULT_SWEEP_L2, Config
 
 __all__ = ["run"]
 
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             resume=args.resume,
             checkpoint_every=args.checkpoint_every,
-            **refit_choice(args, saved, False, REFIT_EPOCHS),
+            **refit_choice(args, saved, False),
             on_epoch=progress.epoch,
             log=lambda text: None if args.quiet or args.json else progress.say(f"jaxl2: {text}"),
         )
