@@ -33,6 +33,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -376,6 +377,36 @@ def _orbax_thread_error(record: logging.LogRecord) -> bool:
     return not (record.exc_info and "orbax" in record.pathname.replace("\\", "/"))
 
 
+def _unretrieved_disk_error(record: logging.LogRecord) -> bool:
+    """False for asyncio's "Task exception was never retrieved" of a write that failed beside
+    the one whose error reaches the caller."""
+    return not (record.exc_info and is_disk_error(record.exc_info[1]))
+
+
+def _closed_loop_callback(unraisable: Any) -> bool:
+    """Whether an unraisable error is tensorstore's: after a failed write, orbax closes its event
+    loop and the writes still in flight call back into it from tensorstore's threads."""
+    e = unraisable.exc_value
+    return isinstance(e, RuntimeError) and str(e) == "Event loop is closed"
+
+
+def _quiet_orbax_failures() -> None:
+    """A failed save reaches its caller as one error; this drops the echoes of that failure
+    that orbax's and tensorstore's threads print on their own (each filter above), once."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_jaxl2", False):
+        return
+    logging.getLogger("absl").addFilter(_orbax_thread_error)
+    logging.getLogger("asyncio").addFilter(_unretrieved_disk_error)
+
+    def quiet(unraisable: Any) -> None:
+        if not _closed_loop_callback(unraisable):
+            previous(unraisable)
+
+    quiet._jaxl2 = True  # type: ignore[attr-defined]
+    sys.unraisablehook = quiet
+
+
 class StepStore:
     """An orbax manager of numbered steps of one pytree (a run's state or best params, a refit's
     state, a sweep's chunks), each written to a temporary directory and renamed when complete;
@@ -385,9 +416,7 @@ class StepStore:
         import orbax.checkpoint as ocp
 
         self.ocp = ocp
-        absl = logging.getLogger("absl")
-        if _orbax_thread_error not in absl.filters:
-            absl.addFilter(_orbax_thread_error)
+        _quiet_orbax_failures()
         opts = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False)
         self.manager = ocp.CheckpointManager(os.path.abspath(path), options=opts)
 
