@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from jaxl2.mnist.config import DEFAULT_SWEEP_L2, Config
+from jaxl2.mnist.config import DEFAULT_SWEEP_L2, Config, SweepSettings
 from jaxl2.mnist.run import train_and_evaluate
 from jaxl2.mnist.runtime import device_name
 from jaxl2.mnist.sweep import train_sweep
@@ -41,10 +41,8 @@ def one_optimizer(optimizer: str, epochs: int, seeds: list[int], out: str) -> di
     t0 = time.perf_counter()
     grid = train_sweep(
         base,
-        DEFAULT_SWEEP_L2,
-        seeds,
+        SweepSettings(DEFAULT_SWEEP_L2, tuple(seeds), "sequential"),
         os.path.join(out, f"{optimizer}-grid"),
-        execution="sequential",
         overwrite=True,
     )
     grid_wall = time.perf_counter() - t0

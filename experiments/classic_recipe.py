@@ -14,7 +14,7 @@ import dataclasses
 import json
 import os
 
-from jaxl2.mnist.config import Config
+from jaxl2.mnist.config import Config, RunSettings
 from jaxl2.mnist.loop import Diverged
 from jaxl2.mnist.run import train_and_evaluate
 
@@ -42,7 +42,9 @@ def main() -> None:
             args.out, name.split(":")[0].replace(" ", "_").replace(",", "").replace(".", "")
         )
         try:
-            s = train_and_evaluate(cfg, run_dir, overwrite=True, refit=False)  # the recipes as they were
+            s = train_and_evaluate(
+                cfg, run_dir, RunSettings(refit=False), overwrite=True
+            )  # the recipes as they were
             rows.append(
                 {
                     "variant": name,

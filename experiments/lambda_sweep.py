@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from jaxl2.mnist.config import Config
+from jaxl2.mnist.config import Config, SweepSettings
 from jaxl2.mnist.sweep import train_sweep
 
 L2S = [0.0, 1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
@@ -31,7 +31,9 @@ def main() -> None:
     args = ap.parse_args()
     for name, cfg in RECIPES.items():
         cfg = dataclasses.replace(cfg, epochs=args.epochs)
-        s = train_sweep(cfg, L2S, list(range(args.seeds)), os.path.join(args.out, name), log=print)
+        s = train_sweep(
+            cfg, SweepSettings(L2S, tuple(range(args.seeds))), os.path.join(args.out, name), log=print
+        )
         print(
             f"\n### {name} ({s['execution']}, {s['seconds']:.0f} s, {s['device']}); selected λ = {s['selected_l2']:g}\n"
         )

@@ -15,7 +15,7 @@ import os
 import numpy as np
 
 from jaxl2.mnist import refit
-from jaxl2.mnist.config import Config
+from jaxl2.mnist.config import Config, RunSettings
 from jaxl2.mnist.loop import load_and_check
 from jaxl2.mnist.run import train_and_evaluate
 from jaxl2.mnist.runtime import enable_compilation_cache
@@ -42,7 +42,7 @@ def main() -> None:
         for seed in args.seeds:
             cfg = dataclasses.replace(Config(), seed=seed, split_seed=split_seed, epochs=args.epochs)
             out = os.path.join(args.out, f"split{split_seed}-seed{seed}")
-            s = train_and_evaluate(cfg, out, overwrite=True, refit=True, refit_epochs="all")
+            s = train_and_evaluate(cfg, out, RunSettings(refit=True, refit_epochs="all"), overwrite=True)
             cfg, ds = load_and_check(cfg)
             best = refit.refit(cfg, ds, s["best_epoch"], out + "-refit-best")
             rows.append((s["test_accuracy"], s["refit_test_accuracy"], best["refit_test_accuracy"]))

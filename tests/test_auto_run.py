@@ -11,7 +11,9 @@ import pytest
 from jaxl2.mnist import cli
 from jaxl2.mnist import run as _run
 from jaxl2.mnist.cli import report
-from jaxl2.mnist.config import Config, ConfigError, validate
+from jaxl2.mnist.config import Config, ConfigError, RunSettings, SweepSettings, validate
+from jaxl2.mnist.results import RunSummary
+from tests.keys import assert_typed
 
 AUTO = Config(l2="auto", hidden=(16,), epochs=4, batch_size=500, lr=0.1, l2_every=2, l2_lr=0.1)
 LAYERS = ["params/Dense_0/kernel", "params/Dense_1/kernel"]
@@ -31,6 +33,7 @@ def latest_state(out):
 def test_auto_run_writes_lambdas_and_resumes_exactly(tmp_path):
     out_a = str(tmp_path / "a")
     summary = _run.train_and_evaluate(AUTO, out_a)  # one checkpoint, at the end
+    assert_typed(summary, RunSummary)  # with l2_final and the refit's keys
     rows = rows_of(out_a)
     lams = np.array([[r[f"l2/{p}"] for p in LAYERS] for r in rows])
     assert lams.shape == (4, 2) and np.all(lams > 0)
@@ -65,8 +68,8 @@ def test_auto_run_writes_lambdas_and_resumes_exactly(tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        _run.train_and_evaluate(AUTO, out_b, checkpoint_every=2, on_epoch=stop_at_3)
-    summary_b = _run.train_and_evaluate(AUTO, out_b, resume=True, checkpoint_every=2)
+        _run.train_and_evaluate(AUTO, out_b, RunSettings(checkpoint_every=2), on_epoch=stop_at_3)
+    summary_b = _run.train_and_evaluate(AUTO, out_b, RunSettings(checkpoint_every=2), resume=True)
     rows_b = rows_of(out_b)
     assert [r["epoch"] for r in rows_b] == [1, 2, 3, 4]
     for ra, rb in zip(rows, rows_b):
@@ -170,7 +173,7 @@ def test_a_sweep_refuses_auto_before_loading_anything(tmp_path):
 
     for cfg, l2s in ((Config(), [0.0, "auto"]), (Config(l2="auto"), [1e-3])):
         with pytest.raises(ConfigError, match="l2 auto tunes λ within one run"):
-            train_sweep(cfg, l2s, [0], str(tmp_path / "s"))
+            train_sweep(cfg, SweepSettings(tuple(l2s), (0,)), str(tmp_path / "s"))
     assert not (tmp_path / "s").exists()
 
 

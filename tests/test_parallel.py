@@ -16,13 +16,13 @@ ENV4 = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
 SCRIPT = r"""
 import json, sys, jax, numpy as np
 from jaxl2.mnist import parallel, run
-from jaxl2.mnist.config import Config
+from jaxl2.mnist.config import Config, RunSettings
 from jaxl2.mnist.steps import Trainer
 assert jax.device_count() == 4
 cfg = Config(hidden=(64,), epochs=2, batch_size=128)
 out = {}
 for n in (1, 4):
-    out[n] = run.train_and_evaluate(cfg, f"{sys.argv[1]}/d{n}", devices=n, checkpoint_every=1, refit=False)
+    out[n] = run.train_and_evaluate(cfg, f"{sys.argv[1]}/d{n}", RunSettings(False, checkpoint_every=1, devices=n))
 # look inside: the batch is split, the params replicated, the gradient all-reduced
 mesh = parallel.make_mesh(4)
 tr = Trainer(cfg, 3500, mesh=mesh)

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 
 from jaxl2.mnist import run as _run
-from jaxl2.mnist.config import Config
+from jaxl2.mnist.config import Config, RunSettings, SweepSettings
 from jaxl2.mnist.data import load
 from jaxl2.mnist.steps import Trainer
 from jaxl2.mnist.sweep import SweepTrainer, members_that_fit, select_l2, train_sweep
 
 CFG = Config(hidden=(64,), epochs=3)
-L2S = [0.0, 1e-3, 3e-2]
+L2S = (0.0, 1e-3, 3e-2)
 
 
 @pytest.fixture(scope="module")
@@ -47,13 +47,13 @@ def test_sweep_params_equal_separate_runs_and_compile_once(data, execution):
 
 
 def test_sweep_metrics_equal_separate_train_runs(tmp_path):
-    summary = train_sweep(CFG, L2S, [0, 1], str(tmp_path / "sweep"), execution="vmap")
+    summary = train_sweep(CFG, SweepSettings(L2S, (0, 1), "vmap"), str(tmp_path / "sweep"))
     assert len(summary["results"]) == 6 and summary["chunks"] == 1
     for r in summary["results"][:3] + summary["results"][4:5]:
         one = _run.train_and_evaluate(
             dataclasses.replace(CFG, l2=r["l2"], seed=r["seed"]),
             str(tmp_path / f"{r['l2']}-{r['seed']}"),
-            refit=False,
+            RunSettings(refit=False),
         )
         for key in ("train_accuracy", "val_accuracy", "test_accuracy", "train_data_loss", "penalty"):
             assert r[key] == pytest.approx(one[key], abs=2e-3), key
@@ -69,8 +69,8 @@ def test_chunks_when_members_do_not_fit(tmp_path):
     assert per > 100
     budget = 2 * (10**12 // per)  # room for two members
     one = dataclasses.replace(CFG, epochs=1)
-    small = train_sweep(one, L2S, [0], str(tmp_path / "small"), budget_bytes=budget, execution="vmap")
-    whole = train_sweep(one, L2S, [0], str(tmp_path / "whole"), execution="vmap")
+    small = train_sweep(one, SweepSettings(L2S, (0,), "vmap", budget_bytes=budget), str(tmp_path / "small"))
+    whole = train_sweep(one, SweepSettings(L2S, (0,), "vmap"), str(tmp_path / "whole"))
     assert small["chunks"] == 2 and whole["chunks"] == 1
     for a, b in zip(small["results"], whole["results"]):
         assert a["val_accuracy"] == pytest.approx(b["val_accuracy"], abs=2e-3)
@@ -168,14 +168,12 @@ def test_auto_execution_trains_with_the_program_it_timed(tmp_path, monkeypatch):
 
     monkeypatch.setattr(SweepTrainer, "__init__", counted)
     log = []
-    summary = train_sweep(
-        CFG, L2S, [0], str(tmp_path / "auto"), execution="auto", refit=False, log=log.append
-    )
+    summary = train_sweep(CFG, SweepSettings(L2S, (0,), "auto"), str(tmp_path / "auto"), log=log.append)
     assert "vmap" in log[0] and "sequential" in log[0] and log[0].endswith(f"→ {summary['execution']}")
     # the two timed candidates and no third one: the sweep reuses the chosen one's compiled program
     assert sorted(sw.execution for sw in made) == ["sequential", "vmap"]
     chosen = next(sw for sw in made if sw.execution == summary["execution"])
     assert [p._cache_size() for p in chosen._programs.values()] == [1]
-    ref = train_sweep(CFG, L2S, [0], str(tmp_path / "ref"), execution=summary["execution"], refit=False)
+    ref = train_sweep(CFG, SweepSettings(L2S, (0,), summary["execution"]), str(tmp_path / "ref"))
     for a, b in zip(summary["results"], ref["results"]):
         assert a["val_accuracy"] == b["val_accuracy"] and a["test_accuracy"] == b["test_accuracy"]

@@ -16,13 +16,15 @@ import numpy as np
 import pytest
 
 from jaxl2.mnist import run as _run
-from jaxl2.mnist.config import Config, ConfigError
+from jaxl2.mnist.config import Config, ConfigError, SweepSettings
+from jaxl2.mnist.results import MemberResult, PerL2, SweepRefit, SweepSummary
 from jaxl2.mnist.rundir import StepStore
 from jaxl2.mnist.runtime import enable_compilation_cache
 from jaxl2.mnist.sweep import members_that_fit, train_sweep
+from tests.keys import assert_typed
 
 CFG = Config(hidden=(16,), epochs=4, batch_size=500)
-L2S = [0.0, 1e-2]
+L2S = (0.0, 1e-2)
 TWO = 2 * (10**12 // members_that_fit(CFG, 3500, 10**12))  # a budget with room for two members
 
 
@@ -36,9 +38,10 @@ def compilation_cache():
     jax.config.update("jax_compilation_cache_dir", before)
 
 
-def sweep(out, **kw):
+def sweep(out, resume=False, on_epoch=None, **kw):
     kw = {"execution": "vmap", "budget_bytes": TWO, "checkpoint_every": 2, **kw}
-    return train_sweep(CFG, L2S, [0, 1], str(out), **kw)  # 4 members: 2 chunks of 2
+    settings = SweepSettings(L2S, (0, 1), **kw)  # 4 members: 2 chunks of 2
+    return train_sweep(CFG, settings, str(out), resume=resume, on_epoch=on_epoch)
 
 
 def stop_at(label, epoch):
@@ -99,7 +102,7 @@ def test_resume_with_other_settings_is_refused(ref, tmp_path):
     with pytest.raises(
         ConfigError, match=r"settings differ .*l2 0.0 vs 0.0,0.01; seeds 0 vs 0,1 in the sweep"
     ):
-        train_sweep(CFG, L2S[:1], [0], ref["out"], resume=True)
+        train_sweep(CFG, SweepSettings(L2S[:1], (0,)), ref["out"], resume=True)
 
 
 def test_eval_of_a_sweep_evaluates_the_member_it_names(ref):
@@ -125,7 +128,7 @@ def test_cli_sweep_sigkill_then_resume_equals_uninterrupted(tmp_path):
     args = ["--hidden", "16", "--epochs", "8", "--batch-size", "500", "--l2", "0,1e-2", "--seeds", "2"]
     args += ["--execution", "vmap", "--checkpoint-every", "1"]
     ref = train_sweep(
-        dataclasses.replace(CFG, epochs=8), L2S, [0, 1], str(tmp_path / "ref"), execution="vmap"
+        dataclasses.replace(CFG, epochs=8), SweepSettings(L2S, (0, 1), "vmap"), str(tmp_path / "ref")
     )
 
     def start(*extra):
@@ -159,6 +162,11 @@ def test_refit_added_to_a_finished_sweep_and_its_eval(ref, tmp_path):
     shutil.copytree(ref["out"], out)
     s = sweep(out, resume=True, refit=True, refit_epochs="best")
     assert s["results"] == ref["results"]  # the finished sweep is not trained again
+    assert_typed(s, SweepSummary)
+    assert_typed(s["refit"], SweepRefit)
+    for r, row in zip(s["results"], s["per_l2"]):
+        assert_typed(r, MemberResult)
+        assert_typed(row, PerL2)
     fit, chosen = s["refit"], [r for r in s["results"] if r["l2"] == s["selected_l2"]]
     assert fit["l2"] == s["selected_l2"] and [m["seed"] for m in fit["members"]] == [0, 1]
     assert [m["refit_epochs"] for m in fit["members"]] == [r["best_epoch"] for r in chosen]

@@ -12,10 +12,12 @@ import pytest
 
 import jaxl2
 from jaxl2.mnist import run as _run
-from jaxl2.mnist.config import Config, ConfigError
+from jaxl2.mnist.config import Config, ConfigError, RunSettings
 from jaxl2.mnist.loop import kernel_sq_norm
 from jaxl2.mnist.model import model_of
+from jaxl2.mnist.results import RunSummary
 from jaxl2.mnist.steps import Trainer
+from tests.keys import assert_typed
 
 SMALL = Config(hidden=(32,), epochs=3, batch_size=64, lr=0.1)
 
@@ -142,8 +144,11 @@ def small_run(tmp_path, name, **kw):
 
 def test_run_directory_and_resume_equals_uninterrupted(tmp_path):
     cfg, out_a = small_run(tmp_path, "a")
-    summary = _run.train_and_evaluate(cfg, out_a, checkpoint_every=1, refit=False)  # refit: test_refit
+    summary = _run.train_and_evaluate(
+        cfg, out_a, RunSettings(refit=False, checkpoint_every=1)
+    )  # refit: test_refit
     # every output exists and parses
+    assert_typed(summary, RunSummary)
     assert json.load(open(os.path.join(out_a, "config.json")))["hidden"] == [32]
     rows = [json.loads(line) for line in open(os.path.join(out_a, "metrics.jsonl"))]
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
@@ -156,16 +161,17 @@ def test_run_directory_and_resume_equals_uninterrupted(tmp_path):
 
     # a run stopped after epoch 2 (checkpoint at 2) and resumed ends with the same params
     _, out_b = small_run(tmp_path, "b")
+    every_2 = RunSettings(refit=False, checkpoint_every=2)
 
     def stop_at_3(row):
         if row["epoch"] == 3:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        _run.train_and_evaluate(cfg, out_b, checkpoint_every=2, on_epoch=stop_at_3, refit=False)
+        _run.train_and_evaluate(cfg, out_b, every_2, on_epoch=stop_at_3)
     with open(os.path.join(out_b, "metrics.jsonl"), "a") as f:
         f.write('{"epoch": 4, "torn')  # a kill mid-write
-    summary_b = _run.train_and_evaluate(cfg, out_b, resume=True, checkpoint_every=2, refit=False)
+    summary_b = _run.train_and_evaluate(cfg, out_b, every_2, resume=True)
     rows_b = [json.loads(line) for line in open(os.path.join(out_b, "metrics.jsonl"))]
     assert [r["epoch"] for r in rows_b] == [1, 2, 3, 4]
     for ra, rb in zip(rows, rows_b):

@@ -4,7 +4,8 @@ orbax, tensorflow-datasets, mlxtend, matplotlib, rich).
 
 One concern per module, arrows pointing down to the library (:mod:`jaxl2`):
 
-* :mod:`~jaxl2.mnist.config` — :class:`Config`, every vocabulary, validation;
+* :mod:`~jaxl2.mnist.config` — :class:`Config` and the run settings, every vocabulary,
+  validation; :mod:`~jaxl2.mnist.results` — what a run and a sweep return;
 * :mod:`~jaxl2.mnist.model` — the Flax MLP; :mod:`~jaxl2.mnist.data` — the datasets;
 * :mod:`~jaxl2.mnist.steps` — the pure, jitted step, epoch and evaluation;
 * :mod:`~jaxl2.mnist.auto` — the trainer of ``l2="auto"`` (λ per layer, tuned during the run);
@@ -28,11 +29,15 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load
     from jaxl2.mnist.auto import AutoTrainer as AutoTrainer
     from jaxl2.mnist.config import Config as Config
     from jaxl2.mnist.config import ConfigError as ConfigError
+    from jaxl2.mnist.config import RunSettings as RunSettings
+    from jaxl2.mnist.config import SweepSettings as SweepSettings
     from jaxl2.mnist.data import load as load_data  # noqa: F401 (re-exported: __all__)
     from jaxl2.mnist.loop import Diverged as Diverged
     from jaxl2.mnist.loop import Interrupted as Interrupted
     from jaxl2.mnist.model import MLP as MLP
     from jaxl2.mnist.parallel import make_mesh as make_mesh
+    from jaxl2.mnist.results import RunSummary as RunSummary
+    from jaxl2.mnist.results import SweepSummary as SweepSummary
     from jaxl2.mnist.run import evaluate_run as evaluate_run
     from jaxl2.mnist.run import train_and_evaluate as train_and_evaluate
     from jaxl2.mnist.steps import Trainer as Trainer
@@ -42,6 +47,10 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load
 _EXPORTS: dict[str, str | tuple[str, str]] = {
     "Config": "jaxl2.mnist.config",
     "ConfigError": "jaxl2.mnist.config",
+    "RunSettings": "jaxl2.mnist.config",
+    "SweepSettings": "jaxl2.mnist.config",
+    "RunSummary": "jaxl2.mnist.results",
+    "SweepSummary": "jaxl2.mnist.results",
     "Diverged": "jaxl2.mnist.loop",
     "Interrupted": "jaxl2.mnist.loop",
     "MLP": "jaxl2.mnist.model",

@@ -298,6 +298,7 @@ def _jaxl2_train_timer(batch: int, epochs: int, root: str, warm_up: bool) -> Cal
     refit: that is a second training, timed apart in ``refit_seconds``). The
     time is the summary's ``seconds``: from the first epoch's dispatch to the last epoch's
     results (compiling, the final test evaluation, the plot and summary are not counted)."""
+    from jaxl2.mnist.config import RunSettings
     from jaxl2.mnist.run import train_and_evaluate
 
     cfg = Config(
@@ -306,7 +307,7 @@ def _jaxl2_train_timer(batch: int, epochs: int, root: str, warm_up: bool) -> Cal
     out = os.path.join(root, f"train-{batch}")
 
     def timed():
-        return train_and_evaluate(cfg, out, overwrite=True, refit=False)["seconds"]
+        return train_and_evaluate(cfg, out, RunSettings(refit=False), overwrite=True)["seconds"]
 
     if warm_up:
         timed()  # the first run in a process pays one-time costs

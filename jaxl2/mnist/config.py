@@ -23,9 +23,13 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import io
 import math
 import numbers
 import re
+import textwrap
+import tokenize
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -35,6 +39,9 @@ __all__ = [
     "Config",
     "ConfigError",
     "FIELDS",
+    "RunSettings",
+    "SweepSettings",
+    "field_docs",
     "field",
     "validate",
     "INPUT_DIM",
@@ -133,30 +140,45 @@ class Config:
     """
 
     # -- data
-    dataset: str = "mnist5k"  # mnist5k (shipped, offline), mnist (TFDS) or idx:DIR (raw IDX files)
-    data_dir: str | None = None  # TensorFlow Datasets' data_dir for dataset "mnist"
-    val_size: int | None = None  # validation examples carved from train (None: 500 for mnist5k, else 5000)
-    split_seed: int = 0  # seed of the train/validation split
+    # mnist5k (shipped, offline: 5,000 real images), mnist (full MNIST through TensorFlow
+    # Datasets) or idx:DIR (raw IDX files)
+    dataset: str = "mnist5k"
+    data_dir: str | None = None  # TensorFlow Datasets' data_dir for `dataset` mnist
+    # validation examples carved from the training data (default: 500 for mnist5k, 5000 otherwise)
+    val_size: int | None = None
+    split_seed: int = 0  # seed of the train/validation(/test) split
     # -- regularization
-    l2: float | Mapping[str, float] | str = 1e-3  # λ of λ/2·Σw², a {regex: λ} mapping, or "auto"
-    l2_init: float = AUTO_DEFAULTS["l2_init"]  # l2 "auto": every layer's starting λ
-    l2_every: int = AUTO_DEFAULTS["l2_every"]  # l2 "auto": training steps per λ update
-    l2_lr: float = AUTO_DEFAULTS["l2_lr"]  # l2 "auto": Adam's learning rate on ln λ
-    select: str | None = None  # the penalised leaves: None/"kernels" (every Dense kernel) or a path regex
-    weight_decay: float = 0.0  # decay in the optimizer (adamw: decoupled; sgdw: before momentum)
-    allow_both: bool = False  # allow l2 > 0 together with weight_decay > 0
+    # λ of the penalty λ/2·Σw² on the selected kernels; per layer, REGEX=λ entries matched in
+    # order against paths like params/Dense_0/kernel (first full match wins); or auto: one λ per
+    # selected kernel, tuned during the run by the hypergradient of the validation loss through
+    # one optimizer step (Luketina et al., ICML 2016) on a validation batch every `l2_every`
+    # steps; the λs go to metrics.jsonl (l2/PATH), lambda.png and the summary
+    l2: float | Mapping[str, float] | str = 1e-3
+    l2_init: float = AUTO_DEFAULTS["l2_init"]  # with `l2` auto: every layer's starting λ
+    # with `l2` auto: training steps per λ update, each on one validation batch of `batch_size` examples
+    l2_every: int = AUTO_DEFAULTS["l2_every"]
+    l2_lr: float = AUTO_DEFAULTS["l2_lr"]  # with `l2` auto: Adam's learning rate on ln λ
+    # the leaves the penalty covers: kernels (default: every Dense kernel, no biases) or a regex
+    # over paths like params/Dense_0/kernel
+    select: str | None = None
+    # weight decay in the optimizer, for `optimizer` adamw (decoupled) and sgdw (added before momentum)
+    weight_decay: float = 0.0
+    allow_both: bool = False  # allow `l2` > 0 together with `weight_decay` (both regularize)
     # -- optimization
-    optimizer: str = "momentum"  # one of OPTIMIZERS: sgd, momentum, adam, adamw, sgdw
-    lr: float | None = None  # peak learning rate (None: the optimizer's own default)
-    schedule: str = "cosine"  # constant, or cosine decay from lr to 0 over the run's steps
-    momentum: float = 0.9  # for optimizer momentum and sgdw
-    batch_size: int = 128  # examples per step; the last partial batch of an epoch is dropped
+    # sgd (plain), momentum, adam, adamw (decoupled weight decay) or sgdw (momentum SGD with weight
+    # decay added before momentum)
+    optimizer: str = "momentum"
+    lr: float | None = None  # peak learning rate (default: the optimizer's own)
+    schedule: str = "cosine"  # constant, or cosine decay from `lr` to 0 over the run's steps
+    momentum: float = 0.9  # for `optimizer` momentum and sgdw
+    batch_size: int = 128  # examples per step; the last partial batch of each epoch is dropped
     epochs: int = 120  # passes over the training split
     # -- model
     hidden: tuple[int, ...] = (256, 256)  # hidden widths of the MLP 784-…-10
-    activation: str = "relu"  # one of ACTIVATIONS
-    init: str = "lecun_normal"  # kernel init: lecun_normal (Flax's) or normal (N(0, 1), the classic recipe)
-    seed: int = 0  # init and data-order seed
+    activation: str = "relu"  # relu, tanh, sigmoid, gelu or identity
+    # kernel init: lecun_normal (Flax's default) or normal (N(0, 1), as in the classic recipe)
+    init: str = "lecun_normal"
+    seed: int = 0  # init and shuffling seed
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -183,6 +205,79 @@ class Config:
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(Config))
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """How :func:`~jaxl2.mnist.train_and_evaluate` carries out a run (the :class:`Config`
+    says what it computes); ``config.json`` records ``refit`` and ``refit_epochs``."""
+
+    # then train again from the same init on train ∪ validation for `refit_epochs` epochs, report
+    # its test accuracy and let eval use it
+    refit: bool = REFIT
+    # the refit's epochs: all (the run's `epochs`, its full lr schedule) or best (the best epoch
+    # by validation accuracy); all scored higher on held-out data
+    refit_epochs: str = REFIT_EPOCHS
+    # also checkpoint every N epochs (default: every 30 s of training; always at the end and on
+    # SIGINT or SIGTERM)
+    checkpoint_every: int | None = None
+    # data-parallel over the first N devices (default: all); the batch must divide by N
+    devices: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepSettings:
+    """What :func:`~jaxl2.mnist.train_sweep` trains beside the :class:`Config` (one member per
+    (λ, seed)) and how; ``config.json`` records all but ``budget_bytes``."""
+
+    l2s: tuple[float, ...] = DEFAULT_SWEEP_L2  # the λ values, each given once
+    # init seeds per λ (default: the config's `seed` alone); data order follows the seed
+    seeds: tuple[int, ...] | None = None
+    # vmap, sequential (lax.map in one program) or auto: on CPU the faster of the two on one timed epoch
+    execution: str = "auto"
+    # then refit the selected λ on train ∪ validation, once per seed, and report its test accuracy
+    refit: bool = False
+    # the refit's epochs: all (the sweep's `epochs`) or best (each member's best epoch's count)
+    refit_epochs: str = REFIT_EPOCHS
+    # also checkpoint every N epochs (default: every 30 s of training; always at the end of each
+    # chunk and on SIGINT or SIGTERM)
+    checkpoint_every: int | None = None
+    # bytes the members trained at once may take (default: the machine's available memory)
+    budget_bytes: int | None = None
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's comment in the source of the dataclass ``cls``: the comment lines directly
+    above the field or the one at its end (the way tyro reads a dataclass), with `name` marks.
+    It is empty where the source is not shipped.
+
+    Example:
+      >>> field_docs(Config)["seed"]
+      'init and shuffling seed'
+    """
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    docs: dict[str, str] = {}
+    above: list[str] = []  # the comment lines since the last statement
+    name, start = None, True  # the field of the statement being read; at a statement's start
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            text = tok.string[1:].strip()
+            if name is not None:
+                docs[name] = " ".join([*above, text])
+            else:  # a group header ("# -- data") starts afresh
+                above = [] if text.startswith("--") else [*above, text]
+        elif tok.type == tokenize.NEWLINE:
+            name, above, start = None, [], True
+        elif tok.type not in (tokenize.NL, tokenize.INDENT, tokenize.DEDENT):
+            if start and tok.string in names:
+                name = tok.string
+                docs[name] = " ".join(above)
+            start = False
+    return docs
 
 
 def _is_int(v: Any) -> bool:

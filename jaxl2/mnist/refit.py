@@ -54,6 +54,7 @@ from jaxl2.mnist.loop import (
     epochs_per_call,
     train_epochs,
 )
+from jaxl2.mnist.results import Refit
 from jaxl2.mnist.rundir import StepStore
 from jaxl2.mnist.steps import Trainer
 
@@ -93,12 +94,11 @@ def refit(
     mesh: Any = None,
     checkpoint_every: int | None = None,
     on_epoch: Callable[[int, int], None] | None = None,
-) -> dict[str, Any]:
+) -> Refit:
     """Trains ``cfg`` (its seed) for ``epochs`` epochs on :func:`train_val` of ``ds``, with
     checkpoints in the directory ``out`` (resumed from there when it holds one), and returns
-    ``refit_epochs``, ``refit_examples``, ``refit_train_accuracy`` (on train ∪ validation),
-    ``refit_test_accuracy``, ``refit_test_data_loss``, ``refit_seconds`` (training) and
-    ``refit_compile_seconds``.
+    its :class:`~jaxl2.mnist.results.Refit`: ``refit_epochs``, ``refit_examples``,
+    ``refit_test_accuracy``, ...
 
     Raises:
       Diverged: a NaN/Inf loss (the last good refit checkpoint is kept).

@@ -18,7 +18,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import jax
 import numpy as np
@@ -32,11 +32,10 @@ from jaxl2.mnist import sweep as _sweep
 from jaxl2.mnist.config import (
     AUTO_DEFAULTS,
     FIELDS,
-    REFIT,
-    REFIT_EPOCHS,
     SPLITS,
     Config,
     ConfigError,
+    RunSettings,
     field,
     validate,
 )
@@ -54,6 +53,7 @@ from jaxl2.mnist.loop import (
     train_epochs,
 )
 from jaxl2.mnist.model import abstract_params
+from jaxl2.mnist.results import Refit, RunSummary
 from jaxl2.mnist.rundir import (
     Checkpoints,
     Claim,
@@ -124,43 +124,50 @@ def _show(v: Any) -> str:
 def train_and_evaluate(
     cfg: Config,
     out: str | None = None,
+    settings: RunSettings | None = None,
     *,
     resume: bool = False,
     overwrite: bool = False,
-    checkpoint_every: int | None = None,
     on_start: Callable[[], None] | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
-    devices: int | None = None,
-    refit: bool = REFIT,
-    refit_epochs: str = REFIT_EPOCHS,
     on_refit_epoch: Callable[[int, int], None] | None = None,
     log: Callable[[str], None] = lambda text: None,
-) -> dict[str, Any]:
+) -> RunSummary:
     """Trains ``cfg`` into the run directory ``out`` and returns the summary.
 
     ``out=None`` creates a new ``runs/DATASET-YYYYmmdd-HHMMSS[-N]`` (never one another run
     took). A run that fails or is interrupted before its first checkpoint removes the
     directory if it was absent or empty before; after that, it resumes with ``resume=True``.
-    Checkpoints: every 30 s of training, also every ``checkpoint_every`` epochs when given, at
-    the end and on SIGINT (:class:`~jaxl2.mnist.rundir.SaveRule`), written in the background.
+    ``settings`` (:class:`~jaxl2.mnist.config.RunSettings`, default ``RunSettings()``) say how: checkpoints every 30 s of
+    training, also every ``settings.checkpoint_every`` epochs when given, at the end and on
+    SIGINT or SIGTERM (:class:`~jaxl2.mnist.rundir.SaveRule`), written in the background.
 
-    ``devices`` (default: all) > 1, or several processes, trains data-parallel over a 1-D mesh:
+    ``settings.devices`` (default: all) > 1, or several processes, trains data-parallel over a 1-D mesh:
     the batch is split along ``data``, params are replicated (see :mod:`jaxl2.mnist.parallel`);
     only process 0 writes the run directory's files (orbax coordinates the checkpoints). With
     several processes, checkpoints are written in the foreground, and all processes save and
     stop at the same epochs (:func:`~jaxl2.mnist.loop.call_end`).
 
     ``on_start()`` is called once the input is validated (before compiling), ``on_epoch(row)``
-    after every epoch with its ``metrics.jsonl`` row. The summary's accuracies, data losses,
-    penalty and norms are those of the **best** parameters by validation accuracy (what
-    ``jaxl2 eval`` loads); ``final_val_accuracy`` is the last epoch's. ``train_loss`` is the
-    total (data loss + penalty); ``*_data_loss`` is the cross-entropy alone.
+    after every epoch with its ``metrics.jsonl`` row. The summary
+    (:class:`~jaxl2.mnist.results.RunSummary`, each key documented) holds the accuracies, data
+    losses, penalty and norms of the **best** parameters by validation accuracy (what
+    ``jaxl2 eval`` loads); ``final_val_accuracy`` is the last epoch's.
 
-    ``refit=True`` (the default recipe's) then trains again from the same init on train ∪
-    validation (:mod:`jaxl2.mnist.refit`) for ``refit_epochs`` epochs: ``"all"`` the run's, or
-    ``"best"`` its best epoch's count; checkpoints in ``out/refit``, ``on_refit_epoch(epoch,
-    epochs)`` after each of its epochs. The summary gains its ``refit_*`` keys,
-    ``refit_test_accuracy`` among them, and ``jaxl2 eval`` evaluates the refit model.
+    ``settings.refit`` (the default recipe's) then trains again from the same init on train ∪
+    validation (:mod:`jaxl2.mnist.refit`) for ``settings.refit_epochs`` epochs: ``"all"`` the
+    run's, or ``"best"`` its best epoch's count; checkpoints in ``out/refit``,
+    ``on_refit_epoch(epoch, epochs)`` after each of its epochs. The summary gains its
+    ``refit_*`` keys, ``refit_test_accuracy`` among them, and ``jaxl2 eval`` evaluates the refit
+    model.
+
+    Example:
+      >>> import os, tempfile
+      >>> from jaxl2.mnist import Config, RunSettings, train_and_evaluate
+      >>> out = os.path.join(tempfile.mkdtemp(), "run")
+      >>> s = train_and_evaluate(Config(epochs=2), out, RunSettings(refit=False))
+      >>> s["epochs_trained"], s["test_accuracy"] > 0.8
+      (2, True)
 
     Raises:
       ConfigError: bad input, before anything is compiled or written.
@@ -170,12 +177,14 @@ def train_and_evaluate(
       DiskFull: a file of the run could not be written (no space, a quota, a read-only file
         system); the last complete checkpoint and ``config.json`` are kept for the resume.
     """
+    settings = RunSettings() if settings is None else settings
+    refit, refit_epochs, checkpoint_every = settings.refit, settings.refit_epochs, settings.checkpoint_every
     SaveRule(checkpoint_every)  # checks it before anything is loaded
     if refit:
         _refit_mod.refit_epochs(refit_epochs, 1, 1)  # a bad rule fails before anything is done
     cfg, ds = load_and_check(cfg)
     check_interrupt()
-    mesh = _mesh(devices, cfg.batch_size)
+    mesh = _mesh(settings.devices, cfg.batch_size)
     primary = jax.process_index() == 0
     if resume:
         if out is None:
@@ -205,7 +214,7 @@ def train_and_evaluate(
                 write_json(os.path.join(out, "summary.json"), summary)
             elif primary:
                 log(f"{out} had finished; its summary.json is unchanged")
-            return summary
+            return cast(RunSummary, summary)
         except BaseException as e:
             if isinstance(e, Interrupted):
                 e.out = out
@@ -431,7 +440,7 @@ def _fixed_l2(cfg: Config, summary: dict[str, Any]) -> Config:
     return validate(dataclasses.replace(cfg, l2=lambdas, **AUTO_DEFAULTS))
 
 
-def _refit(cfg, ds, out, mesh, epochs, checkpoint_every, on_epoch) -> dict[str, Any]:
+def _refit(cfg, ds, out, mesh, epochs, checkpoint_every, on_epoch) -> Refit:
     try:
         return _refit_mod.refit(
             cfg,

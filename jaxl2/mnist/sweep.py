@@ -25,7 +25,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +34,7 @@ import numpy as np
 from jaxl2 import __version__
 from jaxl2.mnist import refit as _refit
 from jaxl2.mnist import sigint, sweepdir
-from jaxl2.mnist.config import OPTIMIZERS, REFIT_EPOCHS, SEED_LIMIT, Config, ConfigError, field, validate
+from jaxl2.mnist.config import OPTIMIZERS, SEED_LIMIT, Config, ConfigError, SweepSettings, field, validate
 from jaxl2.mnist.data import Dataset
 from jaxl2.mnist.loop import (
     Best,
@@ -48,6 +48,7 @@ from jaxl2.mnist.loop import (
     stop_if_signalled,
     train_epochs,
 )
+from jaxl2.mnist.results import SweepSummary
 from jaxl2.mnist.rundir import (
     SaveRule,
     StepStore,
@@ -289,21 +290,17 @@ def _check_members(cfg: Config, l2s: Sequence[Any], seeds: Sequence[Any]) -> tup
 
 def train_sweep(
     cfg: Config,
-    l2s: Sequence[float],
-    seeds: Sequence[int],
+    settings: SweepSettings | None = None,
     out: str | None = None,
     *,
-    execution: str = "auto",
     overwrite: bool = False,
     resume: bool = False,
-    checkpoint_every: int | None = None,
-    refit: bool = False,
-    refit_epochs: str = REFIT_EPOCHS,
-    budget_bytes: int | None = None,
     on_epoch: Callable[[str, int, int], None] | None = None,
     log: Callable[[str], None] = lambda s: None,
-) -> dict[str, Any]:
-    """Trains every (λ, seed) pair of ``cfg`` and returns ``{"selected_l2", "results", ...}``.
+) -> SweepSummary:
+    """Trains ``cfg`` once per (λ, seed) of ``settings`` (:class:`~jaxl2.mnist.config.SweepSettings`:
+    default: :data:`~jaxl2.mnist.config.DEFAULT_SWEEP_L2` and ``cfg.seed``) and returns the summary
+    (:class:`~jaxl2.mnist.results.SweepSummary`: ``selected_l2``, ``results``, ...).
 
     Results carry the same keys as ``jaxl2 train --json`` (the best epoch by validation
     accuracy), plus the final epoch's accuracies and the train − test gap. The sweep writes
@@ -313,20 +310,24 @@ def train_sweep(
 
     A sweep stopped at any moment (SIGKILL included) continues with ``resume=True`` and ends
     with the bits of one never stopped: checkpoints (:class:`~jaxl2.mnist.rundir.SaveRule`: every
-    30 s of training, and every ``checkpoint_every`` epochs when given), at the end of each
+    30 s of training, and every ``settings.checkpoint_every`` epochs when given), at the end of each
     chunk and on SIGINT hold the chunk's states and best params; the plan (execution,
     chunk size) is kept, so a resumed sweep computes exactly as the first one did. One that fails
     before its first checkpoint removes the directory if it was absent or empty before.
 
-    ``refit=True`` then refits the selected λ once per seed on train ∪ validation
+    ``settings.refit`` then refits the selected λ once per seed on train ∪ validation
     (:mod:`jaxl2.mnist.refit`; ``refit_epochs="all"``: the sweep's epochs, ``"best"``: each
-    member's own best epoch's count): ``summary["refit"]``.
+    member's own best epoch's count): ``summary["refit"]``. ``settings.budget_bytes`` (default:
+    the available memory) bounds the members trained at once; the rest go in later chunks.
     ``on_epoch(label, epoch, epochs)`` follows the progress (``label`` names the chunk or refit).
     """
+    settings = SweepSettings() if settings is None else settings
+    execution, refit, refit_epochs = settings.execution, settings.refit, settings.refit_epochs
+    checkpoint_every = settings.checkpoint_every
     if execution not in EXECUTIONS:
         raise ConfigError(f"{field('execution')} {execution!r} is unknown (allowed: {', '.join(EXECUTIONS)})")
     SaveRule(checkpoint_every)  # checks it before anything is loaded
-    l2s, seeds = _check_members(cfg, l2s, seeds)
+    l2s, seeds = _check_members(cfg, settings.l2s, (cfg.seed,) if settings.seeds is None else settings.seeds)
     if refit:
         _refit.refit_epochs(refit_epochs, 1, 1)  # a bad rule fails before anything is done
     if resume:
@@ -341,7 +342,7 @@ def train_sweep(
         try:
             sigint.check()
             job = _SweepJob(cfg, ds, out, checkpoint_every, on_epoch, log)
-            summary = _sweep(job, l2s, seeds, execution, budget_bytes)
+            summary = _sweep(job, l2s, seeds, execution, settings.budget_bytes)
             if refit:
                 stop_if_signalled(f"after the sweep, before its refit; checkpoint saved in {out}", out)
                 summary["refit"] = _refit_selected(
@@ -349,7 +350,7 @@ def train_sweep(
                 )
             summary["out"] = out
             _write_outputs(out, summary)
-            return summary
+            return cast(SweepSummary, summary)
         except BaseException as e:
             if isinstance(e, Interrupted):
                 e.out = out
@@ -585,6 +586,6 @@ def _write_outputs(out: str, summary: dict[str, Any]) -> None:
     plot_sweep(rows, summary["selected_l2"], os.path.join(out, "sweep.png"))
 
 
-def results_json(summary: dict[str, Any]) -> str:
+def results_json(summary: SweepSummary) -> str:
     keys = ("selected_l2", "selected_l2_1se", "per_l2", "results", "refit")
-    return json.dumps({k: summary[k] for k in keys if k in summary})
+    return json.dumps({k: v for k, v in summary.items() if k in keys})

@@ -15,22 +15,37 @@ from typing import Any
 from jaxl2.mnist.config import (
     ACTIVATIONS,
     AUTO,
-    AUTO_DEFAULTS,
     DATASETS,
-    DEFAULT_SWEEP_L2,
-    INITS,
     OPTIMIZERS,
-    REFIT,
-    REFIT_EPOCHS,
-    SCHEDULES,
     SPLITS,
     Config,
+    RunSettings,
+    SweepSettings,
+    field_docs,
 )
 
 __all__ = ["COMMANDS", "build_parser", "parse_args", "parse_l2"]
 
-DEFAULTS = Config()
 COMMANDS = ("train", "sweep", "eval", "bench", "gradcheck")
+
+
+def _shown(value: Any) -> str:
+    return (
+        ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+        if isinstance(value, tuple)
+        else str(value)
+    )
+
+
+def doc(cls: type, name: str, extra: str = "") -> str:
+    """The help of the flag of field ``name`` of ``cls``: its comment (:func:`field_docs`, with
+    `other_field` shown as ``--other-field``), ``extra``, and its default unless the comment
+    says it."""
+    text = re.sub(r"`(\w+)`", lambda m: "--" + m.group(1).replace("_", "-"), field_docs(cls).get(name, ""))
+    default = getattr(cls(), name)
+    if "(default" not in text and default is not None and not isinstance(default, bool):
+        extra += f" (default {_shown(default)})"
+    return text + extra
 
 
 class _Parser(argparse.ArgumentParser):
@@ -100,38 +115,11 @@ def _floats(text: str) -> list[float]:
         ) from None
 
 
-def _lr_help() -> str:
-    defaults = ", ".join(f"{k} {v.lr:g}" for k, v in OPTIMIZERS.items())
-    return f"peak learning rate (default: the optimizer's own: {defaults})"
-
-
 def _add_auto_flags(g: Any) -> None:
     """The settings of ``--l2 auto`` (refused without it)."""
-    g.add_argument(
-        "--l2-init",
-        type=float,
-        help=f"with --l2 {AUTO}: every layer's starting λ (default {AUTO_DEFAULTS['l2_init']:g})",
-    )
-    g.add_argument(
-        "--l2-every",
-        type=int,
-        help=f"with --l2 {AUTO}: training steps per λ update, each on one validation batch of "
-        f"--batch-size examples (default {AUTO_DEFAULTS['l2_every']})",
-    )
-    g.add_argument(
-        "--l2-lr",
-        type=float,
-        help=f"with --l2 {AUTO}: Adam's learning rate on ln λ (default {AUTO_DEFAULTS['l2_lr']:g})",
-    )
-
-
-_L2_HELP = (
-    f"λ of the penalty λ/2·Σw² on the selected kernels, or per layer as 'REGEX=λ,REGEX=λ' "
-    f"matched in order against paths like params/Dense_0/kernel, or {AUTO}: one λ per selected "
-    "kernel, tuned during the run by the hypergradient of the validation loss through one "
-    "optimizer step (Luketina et al., ICML 2016), computed on a validation batch every "
-    f"--l2-every steps; the λs go to metrics.jsonl (l2/PATH), lambda.png and the summary"
-)
+    g.add_argument("--l2-init", type=float, help=doc(Config, "l2_init"))
+    g.add_argument("--l2-every", type=int, help=doc(Config, "l2_every"))
+    g.add_argument("--l2-lr", type=float, help=doc(Config, "l2_lr"))
 
 
 def _add_train_flags(p: argparse.ArgumentParser, *, auto: bool = True) -> None:
@@ -143,104 +131,56 @@ def _add_train_flags(p: argparse.ArgumentParser, *, auto: bool = True) -> None:
 
 
 def _data_flags(g: Any) -> None:
-    d = DEFAULTS
-    g.add_argument(
-        "--dataset",
-        help=f"{', '.join(DATASETS)}: mnist5k is shipped and offline (5,000 real images), mnist "
-        f"downloads full MNIST through TensorFlow Datasets, idx:DIR reads raw IDX files (default {d.dataset})",
-    )
-    g.add_argument("--data-dir", help="TensorFlow Datasets' data_dir for --dataset mnist")
-    g.add_argument(
-        "--val-size",
-        type=int,
-        help="validation examples carved from the training data (default 500 for mnist5k, 5000 otherwise)",
-    )
-    g.add_argument(
-        "--split-seed", type=int, help=f"seed of the train/validation(/test) split (default {d.split_seed})"
-    )
+    g.add_argument("--dataset", help=doc(Config, "dataset"))
+    g.add_argument("--data-dir", help=doc(Config, "data_dir"))
+    g.add_argument("--val-size", type=int, help=doc(Config, "val_size"))
+    g.add_argument("--split-seed", type=int, help=doc(Config, "split_seed"))
 
 
 def _regularization_flags(g: Any, auto: bool) -> None:
-    d = DEFAULTS
     if auto:
-        g.add_argument("--l2", type=parse_l2, help=_L2_HELP + f" (default {d.l2})")
-    else:
         g.add_argument(
-            "--l2",
-            type=_floats,
-            help=f"comma-separated λ values (default {','.join(f'{v:g}' for v in DEFAULT_SWEEP_L2)})",
+            "--l2", type=parse_l2, help=doc(Config, "l2", " (e.g. '.*Dense_0/kernel=1e-3,.*=1e-4')")
         )
-    if auto:
         _add_auto_flags(g)
-    g.add_argument(
-        "--select",
-        help="which leaves the penalty covers: kernels (default: every Dense kernel, no biases) or a "
-        "regex over paths like params/Dense_0/kernel",
-    )
-    takers = ", ".join(k for k, v in OPTIMIZERS.items() if v.decays)
-    g.add_argument(
-        "--weight-decay",
-        type=float,
-        help=f"weight decay in the optimizer, for --optimizer {takers}: decoupled for adamw, added "
-        "before momentum for sgdw (default 0)",
-    )
-    g.add_argument(
-        "--allow-both",
-        action="store_true",
-        default=None,
-        help="allow --l2 > 0 together with --weight-decay (both regularize)",
-    )
+    else:
+        g.add_argument("--l2", type=_floats, help=doc(SweepSettings, "l2s", ", comma-separated"))
+    g.add_argument("--select", help=doc(Config, "select"))
+    g.add_argument("--weight-decay", type=float, help=doc(Config, "weight_decay"))
+    g.add_argument("--allow-both", action="store_true", default=None, help=doc(Config, "allow_both"))
 
 
 def _optimization_flags(g: Any) -> None:
-    d = DEFAULTS
-    g.add_argument(
-        "--optimizer",
-        help="; ".join(f"{k}: {v.about}" for k, v in OPTIMIZERS.items()) + f" (default {d.optimizer})",
-    )
-    g.add_argument("--lr", type=float, help=_lr_help())
-    g.add_argument("--schedule", help=f"{', '.join(SCHEDULES)} (default {d.schedule})")
-    g.add_argument("--momentum", type=float, help=f"for --optimizer momentum and sgdw (default {d.momentum})")
-    g.add_argument(
-        "--batch-size",
-        type=int,
-        help=f"default {d.batch_size}; the last partial batch of each epoch is dropped",
-    )
-    g.add_argument("--epochs", type=int, help=f"default {d.epochs}")
+    g.add_argument("--optimizer", help=doc(Config, "optimizer"))
+    defaults = ", ".join(f"{k} {v.lr:g}" for k, v in OPTIMIZERS.items())
+    g.add_argument("--lr", type=float, help=doc(Config, "lr", f": {defaults}"))
+    g.add_argument("--schedule", help=doc(Config, "schedule"))
+    g.add_argument("--momentum", type=float, help=doc(Config, "momentum"))
+    g.add_argument("--batch-size", type=int, help=doc(Config, "batch_size"))
+    g.add_argument("--epochs", type=int, help=doc(Config, "epochs"))
 
 
 def _model_flags(g: Any) -> None:
-    d = DEFAULTS
     g.add_argument(
-        "--hidden",
-        type=_ints("hidden", "256,256"),
-        help="hidden widths, comma-separated (default 256,256)",
+        "--hidden", type=_ints("hidden", "256,256"), help=doc(Config, "hidden", ", comma-separated")
     )
-    g.add_argument("--activation", help=f"{', '.join(ACTIVATIONS)} (default {d.activation})")
-    g.add_argument(
-        "--init",
-        help=f"{', '.join(INITS)}: kernel init, Flax's default or N(0, 1) as in the classic recipe "
-        f"(default {d.init})",
-    )
-    g.add_argument("--seed", type=int, help=f"init and shuffling seed (default {d.seed})")
+    g.add_argument("--activation", help=doc(Config, "activation"))
+    g.add_argument("--init", help=doc(Config, "init"))
+    g.add_argument("--seed", type=int, help=doc(Config, "seed"))
 
 
-def _add_checkpoints_and_refit(g: Any, end: str, refit_help: str) -> None:
-    """``--checkpoint-every`` (a save also at the end, with ``end`` appended, and on Ctrl-C), ``--refit`` and
-    ``--refit-epochs``: the flags that train and sweep share but word apart."""
+def _add_checkpoints_and_refit(g: Any, settings: type, resumed: str) -> None:
+    """``--checkpoint-every``, ``--refit`` and ``--refit-epochs``, documented by the command's
+    ``settings`` (:class:`RunSettings` or :class:`SweepSettings`); ``resumed`` names what a
+    resume's refit default is."""
+    g.add_argument("--checkpoint-every", type=int, metavar="N", help=doc(settings, "checkpoint_every"))
+    on = "on" if settings().refit else "off"
     g.add_argument(
-        "--checkpoint-every",
-        type=int,
-        metavar="EPOCHS",
-        help="also checkpoint every EPOCHS epochs (default: every 30 s of training; always at the end"
-        f"{end} and on Ctrl-C)",
+        "--refit",
+        action=argparse.BooleanOptionalAction,
+        help=doc(settings, "refit", f" (default: {on}, or with --resume {resumed}; --no-refit: off)"),
     )
-    g.add_argument("--refit", action=argparse.BooleanOptionalAction, help=refit_help)
-    g.add_argument(
-        "--refit-epochs",
-        help="the refit's epochs: all (the run's --epochs, its full lr schedule) or best (the best "
-        f"epoch by validation accuracy) (default {REFIT_EPOCHS}: it scored higher on held-out data)",
-    )
+    g.add_argument("--refit-epochs", help=doc(settings, "refit_epochs"))
 
 
 def _train_parser(sub: Any) -> None:
@@ -256,13 +196,7 @@ def _train_parser(sub: Any) -> None:
     g.add_argument("--out", help="run directory (default: a new runs/DATASET-YYYYmmdd-HHMMSS[-N])")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     g.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    _add_checkpoints_and_refit(
-        g,
-        "",
-        "then train again from the same init on train ∪ validation (see --refit-epochs), report its "
-        f"test accuracy and let jaxl2 eval use it (default: {'on' if REFIT else 'off'}, or with --resume the "
-        "run's own; --no-refit: off)",
-    )
+    _add_checkpoints_and_refit(g, RunSettings, "the run's own")
     g.add_argument(
         "--no-cache",
         action="store_true",
@@ -273,11 +207,7 @@ def _train_parser(sub: Any) -> None:
         "--json", action="store_true", help="print only one JSON object with the results on stdout"
     )
     g = t.add_argument_group("devices and hosts")
-    g.add_argument(
-        "--devices",
-        type=int,
-        help="data-parallel over the first N devices (default: all); the batch must divide by N",
-    )
+    g.add_argument("--devices", type=int, metavar="N", help=doc(RunSettings, "devices"))
     g.add_argument(
         "--distributed", action="store_true", help="call jax.distributed.initialize() first (several hosts)"
     )
@@ -305,12 +235,7 @@ def _sweep_parser(sub: Any) -> None:
         type=int,
         help="init seeds per λ: --seed, --seed+1, … (default 1); data order follows the seed",
     )
-    g.add_argument(
-        "--execution",
-        default="auto",
-        help="vmap, sequential (lax.map in one program) or auto: on CPU the faster of the two on one "
-        "timed epoch (default)",
-    )
+    g.add_argument("--execution", default=SweepSettings.execution, help=doc(SweepSettings, "execution"))
     g.add_argument("--out", help="sweep directory (default: a new runs/sweep-YYYYmmdd-HHMMSS[-N])")
     g.add_argument(
         "--resume",
@@ -318,12 +243,7 @@ def _sweep_parser(sub: Any) -> None:
         help="continue the sweep in --out from its last checkpoint (with its own settings)",
     )
     g.add_argument("--overwrite", action="store_true", help="replace a sweep (or run) already in --out")
-    _add_checkpoints_and_refit(
-        g,
-        " of each chunk",
-        "then refit the selected λ on train ∪ validation, once per seed (see --refit-epochs), and "
-        "report its test accuracy (default: off, or with --resume the sweep's own)",
-    )
+    _add_checkpoints_and_refit(g, SweepSettings, "the sweep's own")
     g.add_argument("--no-cache", action="store_true", help="do not use the compilation cache")
     g.add_argument(
         "--quiet", action="store_true", help="no progress (on a terminal one line; else one line per epoch)"

@@ -6,6 +6,7 @@ import sys
 from typing import Any
 
 from jaxl2.mnist.config import AUTO, SPLITS, Config
+from jaxl2.mnist.results import MeanStd, PerL2, RunSummary, SweepRefit
 
 __all__ = ["fail", "message", "flag", "format_summary", "format_per_l2", "format_refit", "warn_if_chance"]
 
@@ -29,7 +30,7 @@ def fail(text: str, code: int = 2) -> int:
     return code
 
 
-def pm(d: dict[str, float], scale: float = 100.0, digits: int = 2) -> str:
+def pm(d: MeanStd, scale: float = 100.0, digits: int = 2) -> str:
     """``mean ± std`` of a ``{"mean", "std"}`` dict (in % by default)."""
     return f"{scale * d['mean']:.{digits}f} ± {scale * d['std']:.{digits}f}"
 
@@ -49,7 +50,7 @@ def warn_if_chance(runs: list[tuple[float, float, Any]], cfg: Config) -> None:
     )
 
 
-def _time_line(s: dict[str, Any]) -> str:
+def _time_line(s: RunSummary) -> str:
     if s["examples_per_second"] is None:
         return f"time: no epoch left to train (the run had finished all {s['epochs']}); device {s['device']}"
     return (
@@ -58,12 +59,12 @@ def _time_line(s: dict[str, Any]) -> str:
     )
 
 
-def format_summary(s: dict[str, Any]) -> str:
+def format_summary(s: RunSummary) -> str:
     """The human summary of a run: accuracy and data loss per split, penalty, total, time."""
     lines = [
         f"run directory: {s['out']}",
         f"{'split':<7}{'accuracy':>10}{'data loss':>11}",
-        *(f"{k:<7}{100 * s[k + '_accuracy']:>9.2f}%{s[k + '_data_loss']:>11.4f}" for k in SPLITS),
+        *(f"{k:<7}{100 * s[k + '_accuracy']:>9.2f}%{s[k + '_data_loss']:>11.4f}" for k in SPLITS),  # type: ignore[literal-required]
         f"(best epoch by val accuracy: {s['best_epoch']} of {s['epochs']}; data loss = cross-entropy; "
         f"penalty λ/2·Σw² = {s['penalty']:.4f}; train loss = data loss + penalty = {s['train_loss']:.4f})",
         "‖W‖² per layer: " + ", ".join(f"{p} {v:.1f}" for p, v in s["kernel_sq_norm"].items()),
@@ -82,7 +83,7 @@ def format_summary(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def format_per_l2(rows: list[dict[str, Any]]) -> str:
+def format_per_l2(rows: list[PerL2]) -> str:
     """The sweep's table: per λ, mean ± std over seeds of the accuracies (%) and of Σ‖W‖²."""
     head = f"{'λ':>8} {'seeds':>5} {'train %':>15} {'val %':>15} {'test %':>15} {'Σ‖W‖²':>17}"
     lines = [head]
@@ -94,7 +95,7 @@ def format_per_l2(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def format_refit(fit: dict[str, Any]) -> str:
+def format_refit(fit: SweepRefit) -> str:
     """The line of a sweep's refit: the selected λ's test accuracy refit and unrefit."""
     epochs = ", ".join(str(m["refit_epochs"]) for m in fit["members"])
     return (

@@ -9,7 +9,7 @@ import os
 from jaxl2.mnist.cli.options import enable_cache, given, refit_choice
 from jaxl2.mnist.cli.progress import Progress
 from jaxl2.mnist.cli.report import fail, format_per_l2, format_refit, warn_if_chance
-from jaxl2.mnist.config import DEFAULT_SWEEP_L2, Config
+from jaxl2.mnist.config import Config, SweepSettings
 
 __all__ = ["run"]
 
@@ -34,21 +34,24 @@ def run(args: argparse.Namespace) -> int:
         seeds = saved_seeds if args.seeds is None and "seed" not in fields else None
     else:
         cfg = dataclasses.replace(Config(), **fields)
-        l2s = list(DEFAULT_SWEEP_L2) if l2s is None else l2s
+        l2s = SweepSettings.l2s if l2s is None else l2s
     if seeds is None:
         seeds = [cfg.seed + i for i in range(1 if args.seeds is None else args.seeds)]
     enable_cache(args)
     with Progress(args.quiet or args.json) as progress:
+        settings = SweepSettings(
+            tuple(l2s),
+            tuple(seeds),
+            args.execution,
+            checkpoint_every=args.checkpoint_every,
+            **refit_choice(args, saved, SweepSettings.refit),
+        )
         summary = _sweep.train_sweep(
             cfg,
-            l2s,
-            seeds,
+            settings,
             args.out,
-            execution=args.execution,
             overwrite=args.overwrite,
             resume=args.resume,
-            checkpoint_every=args.checkpoint_every,
-            **refit_choice(args, saved, False),
             on_epoch=progress.epoch,
             log=lambda text: None if args.quiet or args.json else progress.say(f"jaxl2: {text}"),
         )

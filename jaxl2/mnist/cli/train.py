@@ -9,7 +9,7 @@ import json
 from jaxl2.mnist.cli.options import enable_cache, fd1_to_stderr, given, refit_choice
 from jaxl2.mnist.cli.progress import Progress, epoch_info
 from jaxl2.mnist.cli.report import fail, format_summary, warn_if_chance
-from jaxl2.mnist.config import REFIT, Config
+from jaxl2.mnist.config import Config, RunSettings
 
 __all__ = ["run"]
 
@@ -39,13 +39,15 @@ def run(args: argparse.Namespace) -> int:
             summary = _run.train_and_evaluate(
                 cfg,
                 args.out,
+                RunSettings(
+                    checkpoint_every=args.checkpoint_every,
+                    devices=args.devices,
+                    **refit_choice(args, saved, RunSettings.refit),
+                ),
                 resume=args.resume,
                 overwrite=args.overwrite,
-                checkpoint_every=args.checkpoint_every,
                 on_start=progress.start,
                 on_epoch=lambda row: progress.epoch("", row["epoch"], cfg.epochs, epoch_info(row)),
-                devices=args.devices,
-                **refit_choice(args, saved, REFIT),
                 on_refit_epoch=lambda e, n: progress.epoch("refit on train ∪ validation", e, n),
                 log=lambda text: progress.say(f"jaxl2: {text}"),
             )

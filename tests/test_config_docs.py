@@ -1,0 +1,86 @@
+"""Every config field and run setting has its comment, and that comment is its flag's --help."""
+
+import dataclasses
+import re
+
+import pytest
+
+from jaxl2.mnist.cli import build_parser
+from jaxl2.mnist.config import Config, RunSettings, SweepSettings, field_docs
+
+
+@dataclasses.dataclass
+class Sample:
+    # -- a group header is no field's comment
+    # two lines above
+    # the field
+    above: int = 1
+    after: str = "a # not a comment"  # the comment at the end
+    # above and
+    both: int = 2  # at the end
+    bare: int = 3
+    spread: tuple = (
+        1,
+        2,
+    )  # after a default of several lines
+
+    def method(self):  # a method's comment is no field's
+        return self.above
+
+
+def test_field_docs_reads_comments_above_and_at_the_end():
+    assert field_docs(Sample) == {
+        "above": "two lines above the field",
+        "after": "the comment at the end",
+        "both": "above and at the end",
+        "bare": "",
+        "spread": "after a default of several lines",
+    }
+
+
+@pytest.mark.parametrize("cls", [Config, RunSettings, SweepSettings])
+def test_every_field_has_a_comment(cls):
+    docs = field_docs(cls)
+    assert list(docs) == [f.name for f in dataclasses.fields(cls)]
+    assert all(docs.values()), [k for k, v in docs.items() if not v]
+
+
+def _help_lines(command, monkeypatch, capsys):
+    """``jaxl2 COMMAND --help``, one line per flag: ``{"--flag": "its line"}``."""
+    monkeypatch.setenv("COLUMNS", "100000")  # argparse wraps at the terminal's width
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--help"])
+    shown, flag = {}, None
+    for line in capsys.readouterr().out.splitlines():
+        line = line.strip()
+        if line.startswith("--"):
+            flag = line.split()[0].rstrip(",")
+            shown[flag] = line
+        elif flag and line and not line.endswith(":"):  # the help below a long flag
+            shown[flag] += " " + line
+        else:
+            flag = None
+    return shown
+
+
+def _as_flags(text):
+    return re.sub(r"`(\w+)`", lambda m: "--" + m.group(1).replace("_", "-"), text)
+
+
+@pytest.mark.parametrize(
+    "command, settings, own",
+    [
+        ("train", RunSettings, ("refit", "refit_epochs", "checkpoint_every", "devices")),
+        ("sweep", SweepSettings, ("refit", "refit_epochs", "checkpoint_every", "execution")),
+    ],
+)
+def test_each_flag_s_help_is_its_field_s_comment(command, settings, own, monkeypatch, capsys):
+    shown = _help_lines(command, monkeypatch, capsys)
+    auto_only = ("l2", "l2_init", "l2_every", "l2_lr") if command == "sweep" else ()
+    pairs = [(Config, f) for f in field_docs(Config) if f not in auto_only] + [(settings, f) for f in own]
+    for cls, name in pairs:
+        flag = "--" + name.replace("_", "-")
+        assert _as_flags(field_docs(cls)[name]) in shown[flag], flag
+    if command == "sweep":
+        assert field_docs(SweepSettings)["l2s"] in shown["--l2"]
+        assert "--l2-init" not in shown
