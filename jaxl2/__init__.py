@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load
     from jaxl2 import auto as auto
     from jaxl2 import conventions as conventions
     from jaxl2 import decay as decay
+    from jaxl2 import evidence as evidence
     from jaxl2 import norms as norms
     from jaxl2 import rules as rules
     from jaxl2 import select as select
@@ -53,6 +54,10 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load
     from jaxl2.decay import add_decayed_weights as add_decayed_weights
     from jaxl2.decay import audit as audit
     from jaxl2.errors import Jaxl2Error as Jaxl2Error
+    from jaxl2.evidence import Curvature as Curvature
+    from jaxl2.evidence import evidence_l2 as evidence_l2
+    from jaxl2.evidence import ggn as ggn
+    from jaxl2.evidence import log_evidence as log_evidence
     from jaxl2.norms import group_norms as group_norms
     from jaxl2.penalty import Row as Row
     from jaxl2.penalty import Selection as Selection
@@ -101,6 +106,11 @@ _EXPORTS = {
     "auto_l2": "jaxl2.auto",
     "AutoL2": "jaxl2.auto",
     "AutoL2State": "jaxl2.auto",
+    "evidence": "jaxl2.evidence",
+    "ggn": "jaxl2.evidence",
+    "log_evidence": "jaxl2.evidence",
+    "evidence_l2": "jaxl2.evidence",
+    "Curvature": "jaxl2.evidence",
 }
 __version__ = "0.3.0"
 

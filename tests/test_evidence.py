@@ -1,0 +1,222 @@
+"""The Laplace evidence against independent references: the closed form of Bayesian linear
+regression, a GGN built by brute force (jax.jacobian and jax.hessian), central differences."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxl2
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    with jax.enable_x64(True):
+        yield
+
+
+def linear(params, x):
+    return x @ params["dense"]["kernel"] + params["dense"]["bias"]
+
+
+def regression(n=40, d=5, sigma=0.5, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)) * np.linspace(0.3, 2.0, d)  # unequal feature scales
+    w = rng.normal(size=(d, 1))
+    y = x @ w + 0.7 + sigma * rng.normal(size=(n, 1))
+    return x, y
+
+
+def closed_form(x, y, b, alpha, sigma):
+    """log N(y − b; 0, σ²I + XXᵀ/α) in numpy float64: the exact evidence of w ~ N(0, α⁻¹I)."""
+    r = (y - b).ravel()
+    cov = sigma**2 * np.eye(len(r)) + x @ x.T / alpha
+    sign, logdet = np.linalg.slogdet(cov)
+    return -0.5 * (r @ np.linalg.solve(cov, r) + logdet + len(r) * np.log(2 * np.pi))
+
+
+def posterior_mode(x, y, b, alpha, sigma):
+    a = x.T @ x / sigma**2 + alpha * np.eye(x.shape[1])
+    return np.linalg.solve(a, x.T @ (y - b) / sigma**2)
+
+
+def params_of(w, b):
+    return {"dense": {"kernel": jnp.asarray(w), "bias": jnp.asarray([b])}}
+
+
+@pytest.mark.parametrize("structure", ["full", "diag"])
+def test_linear_regression_evidence_equals_the_closed_form(structure):
+    x, y = regression()
+    sigma, b = 0.5, 0.7
+    n = len(x)
+    for alpha in (0.3, 4.0, 50.0):
+        params = params_of(posterior_mode(x, y, b, alpha, sigma), b)
+        curv = jaxl2.ggn(linear, params, x, y, likelihood="gaussian", sigma=sigma, structure=structure)
+        got = float(jaxl2.log_evidence(curv, params, alpha / n))  # α = n·λ
+        if structure == "full":  # Laplace is exact here: the posterior is Gaussian
+            assert got == pytest.approx(closed_form(x, y, b, alpha, sigma), rel=1e-8)
+        else:  # the diagonal drops XᵀX's off-diagonal: by hand, with numpy
+            h = np.diag(x.T @ x) / sigma**2
+            w = np.asarray(params["dense"]["kernel"]).ravel()
+            r = (y - x @ w[:, None] - b).ravel()
+            loglik = -0.5 * r @ r / sigma**2 - 0.5 * n * np.log(2 * np.pi * sigma**2)
+            d = len(h)
+            want = loglik - 0.5 * alpha * w @ w + 0.5 * d * np.log(alpha) - 0.5 * np.sum(np.log(h + alpha))
+            assert got == pytest.approx(want, rel=1e-10)
+
+
+def test_mackay_fixed_point_finds_the_closed_form_maximiser():
+    x, y = regression(n=60, seed=1)
+    sigma, b, n = 0.5, 0.7, 60
+    # the maximiser of the exact evidence: a log grid, then golden sections (numpy alone)
+    grid = np.exp(np.linspace(np.log(1e-3), np.log(1e3), 601))
+    i = int(np.argmax([closed_form(x, y, b, a, sigma) for a in grid]))
+    assert 0 < i < len(grid) - 1  # inside the grid
+    lo, hi = grid[i - 1], grid[i + 1]
+    g = (np.sqrt(5) - 1) / 2
+    for _ in range(80):
+        c, d = hi - g * (hi - lo), lo + g * (hi - lo)
+        if closed_form(x, y, b, c, sigma) > closed_form(x, y, b, d, sigma):
+            hi = d
+        else:
+            lo = c
+    best = (lo + hi) / 2
+
+    # MacKay's scheme as a user runs it: the mode at the current λ, the curvature there, one update
+    @jax.jit
+    def update(params, lam):
+        curv = jaxl2.ggn(linear, params, x, y, likelihood="gaussian", sigma=sigma, structure="full")
+        return jaxl2.evidence_l2(curv, params, lam)["dense/kernel"], curv
+
+    lam = 1.0 / n
+    for _ in range(100):
+        params = params_of(posterior_mode(x, y, b, n * lam, sigma), b)
+        lam, curv = update(params, lam)
+    assert float(n * lam) == pytest.approx(best, rel=1e-2)
+    adam = jaxl2.evidence_l2(curv, params, 1.0 / n, method="adam", steps=400, lr=0.05)["dense/kernel"]
+    assert float(adam) == pytest.approx(float(lam), rel=1e-3)  # the same fixed point at the same params
+
+
+def mlp(params, x):
+    h = jnp.tanh(x @ params["l0"]["kernel"] + params["l0"]["bias"])
+    return h @ params["l1"]["kernel"] + params["l1"]["bias"]
+
+
+def tiny_mlp(seed=0, n=10, d=3, hidden=4, classes=3):
+    k = jax.random.split(jax.random.PRNGKey(seed), 5)
+    params = {
+        "l0": {
+            "kernel": jax.random.normal(k[0], (d, hidden)),
+            "bias": 0.1 * jax.random.normal(k[1], (hidden,)),
+        },
+        "l1": {"kernel": jax.random.normal(k[2], (hidden, classes)), "bias": jnp.zeros(classes)},
+    }
+    x = jax.random.normal(k[3], (n, d))
+    y = jax.random.randint(k[4], (n,), 0, classes)
+    return params, x, y
+
+
+def brute_force_ggn(params, x, y):
+    """Σ_i J_iᵀ Λ_i J_i over both kernels, with J from jax.jacobian of all logits at once and Λ_i
+    from jax.hessian of example i's cross-entropy in its logits."""
+    theta = jnp.concatenate([params["l0"]["kernel"].ravel(), params["l1"]["kernel"].ravel()])
+    s0 = params["l0"]["kernel"].size
+
+    def logits(theta):
+        p = {
+            "l0": {**params["l0"], "kernel": theta[:s0].reshape(params["l0"]["kernel"].shape)},
+            "l1": {**params["l1"], "kernel": theta[s0:].reshape(params["l1"]["kernel"].shape)},
+        }
+        return mlp(p, x)
+
+    jac = jax.jacobian(logits)(theta)  # (n, C, P)
+    z = logits(theta)
+    lam = jax.vmap(jax.hessian(lambda zi, yi: -jax.nn.log_softmax(zi)[yi]))(z, y)  # (n, C, C)
+    jac, lam = np.asarray(jac), np.asarray(lam)
+    h = sum(jac[i].T @ lam[i] @ jac[i] for i in range(len(x)))
+    loglik = float(jnp.sum(jnp.take_along_axis(jax.nn.log_softmax(z), y[:, None], axis=1)))
+    return h, loglik
+
+
+def test_full_and_diag_equal_a_brute_force_ggn_of_a_tiny_mlp():
+    params, x, y = tiny_mlp()
+    want, loglik = brute_force_ggn(params, x, y)
+    full = jaxl2.ggn(mlp, params, x, y, structure="full", batch_size=4)  # 2 batches of 4, then 2
+    np.testing.assert_allclose(np.asarray(full.ggn), want, rtol=1e-8, atol=1e-12)
+    assert float(full.log_likelihood) == pytest.approx(loglik, rel=1e-12)
+    diag = jaxl2.ggn(mlp, params, x, y, structure="diag", batch_size=None)
+    got = np.concatenate([np.asarray(h).ravel() for h in diag.ggn])
+    np.testing.assert_allclose(got, np.diag(want), rtol=1e-8, atol=1e-12)
+    # the evidence from that matrix, by hand, per-layer λ
+    rules = {"l0/kernel": 0.02, "l1/kernel": 0.5}
+    alpha = np.concatenate([np.full(12, 10 * 0.02), np.full(12, 10 * 0.5)])
+    w = np.concatenate([np.asarray(params[k]["kernel"]).ravel() for k in ("l0", "l1")])
+    base = loglik - 0.5 * np.sum(alpha * w * w) + 0.5 * np.sum(np.log(alpha))
+    full_want = base - 0.5 * np.linalg.slogdet(want + np.diag(alpha))[1]
+    assert float(jaxl2.log_evidence(full, params, rules)) == pytest.approx(full_want, rel=1e-10)
+    diag_want = base - 0.5 * np.sum(np.log(np.diag(want) + alpha))
+    assert float(jaxl2.log_evidence(diag, params, rules)) == pytest.approx(diag_want, rel=1e-10)
+
+
+@pytest.mark.parametrize("structure", ["full", "diag"])
+def test_the_gradient_in_log_lambda_matches_central_differences(structure):
+    params, x, y = tiny_mlp(seed=1)
+    curv = jaxl2.ggn(mlp, params, x, y, structure=structure)
+
+    def f(log_lam):
+        return jaxl2.log_evidence(
+            curv, params, {"l0/kernel": jnp.exp(log_lam[0]), "l1/kernel": jnp.exp(log_lam[1])}
+        )
+
+    at = jnp.log(jnp.array([0.05, 0.3]))
+    g = jax.grad(f)(at)
+    eps = 1e-5
+    for i in range(2):
+        e = jnp.zeros(2).at[i].set(eps)
+        assert float(g[i]) == pytest.approx(float((f(at + e) - f(at - e)) / (2 * eps)), rel=1e-6)
+
+
+def test_under_jit_and_with_a_center():
+    params, x, y = tiny_mlp(seed=2)
+    curv = jax.jit(lambda p, x, y: jaxl2.ggn(mlp, p, x, y, structure="diag"))(params, x, y)
+    eager = jaxl2.ggn(mlp, params, x, y, structure="diag")
+    for a, b in zip(curv.ggn, eager.ggn):
+        np.testing.assert_allclose(a, b, rtol=1e-12)
+    center = jax.tree.map(lambda w: 0.5 * w, params)
+    traced = jax.jit(lambda lam: jaxl2.log_evidence(curv, params, lam, center=center))(0.1)
+    # ‖w − w₀‖² = ‖w/2‖²: the same as params halved without a center, but for log p(D|w)
+    half = jax.tree.map(lambda w: 0.5 * w, params)
+    shifted = jaxl2.log_evidence(curv, half, 0.1) - curv.log_likelihood
+    assert float(traced - curv.log_likelihood) == pytest.approx(float(shifted), rel=1e-12)
+    new = jax.jit(lambda lam: jaxl2.evidence_l2(curv, params, lam))(0.1)
+    assert set(new) == {"l0/kernel", "l1/kernel"} and all(float(v) > 0 for v in new.values())
+    # the λs it returns raise the evidence
+    assert float(jaxl2.log_evidence(curv, params, new)) > float(jaxl2.log_evidence(curv, params, 0.1))
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda p, x, y: jaxl2.ggn(mlp, p, x, y, structure="kron"), "structure must be one of full, diag"),
+        (lambda p, x, y: jaxl2.ggn(mlp, p, x, y, likelihood="poisson"), "likelihood must be one of"),
+        (lambda p, x, y: jaxl2.ggn(mlp, p, x, y, likelihood="gaussian", sigma=0.0), "sigma"),
+        (lambda p, x, y: jaxl2.ggn(mlp, p, x, y, batch_size=0), "batch_size must be"),
+        (lambda p, x, y: jaxl2.ggn(p, p, x, y), "apply_fn must be a function"),
+        (lambda p, x, y: jaxl2.ggn(mlp, p, x, y, select="nothing"), "matched no parameter"),
+        (lambda p, x, y: jaxl2.log_evidence(p, p, 0.1), "curvature must be what jaxl2.ggn returns"),
+        (
+            lambda p, x, y: jaxl2.log_evidence(jaxl2.ggn(mlp, p, x, y), p, 0.1, select=".*l0/kernel"),
+            r"the curvature is of the leaves l0/kernel, l1/kernel, but this selection picks l0/kernel",
+        ),
+        (
+            lambda p, x, y: jaxl2.log_evidence(jaxl2.ggn(mlp, p, x, y), p, {"l0.*": 0.1, "l1.*": 0.0}),
+            r"needs λ > 0 on every selected leaf .* 'l1/kernel' has λ 0.0",
+        ),
+        (lambda p, x, y: jaxl2.evidence_l2(jaxl2.ggn(mlp, p, x, y), p, 0.1, method="newton"), "method"),
+        (lambda p, x, y: jaxl2.evidence_l2(jaxl2.ggn(mlp, p, x, y), p, 0.1, steps=0), "steps must be"),
+    ],
+)
+def test_bad_arguments_are_named(call, match):
+    params, x, y = tiny_mlp()
+    with pytest.raises(jaxl2.Jaxl2Error, match=match):
+        call(params, x, y)
