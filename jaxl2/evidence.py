@@ -210,9 +210,8 @@ def ggn(
     if rest:
         h_r, ll_r = batch(x[whole * size :], y[whole * size :])
         h, ll = h + h_r, ll + ll_r
-    if structure == "diag":
-        h = tuple(unravel(h))
-    return Curvature(ll, h, int(n), tuple(paths), structure)
+    blocks = tuple(unravel(h)) if structure == "diag" else h
+    return Curvature(ll, blocks, int(n), tuple(paths), structure)
 
 
 def _check_curvature(curvature: Any, params: Any, select: _select.Selector) -> list[Any]:

@@ -6,7 +6,7 @@ import re
 import pytest
 
 from jaxl2.mnist.cli import build_parser
-from jaxl2.mnist.config import Config, RunSettings, SweepSettings, field_docs
+from jaxl2.mnist.config import Config, ConfigError, RunSettings, SweepSettings, field_docs
 
 
 @dataclasses.dataclass
@@ -84,3 +84,15 @@ def test_each_flag_s_help_is_its_field_s_comment(command, settings, own, monkeyp
     if command == "sweep":
         assert field_docs(SweepSettings)["l2s"] in shown["--l2"]
         assert "--l2-init" not in shown
+
+
+def test_settings_of_another_type_name_the_fields_before_anything_runs(tmp_path):
+    from jaxl2.mnist import train_and_evaluate, train_sweep
+
+    with pytest.raises(
+        ConfigError, match=r"settings must be a SweepSettings \(its fields: l2s, seeds, .*got list"
+    ):
+        train_sweep(Config(), [0.0, 1e-3], str(tmp_path / "s"))
+    with pytest.raises(ConfigError, match=r"settings must be a RunSettings \(its fields: refit, .*got dict"):
+        train_and_evaluate(Config(), str(tmp_path / "r"), {"refit": False})
+    assert not list(tmp_path.iterdir())

@@ -42,6 +42,7 @@ __all__ = [
     "RunSettings",
     "SweepSettings",
     "field_docs",
+    "settings_of",
     "field",
     "validate",
     "INPUT_DIM",
@@ -244,6 +245,19 @@ class SweepSettings:
     checkpoint_every: int | None = None
     # bytes the members trained at once may take (default: the machine's available memory)
     budget_bytes: int | None = None
+
+
+def settings_of(value: Any, cls: type) -> Any:
+    """``value`` if it is a ``cls`` (:class:`RunSettings` or :class:`SweepSettings`), the defaults
+    for ``None``; anything else is a :class:`ConfigError` that names the fields to pass."""
+    if value is None:
+        return cls()
+    if not isinstance(value, cls):
+        names = ", ".join(f.name for f in dataclasses.fields(cls))
+        raise ConfigError(
+            f"settings must be a {cls.__name__} (its fields: {names}), got {type(value).__name__} {value!r:.60}"
+        )
+    return value
 
 
 def field_docs(cls: type) -> dict[str, str]:

@@ -37,6 +37,7 @@ from jaxl2.mnist.config import (
     ConfigError,
     RunSettings,
     field,
+    settings_of,
     validate,
 )
 from jaxl2.mnist.loop import (
@@ -177,7 +178,7 @@ def train_and_evaluate(
       DiskFull: a file of the run could not be written (no space, a quota, a read-only file
         system); the last complete checkpoint and ``config.json`` are kept for the resume.
     """
-    settings = RunSettings() if settings is None else settings
+    settings = settings_of(settings, RunSettings)
     refit, refit_epochs, checkpoint_every = settings.refit, settings.refit_epochs, settings.checkpoint_every
     SaveRule(checkpoint_every)  # checks it before anything is loaded
     if refit:

@@ -34,7 +34,16 @@ import numpy as np
 from jaxl2 import __version__
 from jaxl2.mnist import refit as _refit
 from jaxl2.mnist import sigint, sweepdir
-from jaxl2.mnist.config import OPTIMIZERS, SEED_LIMIT, Config, ConfigError, SweepSettings, field, validate
+from jaxl2.mnist.config import (
+    OPTIMIZERS,
+    SEED_LIMIT,
+    Config,
+    ConfigError,
+    SweepSettings,
+    field,
+    settings_of,
+    validate,
+)
 from jaxl2.mnist.data import Dataset
 from jaxl2.mnist.loop import (
     Best,
@@ -321,7 +330,7 @@ def train_sweep(
     the available memory) bounds the members trained at once; the rest go in later chunks.
     ``on_epoch(label, epoch, epochs)`` follows the progress (``label`` names the chunk or refit).
     """
-    settings = SweepSettings() if settings is None else settings
+    settings = settings_of(settings, SweepSettings)
     execution, refit, refit_epochs = settings.execution, settings.refit, settings.refit_epochs
     checkpoint_every = settings.checkpoint_every
     if execution not in EXECUTIONS:
