@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-ENV4 = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+ENV4 = {**os.environ, "XLA_FLAGS": os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=4"}
 
 SCRIPT = r"""
 import json, sys, jax, numpy as np
@@ -102,7 +102,7 @@ def free_port():
 
 def start_two(command):
     """``command(port, i)`` as processes 0 and 1 of one distributed job, 2 CPU devices each."""
-    env2 = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env2 = {**os.environ, "XLA_FLAGS": os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=2"}
     port = free_port()
     return [
         subprocess.Popen(

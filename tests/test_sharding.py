@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-ENV8 = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+ENV8 = {**os.environ, "XLA_FLAGS": os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=8"}
 
 SCRIPT = r"""
 import json, re
