@@ -227,8 +227,11 @@ def _check_curvature(curvature: Any, params: Any, select: _select.Selector) -> l
     return [leaves[i] for i in idx]
 
 
-def _precisions(curvature: Curvature, params: Any, l2: Any, select: _select.Selector) -> list[jax.Array]:
-    """``α = n·λ`` of every selected leaf, broadcast to its shape."""
+def _precisions(
+    curvature: Curvature, params: Any, l2: Any, select: _select.Selector, leaves: list[Any]
+) -> list[jax.Array]:
+    """``α = n·λ`` of every selected leaf (``leaves``, in the order of ``curvature.paths``),
+    broadcast to its shape."""
     flat = jax.tree_util.tree_flatten_with_path(coefficients(params, l2, select=select))[0]
     lams = {_select.path_str(kp): lam for kp, lam in flat}
     for p in curvature.paths:
@@ -237,10 +240,9 @@ def _precisions(curvature: Curvature, params: Any, l2: Any, select: _select.Sele
                 f"the evidence needs λ > 0 on every selected leaf (a prior of precision 0 has no density), "
                 f"but {p!r} has λ {lams[p]!r}; narrow select= (the leaves of jaxl2.ggn) or give it a λ"
             )
-    chosen = dict(_select.resolve(params, select))
     return [
-        curvature.n * jnp.broadcast_to(jnp.asarray(lams[p], chosen[p].dtype), chosen[p].shape)
-        for p in curvature.paths
+        curvature.n * jnp.broadcast_to(jnp.asarray(lams[p], w.dtype), w.shape)
+        for p, w in zip(curvature.paths, leaves)
     ]
 
 
@@ -252,11 +254,13 @@ def _deviations(params: Any, center: Any, select: _select.Selector, leaves: list
 
 
 def _parts(curvature: Curvature, params: Any, l2: Any, select: Any, center: Any) -> tuple[Any, Any, Any]:
-    """The flat ``α`` (P,), ``w − w₀`` (P,), and ``diag((H + A)⁻¹)`` (P,) with ``log det(H + A)``."""
+    """The flat ``α`` (P,) and ``w − w₀`` (P,), and the layer of each entry (P,): 0 for the
+    first selected path."""
     leaves = _check_curvature(curvature, params, select)
-    alpha = jnp.concatenate([a.ravel() for a in _precisions(curvature, params, l2, select)])
+    alpha = jnp.concatenate([a.ravel() for a in _precisions(curvature, params, l2, select, leaves)])
     dw = jnp.concatenate([d.ravel() for d in _deviations(params, center, select, leaves)])
-    return alpha, dw, leaves
+    layer = jnp.concatenate([jnp.full((w.size,), i, jnp.int32) for i, w in enumerate(leaves)])
+    return alpha, dw, layer
 
 
 def _occam(curvature: Curvature, alpha: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -296,12 +300,6 @@ def log_evidence(
     )
 
 
-def _segments(curvature: Curvature, params: Any, select: Any) -> jax.Array:
-    """The layer of each flat entry: ``(P,)`` integers, 0 for the first selected path."""
-    chosen = dict(_select.resolve(params, select))
-    return jnp.concatenate([jnp.full((chosen[p].size,), i, jnp.int32) for i, p in enumerate(curvature.paths)])
-
-
 def evidence_l2(
     curvature: Curvature,
     params: Any,
@@ -330,8 +328,7 @@ def evidence_l2(
     if not (isinstance(steps, int) and steps >= 1):
         raise Jaxl2Error(f"steps must be an integer >= 1, got {steps!r}")
     lo, hi = bounds
-    alpha, dw, _ = _parts(curvature, params, l2, select, center)
-    seg = _segments(curvature, params, select)
+    alpha, dw, seg = _parts(curvature, params, l2, select, center)
     layers = len(curvature.paths)
     per_layer = jax.ops.segment_max(alpha, seg, layers) / curvature.n
     log_lam = jnp.log(jnp.clip(per_layer, lo, hi))
