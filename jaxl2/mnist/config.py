@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import io
 import math
@@ -269,6 +270,12 @@ def field_docs(cls: type) -> dict[str, str]:
       >>> field_docs(Config)["seed"]
       'init and shuffling seed'
     """
+    return dict(_read_field_docs(cls))
+
+
+@functools.cache
+def _read_field_docs(cls: type) -> dict[str, str]:
+    """:func:`field_docs`, read once per class (the parser asks for each flag's)."""
     try:
         source = textwrap.dedent(inspect.getsource(cls))
     except (OSError, TypeError):
