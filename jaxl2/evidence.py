@@ -67,7 +67,7 @@ from jaxl2.rules import is_traced
 __all__ = ["Curvature", "ggn", "log_evidence", "evidence_l2", "LIKELIHOODS", "STRUCTURES"]
 
 LIKELIHOODS = ("classification", "gaussian")
-STRUCTURES = ("full", "diag")
+STRUCTURES = ("full", "diag", "kron")
 METHODS = ("mackay", "adam")
 
 
@@ -81,8 +81,17 @@ class Curvature:
     """What :func:`ggn` measured at one set of params: ``log p(D | w)``, the GGN ``H`` of the
     summed negative log-likelihood over the selected leaves (``"full"``: a ``(P, P)`` matrix in
     the order of ``paths``, each leaf raveled; ``"diag"``: a tuple of arrays, one per path, of
-    the leaves' shapes), ``n`` (the examples) and the selected ``paths``. A pytree: it passes
-    through ``jit``."""
+    the leaves' shapes; ``"kron"``: a tuple of pairs ``(A, G)``, one per path, with the leaf's
+    block ``H_l ≈ A ⊗ G`` on the leaf raveled row-major, K-FAC's factors), ``n`` (the examples)
+    and the selected ``paths``. A pytree: it passes through ``jit``.
+
+    ``"kron"`` needs each layer's inputs, which an ``apply_fn`` does not expose, so :func:`ggn`
+    does not compute it: for a Dense kernel ``(d_in, d_out)`` with inputs ``a_i`` and
+    ``b_ic = ∂f_ic/∂z_i`` (``z`` its output), ``A = Σ_i a_i a_iᵀ / n`` and
+    ``G = Σ_i Σ_c p_ic·b_ic b_icᵀ − μ_i μ_iᵀ`` with ``μ_i = Σ_c p_ic·b_ic`` (a bias: ``A = [[1]]``
+    and the same ``G``, which is then exact); build ``Curvature(log_likelihood, ((A, G), ...),
+    n, paths, "kron")`` (:mod:`jaxl2.mnist.evidence` does, for its MLP). The evidence then needs
+    one λ per leaf (``A`` is isotropic in each factor's eigenbasis only then)."""
 
     log_likelihood: jax.Array
     ggn: Any
@@ -131,10 +140,14 @@ def _check_ggn_args(apply_fn: Any, likelihood: Any, structure: Any, sigma: Any, 
         raise Jaxl2Error(f"apply_fn must be a function apply_fn(params, x), got {type(apply_fn).__name__}")
     if likelihood not in LIKELIHOODS:
         raise Jaxl2Error(f"likelihood must be one of {', '.join(LIKELIHOODS)}, got {likelihood!r}")
+    if structure == "kron":
+        raise Jaxl2Error(
+            "structure 'kron' needs each layer's inputs, which apply_fn does not expose: build "
+            "Curvature(log_likelihood, ((A, G), ...), n, paths, 'kron') from them (jaxl2.Curvature says how)"
+        )
     if structure not in STRUCTURES:
         raise Jaxl2Error(
-            f"structure must be one of {', '.join(STRUCTURES)} (full: the exact GGN, P×P; diag: its exact "
-            f"diagonal), got {structure!r}"
+            f"structure must be one of full (the exact GGN, P×P) or diag (its exact diagonal), got {structure!r}"
         )
     if not (isinstance(sigma, int | float) and not isinstance(sigma, bool) and 0 < sigma < math.inf):
         raise Jaxl2Error(f"sigma (the Gaussian noise scale) must be a finite number > 0, got {sigma!r}")
@@ -224,7 +237,20 @@ def _check_curvature(curvature: Any, params: Any, select: _select.Selector) -> l
             f"the curvature is of the leaves {', '.join(curvature.paths)}, but this selection picks "
             f"{', '.join(paths)}: pass the select= that jaxl2.ggn had"
         )
-    return [leaves[i] for i in idx]
+    chosen = [leaves[i] for i in idx]
+    if curvature.structure == "kron":
+        for path, w, pair in zip(paths, chosen, curvature.ggn):
+            if not (isinstance(pair, tuple | list) and len(pair) == 2):
+                raise Jaxl2Error(
+                    f"a kron curvature holds a pair (A, G) per leaf; {path!r} has {type(pair).__name__}"
+                )
+            a, g = (np.shape(f) for f in pair)
+            if len(a) != 2 or len(g) != 2 or a[0] != a[1] or g[0] != g[1] or a[0] * g[0] != w.size:
+                raise Jaxl2Error(
+                    f"the kron factors of {path!r} are {a} and {g}: they need to be square, with sizes "
+                    f"whose product is the leaf's {w.size} entries (shape {tuple(w.shape)})"
+                )
+    return chosen
 
 
 def _precisions(
@@ -264,7 +290,16 @@ def _parts(curvature: Curvature, params: Any, l2: Any, select: Any, center: Any)
 
 
 def _occam(curvature: Curvature, alpha: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``log det(H + A)`` and the diagonal of ``(H + A)⁻¹``."""
+    """``log det(H + A)`` and the diagonal of ``(H + A)⁻¹`` (``"kron"``: the diagonal in the
+    factors' eigenbasis, which has the same sum per leaf, all that MacKay's ``γ`` reads)."""
+    if curvature.structure == "kron":  # eigenvalues of A ⊗ G + αI: a_j·g_k + α, α one per leaf
+        logdet, inverses, start = jnp.zeros((), alpha.dtype), [], 0
+        for a, g in curvature.ggn:
+            s = jnp.outer(jnp.linalg.eigvalsh(a), jnp.linalg.eigvalsh(g)).ravel()
+            post = jnp.maximum(s, 0) + alpha[start]  # round-off can leave eigenvalues just below 0
+            logdet, start = logdet + jnp.sum(jnp.log(post)), start + s.size
+            inverses.append(1 / post)
+        return logdet, jnp.concatenate(inverses)
     if curvature.structure == "full":
         chol = jnp.linalg.cholesky(curvature.ggn + jnp.diag(alpha))
         inv = jax.scipy.linalg.cho_solve((chol, True), jnp.eye(alpha.size, dtype=alpha.dtype))

@@ -194,10 +194,58 @@ def test_under_jit_and_with_a_center():
     assert float(jaxl2.log_evidence(curv, params, new)) > float(jaxl2.log_evidence(curv, params, 0.1))
 
 
+def test_kron_equals_full_where_the_ggn_is_a_kronecker_product():
+    """Multi-output linear regression: H = XᵀX ⊗ I/σ² exactly, so the K-FAC evidence, its MacKay
+    λ and its gradient equal those of the full GGN (float64)."""
+    rng = np.random.default_rng(3)
+    n, d_in, d_out, sigma = 30, 4, 3, 0.4
+    x = rng.normal(size=(n, d_in)) * np.linspace(0.5, 2.0, d_in)
+    y = x @ rng.normal(size=(d_in, d_out)) + sigma * rng.normal(size=(n, d_out))
+    params = {"dense": {"kernel": jnp.asarray(rng.normal(size=(d_in, d_out))), "bias": jnp.zeros(d_out)}}
+    full = jaxl2.ggn(linear, params, x, y, likelihood="gaussian", sigma=sigma, structure="full")
+    pair = (jnp.asarray(x.T @ x), jnp.eye(d_out) / sigma**2)
+    kron = jaxl2.Curvature(full.log_likelihood, (pair,), full.n, full.paths, "kron")
+    np.testing.assert_allclose(full.ggn, np.kron(*pair), rtol=1e-12)  # the premise
+    for lam in (1e-3, 0.1, 2.0):
+        assert float(jaxl2.log_evidence(kron, params, lam)) == pytest.approx(
+            float(jaxl2.log_evidence(full, params, lam)), rel=1e-10
+        )
+    a, b = (jaxl2.evidence_l2(c, params, 0.1, steps=30)["dense/kernel"] for c in (kron, full))
+    assert float(a) == pytest.approx(float(b), rel=1e-10)
+    ga, gb = (
+        jax.grad(lambda t, c=c: jaxl2.log_evidence(c, params, jnp.exp(t)))(jnp.log(0.1)) for c in (kron, full)
+    )
+    assert float(ga) == pytest.approx(float(gb), rel=1e-9)
+
+
 @pytest.mark.parametrize(
     "call, match",
     [
-        (lambda p, x, y: jaxl2.ggn(mlp, p, x, y, structure="kron"), "structure must be one of full, diag"),
+        (
+            lambda p, x, y: jaxl2.ggn(mlp, p, x, y, structure="kron"),
+            "structure 'kron' needs each layer's inputs",
+        ),
+        (lambda p, x, y: jaxl2.ggn(mlp, p, x, y, structure="block"), "structure must be one of full"),
+        (
+            lambda p, x, y: jaxl2.log_evidence(
+                jaxl2.Curvature(
+                    0.0,
+                    ((np.eye(3), np.eye(3)), (np.eye(4), np.eye(3))),
+                    5,
+                    ("l0/kernel", "l1/kernel"),
+                    "kron",
+                ),
+                p,
+                0.1,
+            ),
+            r"the kron factors of 'l0/kernel' are \(3, 3\) and \(3, 3\): .* the leaf's 12 entries",
+        ),
+        (
+            lambda p, x, y: jaxl2.log_evidence(
+                jaxl2.Curvature(0.0, (np.eye(3), np.eye(4)), 5, ("l0/kernel", "l1/kernel"), "kron"), p, 0.1
+            ),
+            "a kron curvature holds a pair",
+        ),
         (lambda p, x, y: jaxl2.ggn(mlp, p, x, y, likelihood="poisson"), "likelihood must be one of"),
         (lambda p, x, y: jaxl2.ggn(mlp, p, x, y, likelihood="gaussian", sigma=0.0), "sigma"),
         (lambda p, x, y: jaxl2.ggn(mlp, p, x, y, batch_size=0), "batch_size must be"),
