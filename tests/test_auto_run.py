@@ -85,11 +85,14 @@ def test_auto_run_writes_lambdas_and_resumes_exactly(tmp_path):
 @pytest.mark.parametrize(
     "changes, match",
     [
-        ({"l2": "automatic"}, "l2 'automatic' is invalid (a number >= 0, REGEX=λ entries, or auto)"),
-        ({"l2_init": 1e-3}, "l2_init is a setting of l2 auto, which this run does not use (l2 0.001)"),
+        ({"l2": "automatic"}, "l2 'automatic' is invalid (a number >= 0, REGEX=λ entries, auto or evidence)"),
+        (
+            {"l2_init": 1e-3},
+            "l2_init is a setting of l2 auto or evidence, which this run does not use (l2 0.001)",
+        ),
         (
             {"l2": "auto", "l2_init": 0.0},
-            "l2_init 0.0 is invalid (the starting λ of auto, a number from 1e-08",
+            "l2_init 0.0 is invalid (the starting λ of auto and evidence, a number from 1e-08",
         ),
         ({"l2": "auto", "l2_every": 0}, "l2_every 0 is invalid (training steps per λ update"),
         ({"l2": "auto", "l2_lr": -1.0}, "l2_lr -1.0 is invalid"),
@@ -126,7 +129,10 @@ def test_config_accepts_auto_and_round_trips_through_json():
         ),
         (["train", "--l2-every", "8"], "--l2-every is a setting of --l2 auto, which this run does not use"),
         (["train", "--l2", "auto", "--l2-init", "2"], "--l2-init 2.0 is invalid (the starting λ of auto"),
-        (["train", "--l2", "autox"], "--l2 'autox' is neither a number, PATTERN=λ[,PATTERN=λ...] nor auto"),
+        (
+            ["train", "--l2", "autox"],
+            "--l2 'autox' is neither a number, PATTERN=λ[,PATTERN=λ...], auto nor evidence",
+        ),
     ],
 )
 def test_command_refuses_bad_auto_combinations_in_one_line(tmp_path, capsys, argv, match):

@@ -6,7 +6,7 @@ import re
 import pytest
 
 from jaxl2.mnist.cli import build_parser
-from jaxl2.mnist.config import Config, ConfigError, RunSettings, SweepSettings, field_docs
+from jaxl2.mnist.config import EVIDENCE_DEFAULTS, Config, ConfigError, RunSettings, SweepSettings, field_docs
 
 
 @dataclasses.dataclass
@@ -76,14 +76,14 @@ def _as_flags(text):
 )
 def test_each_flag_s_help_is_its_field_s_comment(command, settings, own, monkeypatch, capsys):
     shown = _help_lines(command, monkeypatch, capsys)
-    auto_only = ("l2", "l2_init", "l2_every", "l2_lr") if command == "sweep" else ()
-    pairs = [(Config, f) for f in field_docs(Config) if f not in auto_only] + [(settings, f) for f in own]
+    train_only = ("l2", "l2_init", "l2_every", "l2_lr", *EVIDENCE_DEFAULTS) if command == "sweep" else ()
+    pairs = [(Config, f) for f in field_docs(Config) if f not in train_only] + [(settings, f) for f in own]
     for cls, name in pairs:
         flag = "--" + name.replace("_", "-")
         assert _as_flags(field_docs(cls)[name]) in shown[flag], flag
     if command == "sweep":
         assert field_docs(SweepSettings)["l2s"] in shown["--l2"]
-        assert "--l2-init" not in shown
+        assert "--l2-init" not in shown and "--evidence-every" not in shown
 
 
 def test_settings_of_another_type_name_the_fields_before_anything_runs(tmp_path):

@@ -9,6 +9,8 @@ One concern per module, arrows pointing down to the library (:mod:`jaxl2`):
 * :mod:`~jaxl2.mnist.model` — the Flax MLP; :mod:`~jaxl2.mnist.data` — the datasets;
 * :mod:`~jaxl2.mnist.steps` — the pure, jitted step, epoch and evaluation;
 * :mod:`~jaxl2.mnist.auto` — the trainer of ``l2="auto"`` (λ per layer, tuned during the run);
+* :mod:`~jaxl2.mnist.evidence` — the trainer of ``l2="evidence"`` (λ per layer from the Laplace
+  evidence, on train ∪ validation);
 * :mod:`~jaxl2.mnist.loop` — the one loop that ``train`` and ``sweep`` share;
 * :mod:`~jaxl2.mnist.run` — a run and its directory (:mod:`~jaxl2.mnist.rundir`);
   :mod:`~jaxl2.mnist.sweep` — many λ in one compiled program, and its directory
@@ -27,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load lazily below
     from jaxl2.mnist.auto import AutoTrainer as AutoTrainer
+    from jaxl2.mnist.evidence import EvidenceTrainer as EvidenceTrainer
     from jaxl2.mnist.config import Config as Config
     from jaxl2.mnist.config import ConfigError as ConfigError
     from jaxl2.mnist.config import RunSettings as RunSettings
@@ -57,6 +60,7 @@ _EXPORTS: dict[str, str | tuple[str, str]] = {
     "Trainer": "jaxl2.mnist.steps",
     "TrainState": "jaxl2.mnist.steps",
     "AutoTrainer": "jaxl2.mnist.auto",
+    "EvidenceTrainer": "jaxl2.mnist.evidence",
     "load_data": ("jaxl2.mnist.data", "load"),
     "make_mesh": "jaxl2.mnist.parallel",
     "train_and_evaluate": "jaxl2.mnist.run",

@@ -145,7 +145,12 @@ class AutoTrainer(Trainer):
 
 
 def trainer_for(cfg: Config, num_train: int, *, mesh: Any = None) -> Trainer:
-    """:class:`AutoTrainer` for ``l2="auto"``, else :class:`~jaxl2.mnist.steps.Trainer`."""
+    """:class:`AutoTrainer` for ``l2="auto"``, :class:`~jaxl2.mnist.evidence.EvidenceTrainer` for
+    ``l2="evidence"``, else :class:`~jaxl2.mnist.steps.Trainer`."""
+    if cfg.l2_evidence:
+        from jaxl2.mnist.evidence import EvidenceTrainer
+
+        return EvidenceTrainer(cfg, num_train, mesh=mesh)
     return (AutoTrainer if cfg.l2_auto else Trainer)(cfg, num_train, mesh=mesh)
 
 

@@ -62,6 +62,9 @@ __all__ = [
     "AUTO",
     "AUTO_DEFAULTS",
     "AUTO_L2_BOUNDS",
+    "EVIDENCE",
+    "EVIDENCE_DEFAULTS",
+    "EVIDENCE_CURVATURES",
 ]
 
 INPUT_DIM = 784  # 28×28 pixels
@@ -84,6 +87,12 @@ AUTO = "auto"  # l2 = "auto": one λ per selected layer, tuned during the run (j
 # The fields that only l2 = "auto" reads, with their defaults (jaxl2.mnist.auto says why).
 AUTO_DEFAULTS: dict[str, Any] = {"l2_init": 1e-4, "l2_every": 4, "l2_lr": 0.02}
 AUTO_L2_BOUNDS = (1e-8, 1.0)  # the λs stay within them (jaxl2.auto_l2's bounds)
+# l2 = "evidence": one λ per selected leaf, chosen during the run by the Laplace evidence on all
+# of train ∪ validation (jaxl2.mnist.evidence); it starts at l2_init, as auto does
+EVIDENCE = "evidence"
+# The fields that only l2 = "evidence" reads, with their defaults (jaxl2.mnist.evidence says why).
+EVIDENCE_DEFAULTS: dict[str, Any] = {"evidence_every": 5, "evidence_steps": 5, "evidence_curvature": "kron"}
+EVIDENCE_CURVATURES = ("kron", "diag")
 
 
 class Optimizer(NamedTuple):
@@ -135,10 +144,13 @@ class Config:
     """Everything a run depends on; the defaults are the tuned ``mnist5k`` recipe.
 
     ``lr=None`` means the optimizer's own default (:data:`OPTIMIZERS`); :func:`validate`
-    fills it in. ``l2`` is a λ, an ordered ``{regex: λ}`` mapping, or ``"auto"``: one λ per
+    fills it in. ``l2`` is a λ, an ordered ``{regex: λ}`` mapping, ``"auto"``: one λ per
     selected layer, starting at ``l2_init`` and tuned during the run by a hypergradient step
     on a validation batch every ``l2_every`` training steps (Adam, with one second moment for
-    all layers, on ``ln λ`` with learning rate ``l2_lr``; see :mod:`jaxl2.mnist.auto`).
+    all layers, on ``ln λ`` with learning rate ``l2_lr``; see :mod:`jaxl2.mnist.auto`), or
+    ``"evidence"``: one λ per selected leaf, starting at ``l2_init``, set every
+    ``evidence_every`` epochs by ``evidence_steps`` MacKay updates of the Laplace evidence, the
+    run training on train ∪ validation (see :mod:`jaxl2.mnist.evidence`).
     """
 
     # -- data
@@ -154,12 +166,22 @@ class Config:
     # order against paths like params/Dense_0/kernel (first full match wins); or auto: one λ per
     # selected kernel, tuned during the run by the hypergradient of the validation loss through
     # one optimizer step (Luketina et al., ICML 2016) on a validation batch every `l2_every`
-    # steps; the λs go to metrics.jsonl (l2/PATH), lambda.png and the summary
+    # steps; or evidence: one λ per selected leaf, set every `evidence_every` epochs by the Laplace
+    # evidence of all the training data, training on train ∪ validation with no refit; the λs go
+    # to metrics.jsonl (l2/PATH), lambda.png and the summary
     l2: float | Mapping[str, float] | str = 1e-3
-    l2_init: float = AUTO_DEFAULTS["l2_init"]  # with `l2` auto: every layer's starting λ
+    l2_init: float = AUTO_DEFAULTS["l2_init"]  # with `l2` auto or evidence: every layer's starting λ
     # with `l2` auto: training steps per λ update, each on one validation batch of `batch_size` examples
     l2_every: int = AUTO_DEFAULTS["l2_every"]
     l2_lr: float = AUTO_DEFAULTS["l2_lr"]  # with `l2` auto: Adam's learning rate on ln λ
+    # with `l2` evidence: epochs between λ updates (the first after epoch `evidence_every`), each
+    # from the exact Gauss-Newton diagonal over all training examples
+    evidence_every: int = EVIDENCE_DEFAULTS["evidence_every"]
+    # with `l2` evidence: MacKay fixed-point iterations per update, at that epoch's params
+    evidence_steps: int = EVIDENCE_DEFAULTS["evidence_steps"]
+    # with `l2` evidence: the Gauss-Newton's structure, kron (K-FAC factors per layer) or diag
+    # (its exact diagonal)
+    evidence_curvature: str = EVIDENCE_DEFAULTS["evidence_curvature"]
     # the leaves the penalty covers: kernels (default: every Dense kernel, no biases) or a regex
     # over paths like params/Dense_0/kernel
     select: str | None = None
@@ -204,6 +226,11 @@ class Config:
     def l2_auto(self) -> bool:
         """Whether λ is tuned during the run (``l2="auto"``)."""
         return isinstance(self.l2, str) and self.l2 == AUTO
+
+    @property
+    def l2_evidence(self) -> bool:
+        """Whether λ is chosen by the evidence during the run (``l2="evidence"``)."""
+        return isinstance(self.l2, str) and self.l2 == EVIDENCE
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(Config))
@@ -328,8 +355,10 @@ def _check_l2(l2: Any) -> None:
             )
 
     if isinstance(l2, str):
-        if l2 != AUTO:
-            raise ConfigError(f"{field('l2')} {l2!r} is invalid (a number >= 0, REGEX=λ entries, or {AUTO})")
+        if l2 not in (AUTO, EVIDENCE):
+            raise ConfigError(
+                f"{field('l2')} {l2!r} is invalid (a number >= 0, REGEX=λ entries, {AUTO} or {EVIDENCE})"
+            )
     elif isinstance(l2, Mapping):
         if not l2:
             raise ConfigError(f"{field('l2')} is an empty mapping (give REGEX=λ entries)")
@@ -348,20 +377,36 @@ def _check_l2(l2: Any) -> None:
 
 
 def _check_auto(cfg: Config) -> None:
-    """``l2_init``, ``l2_every`` and ``l2_lr``: valid, and changed only with ``l2 auto``."""
+    """``l2_init``, ``l2_every``, ``l2_lr`` and the evidence's settings: valid, and changed only
+    with the ``l2`` that reads them."""
     lo, hi = AUTO_L2_BOUNDS
     if not (_is_real(cfg.l2_init) and lo <= cfg.l2_init <= hi):
-        raise _bad("l2_init", cfg.l2_init, f"the starting λ of {AUTO}, a number from {lo:g} to {hi:g}")
+        raise _bad(
+            "l2_init", cfg.l2_init, f"the starting λ of {AUTO} and {EVIDENCE}, a number from {lo:g} to {hi:g}"
+        )
     if not (_is_int(cfg.l2_every) and cfg.l2_every >= 1):
         raise _bad("l2_every", cfg.l2_every, "training steps per λ update, an integer >= 1")
     if not (_is_real(cfg.l2_lr) and cfg.l2_lr > 0):
         raise _bad("l2_lr", cfg.l2_lr, "Adam's learning rate on ln λ, a finite number > 0")
-    changed = [f for f, v in AUTO_DEFAULTS.items() if getattr(cfg, f) != v]
-    if changed and not cfg.l2_auto:
-        raise ConfigError(
-            f"{field(changed[0])} is a setting of {field('l2')} {AUTO}, which this run does not use "
-            f"({field('l2')} {cfg.l2}); add {field('l2')} {AUTO} or drop {field(changed[0])}"
-        )
+    for name in ("evidence_every", "evidence_steps"):
+        if not (_is_int(getattr(cfg, name)) and getattr(cfg, name) >= 1):
+            what = "epochs per λ update" if name == "evidence_every" else "MacKay iterations per λ update"
+            raise _bad(name, getattr(cfg, name), f"{what}, an integer >= 1")
+    if cfg.evidence_curvature not in EVIDENCE_CURVATURES:
+        raise _unknown("evidence_curvature", cfg.evidence_curvature, EVIDENCE_CURVATURES)
+    readers = [
+        (AUTO, cfg.l2_auto, {k: v for k, v in AUTO_DEFAULTS.items() if k != "l2_init"}),
+        (EVIDENCE, cfg.l2_evidence, EVIDENCE_DEFAULTS),
+        (f"{AUTO} or {EVIDENCE}", cfg.l2_auto or cfg.l2_evidence, {"l2_init": AUTO_DEFAULTS["l2_init"]}),
+    ]
+    for which, used, defaults in readers:
+        changed = [f for f, v in defaults.items() if getattr(cfg, f) != v]
+        if changed and not used:
+            add = which.split(" or ")[0]
+            raise ConfigError(
+                f"{field(changed[0])} is a setting of {field('l2')} {which}, which this run does not use "
+                f"({field('l2')} {cfg.l2}); add {field('l2')} {add} or drop {field(changed[0])}"
+            )
 
 
 def _check_decay(cfg: Config) -> None:
@@ -374,9 +419,10 @@ def _check_decay(cfg: Config) -> None:
             f"{field('weight_decay')} is decay in the optimizer, for {field('optimizer')} {takers} only "
             f"(use {field('l2')} with {cfg.optimizer})"
         )
-    if cfg.weight_decay and cfg.l2_auto:
+    if cfg.weight_decay and (cfg.l2_auto or cfg.l2_evidence):
+        which = cfg.l2
         raise ConfigError(
-            f"{field('weight_decay')} with {field('l2')} {AUTO}: {AUTO} tunes the penalty's λ per layer, "
+            f"{field('weight_decay')} with {field('l2')} {which}: {which} tunes the penalty's λ per layer, "
             f"and decay in the optimizer would regularize too, untuned (set {field('weight_decay')} 0, "
             f"or give a fixed {field('l2')})"
         )

@@ -110,10 +110,19 @@ def diverged_message(cfg: Config, l2: Any, epoch: int, step: int, steps_per_epoc
 class Best:
     """The best validation accuracy so far, its epoch and its params: scalars for one run,
     arrays of K for stacked members (``keep(best, params, better)`` picks per member).
-    Ties go to the later epoch."""
+    Ties go to the later epoch. ``latest=True`` keeps every epoch's instead (a run whose
+    validation split is part of its training data has nothing held out to choose by)."""
 
-    def __init__(self, params: Any, keep: Callable[[Any, Any, Any], Any], val: Any = -1.0, epoch: Any = 0):
-        self.params, self.keep = params, keep
+    def __init__(
+        self,
+        params: Any,
+        keep: Callable[[Any, Any, Any], Any],
+        val: Any = -1.0,
+        epoch: Any = 0,
+        *,
+        latest: bool = False,
+    ):
+        self.params, self.keep, self.latest = params, keep, latest
         self._set(np.asarray(val, np.float64), np.asarray(epoch, np.int64))
 
     def _set(self, val: np.ndarray, epoch: np.ndarray) -> None:
@@ -123,7 +132,7 @@ class Best:
 
     def update(self, epoch: int, val_accuracy: Any, params: Any) -> None:
         val_accuracy = np.asarray(val_accuracy, np.float64)
-        better = val_accuracy >= self.val
+        better = (val_accuracy >= self.val) | self.latest
         self._set(np.where(better, val_accuracy, self.val), np.where(better, epoch, self.epoch))
         self.params = self.keep(self.params, params, better)
 

@@ -105,8 +105,9 @@ def sweep(rows: Sequence[dict[str, Any]], selected_l2: float, path: str, title: 
 
 
 def lambdas(rows: Sequence[dict[str, Any]], path: str, title: str = "") -> list[str]:
-    """Writes ``path``: each layer's λ (the ``l2/PATH`` columns of ``l2 auto``'s
-    ``metrics.jsonl``) against epoch, on a log scale, with the best epoch marked.
+    """Writes ``path``: each layer's λ (the ``l2/PATH`` columns of ``l2 auto``'s or ``l2
+    evidence``'s ``metrics.jsonl``) against epoch, on a log scale, with the best epoch marked;
+    below it, with ``l2 evidence``, the log evidence of each λ update.
 
     Returns the layers drawn (their paths).
     """
@@ -119,13 +120,26 @@ def lambdas(rows: Sequence[dict[str, Any]], path: str, title: str = "") -> list[
     import matplotlib.pyplot as plt
 
     ep = [r["epoch"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 3.4), constrained_layout=True)
+    # the rows carry the last update's log evidence: one point per update
+    evidence = [(r["epoch"], r["log_evidence"]) for r in rows if r.get("log_evidence") is not None]
+    evidence = [pt for i, pt in enumerate(evidence) if i == 0 or pt[1] != evidence[i - 1][1]]
+    if evidence:
+        fig, (ax, ax_e) = plt.subplots(2, 1, figsize=(6, 5.4), sharex=True, constrained_layout=True)
+        ax_e.plot(*zip(*evidence), color="k", marker=".", lw=1)
+        ax_e.set_ylabel("log evidence (nats)")
+        ax_e.set_xlabel("epoch")
+    else:
+        fig, ax = plt.subplots(figsize=(6, 3.4), constrained_layout=True)
     for key in layers:
         ax.plot(ep, [r[key] for r in rows], label=key[len("l2/") :])
-    best = best_epoch(rows)
-    ax.axvline(best, color="k", ls=":", lw=1, label=f"best validation: epoch {best}")
+    if evidence:  # trained on train ∪ validation: the model is the last epoch's
+        ax.axvline(ep[-1], color="k", ls=":", lw=1, label=f"the model: epoch {ep[-1]}")
+    else:
+        best = best_epoch(rows)
+        ax.axvline(best, color="k", ls=":", lw=1, label=f"best validation: epoch {best}")
     ax.set_yscale("log")
-    ax.set_xlabel("epoch")
+    if not evidence:
+        ax.set_xlabel("epoch")
     ax.set_ylabel("λ (end of epoch)")
     ax.legend(fontsize=8)
     _whole_epochs(ax)

@@ -56,7 +56,9 @@ class RunSummary(Metrics):
     examples_per_second: float | None  # training examples per second of training
     device: str  # what trained it: platform, device kind, count
     out: str  # the run directory
-    l2_final: NotRequired[dict[str, float]]  # l2 "auto": each layer's last λ, by path
+    l2_final: NotRequired[dict[str, float]]  # l2 "auto" or "evidence": each layer's last λ, by path
+    # l2 "evidence": the Laplace log evidence (nats) at the last λ update (None if there was none)
+    log_evidence: NotRequired[float | None]
     # with a refit: Refit's keys, and the rule its epochs followed (all or best)
     refit_epochs: NotRequired[int]
     refit_examples: NotRequired[int]

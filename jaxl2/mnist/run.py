@@ -184,6 +184,8 @@ def train_and_evaluate(
     if refit:
         _refit_mod.refit_epochs(refit_epochs, 1, 1)  # a bad rule fails before anything is done
     cfg, ds = load_and_check(cfg)
+    if cfg.l2_evidence:  # λ needs no held-out data: train on all of it, and nothing is left to refit
+        refit, ds = False, ds._replace(train=_refit_mod.train_val(ds))
     check_interrupt()
     mesh = _mesh(settings.devices, cfg.batch_size)
     primary = jax.process_index() == 0
@@ -294,7 +296,11 @@ def _train(job: _Job, resume: bool, on_start: Callable[[], None] | None) -> dict
     ckpt = Checkpoints(job.out, background=jax.process_count() == 1)
     state = parallel.replicate(trainer.init(), job.mesh)
     # host copies: best/ is saved without the mesh's sharding, so any process count restores it
-    best = Best(parallel.host(state.params), keep=lambda b, p, better: parallel.host(p) if better else b)
+    best = Best(
+        parallel.host(state.params),
+        keep=lambda b, p, better: parallel.host(p) if better else b,
+        latest=job.cfg.l2_evidence,  # its validation images are training data: the last epoch's
+    )
     start = 0
     if resume:
         start, state, best = _restore(job, ckpt, state, best)
@@ -311,7 +317,11 @@ def _restore(job: _Job, ckpt: Checkpoints, state: Any, best: Best) -> tuple[int,
         start, run = restored
         state = run["state"]
         best = Best(
-            parallel.host(run["best_params"]), best.keep, float(run["best_val"]), int(run["best_epoch"])
+            parallel.host(run["best_params"]),
+            best.keep,
+            float(run["best_val"]),
+            int(run["best_epoch"]),
+            latest=best.latest,
         )
     if job.primary:
         rewrite_metrics(job.metrics, upto_epoch=start)
@@ -387,13 +397,15 @@ def _summary(
 
         title = f"{cfg.dataset}, {cfg.optimizer}, λ="
         curves(rows, os.path.join(job.out, "curves.png"), title=f"{title}{cfg.l2}")
-        if cfg.l2_auto:
-            lambdas(rows, os.path.join(job.out, "lambda.png"), title=f"{title}auto")
+        if cfg.l2_auto or cfg.l2_evidence:
+            lambdas(rows, os.path.join(job.out, "lambda.png"), title=f"{title}{cfg.l2}")
     trained = (cfg.epochs - start) * trainer.steps_per_epoch * cfg.batch_size
     l2, auto = cfg.l2, {}
-    if cfg.l2_auto:  # the penalty of the best params with the λs of their epoch
+    if cfg.l2_auto or cfg.l2_evidence:  # the penalty of the best params with the λs of their epoch
         l2 = _auto.penalty_rules(_auto.l2_at(rows, best.epoch))
         auto = {"l2_final": trainer.lambdas(state)}
+    if cfg.l2_evidence:
+        auto["log_evidence"] = _finite(parallel.host(state.log_evidence))
     return {
         **member_summary(trainer.evaluate, best.params, job.ds, cfg, l2),
         **auto,
@@ -425,11 +437,17 @@ def _metrics_row(ep: Epoch, steps_per_epoch: int) -> dict[str, Any]:
         "epoch": ep.epoch,
         "step": ep.epoch * steps_per_epoch,
         # per-layer entries (l2/PATH, hypergrad/PATH of l2 auto) keep their own names
-        **{k if "/" in k else f"train_{k}": float(v) for k, v in ep.train.items()},
+        **{k if "/" in k else f"train_{k}": float(v) for k, v in ep.train.items() if k != "log_evidence"},
+        # l2 evidence: the log evidence of the last λ update (none before the first)
+        **({"log_evidence": _finite(ep.train["log_evidence"])} if "log_evidence" in ep.train else {}),
         "val_data_loss": float(ep.val["data_loss"]),
         "val_accuracy": float(ep.val["accuracy"]),
         "epoch_seconds": ep.seconds,
     }
+
+
+def _finite(v: Any) -> float | None:
+    return float(v) if np.isfinite(v) else None
 
 
 def _fixed_l2(cfg: Config, summary: dict[str, Any]) -> Config:

@@ -276,10 +276,11 @@ def _choose_execution(trainer, size, states, data, l2s) -> tuple[SweepTrainer, d
 
 def _check_members(cfg: Config, l2s: Sequence[Any], seeds: Sequence[Any]) -> tuple[list[float], list[int]]:
     """The sweep's λs (numbers, each once) and seeds (in range), or a :class:`ConfigError`."""
-    if cfg.l2_auto or any(isinstance(v, str) for v in l2s):
+    words = [v for v in (cfg.l2, *l2s) if isinstance(v, str)]
+    if words:
         raise ConfigError(
-            f"{field('l2')} auto tunes λ within one run (jaxl2 train), so a sweep, which trains fixed λ "
-            f"values, cannot take it; give numbers, e.g. {field('l2')} 0,1e-4,1e-3"
+            f"{field('l2')} {words[0]} tunes λ within one run (jaxl2 train), so a sweep, which trains "
+            f"fixed λ values, cannot take it; give numbers, e.g. {field('l2')} 0,1e-4,1e-3"
         )
     validate(cfg)  # its seed first: the seeds below count from it
     seeds = list(seeds)

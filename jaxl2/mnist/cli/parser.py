@@ -16,6 +16,7 @@ from jaxl2.mnist.config import (
     ACTIVATIONS,
     AUTO,
     DATASETS,
+    EVIDENCE,
     OPTIMIZERS,
     SPLITS,
     Config,
@@ -61,13 +62,14 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_l2(text: str) -> float | dict[str, float] | str:
     """``1e-3`` → 1e-3; ``'.*Dense_0/kernel=1e-3,.*=1e-4'`` → an ordered ``{regex: λ}``;
-    ``auto`` → ``"auto"`` (one λ per layer, tuned during the run).
+    ``auto`` → ``"auto"`` (one λ per layer, tuned during the run); ``evidence`` → ``"evidence"``
+    (one λ per layer, from the Laplace evidence).
 
     Patterns are full-path regexes (``re.fullmatch``), first match wins; each item is split
     at its last ``=``, items at commas (so a pattern cannot contain a comma).
     """
-    if text.strip() == AUTO:
-        return AUTO
+    if text.strip() in (AUTO, EVIDENCE):
+        return text.strip()
     try:
         return float(text)
     except ValueError:
@@ -77,8 +79,8 @@ def parse_l2(text: str) -> float | dict[str, float] | str:
         pattern, sep, lam = item.strip().rpartition("=")
         if not sep or not pattern:
             raise argparse.ArgumentTypeError(
-                f"--l2 {text!r} is neither a number, PATTERN=λ[,PATTERN=λ...] nor auto "
-                "(e.g. --l2 1e-3, --l2 '.*Dense_0/kernel=1e-3,.*=1e-4' or --l2 auto)"
+                f"--l2 {text!r} is neither a number, PATTERN=λ[,PATTERN=λ...], auto nor evidence "
+                "(e.g. --l2 1e-3, --l2 '.*Dense_0/kernel=1e-3,.*=1e-4', --l2 auto or --l2 evidence)"
             )
         if pattern in out:
             raise argparse.ArgumentTypeError(f"--l2 {text!r}: pattern {pattern!r} is given twice")
@@ -102,11 +104,12 @@ def _ints(name: str, example: str) -> Any:
 
 
 def _floats(text: str) -> list[float]:
-    if AUTO in (v.strip() for v in text.split(",")):
-        raise argparse.ArgumentTypeError(
-            f"--l2 {AUTO} tunes λ within one run, so it is for jaxl2 train, not for a sweep, which trains "
-            "fixed λ values (e.g. --l2 0,1e-4,1e-3); compare them with: jaxl2 train --l2 auto"
-        )
+    for word in (AUTO, EVIDENCE):
+        if word in (v.strip() for v in text.split(",")):
+            raise argparse.ArgumentTypeError(
+                f"--l2 {word} tunes λ within one run, so it is for jaxl2 train, not for a sweep, which "
+                f"trains fixed λ values (e.g. --l2 0,1e-4,1e-3); compare them with: jaxl2 train --l2 {word}"
+            )
     try:
         return [float(v.strip()) for v in text.split(",")]
     except ValueError:
@@ -116,10 +119,13 @@ def _floats(text: str) -> list[float]:
 
 
 def _add_auto_flags(g: Any) -> None:
-    """The settings of ``--l2 auto`` (refused without it)."""
+    """The settings of ``--l2 auto`` and ``--l2 evidence`` (refused without them)."""
     g.add_argument("--l2-init", type=float, help=doc(Config, "l2_init"))
     g.add_argument("--l2-every", type=int, help=doc(Config, "l2_every"))
     g.add_argument("--l2-lr", type=float, help=doc(Config, "l2_lr"))
+    g.add_argument("--evidence-every", type=int, help=doc(Config, "evidence_every"))
+    g.add_argument("--evidence-steps", type=int, help=doc(Config, "evidence_steps"))
+    g.add_argument("--evidence-curvature", help=doc(Config, "evidence_curvature"))
 
 
 def _add_train_flags(p: argparse.ArgumentParser, *, auto: bool = True) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from jaxl2.mnist.config import AUTO, SPLITS, Config
+from jaxl2.mnist.config import AUTO, EVIDENCE, SPLITS, Config
 from jaxl2.mnist.results import MeanStd, PerL2, RunSummary, SweepRefit
 
 __all__ = ["fail", "message", "flag", "format_summary", "format_per_l2", "format_refit", "warn_if_chance"]
@@ -42,7 +42,9 @@ def warn_if_chance(runs: list[tuple[float, float, Any]], cfg: Config) -> None:
         return
     acc, lr, lam = bad[0]
     which = "" if len(runs) == 1 else f"{len(bad)} of {len(runs)} members (first: λ {lam}): "
-    smaller = f"--l2-init than {cfg.l2_init:g} (--l2 {AUTO})" if lam == AUTO else f"--l2 than {lam}"
+    smaller = (
+        f"--l2-init than {cfg.l2_init:g} (--l2 {lam})" if lam in (AUTO, EVIDENCE) else f"--l2 than {lam}"
+    )
     sys.stderr.write(
         f"jaxl2: warning: {which}validation accuracy {100 * acc:.1f}% is near chance (10%): the model "
         f"did not learn; try a smaller --lr than {lr:g} (--optimizer {cfg.optimizer}) or a smaller "
@@ -59,20 +61,31 @@ def _time_line(s: RunSummary) -> str:
     )
 
 
+def _which_epoch(s: RunSummary) -> str:
+    if "log_evidence" in s:  # l2 evidence: trained on train ∪ validation, nothing held out but test
+        return (
+            f"the last epoch's params, {s['best_epoch']} of {s['epochs']}: val was part of the training data"
+        )
+    return f"best epoch by val accuracy: {s['best_epoch']} of {s['epochs']}"
+
+
 def format_summary(s: RunSummary) -> str:
     """The human summary of a run: accuracy and data loss per split, penalty, total, time."""
     lines = [
         f"run directory: {s['out']}",
         f"{'split':<7}{'accuracy':>10}{'data loss':>11}",
         *(f"{k:<7}{100 * s[k + '_accuracy']:>9.2f}%{s[k + '_data_loss']:>11.4f}" for k in SPLITS),  # type: ignore[literal-required]
-        f"(best epoch by val accuracy: {s['best_epoch']} of {s['epochs']}; data loss = cross-entropy; "
+        f"({_which_epoch(s)}; data loss = cross-entropy; "
         f"penalty λ/2·Σw² = {s['penalty']:.4f}; train loss = data loss + penalty = {s['train_loss']:.4f})",
         "‖W‖² per layer: " + ", ".join(f"{p} {v:.1f}" for p, v in s["kernel_sq_norm"].items()),
     ]
     if "l2_final" in s:
+        how = "evidence" if "log_evidence" in s else "auto"
         lines.append(
-            "λ per layer (auto, at the end): " + ", ".join(f"{p} {v:.3g}" for p, v in s["l2_final"].items())
+            f"λ per layer ({how}, at the end): " + ", ".join(f"{p} {v:.3g}" for p, v in s["l2_final"].items())
         )
+    if s.get("log_evidence") is not None:
+        lines.append(f"log evidence at the last λ update: {s['log_evidence']:,.1f} nats")
     lines.append(_time_line(s))
     if "refit_test_accuracy" in s:
         lines.append(

@@ -1,0 +1,121 @@
+"""`--l2 evidence` beside the λ grid (refit) and `--l2 auto` (refit): λ per layer, test accuracy, seconds.
+
+The grid is `jaxl2 sweep`'s: 7 λ × the seeds, the best λ by mean validation accuracy, refit on
+train ∪ validation per seed. Then, per seed and side by side in this process (alternating
+order), through `train_and_evaluate` (what `jaxl2 train` runs: compiling, checkpoints, plots,
+timed wall-clock): a fixed-λ run with its refit (λ = 1e-3, the default command), an `l2 auto`
+run with its refit, and an `l2 evidence` run (train ∪ validation, no refit). Everything else
+is the default configuration (mnist5k, momentum, 120 epochs, batch 128). Writes
+OUT_DIR/evidence_l2.json and prints the docs' table and the issue's two targets: evidence's
+test accuracy ≥ the grid's refit − 0.3 points, its wall time ≤ 1.5× the fixed-λ run's.
+
+    python experiments/evidence_l2.py OUT_DIR [--epochs 120] [--seeds 0,1,2]
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+
+import numpy as np
+
+from jaxl2.mnist.config import DEFAULT_SWEEP_L2, Config, SweepSettings
+from jaxl2.mnist.run import train_and_evaluate
+from jaxl2.mnist.runtime import device_name
+from jaxl2.mnist.sweep import train_sweep
+
+TARGET_POINTS, TARGET_RATIO, FIXED_L2 = 0.3, 1.5, 1e-3
+
+
+def timed_run(cfg: Config, out: str) -> dict:
+    t0 = time.perf_counter()
+    s = train_and_evaluate(cfg, out, overwrite=True)
+    return {**s, "wall_seconds": time.perf_counter() - t0}
+
+
+def pm(values, scale=100.0) -> str:
+    return f"{scale * np.mean(values):.2f} ± {scale * np.std(values):.2f}"
+
+
+def geo(values) -> float:
+    return float(np.exp(np.mean(np.log(values))))
+
+
+def measure(epochs: int, seeds: list[int], out: str) -> dict:
+    base = Config(epochs=epochs)
+    t0 = time.perf_counter()
+    grid = train_sweep(
+        base,
+        SweepSettings(DEFAULT_SWEEP_L2, tuple(seeds), refit=True),
+        os.path.join(out, "grid"),
+        overwrite=True,
+    )
+    grid_wall = time.perf_counter() - t0
+    runs: dict[str, list[dict]] = {"fixed": [], "auto": [], "evidence": []}
+    for i, seed in enumerate(seeds):
+        jobs = [
+            (name, dataclasses.replace(base, seed=seed, l2=l2))
+            for name, l2 in (("fixed", FIXED_L2), ("auto", "auto"), ("evidence", "evidence"))
+        ]
+        for name, cfg in jobs if i % 2 == 0 else jobs[::-1]:
+            runs[name].append(timed_run(cfg, os.path.join(out, f"{name}-{seed}")))
+    layers = list(runs["evidence"][0]["l2_final"])
+    refit = grid["refit"]
+    return {
+        "epochs": epochs,
+        "seeds": seeds,
+        "grid_l2": list(DEFAULT_SWEEP_L2),
+        "grid_best_l2": grid["selected_l2"],
+        "grid_seconds": grid_wall,
+        "grid_refit_test": [m["refit_test_accuracy"] for m in refit["members"]],
+        "fixed_refit_test": [r["refit_test_accuracy"] for r in runs["fixed"]],
+        "auto_refit_test": [r["refit_test_accuracy"] for r in runs["auto"]],
+        "evidence_test": [r["test_accuracy"] for r in runs["evidence"]],
+        "auto_l2_final": {p: [r["l2_final"][p] for r in runs["auto"]] for p in layers},
+        "evidence_l2_final": {p: [r["l2_final"][p] for r in runs["evidence"]] for p in layers},
+        "evidence_log_evidence": [r["log_evidence"] for r in runs["evidence"]],
+        "wall_seconds": {k: [r["wall_seconds"] for r in v] for k, v in runs.items()},
+    }
+
+
+def table(r: dict) -> str:
+    def lams(by_path):
+        return ", ".join(f"{p.split('/')[-2]} {geo(v):.2g}" for p, v in by_path.items())
+
+    wall = {k: float(np.mean(v)) for k, v in r["wall_seconds"].items()}
+    grid_lam = f"{r['grid_best_l2']:g} (every layer)"
+    lines = [
+        "| λ chosen by | λ per layer (geometric mean over seeds) | test % (mean ± std over seeds) | wall s per run |",
+        "|---|---|---|---|",
+        f"| the grid, refit | {grid_lam} | {pm(r['grid_refit_test'])} | {r['grid_seconds']:.0f} (all 7 λ × seeds) |",
+        f"| fixed λ 1e-3, refit (`jaxl2 train`) | 0.001 (every layer) | {pm(r['fixed_refit_test'])} | {wall['fixed']:.1f} |",
+        f"| `--l2 auto`, refit | {lams(r['auto_l2_final'])} | {pm(r['auto_refit_test'])} | {wall['auto']:.1f} |",
+        f"| `--l2 evidence` | {lams(r['evidence_l2_final'])} | {pm(r['evidence_test'])} | {wall['evidence']:.1f} |",
+    ]
+    gap = 100 * (np.mean(r["evidence_test"]) - np.mean(r["grid_refit_test"]))
+    ratio = wall["evidence"] / wall["fixed"]
+    lines += [
+        "",
+        f"{'met' if gap >= -TARGET_POINTS else 'MISS'}  evidence test − grid refit test: {gap:+.2f} points (≥ −{TARGET_POINTS})",
+        f"{'met' if ratio <= TARGET_RATIO else 'MISS'}  evidence wall ÷ fixed-λ run with refit: {ratio:.2f} (≤ {TARGET_RATIO})",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out")
+    ap.add_argument("--epochs", type=int, default=Config().epochs)
+    ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    r = measure(args.epochs, [int(s) for s in args.seeds.split(",")], args.out)
+    with open(os.path.join(args.out, "evidence_l2.json"), "w") as f:
+        json.dump({"device": device_name(), **r}, f, indent=2)
+    print(f"device: {device_name()}; {args.epochs} epochs, seeds {args.seeds}, mnist5k")
+    print(table(r))
+
+
+if __name__ == "__main__":
+    main()

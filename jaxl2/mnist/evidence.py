@@ -1,0 +1,229 @@
+"""``l2="evidence"``: one λ per selected leaf, chosen during the run by the Laplace evidence.
+
+:class:`EvidenceTrainer` is the :class:`~jaxl2.mnist.steps.Trainer` of such a run. The run
+trains on **all** of train ∪ validation (no split is needed to choose λ, and there is no
+refit); every ``evidence_every``-th epoch (``epoch % evidence_every == 0``) ends with
+
+1. the Gauss–Newton of the summed cross-entropy over every training example, at that epoch's
+   params (:func:`dense_ggn`: K-FAC factors per layer, or the exact diagonal), and ``log p(D | w)``;
+2. ``evidence_steps`` iterations of MacKay's fixed point ``α_l = γ_l / ‖w_l‖²``,
+   ``α = n·λ`` (:func:`jaxl2.evidence_l2`), from the current λs, clipped to
+   :data:`~jaxl2.mnist.config.AUTO_L2_BOUNDS`;
+3. the log evidence at the new λs (:func:`jaxl2.log_evidence`), recorded with them.
+
+The epochs in between train with the current λs. The state carries ``ln λ`` and the last log
+evidence, so a checkpoint holds them and a resume continues bit for bit. The leaves outside
+the selection (the biases, by default) are held at their values in the evidence, as
+:mod:`jaxl2.evidence` states.
+
+The curvature is computed from the MLP's own structure (:func:`dense_ggn`): a Dense kernel
+``W`` with input ``a`` and output ``z`` has ``∂f_c/∂W = a ⊗ ∂f_c/∂z``, so one backward pass
+per class and a matrix product per layer give the exact diagonal of ``Σ_i J_iᵀ Λ_i J_i``, or
+its K-FAC factors (``evidence_curvature``, default ``"kron"``), for a few gradients' cost where
+the generic per-example :func:`jaxl2.ggn` takes hundreds (``python experiments/evidence_cost.py``);
+the tests check the diagonal against :func:`jaxl2.ggn` and the factors against a hand
+computation, in float64.
+
+Example:
+  >>> from jaxl2.mnist.config import Config
+  >>> from jaxl2.mnist.evidence import EvidenceTrainer
+  >>> trainer = EvidenceTrainer(Config(l2="evidence", hidden=(8,), batch_size=4, epochs=1), num_train=8)
+  >>> {p: f"{lam:.3g}" for p, lam in trainer.lambdas(trainer.init()).items()}  # every λ at l2_init
+  {'params/Dense_0/kernel': '0.0001', 'params/Dense_1/kernel': '0.0001'}
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxl2 import select as _select
+from jaxl2.evidence import Curvature, evidence_l2, log_evidence
+from jaxl2.mnist.config import AUTO_L2_BOUNDS, INPUT_DIM, Config
+from jaxl2.mnist.model import ACTIVATION_FNS, abstract_params
+from jaxl2.mnist.steps import Trainer, TrainState
+
+__all__ = ["EvidenceTrainState", "EvidenceTrainer", "dense_ggn"]
+
+
+class EvidenceTrainState(TrainState):
+    """:class:`~jaxl2.mnist.steps.TrainState`, ``log_l2`` (``ln λ`` per selected leaf) and
+    ``log_evidence`` (at the last update; NaN before the first)."""
+
+    log_l2: jax.Array
+    log_evidence: jax.Array
+
+
+def _dense_layers(params: Any) -> list[tuple[str, Any]]:
+    """``[(name, {"kernel", "bias"})]`` of the MLP's params, in the order data flows."""
+    layers = params["params"]
+    return [(k, layers[k]) for k in sorted(layers, key=lambda k: int(k.rsplit("_", 1)[1]))]
+
+
+def _layer_terms(structure: str, p_BxC: jax.Array, m_B: jax.Array, a_BxI: jax.Array, b_CxBxO: jax.Array):
+    """One chunk's sums for one Dense layer (:func:`dense_ggn`): its kernel's and bias's
+    diagonals, or their factors (the kernel's ``A`` not yet divided by ``n``)."""
+    mu_BxO = jnp.einsum("bc,cbo->bo", p_BxC, b_CxBxO)
+    if structure == "diag":
+        g_BxO = jnp.einsum("bc,cbo->bo", p_BxC, b_CxBxO * b_CxBxO) - mu_BxO * mu_BxO
+        ones = jnp.ones(g_BxO.shape[0], g_BxO.dtype)
+        return {"bias": ones @ g_BxO, "kernel": jnp.square(a_BxI).T @ g_BxO}
+    root = (jnp.sqrt(p_BxC).T[:, :, None] * b_CxBxO).reshape(-1, b_CxBxO.shape[-1])
+    g_OxO = root.T @ root - mu_BxO.T @ mu_BxO
+    a_BxI = a_BxI * m_B[:, None]
+    return {"bias": g_OxO, "kernel": (a_BxI.T @ a_BxI, g_OxO)}
+
+
+def dense_ggn(
+    params: Any,
+    x_NxD: jax.Array,
+    y_N: jax.Array,
+    activation: str = "relu",
+    structure: str = "kron",
+    chunk: int = 1024,
+) -> tuple[Any, jax.Array]:
+    """The Gauss–Newton ``Σ_i J_iᵀ(diag p_i − p_i p_iᵀ)J_i`` of the summed softmax cross-entropy
+    of the MLP (:class:`~jaxl2.mnist.model.MLP`) over ``x_NxD, y_N``, per kernel and bias, and
+    ``log p(D | w) = −Σ_i CE_i``.
+
+    Per Dense layer with inputs ``a_i`` and ``b_ic = ∂logit_ic/∂z_i`` (``z`` its output), with
+    ``g_i = Σ_c p_ic·b_ic² − (Σ_c p_ic·b_ic)²`` and ``G_i = Σ_c p_ic·b_ic b_icᵀ − μ_i μ_iᵀ``
+    (``μ_i = Σ_c p_ic·b_ic``):
+
+    * ``structure="diag"``, exact: the kernel's diagonal ``Σ_i a_i² ⊗ g_i``, the bias's ``Σ_i g_i``;
+    * ``structure="kron"``, K-FAC: the kernel's factors ``(A, G) = (Σ_i a_i a_iᵀ / n, Σ_i G_i)``
+      (its block ``≈ A ⊗ G``), the bias's ``([[1]], Σ_i G_i)`` (exact), as
+      :class:`jaxl2.Curvature` takes them.
+
+    The examples go ``chunk`` at a time.
+
+    Returns:
+      ``(curvature, log_likelihood)``: ``curvature`` a pytree of ``params``'s structure (each
+      leaf an array, or a pair of factors).
+    """
+    act = ACTIVATION_FNS[activation]
+    layers = _dense_layers(params)
+    n, dtype = x_NxD.shape[0], x_NxD.dtype
+    chunk = min(chunk, n)
+    pad = -n % chunk
+    xs = jnp.pad(x_NxD, ((0, pad), (0, 0))).reshape(-1, chunk, x_NxD.shape[1])
+    ys = jnp.pad(y_N, (0, pad)).reshape(-1, chunk)
+    ms = (jnp.arange(n + pad) < n).reshape(-1, chunk).astype(dtype)
+
+    def forward(x_BxD, shifts):  # the MLP, with a shift added to each layer's output z
+        h, inputs = x_BxD, []
+        for i, (_, layer) in enumerate(layers):
+            inputs.append(h)
+            z = h @ layer["kernel"] + layer["bias"] + shifts[i]
+            h = act(z) if i < len(layers) - 1 else z
+        return h, inputs
+
+    def chunk_terms(args):
+        x_BxD, y_B, m_B = args
+        shifts = [jnp.zeros((chunk, layer["bias"].shape[0]), dtype) for _, layer in layers]
+        logits_BxC, vjp, inputs = jax.vjp(lambda s: forward(x_BxD, s), shifts, has_aux=True)
+        classes = logits_BxC.shape[1]
+        p_BxC = jax.nn.softmax(logits_BxC) * m_B[:, None]  # padded rows weigh nothing
+        # b for every class at once: the cotangent one-hot in class c on every row
+        b_per_layer = jax.vmap(lambda e: vjp(jnp.broadcast_to(e, logits_BxC.shape))[0])(
+            jnp.eye(classes, dtype=dtype)
+        )
+        terms = {
+            name: _layer_terms(structure, p_BxC, m_B, a, b)
+            for (name, _), a, b in zip(layers, inputs, b_per_layer)
+        }
+        label = jnp.take_along_axis(logits_BxC, y_B[:, None], axis=-1)[:, 0]
+        ll = m_B @ (label - jax.nn.logsumexp(logits_BxC, axis=-1))
+        return {"params": terms}, ll
+
+    def one(total, args):
+        return jax.tree_util.tree_map(jnp.add, total, chunk_terms(args)), None
+
+    shapes = jax.eval_shape(chunk_terms, (xs[0], ys[0], ms[0]))
+    zero = jax.tree_util.tree_map(lambda t: jnp.zeros(t.shape, t.dtype), shapes)
+    (out, ll), _ = jax.lax.scan(one, zero, (xs, ys, ms))
+    if structure == "kron":  # A = Σ a aᵀ / n; a bias's input is 1
+        out = {
+            "params": {
+                name: {
+                    "bias": (jnp.ones((1, 1), dtype), f["bias"]),
+                    "kernel": (f["kernel"][0] / n, f["kernel"][1]),
+                }
+                for name, f in out["params"].items()
+            }
+        }
+    return out, ll
+
+
+class EvidenceTrainer(Trainer):
+    """The jitted functions of an ``l2="evidence"`` run (``num_train``: train ∪ validation).
+
+    * ``train_epoch(state, x, y) -> (state, metrics)``: the epoch of
+      :class:`~jaxl2.mnist.steps.Trainer` with the state's λs, then, every ``evidence_every``-th
+      epoch, the λ update; its metrics add ``l2/PATH`` (each λ at the end of the epoch) and
+      ``log_evidence``;
+    * ``curvature(params, x, y) -> jaxl2.Curvature`` of the selected leaves;
+    * ``lambdas(state) -> {path: λ}``.
+    """
+
+    def __init__(self, cfg: Config, num_train: int, *, mesh: Any = None):
+        super().__init__(cfg, num_train, mesh=mesh)
+        self.paths = [p for p, _ in _select.resolve(abstract_params(self.cfg), self.select)]
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def _init(self, key: jax.Array) -> EvidenceTrainState:
+        k_init, k_data = jax.random.split(key)
+        params = self.model.init(k_init, jnp.zeros((1, INPUT_DIM), jnp.float32))
+        log_l2 = jnp.full((len(self.paths),), np.log(self.cfg.l2_init), jnp.float32)
+        nan = jnp.full((), jnp.nan, jnp.float32)
+        return EvidenceTrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params), k_data, log_l2, nan)
+
+    def rules(self, log_l2: jax.Array) -> dict[str, jax.Array]:
+        """``{re.escape(path): λ}`` of ``ln λ`` per selected leaf."""
+        return {re.escape(p): jnp.exp(log_l2[i]) for i, p in enumerate(self.paths)}
+
+    def lambdas(self, state: EvidenceTrainState) -> dict[str, float]:
+        """``{path: λ}`` of ``state``, as Python floats."""
+        lam = np.exp(np.asarray(jax.device_get(state.log_l2), np.float64))
+        return {p: float(v) for p, v in zip(self.paths, lam)}
+
+    def curvature(self, params: Any, x_NxD: jax.Array, y_N: jax.Array) -> Curvature:
+        """The selected leaves' GGN over ``x_NxD, y_N`` (:func:`dense_ggn`, ``evidence_curvature``)."""
+        structure = self.cfg.evidence_curvature
+        tree, ll = dense_ggn(params, x_NxD, y_N, self.cfg.activation, structure)
+        flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda t: isinstance(t, tuple))[0]
+        by_path = {_select.path_str(kp): block for kp, block in flat}
+        blocks = tuple(by_path[p] for p in self.paths)
+        return Curvature(ll, blocks, int(x_NxD.shape[0]), tuple(self.paths), structure)
+
+    def update(self, state: EvidenceTrainState, x_NxD: jax.Array, y_N: jax.Array) -> EvidenceTrainState:
+        """The λ update at ``state.params``: MacKay's fixed point, then the evidence at the new λs."""
+        curv = self.curvature(state.params, x_NxD, y_N)
+        lo, hi = AUTO_L2_BOUNDS
+        rules = evidence_l2(
+            curv,
+            state.params,
+            self.rules(state.log_l2),
+            select=self.select,
+            steps=self.cfg.evidence_steps,
+            bounds=(lo, hi),
+        )
+        log_l2 = jnp.log(jnp.stack([rules[re.escape(p)] for p in self.paths])).astype(jnp.float32)
+        evidence = log_evidence(curv, state.params, rules, select=self.select).astype(jnp.float32)
+        return state.replace(log_l2=log_l2, log_evidence=evidence)
+
+    def epoch_fn(self, state: EvidenceTrainState, x_NxD, y_N, l2=None):  # type: ignore[override]  # λ in the state
+        state, metrics = super().epoch_fn(state, x_NxD, y_N, self.rules(state.log_l2))
+        epoch = state.step // self.steps_per_epoch
+        due = epoch % self.cfg.evidence_every == 0
+        state = jax.lax.cond(due, self.update, lambda st, *_: st, state, x_NxD, y_N)
+        lam = jnp.exp(state.log_l2)
+        for i, path in enumerate(self.paths):
+            metrics[f"l2/{path}"] = lam[i]
+        metrics["log_evidence"] = state.log_evidence
+        return state, metrics

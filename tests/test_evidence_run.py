@@ -1,0 +1,235 @@
+"""``l2="evidence"`` in the application: the MLP's fast exact GGN diagonal against the library's
+generic one, the λ update against jaxl2.evidence_l2, the run directory, exact resume, refusals."""
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxl2
+from jaxl2.mnist import cli
+from jaxl2.mnist import run as _run
+from jaxl2.mnist.cli import report
+from jaxl2.mnist.config import Config, ConfigError, RunSettings, SweepSettings, validate
+from jaxl2.mnist.evidence import EvidenceTrainer, dense_ggn
+from jaxl2.mnist.model import model_of
+from jaxl2.mnist.results import RunSummary
+from tests.keys import assert_typed
+
+EVIDENCE = Config(l2="evidence", hidden=(16,), epochs=4, batch_size=500, lr=0.1, evidence_every=2)
+LAYERS = ["params/Dense_0/kernel", "params/Dense_1/kernel"]
+
+
+def rows_of(out):
+    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def latest_state(out):
+    import orbax.checkpoint as ocp
+
+    with ocp.CheckpointManager(os.path.abspath(os.path.join(out, "checkpoints"))) as m:
+        return m.restore(m.latest_step())["state"]
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+def test_the_dense_diagonal_equals_the_generic_per_example_ggn_in_float64(activation):
+    """jaxl2.ggn(structure="diag") (per-example Jacobians, itself checked against jax.jacobian and
+    jax.hessian by brute force) on every leaf; 37 examples in chunks of 16 (a padded chunk)."""
+    with jax.enable_x64(True):
+        model = model_of(Config(hidden=(7, 5), activation=activation))
+        params = model.init(jax.random.key(0), jnp.zeros((1, 784)))
+        params = jax.tree_util.tree_map_with_path(  # float64, and non-zero biases
+            lambda kp, a: a.astype(jnp.float64) + 0.05 * (kp[-1].key == "bias"), params
+        )
+        x = jax.random.uniform(jax.random.key(1), (37, 784), jnp.float64)
+        y = jax.random.randint(jax.random.key(2), (37,), 0, 10)
+        diag, ll = dense_ggn(params, x, y, activation, "diag", chunk=16)
+        ref = jaxl2.ggn(model.apply, params, x, y, structure="diag", select=".*")
+        mine = dict(jaxl2.select.leaves(diag))
+        assert sorted(mine) == sorted(ref.paths)
+        for path, h in zip(ref.paths, ref.ggn):
+            # Σ_c p·b² − (Σ_c p·b)² cancels: entries far below the leaf's largest agree to its 1e-12
+            np.testing.assert_allclose(mine[path], h, rtol=1e-10, atol=1e-12 * np.abs(h).max(), err_msg=path)
+        assert float(ll) == pytest.approx(float(ref.log_likelihood), rel=1e-12)
+
+
+def test_the_kron_factors_equal_kfac_by_hand_in_float64():
+    """A = Σ_i a_i a_iᵀ / n and G = Σ_i B_iᵀ(diag p_i − p_i p_iᵀ)B_i per layer, from per-example
+    inputs and Jacobians (jax.jacobian of each example's logits in the layer's output); the
+    bias's exact block against jaxl2.ggn(structure="full")."""
+    with jax.enable_x64(True):
+        model = model_of(Config(hidden=(6,), activation="tanh"))
+        params = jax.tree.map(
+            lambda a: a.astype(jnp.float64), model.init(jax.random.key(0), jnp.zeros((1, 784)))
+        )
+        x = jax.random.uniform(jax.random.key(1), (21, 784), jnp.float64)
+        y = jax.random.randint(jax.random.key(2), (21,), 0, 10)
+        got, ll = dense_ggn(params, x, y, "tanh", "kron", chunk=8)
+        w0, w1 = params["params"]["Dense_0"], params["params"]["Dense_1"]
+
+        def logits_from_z0(z0):  # one example: its first layer's output → logits
+            return jnp.tanh(z0) @ w1["kernel"] + w1["bias"]
+
+        z0 = x @ w0["kernel"] + w0["bias"]
+        inputs = {"Dense_0": x, "Dense_1": jnp.tanh(z0)}
+        jac = {
+            "Dense_0": jax.vmap(jax.jacobian(logits_from_z0))(z0),  # (n, C, 6)
+            "Dense_1": jnp.broadcast_to(jnp.eye(10), (21, 10, 10)),  # the last layer's z is the logits
+        }
+        p = jax.nn.softmax(jax.vmap(logits_from_z0)(z0))
+        lam = jax.vmap(lambda q: jnp.diag(q) - jnp.outer(q, q))(p)
+        for name in ("Dense_0", "Dense_1"):
+            a_hand = inputs[name].T @ inputs[name] / 21
+            g_hand = jnp.einsum("nci,ncd,ndj->ij", jac[name], lam, jac[name])
+            a, g = got["params"][name]["kernel"]
+            np.testing.assert_allclose(a, a_hand, rtol=1e-12)
+            np.testing.assert_allclose(g, g_hand, rtol=1e-10, atol=1e-12 * np.abs(g_hand).max())
+            one, g_bias = got["params"][name]["bias"]
+            assert one.shape == (1, 1) and float(one[0, 0]) == 1.0
+            exact = jaxl2.ggn(model.apply, params, x, y, structure="full", select=f".*{name}/bias")
+            np.testing.assert_allclose(g_bias, exact.ggn, rtol=1e-10, atol=1e-12 * np.abs(exact.ggn).max())
+        assert float(ll) == pytest.approx(float(exact.log_likelihood), rel=1e-12)
+
+
+def test_one_update_is_mackay_on_the_generic_curvature():
+    """The trainer's λ update and log evidence equal jaxl2.evidence_l2 and jaxl2.log_evidence on
+    jaxl2.ggn's diagonal, at the same params (float32, so to 1e-4)."""
+    cfg = dataclasses.replace(EVIDENCE, hidden=(8,), evidence_steps=3, evidence_curvature="diag")
+    x = jax.random.uniform(jax.random.key(1), (40, 784))
+    y = jax.random.randint(jax.random.key(2), (40,), 0, 10)
+    trainer = EvidenceTrainer(cfg, num_train=40)
+    state = trainer.init()
+    new = jax.jit(trainer.update)(state, x, y)
+    curv = jaxl2.ggn(trainer.model.apply, state.params, x, y, structure="diag")
+    rules = jaxl2.evidence_l2(curv, state.params, cfg.l2_init, steps=3, bounds=(1e-8, 1.0))
+    got = trainer.lambdas(new)
+    assert sorted(got) == sorted(rules) == LAYERS  # the paths have no regex character to escape
+    for path in LAYERS:
+        assert got[path] == pytest.approx(float(rules[path]), rel=1e-4)
+        assert got[path] != pytest.approx(cfg.l2_init, rel=1e-2)  # it moved
+    assert float(new.log_evidence) == pytest.approx(
+        float(jaxl2.log_evidence(curv, state.params, rules)), rel=1e-4
+    )
+
+
+def test_an_evidence_run_trains_on_everything_records_and_resumes_exactly(tmp_path):
+    out_a = str(tmp_path / "a")
+    summary = _run.train_and_evaluate(EVIDENCE, out_a)  # one checkpoint, at the end
+    assert_typed(summary, RunSummary)
+    assert not any(k.startswith("refit") for k in summary)  # it trained on train ∪ validation
+    assert json.load(open(os.path.join(out_a, "config.json")))["refit"] is False
+    rows = rows_of(out_a)
+    assert [r["step"] for r in rows] == [8, 16, 24, 32]  # 4,000 examples / 500 per step
+    assert summary["best_epoch"] == 4  # the last epoch's params: nothing was held out
+    lams = np.array([[r[f"l2/{p}"] for p in LAYERS] for r in rows])
+    np.testing.assert_allclose(lams[0], EVIDENCE.l2_init, rtol=1e-6)  # no update after epoch 1
+    assert not np.allclose(lams[1], lams[0]) and np.array_equal(lams[2], lams[1])  # updates: 2, 4
+    assert not np.allclose(lams[3], lams[2]) and np.all((lams >= 1e-8) & (lams <= 1.0))
+    evidence = [r["log_evidence"] for r in rows]
+    assert evidence[0] is None and evidence[1] == evidence[2] and np.isfinite(evidence[3])
+    assert summary["log_evidence"] == pytest.approx(evidence[3], rel=1e-6)
+    assert summary["l2_final"] == {p: pytest.approx(lams[-1, i], rel=1e-6) for i, p in enumerate(LAYERS)}
+    assert open(os.path.join(out_a, "lambda.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert _run.evaluate_run(out_a)["accuracy"] == pytest.approx(summary["test_accuracy"], abs=1e-6)
+    text = report.format_summary(summary)
+    assert "the last epoch's params, 4 of 4: val was part of the training data" in text
+    assert "λ per layer (evidence, at the end)" in text and "log evidence at the last λ update" in text
+
+    # stopped after epoch 3 (checkpoint at 2), resumed: the same λs, evidence and params
+    out_b = str(tmp_path / "b")
+
+    def stop_at_3(row):
+        if row["epoch"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _run.train_and_evaluate(EVIDENCE, out_b, RunSettings(checkpoint_every=2), on_epoch=stop_at_3)
+    summary_b = _run.train_and_evaluate(EVIDENCE, out_b, RunSettings(checkpoint_every=2), resume=True)
+    rows_b = rows_of(out_b)
+    assert [r["epoch"] for r in rows_b] == [1, 2, 3, 4]
+    for ra, rb in zip(rows, rows_b):
+        assert {k: v for k, v in ra.items() if k != "epoch_seconds"} == {
+            k: v for k, v in rb.items() if k != "epoch_seconds"
+        }
+    for u, v in zip(jax.tree.leaves(latest_state(out_a)), jax.tree.leaves(latest_state(out_b))):
+        np.testing.assert_array_equal(u, v)
+    assert (
+        summary_b["l2_final"] == summary["l2_final"]
+        and summary_b["test_accuracy"] == summary["test_accuracy"]
+    )
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"evidence_every": 3}, "evidence_every is a setting of l2 evidence, which this run does not use"),
+        ({"l2": "auto", "evidence_steps": 2}, "evidence_steps is a setting of l2 evidence, which this run"),
+        ({"l2": "evidence", "evidence_every": 0}, "evidence_every 0 is invalid (epochs per λ update"),
+        ({"l2": "evidence", "evidence_steps": 1.5}, "evidence_steps 1.5 is invalid (MacKay iterations"),
+        ({"l2": "evidence", "l2_every": 8}, "l2_every is a setting of l2 auto, which this run does not use"),
+        (
+            {"l2": "evidence", "evidence_curvature": "full"},
+            "evidence_curvature 'full' is unknown (allowed: kron, diag)",
+        ),
+        (
+            {"l2": "evidence", "optimizer": "adamw", "weight_decay": 1e-4, "allow_both": True},
+            "weight_decay with l2 evidence: evidence tunes the penalty's λ per layer",
+        ),
+    ],
+)
+def test_config_refuses_bad_evidence_settings(changes, match):
+    with pytest.raises(ConfigError) as e:
+        validate(dataclasses.replace(Config(), **changes))
+    assert match in str(e.value)
+
+
+def test_config_accepts_evidence_and_round_trips_through_json():
+    cfg = validate(Config(l2="evidence", l2_init=1e-3, evidence_every=2, evidence_steps=9))
+    assert cfg.l2_evidence and cfg.l2_on and not cfg.l2_auto
+    assert Config.from_json(json.loads(json.dumps(cfg.to_json()))) == cfg
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["sweep", "--l2", "evidence"], "--l2 evidence tunes λ within one run, so it is for jaxl2 train"),
+        (["train", "--l2", "evidence", "--select", "nothing"], "--select 'nothing' matched no parameter"),
+        (
+            ["train", "--l2", "evidence", "--optimizer", "sgdw", "--weight-decay", "1e-4"],
+            "--weight-decay with --l2 evidence: evidence tunes the penalty's λ per layer",
+        ),
+        (["train", "--evidence-every", "2"], "--evidence-every is a setting of --l2 evidence, which this"),
+        (["train", "--l2", "evidence", "--evidence-steps", "0"], "--evidence-steps 0 is invalid"),
+    ],
+)
+def test_command_refuses_bad_evidence_combinations_in_one_line(tmp_path, capsys, argv, match):
+    out = tmp_path / "out"
+    try:
+        code = cli.main([*argv, "--out", str(out)])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("jaxl2: error: ") and err.count("\n") == 1, err
+    assert match in err, err
+    assert not out.exists()
+
+
+def test_a_sweep_refuses_evidence_before_loading_anything(tmp_path):
+    from jaxl2.mnist.sweep import train_sweep
+
+    with pytest.raises(ConfigError, match="l2 evidence tunes λ within one run"):
+        train_sweep(Config(l2="evidence"), SweepSettings((1e-3,), (0,)), str(tmp_path / "s"))
+    assert not (tmp_path / "s").exists()
+
+
+def test_help_explains_evidence():
+    train = cli.build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    text = " ".join(train.split())
+    assert "or evidence: one λ per selected leaf, set every --evidence-every epochs by the Laplace" in text
+    assert "--evidence-steps" in text
+    sweep = cli.build_parser()._subparsers._group_actions[0].choices["sweep"].format_help()
+    assert "--evidence-every" not in sweep
