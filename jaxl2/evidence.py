@@ -62,7 +62,7 @@ import optax
 from jaxl2 import select as _select
 from jaxl2.errors import Jaxl2Error
 from jaxl2.penalty import check_center, coefficients
-from jaxl2.rules import is_traced
+from jaxl2.rules import Stacked, is_traced, plan
 
 __all__ = ["Curvature", "ggn", "log_evidence", "evidence_l2", "LIKELIHOODS", "STRUCTURES"]
 
@@ -254,11 +254,11 @@ def _check_curvature(curvature: Any, params: Any, select: _select.Selector) -> l
 
 
 def _precisions(
-    curvature: Curvature, params: Any, l2: Any, select: _select.Selector, leaves: list[Any]
+    curvature: Curvature, params: Any, l2: Any, select: _select.Selector, stacked: Stacked, leaves: list[Any]
 ) -> list[jax.Array]:
     """``α = n·λ`` of every selected leaf (``leaves``, in the order of ``curvature.paths``),
-    broadcast to its shape."""
-    flat = jax.tree_util.tree_flatten_with_path(coefficients(params, l2, select=select))[0]
+    broadcast to its shape (per slice along a stacked leaf's layer axis)."""
+    flat = jax.tree_util.tree_flatten_with_path(coefficients(params, l2, select=select, stacked=stacked))[0]
     lams = {_select.path_str(kp): lam for kp, lam in flat}
     for p in curvature.paths:
         if not is_traced(lams[p]) and not np.all(np.asarray(lams[p]) > 0):
@@ -279,14 +279,36 @@ def _deviations(params: Any, center: Any, select: _select.Selector, leaves: list
     return [w - w0[p] for w, p in zip(leaves, w0)]
 
 
-def _parts(curvature: Curvature, params: Any, l2: Any, select: Any, center: Any) -> tuple[Any, Any, Any]:
-    """The flat ``α`` (P,) and ``w − w₀`` (P,), and the layer of each entry (P,): 0 for the
-    first selected path."""
+def _units(params: Any, select: Any, stacked: Stacked) -> tuple[list[str], np.ndarray]:
+    """The units' names (a leaf, or ``path[i]`` for each slice of a stacked leaf) and the unit of
+    each entry of the selected leaves raveled (P,): 0 for the first selected path's first unit."""
+    names, unit, start = [], [], 0
+    for e in plan(params, None, select=select, stacked=stacked):
+        shape = np.shape(e.leaf)
+        if e.axis is None:
+            unit.append(np.full(int(np.prod(shape)), start))
+        else:
+            index = np.arange(shape[e.axis]).reshape([-1 if i == e.axis else 1 for i in range(len(shape))])
+            unit.append(start + np.broadcast_to(index, shape).ravel())
+        names += list(e.units)
+        start += len(e.units)
+    return names, np.concatenate(unit).astype(np.int32)
+
+
+def _parts(
+    curvature: Curvature, params: Any, l2: Any, select: Any, center: Any, stacked: Stacked
+) -> tuple[Any, Any, Any, list[str]]:
+    """The flat ``α`` (P,) and ``w − w₀`` (P,), the unit of each entry (P,) and the units' names."""
     leaves = _check_curvature(curvature, params, select)
-    alpha = jnp.concatenate([a.ravel() for a in _precisions(curvature, params, l2, select, leaves)])
+    names, unit = _units(params, select, stacked)
+    if curvature.structure == "kron" and len(names) != len(curvature.paths):
+        raise Jaxl2Error(
+            "a kron curvature has one pair of factors per leaf, so one λ per leaf: it cannot take a "
+            "stacked leaf's slices (use structure 'diag' or 'full' for λ per slice)"
+        )
+    alpha = jnp.concatenate([a.ravel() for a in _precisions(curvature, params, l2, select, stacked, leaves)])
     dw = jnp.concatenate([d.ravel() for d in _deviations(params, center, select, leaves)])
-    layer = jnp.concatenate([jnp.full((w.size,), i, jnp.int32) for i, w in enumerate(leaves)])
-    return alpha, dw, layer
+    return alpha, dw, jnp.asarray(unit), names
 
 
 def _occam(curvature: Curvature, alpha: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -309,7 +331,13 @@ def _occam(curvature: Curvature, alpha: jax.Array) -> tuple[jax.Array, jax.Array
 
 
 def log_evidence(
-    curvature: Curvature, params: Any, l2: Any, *, select: _select.Selector = None, center: Any = None
+    curvature: Curvature,
+    params: Any,
+    l2: Any,
+    *,
+    select: _select.Selector = None,
+    center: Any = None,
+    stacked: Stacked = None,
 ) -> jax.Array:
     """The Laplace log evidence ``log p(D|w) − ½·Σ α_l‖w_l − w₀_l‖² + ½·log det A − ½·log det(H + A)``
     with ``α = n·λ`` (the module's docstring states it in full).
@@ -321,11 +349,13 @@ def log_evidence(
         the result is differentiable in them); every selected leaf needs ``λ > 0``.
       select: the leaves, as :func:`ggn` had them.
       center: ``w₀`` (default zero), as in :func:`jaxl2.l2_penalty`.
+      stacked: ``{regex: axis}``, as in :func:`jaxl2.l2_penalty`: a λ per slice of a stacked leaf
+        (its prior precision per slice; ``"diag"`` and ``"full"`` only).
 
     Returns:
       A scalar (nats).
     """
-    alpha, dw, _ = _parts(curvature, params, l2, select, center)
+    alpha, dw, _, _ = _parts(curvature, params, l2, select, center, stacked)
     logdet, _ = _occam(curvature, alpha)
     return (
         curvature.log_likelihood
@@ -342,6 +372,7 @@ def evidence_l2(
     *,
     select: _select.Selector = None,
     center: Any = None,
+    stacked: Stacked = None,
     method: str = "mackay",
     steps: int = 1,
     lr: float = 0.1,
@@ -349,6 +380,8 @@ def evidence_l2(
 ) -> dict[str, jax.Array]:
     """One λ per selected leaf that raises :func:`log_evidence`, from the λs ``l2``, at fixed
     params and curvature; ``{re.escape(path): λ}`` rules that ``l2=`` of every jaxl2 function takes.
+    With ``stacked`` (as in :func:`jaxl2.l2_penalty`), one λ per slice of a stacked leaf:
+    ``{re.escape("path[i]"): λ}`` (pass the same ``stacked=`` wherever the rules go).
 
     ``method="mackay"``: ``steps`` iterations of ``α_l ← γ_l / ‖w_l − w₀_l‖²`` with
     ``γ_l = Σ_{p∈l} (1 − α_l·[(H + A)⁻¹]_pp)``, whose fixed point is where the evidence's
@@ -363,11 +396,11 @@ def evidence_l2(
     if not (isinstance(steps, int) and steps >= 1):
         raise Jaxl2Error(f"steps must be an integer >= 1, got {steps!r}")
     lo, hi = bounds
-    alpha, dw, seg = _parts(curvature, params, l2, select, center)
-    layers = len(curvature.paths)
+    alpha, dw, seg, names = _parts(curvature, params, l2, select, center, stacked)
+    layers = len(names)
     per_layer = jax.ops.segment_max(alpha, seg, layers) / curvature.n
     log_lam = jnp.log(jnp.clip(per_layer, lo, hi))
-    escaped = [re.escape(p) for p in curvature.paths]
+    escaped = [re.escape(p) for p in names]
 
     def rules(log_lam: jax.Array) -> dict[str, jax.Array]:
         return {e: jnp.exp(log_lam[i]) for i, e in enumerate(escaped)}
@@ -389,9 +422,11 @@ def evidence_l2(
 
         def ascend(carry: tuple, _: Any) -> tuple[tuple, None]:
             log_lam, state = carry
-            g = jax.grad(lambda ll: log_evidence(curvature, params, rules(ll), select=select, center=center))(
-                log_lam
-            )
+            g = jax.grad(
+                lambda ll: log_evidence(
+                    curvature, params, rules(ll), select=select, center=center, stacked=stacked
+                )
+            )(log_lam)
             upd, state = tx.update(-g, state)
             return (jnp.clip(log_lam + upd, math.log(lo), math.log(hi)), state), None
 

@@ -458,7 +458,11 @@ def coefficients(
     """
     _check_call(params, l2, "coefficients", step)
     entries = _rules.plan(params, l2, select=select, stacked=stacked)
-    lams = {e.path: _rules.broadcast(_rules.value(e, step), e) for e in entries}
+    # a vector of per-slice λs in the leaf's precision (float32 at least): float64 params keep theirs
+    lams = {
+        e.path: _rules.broadcast(_rules.value(e, step, jnp.promote_types(e.leaf.dtype, jnp.float32)), e)
+        for e in entries
+    }
 
     def coefficient(keypath: tuple, leaf: Any) -> Any:
         if not _is_array(leaf):

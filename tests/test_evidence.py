@@ -218,6 +218,78 @@ def test_kron_equals_full_where_the_ggn_is_a_kronecker_product():
     assert float(ga) == pytest.approx(float(gb), rel=1e-9)
 
 
+@pytest.mark.parametrize("structure", ["full", "diag"])
+def test_a_stacked_leaf_gets_a_lambda_per_slice_as_its_unrolled_layers_do(structure):
+    """Three tanh layers stacked in one (3, 4, 4) kernel (``stacked={"blocks/kernel": 0}``) and the
+    same layers as three leaves: the same evidence for per-slice λs, and MacKay's λ per slice
+    equal to the unrolled model's λ per leaf."""
+    rng = np.random.default_rng(5)
+    w = jnp.asarray(0.6 * rng.normal(size=(3, 4, 4)))
+    head = jnp.asarray(rng.normal(size=(4, 3)))
+    x, y = jnp.asarray(rng.normal(size=(12, 4))), jnp.asarray(rng.integers(0, 3, size=12))
+
+    def stacked_fn(p, x):
+        h = x
+        for i in range(3):
+            h = jnp.tanh(h @ p["blocks"]["kernel"][i])
+        return h @ p["head"]["kernel"]
+
+    def unrolled_fn(p, x):
+        h = x
+        for i in range(3):
+            h = jnp.tanh(h @ p[f"l{i}"]["kernel"])
+        return h @ p["head"]["kernel"]
+
+    stacked = {"blocks": {"kernel": w}, "head": {"kernel": head}}
+    unrolled = {**{f"l{i}": {"kernel": w[i]} for i in range(3)}, "head": {"kernel": head}}
+    axis = {"blocks/kernel": 0}
+    cs = jaxl2.ggn(stacked_fn, stacked, x, y, structure=structure)
+    cu = jaxl2.ggn(unrolled_fn, unrolled, x, y, structure=structure)
+    lams = (0.02, 0.3, 0.05, 0.1)
+    by_slice = {
+        r"blocks/kernel\[0\]": lams[0],
+        r"blocks/kernel\[1\]": lams[1],
+        r"blocks/kernel\[2\]": lams[2],
+    }
+    by_leaf = {"l0/kernel": lams[0], "l1/kernel": lams[1], "l2/kernel": lams[2]}
+    es = jaxl2.log_evidence(cs, stacked, {**by_slice, "head/kernel": lams[3]}, stacked=axis)
+    eu = jaxl2.log_evidence(cu, unrolled, {**by_leaf, "head/kernel": lams[3]})
+    assert float(es) == pytest.approx(float(eu), rel=1e-10)
+    new_s = jaxl2.evidence_l2(cs, stacked, 0.1, stacked=axis, steps=20)
+    new_u = jaxl2.evidence_l2(cu, unrolled, 0.1, steps=20)
+    assert sorted(new_s) == [
+        r"blocks/kernel\[0\]",
+        r"blocks/kernel\[1\]",
+        r"blocks/kernel\[2\]",
+        "head/kernel",
+    ]
+    for i in range(3):
+        assert float(new_s[rf"blocks/kernel\[{i}\]"]) == pytest.approx(float(new_u[f"l{i}/kernel"]), rel=1e-9)
+    assert float(new_s["head/kernel"]) == pytest.approx(float(new_u["head/kernel"]), rel=1e-9)
+    assert len({round(float(v), 6) for v in new_s.values()}) == 4  # four different λs
+    # the rules go straight back into the penalty, per slice
+    assert float(jaxl2.l2_penalty(stacked, new_s, stacked=axis)) == pytest.approx(
+        float(
+            jaxl2.l2_penalty(
+                unrolled,
+                {
+                    **{f"l{i}/kernel": new_u[f"l{i}/kernel"] for i in range(3)},
+                    "head/kernel": new_u["head/kernel"],
+                },
+            )
+        ),
+        rel=1e-9,
+    )
+
+
+def test_kron_refuses_a_lambda_per_slice():
+    params = {"blocks": {"kernel": jnp.ones((2, 3, 3))}}
+    pair = (jnp.eye(6), jnp.eye(3))  # one pair for the whole leaf
+    curv = jaxl2.Curvature(jnp.zeros(()), (pair,), 4, ("blocks/kernel",), "kron")
+    with pytest.raises(jaxl2.Jaxl2Error, match="a kron curvature has one pair of factors per leaf"):
+        jaxl2.log_evidence(curv, params, 0.1, stacked={"blocks/kernel": 0})
+
+
 @pytest.mark.parametrize(
     "call, match",
     [

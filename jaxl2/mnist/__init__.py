@@ -29,12 +29,12 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load lazily below
     from jaxl2.mnist.auto import AutoTrainer as AutoTrainer
-    from jaxl2.mnist.evidence import EvidenceTrainer as EvidenceTrainer
     from jaxl2.mnist.config import Config as Config
     from jaxl2.mnist.config import ConfigError as ConfigError
     from jaxl2.mnist.config import RunSettings as RunSettings
     from jaxl2.mnist.config import SweepSettings as SweepSettings
     from jaxl2.mnist.data import load as load_data  # noqa: F401 (re-exported: __all__)
+    from jaxl2.mnist.evidence import EvidenceTrainer as EvidenceTrainer
     from jaxl2.mnist.loop import Diverged as Diverged
     from jaxl2.mnist.loop import Interrupted as Interrupted
     from jaxl2.mnist.model import MLP as MLP
