@@ -91,7 +91,7 @@ class Curvature:
     ``G = Σ_i Σ_c p_ic·b_ic b_icᵀ − μ_i μ_iᵀ`` with ``μ_i = Σ_c p_ic·b_ic`` (a bias: ``A = [[1]]``
     and the same ``G``, which is then exact); build ``Curvature(log_likelihood, ((A, G), ...),
     n, paths, "kron")`` (:mod:`jaxl2.mnist.evidence` does, for its MLP). The evidence then needs
-    one λ per leaf (``A`` is isotropic in each factor's eigenbasis only then)."""
+    one λ per leaf (only then is the prior precision ``αI`` diagonal in the factors' eigenbasis)."""
 
     log_likelihood: jax.Array
     ggn: Any

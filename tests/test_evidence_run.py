@@ -63,8 +63,9 @@ def test_the_kron_factors_equal_kfac_by_hand_in_float64():
     bias's exact block against jaxl2.ggn(structure="full")."""
     with jax.enable_x64(True):
         model = model_of(Config(hidden=(6,), activation="tanh"))
-        params = jax.tree.map(
-            lambda a: a.astype(jnp.float64), model.init(jax.random.key(0), jnp.zeros((1, 784)))
+        params = jax.tree_util.tree_map_with_path(  # float64, non-zero biases: padded rows then
+            lambda kp, a: a.astype(jnp.float64) + 0.3 * (kp[-1].key == "bias"),  # need their mask
+            model.init(jax.random.key(0), jnp.zeros((1, 784))),
         )
         x = jax.random.uniform(jax.random.key(1), (21, 784), jnp.float64)
         y = jax.random.randint(jax.random.key(2), (21,), 0, 10)
@@ -132,6 +133,8 @@ def test_an_evidence_run_trains_on_everything_records_and_resumes_exactly(tmp_pa
     evidence = [r["log_evidence"] for r in rows]
     assert evidence[0] is None and evidence[1] == evidence[2] and np.isfinite(evidence[3])
     assert summary["log_evidence"] == pytest.approx(evidence[3], rel=1e-6)
+    # the summary's penalty: the final params with the λs that trained them (the last update's came after)
+    assert summary["penalty"] == pytest.approx(rows[-1]["train_penalty"], rel=1e-5)
     assert summary["l2_final"] == {p: pytest.approx(lams[-1, i], rel=1e-6) for i, p in enumerate(LAYERS)}
     assert open(os.path.join(out_a, "lambda.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert _run.evaluate_run(out_a)["accuracy"] == pytest.approx(summary["test_accuracy"], abs=1e-6)
@@ -169,6 +172,7 @@ def test_an_evidence_run_trains_on_everything_records_and_resumes_exactly(tmp_pa
         ({"evidence_every": 3}, "evidence_every is a setting of l2 evidence, which this run does not use"),
         ({"l2": "auto", "evidence_steps": 2}, "evidence_steps is a setting of l2 evidence, which this run"),
         ({"l2": "evidence", "evidence_every": 0}, "evidence_every 0 is invalid (epochs per λ update"),
+        ({"l2": "evidence", "epochs": 3}, "evidence_every 5 is more than epochs 3: λ would never be updated"),
         ({"l2": "evidence", "evidence_steps": 1.5}, "evidence_steps 1.5 is invalid (MacKay iterations"),
         ({"l2": "evidence", "l2_every": 8}, "l2_every is a setting of l2 auto, which this run does not use"),
         (
@@ -233,3 +237,25 @@ def test_help_explains_evidence():
     assert "--evidence-steps" in text
     sweep = cli.build_parser()._subparsers._group_actions[0].choices["sweep"].format_help()
     assert "--evidence-every" not in sweep
+
+
+@pytest.mark.parametrize("latest, kept", [(False, 0), (True, 2)])
+def test_a_call_keeps_its_last_epoch_with_latest_and_its_best_without(latest, kept):
+    """Three epochs in one compiled call whose validation accuracy falls (1/2, 1/3, 1/4): by
+    validation the first epoch's params are kept; with ``latest`` (an evidence run) the last's."""
+    from flax import struct
+
+    from jaxl2.mnist.loop import epochs_program
+
+    class State(struct.PyTreeNode):
+        params: jax.Array
+
+    def epoch_fn(st):
+        return st.replace(params=st.params + 1), {"loss": jnp.float32(0), "nonfinite_step": jnp.int32(-1)}
+
+    def evaluate_fn(params):
+        return {"accuracy": 1 / (1 + params), "data_loss": params}
+
+    program = jax.jit(epochs_program(epoch_fn, evaluate_fn, 3, latest), static_argnums=())
+    _, _, _, best = program(State(jnp.float32(0)), 3)
+    assert int(best["index"]) == kept and float(best["params"]) == kept + 1

@@ -39,6 +39,7 @@ from jaxl2.errors import Jaxl2Error
 __all__ = [
     "Config",
     "ConfigError",
+    "render",
     "FIELDS",
     "RunSettings",
     "SweepSettings",
@@ -122,14 +123,19 @@ def field(name: str) -> str:
     return f"{_MARK}{name}{_MARK}"
 
 
+def render(text: str, name_of: Callable[[str], str] = lambda f: f) -> str:
+    """``text`` with each :func:`field` shown as ``name_of(name)`` (a flag, on the command line)."""
+    parts = text.split(_MARK)
+    return "".join(name_of(p) if i % 2 else p for i, p in enumerate(parts))
+
+
 class Named:
     """Mixin of the application's errors: a message that names fields through :func:`field`."""
 
     args: tuple[Any, ...]  # the exception's, which every user of the mixin is
 
     def render(self, name_of: Callable[[str], str] = lambda f: f) -> str:
-        parts = str(self.args[0] if self.args else "").split(_MARK)
-        return "".join(name_of(p) if i % 2 else p for i, p in enumerate(parts))
+        return render(str(self.args[0] if self.args else ""), name_of)
 
     def __str__(self) -> str:
         return self.render()
@@ -175,7 +181,7 @@ class Config:
     l2_every: int = AUTO_DEFAULTS["l2_every"]
     l2_lr: float = AUTO_DEFAULTS["l2_lr"]  # with `l2` auto: Adam's learning rate on ln λ
     # with `l2` evidence: epochs between λ updates (the first after epoch `evidence_every`), each
-    # from the exact Gauss-Newton diagonal over all training examples
+    # from the Gauss-Newton (`evidence_curvature`) over all training examples
     evidence_every: int = EVIDENCE_DEFAULTS["evidence_every"]
     # with `l2` evidence: MacKay fixed-point iterations per update, at that epoch's params
     evidence_steps: int = EVIDENCE_DEFAULTS["evidence_steps"]
@@ -392,6 +398,11 @@ def _check_auto(cfg: Config) -> None:
         if not (_is_int(getattr(cfg, name)) and getattr(cfg, name) >= 1):
             what = "epochs per λ update" if name == "evidence_every" else "MacKay iterations per λ update"
             raise _bad(name, getattr(cfg, name), f"{what}, an integer >= 1")
+    if cfg.l2_evidence and _is_int(cfg.epochs) and cfg.evidence_every > cfg.epochs:
+        raise ConfigError(
+            f"{field('evidence_every')} {cfg.evidence_every} is more than {field('epochs')} {cfg.epochs}: "
+            f"λ would never be updated (at most {cfg.epochs})"
+        )
     if cfg.evidence_curvature not in EVIDENCE_CURVATURES:
         raise _unknown("evidence_curvature", cfg.evidence_curvature, EVIDENCE_CURVATURES)
     readers = [

@@ -192,7 +192,7 @@ def calls(epochs: Sequence[int], size: int, every: int | None = None) -> list[tu
 
 
 def epochs_program(
-    epoch_fn: Callable[..., tuple[Any, Any]], evaluate_fn: Callable[..., Any], size: int
+    epoch_fn: Callable[..., tuple[Any, Any]], evaluate_fn: Callable[..., Any], size: int, latest: bool = False
 ) -> Callable[..., Any]:
     """The compiled unit of the run loop: ``program(state, n, *args)`` runs ``n ≤ size`` epochs
     (``epoch_fn(state, *args) -> (state, metrics)``), each followed by validation
@@ -200,8 +200,9 @@ def epochs_program(
     ``n`` are skipped by ``lax.cond``, so one executable serves every ``n``).
 
     Returns ``(state, metrics, val, best)``: metrics and val stacked ``[size, ...]``, and the
-    best epoch of the call by validation accuracy among the finite ones (ties: the later),
-    ``best = {"index", "val", "params"}``, per member when the accuracy is ``[K]``.
+    best epoch of the call by validation accuracy among the finite ones (ties: the later; with
+    ``latest``, the last finite one, whatever its accuracy), ``best = {"index", "val", "params"}``,
+    per member when the accuracy is ``[K]``.
     """
 
     def program(state, n, *args):
@@ -219,7 +220,7 @@ def epochs_program(
             st, (m, val) = jax.lax.cond(i < n, one, skip, st)
             finite = jnp.all((m["nonfinite_step"] < 0) & jnp.isfinite(m["loss"]))
             alive = alive & (finite | (i >= n))
-            better = alive & (i < n) & (val["accuracy"] >= best["val"])
+            better = alive & (i < n) & ((val["accuracy"] >= best["val"]) | latest)
 
             def pick(new, old):
                 return jnp.where(better.reshape(better.shape + (1,) * (new.ndim - better.ndim)), new, old)
@@ -249,12 +250,14 @@ def compile_epochs(
     size: int,
     state: Any,
     *args: Any,
+    latest: bool = False,
 ) -> Callable[[Any, int], tuple[Any, Any, Any, Any]]:
     """:func:`epochs_program` compiled for ``state`` and ``args`` (with the training functions'
-    compiler options), bound to ``args``: ``program(state, n)`` for :func:`run_epochs`. It also
+    compiler options; ``latest`` as there), bound to ``args``: ``program(state, n)`` for
+    :func:`run_epochs`. It also
     runs one call of 0 epochs here. The executable's one-time set-up (~18 ms of a first call on
     2 CPU cores) is then paid with compiling, not in the first epoch's time."""
-    fn = jax.jit(epochs_program(epoch_fn, evaluate_fn, size), compiler_options=XLA_OPTIONS)
+    fn = jax.jit(epochs_program(epoch_fn, evaluate_fn, size, latest), compiler_options=XLA_OPTIONS)
     compiled = fn.lower(state, 1, *args).compile()
     jax.block_until_ready(compiled(state, 0, *args))
     return lambda st, n: compiled(st, n, *args)

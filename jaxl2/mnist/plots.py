@@ -15,8 +15,9 @@ def best_epoch(rows: Sequence[dict[str, Any]]) -> int:
 def curves(rows: Sequence[dict[str, Any]], path: str, title: str = "") -> dict[str, Any]:
     """Writes ``path``: data loss (and penalty) and accuracy per epoch from ``metrics.jsonl`` rows.
 
-    The accuracy axis spans every epoch's values (train and validation), and the best epoch
-    by validation accuracy, the one the run keeps, is marked on both panels. Returns
+    The accuracy axis spans every epoch's values (train and validation), and the epoch the run
+    keeps is marked on both panels: the best by validation accuracy, or with ``l2 evidence``
+    (rows with ``log_evidence``; its validation images are training data) the last. Returns
     ``{"best_epoch", "accuracy_limits", "epoch_ticks"}`` (what was drawn).
     """
     if not rows:
@@ -38,11 +39,13 @@ def curves(rows: Sequence[dict[str, Any]], path: str, title: str = "") -> dict[s
     acc = [100 * r[k] for r in rows for k in ("train_accuracy", "val_accuracy")]
     ax_a.plot(ep, [100 * r["train_accuracy"] for r in rows], label="train")
     ax_a.plot(ep, [100 * r["val_accuracy"] for r in rows], label="validation")
-    best = best_epoch(rows)
+    last = "log_evidence" in rows[0]
+    best = ep[-1] if last else best_epoch(rows)
     best_val = next(100 * r["val_accuracy"] for r in rows if r["epoch"] == best)
     for ax in (ax_l, ax_a):
         ax.axvline(best, color="k", ls=":", lw=1)
-    ax_a.plot([best], [best_val], "k*", ms=9, label=f"best validation: epoch {best}, {best_val:.2f}%")
+    what = "the model (last epoch; validation is training data)" if last else "best validation"
+    ax_a.plot([best], [best_val], "k*", ms=9, label=f"{what}: epoch {best}, {best_val:.2f}%")
     ax_a.set_xlabel("epoch")
     ax_a.set_ylabel("accuracy (%)")
     limits = (max(0.0, min(acc) - 2), min(100.0, max(acc)) + 1)
@@ -106,8 +109,9 @@ def sweep(rows: Sequence[dict[str, Any]], selected_l2: float, path: str, title: 
 
 def lambdas(rows: Sequence[dict[str, Any]], path: str, title: str = "") -> list[str]:
     """Writes ``path``: each layer's λ (the ``l2/PATH`` columns of ``l2 auto``'s or ``l2
-    evidence``'s ``metrics.jsonl``) against epoch, on a log scale, with the best epoch marked;
-    below it, with ``l2 evidence``, the log evidence of each λ update.
+    evidence``'s ``metrics.jsonl``) against epoch, on a log scale, with the epoch the run keeps
+    marked (as :func:`curves` does); below it, with ``l2 evidence``, the log evidence of each λ
+    update.
 
     Returns the layers drawn (their paths).
     """
@@ -123,7 +127,8 @@ def lambdas(rows: Sequence[dict[str, Any]], path: str, title: str = "") -> list[
     # the rows carry the last update's log evidence: one point per update
     evidence = [(r["epoch"], r["log_evidence"]) for r in rows if r.get("log_evidence") is not None]
     evidence = [pt for i, pt in enumerate(evidence) if i == 0 or pt[1] != evidence[i - 1][1]]
-    if evidence:
+    last = "log_evidence" in rows[0]
+    if last:
         fig, (ax, ax_e) = plt.subplots(2, 1, figsize=(6, 5.4), sharex=True, constrained_layout=True)
         ax_e.plot(*zip(*evidence), color="k", marker=".", lw=1)
         ax_e.set_ylabel("log evidence (nats)")
@@ -132,13 +137,13 @@ def lambdas(rows: Sequence[dict[str, Any]], path: str, title: str = "") -> list[
         fig, ax = plt.subplots(figsize=(6, 3.4), constrained_layout=True)
     for key in layers:
         ax.plot(ep, [r[key] for r in rows], label=key[len("l2/") :])
-    if evidence:  # trained on train ∪ validation: the model is the last epoch's
+    if last:  # trained on train ∪ validation: the model is the last epoch's
         ax.axvline(ep[-1], color="k", ls=":", lw=1, label=f"the model: epoch {ep[-1]}")
     else:
         best = best_epoch(rows)
         ax.axvline(best, color="k", ls=":", lw=1, label=f"best validation: epoch {best}")
     ax.set_yscale("log")
-    if not evidence:
+    if not last:
         ax.set_xlabel("epoch")
     ax.set_ylabel("λ (end of epoch)")
     ax.legend(fontsize=8)

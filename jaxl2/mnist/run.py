@@ -185,6 +185,8 @@ def train_and_evaluate(
         _refit_mod.refit_epochs(refit_epochs, 1, 1)  # a bad rule fails before anything is done
     cfg, ds = load_and_check(cfg)
     if cfg.l2_evidence:  # λ needs no held-out data: train on all of it, and nothing is left to refit
+        if refit:
+            log(f"{field('l2')} {cfg.l2} trains on all of train ∪ validation: there is no refit")
         refit, ds = False, ds._replace(train=_refit_mod.train_val(ds))
     check_interrupt()
     mesh = _mesh(settings.devices, cfg.batch_size)
@@ -346,7 +348,12 @@ def _epochs(
             return trainer.epoch_fn(st, x, y, xv, yv) if auto else trainer.epoch_fn(st, x, y)
 
         program = compile_epochs(
-            epoch_fn, lambda p, x, y, xv, yv: trainer.eval_fn(p, xv, yv), size, state, *data
+            epoch_fn,
+            lambda p, x, y, xv, yv: trainer.eval_fn(p, xv, yv),
+            size,
+            state,
+            *data,
+            latest=cfg.l2_evidence,  # each call keeps its last epoch's params, as `best` does
         )
         compile_seconds = time.perf_counter() - t0
 
@@ -401,9 +408,14 @@ def _summary(
             lambdas(rows, os.path.join(job.out, "lambda.png"), title=f"{title}{cfg.l2}")
     trained = (cfg.epochs - start) * trainer.steps_per_epoch * cfg.batch_size
     l2, auto = cfg.l2, {}
-    if cfg.l2_auto or cfg.l2_evidence:  # the penalty of the best params with the λs of their epoch
+    if cfg.l2_auto:  # the penalty of the best params with the λs of their epoch
         l2 = _auto.penalty_rules(_auto.l2_at(rows, best.epoch))
         auto = {"l2_final": trainer.lambdas(state)}
+    if cfg.l2_evidence:  # the λs the last epoch trained with: the row before's (an update ends it)
+        before = (
+            _auto.l2_at(rows, best.epoch - 1) if best.epoch > 1 else dict.fromkeys(trainer.paths, cfg.l2_init)
+        )
+        l2, auto = _auto.penalty_rules(before), {"l2_final": trainer.lambdas(state)}
     if cfg.l2_evidence:
         auto["log_evidence"] = _finite(parallel.host(state.log_evidence))
     return {

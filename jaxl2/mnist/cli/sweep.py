@@ -8,8 +8,8 @@ import os
 
 from jaxl2.mnist.cli.options import enable_cache, given, refit_choice
 from jaxl2.mnist.cli.progress import Progress
-from jaxl2.mnist.cli.report import fail, format_per_l2, format_refit, warn_if_chance
-from jaxl2.mnist.config import Config, SweepSettings
+from jaxl2.mnist.cli.report import fail, flag, format_per_l2, format_refit, warn_if_chance
+from jaxl2.mnist.config import Config, SweepSettings, render
 
 __all__ = ["run"]
 
@@ -53,7 +53,9 @@ def run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             resume=args.resume,
             on_epoch=progress.epoch,
-            log=lambda text: None if args.quiet or args.json else progress.say(f"jaxl2: {text}"),
+            log=lambda text: (
+                None if args.quiet or args.json else progress.say(f"jaxl2: {render(text, flag)}")
+            ),
         )
     warn_if_chance([(r["val_accuracy"], summary["lr"], r["l2"]) for r in summary["results"]], cfg)
     if args.json:
