@@ -27,7 +27,8 @@ computation, in float64.
 Example:
   >>> from jaxl2.mnist.config import Config
   >>> from jaxl2.mnist.evidence import EvidenceTrainer
-  >>> trainer = EvidenceTrainer(Config(l2="evidence", hidden=(8,), batch_size=4, epochs=1), num_train=8)
+  >>> cfg = Config(l2="evidence", hidden=(8,), batch_size=4, epochs=1, evidence_every=1)
+  >>> trainer = EvidenceTrainer(cfg, num_train=8)
   >>> {p: f"{lam:.3g}" for p, lam in trainer.lambdas(trainer.init()).items()}  # every λ at l2_init
   {'params/Dense_0/kernel': '0.0001', 'params/Dense_1/kernel': '0.0001'}
 """
