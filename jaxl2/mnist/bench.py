@@ -198,7 +198,7 @@ print(time.time() - t0)
 """
 
 
-def _probe(code: str, cache: str) -> float:
+def _seconds_to(code: str, cache: str) -> float:
     r = subprocess.run(
         [sys.executable, "-c", code, repr(time.time())],
         capture_output=True,
@@ -219,9 +219,9 @@ def startup(rounds: int) -> dict[str, Any]:
     out: dict[str, list[float]] = {"floor": [], "cold": [], "warm": []}
     for _ in range(rounds):
         with tempfile.TemporaryDirectory() as cache:
-            out["floor"].append(_probe(_FLOOR, cache))
-            out["cold"].append(_probe(_FIRST_STEP, cache))
-            out["warm"].append(_probe(_FIRST_STEP, cache))
+            out["floor"].append(_seconds_to(_FLOOR, cache))
+            out["cold"].append(_seconds_to(_FIRST_STEP, cache))
+            out["warm"].append(_seconds_to(_FIRST_STEP, cache))
     over = {k: [t - f for t, f in zip(out[k], out["floor"])] for k in ("cold", "warm")}
     return {
         **{f"{k}_seconds": _stats(v) for k, v in out.items()},
