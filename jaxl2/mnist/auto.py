@@ -41,7 +41,15 @@ from jaxl2.mnist.model import abstract_params
 from jaxl2.mnist.steps import Trainer, TrainState
 from jaxl2.penalty import l2_penalty
 
-__all__ = ["AutoTrainState", "AutoTrainer", "trainer_for", "lambda_columns", "l2_at", "penalty_rules"]
+__all__ = [
+    "AutoTrainState",
+    "AutoTrainer",
+    "trainer_for",
+    "lambdas_of",
+    "lambda_columns",
+    "l2_at",
+    "penalty_rules",
+]
 
 
 class AutoTrainState(TrainState):
@@ -85,8 +93,7 @@ class AutoTrainer(Trainer):
 
     def lambdas(self, state: AutoTrainState) -> dict[str, float]:
         """``{path: λ}`` of ``state``, as Python floats."""
-        lam_L = np.exp(np.asarray(jax.device_get(state.l2.log_l2), np.float64))
-        return {p: float(lam) for p, lam in zip(self.paths, lam_L)}
+        return lambdas_of(self.paths, state.l2.log_l2)
 
     def step_fn(self, state: AutoTrainState, batch, val_batch=None):  # type: ignore[override]  # λ in the state
         """One step of :func:`jaxl2.auto_l2`; with ``val_batch`` also the λ update."""
@@ -154,6 +161,12 @@ def trainer_for(cfg: Config, num_train: int, *, mesh: Any = None) -> Trainer:
     return (AutoTrainer if cfg.l2_auto else Trainer)(cfg, num_train, mesh=mesh)
 
 
+def lambdas_of(paths: list[str], log_l2: jax.Array) -> dict[str, float]:
+    """``{path: λ}`` of ``ln λ`` per path, as Python floats (the state's λs, on the host)."""
+    lam_L = np.exp(np.asarray(jax.device_get(log_l2), np.float64))
+    return {p: float(lam) for p, lam in zip(paths, lam_L)}
+
+
 def lambda_columns(rows: list[dict[str, Any]]) -> list[str]:
     """The ``l2/PATH`` keys of ``metrics.jsonl`` rows, in the order of the first row."""
     return [k for k in rows[0] if k.startswith("l2/")] if rows else []
@@ -165,6 +178,6 @@ def l2_at(rows: list[dict[str, Any]], epoch: int) -> dict[str, float]:
     return {k[len("l2/") :]: row[k] for k in lambda_columns(rows)}
 
 
-def penalty_rules(lambdas: dict[str, float]) -> dict[str, float]:
+def penalty_rules(lambdas: dict[str, Any]) -> dict[str, Any]:
     """``{path: λ}`` as jaxl2's ``{regex: λ}`` mapping (each path escaped: it matches itself only)."""
     return {re.escape(p): lam for p, lam in lambdas.items()}

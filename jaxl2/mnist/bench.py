@@ -198,17 +198,22 @@ print(time.time() - t0)
 """
 
 
-def _seconds_to(code: str, cache: str) -> float:
+def _child(argv: list[str], cache: str, what: str, timeout: float = 300) -> str:
+    """The stdout of ``python ARGV`` in a new process with ``JAXL2_CACHE_DIR=cache``."""
     r = subprocess.run(
-        [sys.executable, "-c", code, repr(time.time())],
+        [sys.executable, *argv],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
         env={**os.environ, "JAXL2_CACHE_DIR": cache},
     )
     if r.returncode != 0:
-        raise RuntimeError(f"start-up probe failed: {r.stderr.strip().splitlines()[-1:]}")
-    return float(r.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"{what} failed: {r.stderr.strip().splitlines()[-1:]}")
+    return r.stdout
+
+
+def _seconds_to(code: str, cache: str) -> float:
+    return float(_child(["-c", code, repr(time.time())], cache, "start-up probe").strip().splitlines()[-1])
 
 
 def startup(rounds: int) -> dict[str, Any]:
@@ -236,19 +241,16 @@ def default_command(quick: bool = False) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as root:
         for which in ("cold", "warm"):
-            argv = [sys.executable, "-m", "jaxl2", "train", "--json", "--out", os.path.join(root, which)]
+            argv = ["-m", "jaxl2", "train", "--json", "--out", os.path.join(root, which)]
             t0 = time.perf_counter()
-            r = subprocess.run(
+            stdout = _child(
                 [*argv, *(["--epochs", "2"] if quick else [])],
-                capture_output=True,
-                text=True,
-                timeout=900,
-                env={**os.environ, "JAXL2_CACHE_DIR": os.path.join(root, "cache")},
+                os.path.join(root, "cache"),
+                "jaxl2 train",
+                900,
             )
             wall = time.perf_counter() - t0
-            if r.returncode != 0:
-                raise RuntimeError(f"jaxl2 train failed: {r.stderr.strip().splitlines()[-1:]}")
-            s = json.loads(r.stdout)
+            s = json.loads(stdout)
             compute = s["seconds"] + s.get("refit_seconds", 0.0)
             out[which] = {
                 "wall_seconds": wall,

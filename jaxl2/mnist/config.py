@@ -91,7 +91,7 @@ AUTO_L2_BOUNDS = (1e-8, 1.0)  # the λs stay within them (jaxl2.auto_l2's bounds
 # l2 = "evidence": one λ per selected leaf, chosen during the run by the Laplace evidence on all
 # of train ∪ validation (jaxl2.mnist.evidence); it starts at l2_init, as auto does
 EVIDENCE = "evidence"
-# The fields that only l2 = "evidence" reads, with their defaults (jaxl2.mnist.evidence says why).
+# The fields that only l2 = "evidence" reads, with their defaults.
 EVIDENCE_DEFAULTS: dict[str, Any] = {"evidence_every": 5, "evidence_steps": 5, "evidence_curvature": "kron"}
 EVIDENCE_CURVATURES = ("kron", "diag")
 
@@ -405,15 +405,19 @@ def _check_auto(cfg: Config) -> None:
         )
     if cfg.evidence_curvature not in EVIDENCE_CURVATURES:
         raise _unknown("evidence_curvature", cfg.evidence_curvature, EVIDENCE_CURVATURES)
-    readers = [
-        (AUTO, cfg.l2_auto, {k: v for k, v in AUTO_DEFAULTS.items() if k != "l2_init"}),
-        (EVIDENCE, cfg.l2_evidence, EVIDENCE_DEFAULTS),
-        (f"{AUTO} or {EVIDENCE}", cfg.l2_auto or cfg.l2_evidence, {"l2_init": AUTO_DEFAULTS["l2_init"]}),
+    readers = [  # (the l2 that reads them, the one to suggest, whether this run does, fields)
+        (AUTO, AUTO, cfg.l2_auto, {k: v for k, v in AUTO_DEFAULTS.items() if k != "l2_init"}),
+        (EVIDENCE, EVIDENCE, cfg.l2_evidence, EVIDENCE_DEFAULTS),
+        (
+            f"{AUTO} or {EVIDENCE}",
+            AUTO,
+            cfg.l2_auto or cfg.l2_evidence,
+            {"l2_init": AUTO_DEFAULTS["l2_init"]},
+        ),
     ]
-    for which, used, defaults in readers:
+    for which, add, used, defaults in readers:
         changed = [f for f, v in defaults.items() if getattr(cfg, f) != v]
         if changed and not used:
-            add = which.split(" or ")[0]
             raise ConfigError(
                 f"{field(changed[0])} is a setting of {field('l2')} {which}, which this run does not use "
                 f"({field('l2')} {cfg.l2}); add {field('l2')} {add} or drop {field(changed[0])}"

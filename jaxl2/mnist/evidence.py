@@ -45,6 +45,7 @@ import numpy as np
 
 from jaxl2 import select as _select
 from jaxl2.evidence import Curvature, evidence_l2, log_evidence
+from jaxl2.mnist.auto import lambdas_of, penalty_rules
 from jaxl2.mnist.config import AUTO_L2_BOUNDS, INPUT_DIM, Config
 from jaxl2.mnist.model import ACTIVATION_FNS, abstract_params
 from jaxl2.mnist.steps import Trainer, TrainState
@@ -186,12 +187,11 @@ class EvidenceTrainer(Trainer):
 
     def rules(self, log_l2: jax.Array) -> dict[str, jax.Array]:
         """``{re.escape(path): λ}`` of ``ln λ`` per selected leaf."""
-        return {re.escape(p): jnp.exp(log_l2[i]) for i, p in enumerate(self.paths)}
+        return penalty_rules({p: jnp.exp(log_l2[i]) for i, p in enumerate(self.paths)})
 
     def lambdas(self, state: EvidenceTrainState) -> dict[str, float]:
         """``{path: λ}`` of ``state``, as Python floats."""
-        lam = np.exp(np.asarray(jax.device_get(state.log_l2), np.float64))
-        return {p: float(v) for p, v in zip(self.paths, lam)}
+        return lambdas_of(self.paths, state.log_l2)
 
     def curvature(self, params: Any, x_NxD: jax.Array, y_N: jax.Array) -> Curvature:
         """The selected leaves' GGN over ``x_NxD, y_N`` (:func:`dense_ggn`, ``evidence_curvature``)."""
@@ -205,14 +205,13 @@ class EvidenceTrainer(Trainer):
     def update(self, state: EvidenceTrainState, x_NxD: jax.Array, y_N: jax.Array) -> EvidenceTrainState:
         """The λ update at ``state.params``: MacKay's fixed point, then the evidence at the new λs."""
         curv = self.curvature(state.params, x_NxD, y_N)
-        lo, hi = AUTO_L2_BOUNDS
         rules = evidence_l2(
             curv,
             state.params,
             self.rules(state.log_l2),
             select=self.select,
             steps=self.cfg.evidence_steps,
-            bounds=(lo, hi),
+            bounds=AUTO_L2_BOUNDS,
         )
         log_l2 = jnp.log(jnp.stack([rules[re.escape(p)] for p in self.paths])).astype(jnp.float32)
         evidence = log_evidence(curv, state.params, rules, select=self.select).astype(jnp.float32)

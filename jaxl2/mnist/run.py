@@ -415,9 +415,11 @@ def _summary(
         before = (
             _auto.l2_at(rows, best.epoch - 1) if best.epoch > 1 else dict.fromkeys(trainer.paths, cfg.l2_init)
         )
-        l2, auto = _auto.penalty_rules(before), {"l2_final": trainer.lambdas(state)}
-    if cfg.l2_evidence:
-        auto["log_evidence"] = _finite(parallel.host(state.log_evidence))
+        l2 = _auto.penalty_rules(before)
+        auto = {
+            "l2_final": trainer.lambdas(state),
+            "log_evidence": _finite(parallel.host(state.log_evidence)),
+        }
     return {
         **member_summary(trainer.evaluate, best.params, job.ds, cfg, l2),
         **auto,
