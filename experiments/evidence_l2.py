@@ -19,23 +19,11 @@ import os
 import time
 
 import numpy as np
+from auto_l2 import FIXED_L2, TARGET_POINTS, TARGET_RATIO, pm, timed_run  # the sibling script's
 
 from jaxl2.mnist.config import DEFAULT_SWEEP_L2, Config, SweepSettings
-from jaxl2.mnist.run import train_and_evaluate
 from jaxl2.mnist.runtime import device_name
 from jaxl2.mnist.sweep import train_sweep
-
-TARGET_POINTS, TARGET_RATIO, FIXED_L2 = 0.3, 1.5, 1e-3
-
-
-def timed_run(cfg: Config, out: str) -> dict:
-    t0 = time.perf_counter()
-    s = train_and_evaluate(cfg, out, overwrite=True)
-    return {**s, "wall_seconds": time.perf_counter() - t0}
-
-
-def pm(values, scale=100.0) -> str:
-    return f"{scale * np.mean(values):.2f} ± {scale * np.std(values):.2f}"
 
 
 def geo(values) -> float:

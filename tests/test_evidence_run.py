@@ -19,20 +19,10 @@ from jaxl2.mnist.evidence import EvidenceTrainer, dense_ggn
 from jaxl2.mnist.model import model_of
 from jaxl2.mnist.results import RunSummary
 from tests.keys import assert_typed
+from tests.runs import assert_refused_in_one_line, latest_state, rows_of
 
 EVIDENCE = Config(l2="evidence", hidden=(16,), epochs=4, batch_size=500, lr=0.1, evidence_every=2)
 LAYERS = ["params/Dense_0/kernel", "params/Dense_1/kernel"]
-
-
-def rows_of(out):
-    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-
-
-def latest_state(out):
-    import orbax.checkpoint as ocp
-
-    with ocp.CheckpointManager(os.path.abspath(os.path.join(out, "checkpoints"))) as m:
-        return m.restore(m.latest_step())["state"]
 
 
 @pytest.mark.parametrize("activation", ["tanh", "relu"])
@@ -211,15 +201,7 @@ def test_config_accepts_evidence_and_round_trips_through_json():
     ],
 )
 def test_command_refuses_bad_evidence_combinations_in_one_line(tmp_path, capsys, argv, match):
-    out = tmp_path / "out"
-    try:
-        code = cli.main([*argv, "--out", str(out)])
-    except SystemExit as e:  # argparse's own errors
-        code = e.code
-    err = capsys.readouterr().err
-    assert code == 2 and err.startswith("jaxl2: error: ") and err.count("\n") == 1, err
-    assert match in err, err
-    assert not out.exists()
+    assert_refused_in_one_line(argv, tmp_path / "out", capsys, match)
 
 
 def test_a_sweep_refuses_evidence_before_loading_anything(tmp_path):
