@@ -91,8 +91,10 @@ def test_bench_quick_json_has_every_key():
         assert c["wall_seconds"] > c["training_seconds"] + c["refit_seconds"] > 0, c
         assert c["wall_over_compute"] == c["wall_seconds"] / (c["training_seconds"] + c["refit_seconds"])
     assert {"vmap", "sequential"} <= set(d["sweep"]) and "4" in d["sweep"]["vmap"]
-    for b in ("128", "1024"):
-        p = d["path"][b]
+    assert set(d["path"]) == {"mnist5k", "full-size"}
+    assert d["path"]["full-size"]["128"]["train_examples"] > d["path"]["mnist5k"]["128"]["train_examples"]
+    for w, b in [(w, b) for w in d["path"] for b in ("128", "1024")]:
+        p = d["path"][w][b]
         assert p["examples_per_second"]["median"] > 0 and 0 < p["fraction_of_ceiling"]
         assert {"jax", "jax_val", "torch", "keras"} <= set(p["peers"]) and p["peers"]["jax"][
             "jaxl2_speedup"
@@ -101,7 +103,7 @@ def test_bench_quick_json_has_every_key():
             if q is not None:
                 assert {"examples_per_second", "jaxl2_speedup", "version"} <= set(q), name
     assert {t["name"].split(",")[0] for t in d["targets"]} >= {
-        "jaxl2 train ÷ hand-written JAX epoch",
+        "jaxl2 train ÷ hand-written JAX epoch + validation (equal work)",
         "warm start − its floor",
         "default jaxl2 train (cold cache)",
     }
@@ -133,34 +135,63 @@ def test_hand_written_peer_trains_exactly_what_jaxl2_trains():
 
 def test_targets_compare_each_number_with_its_bound():
     peers = {
-        "jax": {"jaxl2_speedup": 1.02},
-        "jax_val": {"jaxl2_speedup": 1.1},
+        "jax": {"jaxl2_speedup": 0.9},
+        "jax_val": {"jaxl2_speedup": 1.02},
         "torch": {"jaxl2_speedup": 1.4},
-        "keras": None,
     }
+    slow = {**peers, "jax_val": {"jaxl2_speedup": 0.99}, "torch": None}
     r = {
         "device": "cpu: test",
         "path": {
-            "128": {"peers": peers, "fraction_of_ceiling": 0.5},
-            "1024": {"peers": {**peers, "jax": {"jaxl2_speedup": 0.99}}, "fraction_of_ceiling": 0.7},
+            "mnist5k": {
+                "128": {"peers": peers, "fraction_of_ceiling": 0.5},
+                "1024": {"peers": slow, "fraction_of_ceiling": 0.7},
+            },
+            "full-size": {
+                "128": {"peers": slow, "fraction_of_ceiling": 0.61},
+                "1024": {"peers": peers, "fraction_of_ceiling": 0.5},
+            },
         },
         "train": {"128": {"l2_overhead": {"median": 0.021}}, "1024": {"l2_overhead": {"median": -0.01}}},
         "startup": {"warm_over_floor_seconds": {"median": 0.4}, "cold_over_floor_seconds": {"median": 2.1}},
-        "command": {"cold": {"wall_over_compute": 1.4}, "warm": {"wall_over_compute": 1.2}},
+        "command": {
+            "cold": {"wall_over_compute": 1.4, "training_seconds": 1.0, "refit_seconds": 1.0},
+            "warm": {"wall_over_compute": 1.2, "training_seconds": 1.0, "refit_seconds": 1.0},
+        },
     }
-    met = {t["name"]: t["met"] for t in targets(r)}
-    assert met == {
-        "jaxl2 train ÷ hand-written JAX epoch, batch 128": True,
-        "jaxl2 train ÷ hand-written JAX epoch, batch 1024": False,
-        "jaxl2 train ÷ hand-written JAX epoch + validation, batch 128": True,
-        "jaxl2 train ÷ hand-written JAX epoch + validation, batch 1024": True,
-        "jaxl2 train ÷ PyTorch eager, batch 128": True,
-        "jaxl2 train ÷ PyTorch eager, batch 1024": True,
-        "jaxl2 train, fraction of the GEMM ceiling, batch 128": True,
+    rows = {t["name"]: t for t in targets(r)}
+    equal = "jaxl2 train ÷ hand-written JAX epoch + validation (equal work)"
+    assert {k: t["met"] for k, t in rows.items()} == {
+        f"{equal}, mnist5k, batch 128": True,
+        f"{equal}, mnist5k, batch 1024": False,
+        f"{equal}, full-size, batch 128": False,
+        f"{equal}, full-size, batch 1024": True,
+        "jaxl2 train ÷ PyTorch eager, mnist5k, batch 128": True,
+        "jaxl2 train ÷ PyTorch eager, full-size, batch 1024": True,  # no torch: no row
+        "jaxl2 train, fraction of the GEMM ceiling, full-size, batch 128": True,
         "L2 overhead, batch 128 (median of paired rounds)": False,
         "L2 overhead, batch 1024 (median of paired rounds)": True,
         "warm start − its floor, seconds": True,
         "cold start − its floor, seconds": False,
         "default jaxl2 train (cold cache), wall ÷ (training + refit)": False,
         "default jaxl2 train (warm cache), wall ÷ (training + refit)": True,
+    }
+    assert rows["default jaxl2 train (cold cache), wall ÷ (training + refit)"]["target"] == pytest.approx(1.3)
+    # on a GPU: equal work ≥ 0.9 on the full-size workload only, the command ≤ 3 × compute + 5 s
+    gpu = {
+        **r,
+        "device": "gpu: H100 × 1",
+        "sweep": {"vmap": {"1": {"relative_to_1": 1.0}, "64": {"relative_to_1": 0.04}}},
+    }
+    rows = {t["name"]: t for t in targets(gpu)}
+    assert rows[f"{equal}, full-size, batch 128"]["met"] and f"{equal}, mnist5k, batch 128" not in rows
+    assert rows["default jaxl2 train (cold cache), wall ÷ (training + refit)"]["target"] == pytest.approx(
+        (3 * 2 + 5) / 2
+    )
+    assert rows["64-member vmapped sweep ÷ one member, time"] == {
+        "name": "64-member vmapped sweep ÷ one member, time",
+        "value": pytest.approx(2.56),
+        "target": 3.0,
+        "at_least": False,
+        "met": True,
     }
