@@ -27,7 +27,6 @@ Example:
 
 from __future__ import annotations
 
-import functools
 import re
 from typing import Any
 
@@ -36,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxl2.auto import AutoL2State, auto_l2, shared_adam
-from jaxl2.mnist.config import AUTO_L2_BOUNDS, INPUT_DIM, Config
+from jaxl2.mnist.config import AUTO_L2_BOUNDS, Config
 from jaxl2.mnist.model import abstract_params
 from jaxl2.mnist.steps import Trainer, TrainState
 from jaxl2.penalty import l2_penalty
@@ -83,13 +82,10 @@ class AutoTrainer(Trainer):
         )
         self.paths = self.auto.paths(abstract_params(self.cfg))
 
-    @functools.partial(jax.jit, static_argnums=0)
-    def _init(self, key: jax.Array) -> AutoTrainState:
-        k_init, k_data = jax.random.split(key)
-        params = self.model.init(k_init, jnp.zeros((1, INPUT_DIM), jnp.float32))
-        return AutoTrainState(
-            jnp.zeros((), jnp.int32), params, self.tx.init(params), k_data, self.auto.init(params)
-        )
+    def state_of(self, params: Any, rng: jax.Array) -> AutoTrainState:
+        """The state at step 0, every λ at ``l2_init``."""
+        s = super().state_of(params, rng)
+        return AutoTrainState(s.step, s.params, s.opt_state, s.rng, self.auto.init(params))
 
     def lambdas(self, state: AutoTrainState) -> dict[str, float]:
         """``{path: λ}`` of ``state``, as Python floats."""

@@ -35,7 +35,6 @@ Example:
 
 from __future__ import annotations
 
-import functools
 import re
 from typing import Any
 
@@ -46,7 +45,7 @@ import numpy as np
 from jaxl2 import select as _select
 from jaxl2.evidence import Curvature, evidence_l2, log_evidence
 from jaxl2.mnist.auto import lambdas_of, penalty_rules
-from jaxl2.mnist.config import AUTO_L2_BOUNDS, INPUT_DIM, Config
+from jaxl2.mnist.config import AUTO_L2_BOUNDS, Config
 from jaxl2.mnist.model import ACTIVATION_FNS, abstract_params
 from jaxl2.mnist.steps import Trainer, TrainState
 
@@ -177,13 +176,12 @@ class EvidenceTrainer(Trainer):
         super().__init__(cfg, num_train, mesh=mesh)
         self.paths = [p for p, _ in _select.resolve(abstract_params(self.cfg), self.select)]
 
-    @functools.partial(jax.jit, static_argnums=0)
-    def _init(self, key: jax.Array) -> EvidenceTrainState:
-        k_init, k_data = jax.random.split(key)
-        params = self.model.init(k_init, jnp.zeros((1, INPUT_DIM), jnp.float32))
+    def state_of(self, params: Any, rng: jax.Array) -> EvidenceTrainState:
+        """The state at step 0: every λ at ``l2_init``, no log evidence yet (NaN)."""
         log_l2 = jnp.full((len(self.paths),), np.log(self.cfg.l2_init), jnp.float32)
         nan = jnp.full((), jnp.nan, jnp.float32)
-        return EvidenceTrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params), k_data, log_l2, nan)
+        s = super().state_of(params, rng)
+        return EvidenceTrainState(s.step, s.params, s.opt_state, s.rng, log_l2, nan)
 
     def rules(self, log_l2: jax.Array) -> dict[str, jax.Array]:
         """``{re.escape(path): λ}`` of ``ln λ`` per selected leaf."""

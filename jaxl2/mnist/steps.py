@@ -37,7 +37,7 @@ from jaxl2.penalty import l2_penalty
 from jaxl2.select import mask
 from jaxl2.step import make_train_step
 
-__all__ = ["TrainState", "Trainer", "make_optimizer", "cross_entropy"]
+__all__ = ["TrainState", "Trainer", "make_optimizer", "cross_entropy", "init_params", "evaluate_fn"]
 
 
 class TrainState(struct.PyTreeNode):
@@ -87,6 +87,38 @@ def cross_entropy(logits_BxC: jax.Array, y_B: jax.Array, mask_B: jax.Array | Non
     return (ce_B * m).sum() / n, (hit_B * m).sum() / n
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def init_params(model: Any, key: jax.Array) -> Any:
+    """``model.init`` on one zero image: the initial params, compiled once per model (flax
+    modules are hashable: two trainers of one model share the executable)."""
+    return model.init(key, jnp.zeros((1, INPUT_DIM), jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _evaluate(model: Any, params: Any, x_NxD: jax.Array, y_N: jax.Array) -> dict[str, jax.Array]:
+    return evaluate_fn(model, params, x_NxD, y_N)
+
+
+def evaluate_fn(model: Any, params: Any, x_NxD: jax.Array, y_N: jax.Array, chunk: int = 2048):
+    """``{"data_loss", "accuracy"}`` of ``model`` with ``params`` over ``x_NxD, y_N``, in chunks
+    of ``chunk`` rows (``lax.map``; the last one padded and masked)."""
+    n = x_NxD.shape[0]
+    chunk = min(chunk, n)
+    pad = -n % chunk
+    x = jnp.pad(x_NxD, ((0, pad), (0, 0))).reshape(-1, chunk, x_NxD.shape[1])
+    y = jnp.pad(y_N, (0, pad)).reshape(-1, chunk)
+    m = (jnp.arange(n + pad) < n).reshape(-1, chunk)
+
+    def one(args):
+        xc, yc, mc = args
+        ce, acc = cross_entropy(model.apply(params, xc), yc, mc)
+        k = mc.sum()
+        return ce * k, acc * k
+
+    ce, acc = jax.lax.map(one, (x, y, m))
+    return {"data_loss": ce.sum() / n, "accuracy": acc.sum() / n}
+
+
 class Trainer:
     """The jitted functions of one configuration (``num_train`` sets the lr schedule's length).
 
@@ -117,19 +149,20 @@ class Trainer:
         self.train_step = jax.jit(self.step_fn, donate_argnums=0, compiler_options=XLA_OPTIONS)
         # not donated: the run loop dispatches epoch k + 1 while it still reads epoch k's state
         self.train_epoch = jax.jit(self.epoch_fn, compiler_options=XLA_OPTIONS)
-        self.evaluate = jax.jit(self.eval_fn)
+        self.evaluate = functools.partial(_evaluate, self.model)  # one executable per model and shape
 
     # -- state -------------------------------------------------------------------------
     def init(self, seed: int | None = None) -> TrainState:
-        """A fresh state from ``seed`` (default ``cfg.seed``), built under ``jit``."""
+        """A fresh state from ``seed`` (default ``cfg.seed``): the params from
+        :func:`init_params` (compiled once per model, whichever trainer asks), the rest
+        from :meth:`state_of`."""
         seed = self.cfg.seed if seed is None else seed
-        return self._init(jax.random.PRNGKey(seed))
+        k_init, k_data = jax.random.split(jax.random.PRNGKey(seed))
+        return self.state_of(init_params(self.model, k_init), k_data)
 
-    @functools.partial(jax.jit, static_argnums=0)
-    def _init(self, key: jax.Array) -> TrainState:
-        k_init, k_data = jax.random.split(key)
-        params = self.model.init(k_init, jnp.zeros((1, INPUT_DIM), jnp.float32))
-        return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params), k_data)
+    def state_of(self, params: Any, rng: jax.Array) -> TrainState:
+        """The state at step 0 of ``params``: the optimizer's initial state, ``rng`` the data key."""
+        return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params), rng)
 
     # -- pure functions ----------------------------------------------------------------
     def data_loss(self, params, x_BxD, y_B):
@@ -188,19 +221,6 @@ class Trainer:
             "update_norm": optax.tree.norm(jax.tree_util.tree_map(jnp.subtract, params, start)),
         }
 
-    def eval_fn(self, params, x_NxD, y_N, chunk: int = 2048):
-        n = x_NxD.shape[0]
-        chunk = min(chunk, n)
-        pad = -n % chunk
-        x = jnp.pad(x_NxD, ((0, pad), (0, 0))).reshape(-1, chunk, x_NxD.shape[1])
-        y = jnp.pad(y_N, (0, pad)).reshape(-1, chunk)
-        m = (jnp.arange(n + pad) < n).reshape(-1, chunk)
-
-        def one(args):
-            xc, yc, mc = args
-            ce, acc = cross_entropy(self.model.apply(params, xc), yc, mc)
-            k = mc.sum()
-            return ce * k, acc * k
-
-        ce, acc = jax.lax.map(one, (x, y, m))
-        return {"data_loss": ce.sum() / n, "accuracy": acc.sum() / n}
+    def eval_fn(self, params, x_NxD, y_N):
+        """:func:`evaluate_fn` of the model (traced into the run's programs)."""
+        return evaluate_fn(self.model, params, x_NxD, y_N)
