@@ -22,13 +22,9 @@ def curves(rows: Sequence[dict[str, Any]], path: str, title: str = "") -> dict[s
     """
     if not rows:
         return {"best_epoch": None, "accuracy_limits": None, "epoch_ticks": []}
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ep = [r["epoch"] for r in rows]
-    fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(9, 3.4), constrained_layout=True)
+    fig = _figure((9, 3.4))
+    ax_l, ax_a = fig.subplots(1, 2)
     ax_l.plot(ep, [r["train_data_loss"] for r in rows], label="train cross-entropy")
     ax_l.plot(ep, [r["val_data_loss"] for r in rows], label="validation cross-entropy")
     ax_l.plot(ep, [r["train_penalty"] for r in rows], label="penalty λ/2·Σw²", ls="--")
@@ -57,8 +53,16 @@ def curves(rows: Sequence[dict[str, Any]], path: str, title: str = "") -> dict[s
     fig.savefig(path, dpi=90)
     low, high = ax_a.get_xlim()
     ticks = [float(t) for t in ax_a.get_xticks() if low <= t <= high]
-    plt.close(fig)
     return {"best_epoch": best, "accuracy_limits": limits, "epoch_ticks": ticks}
+
+
+def _figure(size: tuple[float, float]) -> Any:
+    """A new matplotlib ``Figure`` drawn with Agg, outside pyplot: no global state, so a
+    figure may be drawn in a thread (the run plots while its refit trains), and pyplot's
+    import is not paid."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=size, layout="constrained")
 
 
 def _whole_epochs(*axes: Any) -> None:
@@ -72,10 +76,6 @@ def _whole_epochs(*axes: Any) -> None:
 def sweep(rows: Sequence[dict[str, Any]], selected_l2: float, path: str, title: str = "") -> None:
     """Writes ``path``: train/validation accuracy and Σ‖W‖² against λ (mean ± std over seeds),
     titled ``title`` (default: the number of λs and seeds)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
     lams = sorted({r["l2"] for r in rows})
@@ -86,7 +86,8 @@ def sweep(rows: Sequence[dict[str, Any]], selected_l2: float, path: str, title: 
         vals = [[r[key] if not callable(key) else key(r) for r in rows if r["l2"] == lam] for lam in lams]
         return np.array([np.mean(v) for v in vals]), np.array([np.std(v) for v in vals])
 
-    fig, (ax_a, ax_n) = plt.subplots(1, 2, figsize=(9, 3.4), constrained_layout=True)
+    fig = _figure((9, 3.4))
+    ax_a, ax_n = fig.subplots(1, 2)
     for key, label in (("train_accuracy", "train"), ("val_accuracy", "validation")):
         m, s = stat(key)
         ax_a.errorbar(lams, 100 * m, yerr=100 * s, marker="o", capsize=3, label=label)
@@ -104,7 +105,6 @@ def sweep(rows: Sequence[dict[str, Any]], selected_l2: float, path: str, title: 
     seeds = len({r["seed"] for r in rows}) if all("seed" in r for r in rows) else 1
     fig.suptitle(title or f"λ sweep: {len(lams)} values × {seeds} seed{'s' * (seeds > 1)}", fontsize=9)
     fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 def lambdas(rows: Sequence[dict[str, Any]], path: str, title: str = "") -> list[str]:
@@ -118,23 +118,20 @@ def lambdas(rows: Sequence[dict[str, Any]], path: str, title: str = "") -> list[
     layers = [k for k in rows[0] if k.startswith("l2/")] if rows else []
     if not layers:
         return []
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ep = [r["epoch"] for r in rows]
     # the rows carry the last update's log evidence: one point per update
     evidence = [(r["epoch"], r["log_evidence"]) for r in rows if r.get("log_evidence") is not None]
     evidence = [pt for i, pt in enumerate(evidence) if i == 0 or pt[1] != evidence[i - 1][1]]
     last = "log_evidence" in rows[0]
     if last:
-        fig, (ax, ax_e) = plt.subplots(2, 1, figsize=(6, 5.4), sharex=True, constrained_layout=True)
+        fig = _figure((6, 5.4))
+        ax, ax_e = fig.subplots(2, 1, sharex=True)
         ax_e.plot(*zip(*evidence), color="k", marker=".", lw=1)
         ax_e.set_ylabel("log evidence (nats)")
         ax_e.set_xlabel("epoch")
     else:
-        fig, ax = plt.subplots(figsize=(6, 3.4), constrained_layout=True)
+        fig = _figure((6, 3.4))
+        ax = fig.subplots()
     for key in layers:
         ax.plot(ep, [r[key] for r in rows], label=key[len("l2/") :])
     if last:  # trained on train ∪ validation: the model is the last epoch's
@@ -151,5 +148,4 @@ def lambdas(rows: Sequence[dict[str, Any]], path: str, title: str = "") -> list[
     if title:
         ax.set_title(title, fontsize=9)
     fig.savefig(path, dpi=90)
-    plt.close(fig)
     return [k[len("l2/") :] for k in layers]

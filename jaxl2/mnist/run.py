@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -70,7 +71,7 @@ from jaxl2.mnist.rundir import (
     run_config,
     write_json,
 )
-from jaxl2.mnist.runtime import device_name
+from jaxl2.mnist.runtime import Background, device_name
 from jaxl2.mnist.steps import Trainer
 
 __all__ = ["train_and_evaluate", "evaluate_run", "load_run_config"]
@@ -206,15 +207,13 @@ def train_and_evaluate(
         try:
             job = _Job(cfg, ds, out, mesh, primary, checkpoint_every, on_epoch, log)
             summary = _train(job, resume, on_start)
-            if before and summary["epochs_trained"] == 0:  # a finished run: its numbers stay
-                summary = {k: v for k, v in before.items() if not k.startswith("refit")}
-            if refit and before.get("refit_epoch_rule") == refit_epochs:
-                summary.update({k: v for k, v in before.items() if k.startswith("refit")})
-            elif refit:
-                epochs = _refit_mod.refit_epochs(refit_epochs, summary["best_epoch"], cfg.epochs)
-                stop_if_signalled(f"after training, before the refit; checkpoint saved in {out}", out)
-                fit = _refit(_fixed_l2(cfg, summary), ds, out, mesh, epochs, checkpoint_every, on_refit_epoch)
-                summary.update(fit, refit_epoch_rule=refit_epochs)
+            drawing = Background(functools.partial(_plots, job) if primary else None)
+            try:  # the plots are drawn while the refit trains
+                summary = _with_refit(job, summary, before, refit, refit_epochs, on_refit_epoch)
+            except BaseException:
+                drawing.join(reraise=False)  # the first error is the one to report
+                raise
+            drawing.join()
             if primary and summary != before:
                 write_json(os.path.join(out, "summary.json"), summary)
             elif primary:
@@ -226,6 +225,31 @@ def train_and_evaluate(
             if claim.created and primary and not has_checkpoint(out) and not is_disk_error(e):
                 shutil.rmtree(out, ignore_errors=True)  # nothing to resume: leave no half-made run
             raise
+
+
+def _with_refit(
+    job: _Job,
+    summary: dict[str, Any],
+    before: dict[str, Any],
+    refit: bool,
+    refit_epochs: Any,
+    on_refit_epoch: Callable[[int, int], None] | None,
+) -> dict[str, Any]:
+    """The trained run's summary with its refit's keys: those of ``before`` (the summary a
+    resumed run had written) when its refit is done, else from the refit, trained now."""
+    cfg, out = job.cfg, job.out
+    if before and summary["epochs_trained"] == 0:  # a finished run: its numbers stay
+        summary = {k: v for k, v in before.items() if not k.startswith("refit")}
+    if refit and before.get("refit_epoch_rule") == refit_epochs:
+        summary.update({k: v for k, v in before.items() if k.startswith("refit")})
+    elif refit:
+        epochs = _refit_mod.refit_epochs(refit_epochs, summary["best_epoch"], cfg.epochs)
+        stop_if_signalled(f"after training, before the refit; checkpoint saved in {out}", out)
+        fit = _refit(
+            _fixed_l2(cfg, summary), job.ds, out, job.mesh, epochs, job.checkpoint_every, on_refit_epoch
+        )
+        summary.update(fit, refit_epoch_rule=refit_epochs)
+    return summary
 
 
 def _mesh(devices: int | None, batch_size: int) -> Any:
@@ -396,16 +420,9 @@ def _epochs(
 def _summary(
     job: _Job, trainer: Any, state: Any, best: Best, start: int, seconds: float, compile_seconds: float
 ) -> dict[str, Any]:
-    """The run's plots and summary: the best params' metrics, the times, the device."""
+    """The run's summary: the best params' metrics, the times, the device."""
     cfg = job.cfg
     rows = read_metrics(job.metrics)
-    if job.primary:
-        from jaxl2.mnist.plots import curves, lambdas
-
-        title = f"{cfg.dataset}, {cfg.optimizer}, λ="
-        curves(rows, os.path.join(job.out, "curves.png"), title=f"{title}{cfg.l2}")
-        if cfg.l2_auto or cfg.l2_evidence:
-            lambdas(rows, os.path.join(job.out, "lambda.png"), title=f"{title}{cfg.l2}")
     trained = (cfg.epochs - start) * trainer.steps_per_epoch * cfg.batch_size
     l2, auto = cfg.l2, {}
     if cfg.l2_auto:  # the penalty of the best params with the λs of their epoch
@@ -434,6 +451,18 @@ def _summary(
         "device": device_name(),
         "out": job.out,
     }
+
+
+def _plots(job: _Job) -> None:
+    """``curves.png`` of the run's ``metrics.jsonl`` (and ``lambda.png`` with ``l2 auto`` or
+    ``l2 evidence``); drawn in a thread while the refit trains."""
+    from jaxl2.mnist.plots import curves, lambdas
+
+    rows, cfg = read_metrics(job.metrics), job.cfg
+    title = f"{cfg.dataset}, {cfg.optimizer}, λ={cfg.l2}"
+    curves(rows, os.path.join(job.out, "curves.png"), title=title)
+    if cfg.l2_auto or cfg.l2_evidence:
+        lambdas(rows, os.path.join(job.out, "lambda.png"), title=title)
 
 
 def _resume_line(out: str, start: int, epochs: int) -> str:

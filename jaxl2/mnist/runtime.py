@@ -1,5 +1,5 @@
-"""The machine under a run: its name, jaxl2's cache directory, JAX's compilation cache, and
-the compiler options of the training functions.
+"""The machine under a run: its name, jaxl2's cache directory, JAX's compilation cache, the
+compiler options of the training functions, and work done in the background.
 
 Example:
   >>> from jaxl2.mnist import runtime
@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import os
 import platform
+import threading
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import jax
 
-__all__ = ["XLA_OPTIONS", "cache_dir", "device_name", "enable_compilation_cache"]
+__all__ = ["XLA_OPTIONS", "Background", "cache_dir", "device_name", "enable_compilation_cache"]
 
 # Compiler options of the training functions. XLA:CPU's default copy insertion copies every
 # parameter once per step inside the epoch's loop (the old value looks live after the new one
@@ -56,3 +59,37 @@ def device_name() -> str:
             pass
         return f"cpu: {model or platform.processor() or 'unknown'} ({os.cpu_count()} cores)"
     return f"{d.platform}: {getattr(d, 'device_kind', '')} × {jax.device_count()}"
+
+
+class Background:
+    """``fn()`` run in a daemon thread from now on (``fn=None``: nothing); :meth:`join` waits
+    for it and raises what it raised. For host work that may overlap the device's (a run's
+    plots while its refit trains).
+
+    Example:
+      >>> done = []
+      >>> Background(lambda: done.append(1)).join(); done
+      [1]
+      >>> Background(lambda: 1 / 0).join()
+      Traceback (most recent call last):
+      ZeroDivisionError: division by zero
+    """
+
+    def __init__(self, fn: Callable[[], Any] | None):
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[[], Any] | None) -> None:
+        try:
+            if fn is not None:
+                fn()
+        except BaseException as e:  # raised in the caller's thread by join()
+            self._error = e
+
+    def join(self, reraise: bool = True) -> None:
+        """Waits for ``fn``; raises its exception unless ``reraise`` is false (the caller is
+        already raising its own)."""
+        self._thread.join()
+        if reraise and self._error is not None:
+            raise self._error
