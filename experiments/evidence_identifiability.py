@@ -29,20 +29,17 @@ from jaxl2 import evidence_l2
 from jaxl2.mnist.config import Config
 from jaxl2.mnist.data import load
 from jaxl2.mnist.evidence import EvidenceTrainer
+from jaxl2.mnist.loop import kernel_sq_norm
 from jaxl2.mnist.refit import train_val
 from jaxl2.mnist.runtime import device_name
 from jaxl2.mnist.steps import Trainer
 
 
-def gammas(et: EvidenceTrainer, curv, params, lam: float) -> np.ndarray:
-    """``γ_l`` at a shared λ: one MacKay step from it, ``γ_l = n·λ_new_l·‖w_l‖²``."""
+def gammas(et: EvidenceTrainer, curv, params, sq: np.ndarray, lam: float) -> np.ndarray:
+    """``γ_l`` at a shared λ: one MacKay step from it, ``γ_l = n·λ_new_l·‖w_l‖²`` (``sq``: the
+    layers' ``‖w_l‖²``, in ``et.paths`` order)."""
     new = evidence_l2(curv, params, lam, select=et.select, steps=1)
-    sq = np.array([float(jnp.sum(w * w)) for w in kernels(params)])
     return curv.n * np.array([float(new[re.escape(p)]) for p in et.paths]) * sq
-
-
-def kernels(params) -> list:
-    return [params["params"][f"Dense_{i}"]["kernel"] for i in range(3)]
 
 
 def main() -> None:
@@ -66,11 +63,14 @@ def main() -> None:
             state, _ = tr.train_epoch(state, x, y)
         test = 100 * float(tr.evaluate(state.params, *map(jnp.asarray, ds.need("test")))["accuracy"])
         curv = et.curvature(state.params, x, y)
-        sq = np.array([float(jnp.sum(w * w)) for w in kernels(state.params)])
+        norms = kernel_sq_norm(state.params, tr.cfg)
+        sq = np.array([norms[p] for p in et.paths])
         low, high = np.log(1e-7), np.log(1.0)  # the root of Σγ_l(λ) − n·λ·Σ‖w_l‖², decreasing in λ
         for _ in range(30):
             mid = (low + high) / 2
-            up = gammas(et, curv, state.params, float(np.exp(mid))).sum() > curv.n * np.exp(mid) * sq.sum()
+            up = (
+                gammas(et, curv, state.params, sq, float(np.exp(mid))).sum() > curv.n * np.exp(mid) * sq.sum()
+            )
             low, high = (mid, high) if up else (low, mid)
         shared = float(np.exp((low + high) / 2))
 
@@ -79,7 +79,7 @@ def main() -> None:
 
         print(
             f"{lam:<7.0e} {test:6.2f}   {fmt(sq):22s} {fmt(curv.n * lam * sq):22s} "
-            f"{fmt(gammas(et, curv, state.params, lam)):22s} {shared:.3g}"
+            f"{fmt(gammas(et, curv, state.params, sq, lam)):22s} {shared:.3g}"
         )
 
 
