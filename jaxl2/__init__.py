@@ -57,6 +57,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load
     from jaxl2.evidence import Curvature as Curvature
     from jaxl2.evidence import evidence_l2 as evidence_l2
     from jaxl2.evidence import ggn as ggn
+    from jaxl2.evidence import ggn_lanczos as ggn_lanczos
     from jaxl2.evidence import log_evidence as log_evidence
     from jaxl2.norms import group_norms as group_norms
     from jaxl2.penalty import Row as Row
@@ -108,6 +109,7 @@ _EXPORTS = {
     "AutoL2State": "jaxl2.auto",
     "evidence": "jaxl2.evidence",
     "ggn": "jaxl2.evidence",
+    "ggn_lanczos": "jaxl2.evidence",
     "log_evidence": "jaxl2.evidence",
     "evidence_l2": "jaxl2.evidence",
     "Curvature": "jaxl2.evidence",

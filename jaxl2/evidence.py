@@ -64,11 +64,11 @@ from jaxl2.errors import Jaxl2Error
 from jaxl2.penalty import check_center, coefficients
 from jaxl2.rules import Stacked, is_traced, plan
 
-__all__ = ["Curvature", "ggn", "log_evidence", "evidence_l2", "LIKELIHOODS", "STRUCTURES"]
+__all__ = ["Curvature", "ggn", "ggn_lanczos", "log_evidence", "evidence_l2", "LIKELIHOODS", "STRUCTURES"]
 
 LIKELIHOODS = ("classification", "gaussian")
-STRUCTURES = ("full", "diag", "kron")
-METHODS = ("mackay", "adam")
+STRUCTURES = ("full", "diag", "kron", "ekfac", "lanczos")
+METHODS = ("mackay", "bisect", "adam")
 
 
 @functools.partial(
@@ -82,16 +82,23 @@ class Curvature:
     summed negative log-likelihood over the selected leaves (``"full"``: a ``(P, P)`` matrix in
     the order of ``paths``, each leaf raveled; ``"diag"``: a tuple of arrays, one per path, of
     the leaves' shapes; ``"kron"``: a tuple of pairs ``(A, G)``, one per path, with the leaf's
-    block ``H_l ≈ A ⊗ G`` on the leaf raveled row-major, K-FAC's factors), ``n`` (the examples)
-    and the selected ``paths``. A pytree: it passes through ``jit``.
+    block ``H_l ≈ A ⊗ G`` on the leaf raveled row-major, K-FAC's factors; ``"ekfac"``: a tuple
+    of arrays, one per path, with as many entries as the leaf, the diagonal ``s`` of the block in
+    an orthonormal basis ``Q`` of the leaf, ``H_l ≈ Q·diag(s)·Qᵀ``: EK-FAC's eigenvalues, ``Q``
+    the eigenvectors of K-FAC's factors, ``s_jk = Σ_i (u_jᵀa_i)²·(v_kᵀG_iv_k)`` (George et al.,
+    NeurIPS 2018), the best diagonal in that basis; ``"lanczos"``: a pair ``(nodes, weights)`` of
+    ``(probes, steps)`` arrays, the Gauss quadrature of the whole ``H`` that :func:`ggn_lanczos`
+    estimates, for one λ shared by all the selected leaves), ``n`` (the examples) and the selected
+    ``paths``. A pytree: it passes through ``jit``.
 
     ``"kron"`` needs each layer's inputs, which an ``apply_fn`` does not expose, so :func:`ggn`
     does not compute it: for a Dense kernel ``(d_in, d_out)`` with inputs ``a_i`` and
     ``b_ic = ∂f_ic/∂z_i`` (``z`` its output), ``A = Σ_i a_i a_iᵀ / n`` and
     ``G = Σ_i Σ_c p_ic·b_ic b_icᵀ − μ_i μ_iᵀ`` with ``μ_i = Σ_c p_ic·b_ic`` (a bias: ``A = [[1]]``
     and the same ``G``, which is then exact); build ``Curvature(log_likelihood, ((A, G), ...),
-    n, paths, "kron")`` (:mod:`jaxl2.mnist.evidence` does, for its MLP). The evidence then needs
-    one λ per leaf (only then is the prior precision ``αI`` diagonal in the factors' eigenbasis)."""
+    n, paths, "kron")`` (:mod:`jaxl2.mnist.evidence` does, for its MLP, and EK-FAC's ``s`` from
+    the same per-example terms). The evidence of ``"kron"`` and ``"ekfac"`` needs one λ per leaf
+    (only then is the prior precision ``αI`` diagonal in the leaf's basis ``Q``)."""
 
     log_likelihood: jax.Array
     ggn: Any
@@ -140,10 +147,12 @@ def _check_ggn_args(apply_fn: Any, likelihood: Any, structure: Any, sigma: Any, 
         raise Jaxl2Error(f"apply_fn must be a function apply_fn(params, x), got {type(apply_fn).__name__}")
     if likelihood not in LIKELIHOODS:
         raise Jaxl2Error(f"likelihood must be one of {', '.join(LIKELIHOODS)}, got {likelihood!r}")
-    if structure == "kron":
+    if structure == "lanczos":
+        raise Jaxl2Error("structure 'lanczos' is jaxl2.ggn_lanczos's: call it instead of jaxl2.ggn")
+    if structure in ("kron", "ekfac"):
         raise Jaxl2Error(
-            "structure 'kron' needs each layer's inputs, which apply_fn does not expose: build "
-            "Curvature(log_likelihood, ((A, G), ...), n, paths, 'kron') from them (jaxl2.Curvature says how)"
+            f"structure {structure!r} needs each layer's inputs, which apply_fn does not expose: build "
+            f"Curvature(log_likelihood, blocks, n, paths, {structure!r}) from them (jaxl2.Curvature says how)"
         )
     if structure not in STRUCTURES:
         raise Jaxl2Error(
@@ -227,6 +236,105 @@ def ggn(
     return Curvature(ll, blocks, int(n), tuple(paths), structure)
 
 
+def _lanczos(
+    product: Callable[[jax.Array], jax.Array], z: jax.Array, steps: int
+) -> tuple[jax.Array, jax.Array]:
+    """``steps`` steps of Lanczos on ``product`` from ``z`` (full reorthogonalisation): the Ritz
+    values ``θ_j`` and the squared first components ``τ_j²`` of the tridiagonal's eigenvectors, so
+    that ``zᵀf(H)z ≈ ‖z‖²·Σ_j τ_j²·f(θ_j)``. After a breakdown (a Krylov space invariant under
+    ``H``) the rest of the basis is zero, and its nodes carry no weight."""
+    basis = jnp.zeros((steps, z.size), z.dtype).at[0].set(z / jnp.linalg.norm(z))
+
+    def step(basis: jax.Array, j: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        q = basis[j]
+        w = product(q)
+        a = jnp.vdot(w, q)
+        for _ in range(2):  # twice is enough
+            w = w - basis.T @ (basis @ w)
+        b = jnp.linalg.norm(w)
+        ok = b > 1e-6 * jnp.abs(a) + jnp.finfo(z.dtype).tiny
+        basis = basis.at[j + 1].set(jnp.where(ok, w / jnp.where(ok, b, 1), 0), mode="drop")
+        return basis, (a, jnp.where(ok, b, 0))
+
+    _, (alphas, betas) = jax.lax.scan(step, basis, jnp.arange(steps))
+    tri = jnp.diag(alphas) + jnp.diag(betas[:-1], 1) + jnp.diag(betas[:-1], -1)
+    nodes, vectors = jnp.linalg.eigh(tri)
+    return jnp.maximum(nodes, 0), vectors[0] ** 2
+
+
+def ggn_lanczos(
+    apply_fn: Callable[[Any, jax.Array], jax.Array],
+    params: Any,
+    x: jax.Array,
+    y: jax.Array,
+    *,
+    key: jax.Array,
+    probes: int = 4,
+    steps: int = 40,
+    likelihood: str = "classification",
+    sigma: float = 1.0,
+    select: _select.Selector = None,
+) -> Curvature:
+    """The whole GGN ``H`` over the selected leaves, as far as one λ shared by all of them needs
+    it, by stochastic Lanczos quadrature; and ``log p(D | w)``, at ``params`` on ``(x, y)``.
+
+    With one ``α`` for all ``P`` selected weights, the evidence reads ``H`` only through
+    ``log det(I + H/α) = tr log(I + H/α)`` and ``γ = tr(H(H + αI)⁻¹)``: traces of functions of
+    ``H``. Each is estimated as the mean over ``probes`` Rademacher vectors ``z`` of ``zᵀf(H)z``
+    (Hutchinson), each of those by ``steps`` steps of Lanczos from ``z`` and Gauss quadrature
+    (Ubaru, Chen and Saad, SIAM J. Matrix Anal. Appl. 2017). Only products ``H·v`` are formed
+    (``jax.jvp`` then ``jax.vjp`` of the outputs in the selected leaves, ``Λ`` between), so the
+    cost is ``probes·steps`` forward and backward passes over ``x`` and memory of one pass over all
+    of ``x`` (pass a subsample for a large model), with no block-diagonal or Kronecker
+    approximation: where ``"kron"`` and ``"diag"`` keep a block per leaf, this keeps the
+    couplings between layers. The result is an estimate: its spread over probes shrinks as
+    ``1/√probes``; ``steps`` sets the quadrature's accuracy (enough when ``f`` is smooth on
+    ``H``'s spectrum at the scale of ``α``).
+
+    Args:
+      apply_fn, params, x, y, likelihood, sigma, select: as in :func:`ggn`.
+      key: a ``jax.random`` key for the probes.
+      probes: Rademacher vectors (the estimate's spread falls as ``1/√probes``).
+      steps: Lanczos steps per probe (at most ``P``).
+
+    Returns:
+      A :class:`Curvature` of structure ``"lanczos"``: :func:`log_evidence` and :func:`evidence_l2`
+      take it with one λ for all the selected leaves (``evidence_l2(..., shared=True)``).
+
+    Raises:
+      Jaxl2Error: for a bad argument, or a selection that matches nothing.
+    """
+    _check_ggn_args(apply_fn, likelihood, "full", sigma, None)
+    for name, value in (("probes", probes), ("steps", steps)):
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise Jaxl2Error(f"{name} must be an integer >= 1, got {value!r}")
+    idx, paths, treedef, leaves = _chosen(params, select)
+    theta, unravel = jax.flatten_util.ravel_pytree([leaves[i] for i in idx])
+    steps = min(steps, theta.size)
+
+    def outputs(theta: jax.Array) -> jax.Array:
+        full = list(leaves)
+        for i, leaf in zip(idx, unravel(theta)):
+            full[i] = leaf
+        out = apply_fn(jax.tree_util.tree_unflatten(treedef, full), x)
+        return out.reshape(x.shape[0], -1)
+
+    out, jvp = jax.linearize(outputs, theta)
+    _, vjp = jax.vjp(outputs, theta)
+    p = jax.nn.softmax(out, axis=-1) if likelihood == "classification" else None
+
+    def product(v: jax.Array) -> jax.Array:  # Σ_i J_iᵀ Λ_i J_i v
+        u = jvp(v)
+        lam_u = p * u - p * jnp.sum(p * u, axis=-1, keepdims=True) if p is not None else u / sigma**2
+        return vjp(lam_u)[0]
+
+    zs = jax.random.rademacher(key, (probes, theta.size), theta.dtype)
+    nodes, weights = jax.lax.map(lambda z: _lanczos(product, z, steps), zs)
+    return Curvature(
+        _log_likelihood(out, y, likelihood, sigma), (nodes, weights), int(x.shape[0]), tuple(paths), "lanczos"
+    )
+
+
 def _check_curvature(curvature: Any, params: Any, select: _select.Selector) -> list[Any]:
     """The selected leaves, once ``curvature`` is known to be of them."""
     if not isinstance(curvature, Curvature):
@@ -238,6 +346,13 @@ def _check_curvature(curvature: Any, params: Any, select: _select.Selector) -> l
             f"{', '.join(paths)}: pass the select= that jaxl2.ggn had"
         )
     chosen = [leaves[i] for i in idx]
+    if curvature.structure in ("diag", "ekfac"):
+        for path, w, block in zip(paths, chosen, curvature.ggn):
+            if np.size(block) != w.size:
+                raise Jaxl2Error(
+                    f"a {curvature.structure} curvature holds one value per entry of each leaf; {path!r} "
+                    f"has {np.size(block)} for its {w.size} entries (shape {tuple(w.shape)})"
+                )
     if curvature.structure == "kron":
         for path, w, pair in zip(paths, chosen, curvature.ggn):
             if not (isinstance(pair, tuple | list) and len(pair) == 2):
@@ -301,33 +416,65 @@ def _parts(
     """The flat ``α`` (P,) and ``w − w₀`` (P,), the unit of each entry (P,) and the units' names."""
     leaves = _check_curvature(curvature, params, select)
     names, unit = _units(params, select, stacked)
-    if curvature.structure == "kron" and len(names) != len(curvature.paths):
+    if curvature.structure in ("kron", "ekfac") and len(names) != len(curvature.paths):
         raise Jaxl2Error(
-            "a kron curvature has one pair of factors per leaf, so one λ per leaf: it cannot take a "
-            "stacked leaf's slices (use structure 'diag' or 'full' for λ per slice)"
+            f"a {curvature.structure} curvature has one basis per leaf, so one λ per leaf: it cannot take "
+            "a stacked leaf's slices (use structure 'diag' or 'full' for λ per slice)"
         )
     alpha = jnp.concatenate([a.ravel() for a in _precisions(curvature, params, l2, select, stacked, leaves)])
     dw = jnp.concatenate([d.ravel() for d in _deviations(params, center, select, leaves)])
-    return alpha, dw, jnp.asarray(unit), names
+    return alpha, dw, unit, names
 
 
-def _occam(curvature: Curvature, alpha: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``log det(H + A)`` and the diagonal of ``(H + A)⁻¹`` (``"kron"``: the diagonal in the
-    factors' eigenbasis, which has the same sum per leaf, all that MacKay's ``γ`` reads)."""
-    if curvature.structure == "kron":  # eigenvalues of A ⊗ G + αI: a_j·g_k + α, α one per leaf
-        logdet, inverses, start = jnp.zeros((), alpha.dtype), [], 0
-        for a, g in curvature.ggn:
-            s = jnp.outer(jnp.linalg.eigvalsh(a), jnp.linalg.eigvalsh(g)).ravel()
-            post = jnp.maximum(s, 0) + alpha[start]  # round-off can leave eigenvalues just below 0
-            logdet, start = logdet + jnp.sum(jnp.log(post)), start + s.size
-            inverses.append(1 / post)
-        return logdet, jnp.concatenate(inverses)
-    if curvature.structure == "full":
-        chol = jnp.linalg.cholesky(curvature.ggn + jnp.diag(alpha))
+def _unit_sums(values: jax.Array, unit: np.ndarray, units: int) -> jax.Array:
+    """``Σ values`` per unit (``unit``: each entry's, static), one reduction of its own entries
+    each: XLA's scatter-add (``segment_sum``) adds in sequence, and over a layer's 10⁵ entries in
+    float32 that loses the γ that ``P − α·Σ(H + A)⁻¹`` leaves."""
+    order = np.argsort(unit, kind="stable")
+    ordered = values if np.array_equal(order, np.arange(unit.size)) else values[order]
+    ends = np.cumsum(np.bincount(unit, minlength=units))
+    return jnp.stack([jnp.sum(ordered[a:b]) for a, b in zip(np.concatenate([[0], ends[:-1]]), ends)])
+
+
+_ONE_LAMBDA = (
+    "a lanczos curvature estimates traces of functions of the whole H, which need one λ for all the "
+    "selected leaves ({})"
+)
+
+
+def _spectrum(curvature: Curvature) -> jax.Array | None:
+    """The values ``h`` (P,) with ``log det(H + A) = Σ log(h + α)`` for a diagonal ``A`` of one
+    ``α`` per leaf: the diagonal (``"diag"``), EK-FAC's ``s`` (``"ekfac"``), the products of the
+    factors' eigenvalues ``a_j·g_k`` (``"kron"``); ``None`` for ``"full"`` and ``"lanczos"``."""
+    if curvature.structure in ("full", "lanczos"):
+        return None
+    if curvature.structure == "kron":
+        blocks = [jnp.outer(jnp.linalg.eigvalsh(a), jnp.linalg.eigvalsh(g)) for a, g in curvature.ggn]
+    else:
+        blocks = list(curvature.ggn)
+    # round-off can leave a Gram matrix's eigenvalues just below 0
+    return jnp.maximum(jnp.concatenate([jnp.ravel(b) for b in blocks]), 0)
+
+
+def _occam(curvature: Curvature, alpha: jax.Array, h: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """``log det(H + A) − log det A`` and, per entry, ``1 − α·[(H + A)⁻¹]_pp`` (the entry's share of
+    ``γ``; ``"kron"`` and ``"ekfac"``: in the leaf's basis, which has the same sum per leaf, all
+    that MacKay's ``γ`` reads), both without the cancellation of ``P`` against ``α·Σ(H + A)⁻¹``:
+    ``Σ log(1 + h/α)`` and ``h/(h + α)`` (``h``: :func:`_spectrum`'s), or for ``"full"`` from the
+    Cholesky factor of ``I + A^(−½)·H·A^(−½)``. ``"lanczos"``: the quadrature of both for the
+    one ``α`` of all entries; the second is then ``γ`` itself, a scalar."""
+    if curvature.structure == "lanczos":
+        nodes, weights = curvature.ggn
+        a, size = alpha[0], alpha.size
+        occam = size * jnp.mean(jnp.sum(weights * jnp.log1p(nodes / a), axis=-1))
+        return occam, size * jnp.mean(jnp.sum(weights * nodes / (nodes + a), axis=-1))
+    if h is None:
+        root = 1 / jnp.sqrt(alpha)
+        m = curvature.ggn * root[:, None] * root[None, :] + jnp.eye(alpha.size, dtype=alpha.dtype)
+        chol = jnp.linalg.cholesky(m)
         inv = jax.scipy.linalg.cho_solve((chol, True), jnp.eye(alpha.size, dtype=alpha.dtype))
-        return 2 * jnp.sum(jnp.log(jnp.diagonal(chol))), jnp.diagonal(inv)
-    post = jnp.concatenate([h.ravel() for h in curvature.ggn]) + alpha
-    return jnp.sum(jnp.log(post)), 1 / post
+        return 2 * jnp.sum(jnp.log(jnp.diagonal(chol))), 1 - jnp.diagonal(inv)
+    return jnp.sum(jnp.log1p(h / alpha)), h / (h + alpha)
 
 
 def log_evidence(
@@ -355,14 +502,19 @@ def log_evidence(
     Returns:
       A scalar (nats).
     """
-    alpha, dw, _, _ = _parts(curvature, params, l2, select, center, stacked)
-    logdet, _ = _occam(curvature, alpha)
-    return (
-        curvature.log_likelihood
-        - 0.5 * jnp.sum(alpha * dw * dw)
-        + 0.5 * jnp.sum(jnp.log(alpha))
-        - 0.5 * logdet
-    )
+    alpha, dw, _, names = _parts(curvature, params, l2, select, center, stacked)
+    if (
+        curvature.structure == "lanczos"
+        and not is_traced(alpha)
+        and not np.all(np.asarray(alpha) == alpha[0])
+    ):
+        raise Jaxl2Error(_ONE_LAMBDA.format(", ".join(names)) + ": give l2 one number")
+    return _evidence(curvature, alpha, dw, _spectrum(curvature))
+
+
+def _evidence(curvature: Curvature, alpha: jax.Array, dw: jax.Array, h: jax.Array | None) -> jax.Array:
+    occam, _ = _occam(curvature, alpha, h)  # ½·log det A − ½·log det(H + A) = −½·occam
+    return curvature.log_likelihood - 0.5 * jnp.sum(alpha * dw * dw) - 0.5 * occam
 
 
 def evidence_l2(
@@ -373,6 +525,7 @@ def evidence_l2(
     select: _select.Selector = None,
     center: Any = None,
     stacked: Stacked = None,
+    shared: bool = False,
     method: str = "mackay",
     steps: int = 1,
     lr: float = 0.1,
@@ -381,54 +534,95 @@ def evidence_l2(
     """One λ per selected leaf that raises :func:`log_evidence`, from the λs ``l2``, at fixed
     params and curvature; ``{re.escape(path): λ}`` rules that ``l2=`` of every jaxl2 function takes.
     With ``stacked`` (as in :func:`jaxl2.l2_penalty`), one λ per slice of a stacked leaf:
-    ``{re.escape("path[i]"): λ}`` (pass the same ``stacked=`` wherever the rules go).
+    ``{re.escape("path[i]"): λ}`` (pass the same ``stacked=`` wherever the rules go). With
+    ``shared=True``, one λ for all of them (a rule each, all equal), starting from the geometric
+    mean of ``l2``'s: the λ to choose where only a joint scale is identified, as in a ReLU network
+    whose biases are not penalised (scaling one layer by ``c`` and the next by ``1/c`` leaves the
+    function unchanged, and the regularized optimum depends on the layers' λs through their
+    product only).
 
-    ``method="mackay"``: ``steps`` iterations of ``α_l ← γ_l / ‖w_l − w₀_l‖²`` with
-    ``γ_l = Σ_{p∈l} (1 − α_l·[(H + A)⁻¹]_pp)``, whose fixed point is where the evidence's
-    derivative in ``α_l`` vanishes. ``method="adam"``: ``steps`` steps of Adam (learning rate
-    ``lr``) on ``log λ`` up the evidence's gradient. The λs are clipped to ``bounds``.
+    With ``γ_l = Σ_{p∈l} (1 − α_l·[(H + A)⁻¹]_pp)`` (layer ``l``'s effective number of
+    parameters), the evidence's derivative in ``ln α_l`` is ``½·(γ_l − α_l·‖w_l − w₀_l‖²)``
+    (sums over the layers that share ``α``):
 
-    In a training loop: train a few epochs at the current λs, then ``ggn`` and
-    ``evidence_l2`` at the params reached, and go on with the λs it returns.
+    * ``method="mackay"``: ``steps`` iterations of MacKay's ``α_l ← γ_l / ‖w_l − w₀_l‖²``, whose
+      fixed point is where that derivative vanishes;
+    * ``method="bisect"``: ``steps`` halvings, in ``ln λ``, of ``bounds`` around the root of that
+      derivative, which decreases in ``α_l`` where each ``α_l`` has its own block of ``H`` (``"diag"``,
+      ``"kron"``, ``"ekfac"``, or one shared λ): the evidence is then concave in ``ln α_l`` and the
+      root its maximum; 40 halvings pin λ to ``(hi/lo)^(2⁻⁴⁰)``. It cannot overshoot, where MacKay's
+      iteration can oscillate by orders of magnitude far from a mode (near interpolation);
+    * ``method="adam"``: ``steps`` steps of Adam (learning rate ``lr``) on ``ln λ`` up the
+      evidence's gradient.
+
+    The λs are clipped to ``bounds``. In a training loop: train a few epochs at the current λs,
+    then ``ggn`` and ``evidence_l2`` at the params reached, and go on with the λs it returns.
     """
     if method not in METHODS:
         raise Jaxl2Error(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if not (isinstance(steps, int) and steps >= 1):
         raise Jaxl2Error(f"steps must be an integer >= 1, got {steps!r}")
+    if not isinstance(shared, bool):
+        raise Jaxl2Error(f"shared must be True (one λ for all) or False (one per leaf), got {shared!r}")
     lo, hi = bounds
-    alpha, dw, seg, names = _parts(curvature, params, l2, select, center, stacked)
-    layers = len(names)
-    per_layer = jax.ops.segment_max(alpha, seg, layers) / curvature.n
-    log_lam = jnp.log(jnp.clip(per_layer, lo, hi))
+    alpha, dw, unit, names = _parts(curvature, params, l2, select, center, stacked)
+    log_lam = jnp.log(
+        jnp.clip(jax.ops.segment_max(alpha, jnp.asarray(unit), len(names)) / curvature.n, lo, hi)
+    )
+    if shared:  # every unit in group 0
+        group, log_lam = jnp.zeros(len(names), jnp.int32), jnp.mean(log_lam, keepdims=True)
+    else:
+        group = jnp.arange(len(names))
+    groups, seg, h = log_lam.size, group[jnp.asarray(unit)], _spectrum(curvature)
+    if curvature.structure == "lanczos" and groups > 1:
+        raise Jaxl2Error(_ONE_LAMBDA.format(", ".join(names)) + ": give shared=True")
+    if method == "bisect" and h is None and groups > 1:
+        raise Jaxl2Error(
+            "method 'bisect' needs an evidence that separates into one problem per λ: a full "
+            "curvature couples the leaves' λs, so give shared=True, or use method 'mackay' or 'adam'"
+        )
     escaped = [re.escape(p) for p in names]
 
-    def rules(log_lam: jax.Array) -> dict[str, jax.Array]:
-        return {e: jnp.exp(log_lam[i]) for i, e in enumerate(escaped)}
+    def group_sums(values: jax.Array) -> jax.Array:
+        return jax.ops.segment_sum(_unit_sums(values, unit, len(names)), group, groups)
+
+    sq = group_sums(dw * dw)
+
+    def slope(log_lam: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``(γ, α·‖w − w₀‖²)`` per group; the evidence rises in ``ln α`` where ``γ`` is larger."""
+        a = curvature.n * jnp.exp(log_lam)
+        _, shares = _occam(curvature, a[seg], h)
+        gamma = shares[None] if curvature.structure == "lanczos" else group_sums(shares)
+        return gamma, a * sq
 
     if method == "mackay":
-        sq = jax.ops.segment_sum(dw * dw, seg, layers)
-        sizes = jax.ops.segment_sum(jnp.ones_like(dw), seg, layers)
 
         def fixed_point(log_lam: jax.Array, _: Any) -> tuple[jax.Array, None]:
-            a = curvature.n * jnp.exp(log_lam)
-            _, inv = _occam(curvature, a[seg])
-            gamma = sizes - a * jax.ops.segment_sum(inv, seg, layers)
+            gamma, _ = slope(log_lam)
             new = gamma / jnp.maximum(sq, jnp.finfo(sq.dtype).tiny) / curvature.n
             return jnp.log(jnp.clip(new, lo, hi)), None
 
         log_lam, _ = jax.lax.scan(fixed_point, log_lam, None, length=steps)
+    elif method == "bisect":
+
+        def halve(bracket: tuple, _: Any) -> tuple[tuple, None]:
+            below, above = bracket
+            mid = 0.5 * (below + above)
+            gamma, fit = slope(mid)
+            up = gamma > fit
+            return (jnp.where(up, mid, below), jnp.where(up, above, mid)), None
+
+        ends = (jnp.full_like(log_lam, math.log(lo)), jnp.full_like(log_lam, math.log(hi)))
+        (below, above), _ = jax.lax.scan(halve, ends, None, length=steps)
+        log_lam = 0.5 * (below + above)
     else:
         tx = optax.adam(lr)
 
         def ascend(carry: tuple, _: Any) -> tuple[tuple, None]:
             log_lam, state = carry
-            g = jax.grad(
-                lambda ll: log_evidence(
-                    curvature, params, rules(ll), select=select, center=center, stacked=stacked
-                )
-            )(log_lam)
+            g = jax.grad(lambda ll: _evidence(curvature, curvature.n * jnp.exp(ll)[seg], dw, h))(log_lam)
             upd, state = tx.update(-g, state)
             return (jnp.clip(log_lam + upd, math.log(lo), math.log(hi)), state), None
 
         (log_lam, _), _ = jax.lax.scan(ascend, (log_lam, tx.init(log_lam)), None, length=steps)
-    return rules(log_lam)
+    return {e: jnp.exp(log_lam[group[i]]) for i, e in enumerate(escaped)}
