@@ -86,22 +86,102 @@ def test_the_kron_factors_equal_kfac_by_hand_in_float64():
         assert float(ll) == pytest.approx(float(exact.log_likelihood), rel=1e-12)
 
 
-def test_one_update_is_mackay_on_the_generic_curvature():
-    """The trainer's λ update and log evidence equal jaxl2.evidence_l2 and jaxl2.log_evidence on
-    jaxl2.ggn's diagonal, at the same params (float32, so to 1e-4)."""
-    cfg = dataclasses.replace(EVIDENCE, hidden=(8,), evidence_steps=3, evidence_curvature="diag")
+def test_ekfac_is_the_exact_block_in_the_kfac_eigenbasis_in_float64():
+    """Per kernel, ``diag((U ⊗ V)ᵀ H_l (U ⊗ V))`` with ``H_l`` the exact block (jaxl2.ggn, full,
+    itself checked against jax.jacobian by brute force) and ``U``, ``V`` the eigenvectors of the
+    K-FAC factors (numpy's eigh); its sum is the block's trace; the bias's are its eigenvalues."""
+    with jax.enable_x64(True):
+        model = model_of(Config(hidden=(5,), activation="tanh"))
+        params = jax.tree_util.tree_map_with_path(
+            lambda kp, a: a.astype(jnp.float64) + 0.2 * (kp[-1].key == "bias"),
+            model.init(jax.random.key(3), jnp.zeros((1, 784))),
+        )
+        x = jax.random.uniform(jax.random.key(4), (19, 784), jnp.float64)
+        y = jax.random.randint(jax.random.key(5), (19,), 0, 10)
+        got, ll = dense_ggn(params, x, y, "tanh", "ekfac", chunk=8)
+        factors, _ = dense_ggn(params, x, y, "tanh", "kron", chunk=8)
+        for name in ("Dense_0", "Dense_1"):
+            a, g = (np.asarray(f) for f in factors["params"][name]["kernel"])
+            u, v = np.linalg.eigh(a)[1], np.linalg.eigh(g)[1]
+            exact = jaxl2.ggn(model.apply, params, x, y, structure="full", select=f".*{name}/kernel")
+            h = np.asarray(exact.ggn)  # the kernel raveled row-major: index (input, output)
+            q = np.kron(u, v)  # column (j, k): u_j ⊗ v_k, in the leaf's row-major order
+            want = np.sum(q * (h @ q), axis=0).reshape(a.shape[0], g.shape[0])
+            s = np.asarray(got["params"][name]["kernel"])
+            # A has a null space (19 examples, 784 pixels) whose basis eigh picks freely: s is 0 there
+            np.testing.assert_allclose(s, want, rtol=1e-7, atol=1e-10 * np.abs(want).max(), err_msg=name)
+            assert s.sum() == pytest.approx(np.trace(h), rel=1e-10)
+            bias = jaxl2.ggn(model.apply, params, x, y, structure="full", select=f".*{name}/bias")
+            np.testing.assert_allclose(
+                np.sort(np.asarray(got["params"][name]["bias"])),
+                np.linalg.eigvalsh(np.asarray(bias.ggn)),
+                rtol=1e-8,
+                atol=1e-12 * np.abs(bias.ggn).max(),
+            )
+        assert float(ll) == pytest.approx(float(exact.log_likelihood), rel=1e-12)
+
+
+@pytest.mark.parametrize("lam, method, steps", [("shared", "bisect", 30), ("layer", "mackay", 3)])
+def test_the_trainers_update_is_evidence_l2_shared_or_per_layer(lam, method, steps):
+    """``evidence_lambda`` shared: one λ for every kernel, ``evidence_l2(shared=True)`` on
+    jaxl2.ggn's exact diagonal; layer: one each (float32, so to 1e-4); by the bisection or
+    MacKay's iteration."""
+    cfg = dataclasses.replace(
+        EVIDENCE,
+        hidden=(8,),
+        evidence_steps=steps,
+        evidence_curvature="diag",
+        evidence_lambda=lam,
+        evidence_method=method,
+    )
     x = jax.random.uniform(jax.random.key(1), (40, 784))
     y = jax.random.randint(jax.random.key(2), (40,), 0, 10)
     trainer = EvidenceTrainer(cfg, num_train=40)
     state = trainer.init()
     new = jax.jit(trainer.update)(state, x, y)
     curv = jaxl2.ggn(trainer.model.apply, state.params, x, y, structure="diag")
-    rules = jaxl2.evidence_l2(curv, state.params, cfg.l2_init, steps=3, bounds=(1e-8, 1.0))
+    rules = jaxl2.evidence_l2(
+        curv,
+        state.params,
+        cfg.l2_init,
+        shared=lam == "shared",
+        method=method,
+        steps=steps,
+        bounds=(1e-8, 1.0),
+    )
     got = trainer.lambdas(new)
-    assert sorted(got) == sorted(rules) == LAYERS  # the paths have no regex character to escape
+    assert sorted(got) == sorted(rules) == LAYERS
     for path in LAYERS:
         assert got[path] == pytest.approx(float(rules[path]), rel=1e-4)
         assert got[path] != pytest.approx(cfg.l2_init, rel=1e-2)  # it moved
+    assert (got[LAYERS[0]] == got[LAYERS[1]]) == (lam == "shared")
+    assert float(new.log_evidence) == pytest.approx(
+        float(jaxl2.log_evidence(curv, state.params, rules)), rel=1e-4
+    )
+
+
+def test_a_lanczos_update_is_evidence_l2_on_the_librarys_quadrature():
+    """``evidence_curvature`` lanczos: the update's λ and evidence are jaxl2.evidence_l2 and
+    jaxl2.log_evidence on jaxl2.ggn_lanczos with the probes' key the state gives."""
+    from jaxl2.mnist.evidence import LANCZOS_PROBES, LANCZOS_STEPS
+
+    cfg = dataclasses.replace(EVIDENCE, hidden=(8,), evidence_curvature="lanczos")
+    x = jax.random.uniform(jax.random.key(1), (40, 784))
+    y = jax.random.randint(jax.random.key(2), (40,), 0, 10)
+    trainer = EvidenceTrainer(cfg, num_train=40)
+    state = trainer.init()
+    new = jax.jit(trainer.update)(state, x, y)
+    key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 1)
+    curv = jaxl2.ggn_lanczos(
+        trainer.model.apply, state.params, x, y, key=key, probes=LANCZOS_PROBES, steps=LANCZOS_STEPS
+    )
+    rules = jaxl2.evidence_l2(
+        curv, state.params, cfg.l2_init, shared=True, method="bisect", steps=30, bounds=(1e-8, 1.0)
+    )
+    got = trainer.lambdas(new)
+    for path in LAYERS:
+        assert got[path] == pytest.approx(float(rules[path]), rel=1e-4)
+        assert got[path] != pytest.approx(cfg.l2_init, rel=1e-2)
     assert float(new.log_evidence) == pytest.approx(
         float(jaxl2.log_evidence(curv, state.params, rules)), rel=1e-4
     )
@@ -163,11 +243,25 @@ def test_an_evidence_run_trains_on_everything_records_and_resumes_exactly(tmp_pa
         ({"l2": "auto", "evidence_steps": 2}, "evidence_steps is a setting of l2 evidence, which this run"),
         ({"l2": "evidence", "evidence_every": 0}, "evidence_every 0 is invalid (epochs per λ update"),
         ({"l2": "evidence", "epochs": 3}, "evidence_every 5 is more than epochs 3: λ would never be updated"),
-        ({"l2": "evidence", "evidence_steps": 1.5}, "evidence_steps 1.5 is invalid (MacKay iterations"),
+        ({"l2": "evidence", "evidence_steps": 1.5}, "evidence_steps 1.5 is invalid (iterations per λ update"),
         ({"l2": "evidence", "l2_every": 8}, "l2_every is a setting of l2 auto, which this run does not use"),
         (
             {"l2": "evidence", "evidence_curvature": "full"},
-            "evidence_curvature 'full' is unknown (allowed: kron, diag)",
+            "evidence_curvature 'full' is unknown (allowed: kron, ekfac, diag, lanczos)",
+        ),
+        (
+            {"l2": "evidence", "evidence_lambda": "per-layer"},
+            "evidence_lambda 'per-layer' is unknown (allowed: shared, layer)",
+        ),
+        ({"evidence_lambda": "layer"}, "evidence_lambda is a setting of l2 evidence, which this run"),
+        (
+            {"l2": "evidence", "evidence_curvature": "lanczos", "evidence_lambda": "layer"},
+            "evidence_curvature lanczos estimates the evidence of one λ for all the selected leaves: it "
+            "needs evidence_lambda shared, not layer",
+        ),
+        (
+            {"l2": "evidence", "evidence_method": "adam"},
+            "evidence_method 'adam' is unknown (allowed: bisect, mackay)",
         ),
         (
             {"l2": "evidence", "optimizer": "adamw", "weight_decay": 1e-4, "allow_both": True},
@@ -215,7 +309,7 @@ def test_a_sweep_refuses_evidence_before_loading_anything(tmp_path):
 def test_help_explains_evidence():
     train = cli.build_parser()._subparsers._group_actions[0].choices["train"].format_help()
     text = " ".join(train.split())
-    assert "or evidence: one λ per selected leaf, set every --evidence-every epochs by the Laplace" in text
+    assert "or evidence: λ (--evidence-lambda), set every --evidence-every epochs by the Laplace" in text
     assert "--evidence-steps" in text
     sweep = cli.build_parser()._subparsers._group_actions[0].choices["sweep"].format_help()
     assert "--evidence-every" not in sweep

@@ -66,6 +66,8 @@ __all__ = [
     "EVIDENCE",
     "EVIDENCE_DEFAULTS",
     "EVIDENCE_CURVATURES",
+    "EVIDENCE_LAMBDAS",
+    "EVIDENCE_METHODS",
 ]
 
 INPUT_DIM = 784  # 28×28 pixels
@@ -88,12 +90,20 @@ AUTO = "auto"  # l2 = "auto": one λ per selected layer, tuned during the run (j
 # The fields that only l2 = "auto" reads, with their defaults (jaxl2.mnist.auto says why).
 AUTO_DEFAULTS: dict[str, Any] = {"l2_init": 1e-4, "l2_every": 4, "l2_lr": 0.02}
 AUTO_L2_BOUNDS = (1e-8, 1.0)  # the λs stay within them (jaxl2.auto_l2's bounds)
-# l2 = "evidence": one λ per selected leaf, chosen during the run by the Laplace evidence on all
-# of train ∪ validation (jaxl2.mnist.evidence); it starts at l2_init, as auto does
+# l2 = "evidence": λ chosen during the run by the Laplace evidence on all of train ∪ validation
+# (jaxl2.mnist.evidence), one for all selected leaves or one each; it starts at l2_init, as auto does
 EVIDENCE = "evidence"
 # The fields that only l2 = "evidence" reads, with their defaults.
-EVIDENCE_DEFAULTS: dict[str, Any] = {"evidence_every": 5, "evidence_steps": 5, "evidence_curvature": "kron"}
-EVIDENCE_CURVATURES = ("kron", "diag")
+EVIDENCE_DEFAULTS: dict[str, Any] = {
+    "evidence_every": 5,
+    "evidence_method": "bisect",
+    "evidence_steps": 30,
+    "evidence_curvature": "kron",
+    "evidence_lambda": "shared",
+}
+EVIDENCE_CURVATURES = ("kron", "ekfac", "diag", "lanczos")
+EVIDENCE_LAMBDAS = ("shared", "layer")
+EVIDENCE_METHODS = ("bisect", "mackay")
 
 
 class Optimizer(NamedTuple):
@@ -154,9 +164,10 @@ class Config:
     selected layer, starting at ``l2_init`` and tuned during the run by a hypergradient step
     on a validation batch every ``l2_every`` training steps (Adam, with one second moment for
     all layers, on ``ln λ`` with learning rate ``l2_lr``; see :mod:`jaxl2.mnist.auto`), or
-    ``"evidence"``: one λ per selected leaf, starting at ``l2_init``, set every
-    ``evidence_every`` epochs by ``evidence_steps`` MacKay updates of the Laplace evidence, the
-    run training on train ∪ validation (see :mod:`jaxl2.mnist.evidence`).
+    ``"evidence"``: one λ for all selected leaves (``evidence_lambda="shared"``) or one each
+    (``"layer"``), starting at ``l2_init``, set every ``evidence_every`` epochs to the maximum of
+    the Laplace evidence at that epoch's params (``evidence_method``, ``evidence_steps``
+    iterations), the run training on train ∪ validation (see :mod:`jaxl2.mnist.evidence`).
     """
 
     # -- data
@@ -172,7 +183,7 @@ class Config:
     # order against paths like params/Dense_0/kernel (first full match wins); or auto: one λ per
     # selected kernel, tuned during the run by the hypergradient of the validation loss through
     # one optimizer step (Luketina et al., ICML 2016) on a validation batch every `l2_every`
-    # steps; or evidence: one λ per selected leaf, set every `evidence_every` epochs by the Laplace
+    # steps; or evidence: λ (`evidence_lambda`), set every `evidence_every` epochs by the Laplace
     # evidence of all the training data, training on train ∪ validation with no refit; the λs go
     # to metrics.jsonl (l2/PATH), lambda.png and the summary
     l2: float | Mapping[str, float] | str = 1e-3
@@ -183,11 +194,19 @@ class Config:
     # with `l2` evidence: epochs between λ updates (the first after epoch `evidence_every`), each
     # from the Gauss-Newton (`evidence_curvature`) over all training examples
     evidence_every: int = EVIDENCE_DEFAULTS["evidence_every"]
-    # with `l2` evidence: MacKay fixed-point iterations per update, at that epoch's params
+    # with `l2` evidence: how each update seeks the evidence's maximum at that epoch's params:
+    # bisect (halvings in ln λ of the bounds 1e-8..1 around it) or mackay (MacKay's fixed-point
+    # iteration from the current λ, which can oscillate)
+    evidence_method: str = EVIDENCE_DEFAULTS["evidence_method"]
+    # with `l2` evidence: iterations of `evidence_method` per λ update (30 halvings pin λ to 2e-8)
     evidence_steps: int = EVIDENCE_DEFAULTS["evidence_steps"]
-    # with `l2` evidence: the Gauss-Newton's structure, kron (K-FAC factors per layer) or diag
-    # (its exact diagonal)
+    # with `l2` evidence: the Gauss-Newton's structure, kron (K-FAC factors per layer), ekfac
+    # (K-FAC's eigenbasis with the exact diagonal in it), diag (its exact diagonal) or lanczos
+    # (the whole of it, by stochastic Lanczos quadrature; one λ shared)
     evidence_curvature: str = EVIDENCE_DEFAULTS["evidence_curvature"]
+    # with `l2` evidence: shared (one λ for all selected leaves: the MLP's layers trade scale
+    # through ReLU, so only their λs' product is identified) or layer (one λ per selected leaf)
+    evidence_lambda: str = EVIDENCE_DEFAULTS["evidence_lambda"]
     # the leaves the penalty covers: kernels (default: every Dense kernel, no biases) or a regex
     # over paths like params/Dense_0/kernel
     select: str | None = None
@@ -396,7 +415,7 @@ def _check_auto(cfg: Config) -> None:
         raise _bad("l2_lr", cfg.l2_lr, "Adam's learning rate on ln λ, a finite number > 0")
     for name in ("evidence_every", "evidence_steps"):
         if not (_is_int(getattr(cfg, name)) and getattr(cfg, name) >= 1):
-            what = "epochs per λ update" if name == "evidence_every" else "MacKay iterations per λ update"
+            what = "epochs per λ update" if name == "evidence_every" else "iterations per λ update"
             raise _bad(name, getattr(cfg, name), f"{what}, an integer >= 1")
     if cfg.l2_evidence and _is_int(cfg.epochs) and cfg.evidence_every > cfg.epochs:
         raise ConfigError(
@@ -405,6 +424,15 @@ def _check_auto(cfg: Config) -> None:
         )
     if cfg.evidence_curvature not in EVIDENCE_CURVATURES:
         raise _unknown("evidence_curvature", cfg.evidence_curvature, EVIDENCE_CURVATURES)
+    if cfg.evidence_method not in EVIDENCE_METHODS:
+        raise _unknown("evidence_method", cfg.evidence_method, EVIDENCE_METHODS)
+    if cfg.evidence_lambda not in EVIDENCE_LAMBDAS:
+        raise _unknown("evidence_lambda", cfg.evidence_lambda, EVIDENCE_LAMBDAS)
+    if cfg.evidence_curvature == "lanczos" and cfg.evidence_lambda != "shared":
+        raise ConfigError(
+            f"{field('evidence_curvature')} lanczos estimates the evidence of one λ for all the selected "
+            f"leaves: it needs {field('evidence_lambda')} shared, not {cfg.evidence_lambda}"
+        )
     readers = [  # (the l2 that reads them, the one to suggest, whether this run does, fields)
         (AUTO, AUTO, cfg.l2_auto, {k: v for k, v in AUTO_DEFAULTS.items() if k != "l2_init"}),
         (EVIDENCE, EVIDENCE, cfg.l2_evidence, EVIDENCE_DEFAULTS),

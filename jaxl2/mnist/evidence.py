@@ -1,15 +1,26 @@
-"""``l2="evidence"``: one λ per selected leaf, chosen during the run by the Laplace evidence.
+"""``l2="evidence"``: λ chosen during the run by the Laplace evidence.
 
 :class:`EvidenceTrainer` is the :class:`~jaxl2.mnist.steps.Trainer` of such a run. The run
 trains on **all** of train ∪ validation (no split is needed to choose λ, and there is no
 refit); every ``evidence_every``-th epoch (``epoch % evidence_every == 0``) ends with
 
 1. the Gauss–Newton of the summed cross-entropy over every training example, at that epoch's
-   params (:func:`dense_ggn`: K-FAC factors per layer, or the exact diagonal), and ``log p(D | w)``;
-2. ``evidence_steps`` iterations of MacKay's fixed point ``α_l = γ_l / ‖w_l‖²``,
-   ``α = n·λ`` (:func:`jaxl2.evidence_l2`), from the current λs, clipped to
-   :data:`~jaxl2.mnist.config.AUTO_L2_BOUNDS`;
+   params (:func:`dense_ggn`: K-FAC factors per layer, EK-FAC, or the exact diagonal; or the
+   whole GGN's quadrature, :func:`jaxl2.ggn_lanczos`), and ``log p(D | w)``;
+2. the λs that maximise the evidence at those params (:func:`jaxl2.evidence_l2`, ``α = n·λ``),
+   within :data:`~jaxl2.mnist.config.AUTO_L2_BOUNDS`: the root of ``Σ_l γ_l = α·Σ_l ‖w_l‖²`` for
+   one λ shared by the selected leaves (``evidence_lambda="shared"``, the default), of
+   ``γ_l = α_l·‖w_l‖²`` for one each (``"layer"``), by ``evidence_steps`` halvings of the bounds
+   in ``ln λ`` (``evidence_method="bisect"``, the default) or MacKay iterations from the current
+   λs (``"mackay"``);
 3. the log evidence at the new λs (:func:`jaxl2.log_evidence`), recorded with them.
+
+Why shared: the MLP's biases are not penalised, so scaling layer ``l``'s kernel and bias by
+``c`` and layer ``l + 1``'s kernel by ``1/c`` leaves its function unchanged; the exact evidence
+is then the same for ``(α_l, α_{l+1})`` and ``(c²·α_l, α_{l+1}/c²)``, and the penalised optimum
+depends on the λs through their product only. The data identify one scale, not the layers' ratios;
+per layer, the Laplace approximation's errors decide the ratios, and the λs drift apart for as
+long as the run trains (``docs/guide/evidence.md`` shows it).
 
 The epochs in between train with the current λs. The state carries ``ln λ`` and the last log
 evidence, so a checkpoint holds them and a resume continues bit for bit. The leaves outside
@@ -19,10 +30,11 @@ the selection (the biases, by default) are held at their values in the evidence,
 The curvature is computed from the MLP's own structure (:func:`dense_ggn`): a Dense kernel
 ``W`` with input ``a`` and output ``z`` has ``∂f_c/∂W = a ⊗ ∂f_c/∂z``, so one backward pass
 per class and a matrix product per layer give the exact diagonal of ``Σ_i J_iᵀ Λ_i J_i``, or
-its K-FAC factors (``evidence_curvature``, default ``"kron"``), for a few gradients' cost where
-the generic per-example :func:`jaxl2.ggn` takes hundreds (``python experiments/evidence_cost.py``);
-the tests check the diagonal against :func:`jaxl2.ggn` and the factors against a hand
-computation, in float64.
+its K-FAC factors (``evidence_curvature``, default ``"kron"``), or the exact diagonal in the
+factors' eigenbasis (``"ekfac"``, a second pass), for a few gradients' cost where the generic
+per-example :func:`jaxl2.ggn` takes hundreds (``python experiments/evidence_cost.py``); the
+tests check the diagonal against :func:`jaxl2.ggn`, the factors against a hand computation and
+EK-FAC against the exact block rotated, in float64.
 
 Example:
   >>> from jaxl2.mnist.config import Config
@@ -36,24 +48,28 @@ Example:
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxl2 import select as _select
-from jaxl2.evidence import Curvature, evidence_l2, log_evidence
+from jaxl2.evidence import Curvature, evidence_l2, ggn_lanczos, log_evidence
 from jaxl2.mnist.auto import lambdas_of, penalty_rules
 from jaxl2.mnist.config import AUTO_L2_BOUNDS, Config
 from jaxl2.mnist.model import ACTIVATION_FNS, abstract_params
 from jaxl2.mnist.steps import Trainer, TrainState
 
-__all__ = ["EvidenceTrainState", "EvidenceTrainer", "dense_ggn"]
+__all__ = ["EvidenceTrainState", "EvidenceTrainer", "dense_ggn", "LANCZOS_PROBES", "LANCZOS_STEPS"]
+
+# evidence_curvature "lanczos": the probes and Lanczos steps of jaxl2.ggn_lanczos at each update
+LANCZOS_PROBES, LANCZOS_STEPS = 2, 40
 
 
 class EvidenceTrainState(TrainState):
-    """:class:`~jaxl2.mnist.steps.TrainState`, ``log_l2`` (``ln λ`` per selected leaf) and
+    """:class:`~jaxl2.mnist.steps.TrainState`, ``log_l2`` (``ln λ`` per selected leaf, all equal
+    when shared) and
     ``log_evidence`` (at the last update; NaN before the first)."""
 
     log_l2: jax.Array
@@ -80,6 +96,25 @@ def _layer_terms(structure: str, p_BxC: jax.Array, m_B: jax.Array, a_BxI: jax.Ar
     return {"bias": g_OxO, "kernel": (a_BxI.T @ a_BxI, g_OxO)}
 
 
+def _per_class_gradients(layers: list[tuple[str, Any]], act: Any, x_BxD: jax.Array):
+    """The MLP's logits ``(B, C)``, each Dense layer's inputs ``a`` ``(B, I)``, and
+    ``b_c = ∂logit_c/∂z`` of each layer's output ``z`` for every class ``(C, B, O)``: one forward
+    pass, one backward pass per class (the cotangent one-hot in class ``c`` on every row)."""
+
+    def forward(shifts):  # the MLP, with a shift added to each layer's output z
+        h, inputs = x_BxD, []
+        for i, (_, layer) in enumerate(layers):
+            inputs.append(h)
+            z = h @ layer["kernel"] + layer["bias"] + shifts[i]
+            h = act(z) if i < len(layers) - 1 else z
+        return h, inputs
+
+    shifts = [jnp.zeros((x_BxD.shape[0], layer["bias"].shape[0]), x_BxD.dtype) for _, layer in layers]
+    logits_BxC, vjp, inputs = jax.vjp(forward, shifts, has_aux=True)
+    eye = jnp.eye(logits_BxC.shape[1], dtype=x_BxD.dtype)
+    return logits_BxC, inputs, jax.vmap(lambda e: vjp(jnp.broadcast_to(e, logits_BxC.shape))[0])(eye)
+
+
 def dense_ggn(
     params: Any,
     x_NxD: jax.Array,
@@ -92,14 +127,18 @@ def dense_ggn(
     of the MLP (:class:`~jaxl2.mnist.model.MLP`) over ``x_NxD, y_N``, per kernel and bias, and
     ``log p(D | w) = −Σ_i CE_i``.
 
-    Per Dense layer with inputs ``a_i`` and ``b_ic = ∂logit_ic/∂z_i`` (``z`` its output), with
-    ``g_i = Σ_c p_ic·b_ic² − (Σ_c p_ic·b_ic)²`` and ``G_i = Σ_c p_ic·b_ic b_icᵀ − μ_i μ_iᵀ``
-    (``μ_i = Σ_c p_ic·b_ic``):
+    Per Dense layer with inputs ``a_i`` and ``b_ic = ∂logit_ic/∂z_i`` (``z`` its output), the
+    kernel's block of example ``i`` is ``a_i a_iᵀ ⊗ G_i`` with ``G_i = Σ_c p_ic·b_ic b_icᵀ − μ_i μ_iᵀ``
+    (``μ_i = Σ_c p_ic·b_ic``), the bias's ``G_i``. With ``g_i = Σ_c p_ic·b_ic² − (Σ_c p_ic·b_ic)²``:
 
     * ``structure="diag"``, exact: the kernel's diagonal ``Σ_i a_i² ⊗ g_i``, the bias's ``Σ_i g_i``;
     * ``structure="kron"``, K-FAC: the kernel's factors ``(A, G) = (Σ_i a_i a_iᵀ / n, Σ_i G_i)``
       (its block ``≈ A ⊗ G``), the bias's ``([[1]], Σ_i G_i)`` (exact), as
-      :class:`jaxl2.Curvature` takes them.
+      :class:`jaxl2.Curvature` takes them;
+    * ``structure="ekfac"``, EK-FAC: the kernel's exact diagonal in the eigenbasis ``U ⊗ V`` of
+      its K-FAC factors, ``s_jk = Σ_i (u_jᵀa_i)²·(v_kᵀG_iv_k)`` (the diag sums over rotated
+      ``a_i`` and ``b_ic``), the bias's in ``V`` (the eigenvalues of its exact block); two passes
+      over the data, the first for the factors.
 
     The examples go ``chunk`` at a time.
 
@@ -115,28 +154,19 @@ def dense_ggn(
     xs = jnp.pad(x_NxD, ((0, pad), (0, 0))).reshape(-1, chunk, x_NxD.shape[1])
     ys = jnp.pad(y_N, (0, pad)).reshape(-1, chunk)
     ms = (jnp.arange(n + pad) < n).reshape(-1, chunk).astype(dtype)
-
-    def forward(x_BxD, shifts):  # the MLP, with a shift added to each layer's output z
-        h, inputs = x_BxD, []
-        for i, (_, layer) in enumerate(layers):
-            inputs.append(h)
-            z = h @ layer["kernel"] + layer["bias"] + shifts[i]
-            h = act(z) if i < len(layers) - 1 else z
-        return h, inputs
+    kind, bases = structure, [(None, None)] * len(layers)
+    if structure == "ekfac":  # the diagonal in the factors' eigenvectors, per layer (U of A, V of G)
+        factors, _ = dense_ggn(params, x_NxD, y_N, activation, "kron", chunk)
+        kind = "diag"
+        bases = [tuple(jnp.linalg.eigh(f)[1] for f in pair["kernel"]) for _, pair in _dense_layers(factors)]
 
     def chunk_terms(args):
         x_BxD, y_B, m_B = args
-        shifts = [jnp.zeros((chunk, layer["bias"].shape[0]), dtype) for _, layer in layers]
-        logits_BxC, vjp, inputs = jax.vjp(lambda s: forward(x_BxD, s), shifts, has_aux=True)
-        classes = logits_BxC.shape[1]
+        logits_BxC, inputs, b_per_layer = _per_class_gradients(layers, act, x_BxD)
         p_BxC = jax.nn.softmax(logits_BxC) * m_B[:, None]  # padded rows weigh nothing
-        # b for every class at once: the cotangent one-hot in class c on every row
-        b_per_layer = jax.vmap(lambda e: vjp(jnp.broadcast_to(e, logits_BxC.shape))[0])(
-            jnp.eye(classes, dtype=dtype)
-        )
         terms = {
-            name: _layer_terms(structure, p_BxC, m_B, a, b)
-            for (name, _), a, b in zip(layers, inputs, b_per_layer)
+            name: _layer_terms(kind, p_BxC, m_B, a if u is None else a @ u, b if v is None else b @ v)
+            for (name, _), a, b, (u, v) in zip(layers, inputs, b_per_layer, bases)
         }
         label = jnp.take_along_axis(logits_BxC, y_B[:, None], axis=-1)[:, 0]
         ll = m_B @ (label - jax.nn.logsumexp(logits_BxC, axis=-1))
@@ -191,9 +221,23 @@ class EvidenceTrainer(Trainer):
         """``{path: λ}`` of ``state``, as Python floats."""
         return lambdas_of(self.paths, state.log_l2)
 
-    def curvature(self, params: Any, x_NxD: jax.Array, y_N: jax.Array) -> Curvature:
-        """The selected leaves' GGN over ``x_NxD, y_N`` (:func:`dense_ggn`, ``evidence_curvature``)."""
+    def curvature(
+        self, params: Any, x_NxD: jax.Array, y_N: jax.Array, key: jax.Array | None = None
+    ) -> Curvature:
+        """The selected leaves' GGN over ``x_NxD, y_N`` (``evidence_curvature``: :func:`dense_ggn`, or
+        :func:`jaxl2.ggn_lanczos` with ``key``)."""
         structure = self.cfg.evidence_curvature
+        if structure == "lanczos":
+            return ggn_lanczos(
+                lambda p, x: cast(jax.Array, self.model.apply(p, x)),  # logits, no mutable state
+                params,
+                x_NxD,
+                y_N,
+                key=jax.random.PRNGKey(0) if key is None else key,
+                probes=LANCZOS_PROBES,
+                steps=LANCZOS_STEPS,
+                select=self.select,
+            )
         tree, ll = dense_ggn(params, x_NxD, y_N, self.cfg.activation, structure)
         flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda t: isinstance(t, tuple))[0]
         by_path = {_select.path_str(kp): block for kp, block in flat}
@@ -201,13 +245,16 @@ class EvidenceTrainer(Trainer):
         return Curvature(ll, blocks, int(x_NxD.shape[0]), tuple(self.paths), structure)
 
     def update(self, state: EvidenceTrainState, x_NxD: jax.Array, y_N: jax.Array) -> EvidenceTrainState:
-        """The λ update at ``state.params``: MacKay's fixed point, then the evidence at the new λs."""
-        curv = self.curvature(state.params, x_NxD, y_N)
+        """The λ update at ``state.params`` (``evidence_method``), then the evidence at the new λs."""
+        key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 1)  # the shuffle's: one fold
+        curv = self.curvature(state.params, x_NxD, y_N, key)
         rules = evidence_l2(
             curv,
             state.params,
             self.rules(state.log_l2),
             select=self.select,
+            shared=self.cfg.evidence_lambda == "shared",
+            method=self.cfg.evidence_method,
             steps=self.cfg.evidence_steps,
             bounds=AUTO_L2_BOUNDS,
         )

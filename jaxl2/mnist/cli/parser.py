@@ -63,7 +63,7 @@ class _Parser(argparse.ArgumentParser):
 def parse_l2(text: str) -> float | dict[str, float] | str:
     """``1e-3`` → 1e-3; ``'.*Dense_0/kernel=1e-3,.*=1e-4'`` → an ordered ``{regex: λ}``;
     ``auto`` → ``"auto"`` (one λ per layer, tuned during the run); ``evidence`` → ``"evidence"``
-    (one λ per layer, from the Laplace evidence).
+    (λ from the Laplace evidence).
 
     Patterns are full-path regexes (``re.fullmatch``), first match wins; each item is split
     at its last ``=``, items at commas (so a pattern cannot contain a comma).
@@ -124,8 +124,10 @@ def _add_auto_flags(g: Any) -> None:
     g.add_argument("--l2-every", type=int, help=doc(Config, "l2_every"))
     g.add_argument("--l2-lr", type=float, help=doc(Config, "l2_lr"))
     g.add_argument("--evidence-every", type=int, help=doc(Config, "evidence_every"))
+    g.add_argument("--evidence-method", help=doc(Config, "evidence_method"))
     g.add_argument("--evidence-steps", type=int, help=doc(Config, "evidence_steps"))
     g.add_argument("--evidence-curvature", help=doc(Config, "evidence_curvature"))
+    g.add_argument("--evidence-lambda", help=doc(Config, "evidence_lambda"))
 
 
 def _add_train_flags(p: argparse.ArgumentParser, *, auto: bool = True) -> None:
