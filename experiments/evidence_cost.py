@@ -1,6 +1,7 @@
 """What the GGN costs on the reference MLP: the generic exact diagonal ``jaxl2.ggn(structure="diag")``
-(per-example Jacobians), the MLP's own exact diagonal and K-FAC factors
-(``jaxl2.mnist.evidence.dense_ggn``, what ``jaxl2 train --l2 evidence`` computes) on mnist5k's
+(per-example Jacobians), the MLP's own exact diagonal, K-FAC factors and EK-FAC
+(``jaxl2.mnist.evidence.dense_ggn``, what ``jaxl2 train --l2 evidence`` computes) and the whole
+GGN's quadrature (``jaxl2.ggn_lanczos``, ``--evidence-curvature lanczos``) on mnist5k's
 training images, beside one full-batch gradient of the same loss, in one process.
 
     python experiments/evidence_cost.py [--examples 3500] [--batch-size 32] [--rounds 3]
@@ -18,7 +19,7 @@ import numpy as np
 
 import jaxl2
 from jaxl2.mnist import MLP, load_data
-from jaxl2.mnist.evidence import dense_ggn
+from jaxl2.mnist.evidence import LANCZOS_PROBES, LANCZOS_STEPS, dense_ggn
 from jaxl2.mnist.runtime import device_name
 
 
@@ -50,6 +51,14 @@ def main() -> None:
         ),
         "MLP exact diagonal (dense_ggn diag)": jax.jit(lambda p: dense_ggn(p, x, y, "relu", "diag")),
         "MLP K-FAC factors (dense_ggn kron)": jax.jit(lambda p: dense_ggn(p, x, y, "relu", "kron")),
+        "MLP EK-FAC (dense_ggn ekfac)": jax.jit(lambda p: dense_ggn(p, x, y, "relu", "ekfac")),
+        f"whole GGN by Lanczos (jaxl2.ggn_lanczos, {LANCZOS_PROBES} probes × {LANCZOS_STEPS} steps)": jax.jit(
+            lambda p: (
+                jaxl2.ggn_lanczos(
+                    apply_fn, p, x, y, key=jax.random.PRNGKey(0), probes=LANCZOS_PROBES, steps=LANCZOS_STEPS
+                ).ggn
+            )
+        ),
         "one full-batch gradient": jax.jit(
             jax.grad(lambda p: -jnp.mean(jax.nn.log_softmax(apply_fn(p, x))[jnp.arange(len(y)), y]))
         ),

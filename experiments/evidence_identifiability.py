@@ -4,17 +4,16 @@ Each shared λ is trained on train ∪ validation (4,000 images; the default rec
 120 epochs) and then measured at the params it reached. The script prints:
 
 * the test accuracy;
-* per layer: ``‖w_l‖²``, ``n·λ·‖w_l‖²`` and K-FAC's ``γ_l``, the effective number of parameters
-  (``jaxl2.evidence_l2``'s one MacKay step gives ``γ_l = n·λ_new_l·‖w_l‖²``).
+* per layer: ``‖w_l‖²``, ``n·λ·‖w_l‖²`` and the effective number of parameters ``γ_l`` under
+  K-FAC and under EK-FAC (``jaxl2.evidence_l2``'s one MacKay step gives ``γ_l = n·λ_new_l·‖w_l‖²``).
 
 A ReLU MLP with unregularised biases computes the same function when one layer is scaled by
 ``c`` and the next by ``1/c``. At a trained optimum ``n·λ_l·‖w_l‖²`` is therefore the same for
 every layer, while MacKay's fixed point needs it to equal ``γ_l``. Unequal ``γ_l`` leave per-layer
 λs with no joint fixed point.
 
-It also prints the shared λ that maximises the evidence at those params: the root of
-``Σγ_l(λ) = n·λ·Σ‖w_l‖²``, found by bisection in ``ln λ`` (MacKay's update, iterated, can
-oscillate).
+It also prints, under K-FAC and EK-FAC, the shared λ that maximises the evidence at those params:
+the root of ``Σγ_l(λ) = n·λ·Σ‖w_l‖²`` (``jaxl2.evidence_l2(shared=True, method="bisect")``).
 
     python experiments/evidence_identifiability.py [--seed 0] [--l2 1e-4,1e-3,3e-3,1e-2] [--epochs 120]
 """
@@ -42,6 +41,12 @@ def gammas(et: EvidenceTrainer, curv, params, sq: np.ndarray, lam: float) -> np.
     return curv.n * np.array([float(new[re.escape(p)]) for p in et.paths]) * sq
 
 
+def shared_lambda(et: EvidenceTrainer, curv, params) -> float:
+    """The one λ that maximises the evidence at ``params`` (bisection in ``ln λ``)."""
+    new = evidence_l2(curv, params, 1e-3, select=et.select, shared=True, method="bisect", steps=40)
+    return float(new[re.escape(et.paths[0])])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=0)
@@ -51,10 +56,14 @@ def main() -> None:
     ds = load("mnist5k")
     data = train_val(ds)
     x, y = jnp.asarray(data.x), jnp.asarray(data.y)
-    et = EvidenceTrainer(Config(l2="evidence", seed=args.seed), len(y))
+    trainers = [
+        EvidenceTrainer(Config(l2="evidence", seed=args.seed, evidence_curvature=c), len(y))
+        for c in ("kron", "ekfac")
+    ]
     print(f"device: {device_name()}; seed {args.seed}; n {len(y)}; {args.epochs} epochs per λ")
     print(
-        "λ       test %   ‖w_l‖²                 n·λ·‖w_l‖²             K-FAC γ_l              shared evidence λ"
+        "λ       test %   ‖w_l‖²             n·λ·‖w_l‖²         K-FAC γ_l            EK-FAC γ_l"
+        "           shared evidence λ: K-FAC, EK-FAC"
     )
     for lam in (float(v) for v in args.l2.split(",")):
         tr = Trainer(Config(seed=args.seed, l2=lam, epochs=args.epochs), len(y))
@@ -62,24 +71,18 @@ def main() -> None:
         for _ in range(args.epochs):
             state, _ = tr.train_epoch(state, x, y)
         test = 100 * float(tr.evaluate(state.params, *map(jnp.asarray, ds.need("test")))["accuracy"])
-        curv = et.curvature(state.params, x, y)
         norms = kernel_sq_norm(state.params, tr.cfg)
-        sq = np.array([norms[p] for p in et.paths])
-        low, high = np.log(1e-7), np.log(1.0)  # the root of Σγ_l(λ) − n·λ·Σ‖w_l‖², decreasing in λ
-        for _ in range(30):
-            mid = (low + high) / 2
-            up = (
-                gammas(et, curv, state.params, sq, float(np.exp(mid))).sum() > curv.n * np.exp(mid) * sq.sum()
-            )
-            low, high = (mid, high) if up else (low, mid)
-        shared = float(np.exp((low + high) / 2))
+        sq = np.array([norms[p] for p in trainers[0].paths])
+        curvs = [et.curvature(state.params, x, y) for et in trainers]
+        gamma = [gammas(et, c, state.params, sq, lam) for et, c in zip(trainers, curvs)]
+        shared = [shared_lambda(et, c, state.params) for et, c in zip(trainers, curvs)]
 
         def fmt(v):
             return "(" + ", ".join(f"{a:.0f}" if a >= 10 else f"{a:.2f}" for a in v) + ")"
 
         print(
-            f"{lam:<7.0e} {test:6.2f}   {fmt(sq):22s} {fmt(curv.n * lam * sq):22s} "
-            f"{fmt(gammas(et, curv, state.params, sq, lam)):22s} {shared:.3g}"
+            f"{lam:<7.0e} {test:6.2f}   {fmt(sq):18s} {fmt(len(y) * lam * sq):18s} "
+            f"{fmt(gamma[0]):20s} {fmt(gamma[1]):20s} {shared[0]:.3g}, {shared[1]:.3g}"
         )
 
 
