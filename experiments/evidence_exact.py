@@ -1,20 +1,18 @@
-"""The shared λ that the Laplace evidence picks with the exact Gauss–Newton, beside K-FAC's and EK-FAC's.
+"""The shared λ that the Laplace evidence picks with the whole Gauss–Newton, beside K-FAC's and EK-FAC's.
 
-The evidence's derivative in ``ln α`` for one λ shared by the kernels is ``½·(γ(α) − α·Σ_l‖w_l‖²)``
-with ``γ(α) = tr(H·(H + αI)⁻¹)`` and ``H`` the GGN of all three kernels together (269,322
-parameters: no K-FAC, no block per layer). ``γ(α)`` comes from stochastic Lanczos quadrature:
-``--probes`` Rademacher vectors ``z``, ``--lanczos`` steps of Lanczos on ``H`` from each (GGN-vector
-products by ``jax.jvp``/``jax.vjp`` over all 4,000 images, full reorthogonalisation), and
-``zᵀf(H)z ≈ ‖z‖²·Σ_j τ_j²·f(θ_j)`` with ``θ_j, τ_j`` the Ritz values and first components of the
-tridiagonal's eigenvectors. One Lanczos run per probe serves every α, so the root is bisected on
-the quadrature. As a check the same quadrature's ``tr(H)`` (``f(h) = h``) is printed beside the
-exact trace (the sum of ``dense_ggn``'s exact diagonal).
+For one λ shared by the kernels, the evidence's derivative in ``ln α`` is
+``½·(γ(α) − α·Σ_l‖w_l‖²)`` with ``γ(α) = tr(H·(H + αI)⁻¹)`` and ``H`` the GGN of all three kernels
+together (269,322 parameters: no block per layer, no Kronecker factors). ``jaxl2.ggn_lanczos``
+estimates it by stochastic Lanczos quadrature (``--probes`` Rademacher vectors, ``--lanczos``
+steps each, GGN-vector products over all 4,000 images), and
+``jaxl2.evidence_l2(shared=True, method="bisect")`` finds its root. As a check, the same
+quadrature's ``tr(H)`` is printed beside the exact trace (the sum of ``dense_ggn``'s exact
+diagonal), and the root is also found per probe, for its spread.
 
 For each shared λ trained on train ∪ validation (the default recipe, as
 ``evidence_identifiability.py``), it prints the test accuracy, ``γ`` at that λ, and the shared λ
-that maximises the evidence there: exact (± the spread over probes), K-FAC, EK-FAC. Then a
-fixed-λ run with its refit (``--refit-l2``: the λs, seeds 0, 1, 2) tells what test accuracy a
-λ gets.
+that maximises the evidence there: from the whole GGN, K-FAC and EK-FAC. Then a fixed-λ run with
+its refit (``--refit-l2``: the λs, seeds 0, 1, 2) tells what test accuracy a λ gets.
 
     python experiments/evidence_exact.py [--l2 1e-3,3e-3] [--probes 8] [--lanczos 80] [--refit-l2 3e-3]
 """
@@ -29,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxl2 import evidence_l2
+from jaxl2 import Curvature, evidence_l2, ggn_lanczos
 from jaxl2.mnist.config import Config
 from jaxl2.mnist.data import load
 from jaxl2.mnist.evidence import EvidenceTrainer, dense_ggn
@@ -39,71 +37,11 @@ from jaxl2.mnist.run import train_and_evaluate
 from jaxl2.mnist.runtime import device_name
 from jaxl2.mnist.steps import Trainer
 
-KERNELS = ("Dense_0", "Dense_1", "Dense_2")
 
-
-def ggn_product(params, x_NxD):
-    """``v ↦ H·v`` over the kernels raveled (biases held), ``H = Σ_i J_iᵀ(diag p_i − p_i p_iᵀ)J_i``."""
-    layers = params["params"]
-    shapes = [layers[k]["kernel"].shape for k in KERNELS]
-    sizes = [int(np.prod(s)) for s in shapes]
-
-    def logits(theta):
-        h, start = x_NxD, 0
-        for i, (k, shape, size) in enumerate(zip(KERNELS, shapes, sizes)):
-            w = theta[start : start + size].reshape(shape)
-            h = h @ w + layers[k]["bias"]
-            h = jax.nn.relu(h) if i < len(KERNELS) - 1 else h
-            start += size
-        return h
-
-    theta = jnp.concatenate([layers[k]["kernel"].ravel() for k in KERNELS])
-    z, jvp = jax.linearize(logits, theta)
-    _, vjp = jax.vjp(logits, theta)
-    p = jax.nn.softmax(z)
-
-    @jax.jit
-    def product(v):
-        u = jvp(v)
-        return vjp(p * u - p * jnp.sum(p * u, axis=1, keepdims=True))[0]
-
-    return product, theta.size
-
-
-def lanczos(product, z: jax.Array, steps: int) -> tuple[np.ndarray, np.ndarray]:
-    """Ritz values ``θ`` and weights ``τ²`` (first components squared) of ``steps`` Lanczos steps
-    from ``z``, with full reorthogonalisation."""
-    basis = [z / jnp.linalg.norm(z)]
-    alphas, betas = [], []
-    for j in range(steps):
-        w = product(basis[j])
-        a = jnp.vdot(w, basis[j])
-        q = jnp.stack(basis)
-        w = w - q.T @ (q @ w)  # full reorthogonalisation (twice is enough)
-        w = w - q.T @ (q @ w)
-        b = jnp.linalg.norm(w)
-        alphas.append(float(a))
-        if j == steps - 1 or float(b) < 1e-6 * abs(alphas[0]):
-            break
-        betas.append(float(b))
-        basis.append(w / b)
-    t = np.diag(alphas) + np.diag(betas[: len(alphas) - 1], 1) + np.diag(betas[: len(alphas) - 1], -1)
-    theta, vectors = np.linalg.eigh(t)
-    return np.maximum(theta, 0.0), vectors[0] ** 2
-
-
-def shared_root(runs, size: int, sq: float, n: int) -> list[float]:
-    """Per probe: the λ where ``γ(nλ) = nλ·sq`` (bisection in ``ln λ`` over 1e-8..1)."""
-    out = []
-    for theta, tau2 in runs:
-        lo, hi = np.log(1e-8), 0.0
-        for _ in range(60):
-            mid = (lo + hi) / 2
-            a = n * np.exp(mid)
-            gamma = size * np.sum(tau2 * theta / (theta + a))
-            lo, hi = (mid, hi) if gamma > a * sq else (lo, mid)
-        out.append(float(np.exp((lo + hi) / 2)))
-    return out
+def shared_lambda(et: EvidenceTrainer, curv: Curvature, params) -> float:
+    """The one λ that maximises the evidence of ``curv`` at ``params`` (bisection in ``ln λ``)."""
+    new = evidence_l2(curv, params, 1e-3, select=et.select, shared=True, method="bisect", steps=40)
+    return float(new[re.escape(et.paths[0])])
 
 
 def main() -> None:
@@ -120,6 +58,7 @@ def main() -> None:
     x, y = jnp.asarray(data.x), jnp.asarray(data.y)
     n = len(y)
     trainers = {c: EvidenceTrainer(Config(l2="evidence", evidence_curvature=c), n) for c in ("kron", "ekfac")}
+    et = trainers["kron"]
     print(f"device: {device_name()}; seed {args.seed}; n {n}; {args.epochs} epochs per λ")
     print(f"{args.probes} probes × {args.lanczos} Lanczos steps")
     for lam in (float(v) for v in args.l2.split(",") if v):
@@ -128,33 +67,42 @@ def main() -> None:
         for _ in range(args.epochs):
             state, _ = tr.train_epoch(state, x, y)
         test = 100 * float(tr.evaluate(state.params, *map(jnp.asarray, ds.need("test")))["accuracy"])
-        norms = kernel_sq_norm(state.params, tr.cfg)
-        sq = float(sum(norms.values()))
+        sq = float(sum(kernel_sq_norm(state.params, tr.cfg).values()))
         t0 = time.perf_counter()
-        product, size = ggn_product(state.params, x)
-        keys = jax.random.split(jax.random.key(args.seed), args.probes)
-        runs = [lanczos(product, jax.random.rademacher(k, (size,), jnp.float32), args.lanczos) for k in keys]
-        roots = shared_root(runs, size, sq, n)
-        gamma = [size * np.sum(t2 * th / (th + n * lam)) for th, t2 in runs]
-        trace = np.mean([size * np.sum(t2 * th) for th, t2 in runs])
-        diag, _ = dense_ggn(state.params, x, y, "relu", "diag")
-        exact_trace = float(sum(jnp.sum(diag["params"][k]["kernel"]) for k in KERNELS))
-        approx = {}
-        for c, et in trainers.items():
-            new = evidence_l2(
-                et.curvature(state.params, x, y),
+        whole = ggn_lanczos(
+            tr.model.apply,
+            state.params,
+            x,
+            y,
+            key=jax.random.PRNGKey(args.seed),
+            probes=args.probes,
+            steps=args.lanczos,
+            select=et.select,
+        )
+        nodes, weights = whole.ggn
+        size = sum(np.size(leaf) for leaf in jax.tree.leaves(state.params) if np.ndim(leaf) == 2)
+        trace = size * float(jnp.mean(jnp.sum(weights * nodes, axis=-1)))
+        one = evidence_l2(whole, state.params, lam, select=et.select, shared=True)  # one MacKay step
+        gamma = n * float(one[re.escape(et.paths[0])]) * sq
+        per_probe = [
+            shared_lambda(
+                et,
+                Curvature(
+                    whole.log_likelihood, (nodes[i : i + 1], weights[i : i + 1]), n, whole.paths, "lanczos"
+                ),
                 state.params,
-                1e-3,
-                select=et.select,
-                shared=True,
-                method="bisect",
-                steps=40,
             )
-            approx[c] = float(new[re.escape(et.paths[0])])
+            for i in range(args.probes)
+        ]
+        diag, _ = dense_ggn(state.params, x, y, "relu", "diag")
+        exact_trace = float(sum(jnp.sum(diag["params"][k]["kernel"]) for k in diag["params"]))
+        approx = {
+            c: shared_lambda(t, t.curvature(state.params, x, y), state.params) for c, t in trainers.items()
+        }
         print(
             f"λ {lam:g}: test {test:.2f}%; tr(H) quadrature {trace:.4g} vs exact {exact_trace:.4g}; "
-            f"γ at λ {np.mean(gamma):.0f} ± {np.std(gamma):.0f}; shared evidence λ: exact "
-            f"{np.exp(np.mean(np.log(roots))):.3g} (probes {min(roots):.3g}..{max(roots):.3g}), "
+            f"γ at λ {gamma:.0f}; shared evidence λ: whole GGN {shared_lambda(et, whole, state.params):.3g} "
+            f"(one probe each: {min(per_probe):.3g}..{max(per_probe):.3g}), "
             f"K-FAC {approx['kron']:.3g}, EK-FAC {approx['ekfac']:.3g} ({time.perf_counter() - t0:.0f} s)"
         )
     for lam in (float(v) for v in args.refit_l2.split(",") if v):

@@ -294,7 +294,8 @@ def test_kron_and_ekfac_refuse_a_lambda_per_slice(structure):
 def test_ekfac_values_in_the_eigenbasis_of_each_block_give_the_exact_evidence():
     """``"ekfac"`` holds a block's diagonal in an orthonormal basis of its leaf: in the basis that
     diagonalises each leaf's exact block (numpy's eigh of jaxl2.ggn's full matrix, no cross-leaf
-    terms) it is that block-diagonal matrix's exact evidence, MacKay λ and bisection λ."""
+    terms) it is that block-diagonal matrix's exact evidence, MacKay and Adam λs per leaf, and
+    shared bisection λ."""
     params, x, y = tiny_mlp(seed=3)
     full = np.asarray(jaxl2.ggn(mlp, params, x, y, structure="full").ggn)
     blocks = [full[:12, :12], full[12:, 12:]]  # l0/kernel (3×4), l1/kernel (4×3)
@@ -312,6 +313,10 @@ def test_ekfac_values_in_the_eigenbasis_of_each_block_give_the_exact_evidence():
         a, b = (jaxl2.evidence_l2(c, params, rules, method=method, steps=20) for c in (ekfac, exact))
         for path in rules:
             assert float(a[path]) == pytest.approx(float(b[path]), rel=1e-8)
+    a, b = (
+        jaxl2.evidence_l2(c, params, rules, shared=True, method="bisect", steps=60) for c in (ekfac, exact)
+    )
+    assert float(a["l0/kernel"]) == pytest.approx(float(b["l0/kernel"]), rel=1e-8)
     with pytest.raises(jaxl2.Jaxl2Error, match=r"one value per entry .* 'l1/kernel' has 5 for its 12"):
         bad = jaxl2.Curvature(ll, (values[0], jnp.ones(5)), 10, ekfac.paths, "ekfac")
         jaxl2.log_evidence(bad, params, 0.1)
@@ -509,3 +514,52 @@ def test_lanczos_quadrature_estimates_the_full_ggn_evidence_with_one_lambda():
         jaxl2.log_evidence(slq, params, {"l0/kernel": 0.1, "l1/kernel": 0.2})
     with pytest.raises(jaxl2.Jaxl2Error, match="give shared=True"):
         jaxl2.evidence_l2(slq, params, 0.1)
+
+
+def test_bisection_needs_no_steps_argument():
+    """The module's example: MacKay iterated 50 times gives 0.2743; the bisection's default steps
+    reach the same root from any start."""
+    params = {"dense": {"kernel": jnp.array([[0.9], [-0.9]])}}
+    x = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    curv = jaxl2.ggn(
+        lambda p, x: x @ p["dense"]["kernel"],
+        params,
+        x,
+        jnp.array([[1.0], [-1.0], [0.0]]),
+        likelihood="gaussian",
+        structure="full",
+    )
+    mackay = float(jaxl2.evidence_l2(curv, params, 0.1, steps=50)["dense/kernel"])
+    for start in (1e-6, 0.1, 100.0):
+        bisect = float(jaxl2.evidence_l2(curv, params, start, method="bisect")["dense/kernel"])
+        assert bisect == pytest.approx(mackay, rel=1e-8)
+
+
+def test_lanczos_is_exact_on_a_breakdown_and_nan_for_unequal_traced_lambdas():
+    """Linear regression with orthogonal features of equal norm: ``H = 4I``, so every probe's
+    Krylov space is one vector and Lanczos breaks down after one step; with 5 steps the later
+    nodes carry no weight, and ``γ = P·4/(4 + α)``, the Occam term ``P·log(1 + 4/α)`` exactly.
+    Under ``jit`` (traced λs) unequal λs give NaN rather than a mixed evidence."""
+    x = np.zeros((8, 4))
+    x[:4] = 2 * np.eye(4)  # XᵀX = 4I
+    y = np.arange(8.0)[:, None] / 8
+    params = {"a": {"kernel": jnp.full((2, 1), 0.3)}, "b": {"kernel": jnp.full((2, 1), -0.2)}}
+
+    def f(p, x):
+        return x[:, :2] @ p["a"]["kernel"] + x[:, 2:] @ p["b"]["kernel"]
+
+    slq = jaxl2.ggn_lanczos(f, params, x, y, key=jax.random.key(0), probes=3, steps=5, likelihood="gaussian")
+    nodes, weights = (np.asarray(a) for a in slq.ggn)
+    np.testing.assert_allclose(np.sum(weights, axis=1), 1.0, rtol=1e-12)
+    np.testing.assert_allclose(np.sum(weights * nodes, axis=1), 4.0, rtol=1e-12)
+    n, lam, p = 8, 0.1, 4
+    alpha = n * lam
+    sq = 2 * 0.3**2 + 2 * 0.2**2
+    got = float(jaxl2.evidence_l2(slq, params, lam, shared=True)["a/kernel"])
+    assert got == pytest.approx(p * 4 / (4 + alpha) / sq / n, rel=1e-12)  # one MacKay step: γ/(n·‖w‖²)
+    occam = float(jaxl2.log_evidence(slq, params, lam) - slq.log_likelihood) + 0.5 * alpha * sq
+    assert occam == pytest.approx(-0.5 * p * np.log(1 + 4 / alpha), rel=1e-12)
+    unequal = jax.jit(lambda a, b: jaxl2.log_evidence(slq, params, {"a/kernel": a, "b/kernel": b}))
+    assert np.isnan(float(unequal(0.1, 0.2))) and float(unequal(0.1, 0.1)) == pytest.approx(
+        float(jaxl2.log_evidence(slq, params, 0.1)), rel=1e-12
+    )

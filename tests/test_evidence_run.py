@@ -309,7 +309,10 @@ def test_a_sweep_refuses_evidence_before_loading_anything(tmp_path):
 def test_help_explains_evidence():
     train = cli.build_parser()._subparsers._group_actions[0].choices["train"].format_help()
     text = " ".join(train.split())
-    assert "or evidence: λ (--evidence-lambda), set every --evidence-every epochs by the Laplace" in text
+    assert (
+        "or evidence: one λ or one per layer (--evidence-lambda), set every --evidence-every epochs by"
+        in text
+    )
     assert "--evidence-steps" in text
     sweep = cli.build_parser()._subparsers._group_actions[0].choices["sweep"].format_help()
     assert "--evidence-every" not in sweep

@@ -183,9 +183,9 @@ class Config:
     # order against paths like params/Dense_0/kernel (first full match wins); or auto: one λ per
     # selected kernel, tuned during the run by the hypergradient of the validation loss through
     # one optimizer step (Luketina et al., ICML 2016) on a validation batch every `l2_every`
-    # steps; or evidence: λ (`evidence_lambda`), set every `evidence_every` epochs by the Laplace
-    # evidence of all the training data, training on train ∪ validation with no refit; the λs go
-    # to metrics.jsonl (l2/PATH), lambda.png and the summary
+    # steps; or evidence: one λ or one per layer (`evidence_lambda`), set every `evidence_every`
+    # epochs by the Laplace evidence of all the training data, training on train ∪ validation
+    # with no refit; the λs go to metrics.jsonl (l2/PATH), lambda.png and the summary
     l2: float | Mapping[str, float] | str = 1e-3
     l2_init: float = AUTO_DEFAULTS["l2_init"]  # with `l2` auto or evidence: every layer's starting λ
     # with `l2` auto: training steps per λ update, each on one validation batch of `batch_size` examples
@@ -198,7 +198,8 @@ class Config:
     # bisect (halvings in ln λ of the bounds 1e-8..1 around it) or mackay (MacKay's fixed-point
     # iteration from the current λ, which can oscillate)
     evidence_method: str = EVIDENCE_DEFAULTS["evidence_method"]
-    # with `l2` evidence: iterations of `evidence_method` per λ update (30 halvings pin λ to 2e-8)
+    # with `l2` evidence: iterations of `evidence_method` per λ update (25 halvings reach
+    # float32's resolution of ln λ, about 1e-6 relative)
     evidence_steps: int = EVIDENCE_DEFAULTS["evidence_steps"]
     # with `l2` evidence: the Gauss-Newton's structure, kron (K-FAC factors per layer), ekfac
     # (K-FAC's eigenbasis with the exact diagonal in it), diag (its exact diagonal) or lanczos

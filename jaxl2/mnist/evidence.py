@@ -16,10 +16,10 @@ refit); every ``evidence_every``-th epoch (``epoch % evidence_every == 0``) ends
 3. the log evidence at the new λs (:func:`jaxl2.log_evidence`), recorded with them.
 
 Why shared: the MLP's biases are not penalised, so scaling layer ``l``'s kernel and bias by
-``c`` and layer ``l + 1``'s kernel by ``1/c`` leaves its function unchanged; the exact evidence
-is then the same for ``(α_l, α_{l+1})`` and ``(c²·α_l, α_{l+1}/c²)``, and the penalised optimum
-depends on the λs through their product only. The data identify one scale, not the layers' ratios;
-per layer, the Laplace approximation's errors decide the ratios, and the λs drift apart for as
+``c`` and layer ``l + 1``'s kernel by ``1/c`` leaves its function unchanged and costs no
+penalty on the biases; the penalised optimum over that rescaling has ``λ_l·‖w_l‖²`` equal in every
+layer and depends on the λs through their product only. The layers' ratios of λ are then not
+something the trained function shows; per layer, the evidence's updates drift them apart for as
 long as the run trains (``docs/guide/evidence.md`` shows it).
 
 The epochs in between train with the current λs. The state carries ``ln λ`` and the last log
