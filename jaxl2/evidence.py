@@ -120,6 +120,24 @@ def _chosen(params: Any, select: _select.Selector) -> tuple[list[int], list[str]
     return idx, wanted, treedef, [x for _, x in flat]
 
 
+def _flat_outputs(
+    apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any, select: _select.Selector
+) -> tuple[list[str], jax.Array, Callable[[jax.Array], Any], Callable[[jax.Array, jax.Array], jax.Array]]:
+    """The selected paths, their leaves raveled ``θ`` (P,), ``unravel`` and ``outputs(θ, x)``:
+    ``apply_fn`` at ``params`` with the selected leaves taken from ``θ``, as ``(len(x), -1)``."""
+    idx, paths, treedef, leaves = _chosen(params, select)
+    theta, unravel = jax.flatten_util.ravel_pytree([leaves[i] for i in idx])
+
+    def outputs(theta: jax.Array, xb: jax.Array) -> jax.Array:
+        full = list(leaves)
+        for i, leaf in zip(idx, unravel(theta)):
+            full[i] = leaf
+        out = apply_fn(jax.tree_util.tree_unflatten(treedef, full), xb)
+        return out.reshape(xb.shape[0], -1)
+
+    return paths, theta, unravel, outputs
+
+
 def _gauss_newton(jac: jax.Array, out: jax.Array, likelihood: str, sigma: float, full: bool) -> jax.Array:
     """``Σ_i J_iᵀ Λ_i J_i`` of one batch (``jac``: ``(b, C, P)``), or its diagonal, without forming
     ``Λ_i``: for the softmax ``Λ = diag(p) − ppᵀ``, so ``JᵀΛJ = Σ_c p_c J_cᵀJ_c − (Jᵀp)(Jᵀp)ᵀ``
@@ -204,15 +222,7 @@ def ggn(
       Jaxl2Error: for a bad argument, or a selection that matches nothing.
     """
     _check_ggn_args(apply_fn, likelihood, structure, sigma, batch_size)
-    idx, paths, treedef, leaves = _chosen(params, select)
-    theta, unravel = jax.flatten_util.ravel_pytree([leaves[i] for i in idx])
-
-    def outputs(theta: jax.Array, xb: jax.Array) -> jax.Array:
-        full = list(leaves)
-        for i, leaf in zip(idx, unravel(theta)):
-            full[i] = leaf
-        out = apply_fn(jax.tree_util.tree_unflatten(treedef, full), xb)
-        return out.reshape(xb.shape[0], -1)
+    paths, theta, unravel, outputs = _flat_outputs(apply_fn, params, select)
 
     def batch(xb: jax.Array, yb: jax.Array) -> tuple[jax.Array, jax.Array]:
         out = outputs(theta, xb)
@@ -287,7 +297,7 @@ def ggn_lanczos(
     ``H``. Each is estimated as the mean over ``probes`` Rademacher vectors ``z`` of ``zᵀf(H)z``
     (Hutchinson), each of those by ``steps`` steps of Lanczos from ``z`` and Gauss quadrature
     (Ubaru, Chen and Saad, SIAM J. Matrix Anal. Appl. 2017). Only products ``H·v`` are formed
-    (``jax.jvp`` then ``jax.vjp`` of the outputs in the selected leaves, ``Λ`` between), so the
+    (the outputs' linearization in the selected leaves, ``Λ``, then its transpose), so the
     cost is ``probes·steps`` forward and backward passes over ``x`` and memory of one pass over all
     of ``x`` (pass a subsample for a large model), with no block-diagonal or Kronecker
     approximation: where ``"kron"`` and ``"diag"`` keep a block per leaf, this keeps the
@@ -318,18 +328,9 @@ def ggn_lanczos(
     for name, value in (("probes", probes), ("steps", steps)):
         if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
             raise Jaxl2Error(f"{name} must be an integer >= 1, got {value!r}")
-    idx, paths, treedef, leaves = _chosen(params, select)
-    theta, unravel = jax.flatten_util.ravel_pytree([leaves[i] for i in idx])
+    paths, theta, _, outputs = _flat_outputs(apply_fn, params, select)
     steps = min(steps, theta.size)
-
-    def outputs(theta: jax.Array) -> jax.Array:
-        full = list(leaves)
-        for i, leaf in zip(idx, unravel(theta)):
-            full[i] = leaf
-        out = apply_fn(jax.tree_util.tree_unflatten(treedef, full), x)
-        return out.reshape(x.shape[0], -1)
-
-    out, jvp = jax.linearize(outputs, theta)
+    out, jvp = jax.linearize(lambda t: outputs(t, x), theta)
     vjp = jax.linear_transpose(jvp, theta)  # Jᵀ from the same residuals: one forward pass
     p = jax.nn.softmax(out, axis=-1) if likelihood == "classification" else None
 
@@ -471,8 +472,9 @@ def _occam(curvature: Curvature, alpha: jax.Array, h: jax.Array | None) -> tuple
     ``γ``; ``"kron"`` and ``"ekfac"``: in the leaf's basis, which has the same sum per leaf, all
     that MacKay's ``γ`` reads), both without the cancellation of ``P`` against ``α·Σ(H + A)⁻¹``:
     ``Σ log(1 + h/α)`` and ``h/(h + α)`` (``h``: :func:`_spectrum`'s), or for ``"full"`` from the
-    Cholesky factor of ``M = I + A^(−½)·H·A^(−½)`` and ``[M⁻¹(M − I)]_pp``. ``"lanczos"``: the quadrature of both for the
-    one ``α`` of all entries; the second is then ``γ`` itself, a scalar."""
+    Cholesky factor of ``M = I + A^(−½)·H·A^(−½)`` and ``[M⁻¹(M − I)]_pp``. ``"lanczos"``: the
+    quadrature of both for the one ``α`` of all entries; the second is then ``γ`` itself, a
+    scalar."""
     if curvature.structure == "lanczos":
         nodes, weights = curvature.ggn
         a, size = alpha[0], alpha.size
@@ -480,12 +482,12 @@ def _occam(curvature: Curvature, alpha: jax.Array, h: jax.Array | None) -> tuple
         return occam, size * jnp.mean(jnp.sum(weights * nodes / (nodes + a), axis=-1))
     if h is None:
         root = 1 / jnp.sqrt(alpha)
-        m = curvature.ggn * root[:, None] * root[None, :] + jnp.eye(alpha.size, dtype=alpha.dtype)
-        chol = jnp.linalg.cholesky(m)
+        scaled = curvature.ggn * root[:, None] * root[None, :]  # M − I
         eye = jnp.eye(alpha.size, dtype=alpha.dtype)
+        chol = jnp.linalg.cholesky(scaled + eye)
         inv = jax.scipy.linalg.cho_solve((chol, True), eye)
         # 1 − [M⁻¹]_pp = [M⁻¹(M − I)]_pp, summed from products rather than cancelled
-        return 2 * jnp.sum(jnp.log(jnp.diagonal(chol))), jnp.sum(inv * (m - eye), axis=0)
+        return 2 * jnp.sum(jnp.log(jnp.diagonal(chol))), jnp.sum(inv * scaled, axis=0)
     return jnp.sum(jnp.log1p(h / alpha)), h / (h + alpha)
 
 
