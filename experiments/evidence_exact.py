@@ -26,6 +26,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from evidence_identifiability import shared_lambda, trained_at  # the sibling script's
 
 from jaxl2 import Curvature, evidence_l2, ggn_lanczos
 from jaxl2.mnist.config import Config
@@ -35,13 +36,6 @@ from jaxl2.mnist.loop import kernel_sq_norm
 from jaxl2.mnist.refit import train_val
 from jaxl2.mnist.run import train_and_evaluate
 from jaxl2.mnist.runtime import device_name
-from jaxl2.mnist.steps import Trainer
-
-
-def shared_lambda(et: EvidenceTrainer, curv: Curvature, params) -> float:
-    """The one λ that maximises the evidence of ``curv`` at ``params`` (bisection in ``ln λ``)."""
-    new = evidence_l2(curv, params, 1e-3, select=et.select, shared=True, method="bisect", steps=40)
-    return float(new[re.escape(et.paths[0])])
 
 
 def main() -> None:
@@ -62,11 +56,7 @@ def main() -> None:
     print(f"device: {device_name()}; seed {args.seed}; n {n}; {args.epochs} epochs per λ")
     print(f"{args.probes} probes × {args.lanczos} Lanczos steps")
     for lam in (float(v) for v in args.l2.split(",") if v):
-        tr = Trainer(Config(seed=args.seed, l2=lam, epochs=args.epochs), n)
-        state = tr.init()
-        for _ in range(args.epochs):
-            state, _ = tr.train_epoch(state, x, y)
-        test = 100 * float(tr.evaluate(state.params, *map(jnp.asarray, ds.need("test")))["accuracy"])
+        tr, state, test = trained_at(lam, args.seed, args.epochs, x, y, ds)
         sq = float(sum(kernel_sq_norm(state.params, tr.cfg).values()))
         t0 = time.perf_counter()
         whole = ggn_lanczos(

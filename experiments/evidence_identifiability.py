@@ -20,6 +20,7 @@ the root of ``Σγ_l(λ) = n·λ·Σ‖w_l‖²`` (``jaxl2.evidence_l2(shared=Tr
 
 import argparse
 import re
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -47,6 +48,16 @@ def shared_lambda(et: EvidenceTrainer, curv, params) -> float:
     return float(new[re.escape(et.paths[0])])
 
 
+def trained_at(lam: float, seed: int, epochs: int, x, y, ds) -> tuple[Trainer, Any, float]:
+    """A shared λ trained on ``x, y`` (train ∪ validation) with the default recipe: the trainer,
+    the final state and the test accuracy (%) of ``ds``."""
+    tr = Trainer(Config(seed=seed, l2=lam, epochs=epochs), len(y))
+    state = tr.init()
+    for _ in range(epochs):
+        state, _ = tr.train_epoch(state, x, y)
+    return tr, state, 100 * float(tr.evaluate(state.params, *map(jnp.asarray, ds.need("test")))["accuracy"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=0)
@@ -66,11 +77,7 @@ def main() -> None:
         "           shared evidence λ: K-FAC, EK-FAC"
     )
     for lam in (float(v) for v in args.l2.split(",")):
-        tr = Trainer(Config(seed=args.seed, l2=lam, epochs=args.epochs), len(y))
-        state = tr.init()
-        for _ in range(args.epochs):
-            state, _ = tr.train_epoch(state, x, y)
-        test = 100 * float(tr.evaluate(state.params, *map(jnp.asarray, ds.need("test")))["accuracy"])
+        tr, state, test = trained_at(lam, args.seed, args.epochs, x, y, ds)
         norms = kernel_sq_norm(state.params, tr.cfg)
         sq = np.array([norms[p] for p in trainers[0].paths])
         curvs = [et.curvature(state.params, x, y) for et in trainers]
