@@ -114,6 +114,47 @@ def test_accuracy_counts_the_label_logit_being_the_largest():
     assert float(tie) == 1.0
 
 
+def test_per_example_cross_entropy_against_float64_and_optax():
+    """Each row's cross-entropy against float64 NumPy's log-softmax, its gradient against optax's
+    integer-label cross-entropy (another implementation), its hits against NumPy's argmax; a
+    logit of 1e4 (exp overflows without the max subtracted) stays finite."""
+    from jaxl2.mnist.steps import per_example
+
+    rng = np.random.default_rng(3)
+    logits = rng.normal(scale=3.0, size=(64, 10)).astype(np.float32)
+    logits[0, 4] = 1e4
+    y = rng.integers(0, 10, 64).astype(np.int32)
+    ce, hit = per_example(jnp.asarray(logits), jnp.asarray(y))
+    z = logits.astype(np.float64)
+    m = z.max(-1, keepdims=True)
+    log_softmax = z - m - np.log(np.exp(z - m).sum(-1, keepdims=True))
+    np.testing.assert_allclose(ce, -log_softmax[np.arange(64), y], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(hit, np.argmax(logits, -1) == y)
+    ours = jax.grad(lambda lg: per_example(lg, jnp.asarray(y))[0].mean())(jnp.asarray(logits))
+    theirs = jax.grad(lambda lg: optax.softmax_cross_entropy_with_integer_labels(lg, jnp.asarray(y)).mean())(
+        jnp.asarray(logits)
+    )
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-8)
+
+
+def test_epoch_reports_the_first_step_whose_loss_is_not_finite(small_data):
+    """An lr that blows up mid-epoch: ``nonfinite_step`` is the first step whose data loss,
+    stepped one batch at a time through ``train_step`` on the same batches, is NaN/Inf."""
+    x, y = small_data
+    cfg = Config(hidden=(32,), optimizer="sgd", schedule="constant", lr=1e4, batch_size=8)
+    tr = Trainer(cfg, 200)
+    state = tr.init()
+    _, m_epoch = tr.train_epoch(state, x, y)
+    first = -1
+    for i, row in enumerate(np.asarray(tr.batches(state, 200))):
+        state, m = tr.train_step(state, (x[row], y[row]))
+        if not np.isfinite(float(m["data_loss"])):
+            first = i
+            break
+    assert 0 < first < 24  # diverged after a finite start, before the epoch's last step
+    assert int(m_epoch["nonfinite_step"]) == first
+
+
 def test_train_step_and_epoch_compile_once(small_data):
     x, y = small_data
     tr = Trainer(SMALL, 200)
