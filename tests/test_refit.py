@@ -10,7 +10,7 @@ import pytest
 
 from jaxl2.mnist.config import Config, ConfigError
 from jaxl2.mnist.data import Dataset, Split, load
-from jaxl2.mnist.refit import refit, refit_epochs, restore_refit, train_val
+from jaxl2.mnist.refit import ready, refit, refit_epochs, restore_refit, train_val
 from jaxl2.mnist.runtime import enable_compilation_cache
 
 TINY = Config(hidden=(16,), batch_size=50, epochs=6)
@@ -91,6 +91,26 @@ def test_refit_stopped_and_resumed_is_bit_identical(val_only_class, tmp_path):
     a, b = (restore_refit(str(tmp_path / n), TINY, 6, 200) for n in "ab")
     for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(u, v)
+
+
+def test_a_refit_made_ready_ahead_trains_what_one_made_at_once_does(val_only_class, tmp_path):
+    """``ready`` (what ``jaxl2 train`` compiles in the background while the run trains) then
+    ``refit(made=...)`` ends with the params of a refit that compiled its own program; one made
+    for another epoch count is not used (its schedule spans other steps)."""
+    ds = val_only_class
+    at_once = refit(TINY, ds, 6, str(tmp_path / "a"))
+    made = ready(TINY, ds, 6)
+    assert made.program is not None and made.compile_seconds > 0
+    ahead = refit(TINY, ds, 6, str(tmp_path / "b"), made=made)
+    assert ahead["refit_compile_seconds"] == made.compile_seconds
+    other = refit(TINY, ds, 6, str(tmp_path / "c"), made=ready(TINY, ds, 3))
+    assert ahead["refit_test_accuracy"] == other["refit_test_accuracy"] == at_once["refit_test_accuracy"]
+    want = jax.tree.leaves(restore_refit(str(tmp_path / "a"), TINY, 6, 200))
+    for name in "bc":
+        for u, v in zip(
+            jax.tree.leaves(restore_refit(str(tmp_path / name), TINY, 6, 200)), want, strict=True
+        ):
+            np.testing.assert_array_equal(u, v)
 
 
 def test_refit_that_diverges_names_the_refit_epoch_and_step(val_only_class, tmp_path):

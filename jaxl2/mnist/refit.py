@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxl2.mnist import parallel, sigint
-from jaxl2.mnist.config import Config, ConfigError, field
+from jaxl2.mnist.config import Config, ConfigError, field, validate
 from jaxl2.mnist.data import Dataset, Split
 from jaxl2.mnist.loop import (
     Best,
@@ -58,7 +58,16 @@ from jaxl2.mnist.results import Refit
 from jaxl2.mnist.rundir import StepStore
 from jaxl2.mnist.steps import Trainer
 
-__all__ = ["EPOCH_RULES", "refit_epochs", "train_val", "refit_config", "refit", "restore_refit"]
+__all__ = [
+    "EPOCH_RULES",
+    "refit_epochs",
+    "train_val",
+    "refit_config",
+    "Ready",
+    "ready",
+    "refit",
+    "restore_refit",
+]
 
 EPOCH_RULES = ("all", "best")
 
@@ -94,33 +103,35 @@ def refit(
     mesh: Any = None,
     checkpoint_every: int | None = None,
     on_epoch: Callable[[int, int], None] | None = None,
+    made: Ready | None = None,
 ) -> Refit:
     """Trains ``cfg`` (its seed) for ``epochs`` epochs on :func:`train_val` of ``ds``, with
     checkpoints in the directory ``out`` (resumed from there when it holds one), and returns
     its :class:`~jaxl2.mnist.results.Refit`: ``refit_epochs``, ``refit_examples``,
-    ``refit_test_accuracy``, ...
+    ``refit_test_accuracy``, ... ``made``: this refit made :func:`ready` beforehand (its
+    program compiled while the run trained); one of another config is ignored.
 
     Raises:
       Diverged: a NaN/Inf loss (the last good refit checkpoint is kept).
       Interrupted: SIGINT or SIGTERM; the call of epochs it interrupted was finished and checkpointed.
     """
     rcfg = refit_config(cfg, epochs)
-    data = train_val(ds)
-    trainer = Trainer(rcfg, len(data.y), mesh=mesh)
-    x, y = (parallel.put(a, mesh) for a in data)
-    state = parallel.replicate(trainer.init(), mesh)
-    plan = {"epochs": np.asarray(epochs, np.int32), "examples": np.asarray(len(data.y), np.int32)}
-    start, state = _resume_point(out, {"state": state, **plan})
+    if made is None or made.trainer.cfg != validate(rcfg) or made.trainer.mesh is not mesh:
+        made = ready(cfg, ds, epochs, mesh=mesh, compile=False)
+    trainer, x, y, size = made.trainer, made.x, made.y, made.size
+    plan = {"epochs": np.asarray(epochs, np.int32), "examples": np.asarray(x.shape[0], np.int32)}
+    start, state = _resume_point(out, {"state": made.state, **plan})
     ckpt = StepStore(out)
     seconds = 0.0
-    size = epochs_per_call(len(data.y))
 
     def diverged(epoch, _members, steps):
         msg = diverged_message(rcfg, rcfg.l2, epoch, int(steps[0]), trainer.steps_per_epoch)
         return f"refit on train ∪ validation: {msg}"
 
     with sigint.deferred(), contextlib.closing(ckpt):
-        program, compile_seconds = _compile(trainer, size, state, x, y) if start < epochs else (None, 0.0)
+        program, compile_seconds = made.program, made.compile_seconds
+        if program is None and start < epochs:
+            program, compile_seconds = _compile(trainer, size, state, x, y)
         nothing = Best(None, keep=lambda b, p, better: None)  # no validation, no best epoch to keep
 
         def on(ep: Epoch) -> None:
@@ -147,13 +158,44 @@ def refit(
     test = parallel.host(trainer.evaluate(state.params, *(parallel.put(a, mesh) for a in ds.need("test"))))
     return {
         "refit_epochs": epochs,
-        "refit_examples": int(len(data.y)),
+        "refit_examples": int(x.shape[0]),
         "refit_train_accuracy": float(train["accuracy"]),
         "refit_test_accuracy": float(test["accuracy"]),
         "refit_test_data_loss": float(test["data_loss"]),
         "refit_seconds": seconds,
         "refit_compile_seconds": compile_seconds,
     }
+
+
+@dataclasses.dataclass
+class Ready:
+    """What a refit needs before its first epoch (:func:`ready`): its trainer, its data on the
+    device, its initial state, its epochs per compiled call, and the compiled call with the
+    seconds it took (``None`` and 0 when not compiled yet)."""
+
+    trainer: Trainer
+    x: Any
+    y: Any
+    state: Any
+    size: int
+    program: Callable[[Any, int], Any] | None = None
+    compile_seconds: float = 0.0
+
+
+def ready(cfg: Config, ds: Dataset, epochs: int, *, mesh: Any = None, compile: bool = True) -> Ready:
+    """The refit of ``cfg`` over ``epochs`` epochs, made ready to train: with ``compile``, its
+    program compiled and its final evaluations (train ∪ validation, test) too, so that
+    :func:`refit` (``made=``) starts at once. Thread-safe: ``jaxl2 train`` makes its refit
+    ready in the background while the run trains, when the refit's config and epoch count are
+    known from the start."""
+    trainer = Trainer(refit_config(cfg, epochs), len(ds.need("train").y) + len(ds.need("val").y), mesh=mesh)
+    x, y = (parallel.put(a, mesh) for a in train_val(ds))
+    made = Ready(trainer, x, y, parallel.replicate(trainer.init(), mesh), epochs_per_call(x.shape[0]))
+    if compile:
+        made.program, made.compile_seconds = _compile(trainer, made.size, made.state, x, y)
+        for xs, ys in ((x, y), tuple(parallel.put(a, mesh) for a in ds.need("test"))):
+            jax.block_until_ready(trainer.evaluate(made.state.params, xs, ys))
+    return made
 
 
 def _compile(trainer: Trainer, size: int, state: Any, x: Any, y: Any) -> tuple[Any, float]:

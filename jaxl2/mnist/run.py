@@ -206,10 +206,11 @@ def train_and_evaluate(
     with claim, disk_errors(out):
         try:
             job = _Job(cfg, ds, out, mesh, primary, checkpoint_every, on_epoch, log)
+            ahead = _refit_ahead(job, refit, refit_epochs, before)
             summary = _train(job, resume, on_start)
             drawing = Background(functools.partial(_plots, job) if primary else None)
             try:  # the plots are drawn while the refit trains
-                summary = _with_refit(job, summary, before, refit, refit_epochs, on_refit_epoch)
+                summary = _with_refit(job, summary, before, refit, refit_epochs, on_refit_epoch, ahead)
             except BaseException:
                 drawing.join(reraise=False)  # the first error is the one to report
                 raise
@@ -234,9 +235,11 @@ def _with_refit(
     refit: bool,
     refit_epochs: Any,
     on_refit_epoch: Callable[[int, int], None] | None,
+    ahead: Background | None = None,
 ) -> dict[str, Any]:
     """The trained run's summary with its refit's keys: those of ``before`` (the summary a
-    resumed run had written) when its refit is done, else from the refit, trained now."""
+    resumed run had written) when its refit is done, else from the refit, trained now (made
+    ready by ``ahead`` when it ran, :func:`_refit_ahead`)."""
     cfg, out = job.cfg, job.out
     if before and summary["epochs_trained"] == 0:  # a finished run: its numbers stay
         summary = {k: v for k, v in before.items() if not k.startswith("refit")}
@@ -245,11 +248,33 @@ def _with_refit(
     elif refit:
         epochs = _refit_mod.refit_epochs(refit_epochs, summary["best_epoch"], cfg.epochs)
         stop_if_signalled(f"after training, before the refit; checkpoint saved in {out}", out)
+        made = ahead.result() if ahead else None
         fit = _refit(
-            _fixed_l2(cfg, summary), job.ds, out, job.mesh, epochs, job.checkpoint_every, on_refit_epoch
+            _fixed_l2(cfg, summary), job.ds, out, job.mesh, epochs, job.checkpoint_every, on_refit_epoch, made
         )
         summary.update(fit, refit_epoch_rule=refit_epochs)
     return summary
+
+
+def _refit_ahead(job: _Job, refit: bool, refit_epochs: Any, before: dict[str, Any]) -> Background | None:
+    """What follows training, compiled in the background while the run trains: the refit made
+    ready (:func:`~jaxl2.mnist.refit.ready`), then the summary's evaluations of the training
+    and validation splits (the same executables as the best params' summary). Only when the
+    refit's config and epoch count are known before training (a fixed λ and
+    ``refit_epochs="all"``), it is not done yet, and the run has one process (a background
+    execution could interleave with the other processes' collectives)."""
+    cfg = job.cfg
+    known = refit_epochs == "all" and not cfg.l2_auto
+    if not refit or not known or before.get("refit_epoch_rule") == refit_epochs or jax.process_count() > 1:
+        return None
+
+    def ready() -> _refit_mod.Ready:
+        made = _refit_mod.ready(cfg, job.ds, cfg.epochs, mesh=job.mesh)
+        for split in (job.ds.need("train"), job.ds.need("val")):
+            jax.block_until_ready(made.trainer.evaluate(made.state.params, split.x, split.y))
+        return made
+
+    return Background(ready)
 
 
 def _mesh(devices: int | None, batch_size: int) -> Any:
@@ -502,7 +527,7 @@ def _fixed_l2(cfg: Config, summary: dict[str, Any]) -> Config:
     return validate(dataclasses.replace(cfg, l2=lambdas, **AUTO_DEFAULTS))
 
 
-def _refit(cfg, ds, out, mesh, epochs, checkpoint_every, on_epoch) -> Refit:
+def _refit(cfg, ds, out, mesh, epochs, checkpoint_every, on_epoch, made=None) -> Refit:
     try:
         return _refit_mod.refit(
             cfg,
@@ -512,6 +537,7 @@ def _refit(cfg, ds, out, mesh, epochs, checkpoint_every, on_epoch) -> Refit:
             mesh=mesh,
             checkpoint_every=checkpoint_every,
             on_epoch=on_epoch,
+            made=made,
         )
     except Interrupted as e:
         e.out = out

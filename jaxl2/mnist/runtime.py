@@ -63,13 +63,16 @@ def device_name() -> str:
 
 class Background:
     """``fn()`` run in a daemon thread from now on (``fn=None``: nothing); :meth:`join` waits
-    for it and raises what it raised. For host work that may overlap the device's (a run's
-    plots while its refit trains).
+    for it and raises what it raised, :meth:`result` also returns what ``fn()`` returned. For
+    work that may overlap the device's (a run's plots while its refit trains, the refit
+    compiled while the run trains).
 
     Example:
       >>> done = []
       >>> Background(lambda: done.append(1)).join(); done
       [1]
+      >>> Background(lambda: 6 * 7).result()
+      42
       >>> Background(lambda: 1 / 0).join()
       Traceback (most recent call last):
       ZeroDivisionError: division by zero
@@ -77,13 +80,14 @@ class Background:
 
     def __init__(self, fn: Callable[[], Any] | None):
         self._error: BaseException | None = None
+        self._result: Any = None
         self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
         self._thread.start()
 
     def _run(self, fn: Callable[[], Any] | None) -> None:
         try:
             if fn is not None:
-                fn()
+                self._result = fn()
         except BaseException as e:  # raised in the caller's thread by join()
             self._error = e
 
@@ -93,3 +97,8 @@ class Background:
         self._thread.join()
         if reraise and self._error is not None:
             raise self._error
+
+    def result(self) -> Any:
+        """:meth:`join`, then what ``fn()`` returned."""
+        self.join()
+        return self._result
