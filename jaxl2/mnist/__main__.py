@@ -4,6 +4,6 @@ from jaxl2.mnist import sigint
 
 sigint.install()  # before anything heavy is imported: see jaxl2.mnist.sigint
 
-from jaxl2.mnist.cli import main  # noqa: E402
+from jaxl2.mnist.cli import run  # noqa: E402
 
-raise SystemExit(main())
+run()

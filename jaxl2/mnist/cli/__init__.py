@@ -29,7 +29,7 @@ from jaxl2.mnist import sigint
 from jaxl2.mnist.cli.parser import build_parser, parse_args
 from jaxl2.mnist.cli.report import fail, message
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "run", "build_parser"]
 
 MODULES = {"train": "train", "sweep": "sweep", "eval": "evaluate", "bench": "bench", "gradcheck": "gradcheck"}
 EXTRAS = ("flax", "orbax", "tensorflow_datasets", "matplotlib", "rich")
@@ -59,6 +59,23 @@ def _dispatch(args) -> int:
         sys.stderr.write(f"jaxl2: {sigint.name()} after the work was done (nothing is lost)\n")
         return _status(sigint.last_signal())
     return code
+
+
+def run() -> None:
+    """The ``jaxl2`` program (its console script and ``python -m jaxl2``): :func:`main`, then the
+    process ends without Python's teardown, which spends 0.2–0.5 s freeing JAX's compiled
+    programs and every module one by one after the work, its files and its output are done.
+    After ``jax.distributed.initialize`` the teardown runs as usual: it tells the coordinator."""
+    code = main()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BrokenPipeError:  # the reader left (`jaxl2 … | head`): nothing more to deliver
+        pass
+    jax = sys.modules.get("jax")
+    if jax is not None and jax.distributed.is_initialized():
+        raise SystemExit(code)
+    os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:
