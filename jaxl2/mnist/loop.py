@@ -29,7 +29,6 @@ from jaxl2.mnist import parallel, sigint
 from jaxl2.mnist.config import SPLITS, Config, ConfigError, Named, field, validate
 from jaxl2.mnist.model import check_selection, selector_of
 from jaxl2.mnist.rundir import SaveRule
-from jaxl2.mnist.runtime import XLA_OPTIONS
 
 __all__ = [
     "Diverged",
@@ -252,12 +251,10 @@ def compile_epochs(
     *args: Any,
     latest: bool = False,
 ) -> Callable[[Any, int], tuple[Any, Any, Any, Any]]:
-    """:func:`epochs_program` compiled for ``state`` and ``args`` (with the training functions'
-    compiler options; ``latest`` as there), bound to ``args``: ``program(state, n)`` for
-    :func:`run_epochs`. It also
-    runs one call of 0 epochs here. The executable's one-time set-up (~18 ms of a first call on
+    """:func:`epochs_program` compiled for ``state`` and ``args`` (``latest`` as there), bound
+    to ``args``: ``program(state, n)`` for :func:`run_epochs`. It also runs one call of 0 epochs here. The executable's one-time set-up (~18 ms of a first call on
     2 CPU cores) is then paid with compiling, not in the first epoch's time."""
-    fn = jax.jit(epochs_program(epoch_fn, evaluate_fn, size, latest), compiler_options=XLA_OPTIONS)
+    fn = jax.jit(epochs_program(epoch_fn, evaluate_fn, size, latest))
     compiled = fn.lower(state, 1, *args).compile()
     jax.block_until_ready(compiled(state, 0, *args))
     return lambda st, n: compiled(st, n, *args)

@@ -1,5 +1,5 @@
-"""The machine under a run: its name, jaxl2's cache directory, JAX's compilation cache, the
-compiler options of the training functions, and work done in the background.
+"""The machine under a run: its name, jaxl2's cache directory, JAX's compilation cache, and
+work done in the background.
 
 Example:
   >>> from jaxl2.mnist import runtime
@@ -18,14 +18,7 @@ from typing import Any
 
 import jax
 
-__all__ = ["XLA_OPTIONS", "Background", "cache_dir", "device_name", "enable_compilation_cache"]
-
-# Compiler options of the training functions. XLA:CPU's default copy insertion copies every
-# parameter once per step inside the epoch's loop (the old value looks live after the new one
-# is written); region analysis proves it is not: batch-128 epochs 1.22x faster on a 2-core EPYC
-# (paired, interleaved), values unchanged. An xla_cpu_* debug option, read by the CPU compiler;
-# not yet run on a GPU.
-XLA_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
+__all__ = ["Background", "cache_dir", "device_name", "enable_compilation_cache"]
 
 
 def cache_dir() -> str:

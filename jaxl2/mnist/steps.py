@@ -32,7 +32,6 @@ from flax import struct
 from jaxl2.decay import add_decayed_weights
 from jaxl2.mnist.config import INPUT_DIM, OPTIMIZERS, Config, validate
 from jaxl2.mnist.model import model_of, selector_of
-from jaxl2.mnist.runtime import XLA_OPTIONS
 from jaxl2.penalty import l2_penalty
 from jaxl2.select import mask
 from jaxl2.step import make_train_step
@@ -155,9 +154,9 @@ class Trainer:
         self.select = selector_of(cfg)
         self.steps_per_epoch = num_train // cfg.batch_size
         self.tx = make_optimizer(cfg, self.steps_per_epoch)
-        self.train_step = jax.jit(self.step_fn, donate_argnums=0, compiler_options=XLA_OPTIONS)
+        self.train_step = jax.jit(self.step_fn, donate_argnums=0)
         # not donated: the run loop dispatches epoch k + 1 while it still reads epoch k's state
-        self.train_epoch = jax.jit(self.epoch_fn, compiler_options=XLA_OPTIONS)
+        self.train_epoch = jax.jit(self.epoch_fn)
         self.evaluate = functools.partial(_evaluate, self.model)  # one executable per model and shape
 
     # -- state -------------------------------------------------------------------------

@@ -68,7 +68,7 @@ from jaxl2.mnist.rundir import (
     prepare,
     write_json,
 )
-from jaxl2.mnist.runtime import XLA_OPTIONS, device_name
+from jaxl2.mnist.runtime import device_name
 from jaxl2.mnist.steps import Trainer
 
 __all__ = [
@@ -112,7 +112,7 @@ class SweepTrainer:
                 return jax.lax.map(lambda a: trainer.epoch_fn(a[0], x, y, a[1]), (states, l2s))
 
         self._epoch_fn, self._eval_fn = epoch, jax.vmap(trainer.eval_fn, in_axes=(0, None, None))
-        self.epoch = jax.jit(epoch, compiler_options=XLA_OPTIONS)  # not donated: see run_epochs
+        self.epoch = jax.jit(epoch)  # not donated: see run_epochs
         self._programs: dict[int, Any] = {}
 
     def program(self, size: int) -> Any:
@@ -124,8 +124,7 @@ class SweepTrainer:
                     lambda st, x, y, xv, yv, l2s: self._epoch_fn(st, x, y, l2s),
                     lambda p, x, y, xv, yv, l2s: self._eval_fn(p, xv, yv),
                     size,
-                ),
-                compiler_options=XLA_OPTIONS,
+                )
             )
         return self._programs[size]
 
