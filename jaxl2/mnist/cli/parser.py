@@ -311,7 +311,7 @@ def _bench_parser(sub: Any) -> None:
         "Keras if installed; the epoch alone with and without L2 (the L2 overhead); start-up beside "
         "its floor (import jax and a trivial jit); the default `jaxl2 train`'s wall time beside its "
         "training and refit seconds; sweep scaling; and each performance target with its number "
-        "(met or MISS). A full run takes about 9 minutes on 2 CPU cores.",
+        "(met or MISS). A full run takes 6 to 9 minutes on 2 CPU cores.",
     )
     b.add_argument(
         "--quick",

@@ -1,0 +1,124 @@
+"""Where ``jaxl2 train``'s training time goes beside the hand-written epoch: one layer at a time.
+
+The bench's equal-work ratio (``jaxl2 bench``) compares ``train_and_evaluate`` with a
+hand-written jitted epoch followed by the same validation. Between the two sit three layers,
+each timed here side by side with the peer, interleaved (order reversed every other round),
+as the median of per-round time ratios (> 1: faster than the peer):
+
+* ``epoch + eval``: ``Trainer.train_epoch`` then ``Trainer.evaluate`` on the validation split,
+  dispatched back to back, as the peer does (jaxl2's step and metrics, nothing else);
+* ``program``: the run loop's compiled call of several epochs (:func:`jaxl2.mnist.loop.compile_epochs`:
+  validation, the per-epoch norms and best-params tracking inside the call), called as the run
+  calls it, without the host's work;
+* ``train_and_evaluate``: the whole path (``metrics.jsonl``, best params on the host,
+  checkpoints), its own ``seconds``.
+
+Run (about 1 minute per setting on 2 CPU cores)::
+
+    .venv/bin/python experiments/path_profile.py [--batch 128] [--rounds 11] [--dataset mnist5k]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+import jax
+
+from jaxl2.mnist import bench
+from jaxl2.mnist.config import Config, RunSettings
+from jaxl2.mnist.data import load
+from jaxl2.mnist.loop import compile_epochs, epochs_per_call
+from jaxl2.mnist.run import train_and_evaluate
+from jaxl2.mnist.steps import Trainer
+
+
+def _epoch_and_eval(tr: Trainer, data: tuple, epochs: int):
+    xt, yt, xv, yv = data
+    s, _ = tr.train_epoch(tr.init(), xt, yt)  # compiles both
+    jax.block_until_ready(tr.evaluate(s.params, xv, yv))
+
+    def timed() -> float:
+        s = jax.block_until_ready(tr.init())
+        t = time.perf_counter()
+        for _ in range(epochs):
+            s, m = tr.train_epoch(s, xt, yt)
+            v = tr.evaluate(s.params, xv, yv)
+        jax.block_until_ready((s, m, v))
+        return time.perf_counter() - t
+
+    return timed
+
+
+def _program(tr: Trainer, data: tuple, epochs: int):
+    size = epochs_per_call(data[1].shape[0])
+    program = compile_epochs(
+        lambda st, x, y, xv, yv: tr.epoch_fn(st, x, y),
+        lambda p, x, y, xv, yv: tr.eval_fn(p, xv, yv),
+        size,
+        tr.init(),
+        *data,
+    )
+
+    def timed() -> float:
+        s = jax.block_until_ready(tr.init())
+        t = time.perf_counter()
+        done, outs = 0, []
+        while done < epochs:
+            n = min(size, epochs - done)
+            s, *out = program(s, n)
+            outs.append(out)
+            done += n
+        jax.block_until_ready((s, outs))
+        return time.perf_counter() - t
+
+    return timed
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=128, help="batch size (default 128)")
+    p.add_argument("--rounds", type=int, default=11, help="interleaved rounds (default 11)")
+    p.add_argument("--dataset", default="mnist5k", help="mnist5k (15 epochs) or idx:DIR (3 epochs)")
+    args = p.parse_args()
+    if args.batch < 1 or args.rounds < 1:
+        p.error("--batch and --rounds must be at least 1")
+    ds = load(args.dataset)
+    data = tuple(jax.device_put(a) for a in (*ds.need("train"), *ds.need("val")))
+    epochs = bench.PATH_EPOCHS if args.dataset == "mnist5k" else bench.FULL_EPOCHS
+    cfg = Config(
+        dataset=args.dataset,
+        optimizer="sgd",
+        schedule="constant",
+        lr=bench.PATH_LR,
+        l2=bench.PATH_L2,
+        batch_size=args.batch,
+        epochs=epochs,
+    )
+    tr = Trainer(cfg, data[1].shape[0])
+    with tempfile.TemporaryDirectory() as root:
+        out = os.path.join(root, "run")
+
+        def whole() -> float:
+            return train_and_evaluate(cfg, out, RunSettings(refit=False), overwrite=True)["seconds"]
+
+        whole()  # compiles, and the first run in a process pays one-time costs
+        fns = {
+            "peer": bench._hand_written_timer(args.batch, data[0], data[1], epochs, data[2:]),
+            "epoch + eval": _epoch_and_eval(tr, data, epochs),
+            "program": _program(tr, data, epochs),
+            "train_and_evaluate": whole,
+        }
+        times = bench._interleave(fns, args.rounds)
+    examples = epochs * (data[1].shape[0] // args.batch) * args.batch
+    print(f"{bench.device_name()}; {args.dataset}, batch {args.batch}, {epochs} epochs, {args.rounds} rounds")
+    for name, ts in times.items():
+        ratio = statistics.median(p / t for p, t in zip(times["peer"], ts))
+        print(f"  {name:20s} {examples / statistics.median(ts):10,.0f} examples/s   ÷ peer {ratio:.3f}")
+
+
+if __name__ == "__main__":
+    main()
