@@ -721,7 +721,7 @@ def format_bench(r: dict[str, Any]) -> str:
     for t in r["targets"]:
         op = "≥" if t["at_least"] else "≤"
         lines.append(
-            f"  {'met ' if t['met'] else 'MISS'}  {t['name']}: {t['value']:.3g} ({op} {t['target']:g})"
+            f"  {'met ' if t['met'] else 'MISS'}  {t['name']}: {t['value']:.4f} ({op} {t['target']:g})"
         )
     return "\n".join(lines)
 
