@@ -33,7 +33,7 @@ import jax
 from jaxl2.mnist import bench
 from jaxl2.mnist.config import Config, RunSettings
 from jaxl2.mnist.data import load
-from jaxl2.mnist.loop import compile_epochs, epochs_per_call
+from jaxl2.mnist.loop import calls, compile_epochs, epochs_per_call
 from jaxl2.mnist.run import train_and_evaluate
 from jaxl2.mnist.steps import Trainer
 
@@ -70,12 +70,10 @@ def _program(cfg: Config, data: tuple, epochs: int):
             *data,
         )
         t = time.perf_counter()
-        done, outs = 0, []
-        while done < epochs:
-            n = min(size, epochs - done)
+        outs = []
+        for _, n in calls(range(1, epochs + 1), size):  # the run's own calls
             s, *out = program(s, n)
             outs.append(out)
-            done += n
         jax.block_until_ready((s, outs))
         return time.perf_counter() - t
 

@@ -252,8 +252,10 @@ def compile_epochs(
     latest: bool = False,
 ) -> Callable[[Any, int], tuple[Any, Any, Any, Any]]:
     """:func:`epochs_program` compiled for ``state`` and ``args`` (``latest`` as there), bound
-    to ``args``: ``program(state, n)`` for :func:`run_epochs`. It also runs one call of 0 epochs here. The executable's one-time set-up (~18 ms of a first call on
-    2 CPU cores) is then paid with compiling, not in the first epoch's time."""
+    to ``args``: ``program(state, n)`` for :func:`run_epochs`. It also runs one call of 0
+    epochs here, so the executable's one-time set-up (~18 ms of a first call on 2 CPU cores)
+    is paid with compiling; the epoch's own kernels, which that call skips, still set
+    themselves up in the first epoch (~15–35 ms of mnist5k's first 10-epoch call)."""
     fn = jax.jit(epochs_program(epoch_fn, evaluate_fn, size, latest))
     compiled = fn.lower(state, 1, *args).compile()
     jax.block_until_ready(compiled(state, 0, *args))
