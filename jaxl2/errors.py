@@ -16,8 +16,41 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["Jaxl2Error"]
+__all__ = ["Jaxl2Error", "describe"]
 
 
 class Jaxl2Error(ValueError):
     """Bad input to jaxl2: the message names the argument, the value and what is allowed."""
+
+
+def describe(value: object) -> str:
+    """A short description of ``value`` for an error message, never its whole repr:
+    ``the number 0.001``, ``an array of dtype float32 and shape (3,)``, ``a pytree of 2,000
+    arrays``, ``a dict with no arrays``, ``a function``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> describe(1e-3), describe(jnp.ones(3))
+      ('the number 0.001', 'an array of dtype float32 and shape (3,)')
+      >>> describe({"a": jnp.ones(2), "b": [jnp.ones(2)] * 1999})
+      'a pytree (dict) of 2,000 arrays'
+    """
+    if isinstance(value, bool):
+        return f"the bool {value}"
+    if isinstance(value, int | float):
+        return f"the number {value:g}"
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        shape = "(" + ", ".join(map(str, value.shape)) + ("," if len(value.shape) == 1 else "") + ")"
+        return f"an array of dtype {value.dtype} and shape {shape}"
+    if hasattr(value, "init") and hasattr(value, "update"):
+        return f"an optax {type(value).__name__}"
+    if callable(value) and not isinstance(value, type):
+        return f"a function ({getattr(value, '__name__', type(value).__name__)})"
+    import jax  # only here: describing a pytree
+
+    n = sum(hasattr(leaf, "shape") for leaf in jax.tree.leaves(value))
+    kind = type(value).__name__
+    if n:
+        return f"a pytree ({kind}) of {n:,} array{'s' if n != 1 else ''}"
+    text = repr(value)
+    return f"{text if len(text) <= 60 else text[:57] + '...'} ({kind})"
