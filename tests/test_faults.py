@@ -174,11 +174,11 @@ def test_a_full_disk_ends_in_one_line_that_keeps_the_run_and_the_resume_finishes
 
 
 _ECHOES = """
-import asyncio, logging, sys
-from jaxl2.mnist import rundir
+import logging, sys
+from jaxl2.mnist.rundir import StepStore
 
-rundir._quiet_orbax_failures()
-rundir._quiet_orbax_failures()  # twice: still one filter each
+StepStore(sys.argv[1]).close()
+StepStore(sys.argv[1]).close()  # twice: still one filter and one hook
 
 
 class Raises:
@@ -191,35 +191,55 @@ class Raises:
 
 Raises("Event loop is closed")
 Raises("a different error")
-full = ValueError("Failed to write 9 bytes to file 15: No space left on device [os_error_code='28']")
-for e in (full, KeyError("an unrelated task")):
-    logging.getLogger("asyncio").error("Task exception was never retrieved", exc_info=(type(e), e, None))
-print(len(logging.getLogger("asyncio").filters), len(logging.getLogger("absl").filters))
+absl = logging.getLogger("absl")
+for where in ("/site-packages/orbax/checkpoint/x.py", "/elsewhere/y.py"):
+    absl.handle(absl.makeRecord("absl", logging.ERROR, where, 1, "a thread of " + where, (), (ValueError, ValueError(), None)))
+print(len(absl.filters))
 """
 
 
-def test_the_echoes_of_a_failed_save_are_dropped_and_nothing_else():
-    # tensorstore calls back into orbax's closed event loop (an unraisable error) and asyncio
-    # logs the writes that failed beside the one raised: a full disk prints one line, not these
-    r = subprocess.run([sys.executable, "-c", _ECHOES], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and r.stdout == "1 1\n", r.stderr
-    assert "Event loop is closed" not in r.stderr and "No space left" not in r.stderr, r.stderr
-    assert "a different error" in r.stderr and "an unrelated task" in r.stderr, r.stderr
-
-
-def test_disk_errors_reads_orbax_s_wrapped_error_and_passes_others(tmp_path):
-    wrapped = ValueError(
-        'RESOURCE_EXHAUSTED: Error writing "x" in OCDBT database at local file "/d/best/3.orbax-checkpoint-tmp/'
-        'default.orbax-checkpoint-tmp/ocdbt.process_0/": Failed writing: "/d/best/3.orbax-checkpoint-tmp/d/ab": '
-        "Failed to write 4 bytes to file 15: No space left on device [os_error_code='28']"
+def test_the_echoes_of_a_failed_save_are_dropped_and_nothing_else(tmp_path):
+    # tensorstore calls back into orbax's closed event loop (an unraisable error) and orbax's
+    # threads log the error that the caller then raises: a full disk prints one line, not these
+    r = subprocess.run(
+        [sys.executable, "-c", _ECHOES, str(tmp_path / "c")], capture_output=True, text=True, timeout=120
     )
-    assert is_disk_error(wrapped) and not is_disk_error(ValueError("shapes differ"))
-    with pytest.raises(DiskFull, match=r"cannot write /d/best \(No space left on device\); kept in"):
-        with disk_errors(str(tmp_path)):
-            raise wrapped
+    assert r.returncode == 0 and r.stdout == "1\n", r.stderr
+    assert "Event loop is closed" not in r.stderr and "orbax/checkpoint" not in r.stderr, r.stderr
+    assert "a different error" in r.stderr and "a thread of /elsewhere" in r.stderr, r.stderr
+
+
+_FULL = """
+import sys
+import numpy as np
+from jaxl2.mnist.rundir import StepStore, disk_errors
+
+out = sys.argv[1]
+store = StepStore(out + "/best", background=True)
+try:
+    with disk_errors(out):  # 360 kB of noise: no compression fits it in a 64 kB file
+        store.save(1, {"w": np.random.default_rng(0).normal(size=(300, 300)).astype(np.float32)})
+        store.wait()
+except OSError as e:
+    print(type(e).__name__, e)
+"""
+
+
+def test_a_write_the_disk_refuses_is_one_disk_full_error_that_names_the_store(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-c", _FULL, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=_limit_file_size(64_000),
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"DiskFull cannot write {tmp_path}/best (File too large); kept in"), r.stdout
     with pytest.raises(ValueError, match="shapes differ"):
         with disk_errors(str(tmp_path)):
             raise ValueError("shapes differ")
+    assert not is_disk_error(ValueError("shapes differ"))
+    assert is_disk_error(OSError(28, "No space left on device")) and is_disk_error(DiskFull("x"))
 
 
 def test_a_sweep_refuses_a_lambda_given_twice():

@@ -36,7 +36,6 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import jax
@@ -56,6 +55,7 @@ __all__ = [
     "StepStore",
     "Claim",
     "DiskFull",
+    "save_policy",
     "disk_errors",
     "is_disk_error",
 ]
@@ -246,19 +246,12 @@ class DiskFull(Named, OSError):
 
 
 def disk_cause(e: BaseException | None) -> OSError | None:
-    """The disk error (:data:`DISK_ERRNOS`) that ``e`` is, or was raised from, as an ``OSError``;
-    ``None`` if it is none. Orbax's writer (tensorstore) reports one as a ``ValueError`` whose
-    message carries ``os_error_code='28'`` and the path: it is read from there."""
+    """The ``OSError`` of :data:`DISK_ERRNOS` that ``e`` is or was raised from, else ``None``
+    (a failed orbax write is one: :class:`StepStore`)."""
     seen = set()
     while e is not None and id(e) not in seen:
         if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
             return e
-        code = re.search(r"os_error_code='(\d+)'", str(e))
-        if code and int(code.group(1)) in DISK_ERRNOS:
-            path = re.search(r'Failed (?:writing|to open|to create)[^"]*"([^"]+)"', str(e))
-            number = int(code.group(1))
-            where = path.group(1).split(".orbax-checkpoint-tmp")[0] if path else None
-            return OSError(number, os.strerror(number), where and os.path.dirname(where))
         seen.add(id(e))
         e = e.__cause__ or e.__context__
     return None
@@ -327,14 +320,44 @@ def run_config(d: dict[str, Any], path: str) -> Config:
         raise ConfigError(f"{path}: not a jaxl2 run config ({e})") from None
 
 
-CHECKPOINT_SECONDS = 30.0  # the time rule's default: a kill loses at most this much training
+CHECKPOINT_SECONDS = 30  # the time rule's default: a kill loses at most this much training
+
+
+def _check_every(epochs: int | None) -> None:
+    if epochs is not None and not (isinstance(epochs, int) and epochs >= 1):
+        raise ConfigError(
+            f"{field('checkpoint_every')} {epochs} is invalid (an integer >= 1; without it, every 30 s)"
+        )
+
+
+def save_policy(epochs: int | None = None, seconds: int | None = CHECKPOINT_SECONDS) -> Any:
+    """orbax's save-decision policy of a training loop (the saves it forces aside: the last
+    epoch, a signal): once ``seconds`` have passed since the last checkpoint (an epoch here can
+    be 30 ms and a save ~0.1 s, so a rule in epochs would cost more than it protects), every
+    ``epochs`` steps when given, and at a preemption sync point where JAX's preemption service
+    runs (``jax.distributed``). Where the loop stops does not change what a resume computes.
+
+    Example:
+      >>> from jaxl2.mnist.rundir import save_policy
+      >>> type(save_policy(epochs=3)).__name__
+      'AnySavePolicy'
+    """
+    _check_every(epochs)
+    from orbax.checkpoint import checkpoint_managers as policies
+
+    chosen: list[Any] = [policies.PreemptionCheckpointingPolicy()]
+    if seconds is not None:
+        chosen.append(policies.ContinuousCheckpointingPolicy(minimum_interval_secs=seconds))
+    if epochs is not None:
+        chosen.append(policies.FixedIntervalPolicy(epochs))
+    return policies.AnySavePolicy(chosen)
 
 
 class SaveRule:
-    """When a training loop checkpoints, besides at the end and on Ctrl-C: once ``seconds``
-    have passed since the last save (the default rule: an epoch here can be 30 ms and an orbax
-    save ~0.1 s, so a rule in epochs would cost more than it protects), and every ``epochs``
-    epochs when given. Where the loop stops does not change what a resume computes.
+    """When the training loop (:func:`~jaxl2.mnist.loop.call_end`) checkpoints, besides at the
+    end and on a signal: :func:`save_policy`'s rule on the loop's own clock (``seconds`` since
+    the last save or the start, every ``epochs`` epochs when given). A loop that asks its store
+    (:meth:`StepStore.should_save`, orbax's decision) needs no rule.
 
     Example:
       >>> rule = SaveRule(epochs=3, seconds=None)
@@ -343,10 +366,7 @@ class SaveRule:
     """
 
     def __init__(self, epochs: int | None = None, seconds: float | None = CHECKPOINT_SECONDS):
-        if epochs is not None and not (isinstance(epochs, int) and epochs >= 1):
-            raise ConfigError(
-                f"{field('checkpoint_every')} {epochs} is invalid (an integer >= 1; without it, every 30 s)"
-            )
+        _check_every(epochs)
         self.epochs, self.seconds, self.last = epochs, seconds, time.monotonic()
 
     def due(self, epoch: int) -> bool:
@@ -371,64 +391,92 @@ def has_checkpoint(out: str) -> bool:
     return bool(checkpoint_steps(out))
 
 
-def _orbax_thread_error(record: logging.LogRecord) -> bool:
-    """False for the traceback that orbax's writer thread logs before the error reaches the
-    caller, which raises it (as one :class:`DiskFull` line, for a full disk)."""
+def _raised_by_orbax(record: logging.LogRecord) -> bool:
+    """False for the traceback that one of orbax's threads logs for an error that orbax then
+    raises in the caller (who reports it: a full disk is one :class:`DiskFull` line)."""
     return not (record.exc_info and "orbax" in record.pathname.replace("\\", "/"))
 
 
-def _unretrieved_disk_error(record: logging.LogRecord) -> bool:
-    """False for asyncio's "Task exception was never retrieved" of a write that failed beside
-    the one whose error reaches the caller."""
-    return not (record.exc_info and is_disk_error(record.exc_info[1]))
+class _QuietClosedLoop:
+    """``sys.unraisablehook`` less tensorstore's calls into the event loop that orbax closed
+    after a failed write (the failure itself reaches the caller); every other error is shown."""
+
+    def __init__(self, previous: Any):
+        self.previous = previous
+
+    def __call__(self, unraisable: Any) -> None:
+        e = unraisable.exc_value
+        if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+            self.previous(unraisable)
 
 
-def _closed_loop_callback(unraisable: Any) -> bool:
-    """Whether an unraisable error is tensorstore's: after a failed write, orbax closes its event
-    loop and the writes still in flight call back into it from tensorstore's threads."""
-    e = unraisable.exc_value
-    return isinstance(e, RuntimeError) and str(e) == "Event loop is closed"
-
-
-def _quiet_orbax_failures() -> None:
-    """A failed save reaches its caller as one error; this drops the echoes of that failure
-    that orbax's and tensorstore's threads print on their own (each filter above), once."""
-    previous = sys.unraisablehook
-    if getattr(previous, "_jaxl2", False):
-        return
-    logging.getLogger("absl").addFilter(_orbax_thread_error)
-    logging.getLogger("asyncio").addFilter(_unretrieved_disk_error)
-
-    def quiet(unraisable: Any) -> None:
-        if not _closed_loop_callback(unraisable):
-            previous(unraisable)
-
-    quiet._jaxl2 = True  # type: ignore[attr-defined]
-    sys.unraisablehook = quiet
+# tensorstore, orbax's writer, reports a failed write as a ValueError whose text ends with the errno
+_OS_ERROR_CODE = re.compile(r"\[os_error_code='(\d+)'\]")
 
 
 class StepStore:
-    """An orbax manager of numbered steps of one pytree (a run's state or best params, a refit's
-    state, a sweep's chunks), each written to a temporary directory and renamed when complete;
-    it keeps the last ``keep`` steps (``None``: all of them)."""
+    """An orbax ``CheckpointManager`` of numbered steps of one pytree (a run's state or best
+    params, a refit's state, a sweep's chunks), each written to a temporary directory and
+    renamed when complete (a kill during a write leaves the previous step as the latest); it
+    keeps the last ``keep`` steps (``None``: all of them).
 
-    def __init__(self, path: str, keep: int | None = 1):
+    ``background=True``: orbax writes asynchronously (its ``enable_async_checkpointing``):
+    :meth:`save` returns once the arrays are copied and the training goes on while orbax
+    writes, one save at a time, in order; :meth:`wait` and :meth:`close` wait for the last and
+    raise its error. ``every``: the manager decides :meth:`should_save` by :func:`save_policy`.
+    A write that the disk refuses is raised as an ``OSError`` that names this store's directory.
+    """
+
+    def __init__(
+        self, path: str, keep: int | None = 1, *, background: bool = False, every: int | None = None
+    ):
         import orbax.checkpoint as ocp
 
-        self.ocp = ocp
-        _quiet_orbax_failures()
-        opts = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False)
-        self.manager = ocp.CheckpointManager(os.path.abspath(path), options=opts)
+        self.ocp, self.path = ocp, os.path.abspath(path)
+        logging.getLogger("absl").addFilter(_raised_by_orbax)  # once: a filter is added only once
+        if not isinstance(sys.unraisablehook, _QuietClosedLoop):
+            sys.unraisablehook = _QuietClosedLoop(sys.unraisablehook)
+        opts = ocp.CheckpointManagerOptions(
+            enable_async_checkpointing=background,
+            save_decision_policy=save_policy(every),
+            preservation_policy=ocp.checkpoint_managers.LatestN(keep),
+        )
+        self.manager = ocp.CheckpointManager(self.path, options=opts)
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """A disk error of orbax's writer (an ``OSError`` or tensorstore's ``ValueError``) as an
+        ``OSError`` of its errno and this store's directory."""
+        try:
+            yield
+        except Exception as e:
+            number = e.errno if isinstance(e, OSError) else None
+            code = _OS_ERROR_CODE.search(str(e))
+            number = int(code.group(1)) if code else number
+            if number not in DISK_ERRNOS:
+                raise
+            raise OSError(number, os.strerror(number), self.path) from e
 
     def latest(self) -> int | None:
-        """The latest complete step, or ``None``."""
+        """The latest step, or ``None``."""
         return self.manager.latest_step()
 
     def steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
+    def should_save(self, step: int) -> bool:
+        """orbax's decision (:func:`save_policy` of ``every``) whether to save ``step``."""
+        return self.manager.should_save(step)
+
     def save(self, step: int, tree: Any) -> None:
-        self.manager.save(step, args=self.ocp.args.StandardSave(tree), force=True)
+        """Saves ``tree`` as ``step`` (with ``background``, once the previous save is done)."""
+        with self._writing():
+            self.manager.save(step, args=self.ocp.args.StandardSave(tree), force=True)
+
+    def wait(self) -> None:
+        """Waits for the save in flight, if any (its error is raised here)."""
+        with self._writing():
+            self.manager.wait_until_finished()
 
     def restore(
         self,
@@ -448,49 +496,53 @@ class StepStore:
             raise ConfigError(f"{field(name)}: {mismatch} ({reason[:200]})") from None
 
     def close(self) -> None:
-        self.manager.close()
+        with self._writing():
+            self.manager.close()
 
 
 class Checkpoints:
-    """A run's two stores (:class:`StepStore`): ``checkpoints/`` (the latest run state) and
-    ``best/`` (the params with the best validation accuracy).
+    """A run's two stores (:class:`StepStore`): ``checkpoints/`` (the latest run state, which
+    holds the best params too) and ``best/`` (the params with the best validation accuracy,
+    what ``jaxl2 eval`` reads). ``best/`` is a store of its own, not orbax's ``BestN`` over the
+    saved steps: the best epoch is rarely a saved one (saves come every 30 s; a compiled call
+    runs many epochs), and ``best/`` holds that epoch's params.
 
-    ``background=True`` (training) writes in a thread: :meth:`save` returns at once, the
-    training goes on while orbax writes (a save is ~0.1 s here, nearly all of it waiting on the
-    file system), one save at a time, in order; :meth:`close` waits for the last and raises its
-    error, if any. Orbax writes each step to a temporary directory and renames it when
-    complete, so a kill during a write leaves the previous checkpoint as the latest. The
+    ``background=True`` (training): both stores write asynchronously (:class:`StepStore`); the
     arrays handed to :meth:`save` must not change afterwards (the run's are never donated).
+    ``every``: :meth:`should_save` asks orbax's :func:`save_policy`.
     """
 
-    def __init__(self, out: str, background: bool = False):
-        self.latest = StepStore(os.path.join(out, "checkpoints"))
-        self.best = StepStore(os.path.join(out, "best"))
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="jaxl2-checkpoint") if background else None
-        self._pending: Future | None = None
+    def __init__(self, out: str, background: bool = False, every: int | None = None):
+        self.out = out
+        self.latest = StepStore(os.path.join(out, "checkpoints"), background=background, every=every)
+        self.best = StepStore(os.path.join(out, "best"), background=background)
+
+    def should_save(self, epoch: int) -> bool:
+        """Whether orbax's policy saves after ``epoch`` (the loop also saves at the end and on a signal)."""
+        return self.latest.should_save(epoch)
 
     def save(self, epoch: int, run_state: dict, best_epoch: int) -> None:
-        if self._pool is None:
-            self._save(epoch, run_state, best_epoch)
-            return
-        self.wait()
-        self._pending = self._pool.submit(self._save, epoch, run_state, best_epoch)
-
-    def _save(self, epoch: int, run_state: dict, best_epoch: int) -> None:
-        if best_epoch > 0 and self.best.latest() != best_epoch:
-            self.best.save(best_epoch, run_state["best_params"])
+        self._save_best(best_epoch, run_state["best_params"])
         self.latest.save(epoch, run_state)
 
+    def _save_best(self, best_epoch: int, params: Any) -> None:
+        if best_epoch > (self.best.latest() or 0):
+            self.best.save(best_epoch, params)
+
     def wait(self) -> None:
-        """Waits for the save in flight, if any (its error is raised here)."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
+        """Waits for the saves in flight, if any (their error is raised here)."""
+        self.best.wait()
+        self.latest.wait()
 
     def restore_latest(self, like: dict) -> tuple[int, dict] | None:
-        """``(epoch, run_state)`` of the latest checkpoint, or ``None`` when there is none."""
+        """``(epoch, run_state)`` of the latest checkpoint, or ``None`` when there is none; a
+        ``best/`` behind it (a kill between the two stores' writes) is brought up to it."""
         step = self.latest.latest()
-        return None if step is None else (step, self.latest.restore(like, step))
+        if step is None:
+            return None
+        run = self.latest.restore(like, step)
+        self._save_best(int(run["best_epoch"]), run["best_params"])
+        return step, run
 
     def restore_best(self, like: Any) -> Any:
         step = self.best.latest()
@@ -500,18 +552,15 @@ class Checkpoints:
         return self.best.restore(like, step, name="run", mismatch=mismatch)
 
     def last_good(self) -> str:
-        with contextlib.suppress(Exception):  # the message is about the files, whatever the thread hit
+        with contextlib.suppress(Exception):  # the message is about the files, whatever a save hit
             self.wait()
-        step = self.latest.latest()
-        if step is None:
+        steps = checkpoint_steps(self.out)
+        if not steps:
             return "No checkpoint had been written yet."
-        return f"The last good checkpoint (epoch {step}) is intact."
+        return f"The last good checkpoint (epoch {steps[-1]}) is intact."
 
     def close(self) -> None:
         try:
-            self.wait()
-        finally:
-            if self._pool is not None:
-                self._pool.shutdown()
-            self.latest.close()
             self.best.close()
+        finally:
+            self.latest.close()
