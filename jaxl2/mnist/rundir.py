@@ -397,17 +397,12 @@ def _raised_by_orbax(record: logging.LogRecord) -> bool:
     return not (record.exc_info and "orbax" in record.pathname.replace("\\", "/"))
 
 
-class _QuietClosedLoop:
-    """``sys.unraisablehook`` less tensorstore's calls into the event loop that orbax closed
-    after a failed write (the failure itself reaches the caller); every other error is shown."""
-
-    def __init__(self, previous: Any):
-        self.previous = previous
-
-    def __call__(self, unraisable: Any) -> None:
-        e = unraisable.exc_value
-        if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
-            self.previous(unraisable)
+def _quiet_closed_loop(unraisable: Any) -> None:
+    """Python's ``sys.unraisablehook`` less tensorstore's calls into the event loop that orbax
+    closed after a failed write (the failure itself reaches the caller)."""
+    e = unraisable.exc_value
+    if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+        sys.__unraisablehook__(unraisable)
 
 
 # tensorstore, orbax's writer, reports a failed write as a ValueError whose text ends with the errno
@@ -434,8 +429,7 @@ class StepStore:
 
         self.ocp, self.path = ocp, os.path.abspath(path)
         logging.getLogger("absl").addFilter(_raised_by_orbax)  # once: a filter is added only once
-        if not isinstance(sys.unraisablehook, _QuietClosedLoop):
-            sys.unraisablehook = _QuietClosedLoop(sys.unraisablehook)
+        sys.unraisablehook = _quiet_closed_loop
         opts = ocp.CheckpointManagerOptions(
             enable_async_checkpointing=background,
             save_decision_policy=save_policy(every),
@@ -450,9 +444,8 @@ class StepStore:
         try:
             yield
         except Exception as e:
-            number = e.errno if isinstance(e, OSError) else None
             code = _OS_ERROR_CODE.search(str(e))
-            number = int(code.group(1)) if code else number
+            number = int(code.group(1)) if code else getattr(e, "errno", None)
             if number not in DISK_ERRNOS:
                 raise
             raise OSError(number, os.strerror(number), self.path) from e
@@ -529,11 +522,6 @@ class Checkpoints:
         if best_epoch > (self.best.latest() or 0):
             self.best.save(best_epoch, params)
 
-    def wait(self) -> None:
-        """Waits for the saves in flight, if any (their error is raised here)."""
-        self.best.wait()
-        self.latest.wait()
-
     def restore_latest(self, like: dict) -> tuple[int, dict] | None:
         """``(epoch, run_state)`` of the latest checkpoint, or ``None`` when there is none; a
         ``best/`` behind it (a kill between the two stores' writes) is brought up to it."""
@@ -553,7 +541,8 @@ class Checkpoints:
 
     def last_good(self) -> str:
         with contextlib.suppress(Exception):  # the message is about the files, whatever a save hit
-            self.wait()
+            self.best.wait()
+            self.latest.wait()
         steps = checkpoint_steps(self.out)
         if not steps:
             return "No checkpoint had been written yet."
