@@ -540,9 +540,9 @@ class Checkpoints:
         return self.best.restore(like, step, name="run", mismatch=mismatch)
 
     def last_good(self) -> str:
-        with contextlib.suppress(Exception):  # the message is about the files, whatever a save hit
-            self.best.wait()
-            self.latest.wait()
+        for store in (self.best, self.latest):
+            with contextlib.suppress(Exception):  # the message is about the files, whatever a save hit
+                store.wait()
         steps = checkpoint_steps(self.out)
         if not steps:
             return "No checkpoint had been written yet."
