@@ -451,7 +451,7 @@ class StepStore:
             raise OSError(number, os.strerror(number), self.path) from e
 
     def latest(self) -> int | None:
-        """The latest step, or ``None``."""
+        """The latest step (with ``background``, the one being written counts), or ``None``."""
         return self.manager.latest_step()
 
     def steps(self) -> list[int]:
