@@ -15,7 +15,6 @@ import dataclasses
 import functools
 import json
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable
@@ -25,13 +24,12 @@ import jax
 import numpy as np
 
 from jaxl2 import __version__
-from jaxl2.mnist import auto as _auto
 from jaxl2.mnist import data as _data
 from jaxl2.mnist import parallel, sigint, sweepdir
 from jaxl2.mnist import refit as _refit_mod
 from jaxl2.mnist import sweep as _sweep
+from jaxl2.mnist.auto import AutoTrainer
 from jaxl2.mnist.config import (
-    AUTO_DEFAULTS,
     FIELDS,
     SPLITS,
     Config,
@@ -41,6 +39,7 @@ from jaxl2.mnist.config import (
     settings_of,
     validate,
 )
+from jaxl2.mnist.evidence import EvidenceTrainer
 from jaxl2.mnist.loop import (
     Best,
     Epoch,
@@ -72,9 +71,18 @@ from jaxl2.mnist.rundir import (
     write_json,
 )
 from jaxl2.mnist.runtime import Background, device_name
-from jaxl2.mnist.steps import Trainer
+from jaxl2.mnist.steps import Trainer, lambda_columns
 
-__all__ = ["train_and_evaluate", "evaluate_run", "load_run_config"]
+__all__ = ["train_and_evaluate", "evaluate_run", "load_run_config", "mode_of"]
+
+
+def mode_of(cfg: Config) -> type[Trainer]:
+    """The trainer of ``cfg``'s λ mode: :class:`~jaxl2.mnist.auto.AutoTrainer` for ``l2="auto"``,
+    :class:`~jaxl2.mnist.evidence.EvidenceTrainer` for ``l2="evidence"``, else
+    :class:`~jaxl2.mnist.steps.Trainer` (a fixed λ). The run asks the trainer what differs."""
+    if cfg.l2_evidence:
+        return EvidenceTrainer
+    return AutoTrainer if cfg.l2_auto else Trainer
 
 
 def load_run_config(
@@ -185,7 +193,8 @@ def train_and_evaluate(
     if refit:
         _refit_mod.refit_epochs(refit_epochs, 1, 1)  # a bad rule fails before anything is done
     cfg, ds = load_and_check(cfg)
-    if cfg.l2_evidence:  # λ needs no held-out data: train on all of it, and nothing is left to refit
+    mode = mode_of(cfg)
+    if mode.trains_on_val:  # λ needs no held-out data: train on all of it, and nothing is left to refit
         if refit:
             log(f"{field('l2')} {cfg.l2} trains on all of train ∪ validation: there is no refit")
         refit, ds = False, ds._replace(train=_refit_mod.train_val(ds))
@@ -205,7 +214,8 @@ def train_and_evaluate(
     before = _read_summary(out) if resume else {}
     with claim, disk_errors(out):
         try:
-            job = _Job(cfg, ds, out, mesh, primary, checkpoint_every, on_epoch, log)
+            trainer = mode(cfg, len(ds.need("train").y), mesh=mesh)
+            job = _Job(cfg, trainer, ds, out, mesh, primary, checkpoint_every, on_epoch, log)
             ahead = _refit_ahead(job, refit, refit_epochs, before)
             summary = _train(job, resume, on_start)
             drawing = Background(functools.partial(_plots, job) if primary else None)
@@ -250,7 +260,14 @@ def _with_refit(
         stop_if_signalled(f"after training, before the refit; checkpoint saved in {out}", out)
         made = ahead.result() if ahead else None
         fit = _refit(
-            _fixed_l2(cfg, summary), job.ds, out, job.mesh, epochs, job.checkpoint_every, on_refit_epoch, made
+            job.trainer.refit_config(summary),
+            job.ds,
+            out,
+            job.mesh,
+            epochs,
+            job.checkpoint_every,
+            on_refit_epoch,
+            made,
         )
         summary.update(fit, refit_epoch_rule=refit_epochs)
     return summary
@@ -263,12 +280,13 @@ def _refit_ahead(job: _Job, refit: bool, refit_epochs: Any, before: dict[str, An
     refit's config and epoch count are known before training (a fixed λ and
     ``refit_epochs="all"``), it is not done yet, and the run has one process (a background
     execution could interleave with the other processes' collectives)."""
-    cfg = job.cfg
-    known = refit_epochs == "all" and not cfg.l2_auto
+    cfg = job.trainer.refit_config(None)
+    known = refit_epochs == "all" and cfg is not None
     if not refit or not known or before.get("refit_epoch_rule") == refit_epochs or jax.process_count() > 1:
         return None
 
     def ready() -> _refit_mod.Ready:
+        assert cfg is not None
         made = _refit_mod.ready(cfg, job.ds, cfg.epochs, mesh=job.mesh)
         for split in (job.ds.need("train"), job.ds.need("val")):
             jax.block_until_ready(made.trainer.evaluate(made.state.params, split.x, split.y))
@@ -323,6 +341,7 @@ class _Job:
     run goes and how it reports."""
 
     cfg: Config
+    trainer: Trainer  # the λ mode: what differs between a fixed λ, l2 auto and l2 evidence
     ds: _data.Dataset
     out: str
     mesh: Any  # the data-parallel mesh, or None for one device
@@ -341,7 +360,7 @@ def _train(job: _Job, resume: bool, on_start: Callable[[], None] | None) -> dict
     check_interrupt()
     if on_start:
         on_start()
-    trainer = _auto.trainer_for(job.cfg, len(job.ds.need("train").y), mesh=job.mesh)
+    trainer = job.trainer
     # orbax's save syncs the processes with a collective: from a thread, it could interleave
     # with the training's own collectives in a different order on each process (a hang)
     ckpt = Checkpoints(job.out, background=jax.process_count() == 1)
@@ -350,7 +369,7 @@ def _train(job: _Job, resume: bool, on_start: Callable[[], None] | None) -> dict
     best = Best(
         parallel.host(state.params),
         keep=lambda b, p, better: parallel.host(p) if better else b,
-        latest=job.cfg.l2_evidence,  # its validation images are training data: the last epoch's
+        latest=trainer.latest,  # l2 evidence: its validation images are training data: the last epoch's
     )
     start = 0
     if resume:
@@ -391,18 +410,13 @@ def _epochs(
     seconds, compile_seconds, program = 0.0, 0.0, None
     if start < cfg.epochs:  # compiled here, so that no epoch's time includes compiling
         t0 = time.perf_counter()
-        auto = cfg.l2_auto  # the epoch draws validation batches
-
-        def epoch_fn(st, x, y, xv, yv):
-            return trainer.epoch_fn(st, x, y, xv, yv) if auto else trainer.epoch_fn(st, x, y)
-
         program = compile_epochs(
-            epoch_fn,
+            trainer.run_epoch,
             lambda p, x, y, xv, yv: trainer.eval_fn(p, xv, yv),
             size,
             state,
             *data,
-            latest=cfg.l2_evidence,  # each call keeps its last epoch's params, as `best` does
+            latest=trainer.latest,  # each call keeps the params that `best` keeps
         )
         compile_seconds = time.perf_counter() - t0
 
@@ -449,22 +463,10 @@ def _summary(
     cfg = job.cfg
     rows = read_metrics(job.metrics)
     trained = (cfg.epochs - start) * trainer.steps_per_epoch * cfg.batch_size
-    l2, auto = cfg.l2, {}
-    if cfg.l2_auto:  # the penalty of the best params with the λs of their epoch
-        l2 = _auto.penalty_rules(_auto.l2_at(rows, best.epoch))
-        auto = {"l2_final": trainer.lambdas(state)}
-    if cfg.l2_evidence:  # the λs the last epoch trained with: the row before's (an update ends it)
-        before = (
-            _auto.l2_at(rows, best.epoch - 1) if best.epoch > 1 else dict.fromkeys(trainer.paths, cfg.l2_init)
-        )
-        l2 = _auto.penalty_rules(before)
-        auto = {
-            "l2_final": trainer.lambdas(state),
-            "log_evidence": _finite(parallel.host(state.log_evidence)),
-        }
+    l2, extra = trainer.summary(parallel.host(state), rows, best.epoch)  # the λ mode's
     return {
         **member_summary(trainer.evaluate, best.params, job.ds, cfg, l2),
-        **auto,
+        **extra,
         "best_epoch": best.epoch,
         "final_val_accuracy": rows[-1]["val_accuracy"] if rows else None,
         "epochs": cfg.epochs,
@@ -479,14 +481,14 @@ def _summary(
 
 
 def _plots(job: _Job) -> None:
-    """``curves.png`` of the run's ``metrics.jsonl`` (and ``lambda.png`` with ``l2 auto`` or
-    ``l2 evidence``); drawn in a thread while the refit trains."""
+    """``curves.png`` of the run's ``metrics.jsonl`` (and ``lambda.png`` when its rows hold λ per
+    layer: ``l2 auto`` or ``l2 evidence``); drawn in a thread while the refit trains."""
     from jaxl2.mnist.plots import curves, lambdas
 
     rows, cfg = read_metrics(job.metrics), job.cfg
     title = f"{cfg.dataset}, {cfg.optimizer}, λ={cfg.l2}"
     curves(rows, os.path.join(job.out, "curves.png"), title=title)
-    if cfg.l2_auto or cfg.l2_evidence:
+    if lambda_columns(rows):
         lambdas(rows, os.path.join(job.out, "lambda.png"), title=title)
 
 
@@ -516,15 +518,6 @@ def _metrics_row(ep: Epoch, steps_per_epoch: int) -> dict[str, Any]:
 
 def _finite(v: Any) -> float | None:
     return float(v) if np.isfinite(v) else None
-
-
-def _fixed_l2(cfg: Config, summary: dict[str, Any]) -> Config:
-    """The config a refit trains: an ``l2="auto"`` run's final λ per layer, fixed (the refit has
-    no validation split to tune them on); any other config as it is."""
-    if not cfg.l2_auto:
-        return cfg
-    lambdas = {re.escape(path): lam for path, lam in summary["l2_final"].items()}
-    return validate(dataclasses.replace(cfg, l2=lambdas, **AUTO_DEFAULTS))
 
 
 def _refit(cfg, ds, out, mesh, epochs, checkpoint_every, on_epoch, made=None) -> Refit:

@@ -22,10 +22,12 @@ Example:
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 
@@ -36,7 +38,18 @@ from jaxl2.penalty import l2_penalty
 from jaxl2.select import mask
 from jaxl2.step import make_train_step
 
-__all__ = ["TrainState", "Trainer", "make_optimizer", "per_example", "cross_entropy", "evaluate_fn"]
+__all__ = [
+    "TrainState",
+    "Trainer",
+    "make_optimizer",
+    "per_example",
+    "cross_entropy",
+    "evaluate_fn",
+    "lambdas_of",
+    "lambda_columns",
+    "l2_at",
+    "penalty_rules",
+]
 
 
 class TrainState(struct.PyTreeNode):
@@ -144,12 +157,22 @@ class Trainer:
 
     ``l2`` may be overridden per call of the ``*_fn`` functions (``step_fn``/``epoch_fn``),
     which is what the vmapped sweep does with a traced λ.
+
+    A trainer is also the run's **λ mode**: the run loop (:mod:`jaxl2.mnist.run`) asks it,
+    and nothing else, what differs between a fixed λ (this class), λ by hypergradients
+    (:class:`~jaxl2.mnist.auto.AutoTrainer`) and λ from the evidence
+    (:class:`~jaxl2.mnist.evidence.EvidenceTrainer`): its state (:meth:`state_of`), its epoch
+    over the training and validation splits (:meth:`run_epoch`), which params it keeps
+    (:attr:`latest`), what its data is (:attr:`trains_on_val`), its summary's λ and keys
+    (:meth:`summary`) and the config of its refit (:meth:`refit_config`).
     """
 
-    def __init__(self, cfg: Config, num_train: int, *, penalty: bool = True, mesh: Any = None):
+    latest = False  # keep the best params by validation accuracy (True: every epoch's)
+    trains_on_val = False  # True: it trains on train ∪ validation, and has no refit
+
+    def __init__(self, cfg: Config, num_train: int, *, mesh: Any = None):
         self.cfg = cfg = validate(cfg)
         self.mesh = mesh  # a jax.sharding.Mesh with a "data" axis: batches are split along it
-        self.penalty = penalty  # False: the data loss alone (the benchmark's no-L2 baseline)
         self.model = model_of(cfg)
         self.select = selector_of(cfg)
         self.steps_per_epoch = num_train // cfg.batch_size
@@ -189,15 +212,15 @@ class Trainer:
     def step_fn(self, state: TrainState, batch, l2=None, loss_fn=None):
         """One step of :func:`jaxl2.make_train_step` on the MLP's cross-entropy (``loss_fn``,
         default :meth:`data_loss`); ``l2`` overrides ``cfg.l2`` (a traced λ in the sweep)."""
-        l2 = (self.cfg.l2 if l2 is None else l2) if self.penalty else 0.0
+        l2 = self.cfg.l2 if l2 is None else l2
         loss_fn = self.data_loss if loss_fn is None else loss_fn
         step = make_train_step(loss_fn, self.tx, l2=l2, select=self.select, has_aux=True, norms=False)
         params, opt_state, metrics = step(state.params, state.opt_state, *batch)
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     def penalty_fn(self, params, l2=None):
-        """``λ/2·Σw²`` over the selected leaves of ``params`` (0 without the penalty)."""
-        l2 = (self.cfg.l2 if l2 is None else l2) if self.penalty else 0.0
+        """``λ/2·Σw²`` over the selected leaves of ``params``."""
+        l2 = self.cfg.l2 if l2 is None else l2
         return l2_penalty(params, l2, select=self.select)
 
     def batches(self, state: TrainState, num_examples: int) -> jax.Array:
@@ -233,6 +256,24 @@ class Trainer:
         metrics["nonfinite_step"] = jnp.where(bad < steps, bad, -1)
         return state, metrics
 
+    # -- the λ mode --------------------------------------------------------------------
+    def run_epoch(self, state: Any, x_NxD, y_N, xv_MxD, yv_M) -> tuple[Any, dict]:
+        """The epoch the run loop compiles, over the training split ``x_NxD, y_N`` and the
+        validation split ``xv_MxD, yv_M``: here :meth:`epoch_fn` (a fixed λ needs no
+        validation data)."""
+        return self.epoch_fn(state, x_NxD, y_N)
+
+    def summary(self, state: Any, rows: list[dict[str, Any]], best_epoch: int) -> tuple[Any, dict[str, Any]]:
+        """The λ of the best params' penalty (those of ``best_epoch``, from the run's
+        ``metrics.jsonl`` ``rows``) and the mode's own summary keys, at the final ``state``:
+        here ``cfg.l2`` and none."""
+        return self.cfg.l2, {}
+
+    def refit_config(self, summary: dict[str, Any] | None) -> Config | None:
+        """The config a refit of the run trains, given the run's ``summary``; ``None`` while
+        that cannot be known (``summary=None``: before training). Here ``cfg`` itself."""
+        return self.cfg
+
     @staticmethod
     def with_final_params(metrics: dict, start: Any, params: Any, penalty: jax.Array) -> dict:
         """An epoch's ``metrics`` (its steps' means) with what its final ``params`` give:
@@ -249,3 +290,25 @@ class Trainer:
     def eval_fn(self, params, x_NxD, y_N):
         """:func:`evaluate_fn` of the model (traced into the run's programs)."""
         return evaluate_fn(self.model, params, x_NxD, y_N)
+
+
+def lambdas_of(paths: list[str], log_l2: jax.Array) -> dict[str, float]:
+    """``{path: λ}`` of ``ln λ`` per path, as Python floats (the state's λs, on the host)."""
+    lam_L = np.exp(np.asarray(jax.device_get(log_l2), np.float64))
+    return {p: float(lam) for p, lam in zip(paths, lam_L)}
+
+
+def lambda_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """The ``l2/PATH`` keys of ``metrics.jsonl`` rows (λ per layer), in the order of the first row."""
+    return [k for k in rows[0] if k.startswith("l2/")] if rows else []
+
+
+def l2_at(rows: list[dict[str, Any]], epoch: int) -> dict[str, float]:
+    """``{path: λ}`` at the end of ``epoch``, from ``metrics.jsonl`` rows."""
+    row = next(r for r in rows if r["epoch"] == epoch)
+    return {k[len("l2/") :]: row[k] for k in lambda_columns(rows)}
+
+
+def penalty_rules(lambdas: dict[str, Any]) -> dict[str, Any]:
+    """``{path: λ}`` as jaxl2's ``{regex: λ}`` mapping (each path escaped: it matches itself only)."""
+    return {re.escape(p): lam for p, lam in lambdas.items()}
