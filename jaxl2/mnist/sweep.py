@@ -57,6 +57,7 @@ from jaxl2.mnist.loop import (
     stop_if_signalled,
     train_epochs,
 )
+from jaxl2.mnist.model import abstract_params
 from jaxl2.mnist.results import SweepSummary
 from jaxl2.mnist.rundir import (
     SaveRule,
@@ -221,7 +222,9 @@ def members_that_fit(cfg: Config, num_train: int, budget_bytes: int) -> int:
       >>> members_that_fit(Config(hidden=(4,), batch_size=2, optimizer="sgd"), 3500, 10**6)
       14
     """
-    sizes = [784, *cfg.hidden, 10]
+    layers = abstract_params(cfg)["params"]  # the model's: Dense_i, its kernel (inputs, outputs)
+    kernels = [layers[f"Dense_{i}"]["kernel"].shape for i in range(len(layers))]
+    sizes = [kernels[0][0], *(outputs for _, outputs in kernels)]
     n_params = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
     opt_copies = OPTIMIZERS[cfg.optimizer].state_copies
     per_member = 4 * n_params * (4 + opt_copies) + 4 * cfg.batch_size * sum(sizes) * 3
