@@ -168,9 +168,9 @@ def test_a_sweep_refuses_auto_before_loading_anything(tmp_path):
 def test_the_refit_of_an_auto_run_uses_its_final_lambdas_fixed():
     """Σ_l λ_l/2·‖W_l‖² with the run's final λ per layer, by hand, equals the refit config's penalty."""
     import jaxl2
-    from jaxl2.mnist.auto import AutoTrainer
+    from jaxl2.mnist.hypergrad import AutoTrainer
     from jaxl2.mnist.model import selector_of
-    from jaxl2.mnist.steps import Trainer
+    from jaxl2.mnist.train import Trainer
 
     final = {LAYERS[0]: 3e-3, LAYERS[1]: 2e-4}
     auto = AutoTrainer(AUTO, 100)

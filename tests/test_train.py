@@ -13,10 +13,9 @@ import pytest
 import jaxl2
 from jaxl2.mnist import run as _run
 from jaxl2.mnist.config import Config, ConfigError, RunSettings
-from jaxl2.mnist.loop import kernel_sq_norm
 from jaxl2.mnist.model import model_of
 from jaxl2.mnist.results import RunSummary
-from jaxl2.mnist.steps import Trainer
+from jaxl2.mnist.train import Trainer, kernel_sq_norm
 from tests.keys import assert_typed
 
 SMALL = Config(hidden=(32,), epochs=3, batch_size=64, lr=0.1)
@@ -104,7 +103,7 @@ def test_scanned_epoch_equals_step_by_step(small_data):
 
 def test_accuracy_counts_the_label_logit_being_the_largest():
     """cross_entropy's accuracy against NumPy's argmax (no ties), and a tie counts as a hit."""
-    from jaxl2.mnist.steps import cross_entropy
+    from jaxl2.mnist.train import cross_entropy
 
     logits = np.random.default_rng(1).normal(size=(64, 10)).astype(np.float32)
     y = np.random.default_rng(2).integers(0, 10, 64).astype(np.int32)
@@ -118,7 +117,7 @@ def test_per_example_cross_entropy_against_float64_and_optax():
     """Each row's cross-entropy against float64 NumPy's log-softmax, its gradient against optax's
     integer-label cross-entropy (another implementation), its hits against NumPy's argmax; a
     logit of 1e4 (exp overflows without the max subtracted) stays finite."""
-    from jaxl2.mnist.steps import per_example
+    from jaxl2.mnist.train import per_example
 
     rng = np.random.default_rng(3)
     logits = rng.normal(scale=3.0, size=(64, 10)).astype(np.float32)
@@ -310,7 +309,7 @@ def _run_until_diverged(nan_epoch, epochs, size, match):
     ``epoch E, steps [S]`` matching ``match``); returns the call log, the yielded epochs, the best."""
     from types import SimpleNamespace
 
-    from jaxl2.mnist.loop import Best, Diverged, run_epochs
+    from jaxl2.mnist.train import Best, Diverged, run_epochs
 
     log, seen = [], []
     best = Best(params=0, keep=lambda b, p, better: p if better else b)

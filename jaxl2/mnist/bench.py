@@ -33,8 +33,8 @@ import numpy as np
 from jaxl2.mnist.config import INPUT_DIM, NUM_CLASSES, Config
 from jaxl2.mnist.model import flops_per_example
 from jaxl2.mnist.runtime import device_name
-from jaxl2.mnist.steps import Trainer
 from jaxl2.mnist.sweep import SweepTrainer
+from jaxl2.mnist.train import Trainer
 
 SIZES = (INPUT_DIM, *Config().hidden, NUM_CLASSES)  # the reference MLP: 784-256-256-10
 
@@ -187,7 +187,7 @@ import jax
 from jaxl2.mnist.config import Config
 from jaxl2.mnist.data import load
 from jaxl2.mnist.runtime import enable_compilation_cache
-from jaxl2.mnist.steps import Trainer
+from jaxl2.mnist.train import Trainer
 enable_compilation_cache()  # in $JAXL2_CACHE_DIR, as the parsed mnist5k
 d = load("mnist5k")
 tr = Trainer(Config(), len(d.train.y))

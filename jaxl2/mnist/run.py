@@ -28,7 +28,6 @@ from jaxl2.mnist import data as _data
 from jaxl2.mnist import parallel, sigint, sweepdir
 from jaxl2.mnist import refit as _refit_mod
 from jaxl2.mnist import sweep as _sweep
-from jaxl2.mnist.auto import AutoTrainer
 from jaxl2.mnist.config import (
     FIELDS,
     SPLITS,
@@ -39,20 +38,8 @@ from jaxl2.mnist.config import (
     settings_of,
     validate,
 )
-from jaxl2.mnist.evidence import EvidenceTrainer
-from jaxl2.mnist.loop import (
-    Best,
-    Epoch,
-    Interrupted,
-    check_interrupt,
-    compile_epochs,
-    diverged_message,
-    epochs_per_call,
-    load_and_check,
-    member_summary,
-    stop_if_signalled,
-    train_epochs,
-)
+from jaxl2.mnist.hypergrad import AutoTrainer
+from jaxl2.mnist.marglik import EvidenceTrainer
 from jaxl2.mnist.model import abstract_params
 from jaxl2.mnist.results import Refit, RunSummary
 from jaxl2.mnist.rundir import (
@@ -71,15 +58,29 @@ from jaxl2.mnist.rundir import (
     write_json,
 )
 from jaxl2.mnist.runtime import Background, device_name
-from jaxl2.mnist.steps import Trainer, lambda_columns
+from jaxl2.mnist.train import (
+    Best,
+    Epoch,
+    Interrupted,
+    Trainer,
+    check_interrupt,
+    compile_epochs,
+    diverged_message,
+    epochs_per_call,
+    lambda_columns,
+    load_and_check,
+    member_summary,
+    stop_if_signalled,
+    train_epochs,
+)
 
 __all__ = ["train_and_evaluate", "evaluate_run", "load_run_config", "mode_of"]
 
 
 def mode_of(cfg: Config) -> type[Trainer]:
-    """The trainer of ``cfg``'s λ mode: :class:`~jaxl2.mnist.auto.AutoTrainer` for ``l2="auto"``,
-    :class:`~jaxl2.mnist.evidence.EvidenceTrainer` for ``l2="evidence"``, else
-    :class:`~jaxl2.mnist.steps.Trainer` (a fixed λ). The run asks the trainer what differs."""
+    """The trainer of ``cfg``'s λ mode: :class:`~jaxl2.mnist.hypergrad.AutoTrainer` for ``l2="auto"``,
+    :class:`~jaxl2.mnist.marglik.EvidenceTrainer` for ``l2="evidence"``, else
+    :class:`~jaxl2.mnist.train.Trainer` (a fixed λ). The run asks the trainer what differs."""
     if cfg.l2_evidence:
         return EvidenceTrainer
     return AutoTrainer if cfg.l2_auto else Trainer
@@ -156,7 +157,7 @@ def train_and_evaluate(
     the batch is split along ``data``, params are replicated (see :mod:`jaxl2.mnist.parallel`);
     only process 0 writes the run directory's files (orbax coordinates the checkpoints). With
     several processes, checkpoints are written in the foreground, and all processes save and
-    stop at the same epochs (:func:`~jaxl2.mnist.loop.call_end`).
+    stop at the same epochs (:func:`~jaxl2.mnist.train.call_end`).
 
     ``on_start()`` is called once the input is validated (before compiling), ``on_epoch(row)``
     after every epoch with its ``metrics.jsonl`` row. The summary
@@ -402,7 +403,7 @@ def _restore(job: _Job, ckpt: Checkpoints, state: Any, best: Best) -> tuple[int,
 def _epochs(
     job: _Job, trainer: Any, ckpt: Checkpoints, state: Any, best: Best, start: int
 ) -> tuple[Any, float, float]:
-    """Epochs ``start + 1 …`` through :func:`~jaxl2.mnist.loop.train_epochs`, a ``metrics.jsonl``
+    """Epochs ``start + 1 …`` through :func:`~jaxl2.mnist.train.train_epochs`, a ``metrics.jsonl``
     row each; returns the last state, the training seconds and the compiling seconds."""
     cfg, primary = job.cfg, job.primary
     data = tuple(parallel.put(a, job.mesh) for a in (*job.ds.need("train"), *job.ds.need("val")))

@@ -45,18 +45,6 @@ from jaxl2.mnist.config import (
     validate,
 )
 from jaxl2.mnist.data import Dataset
-from jaxl2.mnist.loop import (
-    Best,
-    Interrupted,
-    diverged_message,
-    epochs_per_call,
-    epochs_program,
-    load_and_check,
-    member_summary,
-    split_metrics,
-    stop_if_signalled,
-    train_epochs,
-)
 from jaxl2.mnist.model import abstract_params
 from jaxl2.mnist.results import SweepSummary
 from jaxl2.mnist.rundir import (
@@ -70,7 +58,19 @@ from jaxl2.mnist.rundir import (
     write_json,
 )
 from jaxl2.mnist.runtime import device_name
-from jaxl2.mnist.steps import Trainer
+from jaxl2.mnist.train import (
+    Best,
+    Interrupted,
+    Trainer,
+    diverged_message,
+    epochs_per_call,
+    epochs_program,
+    load_and_check,
+    member_summary,
+    split_metrics,
+    stop_if_signalled,
+    train_epochs,
+)
 
 __all__ = [
     "SweepTrainer",
@@ -117,7 +117,7 @@ class SweepTrainer:
         self._programs: dict[int, Any] = {}
 
     def program(self, size: int) -> Any:
-        """The run loop's call of up to ``size`` epochs (:func:`~jaxl2.mnist.loop.epochs_program`),
+        """The run loop's call of up to ``size`` epochs (:func:`~jaxl2.mnist.train.epochs_program`),
         jitted once per size: ``program(states, n, x, y, x_val, y_val, l2s)``."""
         if size not in self._programs:
             self._programs[size] = jax.jit(

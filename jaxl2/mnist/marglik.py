@@ -1,6 +1,6 @@
 """``l2="evidence"``: λ chosen during the run by the Laplace evidence.
 
-:class:`EvidenceTrainer` is the :class:`~jaxl2.mnist.steps.Trainer` of such a run. The run
+:class:`EvidenceTrainer` is the :class:`~jaxl2.mnist.train.Trainer` of such a run. The run
 trains on **all** of train ∪ validation (no split is needed to choose λ, and there is no
 refit); every ``evidence_every``-th epoch (``epoch % evidence_every == 0``) ends with
 
@@ -38,7 +38,7 @@ EK-FAC against the exact block rotated, in float64.
 
 Example:
   >>> from jaxl2.mnist.config import Config
-  >>> from jaxl2.mnist.evidence import EvidenceTrainer
+  >>> from jaxl2.mnist.marglik import EvidenceTrainer
   >>> cfg = Config(l2="evidence", hidden=(8,), batch_size=4, epochs=1, evidence_every=1)
   >>> trainer = EvidenceTrainer(cfg, num_train=8)
   >>> {p: f"{lam:.3g}" for p, lam in trainer.lambdas(trainer.init()).items()}  # every λ at l2_init
@@ -58,7 +58,7 @@ from jaxl2 import select as _select
 from jaxl2.evidence import Curvature, evidence_l2, ggn_lanczos, log_evidence
 from jaxl2.mnist.config import AUTO_L2_BOUNDS, Config
 from jaxl2.mnist.model import ACTIVATION_FNS, abstract_params
-from jaxl2.mnist.steps import Trainer, TrainState, l2_at, lambdas_of, penalty_rules
+from jaxl2.mnist.train import Trainer, TrainState, l2_at, lambdas_of, penalty_rules
 
 __all__ = ["EvidenceTrainState", "EvidenceTrainer", "dense_ggn", "LANCZOS_PROBES", "LANCZOS_STEPS"]
 
@@ -67,7 +67,7 @@ LANCZOS_PROBES, LANCZOS_STEPS = 2, 40
 
 
 class EvidenceTrainState(TrainState):
-    """:class:`~jaxl2.mnist.steps.TrainState`, ``log_l2`` (``ln λ`` per selected leaf, all equal
+    """:class:`~jaxl2.mnist.train.TrainState`, ``log_l2`` (``ln λ`` per selected leaf, all equal
     when shared) and
     ``log_evidence`` (at the last update; NaN before the first)."""
 
@@ -194,7 +194,7 @@ class EvidenceTrainer(Trainer):
     """The jitted functions of an ``l2="evidence"`` run (``num_train``: train ∪ validation).
 
     * ``train_epoch(state, x, y) -> (state, metrics)``: :meth:`run_epoch`, jitted: the epoch of
-      :class:`~jaxl2.mnist.steps.Trainer` with the state's λs, then, every ``evidence_every``-th
+      :class:`~jaxl2.mnist.train.Trainer` with the state's λs, then, every ``evidence_every``-th
       epoch, the λ update; its metrics add ``l2/PATH`` (each λ at the end of the epoch) and
       ``log_evidence``;
     * ``curvature(params, x, y) -> jaxl2.Curvature`` of the selected leaves;

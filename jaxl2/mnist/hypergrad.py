@@ -1,6 +1,6 @@
 """``l2="auto"``: the MLP trained with one λ per selected kernel, tuned during the run.
 
-:class:`AutoTrainer` is the :class:`~jaxl2.mnist.steps.Trainer` of such a run, on the library's
+:class:`AutoTrainer` is the :class:`~jaxl2.mnist.train.Trainer` of such a run, on the library's
 :func:`jaxl2.auto_l2` (Luketina et al., ICML 2016: the hypergradient of the validation loss
 through one optimizer step, on ``ln λ``). Its state carries the λs (``ln λ`` and the Adam
 state of the hyper-optimizer), so a checkpoint holds them and a resume continues exactly.
@@ -19,7 +19,7 @@ The README's "λ chosen for you" section has the numbers and ``experiments/auto_
 
 Example:
   >>> from jaxl2.mnist.config import Config
-  >>> from jaxl2.mnist.auto import AutoTrainer
+  >>> from jaxl2.mnist.hypergrad import AutoTrainer
   >>> trainer = AutoTrainer(Config(l2="auto", hidden=(8,), batch_size=4, epochs=1), num_train=8)
   >>> {p: f"{lam:.3g}" for p, lam in trainer.lambdas(trainer.init()).items()}  # every λ at l2_init
   {'params/Dense_0/kernel': '0.0001', 'params/Dense_1/kernel': '0.0001'}
@@ -37,14 +37,14 @@ import jax.numpy as jnp
 from jaxl2.auto import AutoL2State, auto_l2, shared_adam
 from jaxl2.mnist.config import AUTO_DEFAULTS, AUTO_L2_BOUNDS, Config, validate
 from jaxl2.mnist.model import abstract_params
-from jaxl2.mnist.steps import Trainer, TrainState, l2_at, lambdas_of, penalty_rules
+from jaxl2.mnist.train import Trainer, TrainState, l2_at, lambdas_of, penalty_rules
 from jaxl2.penalty import l2_penalty
 
 __all__ = ["AutoTrainState", "AutoTrainer"]
 
 
 class AutoTrainState(TrainState):
-    """:class:`~jaxl2.mnist.steps.TrainState` and ``l2``, the λs' state (:class:`jaxl2.AutoL2State`)."""
+    """:class:`~jaxl2.mnist.train.TrainState` and ``l2``, the λs' state (:class:`jaxl2.AutoL2State`)."""
 
     l2: AutoL2State
 
@@ -54,7 +54,7 @@ class AutoTrainer(Trainer):
 
     * ``train_step(state, (x, y), val_batch=None) -> (state, metrics)``: :meth:`hyper_step`, jitted;
     * ``train_epoch(state, x, y, x_val, y_val) -> (state, metrics)``: :meth:`run_epoch`, the epoch of
-      :class:`~jaxl2.mnist.steps.Trainer`, with a λ update every ``l2_every`` steps; its
+      :class:`~jaxl2.mnist.train.Trainer`, with a λ update every ``l2_every`` steps; its
       metrics add ``l2/PATH`` (each λ at the end of the epoch) and ``hypergrad/PATH`` (the
       mean of ``∂ val loss/∂ ln λ`` over the epoch's λ updates);
     * ``lambdas(state) -> {path: λ}``.
