@@ -316,25 +316,3 @@ def test_help_explains_evidence():
     assert "--evidence-steps" in text
     sweep = cli.build_parser()._subparsers._group_actions[0].choices["sweep"].format_help()
     assert "--evidence-every" not in sweep
-
-
-@pytest.mark.parametrize("latest, kept", [(False, 0), (True, 2)])
-def test_a_call_keeps_its_last_epoch_with_latest_and_its_best_without(latest, kept):
-    """Three epochs in one compiled call whose validation accuracy falls (1/2, 1/3, 1/4): by
-    validation the first epoch's params are kept; with ``latest`` (an evidence run) the last's."""
-    from flax import struct
-
-    from jaxl2.mnist.train import epochs_program
-
-    class State(struct.PyTreeNode):
-        params: jax.Array
-
-    def epoch_fn(st):
-        return st.replace(params=st.params + 1), {"loss": jnp.float32(0), "nonfinite_step": jnp.int32(-1)}
-
-    def evaluate_fn(params):
-        return {"accuracy": 1 / (1 + params), "data_loss": params}
-
-    program = jax.jit(epochs_program(epoch_fn, evaluate_fn, 3, latest), static_argnums=())
-    _, _, _, best = program(State(jnp.float32(0)), 3)
-    assert int(best["index"]) == kept and float(best["params"]) == kept + 1
