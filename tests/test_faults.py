@@ -236,7 +236,7 @@ def test_gradcheck_refuses_a_step_below_float64_resolution(eps):
 
 
 def test_eval_of_the_test_split_reads_no_training_file(tmp_path):
-    from tests.test_data import fake, write_idx
+    from tests.mnist.test_data import fake, write_idx
 
     idx = tmp_path / "idx"
     idx.mkdir()
