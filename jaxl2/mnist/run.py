@@ -1,5 +1,11 @@
-"""One training run into its directory (:mod:`jaxl2.mnist.rundir`), and the evaluation of a
-finished run.
+"""One training run into its directory (:mod:`jaxl2.mnist.rundir`), composed with its
+features, and the evaluation of a finished run.
+
+:func:`train_and_evaluate` checks the input, picks the λ mode (:func:`mode_of`), prepares the
+directory and hands the training itself to :func:`jaxl2.mnist.train.fit`; around it, the
+features: the data-parallel mesh (:mod:`~jaxl2.mnist.parallel`), the refit on train ∪ validation
+(:mod:`~jaxl2.mnist.refit`, compiled in the background while the run trains), the plots
+(:mod:`~jaxl2.mnist.plots`, drawn while the refit trains), and ``summary.json``.
 
 Orbax writes each checkpoint to a temporary directory and renames it, so a run killed at
 any moment resumes from its last complete checkpoint and ends with the same parameters
@@ -10,13 +16,11 @@ removes the directory it created; one killed outright resumes from the start.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
 import os
 import shutil
-import time
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -25,7 +29,7 @@ import numpy as np
 
 from jaxl2 import __version__
 from jaxl2.mnist import data as _data
-from jaxl2.mnist import parallel, sigint, sweepdir
+from jaxl2.mnist import parallel, sweepdir
 from jaxl2.mnist import refit as _refit_mod
 from jaxl2.mnist import sweep as _sweep
 from jaxl2.mnist.config import (
@@ -53,25 +57,19 @@ from jaxl2.mnist.rundir import (
     load_config,
     prepare,
     read_metrics,
-    rewrite_metrics,
     run_config,
     write_json,
 )
-from jaxl2.mnist.runtime import Background, device_name
+from jaxl2.mnist.runtime import Background
 from jaxl2.mnist.train import (
-    Best,
-    Epoch,
     Interrupted,
+    Run,
     Trainer,
     check_interrupt,
-    compile_epochs,
-    diverged_message,
-    epochs_per_call,
+    fit,
     lambda_columns,
     load_and_check,
-    member_summary,
     stop_if_signalled,
-    train_epochs,
 )
 
 __all__ = ["train_and_evaluate", "evaluate_run", "load_run_config", "mode_of"]
@@ -216,9 +214,9 @@ def train_and_evaluate(
     with claim, disk_errors(out):
         try:
             trainer = mode(cfg, len(ds.need("train").y), mesh=mesh)
-            job = _Job(cfg, trainer, ds, out, mesh, primary, checkpoint_every, on_epoch, log)
+            job = Run(cfg, trainer, ds, out, mesh, primary, checkpoint_every, on_epoch, log)
             ahead = _refit_ahead(job, refit, refit_epochs, before)
-            summary = _train(job, resume, on_start)
+            summary = fit(job, resume, on_start)
             drawing = Background(functools.partial(_plots, job) if primary else None)
             try:  # the plots are drawn while the refit trains
                 summary = _with_refit(job, summary, before, refit, refit_epochs, on_refit_epoch, ahead)
@@ -240,7 +238,7 @@ def train_and_evaluate(
 
 
 def _with_refit(
-    job: _Job,
+    job: Run,
     summary: dict[str, Any],
     before: dict[str, Any],
     refit: bool,
@@ -274,7 +272,7 @@ def _with_refit(
     return summary
 
 
-def _refit_ahead(job: _Job, refit: bool, refit_epochs: Any, before: dict[str, Any]) -> Background | None:
+def _refit_ahead(job: Run, refit: bool, refit_epochs: Any, before: dict[str, Any]) -> Background | None:
     """What follows training, compiled in the background while the run trains: the refit made
     ready (:func:`~jaxl2.mnist.refit.ready`), then the summary's evaluations of the training
     and validation splits (the same executables as the best params' summary). Only when the
@@ -325,163 +323,7 @@ def _prepare_everywhere(
     return claim
 
 
-def _run_state(state: Any, best: Best) -> dict[str, Any]:
-    """What a checkpoint holds: the training state and the best params so far, with their
-    validation accuracy and epoch (also the template that a resume restores into)."""
-    return {
-        "state": state,
-        "best_params": best.params,
-        "best_val": np.array(best.val, np.float32),
-        "best_epoch": np.array(best.epoch, np.int32),
-    }
-
-
-@dataclasses.dataclass
-class _Job:
-    """What :func:`train_and_evaluate` hands its phases: the checked config and data, where the
-    run goes and how it reports."""
-
-    cfg: Config
-    trainer: Trainer  # the λ mode: what differs between a fixed λ, l2 auto and l2 evidence
-    ds: _data.Dataset
-    out: str
-    mesh: Any  # the data-parallel mesh, or None for one device
-    primary: bool  # process 0: it writes the run's files
-    checkpoint_every: int | None
-    on_epoch: Callable[[dict[str, Any]], None] | None
-    log: Callable[[str], None]
-
-    @property
-    def metrics(self) -> str:
-        return os.path.join(self.out, "metrics.jsonl")
-
-
-def _train(job: _Job, resume: bool, on_start: Callable[[], None] | None) -> dict[str, Any]:
-    """Trains the run from its start (or its checkpoint) and returns its summary."""
-    check_interrupt()
-    if on_start:
-        on_start()
-    trainer = job.trainer
-    # orbax's save syncs the processes with a collective: from a thread, it could interleave
-    # with the training's own collectives in a different order on each process (a hang)
-    ckpt = Checkpoints(job.out, background=jax.process_count() == 1)
-    state = parallel.replicate(trainer.init(), job.mesh)
-    # host copies: best/ is saved without the mesh's sharding, so any process count restores it
-    best = Best(
-        parallel.host(state.params),
-        keep=lambda b, p, better: parallel.host(p) if better else b,
-        latest=trainer.latest,  # l2 evidence: its validation images are training data: the last epoch's
-    )
-    start = 0
-    if resume:
-        start, state, best = _restore(job, ckpt, state, best)
-    with sigint.deferred(), contextlib.closing(ckpt):
-        state, seconds, compile_seconds = _epochs(job, trainer, ckpt, state, best, start)
-    return _summary(job, trainer, state, best, start, seconds, compile_seconds)
-
-
-def _restore(job: _Job, ckpt: Checkpoints, state: Any, best: Best) -> tuple[int, Any, Best]:
-    """The run's latest checkpoint (or its start, when none was written), its metrics cut there."""
-    start = 0
-    restored = ckpt.restore_latest(_run_state(state, Best(state.params, best.keep)))
-    if restored is not None:  # a run killed before its first checkpoint starts over
-        start, run = restored
-        state = run["state"]
-        best = Best(
-            parallel.host(run["best_params"]),
-            best.keep,
-            float(run["best_val"]),
-            int(run["best_epoch"]),
-            latest=best.latest,
-        )
-    if job.primary:
-        rewrite_metrics(job.metrics, upto_epoch=start)
-    job.log(_resume_line(job.out, start, job.cfg.epochs))
-    return start, state, best
-
-
-def _epochs(
-    job: _Job, trainer: Any, ckpt: Checkpoints, state: Any, best: Best, start: int
-) -> tuple[Any, float, float]:
-    """Epochs ``start + 1 …`` through :func:`~jaxl2.mnist.train.train_epochs`, a ``metrics.jsonl``
-    row each; returns the last state, the training seconds and the compiling seconds."""
-    cfg, primary = job.cfg, job.primary
-    data = tuple(parallel.put(a, job.mesh) for a in (*job.ds.need("train"), *job.ds.need("val")))
-    size = epochs_per_call(len(job.ds.need("train").y))
-    seconds, compile_seconds, program = 0.0, 0.0, None
-    if start < cfg.epochs:  # compiled here, so that no epoch's time includes compiling
-        t0 = time.perf_counter()
-        program = compile_epochs(
-            trainer.run_epoch,
-            lambda p, x, y, xv, yv: trainer.eval_fn(p, xv, yv),
-            size,
-            state,
-            *data,
-            latest=trainer.latest,  # each call keeps the params that `best` keeps
-        )
-        compile_seconds = time.perf_counter() - t0
-
-    def diverged(epoch, _members, steps):
-        return f"{diverged_message(cfg, cfg.l2, epoch, int(steps[0]), trainer.steps_per_epoch)} {ckpt.last_good()}"
-
-    metrics: Any = open(job.metrics, "a") if primary else contextlib.nullcontext()
-    with metrics as mfile:
-
-        def on(ep: Epoch) -> None:
-            nonlocal seconds
-            seconds += ep.seconds
-            row = _metrics_row(ep, trainer.steps_per_epoch)
-            if primary:
-                mfile.write(json.dumps(row) + "\n")
-            if job.on_epoch:
-                job.on_epoch(row)
-
-        def save(epoch: int, st: Any) -> None:
-            if primary:  # the rows up to the checkpoint are on disk before it
-                mfile.flush()
-                os.fsync(mfile.fileno())
-            ckpt.save(epoch, _run_state(st, best), best.epoch)
-
-        state = train_epochs(
-            program,
-            state,
-            range(start + 1, cfg.epochs + 1),
-            best,
-            diverged=diverged,
-            size=size,
-            every=job.checkpoint_every,
-            save=save,
-            on_epoch=on,
-            where=lambda epoch: f"after epoch {epoch}; checkpoint saved in {job.out}",
-        )
-    return state, seconds, compile_seconds
-
-
-def _summary(
-    job: _Job, trainer: Any, state: Any, best: Best, start: int, seconds: float, compile_seconds: float
-) -> dict[str, Any]:
-    """The run's summary: the best params' metrics, the times, the device."""
-    cfg = job.cfg
-    rows = read_metrics(job.metrics)
-    trained = (cfg.epochs - start) * trainer.steps_per_epoch * cfg.batch_size
-    l2, extra = trainer.summary(parallel.host(state), rows, best.epoch)  # the λ mode's
-    return {
-        **member_summary(trainer.evaluate, best.params, job.ds, cfg, l2),
-        **extra,
-        "best_epoch": best.epoch,
-        "final_val_accuracy": rows[-1]["val_accuracy"] if rows else None,
-        "epochs": cfg.epochs,
-        "epochs_trained": cfg.epochs - start,
-        "lr": cfg.lr,
-        "seconds": seconds,
-        "compile_seconds": compile_seconds,
-        "examples_per_second": trained / seconds if seconds else None,
-        "device": device_name(),
-        "out": job.out,
-    }
-
-
-def _plots(job: _Job) -> None:
+def _plots(job: Run) -> None:
     """``curves.png`` of the run's ``metrics.jsonl`` (and ``lambda.png`` when its rows hold λ per
     layer: ``l2 auto`` or ``l2 evidence``); drawn in a thread while the refit trains."""
     from jaxl2.mnist.plots import curves, lambdas
@@ -491,34 +333,6 @@ def _plots(job: _Job) -> None:
     curves(rows, os.path.join(job.out, "curves.png"), title=title)
     if lambda_columns(rows):
         lambdas(rows, os.path.join(job.out, "lambda.png"), title=title)
-
-
-def _resume_line(out: str, start: int, epochs: int) -> str:
-    """What a resume says about where it starts."""
-    if start == 0:
-        return f"resuming {out}: no checkpoint was written yet, so training starts at epoch 1"
-    if start >= epochs:
-        return f"resuming {out}: all {epochs} epochs were trained already"
-    return f"resuming {out} after epoch {start}: training epochs {start + 1} to {epochs}"
-
-
-def _metrics_row(ep: Epoch, steps_per_epoch: int) -> dict[str, Any]:
-    """The ``metrics.jsonl`` row of an epoch."""
-    return {
-        "epoch": ep.epoch,
-        "step": ep.epoch * steps_per_epoch,
-        # per-layer entries (l2/PATH, hypergrad/PATH of l2 auto) keep their own names
-        **{k if "/" in k else f"train_{k}": float(v) for k, v in ep.train.items() if k != "log_evidence"},
-        # l2 evidence: the log evidence of the last λ update (none before the first)
-        **({"log_evidence": _finite(ep.train["log_evidence"])} if "log_evidence" in ep.train else {}),
-        "val_data_loss": float(ep.val["data_loss"]),
-        "val_accuracy": float(ep.val["accuracy"]),
-        "epoch_seconds": ep.seconds,
-    }
-
-
-def _finite(v: Any) -> float | None:
-    return float(v) if np.isfinite(v) else None
 
 
 def _refit(cfg, ds, out, mesh, epochs, checkpoint_every, on_epoch, made=None) -> Refit:

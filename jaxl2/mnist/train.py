@@ -2,7 +2,8 @@
 epoch in one ``lax.scan``, the evaluation, and the one training loop that ``jaxl2 train`` (one
 state), ``jaxl2 sweep`` (K stacked states) and the refit share: loading and split checks, the
 epochs (several per compiled call, each validated) with divergence detection, best-by-validation
-tracking, and the final metrics (the penalty through :func:`jaxl2.l2_penalty`).
+tracking, and the final metrics (the penalty through :func:`jaxl2.l2_penalty`); and one
+run's training into its directory (:func:`fit`): checkpoints, ``metrics.jsonl`` and the resume.
 
 The step is :func:`jaxl2.make_train_step` (the library's, the only step in the project): the
 loss is ``CE + λ/2·Σw²`` over the selected kernels and ``jax.grad`` adds ``λ·w`` to their
@@ -30,8 +31,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import json
+import os
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -50,7 +54,8 @@ from jaxl2.mnist import data as _data
 from jaxl2.mnist import parallel, sigint
 from jaxl2.mnist.config import INPUT_DIM, OPTIMIZERS, SPLITS, Config, ConfigError, Named, field, validate
 from jaxl2.mnist.model import check_selection, model_of, selector_of
-from jaxl2.mnist.rundir import SaveRule
+from jaxl2.mnist.rundir import Checkpoints, SaveRule, read_metrics, rewrite_metrics
+from jaxl2.mnist.runtime import device_name
 from jaxl2.penalty import l2_penalty
 from jaxl2.select import mask
 from jaxl2.step import make_train_step
@@ -85,6 +90,8 @@ __all__ = [
     "split_metrics",
     "kernel_sq_norm",
     "diverged_message",
+    "Run",
+    "fit",
 ]
 
 
@@ -740,3 +747,194 @@ def member_summary(
     res["train_loss"] = res["train_data_loss"] + res["penalty"]
     res["kernel_sq_norm"] = kernel_sq_norm(on_host, cfg)
     return res
+
+
+@dataclasses.dataclass
+class Run:
+    """One run as :func:`fit` trains it: the checked config, its λ mode (the trainer: a fixed λ,
+    :mod:`~jaxl2.mnist.hypergrad` or :mod:`~jaxl2.mnist.marglik`), the data, the run directory
+    (prepared by :func:`jaxl2.mnist.rundir.prepare`), the mesh, and how it reports."""
+
+    cfg: Config
+    trainer: Trainer  # the λ mode: what differs between a fixed λ, l2 auto and l2 evidence
+    ds: _data.Dataset
+    out: str
+    mesh: Any  # the data-parallel mesh, or None for one device
+    primary: bool  # process 0: it writes the run's files
+    checkpoint_every: int | None
+    on_epoch: Callable[[dict[str, Any]], None] | None
+    log: Callable[[str], None]
+
+    @property
+    def metrics(self) -> str:
+        return os.path.join(self.out, "metrics.jsonl")
+
+
+def fit(job: Run, resume: bool, on_start: Callable[[], None] | None) -> dict[str, Any]:
+    """Trains ``job`` from its start, or with ``resume`` from its latest checkpoint (its
+    ``metrics.jsonl`` cut there, and a line that says where it starts), and returns its summary:
+    the best params' metrics (:func:`member_summary`, with the λ mode's penalty and keys), the
+    times and the device. Each epoch appends its ``metrics.jsonl`` row and calls
+    ``job.on_epoch(row)``; checkpoints hold the state and the best params (every 30 s of training,
+    every ``job.checkpoint_every`` epochs, at the end, and on SIGINT or SIGTERM, which then stop
+    the run with :class:`Interrupted`). ``on_start()`` is called before compiling."""
+    check_interrupt()
+    if on_start:
+        on_start()
+    trainer = job.trainer
+    # orbax's save syncs the processes with a collective: from a thread, it could interleave
+    # with the training's own collectives in a different order on each process (a hang)
+    ckpt = Checkpoints(job.out, background=jax.process_count() == 1)
+    state = parallel.replicate(trainer.init(), job.mesh)
+    # host copies: best/ is saved without the mesh's sharding, so any process count restores it
+    best = Best(
+        parallel.host(state.params),
+        keep=lambda b, p, better: parallel.host(p) if better else b,
+        latest=trainer.latest,  # l2 evidence: its validation images are training data: the last epoch's
+    )
+    start = 0
+    if resume:
+        start, state, best = _restore(job, ckpt, state, best)
+    with sigint.deferred(), contextlib.closing(ckpt):
+        state, seconds, compile_seconds = _epochs(job, trainer, ckpt, state, best, start)
+    return _summary(job, trainer, state, best, start, seconds, compile_seconds)
+
+
+def _restore(job: Run, ckpt: Checkpoints, state: Any, best: Best) -> tuple[int, Any, Best]:
+    """The run's latest checkpoint (or its start, when none was written), its metrics cut there."""
+    start = 0
+    restored = ckpt.restore_latest(_run_state(state, Best(state.params, best.keep)))
+    if restored is not None:  # a run killed before its first checkpoint starts over
+        start, run = restored
+        state = run["state"]
+        best = Best(
+            parallel.host(run["best_params"]),
+            best.keep,
+            float(run["best_val"]),
+            int(run["best_epoch"]),
+            latest=best.latest,
+        )
+    if job.primary:
+        rewrite_metrics(job.metrics, upto_epoch=start)
+    job.log(_resume_line(job.out, start, job.cfg.epochs))
+    return start, state, best
+
+
+def _run_state(state: Any, best: Best) -> dict[str, Any]:
+    """What a checkpoint holds: the training state and the best params so far, with their
+    validation accuracy and epoch (also the template that a resume restores into)."""
+    return {
+        "state": state,
+        "best_params": best.params,
+        "best_val": np.array(best.val, np.float32),
+        "best_epoch": np.array(best.epoch, np.int32),
+    }
+
+
+def _epochs(
+    job: Run, trainer: Any, ckpt: Checkpoints, state: Any, best: Best, start: int
+) -> tuple[Any, float, float]:
+    """Epochs ``start + 1 …`` through :func:`~jaxl2.mnist.train.train_epochs`, a ``metrics.jsonl``
+    row each; returns the last state, the training seconds and the compiling seconds."""
+    cfg, primary = job.cfg, job.primary
+    data = tuple(parallel.put(a, job.mesh) for a in (*job.ds.need("train"), *job.ds.need("val")))
+    size = epochs_per_call(len(job.ds.need("train").y))
+    seconds, compile_seconds, program = 0.0, 0.0, None
+    if start < cfg.epochs:  # compiled here, so that no epoch's time includes compiling
+        t0 = time.perf_counter()
+        program = compile_epochs(
+            trainer.run_epoch,
+            lambda p, x, y, xv, yv: trainer.eval_fn(p, xv, yv),
+            size,
+            state,
+            *data,
+            latest=trainer.latest,  # each call keeps the params that `best` keeps
+        )
+        compile_seconds = time.perf_counter() - t0
+
+    def diverged(epoch, _members, steps):
+        return f"{diverged_message(cfg, cfg.l2, epoch, int(steps[0]), trainer.steps_per_epoch)} {ckpt.last_good()}"
+
+    metrics: Any = open(job.metrics, "a") if primary else contextlib.nullcontext()
+    with metrics as mfile:
+
+        def on(ep: Epoch) -> None:
+            nonlocal seconds
+            seconds += ep.seconds
+            row = _metrics_row(ep, trainer.steps_per_epoch)
+            if primary:
+                mfile.write(json.dumps(row) + "\n")
+            if job.on_epoch:
+                job.on_epoch(row)
+
+        def save(epoch: int, st: Any) -> None:
+            if primary:  # the rows up to the checkpoint are on disk before it
+                mfile.flush()
+                os.fsync(mfile.fileno())
+            ckpt.save(epoch, _run_state(st, best), best.epoch)
+
+        state = train_epochs(
+            program,
+            state,
+            range(start + 1, cfg.epochs + 1),
+            best,
+            diverged=diverged,
+            size=size,
+            every=job.checkpoint_every,
+            save=save,
+            on_epoch=on,
+            where=lambda epoch: f"after epoch {epoch}; checkpoint saved in {job.out}",
+        )
+    return state, seconds, compile_seconds
+
+
+def _metrics_row(ep: Epoch, steps_per_epoch: int) -> dict[str, Any]:
+    """The ``metrics.jsonl`` row of an epoch."""
+    return {
+        "epoch": ep.epoch,
+        "step": ep.epoch * steps_per_epoch,
+        # per-layer entries (l2/PATH, hypergrad/PATH of l2 auto) keep their own names
+        **{k if "/" in k else f"train_{k}": float(v) for k, v in ep.train.items() if k != "log_evidence"},
+        # l2 evidence: the log evidence of the last λ update (none before the first)
+        **({"log_evidence": _finite(ep.train["log_evidence"])} if "log_evidence" in ep.train else {}),
+        "val_data_loss": float(ep.val["data_loss"]),
+        "val_accuracy": float(ep.val["accuracy"]),
+        "epoch_seconds": ep.seconds,
+    }
+
+
+def _finite(v: Any) -> float | None:
+    return float(v) if np.isfinite(v) else None
+
+
+def _summary(
+    job: Run, trainer: Any, state: Any, best: Best, start: int, seconds: float, compile_seconds: float
+) -> dict[str, Any]:
+    """The run's summary: the best params' metrics, the times, the device."""
+    cfg = job.cfg
+    rows = read_metrics(job.metrics)
+    trained = (cfg.epochs - start) * trainer.steps_per_epoch * cfg.batch_size
+    l2, extra = trainer.summary(parallel.host(state), rows, best.epoch)  # the λ mode's
+    return {
+        **member_summary(trainer.evaluate, best.params, job.ds, cfg, l2),
+        **extra,
+        "best_epoch": best.epoch,
+        "final_val_accuracy": rows[-1]["val_accuracy"] if rows else None,
+        "epochs": cfg.epochs,
+        "epochs_trained": cfg.epochs - start,
+        "lr": cfg.lr,
+        "seconds": seconds,
+        "compile_seconds": compile_seconds,
+        "examples_per_second": trained / seconds if seconds else None,
+        "device": device_name(),
+        "out": job.out,
+    }
+
+
+def _resume_line(out: str, start: int, epochs: int) -> str:
+    """What a resume says about where it starts."""
+    if start == 0:
+        return f"resuming {out}: no checkpoint was written yet, so training starts at epoch 1"
+    if start >= epochs:
+        return f"resuming {out}: all {epochs} epochs were trained already"
+    return f"resuming {out} after epoch {start}: training epochs {start + 1} to {epochs}"
