@@ -15,8 +15,8 @@ import json
 import os
 
 from jaxl2.mnist.config import Config, RunSettings
-from jaxl2.mnist.loop import Diverged
 from jaxl2.mnist.run import train_and_evaluate
+from jaxl2.mnist.train import Diverged
 
 CLASSIC = Config(activation="identity", init="normal", optimizer="sgd", schedule="constant", lr=0.01, l2=0.01)
 VARIANTS = {

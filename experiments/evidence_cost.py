@@ -1,6 +1,6 @@
 """What the GGN costs on the reference MLP: the generic exact diagonal ``jaxl2.ggn(structure="diag")``
 (per-example Jacobians), the MLP's own exact diagonal, K-FAC factors and EK-FAC
-(``jaxl2.mnist.evidence.dense_ggn``, what ``jaxl2 train --l2 evidence`` computes) and the whole
+(``jaxl2.mnist.marglik.dense_ggn``, what ``jaxl2 train --l2 evidence`` computes) and the whole
 GGN's quadrature (``jaxl2.ggn_lanczos``, ``--evidence-curvature lanczos``) on mnist5k's
 training images, beside one full-batch gradient of the same loss, in one process.
 
@@ -19,7 +19,7 @@ import numpy as np
 
 import jaxl2
 from jaxl2.mnist import MLP, load_data
-from jaxl2.mnist.evidence import LANCZOS_PROBES, LANCZOS_STEPS, dense_ggn
+from jaxl2.mnist.marglik import LANCZOS_PROBES, LANCZOS_STEPS, dense_ggn
 from jaxl2.mnist.runtime import device_name
 
 

@@ -31,11 +31,11 @@ from evidence_identifiability import shared_lambda, trained_at  # the sibling sc
 from jaxl2 import Curvature, evidence_l2, ggn_lanczos
 from jaxl2.mnist.config import Config
 from jaxl2.mnist.data import load
-from jaxl2.mnist.evidence import EvidenceTrainer, dense_ggn
-from jaxl2.mnist.loop import kernel_sq_norm
+from jaxl2.mnist.marglik import EvidenceTrainer, dense_ggn
 from jaxl2.mnist.refit import train_val
 from jaxl2.mnist.run import train_and_evaluate
 from jaxl2.mnist.runtime import device_name
+from jaxl2.mnist.train import kernel_sq_norm
 
 
 def main() -> None:

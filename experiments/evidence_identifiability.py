@@ -28,11 +28,10 @@ import numpy as np
 from jaxl2 import evidence_l2
 from jaxl2.mnist.config import Config
 from jaxl2.mnist.data import load
-from jaxl2.mnist.evidence import EvidenceTrainer
-from jaxl2.mnist.loop import kernel_sq_norm
+from jaxl2.mnist.marglik import EvidenceTrainer
 from jaxl2.mnist.refit import train_val
 from jaxl2.mnist.runtime import device_name
-from jaxl2.mnist.steps import Trainer
+from jaxl2.mnist.train import Trainer, kernel_sq_norm
 
 
 def gammas(et: EvidenceTrainer, curv, params, sq: np.ndarray, lam: float) -> np.ndarray:

@@ -19,8 +19,7 @@ import numpy as np
 
 from jaxl2.mnist.config import Config
 from jaxl2.mnist.data import load
-from jaxl2.mnist.loop import kernel_sq_norm
-from jaxl2.mnist.steps import Trainer
+from jaxl2.mnist.train import Trainer, kernel_sq_norm
 
 
 def train(cfg: Config, ds) -> dict:

@@ -16,9 +16,9 @@ import numpy as np
 
 from jaxl2.mnist import refit
 from jaxl2.mnist.config import Config, RunSettings
-from jaxl2.mnist.loop import load_and_check
 from jaxl2.mnist.run import train_and_evaluate
 from jaxl2.mnist.runtime import enable_compilation_cache
+from jaxl2.mnist.train import load_and_check
 
 
 def ints(text: str) -> list[int]:

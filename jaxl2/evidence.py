@@ -100,7 +100,7 @@ class Curvature:
     ``b_ic = ∂f_ic/∂z_i`` (``z`` its output), ``A = Σ_i a_i a_iᵀ / n`` and
     ``G = Σ_i Σ_c p_ic·b_ic b_icᵀ − μ_i μ_iᵀ`` with ``μ_i = Σ_c p_ic·b_ic`` (a bias: ``A = [[1]]``
     and the same ``G``, which is then exact); build ``Curvature(log_likelihood, ((A, G), ...),
-    n, paths, "kron")`` (:mod:`jaxl2.mnist.evidence` does, for its MLP, and EK-FAC's ``s`` from
+    n, paths, "kron")`` (:mod:`jaxl2.mnist.marglik` does, for its MLP, and EK-FAC's ``s`` from
     the same per-example terms). The evidence of ``"kron"`` and ``"ekfac"`` needs one λ per leaf
     (only then is the prior precision ``αI`` diagonal in the leaf's basis ``Q``)."""
 

@@ -98,7 +98,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, args, match):
 
 
 def _idx_dir(tmp_path, truncate=0, n_labels=20):
-    from tests.test_data import fake, write_idx
+    from tests.mnist.test_data import fake, write_idx
 
     d = tmp_path / "idx"
     d.mkdir()

@@ -224,7 +224,7 @@ def test_negative_split_seed_names_the_flag():
 
 
 def test_small_idx_training_set_names_val_size(tmp_path):
-    from tests.test_data import fake, write_idx
+    from tests.mnist.test_data import fake, write_idx
 
     x, y = fake(40)
     write_idx(tmp_path, "train", x, y)
@@ -443,7 +443,7 @@ def test_eval_refuses_a_checkpoint_that_does_not_fit_its_config(tmp_path, finish
 
 
 def test_idx_dataset_path_is_stored_absolute(tmp_path):
-    from tests.test_data import fake, write_idx
+    from tests.mnist.test_data import fake, write_idx
 
     (tmp_path / "idx").mkdir()
     x, y = fake(60)

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from jaxl2.mnist import loop, sigint
+from jaxl2.mnist import sigint, train
 from jaxl2.mnist.rundir import DiskFull, disk_errors, is_disk_error
 
 SMALL = ["--hidden", "16", "--batch-size", "500", "--no-cache"]
@@ -123,12 +123,12 @@ def test_a_signal_in_the_last_compiled_call_stops_after_saving_it():
             os.kill(os.getpid(), signal.SIGINT)
 
     with sigint.deferred():
-        with pytest.raises(loop.Interrupted, match="interrupted after epoch 4") as e:
-            loop.train_epochs(
+        with pytest.raises(train.Interrupted, match="interrupted after epoch 4") as e:
+            train.train_epochs(
                 program,
                 NS(params=0),
                 range(1, 5),
-                loop.Best(0, lambda b, p, better: p),
+                train.Best(0, lambda b, p, better: p),
                 diverged=str,
                 size=2,
                 every=None,
@@ -256,7 +256,7 @@ def test_gradcheck_refuses_a_step_below_float64_resolution(eps):
 
 
 def test_eval_of_the_test_split_reads_no_training_file(tmp_path):
-    from tests.test_data import fake, write_idx
+    from tests.mnist.test_data import fake, write_idx
 
     idx = tmp_path / "idx"
     idx.mkdir()

@@ -7,11 +7,12 @@ One concern per module, arrows pointing down to the library (:mod:`jaxl2`):
 * :mod:`~jaxl2.mnist.config` — :class:`Config` and the run settings, every vocabulary,
   validation; :mod:`~jaxl2.mnist.results` — what a run and a sweep return;
 * :mod:`~jaxl2.mnist.model` — the Flax MLP; :mod:`~jaxl2.mnist.data` — the datasets;
-* :mod:`~jaxl2.mnist.steps` — the pure, jitted step, epoch and evaluation;
-* :mod:`~jaxl2.mnist.auto` — the trainer of ``l2="auto"`` (λ per layer, tuned during the run);
-* :mod:`~jaxl2.mnist.evidence` — the trainer of ``l2="evidence"`` (λ per layer from the Laplace
+* :mod:`~jaxl2.mnist.train` — the pure, jitted step, epoch and evaluation, and the one loop
+  that ``train``, ``sweep`` and the refit share; its :class:`Trainer` is the fixed λ mode;
+* :mod:`~jaxl2.mnist.hypergrad` — the λ mode of ``l2="auto"`` (λ per layer, tuned during the
+  run by validation hypergradients);
+* :mod:`~jaxl2.mnist.marglik` — the λ mode of ``l2="evidence"`` (λ per layer from the Laplace
   evidence, on train ∪ validation);
-* :mod:`~jaxl2.mnist.loop` — the one loop that ``train`` and ``sweep`` share;
 * :mod:`~jaxl2.mnist.run` — a run and its directory (:mod:`~jaxl2.mnist.rundir`);
   :mod:`~jaxl2.mnist.sweep` — many λ in one compiled program, and its directory
   (:mod:`~jaxl2.mnist.sweepdir`); :mod:`~jaxl2.mnist.refit` — the refit on train ∪ validation;
@@ -28,24 +29,24 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load lazily below
-    from jaxl2.mnist.auto import AutoTrainer as AutoTrainer
     from jaxl2.mnist.config import Config as Config
     from jaxl2.mnist.config import ConfigError as ConfigError
     from jaxl2.mnist.config import RunSettings as RunSettings
     from jaxl2.mnist.config import SweepSettings as SweepSettings
     from jaxl2.mnist.data import load as load_data  # noqa: F401 (re-exported: __all__)
-    from jaxl2.mnist.evidence import EvidenceTrainer as EvidenceTrainer
-    from jaxl2.mnist.loop import Diverged as Diverged
-    from jaxl2.mnist.loop import Interrupted as Interrupted
+    from jaxl2.mnist.hypergrad import AutoTrainer as AutoTrainer
+    from jaxl2.mnist.marglik import EvidenceTrainer as EvidenceTrainer
     from jaxl2.mnist.model import MLP as MLP
     from jaxl2.mnist.parallel import make_mesh as make_mesh
     from jaxl2.mnist.results import RunSummary as RunSummary
     from jaxl2.mnist.results import SweepSummary as SweepSummary
     from jaxl2.mnist.run import evaluate_run as evaluate_run
     from jaxl2.mnist.run import train_and_evaluate as train_and_evaluate
-    from jaxl2.mnist.steps import Trainer as Trainer
-    from jaxl2.mnist.steps import TrainState as TrainState
     from jaxl2.mnist.sweep import train_sweep as train_sweep
+    from jaxl2.mnist.train import Diverged as Diverged
+    from jaxl2.mnist.train import Interrupted as Interrupted
+    from jaxl2.mnist.train import Trainer as Trainer
+    from jaxl2.mnist.train import TrainState as TrainState
 
 _EXPORTS: dict[str, str | tuple[str, str]] = {
     "Config": "jaxl2.mnist.config",
@@ -54,13 +55,13 @@ _EXPORTS: dict[str, str | tuple[str, str]] = {
     "SweepSettings": "jaxl2.mnist.config",
     "RunSummary": "jaxl2.mnist.results",
     "SweepSummary": "jaxl2.mnist.results",
-    "Diverged": "jaxl2.mnist.loop",
-    "Interrupted": "jaxl2.mnist.loop",
+    "Diverged": "jaxl2.mnist.train",
+    "Interrupted": "jaxl2.mnist.train",
     "MLP": "jaxl2.mnist.model",
-    "Trainer": "jaxl2.mnist.steps",
-    "TrainState": "jaxl2.mnist.steps",
-    "AutoTrainer": "jaxl2.mnist.auto",
-    "EvidenceTrainer": "jaxl2.mnist.evidence",
+    "Trainer": "jaxl2.mnist.train",
+    "TrainState": "jaxl2.mnist.train",
+    "AutoTrainer": "jaxl2.mnist.hypergrad",
+    "EvidenceTrainer": "jaxl2.mnist.marglik",
     "load_data": ("jaxl2.mnist.data", "load"),
     "make_mesh": "jaxl2.mnist.parallel",
     "train_and_evaluate": "jaxl2.mnist.run",

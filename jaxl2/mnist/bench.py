@@ -2,7 +2,7 @@
 
 Everything is measured side by side in one process, interleaved (A B A B …) over several
 rounds; medians and min–max are reported. The ceiling is the large float32 GEMM rate divided
-by the training FLOPs per example (:func:`jaxl2.model.flops_per_example`: 1,211,392 for
+by the training FLOPs per example (:func:`jaxl2.mnist.model.flops_per_example`: 1,211,392 for
 784-256-256-10), cross-checked against XLA's ``cost_analysis()`` of the compiled step. The
 shape ceiling (:func:`shape_ceiling`) uses the rates of the model's own, smaller GEMMs instead:
 what the step would reach if it were nothing but its matrix multiplies.
@@ -14,6 +14,7 @@ and 5,000 validation images, the size of full MNIST, 3 epochs).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -32,8 +33,8 @@ import numpy as np
 from jaxl2.mnist.config import INPUT_DIM, NUM_CLASSES, Config
 from jaxl2.mnist.model import flops_per_example
 from jaxl2.mnist.runtime import device_name
-from jaxl2.mnist.steps import Trainer
 from jaxl2.mnist.sweep import SweepTrainer
+from jaxl2.mnist.train import Trainer
 
 SIZES = (INPUT_DIM, *Config().hidden, NUM_CLASSES)  # the reference MLP: 784-256-256-10
 
@@ -134,7 +135,7 @@ def throughput(batch: int, n: int, rounds: int) -> dict[str, Any]:
     x, y = jax.device_put(_random_data(n))
     cfg = Config(batch_size=batch, epochs=1000)
     with_l2, compile_s = _epoch_timer(Trainer(cfg, n), x, y)
-    without, _ = _epoch_timer(Trainer(cfg, n, penalty=False), x, y)
+    without, _ = _epoch_timer(Trainer(dataclasses.replace(cfg, l2=0.0), n), x, y)  # l2=0 adds no penalty
     times = _interleave({"l2": with_l2, "no_l2": without}, rounds * L2_PAIRS_PER_ROUND)
     ex = (n // batch) * batch
     ratios = [a / b for a, b in zip(times["l2"], times["no_l2"])]
@@ -186,7 +187,7 @@ import jax
 from jaxl2.mnist.config import Config
 from jaxl2.mnist.data import load
 from jaxl2.mnist.runtime import enable_compilation_cache
-from jaxl2.mnist.steps import Trainer
+from jaxl2.mnist.train import Trainer
 enable_compilation_cache()  # in $JAXL2_CACHE_DIR, as the parsed mnist5k
 d = load("mnist5k")
 tr = Trainer(Config(), len(d.train.y))

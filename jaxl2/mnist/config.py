@@ -87,11 +87,11 @@ REFIT_EPOCHS = "all"
 # The λ values a sweep trains when none are given (jaxl2 sweep --l2).
 DEFAULT_SWEEP_L2 = (0.0, 1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 AUTO = "auto"  # l2 = "auto": one λ per selected layer, tuned during the run (jaxl2.auto_l2)
-# The fields that only l2 = "auto" reads, with their defaults (jaxl2.mnist.auto says why).
+# The fields that only l2 = "auto" reads, with their defaults (jaxl2.mnist.hypergrad says why).
 AUTO_DEFAULTS: dict[str, Any] = {"l2_init": 1e-4, "l2_every": 4, "l2_lr": 0.02}
 AUTO_L2_BOUNDS = (1e-8, 1.0)  # the λs stay within them (jaxl2.auto_l2's bounds)
 # l2 = "evidence": λ chosen during the run by the Laplace evidence on all of train ∪ validation
-# (jaxl2.mnist.evidence), one for all selected leaves or one each; it starts at l2_init, as auto does
+# (jaxl2.mnist.marglik), one for all selected leaves or one each; it starts at l2_init, as auto does
 EVIDENCE = "evidence"
 # The fields that only l2 = "evidence" reads, with their defaults.
 EVIDENCE_DEFAULTS: dict[str, Any] = {
@@ -163,11 +163,11 @@ class Config:
     fills it in. ``l2`` is a λ, an ordered ``{regex: λ}`` mapping, ``"auto"``: one λ per
     selected layer, starting at ``l2_init`` and tuned during the run by a hypergradient step
     on a validation batch every ``l2_every`` training steps (Adam, with one second moment for
-    all layers, on ``ln λ`` with learning rate ``l2_lr``; see :mod:`jaxl2.mnist.auto`), or
+    all layers, on ``ln λ`` with learning rate ``l2_lr``; see :mod:`jaxl2.mnist.hypergrad`), or
     ``"evidence"``: one λ for all selected leaves (``evidence_lambda="shared"``) or one each
     (``"layer"``), starting at ``l2_init``, set every ``evidence_every`` epochs to the maximum of
     the Laplace evidence at that epoch's params (``evidence_method``, ``evidence_steps``
-    iterations), the run training on train ∪ validation (see :mod:`jaxl2.mnist.evidence`).
+    iterations), the run training on train ∪ validation (see :mod:`jaxl2.mnist.marglik`).
     """
 
     # -- data

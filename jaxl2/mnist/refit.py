@@ -46,17 +46,17 @@ import numpy as np
 from jaxl2.mnist import parallel, sigint
 from jaxl2.mnist.config import Config, ConfigError, field, validate
 from jaxl2.mnist.data import Dataset, Split
-from jaxl2.mnist.loop import (
+from jaxl2.mnist.results import Refit
+from jaxl2.mnist.rundir import StepStore
+from jaxl2.mnist.train import (
     Best,
     Epoch,
+    Trainer,
     compile_epochs,
     diverged_message,
     epochs_per_call,
     train_epochs,
 )
-from jaxl2.mnist.results import Refit
-from jaxl2.mnist.rundir import StepStore
-from jaxl2.mnist.steps import Trainer
 
 __all__ = [
     "EPOCH_RULES",

@@ -1,5 +1,11 @@
-"""One training run into its directory (:mod:`jaxl2.mnist.rundir`), and the evaluation of a
-finished run.
+"""One training run into its directory (:mod:`jaxl2.mnist.rundir`), composed with its
+features, and the evaluation of a finished run.
+
+:func:`train_and_evaluate` checks the input, picks the λ mode (:func:`mode_of`), prepares the
+directory and hands the training itself to :func:`jaxl2.mnist.train.fit`; around it, the
+features: the data-parallel mesh (:mod:`~jaxl2.mnist.parallel`), the refit on train ∪ validation
+(:mod:`~jaxl2.mnist.refit`, compiled in the background while the run trains), the plots
+(:mod:`~jaxl2.mnist.plots`, drawn while the refit trains), and ``summary.json``.
 
 Orbax writes each checkpoint to a temporary directory and renames it, so a run killed at
 any moment resumes from its last complete checkpoint and ends with the same parameters
@@ -10,14 +16,11 @@ removes the directory it created; one killed outright resumes from the start.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
 import os
-import re
 import shutil
-import time
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -25,13 +28,11 @@ import jax
 import numpy as np
 
 from jaxl2 import __version__
-from jaxl2.mnist import auto as _auto
 from jaxl2.mnist import data as _data
-from jaxl2.mnist import parallel, sigint, sweepdir
+from jaxl2.mnist import parallel, sweepdir
 from jaxl2.mnist import refit as _refit_mod
 from jaxl2.mnist import sweep as _sweep
 from jaxl2.mnist.config import (
-    AUTO_DEFAULTS,
     FIELDS,
     SPLITS,
     Config,
@@ -41,19 +42,8 @@ from jaxl2.mnist.config import (
     settings_of,
     validate,
 )
-from jaxl2.mnist.loop import (
-    Best,
-    Epoch,
-    Interrupted,
-    check_interrupt,
-    compile_epochs,
-    diverged_message,
-    epochs_per_call,
-    load_and_check,
-    member_summary,
-    stop_if_signalled,
-    train_epochs,
-)
+from jaxl2.mnist.hypergrad import AutoTrainer
+from jaxl2.mnist.marglik import EvidenceTrainer
 from jaxl2.mnist.model import abstract_params
 from jaxl2.mnist.results import Refit, RunSummary
 from jaxl2.mnist.rundir import (
@@ -67,14 +57,31 @@ from jaxl2.mnist.rundir import (
     load_config,
     prepare,
     read_metrics,
-    rewrite_metrics,
     run_config,
     write_json,
 )
-from jaxl2.mnist.runtime import Background, device_name
-from jaxl2.mnist.steps import Trainer
+from jaxl2.mnist.runtime import Background
+from jaxl2.mnist.train import (
+    Interrupted,
+    Run,
+    Trainer,
+    check_interrupt,
+    fit,
+    lambda_columns,
+    load_and_check,
+    stop_if_signalled,
+)
 
-__all__ = ["train_and_evaluate", "evaluate_run", "load_run_config"]
+__all__ = ["train_and_evaluate", "evaluate_run", "load_run_config", "mode_of"]
+
+
+def mode_of(cfg: Config) -> type[Trainer]:
+    """The trainer of ``cfg``'s λ mode: :class:`~jaxl2.mnist.hypergrad.AutoTrainer` for ``l2="auto"``,
+    :class:`~jaxl2.mnist.marglik.EvidenceTrainer` for ``l2="evidence"``, else
+    :class:`~jaxl2.mnist.train.Trainer` (a fixed λ). The run asks the trainer what differs."""
+    if cfg.l2_evidence:
+        return EvidenceTrainer
+    return AutoTrainer if cfg.l2_auto else Trainer
 
 
 def load_run_config(
@@ -148,7 +155,7 @@ def train_and_evaluate(
     the batch is split along ``data``, params are replicated (see :mod:`jaxl2.mnist.parallel`);
     only process 0 writes the run directory's files (orbax coordinates the checkpoints). With
     several processes, checkpoints are written in the foreground, and all processes save and
-    stop at the same epochs (:func:`~jaxl2.mnist.loop.call_end`).
+    stop at the same epochs (:func:`~jaxl2.mnist.train.call_end`).
 
     ``on_start()`` is called once the input is validated (before compiling), ``on_epoch(row)``
     after every epoch with its ``metrics.jsonl`` row. The summary
@@ -185,7 +192,8 @@ def train_and_evaluate(
     if refit:
         _refit_mod.refit_epochs(refit_epochs, 1, 1)  # a bad rule fails before anything is done
     cfg, ds = load_and_check(cfg)
-    if cfg.l2_evidence:  # λ needs no held-out data: train on all of it, and nothing is left to refit
+    mode = mode_of(cfg)
+    if mode.trains_on_val:  # λ needs no held-out data: train on all of it, and nothing is left to refit
         if refit:
             log(f"{field('l2')} {cfg.l2} trains on all of train ∪ validation: there is no refit")
         refit, ds = False, ds._replace(train=_refit_mod.train_val(ds))
@@ -205,9 +213,10 @@ def train_and_evaluate(
     before = _read_summary(out) if resume else {}
     with claim, disk_errors(out):
         try:
-            job = _Job(cfg, ds, out, mesh, primary, checkpoint_every, on_epoch, log)
+            trainer = mode(cfg, len(ds.need("train").y), mesh=mesh)
+            job = Run(cfg, trainer, ds, out, mesh, primary, checkpoint_every, on_epoch, log)
             ahead = _refit_ahead(job, refit, refit_epochs, before)
-            summary = _train(job, resume, on_start)
+            summary = fit(job, resume, on_start)
             drawing = Background(functools.partial(_plots, job) if primary else None)
             try:  # the plots are drawn while the refit trains
                 summary = _with_refit(job, summary, before, refit, refit_epochs, on_refit_epoch, ahead)
@@ -229,7 +238,7 @@ def train_and_evaluate(
 
 
 def _with_refit(
-    job: _Job,
+    job: Run,
     summary: dict[str, Any],
     before: dict[str, Any],
     refit: bool,
@@ -250,25 +259,33 @@ def _with_refit(
         stop_if_signalled(f"after training, before the refit; checkpoint saved in {out}", out)
         made = ahead.result() if ahead else None
         fit = _refit(
-            _fixed_l2(cfg, summary), job.ds, out, job.mesh, epochs, job.checkpoint_every, on_refit_epoch, made
+            job.trainer.refit_config(summary),
+            job.ds,
+            out,
+            job.mesh,
+            epochs,
+            job.checkpoint_every,
+            on_refit_epoch,
+            made,
         )
         summary.update(fit, refit_epoch_rule=refit_epochs)
     return summary
 
 
-def _refit_ahead(job: _Job, refit: bool, refit_epochs: Any, before: dict[str, Any]) -> Background | None:
+def _refit_ahead(job: Run, refit: bool, refit_epochs: Any, before: dict[str, Any]) -> Background | None:
     """What follows training, compiled in the background while the run trains: the refit made
     ready (:func:`~jaxl2.mnist.refit.ready`), then the summary's evaluations of the training
     and validation splits (the same executables as the best params' summary). Only when the
     refit's config and epoch count are known before training (a fixed λ and
     ``refit_epochs="all"``), it is not done yet, and the run has one process (a background
     execution could interleave with the other processes' collectives)."""
-    cfg = job.cfg
-    known = refit_epochs == "all" and not cfg.l2_auto
+    cfg = job.trainer.refit_config(None)
+    known = refit_epochs == "all" and cfg is not None
     if not refit or not known or before.get("refit_epoch_rule") == refit_epochs or jax.process_count() > 1:
         return None
 
     def ready() -> _refit_mod.Ready:
+        assert cfg is not None
         made = _refit_mod.ready(cfg, job.ds, cfg.epochs, mesh=job.mesh)
         for split in (job.ds.need("train"), job.ds.need("val")):
             jax.block_until_ready(made.trainer.evaluate(made.state.params, split.x, split.y))
@@ -306,225 +323,16 @@ def _prepare_everywhere(
     return claim
 
 
-def _run_state(state: Any, best: Best) -> dict[str, Any]:
-    """What a checkpoint holds: the training state and the best params so far, with their
-    validation accuracy and epoch (also the template that a resume restores into)."""
-    return {
-        "state": state,
-        "best_params": best.params,
-        "best_val": np.array(best.val, np.float32),
-        "best_epoch": np.array(best.epoch, np.int32),
-    }
-
-
-@dataclasses.dataclass
-class _Job:
-    """What :func:`train_and_evaluate` hands its phases: the checked config and data, where the
-    run goes and how it reports."""
-
-    cfg: Config
-    ds: _data.Dataset
-    out: str
-    mesh: Any  # the data-parallel mesh, or None for one device
-    primary: bool  # process 0: it writes the run's files
-    checkpoint_every: int | None
-    on_epoch: Callable[[dict[str, Any]], None] | None
-    log: Callable[[str], None]
-
-    @property
-    def metrics(self) -> str:
-        return os.path.join(self.out, "metrics.jsonl")
-
-
-def _train(job: _Job, resume: bool, on_start: Callable[[], None] | None) -> dict[str, Any]:
-    """Trains the run from its start (or its checkpoint) and returns its summary."""
-    check_interrupt()
-    if on_start:
-        on_start()
-    trainer = _auto.trainer_for(job.cfg, len(job.ds.need("train").y), mesh=job.mesh)
-    # orbax's save syncs the processes with a collective: from a thread, it could interleave
-    # with the training's own collectives in a different order on each process (a hang)
-    ckpt = Checkpoints(job.out, background=jax.process_count() == 1)
-    state = parallel.replicate(trainer.init(), job.mesh)
-    # host copies: best/ is saved without the mesh's sharding, so any process count restores it
-    best = Best(
-        parallel.host(state.params),
-        keep=lambda b, p, better: parallel.host(p) if better else b,
-        latest=job.cfg.l2_evidence,  # its validation images are training data: the last epoch's
-    )
-    start = 0
-    if resume:
-        start, state, best = _restore(job, ckpt, state, best)
-    with sigint.deferred(), contextlib.closing(ckpt):
-        state, seconds, compile_seconds = _epochs(job, trainer, ckpt, state, best, start)
-    return _summary(job, trainer, state, best, start, seconds, compile_seconds)
-
-
-def _restore(job: _Job, ckpt: Checkpoints, state: Any, best: Best) -> tuple[int, Any, Best]:
-    """The run's latest checkpoint (or its start, when none was written), its metrics cut there."""
-    start = 0
-    restored = ckpt.restore_latest(_run_state(state, Best(state.params, best.keep)))
-    if restored is not None:  # a run killed before its first checkpoint starts over
-        start, run = restored
-        state = run["state"]
-        best = Best(
-            parallel.host(run["best_params"]),
-            best.keep,
-            float(run["best_val"]),
-            int(run["best_epoch"]),
-            latest=best.latest,
-        )
-    if job.primary:
-        rewrite_metrics(job.metrics, upto_epoch=start)
-    job.log(_resume_line(job.out, start, job.cfg.epochs))
-    return start, state, best
-
-
-def _epochs(
-    job: _Job, trainer: Any, ckpt: Checkpoints, state: Any, best: Best, start: int
-) -> tuple[Any, float, float]:
-    """Epochs ``start + 1 …`` through :func:`~jaxl2.mnist.loop.train_epochs`, a ``metrics.jsonl``
-    row each; returns the last state, the training seconds and the compiling seconds."""
-    cfg, primary = job.cfg, job.primary
-    data = tuple(parallel.put(a, job.mesh) for a in (*job.ds.need("train"), *job.ds.need("val")))
-    size = epochs_per_call(len(job.ds.need("train").y))
-    seconds, compile_seconds, program = 0.0, 0.0, None
-    if start < cfg.epochs:  # compiled here, so that no epoch's time includes compiling
-        t0 = time.perf_counter()
-        auto = cfg.l2_auto  # the epoch draws validation batches
-
-        def epoch_fn(st, x, y, xv, yv):
-            return trainer.epoch_fn(st, x, y, xv, yv) if auto else trainer.epoch_fn(st, x, y)
-
-        program = compile_epochs(
-            epoch_fn,
-            lambda p, x, y, xv, yv: trainer.eval_fn(p, xv, yv),
-            size,
-            state,
-            *data,
-            latest=cfg.l2_evidence,  # each call keeps its last epoch's params, as `best` does
-        )
-        compile_seconds = time.perf_counter() - t0
-
-    def diverged(epoch, _members, steps):
-        return f"{diverged_message(cfg, cfg.l2, epoch, int(steps[0]), trainer.steps_per_epoch)} {ckpt.last_good()}"
-
-    metrics: Any = open(job.metrics, "a") if primary else contextlib.nullcontext()
-    with metrics as mfile:
-
-        def on(ep: Epoch) -> None:
-            nonlocal seconds
-            seconds += ep.seconds
-            row = _metrics_row(ep, trainer.steps_per_epoch)
-            if primary:
-                mfile.write(json.dumps(row) + "\n")
-            if job.on_epoch:
-                job.on_epoch(row)
-
-        def save(epoch: int, st: Any) -> None:
-            if primary:  # the rows up to the checkpoint are on disk before it
-                mfile.flush()
-                os.fsync(mfile.fileno())
-            ckpt.save(epoch, _run_state(st, best), best.epoch)
-
-        state = train_epochs(
-            program,
-            state,
-            range(start + 1, cfg.epochs + 1),
-            best,
-            diverged=diverged,
-            size=size,
-            every=job.checkpoint_every,
-            save=save,
-            on_epoch=on,
-            where=lambda epoch: f"after epoch {epoch}; checkpoint saved in {job.out}",
-        )
-    return state, seconds, compile_seconds
-
-
-def _summary(
-    job: _Job, trainer: Any, state: Any, best: Best, start: int, seconds: float, compile_seconds: float
-) -> dict[str, Any]:
-    """The run's summary: the best params' metrics, the times, the device."""
-    cfg = job.cfg
-    rows = read_metrics(job.metrics)
-    trained = (cfg.epochs - start) * trainer.steps_per_epoch * cfg.batch_size
-    l2, auto = cfg.l2, {}
-    if cfg.l2_auto:  # the penalty of the best params with the λs of their epoch
-        l2 = _auto.penalty_rules(_auto.l2_at(rows, best.epoch))
-        auto = {"l2_final": trainer.lambdas(state)}
-    if cfg.l2_evidence:  # the λs the last epoch trained with: the row before's (an update ends it)
-        before = (
-            _auto.l2_at(rows, best.epoch - 1) if best.epoch > 1 else dict.fromkeys(trainer.paths, cfg.l2_init)
-        )
-        l2 = _auto.penalty_rules(before)
-        auto = {
-            "l2_final": trainer.lambdas(state),
-            "log_evidence": _finite(parallel.host(state.log_evidence)),
-        }
-    return {
-        **member_summary(trainer.evaluate, best.params, job.ds, cfg, l2),
-        **auto,
-        "best_epoch": best.epoch,
-        "final_val_accuracy": rows[-1]["val_accuracy"] if rows else None,
-        "epochs": cfg.epochs,
-        "epochs_trained": cfg.epochs - start,
-        "lr": cfg.lr,
-        "seconds": seconds,
-        "compile_seconds": compile_seconds,
-        "examples_per_second": trained / seconds if seconds else None,
-        "device": device_name(),
-        "out": job.out,
-    }
-
-
-def _plots(job: _Job) -> None:
-    """``curves.png`` of the run's ``metrics.jsonl`` (and ``lambda.png`` with ``l2 auto`` or
-    ``l2 evidence``); drawn in a thread while the refit trains."""
+def _plots(job: Run) -> None:
+    """``curves.png`` of the run's ``metrics.jsonl`` (and ``lambda.png`` when its rows hold λ per
+    layer: ``l2 auto`` or ``l2 evidence``); drawn in a thread while the refit trains."""
     from jaxl2.mnist.plots import curves, lambdas
 
     rows, cfg = read_metrics(job.metrics), job.cfg
     title = f"{cfg.dataset}, {cfg.optimizer}, λ={cfg.l2}"
     curves(rows, os.path.join(job.out, "curves.png"), title=title)
-    if cfg.l2_auto or cfg.l2_evidence:
+    if lambda_columns(rows):
         lambdas(rows, os.path.join(job.out, "lambda.png"), title=title)
-
-
-def _resume_line(out: str, start: int, epochs: int) -> str:
-    """What a resume says about where it starts."""
-    if start == 0:
-        return f"resuming {out}: no checkpoint was written yet, so training starts at epoch 1"
-    if start >= epochs:
-        return f"resuming {out}: all {epochs} epochs were trained already"
-    return f"resuming {out} after epoch {start}: training epochs {start + 1} to {epochs}"
-
-
-def _metrics_row(ep: Epoch, steps_per_epoch: int) -> dict[str, Any]:
-    """The ``metrics.jsonl`` row of an epoch."""
-    return {
-        "epoch": ep.epoch,
-        "step": ep.epoch * steps_per_epoch,
-        # per-layer entries (l2/PATH, hypergrad/PATH of l2 auto) keep their own names
-        **{k if "/" in k else f"train_{k}": float(v) for k, v in ep.train.items() if k != "log_evidence"},
-        # l2 evidence: the log evidence of the last λ update (none before the first)
-        **({"log_evidence": _finite(ep.train["log_evidence"])} if "log_evidence" in ep.train else {}),
-        "val_data_loss": float(ep.val["data_loss"]),
-        "val_accuracy": float(ep.val["accuracy"]),
-        "epoch_seconds": ep.seconds,
-    }
-
-
-def _finite(v: Any) -> float | None:
-    return float(v) if np.isfinite(v) else None
-
-
-def _fixed_l2(cfg: Config, summary: dict[str, Any]) -> Config:
-    """The config a refit trains: an ``l2="auto"`` run's final λ per layer, fixed (the refit has
-    no validation split to tune them on); any other config as it is."""
-    if not cfg.l2_auto:
-        return cfg
-    lambdas = {re.escape(path): lam for path, lam in summary["l2_final"].items()}
-    return validate(dataclasses.replace(cfg, l2=lambdas, **AUTO_DEFAULTS))
 
 
 def _refit(cfg, ds, out, mesh, epochs, checkpoint_every, on_epoch, made=None) -> Refit:

@@ -45,18 +45,7 @@ from jaxl2.mnist.config import (
     validate,
 )
 from jaxl2.mnist.data import Dataset
-from jaxl2.mnist.loop import (
-    Best,
-    Interrupted,
-    diverged_message,
-    epochs_per_call,
-    epochs_program,
-    load_and_check,
-    member_summary,
-    split_metrics,
-    stop_if_signalled,
-    train_epochs,
-)
+from jaxl2.mnist.model import abstract_params
 from jaxl2.mnist.results import SweepSummary
 from jaxl2.mnist.rundir import (
     SaveRule,
@@ -69,7 +58,19 @@ from jaxl2.mnist.rundir import (
     write_json,
 )
 from jaxl2.mnist.runtime import device_name
-from jaxl2.mnist.steps import Trainer
+from jaxl2.mnist.train import (
+    Best,
+    Interrupted,
+    Trainer,
+    diverged_message,
+    epochs_per_call,
+    epochs_program,
+    load_and_check,
+    member_summary,
+    split_metrics,
+    stop_if_signalled,
+    train_epochs,
+)
 
 __all__ = [
     "SweepTrainer",
@@ -116,7 +117,7 @@ class SweepTrainer:
         self._programs: dict[int, Any] = {}
 
     def program(self, size: int) -> Any:
-        """The run loop's call of up to ``size`` epochs (:func:`~jaxl2.mnist.loop.epochs_program`),
+        """The run loop's call of up to ``size`` epochs (:func:`~jaxl2.mnist.train.epochs_program`),
         jitted once per size: ``program(states, n, x, y, x_val, y_val, l2s)``."""
         if size not in self._programs:
             self._programs[size] = jax.jit(
@@ -221,7 +222,9 @@ def members_that_fit(cfg: Config, num_train: int, budget_bytes: int) -> int:
       >>> members_that_fit(Config(hidden=(4,), batch_size=2, optimizer="sgd"), 3500, 10**6)
       14
     """
-    sizes = [784, *cfg.hidden, 10]
+    layers = abstract_params(cfg)["params"]  # the model's: Dense_i, its kernel (inputs, outputs)
+    kernels = [layers[f"Dense_{i}"]["kernel"].shape for i in range(len(layers))]
+    sizes = [kernels[0][0], *(outputs for _, outputs in kernels)]
     n_params = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
     opt_copies = OPTIMIZERS[cfg.optimizer].state_copies
     per_member = 4 * n_params * (4 + opt_copies) + 4 * cfg.batch_size * sum(sizes) * 3

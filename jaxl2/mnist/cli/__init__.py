@@ -41,8 +41,8 @@ def _status(signum: int) -> int:
 
 
 def _dispatch(args) -> int:
-    from jaxl2.mnist.loop import Diverged, Interrupted
     from jaxl2.mnist.rundir import DiskFull
+    from jaxl2.mnist.train import Diverged, Interrupted
 
     command = importlib.import_module(f"jaxl2.mnist.cli.{MODULES[args.command]}")
     resume = f"jaxl2 {args.command} --out {{}} --resume"

@@ -116,7 +116,7 @@ def test_a_refit_made_ready_ahead_trains_what_one_made_at_once_does(val_only_cla
 def test_refit_that_diverges_names_the_refit_epoch_and_step(val_only_class, tmp_path):
     """A NaN in the refit stops it with the run's message shape, prefixed by the refit, at the
     first bad epoch of its compiled call (the epochs before it finished, none saved after)."""
-    from jaxl2.mnist.loop import Diverged
+    from jaxl2.mnist.train import Diverged
 
     seen = []
     hot = dataclasses.replace(TINY, optimizer="sgd", schedule="constant", lr=1e6)

@@ -19,7 +19,7 @@ from jaxl2.mnist.bench import (
 )
 from jaxl2.mnist.config import Config
 from jaxl2.mnist.model import flops_per_example
-from jaxl2.mnist.steps import Trainer
+from jaxl2.mnist.train import Trainer
 
 
 def test_flops_per_example_hand_count():

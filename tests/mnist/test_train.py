@@ -1,8 +1,6 @@
-"""The train step, the scanned epoch, resume and the run directory."""
+"""The train step, the scanned epoch, evaluation, and the loop: calls of several epochs, divergence, the params it keeps."""
 
 import dataclasses
-import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -11,13 +9,9 @@ import optax
 import pytest
 
 import jaxl2
-from jaxl2.mnist import run as _run
-from jaxl2.mnist.config import Config, ConfigError, RunSettings
-from jaxl2.mnist.loop import kernel_sq_norm
+from jaxl2.mnist.config import Config
 from jaxl2.mnist.model import model_of
-from jaxl2.mnist.results import RunSummary
-from jaxl2.mnist.steps import Trainer
-from tests.keys import assert_typed
+from jaxl2.mnist.train import Trainer, kernel_sq_norm
 
 SMALL = Config(hidden=(32,), epochs=3, batch_size=64, lr=0.1)
 
@@ -104,7 +98,7 @@ def test_scanned_epoch_equals_step_by_step(small_data):
 
 def test_accuracy_counts_the_label_logit_being_the_largest():
     """cross_entropy's accuracy against NumPy's argmax (no ties), and a tie counts as a hit."""
-    from jaxl2.mnist.steps import cross_entropy
+    from jaxl2.mnist.train import cross_entropy
 
     logits = np.random.default_rng(1).normal(size=(64, 10)).astype(np.float32)
     y = np.random.default_rng(2).integers(0, 10, 64).astype(np.int32)
@@ -118,7 +112,7 @@ def test_per_example_cross_entropy_against_float64_and_optax():
     """Each row's cross-entropy against float64 NumPy's log-softmax, its gradient against optax's
     integer-label cross-entropy (another implementation), its hits against NumPy's argmax; a
     logit of 1e4 (exp overflows without the max subtracted) stays finite."""
-    from jaxl2.mnist.steps import per_example
+    from jaxl2.mnist.train import per_example
 
     rng = np.random.default_rng(3)
     logits = rng.normal(scale=3.0, size=(64, 10)).astype(np.float32)
@@ -178,67 +172,6 @@ def test_adamw_decays_selected_leaves_only(small_data):
     np.testing.assert_allclose(k1, k0 * (1 - 0.01 * 0.5), rtol=1e-6)
 
 
-def small_run(tmp_path, name, **kw):
-    cfg = Config(hidden=(32,), epochs=4, batch_size=500, lr=0.1, **kw)
-    return cfg, os.path.join(tmp_path, name)
-
-
-def test_run_directory_and_resume_equals_uninterrupted(tmp_path):
-    cfg, out_a = small_run(tmp_path, "a")
-    summary = _run.train_and_evaluate(
-        cfg, out_a, RunSettings(refit=False, checkpoint_every=1)
-    )  # refit: test_refit
-    # every output exists and parses
-    assert_typed(summary, RunSummary)
-    assert json.load(open(os.path.join(out_a, "config.json")))["hidden"] == [32]
-    rows = [json.loads(line) for line in open(os.path.join(out_a, "metrics.jsonl"))]
-    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
-    assert json.load(open(os.path.join(out_a, "summary.json")))["test_accuracy"] == summary["test_accuracy"]
-    assert open(os.path.join(out_a, "curves.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-    assert summary["train_accuracy"] > 0.5 and set(summary["kernel_sq_norm"]) == {
-        "params/Dense_0/kernel",
-        "params/Dense_1/kernel",
-    }
-
-    # a run stopped after epoch 2 (checkpoint at 2) and resumed ends with the same params
-    _, out_b = small_run(tmp_path, "b")
-    every_2 = RunSettings(refit=False, checkpoint_every=2)
-
-    def stop_at_3(row):
-        if row["epoch"] == 3:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        _run.train_and_evaluate(cfg, out_b, every_2, on_epoch=stop_at_3)
-    with open(os.path.join(out_b, "metrics.jsonl"), "a") as f:
-        f.write('{"epoch": 4, "torn')  # a kill mid-write
-    summary_b = _run.train_and_evaluate(cfg, out_b, every_2, resume=True)
-    rows_b = [json.loads(line) for line in open(os.path.join(out_b, "metrics.jsonl"))]
-    assert [r["epoch"] for r in rows_b] == [1, 2, 3, 4]
-    for ra, rb in zip(rows, rows_b):
-        assert ra["train_loss"] == rb["train_loss"] and ra["val_accuracy"] == rb["val_accuracy"]
-    pa = _restore_latest(out_a)
-    pb = _restore_latest(out_b)
-    for u, v in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
-        np.testing.assert_array_equal(u, v)
-    assert summary_b["test_accuracy"] == summary["test_accuracy"]
-
-
-def _restore_latest(out):
-    import orbax.checkpoint as ocp
-
-    with ocp.CheckpointManager(os.path.abspath(os.path.join(out, "checkpoints"))) as m:
-        return m.restore(m.latest_step())["state"]["params"]
-
-
-def test_out_dir_that_holds_a_run_is_refused(tmp_path):
-    cfg, out = small_run(tmp_path, "a")
-    os.makedirs(out)
-    open(os.path.join(out, "config.json"), "w").write("{}")
-    with pytest.raises(ConfigError, match=r"already holds a run \(use resume"):
-        _run.train_and_evaluate(cfg, out)
-
-
 def test_kernel_sq_norm_matches_numpy(tmp_path):
     cfg = Config(hidden=(8,))
     params = model_of(cfg).init(jax.random.PRNGKey(3), jnp.zeros((1, 784)))
@@ -259,12 +192,6 @@ def test_sgdw_equals_l2_in_the_loss_under_momentum(small_data):
         b, _ = wd.train_epoch(b, x, y)
     for u, v in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
         np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6)
-
-
-def test_classic_init_is_standard_normal():
-    cfg = Config(init="normal", activation="identity")
-    k = model_of(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 784)))["params"]["Dense_0"]["kernel"]
-    assert abs(float(jnp.std(k)) - 1.0) < 0.01 and abs(float(jnp.mean(k))) < 0.01
 
 
 class _Recorded:
@@ -310,7 +237,7 @@ def _run_until_diverged(nan_epoch, epochs, size, match):
     ``epoch E, steps [S]`` matching ``match``); returns the call log, the yielded epochs, the best."""
     from types import SimpleNamespace
 
-    from jaxl2.mnist.loop import Best, Diverged, run_epochs
+    from jaxl2.mnist.train import Best, Diverged, run_epochs
 
     log, seen = [], []
     best = Best(params=0, keep=lambda b, p, better: p if better else b)
@@ -357,3 +284,25 @@ def test_states_of_earlier_epochs_stay_valid(small_data):
     s1, _ = tr.train_epoch(s0, x, y)
     s2, _ = tr.train_epoch(s1, x, y)
     assert all(np.isfinite(np.asarray(v)).all() for v in jax.tree.leaves((s0.params, s1.params, s2.params)))
+
+
+@pytest.mark.parametrize("latest, kept", [(False, 0), (True, 2)])
+def test_a_call_keeps_its_last_epoch_with_latest_and_its_best_without(latest, kept):
+    """Three epochs in one compiled call whose validation accuracy falls (1/2, 1/3, 1/4): by
+    validation the first epoch's params are kept; with ``latest`` (an evidence run) the last's."""
+    from flax import struct
+
+    from jaxl2.mnist.train import epochs_program
+
+    class State(struct.PyTreeNode):
+        params: jax.Array
+
+    def epoch_fn(st):
+        return st.replace(params=st.params + 1), {"loss": jnp.float32(0), "nonfinite_step": jnp.int32(-1)}
+
+    def evaluate_fn(params):
+        return {"accuracy": 1 / (1 + params), "data_loss": params}
+
+    program = jax.jit(epochs_program(epoch_fn, evaluate_fn, 3, latest), static_argnums=())
+    _, _, _, best = program(State(jnp.float32(0)), 3)
+    assert int(best["index"]) == kept and float(best["params"]) == kept + 1

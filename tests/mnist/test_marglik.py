@@ -15,7 +15,7 @@ from jaxl2.mnist import cli
 from jaxl2.mnist import run as _run
 from jaxl2.mnist.cli import report
 from jaxl2.mnist.config import Config, ConfigError, RunSettings, SweepSettings, validate
-from jaxl2.mnist.evidence import EvidenceTrainer, dense_ggn
+from jaxl2.mnist.marglik import EvidenceTrainer, dense_ggn
 from jaxl2.mnist.model import model_of
 from jaxl2.mnist.results import RunSummary
 from tests.keys import assert_typed
@@ -163,7 +163,7 @@ def test_the_trainers_update_is_evidence_l2_shared_or_per_layer(lam, method, ste
 def test_a_lanczos_update_is_evidence_l2_on_the_librarys_quadrature():
     """``evidence_curvature`` lanczos: the update's λ and evidence are jaxl2.evidence_l2 and
     jaxl2.log_evidence on jaxl2.ggn_lanczos with the probes' key the state gives."""
-    from jaxl2.mnist.evidence import LANCZOS_PROBES, LANCZOS_STEPS
+    from jaxl2.mnist.marglik import LANCZOS_PROBES, LANCZOS_STEPS
 
     cfg = dataclasses.replace(EVIDENCE, hidden=(8,), evidence_curvature="lanczos")
     x = jax.random.uniform(jax.random.key(1), (40, 784))
@@ -316,25 +316,3 @@ def test_help_explains_evidence():
     assert "--evidence-steps" in text
     sweep = cli.build_parser()._subparsers._group_actions[0].choices["sweep"].format_help()
     assert "--evidence-every" not in sweep
-
-
-@pytest.mark.parametrize("latest, kept", [(False, 0), (True, 2)])
-def test_a_call_keeps_its_last_epoch_with_latest_and_its_best_without(latest, kept):
-    """Three epochs in one compiled call whose validation accuracy falls (1/2, 1/3, 1/4): by
-    validation the first epoch's params are kept; with ``latest`` (an evidence run) the last's."""
-    from flax import struct
-
-    from jaxl2.mnist.loop import epochs_program
-
-    class State(struct.PyTreeNode):
-        params: jax.Array
-
-    def epoch_fn(st):
-        return st.replace(params=st.params + 1), {"loss": jnp.float32(0), "nonfinite_step": jnp.int32(-1)}
-
-    def evaluate_fn(params):
-        return {"accuracy": 1 / (1 + params), "data_loss": params}
-
-    program = jax.jit(epochs_program(epoch_fn, evaluate_fn, 3, latest), static_argnums=())
-    _, _, _, best = program(State(jnp.float32(0)), 3)
-    assert int(best["index"]) == kept and float(best["params"]) == kept + 1

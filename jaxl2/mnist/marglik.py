@@ -1,6 +1,6 @@
 """``l2="evidence"``: λ chosen during the run by the Laplace evidence.
 
-:class:`EvidenceTrainer` is the :class:`~jaxl2.mnist.steps.Trainer` of such a run. The run
+:class:`EvidenceTrainer` is the :class:`~jaxl2.mnist.train.Trainer` of such a run. The run
 trains on **all** of train ∪ validation (no split is needed to choose λ, and there is no
 refit); every ``evidence_every``-th epoch (``epoch % evidence_every == 0``) ends with
 
@@ -38,7 +38,7 @@ EK-FAC against the exact block rotated, in float64.
 
 Example:
   >>> from jaxl2.mnist.config import Config
-  >>> from jaxl2.mnist.evidence import EvidenceTrainer
+  >>> from jaxl2.mnist.marglik import EvidenceTrainer
   >>> cfg = Config(l2="evidence", hidden=(8,), batch_size=4, epochs=1, evidence_every=1)
   >>> trainer = EvidenceTrainer(cfg, num_train=8)
   >>> {p: f"{lam:.3g}" for p, lam in trainer.lambdas(trainer.init()).items()}  # every λ at l2_init
@@ -56,10 +56,9 @@ import numpy as np
 
 from jaxl2 import select as _select
 from jaxl2.evidence import Curvature, evidence_l2, ggn_lanczos, log_evidence
-from jaxl2.mnist.auto import lambdas_of, penalty_rules
 from jaxl2.mnist.config import AUTO_L2_BOUNDS, Config
 from jaxl2.mnist.model import ACTIVATION_FNS, abstract_params
-from jaxl2.mnist.steps import Trainer, TrainState
+from jaxl2.mnist.train import Trainer, TrainState, l2_at, lambdas_of, penalty_rules
 
 __all__ = ["EvidenceTrainState", "EvidenceTrainer", "dense_ggn", "LANCZOS_PROBES", "LANCZOS_STEPS"]
 
@@ -68,7 +67,7 @@ LANCZOS_PROBES, LANCZOS_STEPS = 2, 40
 
 
 class EvidenceTrainState(TrainState):
-    """:class:`~jaxl2.mnist.steps.TrainState`, ``log_l2`` (``ln λ`` per selected leaf, all equal
+    """:class:`~jaxl2.mnist.train.TrainState`, ``log_l2`` (``ln λ`` per selected leaf, all equal
     when shared) and
     ``log_evidence`` (at the last update; NaN before the first)."""
 
@@ -194,17 +193,24 @@ def dense_ggn(
 class EvidenceTrainer(Trainer):
     """The jitted functions of an ``l2="evidence"`` run (``num_train``: train ∪ validation).
 
-    * ``train_epoch(state, x, y) -> (state, metrics)``: the epoch of
-      :class:`~jaxl2.mnist.steps.Trainer` with the state's λs, then, every ``evidence_every``-th
+    * ``train_epoch(state, x, y) -> (state, metrics)``: :meth:`run_epoch`, jitted: the epoch of
+      :class:`~jaxl2.mnist.train.Trainer` with the state's λs, then, every ``evidence_every``-th
       epoch, the λ update; its metrics add ``l2/PATH`` (each λ at the end of the epoch) and
       ``log_evidence``;
     * ``curvature(params, x, y) -> jaxl2.Curvature`` of the selected leaves;
     * ``lambdas(state) -> {path: λ}``.
+
+    Its validation images are training data, so the run keeps every epoch's params (the last
+    epoch's are its model) and has no refit.
     """
+
+    latest = True
+    trains_on_val = True
 
     def __init__(self, cfg: Config, num_train: int, *, mesh: Any = None):
         super().__init__(cfg, num_train, mesh=mesh)
         self.paths = [p for p, _ in _select.resolve(abstract_params(self.cfg), self.select)]
+        self.train_epoch = jax.jit(self.run_epoch)
 
     def state_of(self, params: Any, rng: jax.Array) -> EvidenceTrainState:
         """The state at step 0: every λ at ``l2_init``, no log evidence yet (NaN)."""
@@ -262,8 +268,12 @@ class EvidenceTrainer(Trainer):
         evidence = log_evidence(curv, state.params, rules, select=self.select).astype(jnp.float32)
         return state.replace(log_l2=log_l2, log_evidence=evidence)
 
-    def epoch_fn(self, state: EvidenceTrainState, x_NxD, y_N, l2=None):  # type: ignore[override]  # λ in the state
-        state, metrics = super().epoch_fn(state, x_NxD, y_N, self.rules(state.log_l2))
+    def run_epoch(self, state: EvidenceTrainState, x_NxD, y_N, xv_MxD=None, yv_M=None):
+        """An epoch with the state's λs, then, every ``evidence_every``-th epoch, the λ
+        update (:meth:`update`) on the epoch's training data (train ∪ validation); its
+        metrics add ``l2/PATH`` (each λ after it) and ``log_evidence``. The validation split
+        is not used."""
+        state, metrics = self.epoch_fn(state, x_NxD, y_N, self.rules(state.log_l2))
         epoch = state.step // self.steps_per_epoch
         due = epoch % self.cfg.evidence_every == 0
         state = jax.lax.cond(due, self.update, lambda st, *_: st, state, x_NxD, y_N)
@@ -272,3 +282,19 @@ class EvidenceTrainer(Trainer):
             metrics[f"l2/{path}"] = lam[i]
         metrics["log_evidence"] = state.log_evidence
         return state, metrics
+
+    def summary(self, state: EvidenceTrainState, rows: list[dict[str, Any]], best_epoch: int):
+        """The penalty's λs: those the best (the last) epoch trained with, the row before's (an
+        update ends an epoch); the summary gains ``l2_final`` and ``log_evidence``."""
+        before = (
+            l2_at(rows, best_epoch - 1) if best_epoch > 1 else dict.fromkeys(self.paths, self.cfg.l2_init)
+        )
+        evidence = float(state.log_evidence)
+        return penalty_rules(before), {
+            "l2_final": self.lambdas(state),
+            "log_evidence": evidence if np.isfinite(evidence) else None,
+        }
+
+    def refit_config(self, summary: dict[str, Any] | None) -> Config | None:
+        """None: the run trained on train ∪ validation, so nothing is left to refit on."""
+        return None

@@ -17,7 +17,7 @@ SCRIPT = r"""
 import json, sys, jax, numpy as np
 from jaxl2.mnist import parallel, run
 from jaxl2.mnist.config import Config, RunSettings
-from jaxl2.mnist.steps import Trainer
+from jaxl2.mnist.train import Trainer
 assert jax.device_count() == 4
 cfg = Config(hidden=(64,), epochs=2, batch_size=128)
 out = {}
@@ -228,24 +228,24 @@ def test_any_process_ors_the_flags_of_all_processes():
 
 
 def test_a_ctrl_c_on_another_process_interrupts_this_one(monkeypatch):
-    from jaxl2.mnist import loop, parallel, sigint
+    from jaxl2.mnist import parallel, sigint, train
 
     assert not sigint.pending()
-    loop.check_interrupt()  # nobody was interrupted
+    train.check_interrupt()  # nobody was interrupted
     monkeypatch.setattr(parallel, "any_process", lambda *flags: (True,) * len(flags))  # another process was
     with pytest.raises(KeyboardInterrupt):
-        loop.check_interrupt()
+        train.check_interrupt()
 
 
 def test_a_save_another_process_asked_for_restarts_this_clock(monkeypatch):
-    from jaxl2.mnist import loop, parallel
+    from jaxl2.mnist import parallel, train
     from jaxl2.mnist.rundir import SaveRule
 
     rule = SaveRule(seconds=30)
     rule.last -= 20  # this process's clock: 20 s of 30
-    assert loop.call_end(rule, 1, last=False) == (False, False)
+    assert train.call_end(rule, 1, last=False) == (False, False)
     monkeypatch.setattr(parallel, "any_process", lambda *flags: (True,) + flags[1:])  # another's fired
-    assert loop.call_end(rule, 2, last=False) == (True, False)
+    assert train.call_end(rule, 2, last=False) == (True, False)
     assert time.monotonic() - rule.last < 5  # restarted here too: the processes' clocks stay together
     rule.last -= 31
     assert rule.due(3) and rule.due(3)  # asking does not restart it; only a save does

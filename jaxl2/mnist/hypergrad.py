@@ -1,6 +1,6 @@
 """``l2="auto"``: the MLP trained with one λ per selected kernel, tuned during the run.
 
-:class:`AutoTrainer` is the :class:`~jaxl2.mnist.steps.Trainer` of such a run, on the library's
+:class:`AutoTrainer` is the :class:`~jaxl2.mnist.train.Trainer` of such a run, on the library's
 :func:`jaxl2.auto_l2` (Luketina et al., ICML 2016: the hypergradient of the validation loss
 through one optimizer step, on ``ln λ``). Its state carries the λs (``ln λ`` and the Adam
 state of the hyper-optimizer), so a checkpoint holds them and a resume continues exactly.
@@ -19,7 +19,7 @@ The README's "λ chosen for you" section has the numbers and ``experiments/auto_
 
 Example:
   >>> from jaxl2.mnist.config import Config
-  >>> from jaxl2.mnist.auto import AutoTrainer
+  >>> from jaxl2.mnist.hypergrad import AutoTrainer
   >>> trainer = AutoTrainer(Config(l2="auto", hidden=(8,), batch_size=4, epochs=1), num_train=8)
   >>> {p: f"{lam:.3g}" for p, lam in trainer.lambdas(trainer.init()).items()}  # every λ at l2_init
   {'params/Dense_0/kernel': '0.0001', 'params/Dense_1/kernel': '0.0001'}
@@ -27,32 +27,24 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxl2.auto import AutoL2State, auto_l2, shared_adam
-from jaxl2.mnist.config import AUTO_L2_BOUNDS, Config
+from jaxl2.mnist.config import AUTO_DEFAULTS, AUTO_L2_BOUNDS, Config, validate
 from jaxl2.mnist.model import abstract_params
-from jaxl2.mnist.steps import Trainer, TrainState
+from jaxl2.mnist.train import Trainer, TrainState, l2_at, lambdas_of, penalty_rules
 from jaxl2.penalty import l2_penalty
 
-__all__ = [
-    "AutoTrainState",
-    "AutoTrainer",
-    "trainer_for",
-    "lambdas_of",
-    "lambda_columns",
-    "l2_at",
-    "penalty_rules",
-]
+__all__ = ["AutoTrainState", "AutoTrainer"]
 
 
 class AutoTrainState(TrainState):
-    """:class:`~jaxl2.mnist.steps.TrainState` and ``l2``, the λs' state (:class:`jaxl2.AutoL2State`)."""
+    """:class:`~jaxl2.mnist.train.TrainState` and ``l2``, the λs' state (:class:`jaxl2.AutoL2State`)."""
 
     l2: AutoL2State
 
@@ -60,9 +52,9 @@ class AutoTrainState(TrainState):
 class AutoTrainer(Trainer):
     """The jitted functions of an ``l2="auto"`` run; the epoch also takes the validation split.
 
-    * ``train_step(state, (x, y), val_batch=None) -> (state, metrics)``;
-    * ``train_epoch(state, x, y, x_val, y_val) -> (state, metrics)``: the epoch of
-      :class:`~jaxl2.mnist.steps.Trainer`, with a λ update every ``l2_every`` steps; its
+    * ``train_step(state, (x, y), val_batch=None) -> (state, metrics)``: :meth:`hyper_step`, jitted;
+    * ``train_epoch(state, x, y, x_val, y_val) -> (state, metrics)``: :meth:`run_epoch`, the epoch of
+      :class:`~jaxl2.mnist.train.Trainer`, with a λ update every ``l2_every`` steps; its
       metrics add ``l2/PATH`` (each λ at the end of the epoch) and ``hypergrad/PATH`` (the
       mean of ``∂ val loss/∂ ln λ`` over the epoch's λ updates);
     * ``lambdas(state) -> {path: λ}``.
@@ -81,6 +73,8 @@ class AutoTrainer(Trainer):
             norms=False,  # the norms are taken once per epoch, from the state (as Trainer does)
         )
         self.paths = self.auto.paths(abstract_params(self.cfg))
+        self.train_step = jax.jit(self.hyper_step, donate_argnums=0)
+        self.train_epoch = jax.jit(self.run_epoch)
 
     def state_of(self, params: Any, rng: jax.Array) -> AutoTrainState:
         """The state at step 0, every λ at ``l2_init``."""
@@ -91,7 +85,7 @@ class AutoTrainer(Trainer):
         """``{path: λ}`` of ``state``, as Python floats."""
         return lambdas_of(self.paths, state.l2.log_l2)
 
-    def step_fn(self, state: AutoTrainState, batch, val_batch=None):  # type: ignore[override]  # λ in the state
+    def hyper_step(self, state: AutoTrainState, batch, val_batch=None) -> tuple[AutoTrainState, dict]:
         """One step of :func:`jaxl2.auto_l2`; with ``val_batch`` also the λ update."""
         params, opt_state, l2, metrics = self.auto.step(
             state.params,
@@ -102,7 +96,7 @@ class AutoTrainer(Trainer):
         )
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state, l2=l2), metrics
 
-    def epoch_fn(self, state: AutoTrainState, x_NxD, y_N, xv_MxD, yv_M):  # type: ignore[override]  # draws val batches
+    def run_epoch(self, state: AutoTrainState, x_NxD, y_N, xv_MxD, yv_M) -> tuple[AutoTrainState, dict]:
         idx_SxB = self.batches(state, x_NxD.shape[0])
         every, n_val, bs = self.cfg.l2_every, yv_M.shape[0], self.cfg.batch_size
         n_paths = state.l2.log_l2.shape[0]
@@ -114,13 +108,13 @@ class AutoTrainer(Trainer):
             return jax.lax.with_sharding_constraint(arrays, spec)
 
         def plain(st, batch):
-            st, m = self.step_fn(st, batch)
+            st, m = self.hyper_step(st, batch)
             return st, {**m, "val_loss": jnp.float32(0), "hypergrad": jnp.zeros((n_paths,), jnp.float32)}
 
         def hyper(st, batch):
             key = jax.random.fold_in(jax.random.fold_in(st.rng, st.step), 1)
             idx_B = jax.random.randint(key, (bs,), 0, n_val)
-            return self.step_fn(st, batch, shard(xv_MxD[idx_B], yv_M[idx_B]))
+            return self.hyper_step(st, batch, shard(xv_MxD[idx_B], yv_M[idx_B]))
 
         def body(st, idx_B):
             batch = shard(x_NxD[idx_B], y_N[idx_B])
@@ -146,34 +140,15 @@ class AutoTrainer(Trainer):
             metrics[f"hypergrad/{path}"] = hypergrad_L[i]
         return state, metrics
 
+    def summary(self, state: AutoTrainState, rows: list[dict[str, Any]], best_epoch: int):
+        """The penalty's λs: those of the best epoch (its ``metrics.jsonl`` row); the summary
+        gains ``l2_final``, the λs at the end."""
+        return penalty_rules(l2_at(rows, best_epoch)), {"l2_final": self.lambdas(state)}
 
-def trainer_for(cfg: Config, num_train: int, *, mesh: Any = None) -> Trainer:
-    """:class:`AutoTrainer` for ``l2="auto"``, :class:`~jaxl2.mnist.evidence.EvidenceTrainer` for
-    ``l2="evidence"``, else :class:`~jaxl2.mnist.steps.Trainer`."""
-    if cfg.l2_evidence:
-        from jaxl2.mnist.evidence import EvidenceTrainer
-
-        return EvidenceTrainer(cfg, num_train, mesh=mesh)
-    return (AutoTrainer if cfg.l2_auto else Trainer)(cfg, num_train, mesh=mesh)
-
-
-def lambdas_of(paths: list[str], log_l2: jax.Array) -> dict[str, float]:
-    """``{path: λ}`` of ``ln λ`` per path, as Python floats (the state's λs, on the host)."""
-    lam_L = np.exp(np.asarray(jax.device_get(log_l2), np.float64))
-    return {p: float(lam) for p, lam in zip(paths, lam_L)}
-
-
-def lambda_columns(rows: list[dict[str, Any]]) -> list[str]:
-    """The ``l2/PATH`` keys of ``metrics.jsonl`` rows, in the order of the first row."""
-    return [k for k in rows[0] if k.startswith("l2/")] if rows else []
-
-
-def l2_at(rows: list[dict[str, Any]], epoch: int) -> dict[str, float]:
-    """``{path: λ}`` at the end of ``epoch``, from ``metrics.jsonl`` rows."""
-    row = next(r for r in rows if r["epoch"] == epoch)
-    return {k[len("l2/") :]: row[k] for k in lambda_columns(rows)}
-
-
-def penalty_rules(lambdas: dict[str, Any]) -> dict[str, Any]:
-    """``{path: λ}`` as jaxl2's ``{regex: λ}`` mapping (each path escaped: it matches itself only)."""
-    return {re.escape(p): lam for p, lam in lambdas.items()}
+    def refit_config(self, summary: dict[str, Any] | None) -> Config | None:
+        """The run's final λ per layer (``summary["l2_final"]``), fixed: the refit has no
+        validation split to tune them on; ``None`` before the run has a summary."""
+        if summary is None:
+            return None
+        lambdas = {re.escape(path): lam for path, lam in summary["l2_final"].items()}
+        return validate(dataclasses.replace(self.cfg, l2=lambdas, **AUTO_DEFAULTS))

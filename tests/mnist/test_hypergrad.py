@@ -168,12 +168,15 @@ def test_a_sweep_refuses_auto_before_loading_anything(tmp_path):
 def test_the_refit_of_an_auto_run_uses_its_final_lambdas_fixed():
     """Σ_l λ_l/2·‖W_l‖² with the run's final λ per layer, by hand, equals the refit config's penalty."""
     import jaxl2
+    from jaxl2.mnist.hypergrad import AutoTrainer
     from jaxl2.mnist.model import selector_of
-    from jaxl2.mnist.steps import Trainer
+    from jaxl2.mnist.train import Trainer
 
     final = {LAYERS[0]: 3e-3, LAYERS[1]: 2e-4}
-    rcfg = _run._fixed_l2(validate(AUTO), {"l2_final": final})
-    assert not rcfg.l2_auto
+    auto = AutoTrainer(AUTO, 100)
+    assert auto.refit_config(None) is None  # unknown before the run has its final λs
+    rcfg = auto.refit_config({"l2_final": final})
+    assert rcfg is not None and not rcfg.l2_auto
     params = Trainer(rcfg, 100).init().params
     w = {p: np.asarray(v, np.float64) for p, v in jaxl2.select.leaves(params)}
     by_hand = sum(lam / 2 * np.sum(w[p] ** 2) for p, lam in final.items())

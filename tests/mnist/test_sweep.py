@@ -13,8 +13,8 @@ import pytest
 from jaxl2.mnist import run as _run
 from jaxl2.mnist.config import Config, RunSettings, SweepSettings
 from jaxl2.mnist.data import load
-from jaxl2.mnist.steps import Trainer
 from jaxl2.mnist.sweep import SweepTrainer, members_that_fit, select_l2, train_sweep
+from jaxl2.mnist.train import Trainer
 
 CFG = Config(hidden=(64,), epochs=3)
 L2S = (0.0, 1e-3, 3e-2)

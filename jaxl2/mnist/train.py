@@ -1,0 +1,940 @@
+"""Training, from the step to the loop: the state pytree, a jitted ``train_step``, a whole
+epoch in one ``lax.scan``, the evaluation, and the one training loop that ``jaxl2 train`` (one
+state), ``jaxl2 sweep`` (K stacked states) and the refit share: loading and split checks, the
+epochs (several per compiled call, each validated) with divergence detection, best-by-validation
+tracking, and the final metrics (the penalty through :func:`jaxl2.l2_penalty`); and one
+run's training into its directory (:func:`fit`): checkpoints, ``metrics.jsonl`` and the resume.
+
+The step is :func:`jaxl2.make_train_step` (the library's, the only step in the project): the
+loss is ``CE + λ/2·Σw²`` over the selected kernels and ``jax.grad`` adds ``λ·w`` to their
+gradients. Decoupled weight decay (``adamw``) lives in the optimizer instead.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> from jaxl2.mnist.config import Config
+  >>> from jaxl2.mnist.train import Best, Trainer
+  >>> trainer = Trainer(Config(hidden=(32,), epochs=1, batch_size=4), num_train=8)
+  >>> state = trainer.init()
+  >>> x, y = jnp.zeros((4, 784)), jnp.zeros((4,), jnp.int32)
+  >>> state, metrics = trainer.train_step(state, (x, y))
+  >>> sorted(metrics)
+  ['accuracy', 'data_loss', 'loss', 'penalty']
+  >>> state, metrics = trainer.train_epoch(state, x, y)
+  >>> sorted(metrics)
+  ['accuracy', 'data_loss', 'loss', 'nonfinite_step', 'param_norm', 'penalty', 'update_norm']
+  >>> best = Best(params="init", keep=lambda b, p, better: p if better else b)
+  >>> best.update(1, 0.5, "epoch 1")
+  >>> best.update(2, 0.4, "epoch 2")
+  >>> best.epoch, best.val, best.params
+  (1, 0.5, 'epoch 1')
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+import jaxl2
+from jaxl2 import select as _select
+from jaxl2.decay import add_decayed_weights
+from jaxl2.mnist import data as _data
+from jaxl2.mnist import parallel, sigint
+from jaxl2.mnist.config import INPUT_DIM, OPTIMIZERS, SPLITS, Config, ConfigError, Named, field, validate
+from jaxl2.mnist.model import check_selection, model_of, selector_of
+from jaxl2.mnist.rundir import Checkpoints, SaveRule, read_metrics, rewrite_metrics
+from jaxl2.mnist.runtime import device_name
+from jaxl2.penalty import l2_penalty
+from jaxl2.select import mask
+from jaxl2.step import make_train_step
+
+__all__ = [
+    "TrainState",
+    "Trainer",
+    "make_optimizer",
+    "per_example",
+    "cross_entropy",
+    "evaluate_fn",
+    "lambdas_of",
+    "lambda_columns",
+    "l2_at",
+    "penalty_rules",
+    "Diverged",
+    "Interrupted",
+    "load_and_check",
+    "Best",
+    "Epoch",
+    "calls",
+    "epochs_per_call",
+    "epochs_program",
+    "compile_epochs",
+    "run_epochs",
+    "call_end",
+    "train_epochs",
+    "stopped",
+    "stop_if_signalled",
+    "check_interrupt",
+    "member_summary",
+    "split_metrics",
+    "kernel_sq_norm",
+    "diverged_message",
+    "Run",
+    "fit",
+]
+
+
+class TrainState(struct.PyTreeNode):
+    """All that changes during training: ``step``, ``params``, ``opt_state``, ``rng`` (raw key)."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+def make_optimizer(cfg: Config, steps_per_epoch: int) -> optax.GradientTransformation:
+    """The optax optimizer of ``cfg``; ``adamw`` and ``sgdw`` decay the selected leaves only."""
+    peak = OPTIMIZERS[cfg.optimizer].lr if cfg.lr is None else cfg.lr
+    total = max(1, cfg.epochs * steps_per_epoch)
+    lr = peak if cfg.schedule == "constant" else optax.cosine_decay_schedule(peak, total)
+    if cfg.optimizer == "sgd":
+        return optax.sgd(lr)
+    if cfg.optimizer == "momentum":
+        return optax.sgd(lr, momentum=cfg.momentum)
+    if cfg.optimizer == "adam":
+        return optax.adam(lr)
+    select = selector_of(cfg)
+    if cfg.optimizer == "adamw":  # decoupled decay of the selected leaves only, like the penalty
+        return optax.adamw(lr, weight_decay=cfg.weight_decay, mask=functools.partial(mask, select=select))
+    if cfg.optimizer == "sgdw":  # decay added to the gradient before momentum: coupled, = L2 for SGD
+        return optax.chain(
+            add_decayed_weights(cfg.weight_decay, select=select), optax.sgd(lr, momentum=cfg.momentum)
+        )
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r} (allowed: {', '.join(OPTIMIZERS)})")
+
+
+def per_example(logits_BxC: jax.Array, y_B: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Each row's softmax cross-entropy and hit (1.0 or 0.0).
+
+    A row is a hit when its label's logit is the largest (a tie for the largest counts as a
+    hit; ``argmax`` would pick the first): the comparison reuses the row maximum that the
+    cross-entropy's log-sum-exp computes, one reduction instead of two.
+    """
+    max_B = jax.lax.stop_gradient(logits_BxC.max(-1))
+    lse_B = max_B + jnp.log(jnp.exp(logits_BxC - max_B[:, None]).sum(-1))
+    is_label_BxC = y_B[:, None] == jnp.arange(logits_BxC.shape[-1])
+    label_B = jnp.where(is_label_BxC, logits_BxC, 0.0).sum(-1)
+    return lse_B - label_B, (label_B >= max_B).astype(jnp.float32)
+
+
+def cross_entropy(logits_BxC: jax.Array, y_B: jax.Array, mask_B: jax.Array | None = None):
+    """Mean softmax cross-entropy and accuracy (over the rows where ``mask_B`` is true), of
+    :func:`per_example`."""
+    ce_B, hit_B = per_example(logits_BxC, y_B)
+    if mask_B is None:
+        return ce_B.mean(), hit_B.mean()
+    m = mask_B.astype(jnp.float32)
+    n = jnp.maximum(m.sum(), 1.0)
+    return (ce_B * m).sum() / n, (hit_B * m).sum() / n
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init_params(model: Any, key: jax.Array) -> tuple[Any, jax.Array]:
+    """``model``'s params from the first half of ``key``, and the second half (the data key)."""
+    k_init, k_data = jax.random.split(key)
+    return model.init(k_init, jnp.zeros((1, INPUT_DIM), jnp.float32)), k_data
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _evaluate(model: Any, params: Any, x_NxD: jax.Array, y_N: jax.Array) -> dict[str, jax.Array]:
+    return evaluate_fn(model, params, x_NxD, y_N)
+
+
+def evaluate_fn(model: Any, params: Any, x_NxD: jax.Array, y_N: jax.Array, chunk: int = 2048):
+    """``{"data_loss", "accuracy"}`` of ``model`` with ``params`` over ``x_NxD, y_N``, in chunks
+    of ``chunk`` rows (``lax.map``; the last one padded and masked)."""
+    n = x_NxD.shape[0]
+    chunk = min(chunk, n)
+    pad = -n % chunk
+    x = jnp.pad(x_NxD, ((0, pad), (0, 0))).reshape(-1, chunk, x_NxD.shape[1])
+    y = jnp.pad(y_N, (0, pad)).reshape(-1, chunk)
+    m = (jnp.arange(n + pad) < n).reshape(-1, chunk)
+
+    def one(args):
+        xc, yc, mc = args
+        ce, acc = cross_entropy(model.apply(params, xc), yc, mc)
+        k = mc.sum()
+        return ce * k, acc * k
+
+    ce, acc = jax.lax.map(one, (x, y, m))
+    return {"data_loss": ce.sum() / n, "accuracy": acc.sum() / n}
+
+
+class Trainer:
+    """The jitted functions of one configuration (``num_train`` sets the lr schedule's length).
+
+    * ``train_step(state, (x, y)) -> (state, metrics)``: one SGD step, state donated;
+    * ``train_epoch(state, x_train, y_train) -> (state, metrics)``: a whole shuffled epoch in
+      one compiled call (``lax.scan`` over batches; the last partial batch is **dropped**,
+      and a different one each epoch since the data is reshuffled; the state is not donated).
+      Each step adds its rows' cross-entropies and hits to per-row sums carried through the
+      epoch (``data_loss`` and ``accuracy`` are their means over the epoch's examples, with no
+      reduction or record per step); the penalty ``λ/2·Σw²`` and ``param_norm`` are
+      those of the epoch's final params, ``loss = data_loss + penalty``, ``update_norm`` is
+      ``‖θ_end − θ_start‖`` over the epoch, and ``nonfinite_step`` the first step whose data
+      loss was NaN/Inf, or -1;
+    * ``evaluate(params, x, y) -> {"data_loss", "accuracy"}``: one compiled call over a split
+      (``data_loss`` is the mean cross-entropy; the penalty is not part of it).
+
+    ``l2`` may be overridden per call of the ``*_fn`` functions (``step_fn``/``epoch_fn``),
+    which is what the vmapped sweep does with a traced λ.
+
+    A trainer is also the run's **λ mode**: the run loop (:mod:`jaxl2.mnist.run`) asks it,
+    and nothing else, what differs between a fixed λ (this class), λ by hypergradients
+    (:class:`~jaxl2.mnist.hypergrad.AutoTrainer`) and λ from the evidence
+    (:class:`~jaxl2.mnist.marglik.EvidenceTrainer`): its state (:meth:`state_of`), its epoch
+    over the training and validation splits (:meth:`run_epoch`), which params it keeps
+    (:attr:`latest`), what its data is (:attr:`trains_on_val`), its summary's λ and keys
+    (:meth:`summary`) and the config of its refit (:meth:`refit_config`).
+    """
+
+    latest = False  # keep the best params by validation accuracy (True: every epoch's)
+    trains_on_val = False  # True: it trains on train ∪ validation, and has no refit
+
+    def __init__(self, cfg: Config, num_train: int, *, mesh: Any = None):
+        self.cfg = cfg = validate(cfg)
+        self.mesh = mesh  # a jax.sharding.Mesh with a "data" axis: batches are split along it
+        self.model = model_of(cfg)
+        self.select = selector_of(cfg)
+        self.steps_per_epoch = num_train // cfg.batch_size
+        self.tx = make_optimizer(cfg, self.steps_per_epoch)
+        self.train_step = jax.jit(self.step_fn, donate_argnums=0)
+        # not donated: the run loop dispatches epoch k + 1 while it still reads epoch k's state
+        self.train_epoch = jax.jit(self.epoch_fn)
+        self.evaluate = functools.partial(_evaluate, self.model)  # one executable per model and shape
+
+    # -- state -------------------------------------------------------------------------
+    def init(self, seed: int | None = None) -> TrainState:
+        """A fresh state from ``seed`` (default ``cfg.seed``), built under ``jit``: the model's
+        params (one executable per model, shared by every trainer of it: a refit's init compiles
+        nothing new), then :meth:`state_of` them."""
+        seed = self.cfg.seed if seed is None else seed
+        params, k_data = _init_params(self.model, jax.random.PRNGKey(seed))
+        return self._state_of(params, k_data)
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def _state_of(self, params: Any, rng: jax.Array) -> TrainState:
+        return self.state_of(params, rng)
+
+    def state_of(self, params: Any, rng: jax.Array) -> TrainState:
+        """The state at step 0 of ``params``: the optimizer's initial state, ``rng`` the data key."""
+        return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params), rng)
+
+    # -- pure functions ----------------------------------------------------------------
+    def data_loss(self, params, x_BxD, y_B):
+        ce, acc = cross_entropy(self.model.apply(params, x_BxD), y_B)
+        return ce, {"accuracy": acc}
+
+    def rows_loss(self, params, x_BxD, y_B):
+        """The mean cross-entropy, with each row's ``{"ce_B", "hit_B"}`` (:func:`per_example`)."""
+        ce_B, hit_B = per_example(self.model.apply(params, x_BxD), y_B)
+        return ce_B.mean(), {"ce_B": ce_B, "hit_B": hit_B}
+
+    def step_fn(self, state: TrainState, batch, l2=None, loss_fn=None):
+        """One step of :func:`jaxl2.make_train_step` on the MLP's cross-entropy (``loss_fn``,
+        default :meth:`data_loss`); ``l2`` overrides ``cfg.l2`` (a traced λ in the sweep)."""
+        l2 = self.cfg.l2 if l2 is None else l2
+        loss_fn = self.data_loss if loss_fn is None else loss_fn
+        step = make_train_step(loss_fn, self.tx, l2=l2, select=self.select, has_aux=True, norms=False)
+        params, opt_state, metrics = step(state.params, state.opt_state, *batch)
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    def penalty_fn(self, params, l2=None):
+        """``λ/2·Σw²`` over the selected leaves of ``params``."""
+        l2 = self.cfg.l2 if l2 is None else l2
+        return l2_penalty(params, l2, select=self.select)
+
+    def batches(self, state: TrainState, num_examples: int) -> jax.Array:
+        """This epoch's batch indices ``[steps, batch]``: a permutation keyed on the step."""
+        key = jax.random.fold_in(state.rng, state.step)
+        steps = num_examples // self.cfg.batch_size
+        perm = jax.random.permutation(key, num_examples)
+        return perm[: steps * self.cfg.batch_size].reshape(steps, self.cfg.batch_size)
+
+    def epoch_fn(self, state: TrainState, x_NxD, y_N, l2=None):
+        idx_SxB = self.batches(state, x_NxD.shape[0])
+        steps, batch = idx_SxB.shape
+
+        def body(carry, i_idx):
+            st, ce_B, hit_B, bad_B = carry
+            i, idx_B = i_idx
+            x_BxD, y_B = x_NxD[idx_B], y_N[idx_B]
+            if self.mesh is not None:  # declare the batch split along "data"; jit does the rest
+                spec = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data"))
+                x_BxD, y_B = jax.lax.with_sharding_constraint((x_BxD, y_B), spec)
+            st, m = self.step_fn(st, (x_BxD, y_B), l2, self.rows_loss)
+            # per row: sums over the steps, and the first step whose loss was not finite
+            bad_B = jnp.where((bad_B == steps) & ~jnp.isfinite(m["ce_B"]), i, bad_B)
+            return (st, ce_B + m["ce_B"], hit_B + m["hit_B"], bad_B), None
+
+        start = state.params
+        zeros_B = jnp.zeros((batch,), jnp.float32)
+        carry = (state, zeros_B, zeros_B, jnp.full((batch,), steps, jnp.int32))
+        (state, ce_B, hit_B, bad_B), _ = jax.lax.scan(body, carry, (jnp.arange(steps), idx_SxB))
+        metrics = {"data_loss": ce_B.sum() / idx_SxB.size, "accuracy": hit_B.sum() / idx_SxB.size}
+        metrics = self.with_final_params(metrics, start, state.params, self.penalty_fn(state.params, l2))
+        bad = bad_B.min()
+        metrics["nonfinite_step"] = jnp.where(bad < steps, bad, -1)
+        return state, metrics
+
+    # -- the λ mode --------------------------------------------------------------------
+    def run_epoch(self, state: Any, x_NxD, y_N, xv_MxD, yv_M) -> tuple[Any, dict]:
+        """The epoch the run loop compiles, over the training split ``x_NxD, y_N`` and the
+        validation split ``xv_MxD, yv_M``: here :meth:`epoch_fn` (a fixed λ needs no
+        validation data)."""
+        return self.epoch_fn(state, x_NxD, y_N)
+
+    def summary(self, state: Any, rows: list[dict[str, Any]], best_epoch: int) -> tuple[Any, dict[str, Any]]:
+        """The λ of the best params' penalty (those of ``best_epoch``, from the run's
+        ``metrics.jsonl`` ``rows``) and the mode's own summary keys, at the final ``state``:
+        here ``cfg.l2`` and none."""
+        return self.cfg.l2, {}
+
+    def refit_config(self, summary: dict[str, Any] | None) -> Config | None:
+        """The config a refit of the run trains, given the run's ``summary``; ``None`` while
+        that cannot be known (``summary=None``: before training). Here ``cfg`` itself."""
+        return self.cfg
+
+    @staticmethod
+    def with_final_params(metrics: dict, start: Any, params: Any, penalty: jax.Array) -> dict:
+        """An epoch's ``metrics`` (its steps' means) with what its final ``params`` give:
+        ``penalty`` (``λ/2·Σw²``), ``loss = data_loss + penalty``, ``param_norm`` and
+        ``update_norm = ‖params − start‖``, one pass over the weights per epoch."""
+        return {
+            **metrics,
+            "penalty": penalty,
+            "loss": metrics["data_loss"] + penalty,
+            "param_norm": optax.tree.norm(params),
+            "update_norm": optax.tree.norm(jax.tree_util.tree_map(jnp.subtract, params, start)),
+        }
+
+    def eval_fn(self, params, x_NxD, y_N):
+        """:func:`evaluate_fn` of the model (traced into the run's programs)."""
+        return evaluate_fn(self.model, params, x_NxD, y_N)
+
+
+def lambdas_of(paths: list[str], log_l2: jax.Array) -> dict[str, float]:
+    """``{path: λ}`` of ``ln λ`` per path, as Python floats (the state's λs, on the host)."""
+    lam_L = np.exp(np.asarray(jax.device_get(log_l2), np.float64))
+    return {p: float(lam) for p, lam in zip(paths, lam_L)}
+
+
+def lambda_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """The ``l2/PATH`` keys of ``metrics.jsonl`` rows (λ per layer), in the order of the first row."""
+    return [k for k in rows[0] if k.startswith("l2/")] if rows else []
+
+
+def l2_at(rows: list[dict[str, Any]], epoch: int) -> dict[str, float]:
+    """``{path: λ}`` at the end of ``epoch``, from ``metrics.jsonl`` rows."""
+    row = next(r for r in rows if r["epoch"] == epoch)
+    return {k[len("l2/") :]: row[k] for k in lambda_columns(rows)}
+
+
+def penalty_rules(lambdas: dict[str, Any]) -> dict[str, Any]:
+    """``{path: λ}`` as jaxl2's ``{regex: λ}`` mapping (each path escaped: it matches itself only)."""
+    return {re.escape(p): lam for p, lam in lambdas.items()}
+
+
+class Diverged(Named, RuntimeError):
+    """The loss or the parameters became NaN/Inf; the last good checkpoint is intact."""
+
+
+class Interrupted(Named, RuntimeError):
+    """SIGINT or SIGTERM arrived; the compiled call of epochs it interrupted was finished and
+    checkpointed. ``signal`` says which, ``out`` is the directory to resume."""
+
+    out: str | None = None
+    signal: int = 2  # signal.SIGINT
+
+
+def stopped(where: str, out: str | None = None) -> Interrupted:
+    """The :class:`Interrupted` of the signal that came: ``"interrupted " + where`` (Ctrl-C) or
+    ``"stopped by SIGTERM " + where``."""
+    e = Interrupted(f"{sigint.name()} {where}")
+    e.signal, e.out = sigint.last_signal(), out
+    return e
+
+
+def load_and_check(cfg: Config, l2s: Sequence[float] | None = None) -> tuple[Config, _data.Dataset]:
+    """Validates ``cfg`` (for every λ in ``l2s`` when given), loads its data, checks the
+    splits, the batch size against the training set and the selection against the model.
+
+    Returns the config with its defaults filled in, and the dataset.
+    """
+    variants = [cfg] if l2s is None else [dataclasses.replace(cfg, l2=lam) for lam in l2s]
+    if l2s is not None and not l2s:
+        raise ConfigError(f"{field('l2')} needs at least one value for a sweep (e.g. 0,1e-4,1e-3)")
+    variants = [validate(v) for v in variants]  # every field, before loading anything
+    ds = _data.load(cfg.dataset, data_dir=cfg.data_dir, val_size=cfg.val_size, split_seed=cfg.split_seed)
+    if ds.train is None:
+        raise ConfigError(
+            f"{field('dataset')} {cfg.dataset} has no training split (train-images/labels files)"
+        )
+    if ds.test is None:
+        raise ConfigError(f"{field('dataset')} {cfg.dataset} has no test split (t10k-images/labels files)")
+    for v in variants:
+        validate(v, len(ds.train.y))
+        check_selection(v)
+    return dataclasses.replace(variants[0], l2=cfg.l2), ds
+
+
+def diverged_message(cfg: Config, l2: Any, epoch: int, step: int, steps_per_epoch: int) -> str:
+    """The one shape of the divergence message, for a run and for a sweep's member."""
+    lam_lr = "per-layer" if not isinstance(l2, int | float) else f"{l2 * (cfg.lr or 0.0):g}"
+    return (
+        f"the loss became NaN/Inf at epoch {epoch}, step {step + 1} of {steps_per_epoch} "
+        f"({field('lr')} {cfg.lr:g}, λ {l2}, λ·lr {lam_lr}): the learning rate (or λ·lr) is too "
+        f"large; lower {field('lr')}."
+    )
+
+
+class Best:
+    """The best validation accuracy so far, its epoch and its params: scalars for one run,
+    arrays of K for stacked members (``keep(best, params, better)`` picks per member).
+    Ties go to the later epoch. ``latest=True`` keeps every epoch's instead (a run whose
+    validation split is part of its training data has nothing held out to choose by)."""
+
+    def __init__(
+        self,
+        params: Any,
+        keep: Callable[[Any, Any, Any], Any],
+        val: Any = -1.0,
+        epoch: Any = 0,
+        *,
+        latest: bool = False,
+    ):
+        self.params, self.keep, self.latest = params, keep, latest
+        self._set(np.asarray(val, np.float64), np.asarray(epoch, np.int64))
+
+    def _set(self, val: np.ndarray, epoch: np.ndarray) -> None:
+        self.val: Any
+        self.epoch: Any
+        self.val, self.epoch = (float(val), int(epoch)) if val.ndim == 0 else (val, epoch)
+
+    def update(self, epoch: int, val_accuracy: Any, params: Any) -> None:
+        val_accuracy = np.asarray(val_accuracy, np.float64)
+        better = (val_accuracy >= self.val) | self.latest
+        self._set(np.where(better, val_accuracy, self.val), np.where(better, epoch, self.epoch))
+        self.params = self.keep(self.params, params, better)
+
+
+@dataclasses.dataclass
+class Epoch:
+    """One finished epoch: its number, the new state, train metrics and validation metrics
+    (host arrays: scalars for one run, ``[K]`` for a sweep), and its seconds. ``state`` is
+    ``None`` for an epoch inside a call of several epochs (only the call's last epoch has its
+    state on hand: save checkpoints and stop there)."""
+
+    epoch: int
+    state: Any
+    train: dict[str, np.ndarray]
+    val: dict[str, np.ndarray]
+    seconds: float
+
+
+CALL_EXAMPLES = {"cpu": 32_768}  # training examples per compiled call (other backends: 262,144)
+MAX_EPOCHS_PER_CALL = 32
+
+
+def epochs_per_call(num_train: int, members: int = 1, backend: str | None = None) -> int:
+    """How many epochs one compiled call runs: enough that one call trains about 32k examples
+    on a CPU (256k elsewhere; an epoch of mnist5k is ~30 ms on 2 CPU cores, ~1 ms on an H100,
+    while the host's work per call is some ms), at most 32, at least 1. It depends only on the
+    data and the backend, so every process of a run chooses the same.
+
+    Example:
+      >>> epochs_per_call(3500, backend="cpu"), epochs_per_call(55000, backend="cpu")
+      (10, 1)
+      >>> epochs_per_call(3500, backend="gpu"), epochs_per_call(3500, members=16, backend="cpu")
+      (32, 1)
+    """
+    target = CALL_EXAMPLES.get(backend or jax.default_backend(), 262_144)
+    return int(min(MAX_EPOCHS_PER_CALL, max(1, -(-target // (num_train * members)))))
+
+
+def calls(epochs: Sequence[int], size: int, every: int | None = None) -> list[tuple[int, int]]:
+    """``(first epoch, count)`` of each call over consecutive ``epochs``: a call ends at a
+    multiple of ``size``, of ``every`` (where checkpoints are due) and at the last epoch. The
+    ends depend on the epoch numbers alone, so a resumed run makes the same calls.
+
+    Example:
+      >>> calls(range(1, 11), 4), calls(range(6, 11), 4, every=3)
+      ([(1, 4), (5, 4), (9, 2)], [(6, 1), (7, 2), (9, 1), (10, 1)])
+    """
+    out: list[tuple[int, int]] = []
+    epochs = list(epochs)
+    for e in epochs:
+        if not out or out[-1][0] + out[-1][1] != e:
+            out.append((e, 0))
+        out[-1] = (out[-1][0], out[-1][1] + 1)
+        if e % size == 0 or (every and e % every == 0):
+            out.append((e + 1, 0))
+    return [c for c in out if c[1]]
+
+
+def epochs_program(
+    epoch_fn: Callable[..., tuple[Any, Any]], evaluate_fn: Callable[..., Any], size: int, latest: bool = False
+) -> Callable[..., Any]:
+    """The compiled unit of the run loop: ``program(state, n, *args)`` runs ``n ≤ size`` epochs
+    (``epoch_fn(state, *args) -> (state, metrics)``), each followed by validation
+    (``evaluate_fn(state.params, *args)``), in one call (``lax.scan`` of ``size``; epochs past
+    ``n`` are skipped by ``lax.cond``, so one executable serves every ``n``).
+
+    Returns ``(state, metrics, val, best)``: metrics and val stacked ``[size, ...]``, and the
+    best epoch of the call by validation accuracy among the finite ones (ties: the later; with
+    ``latest``, the last finite one, whatever its accuracy), ``best = {"index", "val", "params"}``,
+    per member when the accuracy is ``[K]``.
+    """
+
+    def program(state, n, *args):
+        def one(st):
+            new, m = epoch_fn(st, *args)
+            return new, (m, evaluate_fn(new.params, *args))
+
+        shapes = jax.eval_shape(one, state)[1]
+
+        def skip(st):
+            return st, jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+
+        def body(carry, i):
+            st, alive, best = carry
+            st, (m, val) = jax.lax.cond(i < n, one, skip, st)
+            finite = jnp.all((m["nonfinite_step"] < 0) & jnp.isfinite(m["loss"]))
+            alive = alive & (finite | (i >= n))
+            better = alive & (i < n) & ((val["accuracy"] >= best["val"]) | latest)
+
+            def pick(new, old):
+                return jnp.where(better.reshape(better.shape + (1,) * (new.ndim - better.ndim)), new, old)
+
+            best = {
+                "index": jnp.where(better, i, best["index"]),
+                "val": jnp.where(better, val["accuracy"], best["val"]),
+                "params": jax.tree_util.tree_map(pick, st.params, best["params"]),
+            }
+            return (st, alive, best), (m, val)
+
+        acc = shapes[1]["accuracy"]
+        best = {
+            "index": jnp.full(acc.shape, -1, jnp.int32),
+            "val": jnp.full(acc.shape, -jnp.inf, acc.dtype),
+            "params": state.params,
+        }
+        (state, _, best), (m, val) = jax.lax.scan(body, (state, jnp.bool_(True), best), jnp.arange(size))
+        return state, m, val, best
+
+    return program
+
+
+def compile_epochs(
+    epoch_fn: Callable[..., tuple[Any, Any]],
+    evaluate_fn: Callable[..., Any],
+    size: int,
+    state: Any,
+    *args: Any,
+    latest: bool = False,
+) -> Callable[[Any, int], tuple[Any, Any, Any, Any]]:
+    """:func:`epochs_program` compiled for ``state`` and ``args`` (``latest`` as there), bound
+    to ``args``: ``program(state, n)`` for :func:`run_epochs`. It also runs one call of 0
+    epochs here, so the executable's one-time set-up (~18 ms of a first call on 2 CPU cores)
+    is paid with compiling; the epoch's own kernels, which that call skips, still set
+    themselves up in the first epoch (~15–35 ms of mnist5k's first 10-epoch call)."""
+    fn = jax.jit(epochs_program(epoch_fn, evaluate_fn, size, latest))
+    compiled = fn.lower(state, 1, *args).compile()
+    jax.block_until_ready(compiled(state, 0, *args))
+    return lambda st, n: compiled(st, n, *args)
+
+
+def run_epochs(
+    program: Callable[[Any, int], tuple[Any, Any, Any, Any]],
+    state: Any,
+    epochs: range,
+    best: Best,
+    diverged: Callable[[int, np.ndarray, np.ndarray], str],
+    size: int = 1,
+    every: int | None = None,
+) -> Iterator[Epoch]:
+    """Runs ``epochs`` in calls of :func:`epochs_program` (``program(state, n)``, its data
+    bound; :func:`calls` with ``size`` and ``every`` says how many per call), updates ``best``
+    and yields an :class:`Epoch` per epoch. A NaN/Inf loss raises :class:`Diverged` with
+    ``diverged(epoch, bad_members, first_bad_steps)`` after the epochs before it were yielded,
+    before the bad state is used.
+
+    Pipelined: call ``k + 1`` is dispatched *before* call ``k``'s metrics are read, so the
+    device never waits for the host's work between calls (reading metrics, the best params,
+    writing rows and checkpoints while ``k + 1`` runs). The program must therefore not donate
+    its state: the state yielded for call ``k`` stays valid. A call dispatched past a stop
+    (divergence, Ctrl-C, the consumer's exception) is dropped unused. ``Epoch.seconds`` is the
+    wall time from one call's results to the next, shared by its epochs (validation included;
+    the first from its dispatch).
+    """
+    plan = calls(epochs, size, every)
+    t0 = time.perf_counter()
+    if not plan:
+        return
+    pending = program(state, plan[0][1])
+    for c, (first, n) in enumerate(plan):
+        new_state, m, val, call_best = pending
+        if c + 1 < len(plan):
+            pending = program(new_state, plan[c + 1][1])  # queued behind this call: runs while we read it
+        m, val, index, best_val = parallel.host((m, val, call_best["index"], call_best["val"]))
+        step = m["nonfinite_step"][:n].reshape(n, -1)
+        bad = (step >= 0) | ~np.isfinite(m["loss"][:n].reshape(n, -1))
+        good = int(np.argmax(bad.any(1))) if bad.any() else n
+        t1 = time.perf_counter()
+        seconds, t0 = (t1 - t0) / n, t1
+        if good:
+            best.update(first + index, best_val, call_best["params"])
+        for i in range(good):
+            yield Epoch(
+                first + i,
+                new_state if i == n - 1 else None,
+                {k: v[i] for k, v in m.items() if k != "nonfinite_step"},
+                {k: v[i] for k, v in val.items()},
+                seconds,
+            )
+        if good < n:
+            raise Diverged(
+                diverged(first + good, np.flatnonzero(bad[good]), np.maximum(step[good][bad[good]], 0))
+            )
+
+
+def call_end(rule: SaveRule, epoch: int, last: bool) -> tuple[bool, bool]:
+    """``(save, stop)`` at the end of a compiled call, whose state is on hand: save when
+    ``rule`` is due, at the ``last`` epoch or on a signal; stop on a signal (SIGINT or SIGTERM),
+    the last epoch included: what comes after training (the summary, a refit) is left to the
+    resume, and the signal is cleared. Every process of a distributed run takes the same
+    decision (:func:`~jaxl2.mnist.parallel.any_process`): one process's clock or signal counts
+    for all.
+
+    Example:
+      >>> from jaxl2.mnist.rundir import SaveRule
+      >>> call_end(SaveRule(epochs=2, seconds=None), 4, last=False)
+      (True, False)
+    """
+    interrupted = sigint.pending()
+    save, stop = parallel.any_process(rule.due(epoch) or last or interrupted, interrupted)
+    if save:  # on every process, whichever clock or reason asked for it
+        rule.saved()
+    if stop:
+        sigint.clear()
+    return save, stop
+
+
+def train_epochs(
+    program: Callable[[Any, int], tuple[Any, Any, Any, Any]] | None,
+    state: Any,
+    epochs: range,
+    best: Best,
+    *,
+    diverged: Callable[[int, np.ndarray, np.ndarray], str],
+    size: int,
+    every: int | None,
+    save: Callable[[int, Any], None],
+    on_epoch: Callable[[Epoch], None] | None = None,
+    where: Callable[[int], str] = lambda epoch: f"after epoch {epoch}",
+) -> Any:
+    """The one training driver of a run, a sweep's chunk and a refit: :func:`run_epochs`, and at
+    the end of each compiled call (:func:`call_end`) ``save(epoch, state)`` when a checkpoint is
+    due and a stop on SIGINT/SIGTERM (:func:`stopped`, ``where(epoch)`` in its message).
+    ``on_epoch(epoch)`` sees every :class:`Epoch` before its call's checkpoint is written.
+    Returns the last state; ``best`` is updated in place.
+
+    Example (a "program" of plain Python that adds 1 per epoch):
+      >>> import numpy as np
+      >>> from types import SimpleNamespace as NS
+      >>> def program(st, n):
+      ...     m = {"loss": np.zeros(n), "nonfinite_step": -np.ones(n, int)}
+      ...     best = {"index": n - 1, "val": 0.5, "params": st.params + n}
+      ...     return NS(params=st.params + n), m, {"accuracy": np.full(n, 0.5)}, best
+      >>> saved = []
+      >>> end = train_epochs(program, NS(params=0), range(1, 6), Best(0, lambda b, p, better: p),
+      ...                    diverged=str, size=2, every=None, save=lambda e, st: saved.append(e))
+      >>> end.params, saved
+      (5, [5])
+    """
+    rule = SaveRule(every)
+    if program is None:  # nothing compiled: no epoch is left to train
+        if len(epochs):
+            raise ValueError(f"no program to train epochs {epochs}")
+        return state
+    for ep in run_epochs(program, state, epochs, best, diverged, size, every):
+        stop = False
+        if on_epoch:
+            on_epoch(ep)
+        if ep.state is not None:  # the end of a compiled call: its state is on hand
+            state = ep.state
+            due, stop = call_end(rule, ep.epoch, last=ep.epoch == epochs[-1])
+            if due:
+                save(ep.epoch, state)
+        if stop:
+            raise stopped(where(ep.epoch))
+    return state
+
+
+def stop_if_signalled(where: str, out: str | None = None) -> None:
+    """Raises :func:`stopped` ``(where, out)`` if SIGINT or SIGTERM reached any process: between
+    the phases of a run that has something to resume (training done, the refit not begun)."""
+    if _signalled_anywhere():
+        raise stopped(where, out)
+
+
+def check_interrupt() -> None:
+    """:func:`jaxl2.mnist.sigint.check` taken by every process together: a Ctrl-C that reached
+    one process raises ``KeyboardInterrupt`` in all (alone, it would leave the others waiting in
+    their first collective). Between start-up phases; one process: ``sigint.check()`` itself."""
+    if _signalled_anywhere():
+        raise KeyboardInterrupt
+
+
+def _signalled_anywhere() -> bool:
+    """Whether SIGINT or SIGTERM reached any process (one decision for all); the signal is then
+    cleared, since the caller acts on it."""
+    signalled = parallel.any_process(sigint.pending())[0]
+    if signalled:
+        sigint.clear()
+    return signalled
+
+
+def kernel_sq_norm(params: Any, cfg: Config) -> dict[str, float]:
+    """``Σw²`` of every selected leaf, by path, in float64."""
+    rows = jaxl2.selected(params, select=selector_of(cfg))
+    leaves = dict(_select.leaves(params))
+    return {r.path: float(np.sum(np.square(np.asarray(leaves[r.path], np.float64)))) for r in rows}
+
+
+def split_metrics(
+    evaluate: Callable[[Any, Any, Any], Any], params: Any, ds: _data.Dataset
+) -> dict[str, float]:
+    """Accuracy and data loss of ``params`` on every split: ``{split}_accuracy``, ``{split}_data_loss``."""
+    res = {}
+    for name in SPLITS:
+        split = getattr(ds, name)
+        ev = jax.device_get(evaluate(params, split.x, split.y))
+        res[f"{name}_accuracy"], res[f"{name}_data_loss"] = float(ev["accuracy"]), float(ev["data_loss"])
+    return res
+
+
+def member_summary(
+    evaluate: Callable[[Any, Any, Any], Any], params: Any, ds: _data.Dataset, cfg: Config, l2: Any
+) -> dict[str, Any]:
+    """:func:`split_metrics`, the penalty ``λ/2·Σw²`` (:func:`jaxl2.l2_penalty`), the total train
+    loss, and ``Σw²`` per selected layer, of one set of params."""
+    res: dict[str, Any] = split_metrics(evaluate, params, ds)
+    on_host = parallel.host(params)
+    res["penalty"] = float(jaxl2.l2_penalty(on_host, l2, select=selector_of(cfg)))
+    res["train_loss"] = res["train_data_loss"] + res["penalty"]
+    res["kernel_sq_norm"] = kernel_sq_norm(on_host, cfg)
+    return res
+
+
+@dataclasses.dataclass
+class Run:
+    """One run as :func:`fit` trains it: the checked config, its λ mode (the trainer: a fixed λ,
+    :mod:`~jaxl2.mnist.hypergrad` or :mod:`~jaxl2.mnist.marglik`), the data, the run directory
+    (prepared by :func:`jaxl2.mnist.rundir.prepare`), the mesh, and how it reports."""
+
+    cfg: Config
+    trainer: Trainer  # the λ mode: what differs between a fixed λ, l2 auto and l2 evidence
+    ds: _data.Dataset
+    out: str
+    mesh: Any  # the data-parallel mesh, or None for one device
+    primary: bool  # process 0: it writes the run's files
+    checkpoint_every: int | None
+    on_epoch: Callable[[dict[str, Any]], None] | None
+    log: Callable[[str], None]
+
+    @property
+    def metrics(self) -> str:
+        return os.path.join(self.out, "metrics.jsonl")
+
+
+def fit(job: Run, resume: bool, on_start: Callable[[], None] | None) -> dict[str, Any]:
+    """Trains ``job`` from its start, or with ``resume`` from its latest checkpoint (its
+    ``metrics.jsonl`` cut there, and a line that says where it starts), and returns its summary:
+    the best params' metrics (:func:`member_summary`, with the λ mode's penalty and keys), the
+    times and the device. Each epoch appends its ``metrics.jsonl`` row and calls
+    ``job.on_epoch(row)``; checkpoints hold the state and the best params (every 30 s of training,
+    every ``job.checkpoint_every`` epochs, at the end, and on SIGINT or SIGTERM, which then stop
+    the run with :class:`Interrupted`). ``on_start()`` is called before compiling."""
+    check_interrupt()
+    if on_start:
+        on_start()
+    trainer = job.trainer
+    # orbax's save syncs the processes with a collective: from a thread, it could interleave
+    # with the training's own collectives in a different order on each process (a hang)
+    ckpt = Checkpoints(job.out, background=jax.process_count() == 1)
+    state = parallel.replicate(trainer.init(), job.mesh)
+    # host copies: best/ is saved without the mesh's sharding, so any process count restores it
+    best = Best(
+        parallel.host(state.params),
+        keep=lambda b, p, better: parallel.host(p) if better else b,
+        latest=trainer.latest,  # l2 evidence: its validation images are training data: the last epoch's
+    )
+    start = 0
+    if resume:
+        start, state, best = _restore(job, ckpt, state, best)
+    with sigint.deferred(), contextlib.closing(ckpt):
+        state, seconds, compile_seconds = _epochs(job, trainer, ckpt, state, best, start)
+    return _summary(job, trainer, state, best, start, seconds, compile_seconds)
+
+
+def _restore(job: Run, ckpt: Checkpoints, state: Any, best: Best) -> tuple[int, Any, Best]:
+    """The run's latest checkpoint (or its start, when none was written), its metrics cut there."""
+    start = 0
+    restored = ckpt.restore_latest(_run_state(state, Best(state.params, best.keep)))
+    if restored is not None:  # a run killed before its first checkpoint starts over
+        start, run = restored
+        state = run["state"]
+        best = Best(
+            parallel.host(run["best_params"]),
+            best.keep,
+            float(run["best_val"]),
+            int(run["best_epoch"]),
+            latest=best.latest,
+        )
+    if job.primary:
+        rewrite_metrics(job.metrics, upto_epoch=start)
+    job.log(_resume_line(job.out, start, job.cfg.epochs))
+    return start, state, best
+
+
+def _run_state(state: Any, best: Best) -> dict[str, Any]:
+    """What a checkpoint holds: the training state and the best params so far, with their
+    validation accuracy and epoch (also the template that a resume restores into)."""
+    return {
+        "state": state,
+        "best_params": best.params,
+        "best_val": np.array(best.val, np.float32),
+        "best_epoch": np.array(best.epoch, np.int32),
+    }
+
+
+def _epochs(
+    job: Run, trainer: Any, ckpt: Checkpoints, state: Any, best: Best, start: int
+) -> tuple[Any, float, float]:
+    """Epochs ``start + 1 …`` through :func:`~jaxl2.mnist.train.train_epochs`, a ``metrics.jsonl``
+    row each; returns the last state, the training seconds and the compiling seconds."""
+    cfg, primary = job.cfg, job.primary
+    data = tuple(parallel.put(a, job.mesh) for a in (*job.ds.need("train"), *job.ds.need("val")))
+    size = epochs_per_call(len(job.ds.need("train").y))
+    seconds, compile_seconds, program = 0.0, 0.0, None
+    if start < cfg.epochs:  # compiled here, so that no epoch's time includes compiling
+        t0 = time.perf_counter()
+        program = compile_epochs(
+            trainer.run_epoch,
+            lambda p, x, y, xv, yv: trainer.eval_fn(p, xv, yv),
+            size,
+            state,
+            *data,
+            latest=trainer.latest,  # each call keeps the params that `best` keeps
+        )
+        compile_seconds = time.perf_counter() - t0
+
+    def diverged(epoch, _members, steps):
+        return f"{diverged_message(cfg, cfg.l2, epoch, int(steps[0]), trainer.steps_per_epoch)} {ckpt.last_good()}"
+
+    metrics: Any = open(job.metrics, "a") if primary else contextlib.nullcontext()
+    with metrics as mfile:
+
+        def on(ep: Epoch) -> None:
+            nonlocal seconds
+            seconds += ep.seconds
+            row = _metrics_row(ep, trainer.steps_per_epoch)
+            if primary:
+                mfile.write(json.dumps(row) + "\n")
+            if job.on_epoch:
+                job.on_epoch(row)
+
+        def save(epoch: int, st: Any) -> None:
+            if primary:  # the rows up to the checkpoint are on disk before it
+                mfile.flush()
+                os.fsync(mfile.fileno())
+            ckpt.save(epoch, _run_state(st, best), best.epoch)
+
+        state = train_epochs(
+            program,
+            state,
+            range(start + 1, cfg.epochs + 1),
+            best,
+            diverged=diverged,
+            size=size,
+            every=job.checkpoint_every,
+            save=save,
+            on_epoch=on,
+            where=lambda epoch: f"after epoch {epoch}; checkpoint saved in {job.out}",
+        )
+    return state, seconds, compile_seconds
+
+
+def _metrics_row(ep: Epoch, steps_per_epoch: int) -> dict[str, Any]:
+    """The ``metrics.jsonl`` row of an epoch."""
+    return {
+        "epoch": ep.epoch,
+        "step": ep.epoch * steps_per_epoch,
+        # per-layer entries (l2/PATH, hypergrad/PATH of l2 auto) keep their own names
+        **{k if "/" in k else f"train_{k}": float(v) for k, v in ep.train.items() if k != "log_evidence"},
+        # l2 evidence: the log evidence of the last λ update (none before the first)
+        **({"log_evidence": _finite(ep.train["log_evidence"])} if "log_evidence" in ep.train else {}),
+        "val_data_loss": float(ep.val["data_loss"]),
+        "val_accuracy": float(ep.val["accuracy"]),
+        "epoch_seconds": ep.seconds,
+    }
+
+
+def _finite(v: Any) -> float | None:
+    return float(v) if np.isfinite(v) else None
+
+
+def _summary(
+    job: Run, trainer: Any, state: Any, best: Best, start: int, seconds: float, compile_seconds: float
+) -> dict[str, Any]:
+    """The run's summary: the best params' metrics, the times, the device."""
+    cfg = job.cfg
+    rows = read_metrics(job.metrics)
+    trained = (cfg.epochs - start) * trainer.steps_per_epoch * cfg.batch_size
+    l2, extra = trainer.summary(parallel.host(state), rows, best.epoch)  # the λ mode's
+    return {
+        **member_summary(trainer.evaluate, best.params, job.ds, cfg, l2),
+        **extra,
+        "best_epoch": best.epoch,
+        "final_val_accuracy": rows[-1]["val_accuracy"] if rows else None,
+        "epochs": cfg.epochs,
+        "epochs_trained": cfg.epochs - start,
+        "lr": cfg.lr,
+        "seconds": seconds,
+        "compile_seconds": compile_seconds,
+        "examples_per_second": trained / seconds if seconds else None,
+        "device": device_name(),
+        "out": job.out,
+    }
+
+
+def _resume_line(out: str, start: int, epochs: int) -> str:
+    """What a resume says about where it starts."""
+    if start == 0:
+        return f"resuming {out}: no checkpoint was written yet, so training starts at epoch 1"
+    if start >= epochs:
+        return f"resuming {out}: all {epochs} epochs were trained already"
+    return f"resuming {out} after epoch {start}: training epochs {start + 1} to {epochs}"
