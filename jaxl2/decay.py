@@ -39,7 +39,7 @@ import optax
 
 from jaxl2 import rules as _rules
 from jaxl2 import select as _select
-from jaxl2.errors import Jaxl2Error
+from jaxl2.errors import Jaxl2Error, describe
 from jaxl2.penalty import check_center, check_rules
 from jaxl2.rules import L2, Stacked, has_schedule
 from jaxl2.table import format_shape, format_table
@@ -99,7 +99,8 @@ def add_decayed_weights(
       select: which leaves: ``None`` for the kernels, a regex over paths, a predicate
         ``(path, leaf) -> bool`` or a preset from ``jaxl2.select``.
       center: ``None``, or the reference weights ``w₀`` (L2-SP): a pytree like the params,
-        e.g. the pretrained params, with the same shapes on the selected leaves.
+        e.g. the pretrained params: every floating-point leaf (the shapes checked on the
+        selected ones), as in :func:`jaxl2.l2_penalty`.
       stacked: ``None``, or ``{regex over leaf paths: layer axis}`` for leaves that hold
         stacked layers, each slice ``path[i]`` with its own λ, as in :func:`jaxl2.l2_penalty`.
 
@@ -275,17 +276,27 @@ def _row(path: str, w: Any, u: Any, selected: bool) -> AuditRow:
     )
 
 
+def _counter(keypath: tuple) -> str | None:
+    """The name of the state field at ``keypath`` (``count``, ``mini_step``, ...), if any."""
+    return getattr(keypath[-1], "name", None) if keypath else None
+
+
 def _at_step(state: Any, step: int) -> Any:
-    """``state`` with every step counter (a field named ``count``) set to ``step``."""
+    """``state`` with every real-step counter (fields ``count``, and ``gradient_step`` of
+    ``optax.MultiSteps``) set to ``step``."""
 
     def set_count(keypath: tuple, x: Any) -> Any:
-        last = keypath[-1] if keypath else None
-        name = getattr(last, "name", None)
-        if name == "count" and hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.integer):
+        if _counter(keypath) in ("count", "gradient_step") and jnp.issubdtype(x.dtype, jnp.integer):
             return jnp.full_like(x, step)
         return x
 
     return jax.tree_util.tree_map_with_path(set_count, state)
+
+
+def _accumulating(state: Any) -> bool:
+    """Whether a wrapper in ``state`` (``optax.MultiSteps``) is mid-way through accumulating."""
+    flat = jax.tree_util.tree_flatten_with_path(state)[0]
+    return any(_counter(kp) == "mini_step" and bool(np.any(np.asarray(x) != 0)) for kp, x in flat)
 
 
 def audit(
@@ -322,7 +333,10 @@ def audit(
     has nothing to correct and decoupled decay is ``−lr·wd·w`` at every step. Schedules (of
     the learning rate or of the decay) are read at ``step``: every step counter in the state
     (each field named ``count``: optax's schedules, ``inject_hyperparams``,
-    :func:`add_decayed_weights`) is set to it before the step. Momentum makes a coupled decay
+    :func:`add_decayed_weights`; ``gradient_step`` of ``optax.MultiSteps``) is set to it before
+    the step. Under gradient accumulation (``optax.MultiSteps``, which returns zero updates until
+    its ``k``-th micro-step) the audit runs the micro-steps up to the real update and reports
+    that one, at real step ``step``. Momentum makes a coupled decay
     grow from ``lr·λ`` at the first step to ``lr·λ/(1 − β)``; the audit shows the first.
 
     With ``stacked`` (as in :func:`jaxl2.l2_penalty`), a selected stacked leaf gives one row
@@ -354,11 +368,20 @@ def audit(
       Dense_0/bias    3      float32  no        yes      1e-05        MISMATCH  decayed but not selected
       Dense_0/kernel  2×3    float32  yes       yes      1e-05        -
     """
+    if not (hasattr(tx, "init") and hasattr(tx, "update")):
+        swapped = (
+            ": are the arguments swapped?" if hasattr(params, "init") and hasattr(params, "update") else ""
+        )
+        raise Jaxl2Error(
+            f"audit(tx, params) takes an optax optimizer first, got {describe(tx)} as tx{swapped}"
+        )
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
         raise Jaxl2Error(f"step must be an int >= 0 (the step count), got {step!r} ({type(step).__name__})")
     entries = {e.path: e for e in _rules.plan(params, None, select=select, stacked=stacked)}
-    probe = _probe(params)
-    updates, _ = tx.update(_zeros(probe), _at_step(tx.init(probe), int(step)), probe)
+    probe, zeros = _probe(params), _zeros(params)
+    updates, state = tx.update(zeros, _at_step(tx.init(probe), int(step)), probe)
+    while _accumulating(state):  # micro-steps of gradient accumulation: on to the real update
+        updates, state = tx.update(zeros, state, probe)
     by_path = dict(_select.leaves(updates))
     rows = []
     for p, w in _select.leaves(probe):

@@ -16,7 +16,7 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["Jaxl2Error", "describe"]
+__all__ = ["Jaxl2Error", "describe", "shown"]
 
 
 class Jaxl2Error(ValueError):
@@ -54,3 +54,15 @@ def describe(value: object) -> str:
         return f"a pytree ({kind}) of {n:,} array{'s' if n != 1 else ''}"
     text = repr(value)
     return f"{text if len(text) <= 60 else text[:57] + '...'} ({kind})"
+
+
+def shown(value: object) -> str:
+    """:func:`describe`, except that a Python number shows as its repr and type, ``-1.0 (float)``.
+
+    Examples:
+      >>> shown(-1.0), shown("1e-3")
+      ('-1.0 (float)', "'1e-3' (str)")
+    """
+    if isinstance(value, bool | int | float | complex):
+        return f"{value!r} ({type(value).__name__})"
+    return describe(value)

@@ -19,7 +19,7 @@ import numpy as np
 
 from jaxl2 import rules as _rules
 from jaxl2 import select as _select
-from jaxl2.errors import Jaxl2Error
+from jaxl2.errors import Jaxl2Error, shown
 from jaxl2.rules import L2, Stacked, check_bool, check_l2, is_traced
 from jaxl2.table import format_shape, format_table
 
@@ -51,13 +51,6 @@ def _shape(x: Any) -> str:
     return "(" + ", ".join(map(str, x.shape)) + ("," if len(x.shape) == 1 else "") + ")"
 
 
-def _what(leaf: Any) -> str:
-    if hasattr(leaf, "dtype") and hasattr(leaf, "shape"):
-        return f"an array of dtype {leaf.dtype} and shape {_shape(leaf)}"
-    text = repr(leaf)
-    return f"{text if len(text) <= 80 else text[:77] + '...'} ({type(leaf).__name__})"
-
-
 def describe_output(out: Any) -> str:
     """What a loss function returned, for a message: ``a tuple of length 3``, ``a float``."""
     kind = type(out).__name__
@@ -80,7 +73,7 @@ def _structure_error(params: Any, center: Any) -> str | None:
     if missing := next((p for p in p_paths if p not in c_set), None):
         every = {_select.path_str(kp): x for kp, x in jax.tree_util.tree_flatten_with_path(center)[0]}
         there = (
-            f"center has {_what(every[missing])} there" if missing in every else "center has no leaf there"
+            f"center has {shown(every[missing])} there" if missing in every else "center has no leaf there"
         )
         return f"params has a floating-point leaf at {missing!r} and {there}"
     if extra := next((c for c in c_paths if c not in p_set), None):
@@ -167,7 +160,7 @@ def check_rules(
     if center is not None and not _select.leaves(center):
         raise Jaxl2Error(
             f"center must be None or a pytree of arrays with the structure of params (e.g. the "
-            f"pretrained params), got {_what(center)}, which has no floating-point array"
+            f"pretrained params), got {shown(center)}, which has no floating-point array"
         )
 
 
@@ -243,9 +236,10 @@ def l2_penalty(
       select: which leaves: ``None`` for the kernels (last key ``kernel``), a regex over
         paths, a predicate ``(path, leaf) -> bool``, or a preset from ``jaxl2.select``.
       center: ``None`` (penalise ``w``), or ``w₀``, a pytree like ``params`` (e.g. the
-        pretrained params: the same paths of floating-point arrays, the same shapes on
-        the selected leaves) to penalise ``w − w₀``. ``w − w₀`` is computed in the
-        accumulation dtype (``w₀`` is cast to it); ``w₀``'s unselected leaves are unused.
+        pretrained params: a floating-point array at every path where ``params`` has one,
+        selected or not, and nowhere else; the same shape on the selected leaves) to
+        penalise ``w − w₀``. ``w − w₀`` is computed in the accumulation dtype (``w₀`` is cast
+        to it); ``w₀``'s unselected leaves are unused, so their shapes are not checked.
       stacked: ``None``, or an ordered mapping ``{regex over leaf paths: axis}``: a selected
         leaf whose path a pattern fullmatches first holds one layer per index of that axis
         (``nn.scan``/``jax.lax.scan``-stacked kernels, usually axis 0), named ``path[i]``.
@@ -575,7 +569,7 @@ def regularized(
     # Everything that can be checked without params fails here, not at the first call.
     if not callable(loss_fn):
         raise Jaxl2Error(
-            f"loss_fn must be callable, a function loss_fn(params, *args) -> loss, got {_what(loss_fn)}"
+            f"loss_fn must be callable, a function loss_fn(params, *args) -> loss, got {shown(loss_fn)}"
         )
     has_aux = check_bool(has_aux, "has_aux")
     if _rules.has_schedule(l2):

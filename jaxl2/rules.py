@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxl2 import select as _select
-from jaxl2.errors import Jaxl2Error
+from jaxl2.errors import Jaxl2Error, describe, shown
 
 __all__ = [
     "is_traced",
@@ -73,8 +73,10 @@ def check_l2(value: Any, name: str = "l2", *, schedule: bool = False) -> Any:
 
     Accepted: a python ``int``/``float``, a NumPy integer or float scalar, a 0-d NumPy or
     JAX array of an integer or float dtype (all checked for ``0 <= λ < ∞``), and a traced
-    value under ``jit``/``vmap`` (returned unchecked: its value is not known yet). Refused:
-    strings, bytes, bools, ``None``, complex numbers and arrays that are not 0-d.
+    value under ``jit``/``vmap``: its shape and dtype are checked as outside ``jit``, with the
+    same message, but not its sign or finiteness (its value is not known yet). Refused:
+    strings, bytes, bools, ``None``, complex numbers, arrays that are not 0-d, and pytrees
+    (the message then asks whether the params were given where λ goes).
 
     Args:
       value: the coefficient.
@@ -100,8 +102,6 @@ def check_l2(value: Any, name: str = "l2", *, schedule: bool = False) -> Any:
       ...
       jaxl2.errors.Jaxl2Error: l2 is a schedule whose value at step 0 is -1.0; a λ must be a finite number >= 0
     """
-    if is_traced(value):
-        return value
     if is_schedule(value):
         if not schedule:
             raise Jaxl2Error(
@@ -129,11 +129,15 @@ def check_l2(value: Any, name: str = "l2", *, schedule: bool = False) -> Any:
     if real and hasattr(value, "dtype"):
         dtype = value.dtype
         real = value.ndim == 0 and (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating))
+    if real and is_traced(value):  # its shape and dtype are known, its value is not
+        return value
     if not real or isinstance(value, bool) or not (0 <= float(value) < math.inf):
-        raise Jaxl2Error(
-            f"{name} must be a finite number >= 0 (a float or a 0-d array), "
-            f"got {value!r} ({type(value).__name__})"
-        )
+        got = shown(value)
+        if hasattr(value, "dtype"):
+            got += " (traced)" if is_traced(value) else f" ({type(value).__name__})"
+        elif got.startswith("a pytree"):
+            got += ": are the arguments swapped? (params where a λ goes)"
+        raise Jaxl2Error(f"{name} must be a finite number >= 0 (a float or a 0-d array), got {got}")
     return value
 
 
@@ -167,6 +171,11 @@ def check_l2_rules(l2: Any, *, schedule: bool = False) -> list[tuple[str, re.Pat
         return None
     if not l2:
         raise Jaxl2Error("l2 mapping is empty; give {regex: λ} entries, e.g. {'.*': 1e-3}")
+    if any(isinstance(v, Mapping | list | tuple) or describe(v).startswith("a pytree") for v in l2.values()):
+        raise Jaxl2Error(
+            f"l2 must be one λ or a mapping {{regex or path: λ}}, got {describe(l2)}: "
+            "are the arguments swapped? (params where a λ goes)"
+        )
     rules = []
     for pattern, lam in l2.items():
         if not isinstance(pattern, str):
@@ -192,7 +201,7 @@ def check_stacked(stacked: Stacked) -> list[tuple[str, re.Pattern, int]]:
     if not isinstance(stacked, Mapping) or not stacked:
         raise Jaxl2Error(
             "stacked must be None or a non-empty mapping {regex over leaf paths: layer axis}, e.g. "
-            f"{{'params/blocks/.*': 0}}; got {stacked!r} ({type(stacked).__name__})"
+            f"{{'params/blocks/.*': 0}}; got {shown(stacked)}"
         )
     out = []
     for pattern, axis in stacked.items():
@@ -261,23 +270,33 @@ def _axes(chosen: list[tuple[str, Any]], stacked: Stacked) -> list[int | None]:
 
 
 def _rule_l2(
-    units: list[tuple[str, str]], rules: list[tuple[str, re.Pattern, Any]], every: list[str]
+    units: list[tuple[str, str]], rules: list[tuple[str, re.Pattern, Any]], every: dict[str, Any]
 ) -> list[tuple[Any, str]]:
     """``(λ, pattern)`` of each ``(unit name, leaf path)``: those of the first rule matching either.
 
-    ``every`` holds the paths of all of params' array leaves, selected or not."""
+    A rule matches a name equal to its pattern (a path, taken as it is) or one its regex
+    fullmatches. ``every`` holds all of params' array leaves by path, selected or not."""
 
-    def matches(rx: re.Pattern, unit: tuple[str, str]) -> bool:
-        return rx.fullmatch(unit[0]) is not None or (unit[0] != unit[1] and rx.fullmatch(unit[1]) is not None)
+    def matches(rule: tuple[str, re.Pattern, Any], name: str) -> bool:
+        return name == rule[0] or rule[1].fullmatch(name) is not None
+
+    def takes(rule: tuple[str, re.Pattern, Any], unit: tuple[str, str]) -> bool:
+        return matches(rule, unit[0]) or (unit[0] != unit[1] and matches(rule, unit[1]))
 
     # the index of each unit's first matching rule, None where none matches
-    first: list[Any] = [
-        next((i for i, (_, rx, _) in enumerate(rules) if matches(rx, u)), None) for u in units
-    ]
+    first: list[Any] = [next((i for i, r in enumerate(rules) if takes(r, u)), None) for u in units]
     names = [u[0] for u in units]
     for i, (pattern, rx, _) in enumerate(rules):
-        hits = [j for j, u in enumerate(units) if matches(rx, u)]
+        hits = [j for j, u in enumerate(units) if takes(rules[i], u)]
         if not hits:
+            layers = {n: every[n].shape[0] if every[n].ndim else 0 for n, p in units if n == p}
+            slices = [f"{n}[{k}]" for n, size in layers.items() for k in range(size)]
+            if hit := next((n for n in slices if matches(rules[i], n)), None):
+                raise Jaxl2Error(
+                    f"l2 pattern {pattern!r} matches no selected parameter, but names the layer slice "
+                    f"{hit!r} of a leaf that is not stacked: pass stacked={{{hit.rsplit('[', 1)[0]!r}: 0}} "
+                    "(the layer axis) to give each slice its own λ"
+                )
             raise Jaxl2Error(
                 f"l2 pattern {pattern!r} matches no selected parameter (a typo?); "
                 f"the selected paths are: {', '.join(names)}"
@@ -333,7 +352,7 @@ def plan(
         lams = [(None, None)] * len(flat)
     else:
         rules = check_l2_rules(l2, schedule=schedule)
-        every = [p for p, _ in _select.leaves(params)]
+        every = dict(_select.leaves(params))
         lams = [(l2, None)] * len(flat) if rules is None else _rule_l2(flat, rules, every)
     it = iter(lams)
     entries = []

@@ -181,3 +181,29 @@ def test_prints_a_table():
         "selected",
     ]
     assert lines[3].split() == ["Dense_0/kernel", "4×5", "float32", "yes", "yes", "1e-05", "-"]
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_audit_under_gradient_accumulation_reports_the_real_update_at_the_real_step(k):
+    """optax.MultiSteps returns zeros until its k-th micro-step; the audit reports the real update
+    at real step 3, against a hand-written accumulation loop on optax's own transforms."""
+    lr = optax.linear_schedule(1e-3, 0.0, 10)  # the real step shows: lr(3) = 7e-4
+    wd, step = 1e-2, 3
+    p = jax.tree.map(lambda x: jnp.where(x == 0, 1.0, x), params())  # no zero weight hides a decay
+    tx = optax.MultiSteps(optax.adamw(lr, weight_decay=wd), every_k_schedule=k)
+    rows = audit(tx, p, step=step)
+    # by hand: k·step micro-steps with a zero gradient, then the k micro-steps of real step 3
+    state, zeros, update = tx.init(p), jax.tree.map(jnp.zeros_like, p), jax.jit(tx.update)
+    for _ in range(k * step):
+        _, state = update(zeros, state, p)
+    for _ in range(k):
+        updates, state = update(zeros, state, p)
+    for r in rows:
+        w, u = (np.asarray(dict(select.leaves(t))[r.path], np.float64) for t in (p, updates))
+        assert r.decayed  # no mask: the bias is decayed too
+        assert r.shrink == pytest.approx(float(np.mean(-u / w)), rel=1e-5)
+        assert r.shrink == pytest.approx(float(lr(step)) * wd, rel=1e-5)
+        assert r.note == ("" if r.path in KERNELS else "decayed but not selected")
+    # the same under a wrapper around the wrapper: the real step is still found
+    wrapped = optax.chain(optax.identity(), tx)
+    assert [r.shrink for r in audit(wrapped, p, step=step)] == [r.shrink for r in rows]

@@ -563,3 +563,96 @@ def test_a_loss_returning_loss_and_aux_without_has_aux_is_an_error_saying_which_
     for call in (loss, jax.jit(loss), jax.grad(loss)):
         with pytest.raises(jaxl2.Jaxl2Error, match=r"returned a tuple of length 2.*needs has_aux=True"):
             call(p)
+
+
+def big_params(n=1000):
+    """A pytree of 2·n arrays: what a large model's params look like in a message."""
+    return {f"layer_{i}": {"kernel": jnp.ones((2, 2)), "bias": jnp.zeros(2)} for i in range(n)}
+
+
+@pytest.mark.parametrize("lam", [jnp.array([1e-3]), jnp.ones(3)], ids=["shape-1", "shape-3"])
+@pytest.mark.parametrize("fn", ["l2_penalty", "regularized", "add_decayed_weights", "make_train_step"])
+def test_a_traced_lambda_of_the_wrong_shape_is_refused_at_trace_time_as_outside_jit(fn, lam):
+    import optax
+
+    p = {"d": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}}
+
+    def call(l2):
+        if fn == "l2_penalty":
+            return jaxl2.l2_penalty(p, l2)
+        if fn == "regularized":
+            return jaxl2.regularized(lambda q: jnp.sum(q["d"]["bias"]), l2)(p)
+        if fn == "add_decayed_weights":
+            tx = jaxl2.add_decayed_weights(l2)
+            return tx.update(p, tx.init(p), p)[0]
+        step = jaxl2.make_train_step(lambda q: jnp.sum(q["d"]["bias"]), optax.sgd(0.1), l2=l2)
+        return step(p, step.init(p))[0]
+
+    shape = ", ".join(map(str, lam.shape)) + ","
+    said = rf"^l2 must be a finite number >= 0 \(a float or a 0-d array\), got an array of dtype float32 and shape \({shape}\)"
+    with pytest.raises(jaxl2.Jaxl2Error, match=said + r" \(ArrayImpl\)"):
+        call(lam)
+    with pytest.raises(jaxl2.Jaxl2Error, match=said + r" \(traced\)"):
+        jax.jit(call)(lam)
+
+
+def test_a_traced_scalar_lambda_is_still_taken_unchecked():
+    p = {"d": {"kernel": jnp.ones((2, 2))}}
+    assert float(jax.jit(lambda lam: jaxl2.l2_penalty(p, lam))(jnp.float32(0.5))) == 1.0  # 0.5/2·4
+    assert (
+        float(jax.jit(lambda lam: jaxl2.l2_penalty(p, lam))(jnp.float32(-1.0))) == -2.0
+    )  # sign unknown at trace
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda big: jaxl2.l2_penalty({"d": {"kernel": jnp.ones(2)}}, big),
+        lambda big: jaxl2.selected({"d": {"kernel": jnp.ones(2)}}, big),
+        lambda big: jaxl2.coefficients({"d": {"kernel": jnp.ones(2)}}, big),
+        lambda big: jaxl2.regularized(lambda p: 0.0, big),
+        lambda big: jaxl2.add_decayed_weights(big),
+        lambda big: jaxl2.l2_penalty({"d": {"kernel": jnp.ones(2)}}, {"rules": big}),
+        lambda big: jaxl2.l2_penalty({"d": {"kernel": jnp.ones(2)}}, [big]),
+    ],
+    ids=[
+        "l2_penalty",
+        "selected",
+        "coefficients",
+        "regularized",
+        "add_decayed_weights",
+        "in-mapping",
+        "list",
+    ],
+)
+def test_params_where_lambda_goes_are_summarised_and_called_swapped(call):
+    with pytest.raises(jaxl2.Jaxl2Error) as e:
+        call(big_params())
+    assert len(str(e.value)) < 400
+    assert "a pytree (" in str(e.value) and "2,000 arrays" in str(e.value)
+    assert "are the arguments swapped?" in str(e.value)
+
+
+def test_an_optimizer_where_params_go_is_called_swapped():
+    import optax
+
+    tx = optax.adamw(1e-3, weight_decay=1e-2)
+    for call in (
+        lambda: jaxl2.mask(tx),
+        lambda: jaxl2.l2_penalty(tx, 1e-3),
+        lambda: jaxl2.audit(big_params(), tx),
+    ):
+        with pytest.raises(jaxl2.Jaxl2Error, match=r"are the arguments swapped\?$") as e:
+            call()
+        assert len(str(e.value)) < 400
+
+
+def test_a_path_mapping_is_taken_as_it_is_without_regex_escaping():
+    stack = {
+        "blocks": {"kernel": jnp.stack([jnp.ones((2, 2)), 2 * jnp.ones((2, 2))])},
+        "head": {"kernel": jnp.asarray(W)},
+    }
+    by_path = {"blocks/kernel[1]": 0.5, "blocks/kernel[0]": 0.25, "head/kernel": 0.1}
+    got = float(jaxl2.l2_penalty(stack, by_path, stacked={"blocks/kernel": 0}))
+    assert got == pytest.approx(0.25 / 2 * 4 + 0.5 / 2 * 16 + np_penalty([W], 0.1), rel=1e-6)
+    assert [r.l2 for r in jaxl2.selected(stack, by_path, stacked={"blocks/kernel": 0})] == [0.25, 0.5, 0.1]

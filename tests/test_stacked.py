@@ -298,9 +298,14 @@ def test_bad_stacked_is_an_error_that_says_what_is_wrong(stacked, stacked_arg, m
 def test_a_slice_pattern_that_matches_nothing_is_an_error(stacked):
     with pytest.raises(jaxl2.Jaxl2Error, match=r"matches no selected parameter"):
         jaxl2.l2_penalty(stacked, {r"blocks/kernel\[7\]": 0.1, ".*": 0.0}, stacked=STACKED)
-    # without stacked= there are no slices to name
-    with pytest.raises(jaxl2.Jaxl2Error, match=r"matches no selected parameter"):
+    # without stacked= there are no slices: the message says to pass stacked=
+    with pytest.raises(jaxl2.Jaxl2Error, match=r"matches no selected parameter") as e:
         jaxl2.l2_penalty(stacked, {r"blocks/kernel\[0\]": 0.1, ".*": 0.0})
+    assert "(a typo?)" not in str(e.value)
+    assert "names the layer slice 'blocks/kernel[0]' of a leaf that is not stacked" in str(e.value)
+    assert "pass stacked={'blocks/kernel': 0}" in str(e.value)
+    with pytest.raises(jaxl2.Jaxl2Error, match=r"pass stacked=\{'blocks/kernel': 0\}"):
+        jaxl2.l2_penalty(stacked, {r".*kernel\[2\]": 0.1, ".*": 0.0})
 
 
 class Block(nn.Module):
