@@ -48,10 +48,13 @@ __all__ = ["add_decayed_weights", "audit", "AuditRow", "Audit", "ScheduleState"]
 
 
 class ScheduleState(NamedTuple):
-    """The state of :func:`add_decayed_weights` when a λ is a schedule: the step count, as in
-    ``optax.add_decayed_weights`` (read at ``count``, then incremented)."""
+    """The state of a λ schedule: the step count (the schedules are read at ``count``, then it
+    is incremented, as optax's schedules count), and the optimizer's own state where there is
+    one: :func:`add_decayed_weights` keeps the count alone, :func:`jaxl2.make_train_step` the
+    count and ``tx``'s state."""
 
     count: jax.Array  # type: ignore[assignment]  # a field named as optax names it, over tuple.count
+    opt_state: Any = None
 
 
 def add_decayed_weights(
