@@ -40,7 +40,7 @@ import optax
 from jaxl2 import rules as _rules
 from jaxl2 import select as _select
 from jaxl2.errors import Jaxl2Error, describe
-from jaxl2.penalty import check_center, check_rules
+from jaxl2.penalty import check_rules, leaf_l2
 from jaxl2.rules import L2, Stacked, has_schedule
 from jaxl2.table import format_shape, format_table
 
@@ -147,9 +147,7 @@ def add_decayed_weights(
 
     def init_fn(params: Any) -> Any:
         # an empty selection, a stray pattern or a bad stacked axis fails here
-        _rules.plan(params, l2, select=select, stacked=stacked)
-        if center is not None:
-            check_center(params, center, select=select)
+        _rules.plan(params, l2, select=select, stacked=stacked, center=center)
         return ScheduleState(jnp.zeros([], jnp.int32)) if scheduled else optax.EmptyState()
 
     def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
@@ -159,25 +157,21 @@ def add_decayed_weights(
                 "call tx.update(updates, state, params)"
             )
         count = state.count if scheduled else None
-        entries = {e.path: e for e in _rules.plan(params, l2, select=select, stacked=stacked)}
-        w0 = {} if center is None else check_center(params, center, select=select)
-        done = set()
+        entries = _rules.plan(params, l2, select=select, stacked=stacked, center=center)
+        lams, by_path, done = leaf_l2(entries, count), {e.path: e for e in entries}, set()
 
         def add(keypath: tuple, u: Any) -> Any:
             path = _select.path_str(keypath)
-            if path not in entries:
+            if path not in lams:
                 return u
             done.add(path)
-            e = entries[path]
+            e = by_path[path]
             acc = jnp.promote_types(e.leaf.dtype, jnp.float32)
-            d = e.leaf.astype(acc)
-            if path in w0:
-                d = d - jnp.asarray(w0[path], acc)
-            lam = _rules.broadcast(jnp.asarray(_rules.value(e, count, acc), acc), e)
-            return u + (lam * d).astype(u.dtype)
+            d = e.leaf.astype(acc) if e.center is None else e.leaf.astype(acc) - jnp.asarray(e.center, acc)
+            return u + (jnp.asarray(lams[path], acc) * d).astype(u.dtype)
 
         updates = jax.tree_util.tree_map_with_path(add, updates)
-        if missing := [p for p in entries if p not in done]:
+        if missing := [p for p in lams if p not in done]:
             raise Jaxl2Error(
                 f"updates have no leaf at {missing[0]!r}, a selected path of params: "
                 "updates and params must have the same structure"
@@ -389,10 +383,9 @@ def audit(
     rows = []
     for p, w in _select.leaves(probe):
         u, e = by_path.get(p), entries.get(p)
-        if e is None or e.axis is None:
-            rows.append(_row(p, w, u, e is not None))
-            continue
-        us = [None] * len(e.units) if u is None else list(np.moveaxis(np.asarray(u), e.axis, 0))
-        ws = np.moveaxis(np.asarray(w), e.axis, 0)
-        rows += [_row(n, ws[i], us[i], True) for i, n in enumerate(e.units)]
+        if e is None:
+            rows.append(_row(p, w, u, False))
+        else:
+            us = [None] * len(e.units) if u is None else e.slices(u)
+            rows += [_row(n, wi, ui, True) for n, wi, ui in zip(e.units, e.slices(w), us)]
     return Audit(rows)

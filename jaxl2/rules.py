@@ -7,7 +7,8 @@ stacked on axis 0 is twelve units ``…/kernel[0]`` … ``…/kernel[11]`` of sh
 
 * ``l2`` is one λ for every unit, or an ordered mapping ``{regex: λ}``: each unit takes the λ
   of the first pattern that ``re.fullmatch``-es its name, or, for a slice, its leaf's path (so
-  ``'.*kernel'`` covers every slice and ``r'.*kernel\\[0\\]'`` the first one only).
+  ``'.*kernel'`` covers every slice and ``r'.*kernel\\[0\\]'`` the first one only). A key equal
+  to a name is taken as it is, so ``{path: λ}`` (``{'blocks/kernel[0]': 1e-2}``) needs no escaping.
 * A λ is a finite number ``>= 0``, a traced scalar (under ``jit``/``vmap``), or, where a step
   count is known, an optax schedule: a function of the step count, such as
   ``optax.linear_schedule(1e-2, 0.0, 1000)``.
@@ -36,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxl2 import select as _select
-from jaxl2.errors import Jaxl2Error, describe, shown
+from jaxl2.errors import Jaxl2Error, describe, shape_text, shown
 
 __all__ = [
     "is_traced",
@@ -48,8 +49,6 @@ __all__ = [
     "check_l2_rules",
     "has_schedule",
     "plan",
-    "value",
-    "broadcast",
 ]
 
 Schedule = Callable[[Any], Any]
@@ -225,7 +224,7 @@ def has_schedule(l2: Any) -> bool:
 
 
 class Entry(NamedTuple):
-    """One selected leaf and the λ of each of its units.
+    """One selected leaf, its units and the λ of each: a row of the plan.
 
     Attributes:
       path: the leaf's path.
@@ -235,6 +234,7 @@ class Entry(NamedTuple):
       l2: one λ (a number, a traced value or a schedule) per unit; ``None`` each when no λ
         was asked for.
       rules: per unit, the ``l2`` pattern that gave its λ (``None`` when ``l2`` is not a mapping).
+      center: the leaf's ``w₀`` (checked to fit), or ``None`` without a center.
     """
 
     path: str
@@ -243,6 +243,42 @@ class Entry(NamedTuple):
     units: tuple[str, ...]
     l2: tuple
     rules: tuple
+    center: Any = None
+
+    def lam(self, count: Any = None, dtype: Any = jnp.float32) -> Any:
+        """The λ at step ``count``: one scalar when all units share it, else a vector of ``dtype``
+        (one λ per slice) shaped to multiply the leaf: along the layer axis, size 1 elsewhere.
+
+        Examples:
+          >>> import jax.numpy as jnp, optax
+          >>> e = Entry("k", jnp.ones((2, 3)), 0, ("k[0]", "k[1]"), (0.5, optax.constant_schedule(0.25)), (None, None))
+          >>> e.lam(count=0).tolist()
+          [[0.5], [0.25]]
+        """
+        if count is None and any(callable(lam) for lam in self.l2):
+            raise Jaxl2Error(f"the λ of {self.path!r} is a schedule, which needs the step count")
+        lams = [lam(count) if callable(lam) else lam for lam in self.l2]
+        if _same(self.l2):
+            return lams[0]
+        shape = [1] * self.leaf.ndim
+        shape[cast(int, self.axis)] = -1  # a vector λ belongs to a stacked leaf, which has an axis
+        return jnp.reshape(jnp.stack([jnp.asarray(lam, dtype) for lam in lams]), shape)
+
+    def sq(self, x: Any = None, w0: Any = None) -> jax.Array:
+        """``Σ(x − w₀)²`` over each unit in at least float32 (``x``: the leaf, ``w₀``: none by
+        default): a scalar, or a ``[L]`` vector for a stacked leaf."""
+        x = self.leaf if x is None else x
+        acc = jnp.promote_types(x.dtype, jnp.float32)
+        d = x.astype(acc) if w0 is None else x.astype(acc) - jnp.asarray(w0, acc)
+        if self.axis is None:
+            return jnp.sum(d * d)
+        return jnp.sum(d * d, axis=tuple(i for i in range(d.ndim) if i != self.axis))
+
+    def slices(self, x: Any) -> list[Any]:
+        """``x`` (shaped like the leaf) cut into its units."""
+        if self.axis is None:
+            return [x]
+        return [jnp.take(x, i, axis=self.axis) for i in range(len(self.units))]
 
 
 def _axes(chosen: list[tuple[str, Any]], stacked: Stacked) -> list[int | None]:
@@ -330,17 +366,22 @@ def plan(
     *,
     select: _select.Selector = None,
     stacked: Stacked = None,
+    center: Any = None,
     schedule: bool = True,
 ) -> list[Entry]:
-    """The selected leaves of ``params``, their units and each unit's λ (``l2=None``: no λ).
+    """The plan: the selected leaves of ``params``, their units, each unit's λ (``l2=None``: no
+    λ) and, with ``center``, each leaf's ``w₀``. Every public function of jaxl2 that selects
+    derives from it.
 
     Raises:
       Jaxl2Error: an empty selection (the paths that exist are listed), a bad λ, an l2
         pattern that matches nothing or only units an earlier pattern takes (unless it matches
         every leaf of params, a catch-all), a selected unit no pattern matches, a bad ``stacked`` (not a mapping, a
-        pattern that matches no selected leaf, an axis out of range).
+        pattern that matches no selected leaf, an axis out of range), a ``center`` that does
+        not fit ``params``.
     """
     chosen = _select.resolve(params, select)
+    w0 = {} if center is None else _centers(params, center, chosen)
     axes = _axes(chosen, stacked)
     units = [
         [(p, p)] if axis is None else [(f"{p}[{i}]", p) for i in range(w.shape[axis])]
@@ -357,8 +398,8 @@ def plan(
     it = iter(lams)
     entries = []
     for (p, w), axis, us in zip(chosen, axes, units):
-        mine = [next(it) for _ in us]
-        entries.append(Entry(p, w, axis, tuple(n for n, _ in us), *map(tuple, zip(*mine))))
+        lam, rule = zip(*[next(it) for _ in us])
+        entries.append(Entry(p, w, axis, tuple(n for n, _ in us), lam, rule, w0.get(p)))
     return entries
 
 
@@ -374,35 +415,25 @@ def _same(lams: tuple) -> bool:
     return True
 
 
-def value(entry: Entry, count: Any = None, dtype: Any = jnp.float32) -> Any:
-    """The λ of ``entry`` at step ``count``: one scalar for the whole leaf when all its units
-    share a λ, else a ``[L]`` vector of ``dtype`` (one λ per slice, in order).
-
-    Examples:
-      >>> import jax.numpy as jnp, optax
-      >>> e = Entry("k", jnp.ones((2, 3)), 0, ("k[0]", "k[1]"), (0.5, optax.constant_schedule(0.25)), (None, None))
-      >>> value(e, count=0).tolist()
-      [0.5, 0.25]
-    """
-    if count is None and any(callable(lam) for lam in entry.l2):
-        raise Jaxl2Error(f"the λ of {entry.path!r} is a schedule, which needs the step count")
-    lams = tuple(lam(count) if callable(lam) else lam for lam in entry.l2)
-    if _same(entry.l2):
-        return lams[0]
-    return jnp.stack([jnp.asarray(lam, dtype) for lam in lams])
-
-
-def broadcast(lam: Any, entry: Entry) -> Any:
-    """``lam`` shaped to multiply ``entry.leaf``: a ``[L]`` vector along the layer axis."""
-    if jnp.ndim(lam) == 0:
-        return lam
-    shape = [1] * entry.leaf.ndim
-    shape[cast(int, entry.axis)] = -1  # a vector λ belongs to a stacked leaf, which has an axis
-    return jnp.reshape(lam, shape)
-
-
-def slice_sums(entry: Entry, x: jax.Array) -> jax.Array:
-    """``Σx`` over each unit of ``entry``: a ``[L]`` vector when stacked, else a scalar."""
-    if entry.axis is None:
-        return jnp.sum(x)
-    return jnp.sum(x, axis=tuple(i for i in range(x.ndim) if i != entry.axis))
+def _centers(params: Any, center: Any, chosen: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``{path: w₀}`` of the chosen leaves, once ``center`` is known to fit ``params``: a
+    floating-point leaf at each of params' paths, and no other (paths are compared, not
+    containers or order: a plain dict fits an NNX ``State``), shaped like each chosen leaf."""
+    ours, theirs = dict(_select.leaves(params)), dict(_select.leaves(center))
+    if missing := next((p for p in ours if p not in theirs), None):
+        every = {_select.path_str(kp): x for kp, x in jax.tree_util.tree_flatten_with_path(center)[0]}
+        there = (
+            f"center has {shown(every[missing])} there" if missing in every else "center has no leaf there"
+        )
+        diff = f"params has a floating-point leaf at {missing!r} and {there}"
+    elif extra := next((p for p in theirs if p not in ours), None):
+        diff = f"center has a floating-point leaf at {extra!r} that params lacks"
+    else:
+        for path, w in chosen:
+            if tuple(theirs[path].shape) != tuple(w.shape):
+                raise Jaxl2Error(
+                    f"center must have the shapes of params on the selected leaves, but at {path!r} "
+                    f"center has shape {shape_text(theirs[path].shape)} and params {shape_text(w.shape)}"
+                )
+        return {path: theirs[path] for path, _ in chosen}
+    raise Jaxl2Error(f"center must have the structure of params (e.g. the pretrained params), but {diff}")
