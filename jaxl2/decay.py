@@ -98,7 +98,8 @@ def add_decayed_weights(
     Args:
       l2: one λ for every selected leaf (a float, a 0-d array, a traced scalar, or a
         schedule), or an ordered mapping ``{regex: λ}``: each unit takes the λ of the first
-        pattern that ``re.fullmatch``-es it, as in :func:`jaxl2.l2_penalty`.
+        pattern that ``re.fullmatch``-es it, as in :func:`jaxl2.l2_penalty`. A traced λ is
+        checked for shape at trace time, as outside ``jit``; its sign and finiteness cannot be.
       select: which leaves: ``None`` for the kernels, a regex over paths, a predicate
         ``(path, leaf) -> bool`` or a preset from ``jaxl2.select``.
       center: ``None``, or the reference weights ``w₀`` (L2-SP): a pytree like the params,

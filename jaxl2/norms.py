@@ -41,6 +41,7 @@ from jaxl2.rules import L2, Stacked
 __all__ = ["group_norms", "global_norms", "UNSELECTED"]
 
 UNSELECTED = "unselected"
+NAMES = ("param_norm", "grad_norm", "update_norm")
 
 
 def _sq(x: Any) -> jax.Array:
@@ -58,7 +59,7 @@ def global_norms(params: Any, grads: Any, updates: Any) -> dict[str, jax.Array]:
       {'param_norm': 2.0, 'grad_norm': 1.0, 'update_norm': 0.0}
     """
     out = {}
-    for name, tree in (("param_norm", params), ("grad_norm", grads), ("update_norm", updates)):
+    for name, tree in zip(NAMES, (params, grads, updates)):
         sums = [_sq(x) for _, x in _select.leaves(tree)]
         out[name] = jnp.sqrt(sum(sums[1:], sums[0]) if sums else jnp.float32(0))
     return out
@@ -131,10 +132,7 @@ def group_norms(
     sums: dict[str, list[Any]] = {}  # group -> [Σw², Σg², Σu², ‖λ(w − w₀)‖²]
 
     def add(group: str, values: list[Any]) -> None:
-        if group not in sums:
-            sums[group] = values
-        else:
-            sums[group] = [a + b for a, b in zip(sums[group], values)]
+        sums[group] = [a + b for a, b in zip(sums[group], values)] if group in sums else values
 
     for path, w in w_all:
         e = entries.get(path)
@@ -151,13 +149,10 @@ def group_norms(
             add(group, [x if e.axis is None else x[i] for x in parts])
     out: dict[str, jax.Array] = {}
     for group, (sw, sg, su, sd) in sums.items():
-        out[f"param_norm/{group}"] = jnp.sqrt(sw)
-        out[f"grad_norm/{group}"] = jnp.sqrt(sg)
-        out[f"update_norm/{group}"] = jnp.sqrt(su)
+        out.update({f"{name}/{group}": jnp.sqrt(x) for name, x in zip(NAMES, (sw, sg, su))})
         if l2 is not None and group != UNSELECTED:
             out[f"decay_share/{group}"] = jnp.where(
                 sg > 0, jnp.sqrt(sd) / jnp.sqrt(jnp.where(sg > 0, sg, 1)), 0.0
             )
-    totals = [sum(v[k] for v in sums.values()) for k in range(3)]
-    out.update(param_norm=jnp.sqrt(totals[0]), grad_norm=jnp.sqrt(totals[1]), update_norm=jnp.sqrt(totals[2]))
+    out.update({name: jnp.sqrt(sum(v[k] for v in sums.values())) for k, name in enumerate(NAMES)})
     return out

@@ -170,8 +170,10 @@ def l2_penalty(
     Args:
       params: any pytree of arrays: a Linen params dict, an NNX ``State`` or pure dict, a
         Haiku dict, an Equinox module.
-      l2: one λ for every unit (a float or 0-d array, a traced scalar under ``jit``/``vmap``,
-        or with ``step`` an optax schedule ``count -> λ``), or an ordered mapping
+      l2: one λ for every unit (a float or 0-d array, a traced scalar under ``jit``/``vmap``
+        (its shape is checked at trace time, with the message given outside ``jit``; its sign
+        and finiteness cannot be, its value being unknown), or with ``step`` an optax
+        schedule ``count -> λ``), or an ordered mapping
         ``{regex: λ}``; each unit takes the λ of the first pattern that ``re.fullmatch``-es its
         name or equals it (so ``{path: λ}`` needs no escaping; a slice ``path[i]`` also matches
         by its leaf's ``path``). Every pattern must be
@@ -467,7 +469,8 @@ def regularized(
 
     Args:
       loss_fn: the data loss ``(params, *args, **kwargs) -> loss`` (or ``(loss, aux)``).
-      l2: a λ, or an ordered ``{regex: λ}`` mapping, as in :func:`l2_penalty`.
+      l2: a λ, or an ordered ``{regex: λ}`` mapping, as in :func:`l2_penalty` (a traced λ is
+        checked for shape, not for sign or finiteness).
       select: which leaves, as in :func:`l2_penalty`.
       center: ``None``, or the reference weights ``w₀`` (a pytree like the params), as in
         :func:`l2_penalty`. The wrapper holds on to it: a jitted loss sees it as a constant.
@@ -504,6 +507,7 @@ def regularized(
     if not callable(loss_fn):
         raise Jaxl2Error(
             f"loss_fn must be callable, a function loss_fn(params, *args) -> loss, got {shown(loss_fn)}"
+            + (": are the arguments swapped?" if callable(l2) else "")
         )
     has_aux = check_bool(has_aux, "has_aux")
     if _rules.has_schedule(l2):

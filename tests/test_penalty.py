@@ -447,6 +447,12 @@ def test_regularized_refuses_a_loss_fn_that_is_not_callable():
     assert str(e.value) == "loss_fn must be callable, a function loss_fn(params, *args) -> loss, got 5 (int)"
     with pytest.raises(jaxl2.Jaxl2Error, match=r"^loss_fn must be callable.*got None \(NoneType\)"):
         jaxl2.regularized(None, 1e-3, has_aux=True)
+    with pytest.raises(jaxl2.Jaxl2Error) as e:  # regularized(params, loss_fn)
+        jaxl2.regularized(big_params(), lambda p: 0.0)
+    assert str(e.value) == (
+        "loss_fn must be callable, a function loss_fn(params, *args) -> loss, got a pytree (dict) of "
+        "2,000 arrays: are the arguments swapped?"
+    )
 
 
 @pytest.mark.parametrize("flag", ["yes", "False", 1, 0, None, np.array(True), jnp.array(False)], ids=repr)
