@@ -28,94 +28,28 @@ Example:
 """
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load lazily below
-    from jaxl2 import auto as auto
-    from jaxl2 import conventions as conventions
-    from jaxl2 import decay as decay
-    from jaxl2 import evidence as evidence
-    from jaxl2 import norms as norms
-    from jaxl2 import rules as rules
-    from jaxl2 import select as select
-    from jaxl2.auto import AutoL2 as AutoL2
-    from jaxl2.auto import AutoL2State as AutoL2State
-    from jaxl2.auto import auto_l2 as auto_l2
-    from jaxl2.check import GradcheckReport as GradcheckReport
-    from jaxl2.check import gradcheck as gradcheck
-    from jaxl2.conventions import from_decoupled as from_decoupled
-    from jaxl2.conventions import from_keras as from_keras
-    from jaxl2.conventions import from_sklearn_alpha as from_sklearn_alpha
-    from jaxl2.conventions import from_torch_weight_decay as from_torch_weight_decay
-    from jaxl2.conventions import to_keras as to_keras
-    from jaxl2.decay import Audit as Audit
-    from jaxl2.decay import AuditRow as AuditRow
-    from jaxl2.decay import ScheduleState as ScheduleState
-    from jaxl2.decay import add_decayed_weights as add_decayed_weights
-    from jaxl2.decay import audit as audit
-    from jaxl2.errors import Jaxl2Error as Jaxl2Error
-    from jaxl2.evidence import Curvature as Curvature
-    from jaxl2.evidence import evidence_l2 as evidence_l2
-    from jaxl2.evidence import ggn as ggn
-    from jaxl2.evidence import ggn_lanczos as ggn_lanczos
-    from jaxl2.evidence import log_evidence as log_evidence
-    from jaxl2.norms import group_norms as group_norms
-    from jaxl2.penalty import Row as Row
-    from jaxl2.penalty import Selection as Selection
-    from jaxl2.penalty import coefficients as coefficients
-    from jaxl2.penalty import l2_penalty as l2_penalty
-    from jaxl2.penalty import regularized as regularized
-    from jaxl2.penalty import selected as selected
-    from jaxl2.select import Preset as Preset
-    from jaxl2.select import mask as mask
-    from jaxl2.step import ScheduledState as ScheduledState
-    from jaxl2.step import make_train_step as make_train_step
-
-# name -> module that defines it. Loaded on first use, so that ``import jaxl2`` costs nothing
-# until jaxl2 is used (the command's start-up, and Ctrl-C during it, stay in jaxl2's hands).
-_EXPORTS = {
-    "select": "jaxl2.select",
-    "l2_penalty": "jaxl2.penalty",
-    "regularized": "jaxl2.penalty",
-    "selected": "jaxl2.penalty",
-    "Row": "jaxl2.penalty",
-    "Selection": "jaxl2.penalty",
-    "conventions": "jaxl2.conventions",
-    "from_keras": "jaxl2.conventions",
-    "to_keras": "jaxl2.conventions",
-    "from_torch_weight_decay": "jaxl2.conventions",
-    "from_decoupled": "jaxl2.conventions",
-    "from_sklearn_alpha": "jaxl2.conventions",
-    "gradcheck": "jaxl2.check",
-    "GradcheckReport": "jaxl2.check",
-    "Jaxl2Error": "jaxl2.errors",
-    "make_train_step": "jaxl2.step",
-    "ScheduledState": "jaxl2.step",
-    "rules": "jaxl2.rules",
-    "norms": "jaxl2.norms",
-    "group_norms": "jaxl2.norms",
-    "mask": "jaxl2.select",
-    "Preset": "jaxl2.select",
-    "coefficients": "jaxl2.penalty",
-    "decay": "jaxl2.decay",
-    "add_decayed_weights": "jaxl2.decay",
-    "audit": "jaxl2.decay",
-    "ScheduleState": "jaxl2.decay",
-    "Audit": "jaxl2.decay",
-    "AuditRow": "jaxl2.decay",
-    "auto": "jaxl2.auto",
-    "auto_l2": "jaxl2.auto",
-    "AutoL2": "jaxl2.auto",
-    "AutoL2State": "jaxl2.auto",
-    "evidence": "jaxl2.evidence",
-    "ggn": "jaxl2.evidence",
-    "ggn_lanczos": "jaxl2.evidence",
-    "log_evidence": "jaxl2.evidence",
-    "evidence_l2": "jaxl2.evidence",
-    "Curvature": "jaxl2.evidence",
-}
 __version__ = "0.3.0"
 
+# Each public name once, under the module that defines it. Loaded on first use, so that
+# ``import jaxl2`` costs nothing until jaxl2 is used (the command's start-up, and Ctrl-C during
+# it, stay in jaxl2's hands).
+_NAMES = {
+    "jaxl2.penalty": "l2_penalty regularized selected coefficients Row Selection",
+    "jaxl2.select": "mask Preset",
+    "jaxl2.decay": "add_decayed_weights audit Audit AuditRow ScheduleState",
+    "jaxl2.norms": "group_norms",
+    "jaxl2.conventions": "from_keras to_keras from_torch_weight_decay from_decoupled from_sklearn_alpha",
+    "jaxl2.step": "make_train_step ScheduledState",
+    "jaxl2.auto": "auto_l2 AutoL2 AutoL2State",
+    "jaxl2.evidence": "ggn ggn_lanczos log_evidence evidence_l2 Curvature",
+    "jaxl2.check": "gradcheck GradcheckReport",
+    "jaxl2.errors": "Jaxl2Error",
+}
+_MODULES = "select rules norms decay conventions auto evidence"  # the submodules, as attributes
+_EXPORTS = {name: module for module, names in _NAMES.items() for name in names.split()}
+_EXPORTS.update({name: f"jaxl2.{name}" for name in _MODULES.split()})
 __all__ = list(_EXPORTS)
 
 

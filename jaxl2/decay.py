@@ -39,8 +39,8 @@ import optax
 
 from jaxl2 import rules as _rules
 from jaxl2 import select as _select
-from jaxl2.errors import Jaxl2Error
-from jaxl2.penalty import check_center, check_rules
+from jaxl2.errors import Jaxl2Error, describe
+from jaxl2.penalty import check_rules, leaf_l2
 from jaxl2.rules import L2, Stacked, has_schedule
 from jaxl2.table import format_shape, format_table
 
@@ -48,10 +48,13 @@ __all__ = ["add_decayed_weights", "audit", "AuditRow", "Audit", "ScheduleState"]
 
 
 class ScheduleState(NamedTuple):
-    """The state of :func:`add_decayed_weights` when a λ is a schedule: the step count, as in
-    ``optax.add_decayed_weights`` (read at ``count``, then incremented)."""
+    """The state of a λ schedule: the step count (the schedules are read at ``count``, then it
+    is incremented, as optax's schedules count), and the optimizer's own state where there is
+    one: :func:`add_decayed_weights` keeps the count alone, :func:`jaxl2.make_train_step` the
+    count and ``tx``'s state."""
 
     count: jax.Array  # type: ignore[assignment]  # a field named as optax names it, over tuple.count
+    opt_state: Any = None
 
 
 def add_decayed_weights(
@@ -95,11 +98,13 @@ def add_decayed_weights(
     Args:
       l2: one λ for every selected leaf (a float, a 0-d array, a traced scalar, or a
         schedule), or an ordered mapping ``{regex: λ}``: each unit takes the λ of the first
-        pattern that ``re.fullmatch``-es it, as in :func:`jaxl2.l2_penalty`.
+        pattern that ``re.fullmatch``-es it, as in :func:`jaxl2.l2_penalty`. A traced λ is
+        checked for shape at trace time, as outside ``jit``; its sign and finiteness cannot be.
       select: which leaves: ``None`` for the kernels, a regex over paths, a predicate
         ``(path, leaf) -> bool`` or a preset from ``jaxl2.select``.
       center: ``None``, or the reference weights ``w₀`` (L2-SP): a pytree like the params,
-        e.g. the pretrained params, with the same shapes on the selected leaves.
+        e.g. the pretrained params: every floating-point leaf (the shapes checked on the
+        selected ones), as in :func:`jaxl2.l2_penalty`.
       stacked: ``None``, or ``{regex over leaf paths: layer axis}`` for leaves that hold
         stacked layers, each slice ``path[i]`` with its own λ, as in :func:`jaxl2.l2_penalty`.
 
@@ -143,9 +148,7 @@ def add_decayed_weights(
 
     def init_fn(params: Any) -> Any:
         # an empty selection, a stray pattern or a bad stacked axis fails here
-        _rules.plan(params, l2, select=select, stacked=stacked)
-        if center is not None:
-            check_center(params, center, select=select)
+        _rules.plan(params, l2, select=select, stacked=stacked, center=center)
         return ScheduleState(jnp.zeros([], jnp.int32)) if scheduled else optax.EmptyState()
 
     def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
@@ -155,25 +158,21 @@ def add_decayed_weights(
                 "call tx.update(updates, state, params)"
             )
         count = state.count if scheduled else None
-        entries = {e.path: e for e in _rules.plan(params, l2, select=select, stacked=stacked)}
-        w0 = {} if center is None else check_center(params, center, select=select)
-        done = set()
+        entries = _rules.plan(params, l2, select=select, stacked=stacked, center=center)
+        lams, by_path, done = leaf_l2(entries, count), {e.path: e for e in entries}, set()
 
         def add(keypath: tuple, u: Any) -> Any:
             path = _select.path_str(keypath)
-            if path not in entries:
+            if path not in lams:
                 return u
             done.add(path)
-            e = entries[path]
+            e = by_path[path]
             acc = jnp.promote_types(e.leaf.dtype, jnp.float32)
-            d = e.leaf.astype(acc)
-            if path in w0:
-                d = d - jnp.asarray(w0[path], acc)
-            lam = _rules.broadcast(jnp.asarray(_rules.value(e, count, acc), acc), e)
-            return u + (lam * d).astype(u.dtype)
+            d = e.leaf.astype(acc) if e.center is None else e.leaf.astype(acc) - jnp.asarray(e.center, acc)
+            return u + (jnp.asarray(lams[path], acc) * d).astype(u.dtype)
 
         updates = jax.tree_util.tree_map_with_path(add, updates)
-        if missing := [p for p in entries if p not in done]:
+        if missing := [p for p in lams if p not in done]:
             raise Jaxl2Error(
                 f"updates have no leaf at {missing[0]!r}, a selected path of params: "
                 "updates and params must have the same structure"
@@ -275,17 +274,27 @@ def _row(path: str, w: Any, u: Any, selected: bool) -> AuditRow:
     )
 
 
+def _counter(keypath: tuple) -> str | None:
+    """The name of the state field at ``keypath`` (``count``, ``mini_step``, ...), if any."""
+    return getattr(keypath[-1], "name", None) if keypath else None
+
+
 def _at_step(state: Any, step: int) -> Any:
-    """``state`` with every step counter (a field named ``count``) set to ``step``."""
+    """``state`` with every real-step counter (fields ``count``, and ``gradient_step`` of
+    ``optax.MultiSteps``) set to ``step``."""
 
     def set_count(keypath: tuple, x: Any) -> Any:
-        last = keypath[-1] if keypath else None
-        name = getattr(last, "name", None)
-        if name == "count" and hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.integer):
+        if _counter(keypath) in ("count", "gradient_step") and jnp.issubdtype(x.dtype, jnp.integer):
             return jnp.full_like(x, step)
         return x
 
     return jax.tree_util.tree_map_with_path(set_count, state)
+
+
+def _accumulating(state: Any) -> bool:
+    """Whether a wrapper in ``state`` (``optax.MultiSteps``) is mid-way through accumulating."""
+    flat = jax.tree_util.tree_flatten_with_path(state)[0]
+    return any(_counter(kp) == "mini_step" and bool(np.any(np.asarray(x) != 0)) for kp, x in flat)
 
 
 def audit(
@@ -322,7 +331,10 @@ def audit(
     has nothing to correct and decoupled decay is ``−lr·wd·w`` at every step. Schedules (of
     the learning rate or of the decay) are read at ``step``: every step counter in the state
     (each field named ``count``: optax's schedules, ``inject_hyperparams``,
-    :func:`add_decayed_weights`) is set to it before the step. Momentum makes a coupled decay
+    :func:`add_decayed_weights`; ``gradient_step`` of ``optax.MultiSteps``) is set to it before
+    the step. Under gradient accumulation (``optax.MultiSteps``, which returns zero updates until
+    its ``k``-th micro-step) the audit runs the micro-steps up to the real update and reports
+    that one, at real step ``step``. Momentum makes a coupled decay
     grow from ``lr·λ`` at the first step to ``lr·λ/(1 − β)``; the audit shows the first.
 
     With ``stacked`` (as in :func:`jaxl2.l2_penalty`), a selected stacked leaf gives one row
@@ -354,19 +366,27 @@ def audit(
       Dense_0/bias    3      float32  no        yes      1e-05        MISMATCH  decayed but not selected
       Dense_0/kernel  2×3    float32  yes       yes      1e-05        -
     """
+    if not (hasattr(tx, "init") and hasattr(tx, "update")):
+        swapped = (
+            ": are the arguments swapped?" if hasattr(params, "init") and hasattr(params, "update") else ""
+        )
+        raise Jaxl2Error(
+            f"audit(tx, params) takes an optax optimizer first, got {describe(tx)} as tx{swapped}"
+        )
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
         raise Jaxl2Error(f"step must be an int >= 0 (the step count), got {step!r} ({type(step).__name__})")
     entries = {e.path: e for e in _rules.plan(params, None, select=select, stacked=stacked)}
-    probe = _probe(params)
-    updates, _ = tx.update(_zeros(probe), _at_step(tx.init(probe), int(step)), probe)
+    probe, zeros = _probe(params), _zeros(params)
+    updates, state = tx.update(zeros, _at_step(tx.init(probe), int(step)), probe)
+    while _accumulating(state):  # micro-steps of gradient accumulation: on to the real update
+        updates, state = tx.update(zeros, state, probe)
     by_path = dict(_select.leaves(updates))
     rows = []
     for p, w in _select.leaves(probe):
         u, e = by_path.get(p), entries.get(p)
-        if e is None or e.axis is None:
-            rows.append(_row(p, w, u, e is not None))
-            continue
-        us = [None] * len(e.units) if u is None else list(np.moveaxis(np.asarray(u), e.axis, 0))
-        ws = np.moveaxis(np.asarray(w), e.axis, 0)
-        rows += [_row(n, ws[i], us[i], True) for i, n in enumerate(e.units)]
+        if e is None:
+            rows.append(_row(p, w, u, False))
+        else:
+            us = [None] * len(e.units) if u is None else e.slices(u)
+            rows += [_row(n, wi, ui, True) for n, wi, ui in zip(e.units, e.slices(w), us)]
     return Audit(rows)

@@ -16,7 +16,7 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["Jaxl2Error", "describe"]
+__all__ = ["Jaxl2Error", "describe", "shown", "shape_text"]
 
 
 class Jaxl2Error(ValueError):
@@ -40,8 +40,7 @@ def describe(value: object) -> str:
     if isinstance(value, int | float):
         return f"the number {value:g}"
     if hasattr(value, "shape") and hasattr(value, "dtype"):
-        shape = "(" + ", ".join(map(str, value.shape)) + ("," if len(value.shape) == 1 else "") + ")"
-        return f"an array of dtype {value.dtype} and shape {shape}"
+        return f"an array of dtype {value.dtype} and shape {shape_text(value.shape)}"
     if hasattr(value, "init") and hasattr(value, "update"):
         return f"an optax {type(value).__name__}"
     if callable(value) and not isinstance(value, type):
@@ -54,3 +53,20 @@ def describe(value: object) -> str:
         return f"a pytree ({kind}) of {n:,} array{'s' if n != 1 else ''}"
     text = repr(value)
     return f"{text if len(text) <= 60 else text[:57] + '...'} ({kind})"
+
+
+def shown(value: object) -> str:
+    """:func:`describe`, except that a Python number shows as its repr and type, ``-1.0 (float)``.
+
+    Examples:
+      >>> shown(-1.0), shown("1e-3")
+      ('-1.0 (float)', "'1e-3' (str)")
+    """
+    if isinstance(value, bool | int | float | complex):
+        return f"{value!r} ({type(value).__name__})"
+    return describe(value)
+
+
+def shape_text(shape: tuple) -> str:
+    """A shape as Python writes the tuple: ``(3,)``, ``(2, 3)``, ``()``."""
+    return "(" + ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "") + ")"

@@ -26,7 +26,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -35,20 +35,19 @@ import jax.numpy as jnp
 from jaxl2 import rules as _rules
 from jaxl2 import select as _select
 from jaxl2.errors import Jaxl2Error
-from jaxl2.penalty import check_center, check_order
+from jaxl2.penalty import check_order
 from jaxl2.rules import L2, Stacked
 
 __all__ = ["group_norms", "global_norms", "UNSELECTED"]
 
 UNSELECTED = "unselected"
+NAMES = ("param_norm", "grad_norm", "update_norm")
 
 
-def _sq(x: Any, axis_entry: _rules.Entry | None = None) -> jax.Array:
-    """``Σx²`` in at least float32: a scalar, or per slice of a stacked entry."""
+def _sq(x: Any) -> jax.Array:
+    """``Σx²`` in at least float32."""
     x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    if axis_entry is None:
-        return jnp.sum(x * x)
-    return _rules.slice_sums(axis_entry, x * x)
+    return jnp.sum(x * x)
 
 
 def global_norms(params: Any, grads: Any, updates: Any) -> dict[str, jax.Array]:
@@ -60,7 +59,7 @@ def global_norms(params: Any, grads: Any, updates: Any) -> dict[str, jax.Array]:
       {'param_norm': 2.0, 'grad_norm': 1.0, 'update_norm': 0.0}
     """
     out = {}
-    for name, tree in (("param_norm", params), ("grad_norm", grads), ("update_norm", updates)):
+    for name, tree in zip(NAMES, (params, grads, updates)):
         sums = [_sq(x) for _, x in _select.leaves(tree)]
         out[name] = jnp.sqrt(sum(sums[1:], sums[0]) if sums else jnp.float32(0))
     return out
@@ -126,45 +125,34 @@ def group_norms(
       ['param_norm', 'param_norm/.*', 'param_norm/a/.*']
     """
     check_order(params, l2, "group_norms")
-    entries = {e.path: e for e in _rules.plan(params, l2, select=select, stacked=stacked)}
+    entries = {e.path: e for e in _rules.plan(params, l2, select=select, stacked=stacked, center=center)}
     w_all = _select.leaves(params)
     paths = [p for p, _ in w_all]
     g_all, u_all = _by_path(grads, "grads", paths), _by_path(updates, "updates", paths)
-    w0 = {} if center is None else check_center(params, center, select=select)
     sums: dict[str, list[Any]] = {}  # group -> [Σw², Σg², Σu², ‖λ(w − w₀)‖²]
 
     def add(group: str, values: list[Any]) -> None:
-        if group not in sums:
-            sums[group] = values
-        else:
-            sums[group] = [a + b for a, b in zip(sums[group], values)]
+        sums[group] = [a + b for a, b in zip(sums[group], values)] if group in sums else values
 
     for path, w in w_all:
         e = entries.get(path)
         if e is None:
             add(UNSELECTED, [_sq(w), _sq(g_all[path]), _sq(u_all[path]), jnp.float32(0)])
             continue
-        per = e if e.axis is not None else None
-        sw, sg, su = _sq(w, per), _sq(g_all[path], per), _sq(u_all[path], per)
-        sd = sw if path not in w0 else _sq(w.astype(sw.dtype) - jnp.asarray(w0[path], sw.dtype), per)
-        if l2 is None:
-            decay = jnp.zeros_like(sd)
-        else:
-            lam = jnp.asarray(_rules.value(e, step, sd.dtype), sd.dtype)
-            decay = lam * lam * sd
+        sw, sg, su = e.sq(w), e.sq(g_all[path]), e.sq(u_all[path])
+        sd = sw if e.center is None else e.sq(w, e.center)
+        lam = jnp.zeros_like(sd) if l2 is None else jnp.asarray(e.lam(step, sd.dtype), sd.dtype)
+        lam = jnp.reshape(lam, jnp.shape(lam)[:1])  # a stacked leaf's λs as a vector, like sd
+        parts = [sw, sg, su, jnp.broadcast_to(lam * lam * sd, sd.shape)]
         for i, unit in enumerate(e.units):
             group = e.rules[i] if isinstance(l2, Mapping) else unit
-            pick: Callable[..., Any] = (lambda x: x) if per is None else (lambda x, i=i: x[i])
-            add(group, [pick(sw), pick(sg), pick(su), pick(jnp.broadcast_to(decay, sd.shape))])
+            add(group, [x if e.axis is None else x[i] for x in parts])
     out: dict[str, jax.Array] = {}
     for group, (sw, sg, su, sd) in sums.items():
-        out[f"param_norm/{group}"] = jnp.sqrt(sw)
-        out[f"grad_norm/{group}"] = jnp.sqrt(sg)
-        out[f"update_norm/{group}"] = jnp.sqrt(su)
+        out.update({f"{name}/{group}": jnp.sqrt(x) for name, x in zip(NAMES, (sw, sg, su))})
         if l2 is not None and group != UNSELECTED:
             out[f"decay_share/{group}"] = jnp.where(
                 sg > 0, jnp.sqrt(sd) / jnp.sqrt(jnp.where(sg > 0, sg, 1)), 0.0
             )
-    totals = [sum(v[k] for v in sums.values()) for k in range(3)]
-    out.update(param_norm=jnp.sqrt(totals[0]), grad_norm=jnp.sqrt(totals[1]), update_norm=jnp.sqrt(totals[2]))
+    out.update({name: jnp.sqrt(sum(v[k] for v in sums.values())) for k, name in enumerate(NAMES)})
     return out

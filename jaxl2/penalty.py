@@ -19,7 +19,7 @@ import numpy as np
 
 from jaxl2 import rules as _rules
 from jaxl2 import select as _select
-from jaxl2.errors import Jaxl2Error
+from jaxl2.errors import Jaxl2Error, shape_text, shown
 from jaxl2.rules import L2, Stacked, check_bool, check_l2, is_traced
 from jaxl2.table import format_shape, format_table
 
@@ -38,26 +38,6 @@ __all__ = [
 ]
 
 
-def _sq_sum(w: jax.Array, w0: Any = None) -> jax.Array:
-    """``Σw²`` (or ``Σ(w − w₀)²``) accumulated in at least float32 (bf16/f16 are upcast first)."""
-    acc = jnp.promote_types(w.dtype, jnp.float32)
-    w = w.astype(acc)
-    if w0 is not None:
-        w = w - jnp.asarray(w0, acc)
-    return jnp.sum(w * w)
-
-
-def _shape(x: Any) -> str:
-    return "(" + ", ".join(map(str, x.shape)) + ("," if len(x.shape) == 1 else "") + ")"
-
-
-def _what(leaf: Any) -> str:
-    if hasattr(leaf, "dtype") and hasattr(leaf, "shape"):
-        return f"an array of dtype {leaf.dtype} and shape {_shape(leaf)}"
-    text = repr(leaf)
-    return f"{text if len(text) <= 80 else text[:77] + '...'} ({type(leaf).__name__})"
-
-
 def describe_output(out: Any) -> str:
     """What a loss function returned, for a message: ``a tuple of length 3``, ``a float``."""
     kind = type(out).__name__
@@ -65,41 +45,8 @@ def describe_output(out: Any) -> str:
     if isinstance(out, (tuple, list)):
         return f"{article} {kind} of length {len(out)}"
     if hasattr(out, "dtype") and hasattr(out, "shape"):
-        return f"{article} {kind} of dtype {out.dtype} and shape {_shape(out)}"
+        return f"{article} {kind} of dtype {out.dtype} and shape {shape_text(out.shape)}"
     return f"{article} {kind}"
-
-
-def _structure_error(params: Any, center: Any) -> str | None:
-    """Where ``center``'s floating-point leaves first differ from ``params``' (``None``: they don't).
-
-    Paths are compared, not containers or order: a plain dict fits an NNX ``State``.
-    """
-    p_paths = [p for p, _ in _select.leaves(params)]
-    c_paths = [p for p, _ in _select.leaves(center)]
-    c_set, p_set = set(c_paths), set(p_paths)
-    if missing := next((p for p in p_paths if p not in c_set), None):
-        every = {_select.path_str(kp): x for kp, x in jax.tree_util.tree_flatten_with_path(center)[0]}
-        there = (
-            f"center has {_what(every[missing])} there" if missing in every else "center has no leaf there"
-        )
-        return f"params has a floating-point leaf at {missing!r} and {there}"
-    if extra := next((c for c in c_paths if c not in p_set), None):
-        return f"center has a floating-point leaf at {extra!r} that params lacks"
-    return None
-
-
-def _center_of(params: Any, center: Any, chosen: list[tuple[str, Any]]) -> dict[str, Any]:
-    """``{path: w₀}`` for the chosen leaves, after checking that ``center`` is shaped like ``params``."""
-    if diff := _structure_error(params, center):
-        raise Jaxl2Error(f"center must have the structure of params (e.g. the pretrained params), but {diff}")
-    by_path = dict(_select.leaves(center))
-    for path, w in chosen:
-        if tuple(by_path[path].shape) != tuple(w.shape):
-            raise Jaxl2Error(
-                f"center must have the shapes of params on the selected leaves, but at {path!r} "
-                f"center has shape {_shape(by_path[path])} and params {_shape(w)}"
-            )
-    return {path: by_path[path] for path, _ in chosen}
 
 
 def check_center(params: Any, center: Any, *, select: _select.Selector = None) -> dict[str, Any]:
@@ -133,7 +80,7 @@ def check_center(params: Any, center: Any, *, select: _select.Selector = None) -
       ...
       jaxl2.errors.Jaxl2Error: center must have the shapes of params on the selected leaves, but at 'd/kernel' center has shape (3, 2) and params (2, 3)
     """
-    return _center_of(params, center, _select.resolve(params, select))
+    return {e.path: e.center for e in _rules.plan(params, None, select=select, center=center)}
 
 
 def check_rules(
@@ -167,7 +114,7 @@ def check_rules(
     if center is not None and not _select.leaves(center):
         raise Jaxl2Error(
             f"center must be None or a pytree of arrays with the structure of params (e.g. the "
-            f"pretrained params), got {_what(center)}, which has no floating-point array"
+            f"pretrained params), got {shown(center)}, which has no floating-point array"
         )
 
 
@@ -200,16 +147,6 @@ def _check_call(params: Any, l2: Any, fn: str, step: Any) -> None:
         )
 
 
-def _penalty(entry: _rules.Entry, count: Any, w0: Any = None) -> jax.Array:
-    """``Σ_units λ_u/2 · Σ_u (w − w₀)²`` of one entry, accumulated in at least float32."""
-    acc = jnp.promote_types(entry.leaf.dtype, jnp.float32)
-    lam = _rules.value(entry, count, acc)
-    if jnp.ndim(lam) == 0:
-        return jnp.asarray(lam, acc) / 2 * _sq_sum(entry.leaf, w0)
-    d = entry.leaf.astype(acc) if w0 is None else entry.leaf.astype(acc) - jnp.asarray(w0, acc)
-    return jnp.sum(lam * _rules.slice_sums(entry, d * d)) / 2
-
-
 def l2_penalty(
     params: Any,
     l2: L2,
@@ -233,19 +170,23 @@ def l2_penalty(
     Args:
       params: any pytree of arrays: a Linen params dict, an NNX ``State`` or pure dict, a
         Haiku dict, an Equinox module.
-      l2: one λ for every unit (a float or 0-d array, a traced scalar under ``jit``/``vmap``,
-        or with ``step`` an optax schedule ``count -> λ``), or an ordered mapping
+      l2: one λ for every unit (a float or 0-d array, a traced scalar under ``jit``/``vmap``
+        (its shape is checked at trace time, with the message given outside ``jit``; its sign
+        and finiteness cannot be, its value being unknown), or with ``step`` an optax
+        schedule ``count -> λ``), or an ordered mapping
         ``{regex: λ}``; each unit takes the λ of the first pattern that ``re.fullmatch``-es its
-        name (a slice ``path[i]`` also matches by its leaf's ``path``). Every pattern must be
+        name or equals it (so ``{path: λ}`` needs no escaping; a slice ``path[i]`` also matches
+        by its leaf's ``path``). Every pattern must be
         the first match of some unit (a pattern that matches nothing, or only units an earlier
         pattern takes, is an error, except a catch-all that matches every leaf), and
         every unit must match a pattern (add ``'.*': 0.0`` to opt out on purpose).
       select: which leaves: ``None`` for the kernels (last key ``kernel``), a regex over
         paths, a predicate ``(path, leaf) -> bool``, or a preset from ``jaxl2.select``.
       center: ``None`` (penalise ``w``), or ``w₀``, a pytree like ``params`` (e.g. the
-        pretrained params: the same paths of floating-point arrays, the same shapes on
-        the selected leaves) to penalise ``w − w₀``. ``w − w₀`` is computed in the
-        accumulation dtype (``w₀`` is cast to it); ``w₀``'s unselected leaves are unused.
+        pretrained params: a floating-point array at every path where ``params`` has one,
+        selected or not, and nowhere else; the same shape on the selected leaves) to
+        penalise ``w − w₀``. ``w − w₀`` is computed in the accumulation dtype (``w₀`` is cast
+        to it); ``w₀``'s unselected leaves are unused, so their shapes are not checked.
       stacked: ``None``, or an ordered mapping ``{regex over leaf paths: axis}``: a selected
         leaf whose path a pattern fullmatches first holds one layer per index of that axis
         (``nn.scan``/``jax.lax.scan``-stacked kernels, usually axis 0), named ``path[i]``.
@@ -278,12 +219,24 @@ def l2_penalty(
       3.0
     """
     _check_call(params, l2, "l2_penalty", step)
-    entries = _rules.plan(params, l2, select=select, stacked=stacked)
-    w0 = {} if center is None else _center_of(params, center, [(e.path, e.leaf) for e in entries])
+    entries = _rules.plan(params, l2, select=select, stacked=stacked, center=center)
     if not isinstance(l2, Mapping):  # one λ: λ/2 · Σ_leaves Σw², the sum a hand-written penalty takes
-        total = _total([_sq_sum(e.leaf, w0.get(e.path)) for e in entries])
-        return jnp.asarray(_rules.value(entries[0], step, total.dtype), total.dtype) / 2 * total
-    return _total([_penalty(e, step, w0.get(e.path)) for e in entries])
+        total = _total([_sq_sum(e) for e in entries])
+        return jnp.asarray(entries[0].lam(step, total.dtype), total.dtype) / 2 * total
+    terms = []
+    for e in entries:  # Σ_units λ_u/2 · Σ_u (w − w₀)², in at least float32
+        acc = jnp.promote_types(e.leaf.dtype, jnp.float32)
+        lam = e.lam(step, acc)
+        if jnp.ndim(lam) == 0:
+            terms.append(jnp.asarray(lam, acc) / 2 * _sq_sum(e))
+        else:
+            terms.append(jnp.sum(jnp.ravel(lam) * e.sq(w0=e.center)) / 2)
+    return _total(terms)
+
+
+def _sq_sum(e: _rules.Entry) -> jax.Array:
+    """``Σ(w − w₀)²`` over the whole leaf of ``e``, in at least float32."""
+    return e._replace(axis=None).sq(w0=e.center)
 
 
 def _total(xs: list[jax.Array]) -> jax.Array:
@@ -328,22 +281,12 @@ def _fmt(lam: Any, spec: str = "g") -> str:
     return "traced" if is_traced(lam) else format(float(lam), spec)
 
 
-def _norm(x: Any) -> Any:
-    """``‖x‖`` in float64 (a traced value stays traced, in at least float32)."""
-    if is_traced(x):
-        return jnp.linalg.norm(jnp.asarray(x, jnp.promote_types(x.dtype, jnp.float32)))
-    return float(np.linalg.norm(np.asarray(x, np.float64)))
-
-
-def _slices(entry: _rules.Entry, x: Any) -> list[Any]:
-    """``x`` (shaped like the entry's leaf) cut into its units."""
-    if entry.axis is None:
-        return [x]
-    return [jnp.take(x, i, axis=entry.axis) for i in range(len(entry.units))]
-
-
-def _unit_l2(entry: _rules.Entry, step: Any) -> list[Any]:
-    return [lam(step) if callable(lam) else lam for lam in entry.l2]
+def _norm(x: Any, ref: Any = 0.0) -> Any:
+    """``‖x − ref‖`` in float64 (a traced value stays traced, in at least float32)."""
+    if is_traced(x) or is_traced(ref):
+        acc = jnp.promote_types(x.dtype, jnp.float32)
+        return jnp.linalg.norm(jnp.asarray(x, acc) - jnp.asarray(ref, acc))
+    return float(np.linalg.norm(np.asarray(x, np.float64) - np.asarray(ref, np.float64)))
 
 
 def selected(
@@ -384,30 +327,22 @@ def selected(
       blocks/kernel[1]  8×8    float32  0.001
     """
     check_order(params, l2, "selected")
-    entries = _rules.plan(params, l2, select=select, stacked=stacked)
-    w0 = None if center is None else _center_of(params, center, [(e.path, e.leaf) for e in entries])
     rows = []
-    for e in entries:
-        lams = [None] * len(e.units) if l2 is None else _unit_l2(e, step)
-        ws = _slices(e, e.leaf)
-        refs = [None] * len(ws) if w0 is None else _slices(e, w0[e.path])
-        for name, lam, w, ref in zip(e.units, lams, ws, refs):
+    for e in _rules.plan(params, l2, select=select, stacked=stacked, center=center):
+        lams = [lam(step) if callable(lam) else lam for lam in e.l2]
+        refs = [None] * len(e.units) if e.center is None else e.slices(e.center)
+        for name, lam, w, ref in zip(e.units, lams, e.slices(e.leaf), refs):
             row = Row(name, tuple(w.shape), str(e.leaf.dtype), lam)
             if ref is not None:
-                row = row._replace(center_norm=_norm(ref), center_dist=_diff_norm(w, ref))
+                row = row._replace(center_norm=_norm(ref), center_dist=_norm(w, ref))
             rows.append(row)
     return Selection(rows)
 
 
-def _diff_norm(w: Any, w0: Any) -> Any:
-    if is_traced(w) or is_traced(w0):
-        acc = jnp.promote_types(w.dtype, jnp.float32)
-        return _norm(jnp.asarray(w, acc) - jnp.asarray(w0, acc))
-    return _norm(np.asarray(w, np.float64) - np.asarray(w0, np.float64))
-
-
-def _is_array(leaf: Any) -> bool:
-    return hasattr(leaf, "shape") and hasattr(leaf, "dtype")
+def leaf_l2(entries: list[_rules.Entry], step: Any) -> dict[str, Any]:
+    """``{path: λ}`` of the plan's leaves at ``step``: one λ as given, or a stacked leaf's per-slice
+    λs that broadcast against it, in its precision (float32 at least: float64 params keep theirs)."""
+    return {e.path: e.lam(step, jnp.promote_types(e.leaf.dtype, jnp.float32)) for e in entries}
 
 
 def coefficients(
@@ -457,15 +392,10 @@ def coefficients(
       {'Dense_0': {'bias': 0.0, 'kernel': 0.01}, 'Dense_1': {'bias': 0.0, 'kernel': 0.001}}
     """
     _check_call(params, l2, "coefficients", step)
-    entries = _rules.plan(params, l2, select=select, stacked=stacked)
-    # a vector of per-slice λs in the leaf's precision (float32 at least): float64 params keep theirs
-    lams = {
-        e.path: _rules.broadcast(_rules.value(e, step, jnp.promote_types(e.leaf.dtype, jnp.float32)), e)
-        for e in entries
-    }
+    lams = leaf_l2(_rules.plan(params, l2, select=select, stacked=stacked), step)
 
     def coefficient(keypath: tuple, leaf: Any) -> Any:
-        if not _is_array(leaf):
+        if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):
             return leaf
         return lams.get(_select.path_str(keypath), 0.0)
 
@@ -539,7 +469,8 @@ def regularized(
 
     Args:
       loss_fn: the data loss ``(params, *args, **kwargs) -> loss`` (or ``(loss, aux)``).
-      l2: a λ, or an ordered ``{regex: λ}`` mapping, as in :func:`l2_penalty`.
+      l2: a λ, or an ordered ``{regex: λ}`` mapping, as in :func:`l2_penalty` (a traced λ is
+        checked for shape, not for sign or finiteness).
       select: which leaves, as in :func:`l2_penalty`.
       center: ``None``, or the reference weights ``w₀`` (a pytree like the params), as in
         :func:`l2_penalty`. The wrapper holds on to it: a jitted loss sees it as a constant.
@@ -575,7 +506,8 @@ def regularized(
     # Everything that can be checked without params fails here, not at the first call.
     if not callable(loss_fn):
         raise Jaxl2Error(
-            f"loss_fn must be callable, a function loss_fn(params, *args) -> loss, got {_what(loss_fn)}"
+            f"loss_fn must be callable, a function loss_fn(params, *args) -> loss, got {shown(loss_fn)}"
+            + (": are the arguments swapped?" if callable(l2) else "")
         )
     has_aux = check_bool(has_aux, "has_aux")
     if _rules.has_schedule(l2):

@@ -7,7 +7,8 @@ stacked on axis 0 is twelve units ``…/kernel[0]`` … ``…/kernel[11]`` of sh
 
 * ``l2`` is one λ for every unit, or an ordered mapping ``{regex: λ}``: each unit takes the λ
   of the first pattern that ``re.fullmatch``-es its name, or, for a slice, its leaf's path (so
-  ``'.*kernel'`` covers every slice and ``r'.*kernel\\[0\\]'`` the first one only).
+  ``'.*kernel'`` covers every slice and ``r'.*kernel\\[0\\]'`` the first one only). A key equal
+  to a name is taken as it is, so ``{path: λ}`` (``{'blocks/kernel[0]': 1e-2}``) needs no escaping.
 * A λ is a finite number ``>= 0``, a traced scalar (under ``jit``/``vmap``), or, where a step
   count is known, an optax schedule: a function of the step count, such as
   ``optax.linear_schedule(1e-2, 0.0, 1000)``.
@@ -36,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxl2 import select as _select
-from jaxl2.errors import Jaxl2Error
+from jaxl2.errors import Jaxl2Error, describe, shape_text, shown
 
 __all__ = [
     "is_traced",
@@ -48,8 +49,6 @@ __all__ = [
     "check_l2_rules",
     "has_schedule",
     "plan",
-    "value",
-    "broadcast",
 ]
 
 Schedule = Callable[[Any], Any]
@@ -73,8 +72,10 @@ def check_l2(value: Any, name: str = "l2", *, schedule: bool = False) -> Any:
 
     Accepted: a python ``int``/``float``, a NumPy integer or float scalar, a 0-d NumPy or
     JAX array of an integer or float dtype (all checked for ``0 <= λ < ∞``), and a traced
-    value under ``jit``/``vmap`` (returned unchecked: its value is not known yet). Refused:
-    strings, bytes, bools, ``None``, complex numbers and arrays that are not 0-d.
+    value under ``jit``/``vmap``: its shape and dtype are checked as outside ``jit``, with the
+    same message, but not its sign or finiteness (its value is not known yet). Refused:
+    strings, bytes, bools, ``None``, complex numbers, arrays that are not 0-d, and pytrees
+    (the message then asks whether the params were given where λ goes).
 
     Args:
       value: the coefficient.
@@ -100,8 +101,6 @@ def check_l2(value: Any, name: str = "l2", *, schedule: bool = False) -> Any:
       ...
       jaxl2.errors.Jaxl2Error: l2 is a schedule whose value at step 0 is -1.0; a λ must be a finite number >= 0
     """
-    if is_traced(value):
-        return value
     if is_schedule(value):
         if not schedule:
             raise Jaxl2Error(
@@ -129,11 +128,15 @@ def check_l2(value: Any, name: str = "l2", *, schedule: bool = False) -> Any:
     if real and hasattr(value, "dtype"):
         dtype = value.dtype
         real = value.ndim == 0 and (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating))
+    if real and is_traced(value):  # its shape and dtype are known, its value is not
+        return value
     if not real or isinstance(value, bool) or not (0 <= float(value) < math.inf):
-        raise Jaxl2Error(
-            f"{name} must be a finite number >= 0 (a float or a 0-d array), "
-            f"got {value!r} ({type(value).__name__})"
-        )
+        got = shown(value)
+        if hasattr(value, "dtype"):
+            got += " (traced)" if is_traced(value) else f" ({type(value).__name__})"
+        elif got.startswith("a pytree"):
+            got += ": are the arguments swapped? (params where a λ goes)"
+        raise Jaxl2Error(f"{name} must be a finite number >= 0 (a float or a 0-d array), got {got}")
     return value
 
 
@@ -167,6 +170,11 @@ def check_l2_rules(l2: Any, *, schedule: bool = False) -> list[tuple[str, re.Pat
         return None
     if not l2:
         raise Jaxl2Error("l2 mapping is empty; give {regex: λ} entries, e.g. {'.*': 1e-3}")
+    if any(describe(v).startswith("a pytree") for v in l2.values()):  # e.g. params where λ goes
+        raise Jaxl2Error(
+            f"l2 must be one λ or a mapping {{regex or path: λ}}, got {describe(l2)}: "
+            "are the arguments swapped? (params where a λ goes)"
+        )
     rules = []
     for pattern, lam in l2.items():
         if not isinstance(pattern, str):
@@ -192,7 +200,7 @@ def check_stacked(stacked: Stacked) -> list[tuple[str, re.Pattern, int]]:
     if not isinstance(stacked, Mapping) or not stacked:
         raise Jaxl2Error(
             "stacked must be None or a non-empty mapping {regex over leaf paths: layer axis}, e.g. "
-            f"{{'params/blocks/.*': 0}}; got {stacked!r} ({type(stacked).__name__})"
+            f"{{'params/blocks/.*': 0}}; got {shown(stacked)}"
         )
     out = []
     for pattern, axis in stacked.items():
@@ -216,7 +224,7 @@ def has_schedule(l2: Any) -> bool:
 
 
 class Entry(NamedTuple):
-    """One selected leaf and the λ of each of its units.
+    """One selected leaf, its units and the λ of each: a row of the plan.
 
     Attributes:
       path: the leaf's path.
@@ -226,6 +234,7 @@ class Entry(NamedTuple):
       l2: one λ (a number, a traced value or a schedule) per unit; ``None`` each when no λ
         was asked for.
       rules: per unit, the ``l2`` pattern that gave its λ (``None`` when ``l2`` is not a mapping).
+      center: the leaf's ``w₀`` (checked to fit), or ``None`` without a center.
     """
 
     path: str
@@ -234,6 +243,42 @@ class Entry(NamedTuple):
     units: tuple[str, ...]
     l2: tuple
     rules: tuple
+    center: Any = None
+
+    def lam(self, count: Any = None, dtype: Any = jnp.float32) -> Any:
+        """The λ at step ``count``: one scalar when all units share it, else a vector of ``dtype``
+        (one λ per slice) shaped to multiply the leaf: along the layer axis, size 1 elsewhere.
+
+        Examples:
+          >>> import jax.numpy as jnp, optax
+          >>> e = Entry("k", jnp.ones((2, 3)), 0, ("k[0]", "k[1]"), (0.5, optax.constant_schedule(0.25)), (None, None))
+          >>> e.lam(count=0).tolist()
+          [[0.5], [0.25]]
+        """
+        if count is None and any(callable(lam) for lam in self.l2):
+            raise Jaxl2Error(f"the λ of {self.path!r} is a schedule, which needs the step count")
+        lams = [lam(count) if callable(lam) else lam for lam in self.l2]
+        if _same(self.l2):
+            return lams[0]
+        shape = [1] * self.leaf.ndim
+        shape[cast(int, self.axis)] = -1  # a vector λ belongs to a stacked leaf, which has an axis
+        return jnp.reshape(jnp.stack([jnp.asarray(lam, dtype) for lam in lams]), shape)
+
+    def sq(self, x: Any = None, w0: Any = None) -> jax.Array:
+        """``Σ(x − w₀)²`` over each unit in at least float32 (``x``: the leaf, ``w₀``: none by
+        default): a scalar, or a ``[L]`` vector for a stacked leaf."""
+        x = self.leaf if x is None else x
+        acc = jnp.promote_types(x.dtype, jnp.float32)
+        d = x.astype(acc) if w0 is None else x.astype(acc) - jnp.asarray(w0, acc)
+        if self.axis is None:
+            return jnp.sum(d * d)
+        return jnp.sum(d * d, axis=tuple(i for i in range(d.ndim) if i != self.axis))
+
+    def slices(self, x: Any) -> list[Any]:
+        """``x`` (shaped like the leaf) cut into its units."""
+        if self.axis is None:
+            return [x]
+        return [jnp.take(x, i, axis=self.axis) for i in range(len(self.units))]
 
 
 def _axes(chosen: list[tuple[str, Any]], stacked: Stacked) -> list[int | None]:
@@ -261,23 +306,33 @@ def _axes(chosen: list[tuple[str, Any]], stacked: Stacked) -> list[int | None]:
 
 
 def _rule_l2(
-    units: list[tuple[str, str]], rules: list[tuple[str, re.Pattern, Any]], every: list[str]
+    units: list[tuple[str, str]], rules: list[tuple[str, re.Pattern, Any]], every: dict[str, Any]
 ) -> list[tuple[Any, str]]:
     """``(λ, pattern)`` of each ``(unit name, leaf path)``: those of the first rule matching either.
 
-    ``every`` holds the paths of all of params' array leaves, selected or not."""
+    A rule matches a name equal to its pattern (a path, taken as it is) or one its regex
+    fullmatches. ``every`` holds all of params' array leaves by path, selected or not."""
 
-    def matches(rx: re.Pattern, unit: tuple[str, str]) -> bool:
-        return rx.fullmatch(unit[0]) is not None or (unit[0] != unit[1] and rx.fullmatch(unit[1]) is not None)
+    def matches(rule: tuple[str, re.Pattern, Any], name: str) -> bool:
+        return name == rule[0] or rule[1].fullmatch(name) is not None
+
+    def takes(rule: tuple[str, re.Pattern, Any], unit: tuple[str, str]) -> bool:
+        return matches(rule, unit[0]) or (unit[0] != unit[1] and matches(rule, unit[1]))
 
     # the index of each unit's first matching rule, None where none matches
-    first: list[Any] = [
-        next((i for i, (_, rx, _) in enumerate(rules) if matches(rx, u)), None) for u in units
-    ]
+    first: list[Any] = [next((i for i, r in enumerate(rules) if takes(r, u)), None) for u in units]
     names = [u[0] for u in units]
     for i, (pattern, rx, _) in enumerate(rules):
-        hits = [j for j, u in enumerate(units) if matches(rx, u)]
+        hits = [j for j, u in enumerate(units) if takes(rules[i], u)]
         if not hits:
+            layers = {n: every[n].shape[0] if every[n].ndim else 0 for n, p in units if n == p}
+            slices = [f"{n}[{k}]" for n, size in layers.items() for k in range(size)]
+            if hit := next((n for n in slices if matches(rules[i], n)), None):
+                raise Jaxl2Error(
+                    f"l2 pattern {pattern!r} matches no selected parameter, but names the layer slice "
+                    f"{hit!r} of a leaf that is not stacked: pass stacked={{{hit.rsplit('[', 1)[0]!r}: 0}} "
+                    "(the layer axis) to give each slice its own λ"
+                )
             raise Jaxl2Error(
                 f"l2 pattern {pattern!r} matches no selected parameter (a typo?); "
                 f"the selected paths are: {', '.join(names)}"
@@ -311,17 +366,22 @@ def plan(
     *,
     select: _select.Selector = None,
     stacked: Stacked = None,
+    center: Any = None,
     schedule: bool = True,
 ) -> list[Entry]:
-    """The selected leaves of ``params``, their units and each unit's λ (``l2=None``: no λ).
+    """The plan: the selected leaves of ``params``, their units, each unit's λ (``l2=None``: no
+    λ) and, with ``center``, each leaf's ``w₀``. Every public function of jaxl2 that selects
+    derives from it.
 
     Raises:
       Jaxl2Error: an empty selection (the paths that exist are listed), a bad λ, an l2
         pattern that matches nothing or only units an earlier pattern takes (unless it matches
         every leaf of params, a catch-all), a selected unit no pattern matches, a bad ``stacked`` (not a mapping, a
-        pattern that matches no selected leaf, an axis out of range).
+        pattern that matches no selected leaf, an axis out of range), a ``center`` that does
+        not fit ``params``.
     """
     chosen = _select.resolve(params, select)
+    w0 = {} if center is None else _centers(params, center, chosen)
     axes = _axes(chosen, stacked)
     units = [
         [(p, p)] if axis is None else [(f"{p}[{i}]", p) for i in range(w.shape[axis])]
@@ -333,13 +393,13 @@ def plan(
         lams = [(None, None)] * len(flat)
     else:
         rules = check_l2_rules(l2, schedule=schedule)
-        every = [p for p, _ in _select.leaves(params)]
+        every = dict(_select.leaves(params))
         lams = [(l2, None)] * len(flat) if rules is None else _rule_l2(flat, rules, every)
     it = iter(lams)
     entries = []
     for (p, w), axis, us in zip(chosen, axes, units):
-        mine = [next(it) for _ in us]
-        entries.append(Entry(p, w, axis, tuple(n for n, _ in us), *map(tuple, zip(*mine))))
+        lam, rule = zip(*[next(it) for _ in us])
+        entries.append(Entry(p, w, axis, tuple(n for n, _ in us), lam, rule, w0.get(p)))
     return entries
 
 
@@ -355,35 +415,25 @@ def _same(lams: tuple) -> bool:
     return True
 
 
-def value(entry: Entry, count: Any = None, dtype: Any = jnp.float32) -> Any:
-    """The λ of ``entry`` at step ``count``: one scalar for the whole leaf when all its units
-    share a λ, else a ``[L]`` vector of ``dtype`` (one λ per slice, in order).
-
-    Examples:
-      >>> import jax.numpy as jnp, optax
-      >>> e = Entry("k", jnp.ones((2, 3)), 0, ("k[0]", "k[1]"), (0.5, optax.constant_schedule(0.25)), (None, None))
-      >>> value(e, count=0).tolist()
-      [0.5, 0.25]
-    """
-    if count is None and any(callable(lam) for lam in entry.l2):
-        raise Jaxl2Error(f"the λ of {entry.path!r} is a schedule, which needs the step count")
-    lams = tuple(lam(count) if callable(lam) else lam for lam in entry.l2)
-    if _same(entry.l2):
-        return lams[0]
-    return jnp.stack([jnp.asarray(lam, dtype) for lam in lams])
-
-
-def broadcast(lam: Any, entry: Entry) -> Any:
-    """``lam`` shaped to multiply ``entry.leaf``: a ``[L]`` vector along the layer axis."""
-    if jnp.ndim(lam) == 0:
-        return lam
-    shape = [1] * entry.leaf.ndim
-    shape[cast(int, entry.axis)] = -1  # a vector λ belongs to a stacked leaf, which has an axis
-    return jnp.reshape(lam, shape)
-
-
-def slice_sums(entry: Entry, x: jax.Array) -> jax.Array:
-    """``Σx`` over each unit of ``entry``: a ``[L]`` vector when stacked, else a scalar."""
-    if entry.axis is None:
-        return jnp.sum(x)
-    return jnp.sum(x, axis=tuple(i for i in range(x.ndim) if i != entry.axis))
+def _centers(params: Any, center: Any, chosen: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``{path: w₀}`` of the chosen leaves, once ``center`` is known to fit ``params``: a
+    floating-point leaf at each of params' paths, and no other (paths are compared, not
+    containers or order: a plain dict fits an NNX ``State``), shaped like each chosen leaf."""
+    ours, theirs = dict(_select.leaves(params)), dict(_select.leaves(center))
+    if missing := next((p for p in ours if p not in theirs), None):
+        every = {_select.path_str(kp): x for kp, x in jax.tree_util.tree_flatten_with_path(center)[0]}
+        there = (
+            f"center has {shown(every[missing])} there" if missing in every else "center has no leaf there"
+        )
+        diff = f"params has a floating-point leaf at {missing!r} and {there}"
+    elif extra := next((p for p in theirs if p not in ours), None):
+        diff = f"center has a floating-point leaf at {extra!r} that params lacks"
+    else:
+        for path, w in chosen:
+            if tuple(theirs[path].shape) != tuple(w.shape):
+                raise Jaxl2Error(
+                    f"center must have the shapes of params on the selected leaves, but at {path!r} "
+                    f"center has shape {shape_text(theirs[path].shape)} and params {shape_text(w.shape)}"
+                )
+        return {path: theirs[path] for path, _ in chosen}
+    raise Jaxl2Error(f"center must have the structure of params (e.g. the pretrained params), but {diff}")

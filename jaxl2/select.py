@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxl2.errors import Jaxl2Error
+from jaxl2.errors import Jaxl2Error, describe
 
 Predicate = Callable[[str, Any], bool]
 
@@ -309,6 +309,10 @@ def resolve(params: Any, select: Selector = None) -> list[tuple[str, Any]]:
       ...
       jaxl2.errors.Jaxl2Error: the default selection (kernels: last path key 'kernel') names 'q/kernel', an array of dtype int8: only floating-point leaves can be penalised (they alone have gradients); narrow the selection with select= (a regex, a predicate or a preset)
     """
+    if describe(params).startswith("an optax"):
+        raise Jaxl2Error(
+            f"params must be a pytree of arrays, got {describe(params)}: are the arguments swapped?"
+        )
     candidates = leaves(params)
     others = _other_arrays(params)
     if isinstance(select, Preset):
