@@ -200,10 +200,11 @@ def _check_labels(
         if shape != (n,) or not jnp.issubdtype(jnp.result_type(y), jnp.integer):
             hint = " (one-hot labels? give y.argmax(-1))" if shape == out else ""
             raise Jaxl2Error(f"with likelihood 'classification', y must be {need}, got {describe(y)}{hint}")
-        if not is_traced(y) and n and not 0 <= int(np.min(y)) <= int(np.max(y)) < classes:
+        labels = None if is_traced(y) or not n else np.asarray(y)  # concrete: the range is known
+        if labels is not None and not 0 <= labels.min() <= labels.max() < classes:
             raise Jaxl2Error(
                 f"with likelihood 'classification', y must be {need}, but it holds labels from "
-                f"{int(np.min(y))} to {int(np.max(y))} for the {classes} outputs of apply_fn"
+                f"{labels.min()} to {labels.max()} for the {classes} outputs of apply_fn"
             )
     elif not (shape[:1] == (n,) and math.prod(shape[1:]) == math.prod(out[1:])):
         raise Jaxl2Error(

@@ -613,3 +613,12 @@ def test_gaussian_targets_may_drop_a_trailing_axis_of_one():
     a = jaxl2.ggn(linear, params, x, y, likelihood="gaussian", sigma=0.5)
     b = jaxl2.ggn(linear, params, x, y[:, 0], likelihood="gaussian", sigma=0.5)
     assert float(a.log_likelihood) == float(b.log_likelihood)
+
+
+def test_labels_closed_over_by_jit_are_checked_and_traced_ones_are_documented_as_unchecked():
+    params, x, y = tiny_mlp()
+    bad = y.at[0].set(3)
+    with pytest.raises(jaxl2.Jaxl2Error, match="holds labels from 0 to 3"):
+        jax.jit(lambda p: jaxl2.ggn(mlp, p, x, bad).log_likelihood)(params)
+    # traced labels: their range is not known when ggn runs (its docstring says so)
+    assert np.isnan(float(jax.jit(lambda y: jaxl2.ggn(mlp, params, x, y).log_likelihood)(bad)))

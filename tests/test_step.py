@@ -276,3 +276,21 @@ def test_aux_keys_that_clash_with_the_metrics_are_refused(key, norms):
     step = jaxl2.make_train_step(loss, optax.sgd(0.1), l2=0.1, has_aux=True, norms=norms)
     with pytest.raises(jaxl2.Jaxl2Error, match=f"aux has a '{key}' entry, which the step's metrics hold"):
         step(params, step.init(params))
+
+
+def test_a_scheduled_step_under_eqx_filter_jit_takes_the_state_of_the_plain_steps_init():
+    """eqx.filter_jit's wrapper does not carry step.init (jax.jit's does): the documented idiom
+    builds the state from the plain step, then runs the compiled one; λ 0.5 then 0.25, by hand."""
+    model = eqx.nn.Linear(2, 2, use_bias=False, key=jax.random.key(0))
+    loss = lambda m, x: jnp.sum(m.weight * x)  # noqa: E731  # gradient x
+    step = jaxl2.make_train_step(
+        loss, optax.sgd(0.1), l2=optax.linear_schedule(0.5, 0.0, 2), select=jaxl2.select.equinox
+    )
+    assert jax.jit(step).init is step.init
+    state, jstep = step.init(model), eqx.filter_jit(step)
+    w, x = np.asarray(model.weight, np.float64), np.full((2, 2), 0.3)
+    for lam in (0.5, 0.25):
+        model, state, m = jstep(model, state, jnp.asarray(x, jnp.float32))
+        w = w - 0.1 * (x + lam * w)
+    np.testing.assert_allclose(np.asarray(model.weight), w, rtol=1e-6)
+    assert int(state.count) == 2
