@@ -187,7 +187,9 @@ def auto_l2(
       hyper_tx: the optimizer of ``ln λ`` (default: :func:`shared_adam` ``(0.02)``, Adam with
         one second moment for all the λs).
       bounds: ``(lo, hi)``: the λs stay within them (default ``(1e-8, 1.0)``).
-      has_aux: whether ``loss_fn`` (and ``val_loss_fn``) return ``(loss, aux)``.
+      has_aux: whether ``loss_fn`` (and ``val_loss_fn``) return ``(loss, aux)``; the aux
+        mapping's keys may not be those of the step's metrics (``loss``, ``val_loss``,
+        ``hypergrad``, …).
       norms: as in :func:`jaxl2.make_train_step` (default False; with True, the norms of each
         selected leaf, its own λ group).
 
@@ -281,6 +283,11 @@ def auto_l2(
         (val, (new_arrays, opt_state, metrics)), hypergrad_L = jax.value_and_grad(val_after, has_aux=True)(
             state.log_l2
         )
+        if taken := sorted({"val_loss", "hypergrad"} & set(metrics)):
+            raise Jaxl2Error(
+                f"loss_fn's aux has a {taken[0]!r} entry, which the step's metrics hold (the "
+                "validation loss after the step, and the hypergradient in ln λ); rename that key"
+            )
         updates, hyper_state = hyper_tx.update(hypergrad_L, state.hyper_state, state.log_l2)
         log_l2 = jnp.clip(optax.apply_updates(state.log_l2, updates), log_lo, log_hi)
         metrics = {**metrics, "val_loss": val, "hypergrad": hypergrad_L}

@@ -4,7 +4,8 @@ Two numbers, both computed under ``jax.enable_x64``:
 
 1. ``penalty_grad_max_abs_err`` = ``max |∇(λ/2·Σw²) − λ·w|`` over selected leaves (and
    ``max |∇ − 0|`` elsewhere), the analytic gradient computed in NumPy; with a ``center``
-   ``w₀``, ``max |∇(λ/2·Σ(w − w₀)²) − λ·(w − w₀)|``;
+   ``w₀``, ``max |∇(λ/2·Σ(w − w₀)²) − λ·(w − w₀)|``; for a leaf of stacked layers, ``λ_i·w_i``
+   on each slice ``i``;
 2. ``finite_difference_max_rel_err`` = ``max_d |D_d − ⟨∇L, d⟩| / max(|D_d|, |⟨∇L, d⟩|)`` over
    random unit directions ``d``, with the central difference
    ``D_d = (L(θ + εd) − L(θ − εd)) / 2ε`` of the full regularized loss ``L``.
@@ -35,7 +36,8 @@ import numpy as np
 
 from jaxl2 import select as _select
 from jaxl2.errors import Jaxl2Error
-from jaxl2.penalty import L2, check_center, l2_penalty, regularized, selected
+from jaxl2.penalty import L2, check_center, coefficients, l2_penalty, regularized
+from jaxl2.rules import Stacked
 from jaxl2.table import format_table
 
 __all__ = ["GradcheckReport", "gradcheck"]
@@ -177,6 +179,7 @@ def gradcheck(
     l2: L2 = 1e-3,
     select: _select.Selector = None,
     center: Any = None,
+    stacked: Stacked = None,
     has_aux: bool = False,
     directions: int = 8,
     eps: float = 1e-5,
@@ -193,7 +196,8 @@ def gradcheck(
 
     1. ``max |∇(λ/2·Σw²) − λ·w|`` on the selected leaves (``max |∇ − 0|`` on the others)
        must be ``<= atol``; with ``center=w₀`` it is ``max |∇(λ/2·Σ(w − w₀)²) − λ·(w − w₀)|``
-       (``w₀`` is cast to float64 too);
+       (``w₀`` is cast to float64 too); with ``stacked``, ``λ_i·(w_i − w₀_i)`` on each layer
+       slice ``i`` of a stacked leaf, with its own ``λ_i``;
     2. for ``directions`` random unit vectors ``d``,
        ``|D_d − ⟨∇L, d⟩| / max(|D_d|, |⟨∇L, d⟩|)`` with
        ``D_d = (L(θ + eps·d) − L(θ − eps·d)) / (2·eps)`` must be ``<= rtol``.
@@ -210,6 +214,9 @@ def gradcheck(
       select: which leaves are penalised, as in :func:`jaxl2.l2_penalty`.
       center: ``None``, or the reference weights ``w₀`` of an L2-SP penalty
         ``λ/2·Σ(w − w₀)²``, a pytree like ``params``, as in :func:`jaxl2.l2_penalty`.
+      stacked: ``None``, or ``{regex over leaf paths: layer axis}`` for leaves of stacked
+        layers, one λ per slice (``l2`` rules such as ``r".*kernel\\[0\\]"``), as in
+        :func:`jaxl2.l2_penalty`.
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``; ``aux`` is ignored.
       directions: the number of random directions, an integer ``>= 1``.
       eps: the finite-difference step, a finite number ``> 0``.
@@ -241,12 +248,14 @@ def gradcheck(
     eps = _real("eps", eps, positive=True)
     atol = _real("atol", atol, positive=False)
     rtol = _real("rtol", rtol, positive=False)
-    regularized(loss_fn, l2, select=select, center=center)  # checks l2, select and center
+    regularized(loss_fn, l2, select=select, center=center, stacked=stacked)  # checks the rules
     with jax.enable_x64(True):
         params, args = _to64(params), _to64(args)
         center = None if center is None else _to64(center)
-        loss = regularized(loss_fn, l2, select=select, center=center, has_aux=has_aux)
-        rows = {r.path: float(r.l2) for r in selected(params, l2, select=select)}
+        loss = regularized(loss_fn, l2, select=select, center=center, stacked=stacked, has_aux=has_aux)
+        lams = coefficients(params, l2, select=select, stacked=stacked)  # λ per slice along a layer axis
+        lam = {_select.path_str(kp): c for kp, c in jax.tree_util.tree_flatten_with_path(lams)[0]}
+        n_selected = len(_select.resolve(params, select))
         w0 = {} if center is None else check_center(params, center, select=select)
         leaves = _select.leaves(params)
         flat, rebuild = _flatten_floats(params)
@@ -265,9 +274,14 @@ def gradcheck(
                 "layer's dtype=jnp.float32) so that it computes in its inputs' dtype"
             )
 
-        pen_grad = jax.grad(lambda v: l2_penalty(rebuild(v), l2, select=select, center=center))(flat)
+        pen_grad = jax.grad(
+            lambda v: l2_penalty(rebuild(v), l2, select=select, center=center, stacked=stacked)
+        )(flat)
         expected = np.concatenate(
-            [rows.get(path, 0.0) * (np.ravel(w) - np.ravel(w0.get(path, 0.0))) for path, w in leaves]
+            [
+                np.ravel(np.asarray(lam[path]) * (np.asarray(w) - np.asarray(w0.get(path, 0.0))))
+                for path, w in leaves
+            ]
         )
         pen_err = float(np.max(np.abs(np.asarray(pen_grad) - expected), initial=0.0))
 
@@ -282,4 +296,4 @@ def gradcheck(
             err = abs(fd - ad) / max(abs(fd), abs(ad), 1e-30)
             _check_resolution(err, rtol, eps, max(abs(up), abs(down)), abs(ad))
             fd_err = max(fd_err, err)
-    return GradcheckReport(pen_err, fd_err, atol, rtol, len(leaves), len(rows))
+    return GradcheckReport(pen_err, fd_err, atol, rtol, len(leaves), n_selected)

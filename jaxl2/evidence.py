@@ -64,9 +64,9 @@ import numpy as np
 import optax
 
 from jaxl2 import select as _select
-from jaxl2.errors import Jaxl2Error
-from jaxl2.penalty import check_center, coefficients
-from jaxl2.rules import Stacked, is_traced, plan
+from jaxl2.errors import Jaxl2Error, describe
+from jaxl2.penalty import check_center, check_order, coefficients
+from jaxl2.rules import Stacked, has_schedule, is_traced, plan
 
 __all__ = ["Curvature", "ggn", "ggn_lanczos", "log_evidence", "evidence_l2", "LIKELIHOODS", "STRUCTURES"]
 
@@ -186,6 +186,32 @@ def _check_ggn_args(apply_fn: Any, likelihood: Any, structure: Any, sigma: Any, 
         raise Jaxl2Error(f"batch_size must be None or an integer >= 1, got {batch_size!r}")
 
 
+def _check_labels(
+    apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any, x: Any, y: Any, likelihood: str
+) -> None:
+    """Refuses labels the likelihood cannot read: classification needs integer class indices
+    ``(n,)`` in ``[0, C)`` (the range checked only where ``y`` is concrete, not traced); a
+    Gaussian needs targets of the outputs' shape (a trailing axis of 1 may be left out or added)."""
+    out = jax.eval_shape(lambda xb: apply_fn(params, xb), x).shape
+    n, shape = int(np.shape(x)[0]), tuple(np.shape(y))
+    if likelihood == "classification":
+        classes = int(np.prod(out[1:]))
+        need = f"integer class indices in [0, {classes}) of shape ({n},)"
+        if shape != (n,) or not jnp.issubdtype(jnp.result_type(y), jnp.integer):
+            hint = " (one-hot labels? give y.argmax(-1))" if shape == out else ""
+            raise Jaxl2Error(f"with likelihood 'classification', y must be {need}, got {describe(y)}{hint}")
+        labels = None if is_traced(y) or not n else np.asarray(y)  # concrete: the range is known
+        if labels is not None and not 0 <= labels.min() <= labels.max() < classes:
+            raise Jaxl2Error(
+                f"with likelihood 'classification', y must be {need}, but it holds labels from "
+                f"{labels.min()} to {labels.max()} for the {classes} outputs of apply_fn"
+            )
+    elif not (shape[:1] == (n,) and math.prod(shape[1:]) == math.prod(out[1:])):
+        raise Jaxl2Error(
+            f"with likelihood 'gaussian', y must be targets of the outputs' shape {out}, got {describe(y)}"
+        )
+
+
 def ggn(
     apply_fn: Callable[[Any, jax.Array], jax.Array],
     params: Any,
@@ -206,8 +232,9 @@ def ggn(
         classification, predictions ``(b, d)`` or ``(b,)`` for a Gaussian likelihood.
       params: the params, as in :func:`jaxl2.l2_penalty`.
       x: all the inputs the evidence is of (``n = len(x)``).
-      y: their labels: integers ``(n,)`` for classification, targets of the outputs' shape for
-        a Gaussian.
+      y: their labels: integer class indices ``(n,)`` in ``[0, C)`` for classification (their
+        range is checked where ``y`` is concrete; under ``jit``, where it is traced, a label
+        out of range gives a NaN log-likelihood), targets of the outputs' shape for a Gaussian.
       likelihood: ``"classification"`` (softmax cross-entropy) or ``"gaussian"`` (noise scale
         ``sigma``).
       structure: ``"full"`` (the exact ``P×P`` matrix) or ``"diag"`` (its exact diagonal).
@@ -219,9 +246,11 @@ def ggn(
       A :class:`Curvature`.
 
     Raises:
-      Jaxl2Error: for a bad argument, or a selection that matches nothing.
+      Jaxl2Error: for a bad argument, labels the likelihood cannot read (as ``y`` says), or a
+        selection that matches nothing.
     """
     _check_ggn_args(apply_fn, likelihood, structure, sigma, batch_size)
+    _check_labels(apply_fn, params, x, y, likelihood)
     paths, theta, unravel, outputs = _flat_outputs(apply_fn, params, select)
 
     def batch(xb: jax.Array, yb: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -322,9 +351,11 @@ def ggn_lanczos(
       take it with one λ for all the selected leaves (``evidence_l2(..., shared=True)``).
 
     Raises:
-      Jaxl2Error: for a bad argument, or a selection that matches nothing.
+      Jaxl2Error: for a bad argument, labels the likelihood cannot read (as in :func:`ggn`), or
+        a selection that matches nothing.
     """
     _check_ggn_args(apply_fn, likelihood, "full", sigma, None)
+    _check_labels(apply_fn, params, x, y, likelihood)
     for name, value in (("probes", probes), ("steps", steps)):
         if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
             raise Jaxl2Error(f"{name} must be an integer >= 1, got {value!r}")
@@ -422,9 +453,16 @@ def _units(params: Any, select: Any, stacked: Stacked) -> tuple[list[str], np.nd
 
 
 def _parts(
-    curvature: Curvature, params: Any, l2: Any, select: Any, center: Any, stacked: Stacked
+    fn: str, curvature: Curvature, params: Any, l2: Any, select: Any, center: Any, stacked: Stacked
 ) -> tuple[Any, Any, Any, list[str]]:
     """The flat ``α`` (P,) and ``w − w₀`` (P,), the unit of each entry (P,) and the units' names."""
+    check_order(params, l2, fn)
+    if has_schedule(l2):
+        raise Jaxl2Error(
+            f"l2 holds a schedule (a function of the step count), and {fn} takes the λs of one set of "
+            "params: read the schedule at the step those params were trained to, l2=schedule(step) "
+            "(in a mapping, each schedule)"
+        )
     leaves = _check_curvature(curvature, params, select)
     names, unit = _units(params, select, stacked)
     if curvature.structure in ("kron", "ekfac") and len(names) != len(curvature.paths):
@@ -517,7 +555,7 @@ def log_evidence(
       A scalar (nats). A ``"lanczos"`` curvature needs one λ for all the selected leaves: λs that
       differ are an error, or under ``jit`` (where they are traced) a NaN.
     """
-    alpha, dw, _, names = _parts(curvature, params, l2, select, center, stacked)
+    alpha, dw, _, names = _parts("log_evidence", curvature, params, l2, select, center, stacked)
     value = _evidence(curvature, alpha, dw, _spectrum(curvature))
     if curvature.structure != "lanczos":
         return value
@@ -586,7 +624,7 @@ def evidence_l2(
     if not isinstance(shared, bool):
         raise Jaxl2Error(f"shared must be True (one λ for all) or False (one per leaf), got {shared!r}")
     lo, hi = bounds
-    alpha, dw, unit, names = _parts(curvature, params, l2, select, center, stacked)
+    alpha, dw, unit, names = _parts("evidence_l2", curvature, params, l2, select, center, stacked)
     log_lam = jnp.log(
         jnp.clip(jax.ops.segment_max(alpha, jnp.asarray(unit), len(names)) / curvature.n, lo, hi)
     )

@@ -31,7 +31,7 @@ import optax
 
 from jaxl2 import rules as _rules
 from jaxl2 import select as _select
-from jaxl2.errors import Jaxl2Error
+from jaxl2.errors import Jaxl2Error, describe
 from jaxl2.norms import global_norms, group_norms
 from jaxl2.penalty import add_penalty, check_rules, describe_output, l2_penalty
 from jaxl2.rules import L2, Stacked, check_bool, check_l2
@@ -40,8 +40,9 @@ __all__ = ["make_train_step", "ScheduledState"]
 
 
 class ScheduledState(NamedTuple):
-    """The optimizer state of a step whose ``l2`` holds a schedule: the step count (the
-    schedules are read at it, then it is incremented) and ``tx``'s own state."""
+    """The optimizer state of a step whose ``l2`` holds a schedule: the count of the updates
+    ``tx`` has applied (the schedules are read at it; under ``optax.MultiSteps`` it advances
+    only when the accumulated update is applied) and ``tx``'s own state."""
 
     count: jax.Array  # type: ignore[assignment]  # a field named as optax names it, over tuple.count
     opt_state: Any
@@ -54,6 +55,45 @@ def _is_zero(l2: Any) -> bool:
         and not _rules.is_schedule(l2)
         and float(check_l2(l2)) == 0.0
     )
+
+
+def _is_pytree(value: Any) -> bool:
+    """A container (params, an optimizer state, an Equinox module), not one λ or a schedule."""
+    leaves = jax.tree.leaves(value)
+    return value is not None and not (len(leaves) == 1 and leaves[0] is value)
+
+
+def _check_arguments(loss_fn: Any, tx: Any, l2: Any) -> None:
+    """Refuses a ``loss_fn`` or ``tx`` of the wrong kind, and params or an optimizer state given
+    as λ, naming what came in a few words (never a pytree's repr)."""
+    if not callable(loss_fn) or not (hasattr(tx, "init") and hasattr(tx, "update")):
+        swapped = hasattr(loss_fn, "init") and hasattr(loss_fn, "update") and callable(tx)
+        hint = "; are loss_fn and tx swapped? make_train_step(loss_fn, tx, l2=λ)" if swapped else ""
+        if not callable(loss_fn):
+            raise Jaxl2Error(
+                f"loss_fn must be a function loss_fn(params, *batch), got {describe(loss_fn)}{hint}"
+            )
+        if not hint and _is_pytree(tx):
+            hint = "; the params go to the step (step.init(params), step(params, opt_state, *batch))"
+        raise Jaxl2Error(f"tx must be an optax GradientTransformation, got {describe(tx)}{hint}")
+    values = l2.values() if isinstance(l2, Mapping) else [l2]
+    if any(_is_pytree(v) for v in values):
+        raise Jaxl2Error(
+            "l2 must be λ (a number, a 0-d array, an optax schedule, or an ordered {regex: λ} mapping of "
+            f"those), got {describe(l2)}: params or an optimizer state? They go to the step, "
+            "step(params, opt_state, *batch), not to make_train_step"
+        )
+
+
+def _advance(count: Any, before: Any, after: Any) -> Any:
+    """The count of applied updates after ``tx`` went from state ``before`` to ``after``: one more,
+    or, where the state counts the updates it applies apart from its calls (``optax.MultiSteps``'
+    ``gradient_step``, which advances once every k micro-batches), one more only when that did."""
+    real = optax.tree_utils.tree_get(before, "gradient_step")
+    if real is None:
+        return optax.safe_increment(count)
+    applied = optax.tree_utils.tree_get(after, "gradient_step") != real
+    return jnp.where(applied, optax.safe_increment(count), count)
 
 
 def _scalar(loss: Any) -> Any:
@@ -86,8 +126,8 @@ def make_train_step(
     * ``updates, opt_state = tx.update(grads, opt_state, params)``, then
       ``optax.apply_updates``; decoupled decay, if any, belongs to ``tx``;
     * ``metrics``: ``loss`` (total), ``data_loss``, ``penalty``; with ``has_aux`` the entries
-      of ``loss_fn``'s aux mapping too. That is all by default: the step costs what a
-      hand-written one does. With ``norms=True`` also :func:`jaxl2.norms.group_norms`: the
+      of ``loss_fn``'s aux mapping too (a key that the step's own metrics hold is an error).
+      That is all by default: the step costs what a hand-written one does. With ``norms=True`` also :func:`jaxl2.norms.group_norms`: the
       global ``param_norm`` (before the step), ``grad_norm`` and ``update_norm``, and per
       group (each rule of an ``l2`` mapping, else each selected unit, and ``unselected``)
       ``param_norm/G``, ``grad_norm/G``, ``update_norm/G`` and ``decay_share/G``, from one
@@ -96,7 +136,12 @@ def make_train_step(
     ``step.init(params)`` builds the optimizer state the step expects: ``tx.init`` of the
     float leaves, or, when ``l2`` holds an optax schedule (``l2=optax.cosine_decay_schedule(…)``,
     or a schedule as a value of the mapping), a :class:`ScheduledState` ``(count, tx state)``:
-    the step reads the schedules at ``count`` and increments it, as optax's schedules do.
+    the step reads the schedules at ``count``, the number of updates ``tx`` has applied, and
+    increments it when ``tx`` applies one, so λ follows the learning rate's schedule: under
+    ``optax.MultiSteps(tx, k)`` (gradient accumulation; any state holding its
+    ``gradient_step``) the k micro-batches of one update share one λ and ``count`` advances once
+    per k calls. ``step.init`` is an attribute of the plain step, which ``jax.jit`` keeps and
+    ``eqx.filter_jit`` does not: build the state with ``step.init`` before or beside compiling.
 
     Only floating-point array leaves are differentiated and updated; for params with other
     leaves (an Equinox module), compile with ``eqx.filter_jit``.
@@ -119,10 +164,12 @@ def make_train_step(
       once and reuses the params' and optimizer state's buffers.
 
     Raises:
-      Jaxl2Error: at once for a bad ``loss_fn``, ``tx``, ``l2``, ``select``, ``stacked``,
-        ``center``, ``has_aux`` or ``norms``; at trace time when ``loss_fn``'s output does not
-        fit ``has_aux`` or is not a scalar, when the rules do not fit the params, or when a
-        scheduled step is given a state that ``step.init`` did not build.
+      Jaxl2Error: at once for a bad ``loss_fn``, ``tx``, ``l2`` (params or an optimizer state
+        given as ``l2`` are summarised, never printed), ``select``, ``stacked``, ``center``,
+        ``has_aux`` or ``norms``; at trace time when ``loss_fn``'s output does not fit
+        ``has_aux`` or is not a scalar, when its aux has a key of the step's metrics, when the
+        rules do not fit the params, or when a scheduled step is given a state that
+        ``step.init`` did not build.
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax, jaxl2
@@ -142,10 +189,7 @@ def make_train_step(
       >>> float(m1["penalty"]), float(m2["penalty"]), int(state.count)  # λ = 0.25, then 0
       (2.0, 0.0, 2)
     """
-    if not callable(loss_fn):
-        raise Jaxl2Error(f"loss_fn must be a function loss_fn(params, *batch), got {type(loss_fn).__name__}")
-    if not (hasattr(tx, "init") and hasattr(tx, "update")):
-        raise Jaxl2Error(f"tx must be an optax GradientTransformation, got {type(tx).__name__}")
+    _check_arguments(loss_fn, tx, l2)
     penalised = not _is_zero(l2)
     if penalised:
         check_rules(l2, select=select, center=center, stacked=stacked, schedule=True)
@@ -187,17 +231,23 @@ def make_train_step(
             return objective(merge(a), count, *b)
 
         (loss, aux), grads = jax.value_and_grad(of_arrays, has_aux=True)(arrays, *batch)
-        updates, opt_state = tx.update(grads, opt_state, arrays)
+        updates, new_state = tx.update(grads, opt_state, arrays)
         new_arrays = optax.apply_updates(arrays, updates)
-        metrics = {**aux, "loss": loss}
+        metrics = {"loss": loss}
         if norms and penalised:
             kw = dict(select=select, stacked=stacked, center=center, step=count)
             metrics.update(group_norms(arrays, grads, updates, l2, **kw))
         elif norms:
             metrics.update(global_norms(arrays, grads, updates))
+        if taken := sorted(set(aux) & set(metrics)):
+            raise Jaxl2Error(
+                f"loss_fn's aux has a {taken[0]!r} entry, which the step's metrics hold ('loss' the "
+                "total loss; with norms=True 'param_norm', 'grad_norm', 'update_norm' and the same per "
+                "group); rename that key in loss_fn's aux"
+            )
         if scheduled:
-            opt_state = ScheduledState(optax.safe_increment(count), opt_state)
-        return merge(new_arrays), opt_state, metrics
+            new_state = ScheduledState(_advance(count, opt_state, new_state), new_state)
+        return merge(new_arrays), new_state, {**aux, **metrics}
 
     step.init = init  # type: ignore[attr-defined]  # the step function carries its own init
     return step

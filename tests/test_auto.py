@@ -258,3 +258,12 @@ def test_empty_selection_and_bad_batches_are_refused():
     auto = jaxl2.auto_l2(loss, optax.sgd(0.1))
     with pytest.raises(jaxl2.Jaxl2Error, match="batch and val_batch must be tuples"):
         auto.step(params, optax.sgd(0.1).init(params), auto.init(params), list(batch))
+
+
+@pytest.mark.parametrize("key", ["loss", "val_loss", "hypergrad"])
+def test_aux_keys_that_clash_with_the_metrics_are_refused(key):
+    params = {"linear": {"kernel": jnp.ones((2, 1))}}
+    x, y = jnp.ones((4, 2)), jnp.zeros((4, 1))
+    auto = jaxl2.auto_l2(lambda p, x, y: (mse(p, x, y), {key: 1.0}), optax.sgd(0.1), has_aux=True)
+    with pytest.raises(jaxl2.Jaxl2Error, match=f"aux has a '{key}' entry, which the step's metrics hold"):
+        auto.step(params, optax.sgd(0.1).init(params), auto.init(params), (x, y), (x, y))

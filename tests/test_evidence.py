@@ -4,6 +4,7 @@ regression, a GGN built by brute force (jax.jacobian and jax.hessian), central d
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import jaxl2
@@ -457,6 +458,32 @@ def test_bisection_finds_where_the_evidence_stops_rising(structure):
         ),
         (lambda p, x, y: jaxl2.evidence_l2(jaxl2.ggn(mlp, p, x, y), p, 0.1, method="newton"), "method"),
         (lambda p, x, y: jaxl2.evidence_l2(jaxl2.ggn(mlp, p, x, y), p, 0.1, steps=0), "steps must be"),
+        (
+            lambda p, x, y: jaxl2.log_evidence(jaxl2.ggn(mlp, p, x, y), 0.1, p),
+            r"log_evidence\(params, l2\) takes the params first, .* are the arguments swapped\?",
+        ),
+        (
+            lambda p, x, y: jaxl2.evidence_l2(jaxl2.ggn(mlp, p, x, y), 0.1, p),
+            r"evidence_l2\(params, l2\) takes the params first, .* are the arguments swapped\?",
+        ),
+        (
+            lambda p, x, y: jaxl2.ggn(mlp, p, x, jax.nn.one_hot(y, 3)),
+            r"y must be integer class indices in \[0, 3\) of shape \(10,\), got an array of dtype float"
+            r".* \(one-hot labels\? give y.argmax\(-1\)\)",
+        ),
+        (
+            lambda p, x, y: jaxl2.ggn(mlp, p, x, y.at[0].set(3)),
+            r"y must be integer class indices in \[0, 3\) .* holds labels from 0 to 3",
+        ),
+        (
+            lambda p, x, y: jaxl2.ggn_lanczos(mlp, p, x, y.at[0].set(-1), key=jax.random.key(0)),
+            r"holds labels from -1 to",
+        ),
+        (
+            lambda p, x, y: jaxl2.ggn(mlp, p, x, jnp.zeros((10, 2)), likelihood="gaussian"),
+            r"with likelihood 'gaussian', y must be targets of the outputs' shape \(10, 3\), got an array "
+            r"of dtype float\d+ and shape \(10, 2\)",
+        ),
     ],
 )
 def test_bad_arguments_are_named(call, match):
@@ -563,3 +590,35 @@ def test_lanczos_is_exact_on_a_breakdown_and_nan_for_unequal_traced_lambdas():
     assert np.isnan(float(unequal(0.1, 0.2))) and float(unequal(0.1, 0.1)) == pytest.approx(
         float(jaxl2.log_evidence(slq, params, 0.1)), rel=1e-12
     )
+
+
+@pytest.mark.parametrize("fn", [jaxl2.log_evidence, jaxl2.evidence_l2])
+@pytest.mark.parametrize("l2", [optax.linear_schedule(1.0, 0.0, 4), {".*": optax.constant_schedule(0.1)}])
+def test_a_schedule_is_read_at_a_step_before_the_evidence(fn, l2):
+    """Neither function takes step=: the message says to read the schedule first, and that works."""
+    params, x, y = tiny_mlp()
+    curv = jaxl2.ggn(mlp, params, x, y)
+    with pytest.raises(jaxl2.Jaxl2Error, match=r"read the schedule at the step .* l2=schedule\(step\)") as e:
+        fn(curv, params, l2)
+    assert "step=" not in str(e.value)
+    at = l2(2) if callable(l2) else {k: v(2) for k, v in l2.items()}
+    want = jaxl2.log_evidence(curv, params, 0.5 if callable(l2) else 0.1)
+    if fn is jaxl2.log_evidence:
+        assert float(fn(curv, params, at)) == pytest.approx(float(want), rel=1e-12)
+
+
+def test_gaussian_targets_may_drop_a_trailing_axis_of_one():
+    x, y = regression()
+    params = params_of(np.zeros((x.shape[1], 1)), 0.7)
+    a = jaxl2.ggn(linear, params, x, y, likelihood="gaussian", sigma=0.5)
+    b = jaxl2.ggn(linear, params, x, y[:, 0], likelihood="gaussian", sigma=0.5)
+    assert float(a.log_likelihood) == float(b.log_likelihood)
+
+
+def test_labels_closed_over_by_jit_are_checked_and_traced_ones_are_documented_as_unchecked():
+    params, x, y = tiny_mlp()
+    bad = y.at[0].set(3)
+    with pytest.raises(jaxl2.Jaxl2Error, match="holds labels from 0 to 3"):
+        jax.jit(lambda p: jaxl2.ggn(mlp, p, x, bad).log_likelihood)(params)
+    # traced labels: their range is not known when ggn runs (its docstring says so)
+    assert np.isnan(float(jax.jit(lambda y: jaxl2.ggn(mlp, params, x, y).log_likelihood)(bad)))

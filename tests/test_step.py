@@ -211,3 +211,86 @@ def test_aux_errors_are_the_same_with_and_without_a_penalty(l2):
         clash(params, tx.init(params))
     with pytest.raises(jaxl2.Jaxl2Error, match="has_aux must be True or False"):
         jaxl2.make_train_step(lambda p: 0.0, tx, l2=l2, has_aux="yes")
+
+
+def test_a_lambda_schedule_counts_real_updates_under_multisteps():
+    """MultiSteps applies one update every 2 micro-batches; λ = 1, 0.75, 0.5, 0.25 at updates 0..3, as
+    its learning-rate schedule counts them, against a hand-written accumulation loop in float64."""
+    rng = np.random.default_rng(0)
+    xs = rng.standard_normal((8, 3, 2))  # 8 micro-batches of 3 examples
+    w = np.array([[1.0, -2.0], [0.5, 3.0]])
+    loss = lambda p, x: jnp.sum((x @ p["dense"]["kernel"]) ** 2)  # noqa: E731
+    tx = optax.MultiSteps(optax.sgd(0.1), every_k_schedule=2)
+    step = jaxl2.make_train_step(loss, tx, l2=optax.linear_schedule(1.0, 0.0, 4))
+    params = {"dense": {"kernel": jnp.asarray(w, jnp.float32)}}
+    state, jstep, penalties = step.init(params), jax.jit(step), []
+    for x in xs:
+        params, state, m = jstep(params, state, jnp.asarray(x, jnp.float32))
+        penalties.append(float(m["penalty"]))
+    want = []
+    for k in range(4):  # the hand loop: one real update per two micro-batches
+        lam = 1.0 - 0.25 * k
+        grads = [2 * x.T @ (x @ w) + lam * w for x in xs[2 * k : 2 * k + 2]]
+        want += [lam / 2 * np.sum(w**2)] * 2
+        w = w - 0.1 * np.mean(grads, axis=0)
+    np.testing.assert_allclose(penalties, want, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(params["dense"]["kernel"]), w, rtol=1e-5)
+    assert int(state.count) == 4 and int(state.opt_state.gradient_step) == 4
+
+
+def _big_tree(n):
+    return {"params": {f"Dense_{i}": {"kernel": jnp.ones((2, 2))} for i in range(n)}}
+
+
+@pytest.mark.parametrize(
+    "l2, what",
+    [
+        (_big_tree(2000), "a pytree (dict) of 2,000 arrays"),
+        (optax.adam(1e-3).init(_big_tree(1000)), "a pytree (tuple) of 2,001 arrays"),
+    ],
+)
+def test_params_or_an_optimizer_state_as_l2_are_summarised_not_printed(l2, what):
+    with pytest.raises(jaxl2.Jaxl2Error) as e:
+        jaxl2.make_train_step(lambda p: 0.0, optax.sgd(0.1), l2=l2)
+    assert len(str(e.value)) < 400
+    assert what in str(e.value) and "step(params, opt_state, *batch)" in str(e.value)
+
+
+def test_swapped_loss_fn_and_tx_say_so():
+    tx, loss = optax.sgd(0.1), lambda p: 0.0
+    with pytest.raises(jaxl2.Jaxl2Error, match="loss_fn must be a function.*are loss_fn and tx swapped"):
+        jaxl2.make_train_step(tx, loss)
+    with pytest.raises(
+        jaxl2.Jaxl2Error, match=r"tx must be an optax .*of 2,000 arrays; the params go to"
+    ) as e:
+        jaxl2.make_train_step(loss, _big_tree(2000))
+    assert len(str(e.value)) < 400
+
+
+@pytest.mark.parametrize(
+    "key, norms", [("loss", False), ("grad_norm", True), ("param_norm/unselected", True)]
+)
+def test_aux_keys_that_clash_with_the_metrics_are_refused(key, norms):
+    params = {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}}
+    loss = lambda p: (jnp.sum(p["dense"]["kernel"]), {key: 1.0})  # noqa: E731
+    step = jaxl2.make_train_step(loss, optax.sgd(0.1), l2=0.1, has_aux=True, norms=norms)
+    with pytest.raises(jaxl2.Jaxl2Error, match=f"aux has a '{key}' entry, which the step's metrics hold"):
+        step(params, step.init(params))
+
+
+def test_a_scheduled_step_under_eqx_filter_jit_takes_the_state_of_the_plain_steps_init():
+    """eqx.filter_jit's wrapper does not carry step.init (jax.jit's does): the documented idiom
+    builds the state from the plain step, then runs the compiled one; λ 0.5 then 0.25, by hand."""
+    model = eqx.nn.Linear(2, 2, use_bias=False, key=jax.random.key(0))
+    loss = lambda m, x: jnp.sum(m.weight * x)  # noqa: E731  # gradient x
+    step = jaxl2.make_train_step(
+        loss, optax.sgd(0.1), l2=optax.linear_schedule(0.5, 0.0, 2), select=jaxl2.select.equinox
+    )
+    assert jax.jit(step).init is step.init
+    state, jstep = step.init(model), eqx.filter_jit(step)
+    w, x = np.asarray(model.weight, np.float64), np.full((2, 2), 0.3)
+    for lam in (0.5, 0.25):
+        model, state, m = jstep(model, state, jnp.asarray(x, jnp.float32))
+        w = w - 0.1 * (x + lam * w)
+    np.testing.assert_allclose(np.asarray(model.weight), w, rtol=1e-6)
+    assert int(state.count) == 2
