@@ -69,6 +69,8 @@ def test_sweep_with_sgdw_runs(tmp_path):
     r = jaxl2("sweep", "--optimizer", "sgdw", "--l2", "0,1e-3", *TINY, "--out", str(tmp_path / "s"), "--json")
     assert r.returncode == 0, r.stderr
     assert len(json.loads(r.stdout)["results"]) == 2
+    members = sorted(os.listdir(tmp_path / "s" / "tensorboard"))  # one event directory per member
+    assert [m for m in members if m.startswith("l2=")] == ["l2=0,seed=0", "l2=0.001,seed=0"]
 
 
 def test_sweep_refuses_weight_decay_with_l2_unless_allowed(tmp_path):
