@@ -4,9 +4,9 @@
 with the field's comment as its ``--help``. The few flags of a command that are no config field
 (``--out``, ``--resume``, …) are listed by hand.
 
-argparse, not a CLI library (tyro): measured on ``jaxl2 train``, tyro took 0.14 s to print the help
-(argparse 0.06 s), printed errors as boxes of several lines where ``jaxl2`` prints one, and needed
-a constructor for each of ``--l2 REGEX=λ,…``, ``--hidden 256,256`` and ``--refit/--no-refit``.
+argparse rather than tyro: tried on ``jaxl2 train``, tyro took over twice as long to print the help,
+printed each error as a box of several lines where ``jaxl2`` prints one line naming the flag, and
+needed a constructor of its own for ``--l2 REGEX=λ,…``, ``--hidden 256,256`` and ``--refit/--no-refit``.
 
 This module imports nothing heavy (no jax), so ``jaxl2 --help`` stays fast.
 """
