@@ -199,7 +199,7 @@ def _config_flags(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     for f in dataclasses.fields(Config):
         if sweep and (f.name in AUTO_DEFAULTS or f.name in EVIDENCE_DEFAULTS):
             continue
-        title = _comments(Config)[f.name][0]
+        title = _comments(Config).get(f.name, ("config", ""))[0]  # "config" where the source is not shipped
         g = groups[title] = groups.get(title) or p.add_argument_group(title)
         if sweep and f.name == "l2":
             g.add_argument("--l2", type=_l2s, help=doc(SweepSettings, "l2s", ", comma-separated"))
