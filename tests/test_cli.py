@@ -8,6 +8,8 @@ import sys
 import numpy as np
 import pytest
 
+from tests.test_tensorboard import read_events, scalars
+
 FAST = ["--hidden", "32", "--epochs", "2", "--batch-size", "256"]
 
 
@@ -44,7 +46,16 @@ def test_train_json_then_eval_reproduces_test_accuracy(tmp_path):
         "metrics.jsonl",
         "refit",
         "summary.json",
+        "tensorboard",
     ]
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    events = scalars(read_events(out / "tensorboard"))  # the same numbers, at step = epoch
+    assert events == {
+        (k, r["epoch"]): pytest.approx(v, rel=1e-6)
+        for r in rows
+        for k, v in r.items()
+        if k not in ("epoch", "step")
+    }
     assert s["refit_epochs"] == s["epochs"] and s["refit_examples"] == 4000  # train ∪ validation
     e = jaxl2("eval", "--run", str(out), "--dataset", "mnist5k", "--json")  # the refit model
     assert e.returncode == 0, e.stderr

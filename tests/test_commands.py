@@ -14,6 +14,7 @@ from jaxl2.mnist import cli
 from jaxl2.mnist.cli import evaluate, report
 from jaxl2.mnist.config import OPTIMIZERS, Config, ConfigError, validate
 from jaxl2.mnist.rundir import default_out
+from tests.test_tensorboard import read_events, scalars
 
 TINY = ["--hidden", "16", "--epochs", "2", "--batch-size", "500", "--no-refit"]  # refit: test_cli, test_refit
 
@@ -69,6 +70,8 @@ def test_sweep_with_sgdw_runs(tmp_path):
     r = jaxl2("sweep", "--optimizer", "sgdw", "--l2", "0,1e-3", *TINY, "--out", str(tmp_path / "s"), "--json")
     assert r.returncode == 0, r.stderr
     assert len(json.loads(r.stdout)["results"]) == 2
+    members = sorted(os.listdir(tmp_path / "s" / "tensorboard"))  # one event directory per member
+    assert [m for m in members if m.startswith("l2=")] == ["l2=0,seed=0", "l2=0.001,seed=0"]
 
 
 def test_sweep_refuses_weight_decay_with_l2_unless_allowed(tmp_path):
@@ -190,6 +193,7 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start(tmp_pat
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [row["epoch"] for row in rows] == [1, 2]
+    assert sorted({step for _, step in scalars(read_events(out / "tensorboard"))}) == [1, 2]
     plain = jaxl2("train", "--out", str(out))
     one_line_error(plain, "already holds a run (use --resume to continue it, --overwrite")
 

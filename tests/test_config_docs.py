@@ -5,8 +5,8 @@ import re
 
 import pytest
 
-from jaxl2.mnist.cli import build_parser
-from jaxl2.mnist.config import EVIDENCE_DEFAULTS, Config, ConfigError, RunSettings, SweepSettings, field_docs
+from jaxl2.mnist.cli.parser import build_parser, field_docs
+from jaxl2.mnist.config import EVIDENCE_DEFAULTS, Config, ConfigError, RunSettings, SweepSettings
 
 
 @dataclasses.dataclass

@@ -1,12 +1,13 @@
 """The application's configuration: one dataclass, every vocabulary, and its validation.
 
-Everything a run depends on is a field of :class:`Config`; every set of allowed names
-(optimizers, schedules, activations, inits, datasets, splits) is defined here once and read
-by validation, the model, the optimizer, the memory estimate and the command's ``--help``.
-This module imports nothing heavy (no jax), so ``jaxl2 --help`` stays fast.
+Everything a run depends on is a field of :class:`Config`, each on one commented line (the
+comment is the flag's ``--help``); every set of allowed names (optimizers, schedules,
+activations, inits, datasets, splits) is defined here once. :func:`validate` checks a config
+once, where it enters a run. This module imports nothing heavy (no jax), so ``jaxl2 --help``
+stays fast.
 
-Errors name config fields (``split_seed``); the ``jaxl2`` command shows the same message
-with its flags (``--split-seed``): see :func:`field` and :class:`ConfigError`.
+Errors name config fields (``split_seed``); the ``jaxl2`` command shows the same message with
+its flags (``--split-seed``): see :func:`field`.
 
 Example:
   >>> from jaxl2.mnist.config import Config, validate
@@ -23,52 +24,13 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import functools
-import inspect
-import io
 import math
 import numbers
 import re
-import textwrap
-import tokenize
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 from jaxl2.errors import Jaxl2Error
-
-__all__ = [
-    "Config",
-    "ConfigError",
-    "render",
-    "FIELDS",
-    "RunSettings",
-    "SweepSettings",
-    "field_docs",
-    "settings_of",
-    "field",
-    "validate",
-    "INPUT_DIM",
-    "NUM_CLASSES",
-    "DATASETS",
-    "SPLITS",
-    "SCHEDULES",
-    "ACTIVATIONS",
-    "INITS",
-    "SEED_LIMIT",
-    "REFIT",
-    "REFIT_EPOCHS",
-    "DEFAULT_SWEEP_L2",
-    "OPTIMIZERS",
-    "Optimizer",
-    "AUTO",
-    "AUTO_DEFAULTS",
-    "AUTO_L2_BOUNDS",
-    "EVIDENCE",
-    "EVIDENCE_DEFAULTS",
-    "EVIDENCE_CURVATURES",
-    "EVIDENCE_LAMBDAS",
-    "EVIDENCE_METHODS",
-]
 
 INPUT_DIM = 784  # 28×28 pixels
 NUM_CLASSES = 10
@@ -124,12 +86,13 @@ OPTIMIZERS: dict[str, Optimizer] = {
     "sgdw": Optimizer(0.3, 1, True, "momentum SGD with weight decay added before momentum"),
 }
 
+
 _MARK = "\x1f"
 
 
 def field(name: str) -> str:
-    """A config field's name inside an error message; :meth:`ConfigError.render` shows it as
-    the caller's name for it (``split_seed`` in Python, ``--split-seed`` on the command line)."""
+    """A config field's name inside an error message, shown by :func:`render` as the caller's name
+    for it (``split_seed`` in Python, ``--split-seed`` on the command line)."""
     return f"{_MARK}{name}{_MARK}"
 
 
@@ -157,18 +120,8 @@ class ConfigError(Named, Jaxl2Error):
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Everything a run depends on; the defaults are the tuned ``mnist5k`` recipe.
-
-    ``lr=None`` means the optimizer's own default (:data:`OPTIMIZERS`); :func:`validate`
-    fills it in. ``l2`` is a λ, an ordered ``{regex: λ}`` mapping, ``"auto"``: one λ per
-    selected layer, starting at ``l2_init`` and tuned during the run by a hypergradient step
-    on a validation batch every ``l2_every`` training steps (Adam, with one second moment for
-    all layers, on ``ln λ`` with learning rate ``l2_lr``; see :mod:`jaxl2.mnist.hypergrad`), or
-    ``"evidence"``: one λ for all selected leaves (``evidence_lambda="shared"``) or one each
-    (``"layer"``), starting at ``l2_init``, set every ``evidence_every`` epochs to the maximum of
-    the Laplace evidence at that epoch's params (``evidence_method``, ``evidence_steps``
-    iterations), the run training on train ∪ validation (see :mod:`jaxl2.mnist.marglik`).
-    """
+    """Everything a run computes; the defaults are the tuned ``mnist5k`` recipe. ``lr=None`` means
+    the optimizer's own default (:data:`OPTIMIZERS`), which :func:`validate` fills in."""
 
     # -- data
     # mnist5k (shipped, offline: 5,000 real images), mnist (full MNIST through TensorFlow
@@ -314,46 +267,6 @@ def settings_of(value: Any, cls: type) -> Any:
     return value
 
 
-def field_docs(cls: type) -> dict[str, str]:
-    """Each field's comment in the source of the dataclass ``cls``: the comment lines directly
-    above the field or the one at its end (the way tyro reads a dataclass), with `name` marks.
-    It is empty where the source is not shipped.
-
-    Example:
-      >>> field_docs(Config)["seed"]
-      'init and shuffling seed'
-    """
-    return dict(_read_field_docs(cls))
-
-
-@functools.cache
-def _read_field_docs(cls: type) -> dict[str, str]:
-    """:func:`field_docs`, read once per class (the parser asks for each flag's)."""
-    try:
-        source = textwrap.dedent(inspect.getsource(cls))
-    except (OSError, TypeError):
-        return {}
-    names = {f.name for f in dataclasses.fields(cls)}
-    docs: dict[str, str] = {}
-    above: list[str] = []  # the comment lines since the last statement
-    name, start = None, True  # the field of the statement being read; at a statement's start
-    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-        if tok.type == tokenize.COMMENT:
-            text = tok.string[1:].strip()
-            if name is not None:
-                docs[name] = " ".join([*above, text])
-            else:  # a group header ("# -- data") starts afresh
-                above = [] if text.startswith("--") else [*above, text]
-        elif tok.type == tokenize.NEWLINE:
-            name, above, start = None, [], True
-        elif tok.type not in (tokenize.NL, tokenize.INDENT, tokenize.DEDENT):
-            if start and tok.string in names:
-                name = tok.string
-                docs[name] = " ".join(above)
-            start = False
-    return docs
-
-
 def _is_int(v: Any) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
@@ -362,13 +275,49 @@ def _is_real(v: Any) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _bad(name: str, value: Any, allowed: str) -> ConfigError:
-    shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
-    return ConfigError(f"{field(name)} {shown} is invalid ({allowed})")
+def _count(v: Any) -> bool:
+    return _is_int(v) and v >= 1
 
 
-def _unknown(name: str, value: Any, allowed: tuple[str, ...] | dict) -> ConfigError:
-    return ConfigError(f"{field(name)} {value!r} is unknown (allowed: {', '.join(allowed)})")
+def _seed(v: Any) -> bool:
+    return _is_int(v) and 0 <= v < SEED_LIMIT
+
+
+_LO, _HI = AUTO_L2_BOUNDS
+_SEEDS = f"an integer from 0 to {SEED_LIMIT - 1}"
+# Each number field's range: (whether a value is in it, how an error states it), in checking order.
+RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "val_size": (lambda v: v is None or _count(v), "an integer >= 1"),
+    "split_seed": (_seed, _SEEDS),
+    "l2_init": (
+        lambda v: _is_real(v) and _LO <= v <= _HI,
+        f"the starting λ of {AUTO} and {EVIDENCE}, a number from {_LO:g} to {_HI:g}",
+    ),
+    "l2_every": (_count, "training steps per λ update, an integer >= 1"),
+    "l2_lr": (lambda v: _is_real(v) and v > 0, "Adam's learning rate on ln λ, a finite number > 0"),
+    "evidence_every": (_count, "epochs per λ update, an integer >= 1"),
+    "evidence_steps": (_count, "iterations per λ update, an integer >= 1"),
+    "weight_decay": (lambda v: _is_real(v) and v >= 0, "a finite number >= 0"),
+    "lr": (lambda v: v is None or _is_real(v) and v > 0, "a finite number > 0"),
+    "momentum": (lambda v: _is_real(v) and 0 <= v < 1, "0 <= momentum < 1"),
+    "batch_size": (_count, "an integer >= 1"),
+    "epochs": (_count, "an integer >= 1"),
+    "hidden": (
+        lambda v: isinstance(v, tuple) and bool(v) and all(map(_count, v)),
+        "comma-separated positive widths, e.g. 256,256",
+    ),
+    "seed": (_seed, _SEEDS),
+}
+# Each named field's vocabulary, in checking order.
+CHOICES: dict[str, Any] = {
+    "evidence_curvature": EVIDENCE_CURVATURES,
+    "evidence_method": EVIDENCE_METHODS,
+    "evidence_lambda": EVIDENCE_LAMBDAS,
+    "optimizer": OPTIMIZERS,
+    "schedule": SCHEDULES,
+    "activation": ACTIVATIONS,
+    "init": INITS,
+}
 
 
 def _check_l2(l2: Any) -> None:
@@ -391,44 +340,27 @@ def _check_l2(l2: Any) -> None:
         for pattern, lam in l2.items():
             if not isinstance(pattern, str):
                 raise ConfigError(f"{field('l2')} pattern {pattern!r} is not a string")
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise ConfigError(
-                    f"{field('l2')} pattern {pattern!r} is not a valid regular expression ({e})"
-                ) from None
+            _check_regex(f"{field('l2')} pattern", pattern)
             one(f"{field('l2')} {pattern}=λ: λ", lam)
     else:
         one(field("l2"), l2)
 
 
-def _check_auto(cfg: Config) -> None:
-    """``l2_init``, ``l2_every``, ``l2_lr`` and the evidence's settings: valid, and changed only
-    with the ``l2`` that reads them."""
-    lo, hi = AUTO_L2_BOUNDS
-    if not (_is_real(cfg.l2_init) and lo <= cfg.l2_init <= hi):
-        raise _bad(
-            "l2_init", cfg.l2_init, f"the starting λ of {AUTO} and {EVIDENCE}, a number from {lo:g} to {hi:g}"
-        )
-    if not (_is_int(cfg.l2_every) and cfg.l2_every >= 1):
-        raise _bad("l2_every", cfg.l2_every, "training steps per λ update, an integer >= 1")
-    if not (_is_real(cfg.l2_lr) and cfg.l2_lr > 0):
-        raise _bad("l2_lr", cfg.l2_lr, "Adam's learning rate on ln λ, a finite number > 0")
-    for name in ("evidence_every", "evidence_steps"):
-        if not (_is_int(getattr(cfg, name)) and getattr(cfg, name) >= 1):
-            what = "epochs per λ update" if name == "evidence_every" else "iterations per λ update"
-            raise _bad(name, getattr(cfg, name), f"{what}, an integer >= 1")
-    if cfg.l2_evidence and _is_int(cfg.epochs) and cfg.evidence_every > cfg.epochs:
+def _check_regex(name: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ConfigError(f"{name} {pattern!r} is not a valid regular expression ({e})") from None
+
+
+def _check_together(cfg: Config) -> None:
+    """The fields that depend on others: the settings of ``l2`` auto and evidence only with it,
+    ``weight_decay`` only for an optimizer that takes it and not with ``l2`` by accident."""
+    if cfg.l2_evidence and cfg.evidence_every > cfg.epochs:
         raise ConfigError(
             f"{field('evidence_every')} {cfg.evidence_every} is more than {field('epochs')} {cfg.epochs}: "
             f"λ would never be updated (at most {cfg.epochs})"
         )
-    if cfg.evidence_curvature not in EVIDENCE_CURVATURES:
-        raise _unknown("evidence_curvature", cfg.evidence_curvature, EVIDENCE_CURVATURES)
-    if cfg.evidence_method not in EVIDENCE_METHODS:
-        raise _unknown("evidence_method", cfg.evidence_method, EVIDENCE_METHODS)
-    if cfg.evidence_lambda not in EVIDENCE_LAMBDAS:
-        raise _unknown("evidence_lambda", cfg.evidence_lambda, EVIDENCE_LAMBDAS)
     if cfg.evidence_curvature == "lanczos" and cfg.evidence_lambda != "shared":
         raise ConfigError(
             f"{field('evidence_curvature')} lanczos estimates the evidence of one λ for all the selected "
@@ -451,12 +383,6 @@ def _check_auto(cfg: Config) -> None:
                 f"{field(changed[0])} is a setting of {field('l2')} {which}, which this run does not use "
                 f"({field('l2')} {cfg.l2}); add {field('l2')} {add} or drop {field(changed[0])}"
             )
-
-
-def _check_decay(cfg: Config) -> None:
-    """``weight_decay``: a number, for an optimizer that takes it, and not with ``l2`` by accident."""
-    if not (_is_real(cfg.weight_decay) and cfg.weight_decay >= 0):
-        raise _bad("weight_decay", cfg.weight_decay, "a finite number >= 0")
     if cfg.weight_decay and not OPTIMIZERS[cfg.optimizer].decays:
         takers = ", ".join(k for k, v in OPTIMIZERS.items() if v.decays)
         raise ConfigError(
@@ -464,9 +390,8 @@ def _check_decay(cfg: Config) -> None:
             f"(use {field('l2')} with {cfg.optimizer})"
         )
     if cfg.weight_decay and (cfg.l2_auto or cfg.l2_evidence):
-        which = cfg.l2
         raise ConfigError(
-            f"{field('weight_decay')} with {field('l2')} {which}: {which} tunes the penalty's λ per layer, "
+            f"{field('weight_decay')} with {field('l2')} {cfg.l2}: {cfg.l2} tunes the penalty's λ per layer, "
             f"and decay in the optimizer would regularize too, untuned (set {field('weight_decay')} 0, "
             f"or give a fixed {field('l2')})"
         )
@@ -490,48 +415,30 @@ def validate(cfg: Config, num_train: int | None = None) -> Config:
     if not isinstance(cfg.dataset, str) or not (
         cfg.dataset in ("mnist5k", "mnist") or (cfg.dataset.startswith("idx:") and len(cfg.dataset) > 4)
     ):
-        raise _unknown("dataset", cfg.dataset, DATASETS)
-    if cfg.val_size is not None and not (_is_int(cfg.val_size) and cfg.val_size >= 1):
-        raise _bad("val_size", cfg.val_size, "an integer >= 1")
-    if not (_is_int(cfg.split_seed) and 0 <= cfg.split_seed < SEED_LIMIT):
-        raise _bad("split_seed", cfg.split_seed, f"an integer from 0 to {SEED_LIMIT - 1}")
+        raise ConfigError(f"{field('dataset')} {cfg.dataset!r} is unknown (allowed: {', '.join(DATASETS)})")
     _check_l2(cfg.l2)
-    _check_auto(cfg)
+    for name, (ok, allowed) in RANGES.items():
+        value = getattr(cfg, name)
+        if not ok(value):
+            shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+            raise ConfigError(f"{field(name)} {shown} is invalid ({allowed})")
+    for name, names in CHOICES.items():
+        if getattr(cfg, name) not in names:
+            raise ConfigError(
+                f"{field(name)} {getattr(cfg, name)!r} is unknown (allowed: {', '.join(names)})"
+            )
     if cfg.select is not None:
         if not isinstance(cfg.select, str):
-            raise _bad("select", cfg.select, "'kernels' or a regular expression over parameter paths")
-        try:
-            re.compile(cfg.select)
-        except re.error as e:
             raise ConfigError(
-                f"{field('select')} {cfg.select!r} is not a valid regular expression ({e})"
-            ) from None
-    if cfg.optimizer not in OPTIMIZERS:
-        raise _unknown("optimizer", cfg.optimizer, OPTIMIZERS)
-    if cfg.lr is not None and not (_is_real(cfg.lr) and cfg.lr > 0):
-        raise _bad("lr", cfg.lr, "a finite number > 0")
-    if cfg.schedule not in SCHEDULES:
-        raise _unknown("schedule", cfg.schedule, SCHEDULES)
-    if not (_is_real(cfg.momentum) and 0 <= cfg.momentum < 1):
-        raise _bad("momentum", cfg.momentum, "0 <= momentum < 1")
-    _check_decay(cfg)
-    if not (_is_int(cfg.batch_size) and cfg.batch_size >= 1):
-        raise _bad("batch_size", cfg.batch_size, "an integer >= 1")
+                f"{field('select')} {cfg.select} is invalid ('kernels' or a regular expression over parameter paths)"
+            )
+        _check_regex(field("select"), cfg.select)
+    _check_together(cfg)
     if num_train is not None and cfg.batch_size > num_train:
         raise ConfigError(
             f"{field('batch_size')} {cfg.batch_size} is larger than the training set "
             f"(at most {num_train} for {cfg.dataset})"
         )
-    if not (_is_int(cfg.epochs) and cfg.epochs >= 1):
-        raise _bad("epochs", cfg.epochs, "an integer >= 1")
-    if not (isinstance(cfg.hidden, tuple) and cfg.hidden and all(_is_int(h) and h >= 1 for h in cfg.hidden)):
-        raise _bad("hidden", cfg.hidden, "comma-separated positive widths, e.g. 256,256")
-    if cfg.activation not in ACTIVATIONS:
-        raise _unknown("activation", cfg.activation, ACTIVATIONS)
-    if cfg.init not in INITS:
-        raise _unknown("init", cfg.init, INITS)
-    if not (_is_int(cfg.seed) and 0 <= cfg.seed < SEED_LIMIT):
-        raise _bad("seed", cfg.seed, f"an integer from 0 to {SEED_LIMIT - 1}")
     if cfg.lr is None:
         cfg = dataclasses.replace(cfg, lr=OPTIMIZERS[cfg.optimizer].lr)
     return cfg

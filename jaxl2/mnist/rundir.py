@@ -120,7 +120,7 @@ def default_out(root: str, prefix: str) -> str:
 # What a run or a sweep writes: all that --overwrite may remove.
 RUN_ENTRIES = frozenset(
     {"config.json", "metrics.jsonl", "checkpoints", "best", "curves.png", "lambda.png", "summary.json"}
-    | {"refit", "sweep.json", "sweep.csv", "sweep.png", "progress.json"}
+    | {"refit", "sweep.json", "sweep.csv", "sweep.png", "progress.json", "tensorboard"}
 )
 
 

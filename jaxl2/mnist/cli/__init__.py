@@ -32,7 +32,7 @@ from jaxl2.mnist.cli.report import fail, message
 __all__ = ["main", "run", "build_parser"]
 
 MODULES = {"train": "train", "sweep": "sweep", "eval": "evaluate", "bench": "bench", "gradcheck": "gradcheck"}
-EXTRAS = ("flax", "orbax", "tensorflow_datasets", "matplotlib", "rich")
+EXTRAS = ("flax", "orbax", "tensorflow_datasets", "matplotlib", "rich", "tensorboardX")
 
 
 def _status(signum: int) -> int:

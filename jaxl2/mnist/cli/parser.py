@@ -1,6 +1,12 @@
-"""The command line of ``jaxl2``: one parser, its flags named after the config's fields
-(``split_seed`` → ``--split-seed``, :func:`~jaxl2.mnist.cli.report.flag`), and the parsing of
-the values people type (``--l2 1e-3``, ``--l2 'REGEX=λ,…'``, ``--l2 -1e-3``).
+"""The command line of ``jaxl2``: one argparse parser. Its config flags are made from the
+:class:`~jaxl2.mnist.config.Config` dataclass: a flag per field (``split_seed`` →
+``--split-seed``), parsed as the field's type, in the group of the ``# -- data`` header above it,
+with the field's comment as its ``--help``. The few flags of a command that are no config field
+(``--out``, ``--resume``, …) are listed by hand.
+
+argparse rather than tyro: tried on ``jaxl2 train``, tyro took over twice as long to print the help,
+printed each error as a box of several lines where ``jaxl2`` prints one line naming the flag, and
+needed a constructor of its own for ``--l2 REGEX=λ,…``, ``--hidden 256,256`` and ``--refit/--no-refit``.
 
 This module imports nothing heavy (no jax), so ``jaxl2 --help`` stays fast.
 """
@@ -8,26 +14,76 @@ This module imports nothing heavy (no jax), so ``jaxl2 --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
+import functools
+import inspect
 import re
 import sys
+import textwrap
 from typing import Any
 
+from jaxl2.mnist.cli.report import flag
 from jaxl2.mnist.config import (
     ACTIVATIONS,
     AUTO,
+    AUTO_DEFAULTS,
     DATASETS,
     EVIDENCE,
+    EVIDENCE_DEFAULTS,
     OPTIMIZERS,
     SPLITS,
     Config,
     RunSettings,
     SweepSettings,
-    field_docs,
 )
 
-__all__ = ["COMMANDS", "build_parser", "parse_args", "parse_l2"]
+__all__ = ["COMMANDS", "build_parser", "field_docs", "parse_args", "parse_l2"]
 
 COMMANDS = ("train", "sweep", "eval", "bench", "gradcheck")
+
+
+@functools.cache
+def _comments(cls: type) -> dict[str, tuple[str, str]]:
+    """``{field: (group, comment)}`` read from the source of the dataclass ``cls``: the comment
+    lines directly above a field joined with the one at its end; a ``# -- NAME`` line starts the
+    group NAME. Empty where the source is not shipped."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    cls_node = ast.parse(source).body[0]
+    assert isinstance(cls_node, ast.ClassDef)
+    lines = source.splitlines()
+    out: dict[str, tuple[str, str]] = {}
+    group, end = "", cls_node.lineno
+    above: list[str] = []  # the comment lines since the last statement
+    for node in cls_node.body:
+        for line in (s.strip() for s in lines[end : node.lineno - 1]):
+            if line.startswith("# --"):
+                group, above = line[4:].strip(), []
+            elif line.startswith("#"):
+                above.append(line[1:].strip())
+        end = node.end_lineno or node.lineno
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            tail = (
+                lines[end - 1].encode()[node.end_col_offset or 0 :].decode().strip()
+            )  # bytes, as ast counts
+            at_end = [tail.removeprefix("#").strip()] if tail else []
+            out[node.target.id] = (group, " ".join(above + at_end))
+        above = []
+    return out
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's comment in the source of the dataclass ``cls`` (the way tyro reads a dataclass):
+    the comment lines directly above the field and the one at its end.
+
+    Example:
+      >>> field_docs(Config)["seed"]
+      'init and shuffling seed'
+    """
+    return {name: text for name, (_, text) in _comments(cls).items()}
 
 
 def _shown(value: Any) -> str:
@@ -39,10 +95,9 @@ def _shown(value: Any) -> str:
 
 
 def doc(cls: type, name: str, extra: str = "") -> str:
-    """The help of the flag of field ``name`` of ``cls``: its comment (:func:`field_docs`, with
-    `other_field` shown as ``--other-field``), ``extra``, and its default unless the comment
-    says it."""
-    text = re.sub(r"`(\w+)`", lambda m: "--" + m.group(1).replace("_", "-"), field_docs(cls).get(name, ""))
+    """The help of the flag of field ``name`` of ``cls``: its comment (with `other_field` shown as
+    ``--other-field``), ``extra``, and its default unless the comment says it."""
+    text = re.sub(r"`(\w+)`", lambda m: flag(m.group(1)), field_docs(cls).get(name, ""))
     default = getattr(cls(), name)
     if "(default" not in text and default is not None and not isinstance(default, bool):
         extra += f" (default {_shown(default)})"
@@ -50,6 +105,12 @@ def doc(cls: type, name: str, extra: str = "") -> str:
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # A value that starts like a negative number (-1e-3, -1,0) is a value, not an unknown flag:
+        # it then reaches its own check and one-line message (argparse takes only -1 and -.5 so).
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
+
     def error(self, message: str):  # one line, no usage dump
         m = re.match(r"argument (--[\w-]+)(?:/[\w-]+)?: (.*)", message)
         if m and m.group(2).startswith(m.group(1)):
@@ -91,19 +152,16 @@ def parse_l2(text: str) -> float | dict[str, float] | str:
     return out
 
 
-def _ints(name: str, example: str) -> Any:
-    def parse(text: str) -> tuple[int, ...]:
-        try:
-            return tuple(int(h) for h in text.split(","))
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"--{name} {text!r} is invalid (comma-separated integers, e.g. {example})"
-            ) from None
-
-    return parse
+def _hidden(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(h) for h in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--hidden {text!r} is invalid (comma-separated integers, e.g. 256,256)"
+        ) from None
 
 
-def _floats(text: str) -> list[float]:
+def _l2s(text: str) -> list[float]:
     for word in (AUTO, EVIDENCE):
         if word in (v.strip() for v in text.split(",")):
             raise argparse.ArgumentTypeError(
@@ -118,66 +176,41 @@ def _floats(text: str) -> list[float]:
         ) from None
 
 
-def _add_auto_flags(g: Any) -> None:
-    """The settings of ``--l2 auto`` and ``--l2 evidence`` (refused without them)."""
-    g.add_argument("--l2-init", type=float, help=doc(Config, "l2_init"))
-    g.add_argument("--l2-every", type=int, help=doc(Config, "l2_every"))
-    g.add_argument("--l2-lr", type=float, help=doc(Config, "l2_lr"))
-    g.add_argument("--evidence-every", type=int, help=doc(Config, "evidence_every"))
-    g.add_argument("--evidence-method", help=doc(Config, "evidence_method"))
-    g.add_argument("--evidence-steps", type=int, help=doc(Config, "evidence_steps"))
-    g.add_argument("--evidence-curvature", help=doc(Config, "evidence_curvature"))
-    g.add_argument("--evidence-lambda", help=doc(Config, "evidence_lambda"))
+# How a config flag's text becomes its field's value, by the field's type (`| None` aside).
+PARSE: dict[str, Any] = {
+    "int": int,
+    "float": float,
+    "str": str,
+    "tuple[int, ...]": _hidden,
+    "float | Mapping[str, float] | str": parse_l2,
+}
+# What a config flag's help says beyond its field's comment.
+EXTRA = {
+    "l2": " (e.g. '.*Dense_0/kernel=1e-3,.*=1e-4')",
+    "lr": ": " + ", ".join(f"{k} {v.lr:g}" for k, v in OPTIMIZERS.items()),
+    "hidden": ", comma-separated",
+}
 
 
-def _add_train_flags(p: argparse.ArgumentParser, *, auto: bool = True) -> None:
-    """The config's flags; ``auto=False`` leaves out the settings of ``--l2 auto`` (a sweep)."""
-    _data_flags(p.add_argument_group("data"))
-    _regularization_flags(p.add_argument_group("regularization"), auto)
-    _optimization_flags(p.add_argument_group("optimization"))
-    _model_flags(p.add_argument_group("model"))
+def _config_flags(p: argparse.ArgumentParser, sweep: bool = False) -> None:
+    """A flag per :class:`Config` field, in the groups of its comments. A sweep trains fixed λs:
+    it has no settings of ``--l2 auto`` and ``evidence``, and its ``--l2`` is a list of them."""
+    groups: dict[str, Any] = {}
+    for f in dataclasses.fields(Config):
+        if sweep and (f.name in AUTO_DEFAULTS or f.name in EVIDENCE_DEFAULTS):
+            continue
+        title = _comments(Config).get(f.name, ("config", ""))[0]  # "config" where the source is not shipped
+        g = groups[title] = groups.get(title) or p.add_argument_group(title)
+        if sweep and f.name == "l2":
+            g.add_argument("--l2", type=_l2s, help=doc(SweepSettings, "l2s", ", comma-separated"))
+        elif f.type == "bool":
+            g.add_argument(flag(f.name), action="store_true", default=None, help=doc(Config, f.name))
+        else:
+            kind = PARSE[str(f.type).removesuffix(" | None")]
+            g.add_argument(flag(f.name), type=kind, help=doc(Config, f.name, EXTRA.get(f.name, "")))
 
 
-def _data_flags(g: Any) -> None:
-    g.add_argument("--dataset", help=doc(Config, "dataset"))
-    g.add_argument("--data-dir", help=doc(Config, "data_dir"))
-    g.add_argument("--val-size", type=int, help=doc(Config, "val_size"))
-    g.add_argument("--split-seed", type=int, help=doc(Config, "split_seed"))
-
-
-def _regularization_flags(g: Any, auto: bool) -> None:
-    if auto:
-        g.add_argument(
-            "--l2", type=parse_l2, help=doc(Config, "l2", " (e.g. '.*Dense_0/kernel=1e-3,.*=1e-4')")
-        )
-        _add_auto_flags(g)
-    else:
-        g.add_argument("--l2", type=_floats, help=doc(SweepSettings, "l2s", ", comma-separated"))
-    g.add_argument("--select", help=doc(Config, "select"))
-    g.add_argument("--weight-decay", type=float, help=doc(Config, "weight_decay"))
-    g.add_argument("--allow-both", action="store_true", default=None, help=doc(Config, "allow_both"))
-
-
-def _optimization_flags(g: Any) -> None:
-    g.add_argument("--optimizer", help=doc(Config, "optimizer"))
-    defaults = ", ".join(f"{k} {v.lr:g}" for k, v in OPTIMIZERS.items())
-    g.add_argument("--lr", type=float, help=doc(Config, "lr", f": {defaults}"))
-    g.add_argument("--schedule", help=doc(Config, "schedule"))
-    g.add_argument("--momentum", type=float, help=doc(Config, "momentum"))
-    g.add_argument("--batch-size", type=int, help=doc(Config, "batch_size"))
-    g.add_argument("--epochs", type=int, help=doc(Config, "epochs"))
-
-
-def _model_flags(g: Any) -> None:
-    g.add_argument(
-        "--hidden", type=_ints("hidden", "256,256"), help=doc(Config, "hidden", ", comma-separated")
-    )
-    g.add_argument("--activation", help=doc(Config, "activation"))
-    g.add_argument("--init", help=doc(Config, "init"))
-    g.add_argument("--seed", type=int, help=doc(Config, "seed"))
-
-
-def _add_checkpoints_and_refit(g: Any, settings: type, resumed: str) -> None:
+def _checkpoints_and_refit(g: Any, settings: type, resumed: str) -> None:
     """``--checkpoint-every``, ``--refit`` and ``--refit-epochs``, documented by the command's
     ``settings`` (:class:`RunSettings` or :class:`SweepSettings`); ``resumed`` names what a
     resume's refit default is."""
@@ -199,12 +232,12 @@ def _train_parser(sub: Any) -> None:
         description="Train the 784-256-256-10 MLP with λ/2·Σw² on its kernels; writes a run directory "
         "(config.json, metrics.jsonl, checkpoints/, best/, curves.png, summary.json).",
     )
-    _add_train_flags(t)
+    _config_flags(t)
     g = t.add_argument_group("run")
     g.add_argument("--out", help="run directory (default: a new runs/DATASET-YYYYmmdd-HHMMSS[-N])")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     g.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    _add_checkpoints_and_refit(g, RunSettings, "the run's own")
+    _checkpoints_and_refit(g, RunSettings, "the run's own")
     g.add_argument(
         "--no-cache",
         action="store_true",
@@ -236,7 +269,7 @@ def _sweep_parser(sub: Any) -> None:
         description="Train every (λ, seed) pair together (jax.vmap over stacked states, λ traced: one "
         "compilation). Writes sweep.json, sweep.csv and sweep.png; selects λ by validation accuracy only.",
     )
-    _add_train_flags(sw, auto=False)
+    _config_flags(sw, sweep=True)
     g = sw.add_argument_group("sweep")
     g.add_argument(
         "--seeds",
@@ -251,7 +284,7 @@ def _sweep_parser(sub: Any) -> None:
         help="continue the sweep in --out from its last checkpoint (with its own settings)",
     )
     g.add_argument("--overwrite", action="store_true", help="replace a sweep (or run) already in --out")
-    _add_checkpoints_and_refit(g, SweepSettings, "the sweep's own")
+    _checkpoints_and_refit(g, SweepSettings, "the sweep's own")
     g.add_argument("--no-cache", action="store_true", help="do not use the compilation cache")
     g.add_argument(
         "--quiet", action="store_true", help="no progress (on a terminal one line; else one line per epoch)"
@@ -334,7 +367,7 @@ def _gradcheck_parser(sub: Any) -> None:
     gc.add_argument("--l2", type=float, default=1e-3, help="λ (default 1e-3)")
     gc.add_argument(
         "--hidden",
-        type=_ints("hidden", "256,256"),
+        type=_hidden,
         default=(256, 256),
         help="hidden widths (default 256,256)",
     )
@@ -367,19 +400,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _attach_negative_values(argv: list[str]) -> list[str]:
-    """``--l2 -1e-3`` → ``--l2=-1e-3``: argparse takes ``-1e-3`` or ``-1,0`` after an option for
-    another option and says "expected one argument"; attached, the value reaches its own check
-    and message (a flag that takes no value then says so)."""
-    out: list[str] = []
-    for arg in argv:
-        if out and out[-1].startswith("--") and "=" not in out[-1] and re.match(r"-[\d.]", arg):
-            out[-1] = f"{out[-1]}={arg}"
-        else:
-            out.append(arg)
-    return out
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """The parsed command line (exits 2 with one line on bad input)."""
-    return build_parser().parse_args(_attach_negative_values(argv))
+    return build_parser().parse_args(argv)

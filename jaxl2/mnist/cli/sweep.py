@@ -16,7 +16,7 @@ __all__ = ["run"]
 
 def run(args: argparse.Namespace) -> int:
     from jaxl2.mnist import sweep as _sweep
-    from jaxl2.mnist import sweepdir
+    from jaxl2.mnist import sweepdir, tensorboard
     from jaxl2.mnist.rundir import load_config
 
     l2s, args.l2 = args.l2, None
@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
                 None if args.quiet or args.json else progress.say(f"jaxl2: {render(text, flag)}")
             ),
         )
+    tensorboard.write_sweep(summary["out"], summary["results"])
     warn_if_chance([(r["val_accuracy"], summary["lr"], r["l2"]) for r in summary["results"]], cfg)
     if args.json:
         print(_sweep.results_json(summary))

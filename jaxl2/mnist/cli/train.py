@@ -15,7 +15,10 @@ __all__ = ["run"]
 
 
 def run(args: argparse.Namespace) -> int:
+    import jax
+
     from jaxl2.mnist import run as _run
+    from jaxl2.mnist import tensorboard
     from jaxl2.mnist.rundir import load_config
 
     fields, saved = given(args), None
@@ -51,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
                 on_refit_epoch=lambda e, n: progress.epoch("refit on train ∪ validation", e, n),
                 log=lambda text: progress.say(f"jaxl2: {render(text, flag)}"),
             )
+    if jax.process_index() == 0:  # the process that writes the run directory
+        tensorboard.write_run(summary["out"])
     print(json.dumps(summary) if args.json else format_summary(summary))
     warn_if_chance([(summary["val_accuracy"], summary["lr"], cfg.l2)], cfg)
     return 0
