@@ -354,7 +354,7 @@ def save_policy(epochs: int | None = None, seconds: int | None = CHECKPOINT_SECO
 
 
 class SaveRule:
-    """When the training loop (:func:`~jaxl2.mnist.loop.call_end`) checkpoints, besides at the
+    """When the training loop (:func:`~jaxl2.mnist.train.call_end`) checkpoints, besides at the
     end and on a signal: :func:`save_policy`'s rule on the loop's own clock (``seconds`` since
     the last save or the start, every ``epochs`` epochs when given). A loop that asks its store
     (:meth:`StepStore.should_save`, orbax's decision) needs no rule.
