@@ -4,6 +4,7 @@ application → library), no private helper is written twice."""
 import ast
 import collections
 import pathlib
+import re
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent / "jaxl2"
 
@@ -59,3 +60,17 @@ def test_the_core_imports_no_feature():
     for name in ("data", "model", "train"):
         parts = [n.split(".") for n in _imports(ROOT / "mnist" / f"{name}.py")]
         assert not [p for p in parts if p[:2] == ["jaxl2", "mnist"] and p[2:3] and p[2] in features], name
+
+
+def test_the_docs_layout_page_names_every_module_and_no_other():
+    page = (ROOT.parent / "docs" / "app" / "index.md").read_text()
+    block = page.split("```text\n", 1)[1].split("```", 1)[0]
+    named = set(re.findall(r"[a-z_]+\.py", block))
+    modules = {
+        p.name
+        for folder in (ROOT, ROOT / "mnist", ROOT / "mnist" / "cli")
+        for p in folder.glob("*.py")
+        if p.name not in ("__init__.py", "__main__.py")
+    }
+    assert not modules - named, f"modules the layout page does not name: {sorted(modules - named)}"
+    assert not named - modules, f"the layout page names modules that do not exist: {sorted(named - modules)}"
