@@ -51,7 +51,8 @@ class ScheduleState(NamedTuple):
     """The state of a λ schedule: the step count (the schedules are read at ``count``, then it
     is incremented, as optax's schedules count), and the optimizer's own state where there is
     one: :func:`add_decayed_weights` keeps the count alone, :func:`jaxl2.make_train_step` the
-    count and ``tx``'s state."""
+    count and ``tx``'s state (its count advances with the updates ``tx`` applies: once every k
+    micro-batches under ``optax.MultiSteps``)."""
 
     count: jax.Array  # type: ignore[assignment]  # a field named as optax names it, over tuple.count
     opt_state: Any = None

@@ -23,7 +23,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,7 @@ import optax
 
 from jaxl2 import rules as _rules
 from jaxl2 import select as _select
+from jaxl2.decay import ScheduleState
 from jaxl2.errors import Jaxl2Error, describe
 from jaxl2.norms import global_norms, group_norms
 from jaxl2.penalty import add_penalty, check_rules, describe_output, l2_penalty
@@ -39,13 +40,7 @@ from jaxl2.rules import L2, Stacked, check_bool, check_l2
 __all__ = ["make_train_step", "ScheduledState"]
 
 
-class ScheduledState(NamedTuple):
-    """The optimizer state of a step whose ``l2`` holds a schedule: the count of the updates
-    ``tx`` has applied (the schedules are read at it; under ``optax.MultiSteps`` it advances
-    only when the accumulated update is applied) and ``tx``'s own state."""
-
-    count: jax.Array  # type: ignore[assignment]  # a field named as optax names it, over tuple.count
-    opt_state: Any
+ScheduledState = ScheduleState  # the one schedule-state type; this name stays for users' isinstance checks
 
 
 def _is_zero(l2: Any) -> bool:
@@ -213,12 +208,12 @@ def make_train_step(
 
     def init(params: Any) -> Any:
         state = tx.init(_select.float_part(params)[0])
-        return ScheduledState(jnp.zeros([], jnp.int32), state) if scheduled else state
+        return ScheduleState(jnp.zeros([], jnp.int32), state) if scheduled else state
 
     def step(params: Any, opt_state: Any, *batch: Any) -> tuple[Any, Any, dict[str, jax.Array]]:
         count = None
         if scheduled:
-            if not isinstance(opt_state, ScheduledState):
+            if not isinstance(opt_state, ScheduleState):
                 raise Jaxl2Error(
                     "l2 holds a schedule, so the step counts its steps in the optimizer state: build "
                     "it with step.init(params) (a jaxl2.step.ScheduledState(count, tx state)), "
@@ -246,7 +241,7 @@ def make_train_step(
                 "group); rename that key in loss_fn's aux"
             )
         if scheduled:
-            new_state = ScheduledState(_advance(count, opt_state, new_state), new_state)
+            new_state = ScheduleState(_advance(count, opt_state, new_state), new_state)
         return merge(new_arrays), new_state, {**aux, **metrics}
 
     step.init = init  # type: ignore[attr-defined]  # the step function carries its own init
