@@ -16,7 +16,7 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["Jaxl2Error", "describe", "shown", "shape_text"]
+__all__ = ["Jaxl2Error", "describe", "shown", "listing", "shape_text"]
 
 
 class Jaxl2Error(ValueError):
@@ -65,6 +65,18 @@ def shown(value: object) -> str:
     if isinstance(value, bool | int | float | complex):
         return f"{value!r} ({type(value).__name__})"
     return describe(value)
+
+
+def listing(names: list[str], limit: int = 12) -> str:
+    """``names`` joined by commas for a message, at most ``limit`` of them and then how many more
+    (a model of 2,000 leaves names 12 paths, never all of them).
+
+    Examples:
+      >>> listing(["a", "b"]), listing([f"p{i}" for i in range(30)], limit=3)
+      ('a, b', 'p0, p1, p2, … and 27 more')
+    """
+    shown_names = ", ".join(names[:limit])
+    return shown_names if len(names) <= limit else f"{shown_names}, … and {len(names) - limit:,} more"
 
 
 def shape_text(shape: tuple) -> str:

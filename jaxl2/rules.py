@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxl2 import select as _select
-from jaxl2.errors import Jaxl2Error, describe, shape_text, shown
+from jaxl2.errors import Jaxl2Error, describe, listing, shape_text, shown
 
 __all__ = [
     "is_traced",
@@ -289,7 +289,7 @@ def _axes(chosen: list[tuple[str, Any]], stacked: Stacked) -> list[int | None]:
         if not any(rx.fullmatch(p) for p in paths):
             raise Jaxl2Error(
                 f"stacked pattern {pattern!r} matches no selected parameter (a typo?); "
-                f"the selected paths are: {', '.join(paths)}"
+                f"the selected paths are: {listing(paths)}"
             )
     axes = []
     for p, w in chosen:
@@ -335,7 +335,7 @@ def _rule_l2(
                 )
             raise Jaxl2Error(
                 f"l2 pattern {pattern!r} matches no selected parameter (a typo?); "
-                f"the selected paths are: {', '.join(names)}"
+                f"the selected paths are: {listing(names)}"
             )
         # A pattern that only matches units an earlier one takes is dead code, unless it matches
         # every leaf of params: a catch-all ('.*': 0.0) that says "the rest" on purpose.
@@ -346,7 +346,7 @@ def _rule_l2(
             which = "an earlier pattern" if len(takers) == 1 else "earlier patterns"
             raise Jaxl2Error(
                 f"l2 pattern {pattern!r} never applies: the first match wins, and every selected path it "
-                f"matches ({', '.join(names[j] for j in hits)}) is taken by {which} ({said}); remove it, "
+                f"matches ({listing([names[j] for j in hits])}) is taken by {which} ({said}); remove it, "
                 "or narrow the earlier pattern if it was meant to take some of them"
             )
     lams = []

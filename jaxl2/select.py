@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxl2.errors import Jaxl2Error, describe
+from jaxl2.errors import Jaxl2Error, describe, listing
 
 Predicate = Callable[[str, Any], bool]
 
@@ -331,7 +331,7 @@ def resolve(params: Any, select: Selector = None) -> list[tuple[str, Any]]:
             "(a regex, a predicate or a preset)"
         )
     if not chosen:
-        existing = ", ".join(p for p, _ in candidates) or "(none: no floating-point leaves)"
+        existing = listing([p for p, _ in candidates]) or "(none: no floating-point leaves)"
         raise Jaxl2Error(
             f"{_describe(select)} matched no parameter; the paths that exist are: {existing}. "
             "Use a regex over these paths, a predicate, or a preset "

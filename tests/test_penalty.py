@@ -1022,3 +1022,17 @@ def test_gradcheck_with_a_center_that_does_not_fit():
         jaxl2.gradcheck(loss, params, x, l2=0.5, center=bad)
     with pytest.raises(jaxl2.Jaxl2Error, match=r"center must be None or a pytree of arrays"):
         jaxl2.gradcheck(loss, params, x, l2=0.5, center=1.0)
+
+
+def test_messages_that_list_paths_name_a_dozen_of_a_large_model_and_count_the_rest():
+    params = big_params()  # 2,000 leaves
+    kernels = {f"layer{i}": {"kernel": jnp.ones((2, 2))} for i in range(2000)}
+    cases = [
+        lambda: jaxl2.l2_penalty(params, 1e-3, select="nothing/.*"),  # the paths that exist
+        lambda: jaxl2.l2_penalty(kernels, {"typo/kernel": 1e-3}),  # the selected paths
+        lambda: jaxl2.l2_penalty(kernels, 1e-3, stacked={"typo": 0}),
+    ]
+    for case in cases:
+        with pytest.raises(jaxl2.Jaxl2Error) as e:
+            case()
+        assert len(str(e.value)) < 800 and "… and 1,988 more" in str(e.value), str(e.value)[:300]
