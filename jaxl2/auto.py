@@ -53,7 +53,7 @@ import numpy as np
 import optax
 
 from jaxl2 import select as _select
-from jaxl2.errors import Jaxl2Error
+from jaxl2.errors import Jaxl2Error, shown
 from jaxl2.penalty import check_bool, check_l2
 from jaxl2.step import make_train_step
 
@@ -216,15 +216,16 @@ def auto_l2(
       jaxl2.errors.Jaxl2Error: l2 (the initial λ) must be > 0: λ is adapted on a log scale, got 0.0
     """
     if not callable(loss_fn):
-        raise Jaxl2Error(f"loss_fn must be a function loss_fn(params, *batch), got {type(loss_fn).__name__}")
+        swapped = hasattr(loss_fn, "update") and callable(tx)
+        hint = "; are loss_fn and tx swapped? auto_l2(loss_fn, tx, l2=λ)" if swapped else ""
+        raise Jaxl2Error(f"loss_fn must be a function loss_fn(params, *batch), got {shown(loss_fn)}{hint}")
     if val_loss_fn is not None and not callable(val_loss_fn):
         raise Jaxl2Error(
-            f"val_loss_fn must be None or a function val_loss_fn(params, *val_batch), "
-            f"got {type(val_loss_fn).__name__}"
+            f"val_loss_fn must be None or a function val_loss_fn(params, *val_batch), got {shown(val_loss_fn)}"
         )
     for name, t in (("tx", tx), ("hyper_tx", hyper_tx)):
         if t is not None and not (hasattr(t, "init") and hasattr(t, "update")):
-            raise Jaxl2Error(f"{name} must be an optax GradientTransformation, got {type(t).__name__}")
+            raise Jaxl2Error(f"{name} must be an optax GradientTransformation, got {shown(t)}")
     check_l2(l2, "l2 (the initial λ)")
     if isinstance(l2, jax.core.Tracer):
         raise Jaxl2Error("l2 (the initial λ) must be a concrete number, not a traced value")

@@ -238,8 +238,8 @@ def test_an_equinox_module_with_non_array_leaves():
         ({"l2": -1.0}, r"l2 \(the initial λ\) must be a finite number >= 0"),
         ({"l2": 2.0}, r"l2 \(the initial λ\) 2.0 is outside bounds \(1e-08, 1\)"),
         ({"bounds": (1.0, 0.1)}, r"bounds must be \(lo, hi\) with 0 < lo < hi < inf"),
-        ({"tx": "adam"}, "tx must be an optax GradientTransformation, got str"),
-        ({"hyper_tx": 0.1}, "hyper_tx must be an optax GradientTransformation, got float"),
+        ({"tx": "adam"}, r"^tx must be an optax GradientTransformation, got 'adam' \(str\)$"),
+        ({"hyper_tx": 0.1}, r"^hyper_tx must be an optax GradientTransformation, got 0.1 \(float\)$"),
         ({"has_aux": 1}, "has_aux must be True or False"),
         ({"select": 3}, "select must be None"),
     ],
@@ -267,3 +267,12 @@ def test_aux_keys_that_clash_with_the_metrics_are_refused(key):
     auto = jaxl2.auto_l2(lambda p, x, y: (mse(p, x, y), {key: 1.0}), optax.sgd(0.1), has_aux=True)
     with pytest.raises(jaxl2.Jaxl2Error, match=f"aux has a '{key}' entry, which the step's metrics hold"):
         auto.step(params, optax.sgd(0.1).init(params), auto.init(params), (x, y), (x, y))
+
+
+def test_large_or_swapped_arguments_are_summarised_in_a_short_message():
+    params = {f"layer_{i}": {"kernel": jnp.ones((2, 2)), "bias": jnp.zeros(2)} for i in range(1000)}
+    with pytest.raises(jaxl2.Jaxl2Error) as e:  # the params where tx goes
+        jaxl2.auto_l2(lambda p, x: jnp.sum(x), params)
+    assert str(e.value) == "tx must be an optax GradientTransformation, got a pytree (dict) of 2,000 arrays"
+    with pytest.raises(jaxl2.Jaxl2Error, match=r"got an optax \w+; are loss_fn and tx swapped\?"):
+        jaxl2.auto_l2(optax.sgd(0.1), lambda p, x: jnp.sum(x))
