@@ -1,6 +1,5 @@
 """``l2="auto"`` in the application: the run directory, exact resume, and the command's checks."""
 
-import dataclasses
 import json
 import os
 
@@ -11,7 +10,7 @@ import pytest
 from jaxl2.mnist import cli
 from jaxl2.mnist import run as _run
 from jaxl2.mnist.cli import report
-from jaxl2.mnist.config import Config, ConfigError, RunSettings, SweepSettings, validate
+from jaxl2.mnist.config import Config, ConfigError, RunSettings, SweepSettings
 from jaxl2.mnist.results import RunSummary
 from tests.keys import assert_typed
 from tests.runs import assert_refused_in_one_line, latest_state, rows_of
@@ -70,38 +69,6 @@ def test_auto_run_writes_lambdas_and_resumes_exactly(tmp_path):
         np.testing.assert_array_equal(u, v)
     assert summary_b["l2_final"] == summary["l2_final"]
     assert summary_b["test_accuracy"] == summary["test_accuracy"]
-
-
-@pytest.mark.parametrize(
-    "changes, match",
-    [
-        ({"l2": "automatic"}, "l2 'automatic' is invalid (a number >= 0, REGEX=λ entries, auto or evidence)"),
-        (
-            {"l2_init": 1e-3},
-            "l2_init is a setting of l2 auto or evidence, which this run does not use (l2 0.001)",
-        ),
-        (
-            {"l2": "auto", "l2_init": 0.0},
-            "l2_init 0.0 is invalid (the starting λ of auto and evidence, a number from 1e-08",
-        ),
-        ({"l2": "auto", "l2_every": 0}, "l2_every 0 is invalid (training steps per λ update"),
-        ({"l2": "auto", "l2_lr": -1.0}, "l2_lr -1.0 is invalid"),
-        (
-            {"l2": "auto", "optimizer": "adamw", "weight_decay": 1e-4, "allow_both": True},
-            "weight_decay with l2 auto: auto tunes the penalty's λ per layer",
-        ),
-    ],
-)
-def test_config_refuses_bad_auto_settings(changes, match):
-    with pytest.raises(ConfigError) as e:
-        validate(dataclasses.replace(Config(), **changes))
-    assert match in str(e.value)
-
-
-def test_config_accepts_auto_and_round_trips_through_json():
-    cfg = validate(Config(l2="auto", l2_init=1e-3, l2_every=8, l2_lr=0.05))
-    assert cfg.l2_auto and cfg.l2_on
-    assert Config.from_json(json.loads(json.dumps(cfg.to_json()))) == cfg
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ import jaxl2
 from jaxl2.mnist import cli
 from jaxl2.mnist import run as _run
 from jaxl2.mnist.cli import report
-from jaxl2.mnist.config import Config, ConfigError, RunSettings, SweepSettings, validate
+from jaxl2.mnist.config import Config, ConfigError, RunSettings, SweepSettings
 from jaxl2.mnist.marglik import EvidenceTrainer, dense_ggn
 from jaxl2.mnist.model import model_of
 from jaxl2.mnist.results import RunSummary
@@ -234,51 +234,6 @@ def test_an_evidence_run_trains_on_everything_records_and_resumes_exactly(tmp_pa
         summary_b["l2_final"] == summary["l2_final"]
         and summary_b["test_accuracy"] == summary["test_accuracy"]
     )
-
-
-@pytest.mark.parametrize(
-    "changes, match",
-    [
-        ({"evidence_every": 3}, "evidence_every is a setting of l2 evidence, which this run does not use"),
-        ({"l2": "auto", "evidence_steps": 2}, "evidence_steps is a setting of l2 evidence, which this run"),
-        ({"l2": "evidence", "evidence_every": 0}, "evidence_every 0 is invalid (epochs per λ update"),
-        ({"l2": "evidence", "epochs": 3}, "evidence_every 5 is more than epochs 3: λ would never be updated"),
-        ({"l2": "evidence", "evidence_steps": 1.5}, "evidence_steps 1.5 is invalid (iterations per λ update"),
-        ({"l2": "evidence", "l2_every": 8}, "l2_every is a setting of l2 auto, which this run does not use"),
-        (
-            {"l2": "evidence", "evidence_curvature": "full"},
-            "evidence_curvature 'full' is unknown (allowed: kron, ekfac, diag, lanczos)",
-        ),
-        (
-            {"l2": "evidence", "evidence_lambda": "per-layer"},
-            "evidence_lambda 'per-layer' is unknown (allowed: shared, layer)",
-        ),
-        ({"evidence_lambda": "layer"}, "evidence_lambda is a setting of l2 evidence, which this run"),
-        (
-            {"l2": "evidence", "evidence_curvature": "lanczos", "evidence_lambda": "layer"},
-            "evidence_curvature lanczos estimates the evidence of one λ for all the selected leaves: it "
-            "needs evidence_lambda shared, not layer",
-        ),
-        (
-            {"l2": "evidence", "evidence_method": "adam"},
-            "evidence_method 'adam' is unknown (allowed: bisect, mackay)",
-        ),
-        (
-            {"l2": "evidence", "optimizer": "adamw", "weight_decay": 1e-4, "allow_both": True},
-            "weight_decay with l2 evidence: evidence tunes the penalty's λ per layer",
-        ),
-    ],
-)
-def test_config_refuses_bad_evidence_settings(changes, match):
-    with pytest.raises(ConfigError) as e:
-        validate(dataclasses.replace(Config(), **changes))
-    assert match in str(e.value)
-
-
-def test_config_accepts_evidence_and_round_trips_through_json():
-    cfg = validate(Config(l2="evidence", l2_init=1e-3, evidence_every=2, evidence_steps=9))
-    assert cfg.l2_evidence and cfg.l2_on and not cfg.l2_auto
-    assert Config.from_json(json.loads(json.dumps(cfg.to_json()))) == cfg
 
 
 @pytest.mark.parametrize(
