@@ -42,8 +42,6 @@ from jaxl2.mnist.config import (
     settings_of,
     validate,
 )
-from jaxl2.mnist.hypergrad import AutoTrainer
-from jaxl2.mnist.marglik import EvidenceTrainer
 from jaxl2.mnist.model import abstract_params
 from jaxl2.mnist.results import Refit, RunSummary
 from jaxl2.mnist.rundir import (
@@ -78,10 +76,17 @@ __all__ = ["train_and_evaluate", "evaluate_run", "load_run_config", "mode_of"]
 def mode_of(cfg: Config) -> type[Trainer]:
     """The trainer of ``cfg``'s λ mode: :class:`~jaxl2.mnist.hypergrad.AutoTrainer` for ``l2="auto"``,
     :class:`~jaxl2.mnist.marglik.EvidenceTrainer` for ``l2="evidence"``, else
-    :class:`~jaxl2.mnist.train.Trainer` (a fixed λ). The run asks the trainer what differs."""
+    :class:`~jaxl2.mnist.train.Trainer` (a fixed λ). The run asks the trainer what differs. A
+    mode's module is imported when it is chosen: a fixed-λ run loads neither."""
     if cfg.l2_evidence:
+        from jaxl2.mnist.marglik import EvidenceTrainer
+
         return EvidenceTrainer
-    return AutoTrainer if cfg.l2_auto else Trainer
+    if cfg.l2_auto:
+        from jaxl2.mnist.hypergrad import AutoTrainer
+
+        return AutoTrainer
+    return Trainer
 
 
 def load_run_config(
