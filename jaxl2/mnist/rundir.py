@@ -55,7 +55,6 @@ __all__ = [
     "StepStore",
     "Claim",
     "DiskFull",
-    "save_policy",
     "disk_errors",
     "is_disk_error",
 ]
@@ -330,34 +329,13 @@ def _check_every(epochs: int | None) -> None:
         )
 
 
-def save_policy(epochs: int | None = None, seconds: int | None = CHECKPOINT_SECONDS) -> Any:
-    """orbax's save-decision policy of a training loop (the saves it forces aside: the last
-    epoch, a signal): once ``seconds`` have passed since the last checkpoint (an epoch here can
-    be 30 ms and a save ~0.1 s, so a rule in epochs would cost more than it protects), every
-    ``epochs`` steps when given, and at a preemption sync point where JAX's preemption service
-    runs (``jax.distributed``). Where the loop stops does not change what a resume computes.
-
-    Example:
-      >>> from jaxl2.mnist.rundir import save_policy
-      >>> type(save_policy(epochs=3)).__name__
-      'AnySavePolicy'
-    """
-    _check_every(epochs)
-    from orbax.checkpoint import checkpoint_managers as policies
-
-    chosen: list[Any] = [policies.PreemptionCheckpointingPolicy()]
-    if seconds is not None:
-        chosen.append(policies.ContinuousCheckpointingPolicy(minimum_interval_secs=seconds))
-    if epochs is not None:
-        chosen.append(policies.FixedIntervalPolicy(epochs))
-    return policies.AnySavePolicy(chosen)
-
-
 class SaveRule:
     """When the training loop (:func:`~jaxl2.mnist.train.call_end`) checkpoints, besides at the
-    end and on a signal: :func:`save_policy`'s rule on the loop's own clock (``seconds`` since
-    the last save or the start, every ``epochs`` epochs when given). A loop that asks its store
-    (:meth:`StepStore.should_save`, orbax's decision) needs no rule.
+    end and on a signal: every ``seconds`` of training since the last save or the start (an epoch
+    here can be 30 ms and a save ~0.1 s, so a rule in epochs alone would cost more than it
+    protects), and every ``epochs`` epochs when given. It is decided at the end of a compiled
+    call, on every process alike; orbax's own save-decision policies count steps, which a sweep's
+    stores number per chunk, so the loop keeps this rule.
 
     Example:
       >>> rule = SaveRule(epochs=3, seconds=None)
@@ -418,13 +396,11 @@ class StepStore:
     ``background=True``: orbax writes asynchronously (its ``enable_async_checkpointing``):
     :meth:`save` returns once the arrays are copied and the training goes on while orbax
     writes, one save at a time, in order; :meth:`wait` and :meth:`close` wait for the last and
-    raise its error. ``every``: the manager decides :meth:`should_save` by :func:`save_policy`.
+    raise its error.
     A write that the disk refuses is raised as an ``OSError`` that names this store's directory.
     """
 
-    def __init__(
-        self, path: str, keep: int | None = 1, *, background: bool = False, every: int | None = None
-    ):
+    def __init__(self, path: str, keep: int | None = 1, *, background: bool = False):
         import orbax.checkpoint as ocp
 
         self.ocp, self.path = ocp, os.path.abspath(path)
@@ -432,7 +408,6 @@ class StepStore:
         sys.unraisablehook = _quiet_closed_loop
         opts = ocp.CheckpointManagerOptions(
             enable_async_checkpointing=background,
-            save_decision_policy=save_policy(every),
             preservation_policy=ocp.checkpoint_managers.LatestN(keep),
         )
         self.manager = ocp.CheckpointManager(self.path, options=opts)
@@ -456,10 +431,6 @@ class StepStore:
 
     def steps(self) -> list[int]:
         return list(self.manager.all_steps())
-
-    def should_save(self, step: int) -> bool:
-        """orbax's decision (:func:`save_policy` of ``every``) whether to save ``step``."""
-        return self.manager.should_save(step)
 
     def save(self, step: int, tree: Any) -> None:
         """Saves ``tree`` as ``step`` (with ``background``, once the previous save is done)."""
@@ -502,17 +473,12 @@ class Checkpoints:
 
     ``background=True`` (training): both stores write asynchronously (:class:`StepStore`); the
     arrays handed to :meth:`save` must not change afterwards (the run's are never donated).
-    ``every``: :meth:`should_save` asks orbax's :func:`save_policy`.
     """
 
-    def __init__(self, out: str, background: bool = False, every: int | None = None):
+    def __init__(self, out: str, background: bool = False):
         self.out = out
-        self.latest = StepStore(os.path.join(out, "checkpoints"), background=background, every=every)
+        self.latest = StepStore(os.path.join(out, "checkpoints"), background=background)
         self.best = StepStore(os.path.join(out, "best"), background=background)
-
-    def should_save(self, epoch: int) -> bool:
-        """Whether orbax's policy saves after ``epoch`` (the loop also saves at the end and on a signal)."""
-        return self.latest.should_save(epoch)
 
     def save(self, epoch: int, run_state: dict, best_epoch: int) -> None:
         self._save_best(best_epoch, run_state["best_params"])

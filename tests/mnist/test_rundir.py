@@ -1,5 +1,5 @@
-"""A run's checkpoints on orbax's CheckpointManager: its policies decide when to save, its async
-saves restore bit for bit, best/ never falls behind the run, and the layout that jaxl2 0.3.0
+"""A run's checkpoints on orbax's CheckpointManager: the loop's save rule, orbax's async saves
+restoring bit for bit, best/ never falls behind the run, and the layout that jaxl2 0.3.0
 wrote (a plain orbax manager per store) is read as it is."""
 
 import os
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxl2.mnist.config import ConfigError
-from jaxl2.mnist.rundir import Checkpoints, StepStore, checkpoint_steps, save_policy
+from jaxl2.mnist.rundir import Checkpoints, SaveRule, checkpoint_steps
 
 
 def run_state(epoch, best_epoch):
@@ -28,17 +28,6 @@ def assert_same(a, b):
             assert_same(a[k], b[k])
         else:
             np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]))
-
-
-def test_the_store_saves_when_orbax_s_policy_says(tmp_path):
-    store = StepStore(str(tmp_path / "c"), every=2)
-    assert store.should_save(1)  # no checkpoint yet: at once
-    store.save(1, {"x": np.zeros(3)})
-    assert store.should_save(2) and not store.should_save(3)  # every 2 steps; 30 s have not passed
-    assert not store.should_save(1)  # never a step at or before the latest
-    store.close()
-    with pytest.raises(ConfigError, match=r"checkpoint_every 0 is invalid \(an integer >= 1"):
-        save_policy(epochs=0)
 
 
 def test_async_saves_restore_bit_for_bit_and_keep_the_latest(tmp_path):
@@ -91,3 +80,16 @@ def test_a_directory_of_jaxl2_0_3_0_is_read_as_it_is(tmp_path):
     with ocp.CheckpointManager(str(tmp_path / "checkpoints")) as m:
         assert m.latest_step() == 8
         assert_same(m.restore(8), later)
+
+
+def test_the_save_rule_is_due_every_n_epochs_or_seconds_and_refuses_a_bad_count():
+    rule = SaveRule(epochs=3, seconds=None)
+    assert [e for e in range(1, 10) if rule.due(e)] == [3, 6, 9]
+    clock = SaveRule(seconds=0.0)  # the time rule alone: due at once, again after each save
+    assert clock.due(1)
+    clock.saved()
+    assert clock.due(2)
+    assert not SaveRule(seconds=3600.0).due(1)
+    for bad in (0, -1, 2.5, "3"):
+        with pytest.raises(ConfigError, match=r"checkpoint_every .* is invalid \(an integer >= 1"):
+            SaveRule(bad)
