@@ -19,7 +19,7 @@ import numpy as np
 
 from jaxl2 import rules as _rules
 from jaxl2 import select as _select
-from jaxl2.errors import Jaxl2Error, shape_text, shown
+from jaxl2.errors import Jaxl2Error, describe, shape_text, shown
 from jaxl2.rules import L2, Stacked, check_bool, check_l2, is_traced
 from jaxl2.table import format_shape, format_table
 
@@ -119,7 +119,8 @@ def check_rules(
 
 
 def check_order(params: Any, l2: Any, fn: str) -> None:
-    """Refuses ``fn(l2, params)``: params that are a bare number while ``l2`` holds arrays.
+    """Refuses ``fn(l2, params)``: params without a floating-point array (a number, a ``{regex:
+    λ}`` mapping) while ``l2`` holds arrays.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -129,11 +130,13 @@ def check_order(params: Any, l2: Any, fn: str) -> None:
       jaxl2.errors.Jaxl2Error: l2_penalty(params, l2) takes the params first, but got the number 0.001 as params and a pytree of arrays as l2: are the arguments swapped?
     """
     number = isinstance(params, (int, float, np.number)) or (hasattr(params, "ndim") and params.ndim == 0)
-    if number and not isinstance(params, bool) and _select.leaves(l2):
-        raise Jaxl2Error(
-            f"{fn}(params, l2) takes the params first, but got the number {_rules.number_text(params)} as params "
-            "and a pytree of arrays as l2: are the arguments swapped?"
-        )
+    if isinstance(params, bool) or not (number or not _select.leaves(params)) or not _select.leaves(l2):
+        return
+    got = f"the number {_rules.number_text(params)}" if number else describe(params)
+    raise Jaxl2Error(
+        f"{fn}(params, l2) takes the params first, but got {got} as params "
+        "and a pytree of arrays as l2: are the arguments swapped?"
+    )
 
 
 def _check_call(params: Any, l2: Any, fn: str, step: Any) -> None:

@@ -467,6 +467,11 @@ def test_bisection_finds_where_the_evidence_stops_rising(structure):
             r"evidence_l2\(params, l2\) takes the params first, .* are the arguments swapped\?",
         ),
         (
+            lambda p, x, y: jaxl2.evidence_l2(jaxl2.ggn(mlp, p, x, y), {".*kernel": 0.1}, p),
+            r"evidence_l2\(params, l2\) takes the params first, but got \{'\.\*kernel': 0\.1\} \(dict\) "
+            r"as params .* are the arguments swapped\?",
+        ),
+        (
             lambda p, x, y: jaxl2.ggn(mlp, p, x, jax.nn.one_hot(y, 3)),
             r"y must be integer class indices in \[0, 3\) of shape \(10,\), got an array of dtype float"
             r".* \(one-hot labels\? give y.argmax\(-1\)\)",
