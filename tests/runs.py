@@ -31,3 +31,21 @@ def assert_refused_in_one_line(argv, out, capsys, match):
     assert code == 2 and err.startswith("jaxl2: error: ") and err.count("\n") == 1, err
     assert match in err, err
     assert not out.exists()
+
+
+def stopped_and_resumed(cfg, out, stop_after=3, every=2):
+    """Trains ``cfg`` into ``out``, stopped by Ctrl-C after epoch ``stop_after`` (its checkpoint at
+    ``every``), then resumed to the end; returns the resumed run's summary and its metrics rows."""
+    import pytest
+
+    from jaxl2.mnist import run
+    from jaxl2.mnist.config import RunSettings
+
+    def stop(row):
+        if row["epoch"] == stop_after:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run.train_and_evaluate(cfg, out, RunSettings(checkpoint_every=every), on_epoch=stop)
+    summary = run.train_and_evaluate(cfg, out, RunSettings(checkpoint_every=every), resume=True)
+    return summary, rows_of(out)

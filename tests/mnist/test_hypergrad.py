@@ -10,10 +10,10 @@ import pytest
 from jaxl2.mnist import cli
 from jaxl2.mnist import run as _run
 from jaxl2.mnist.cli import report
-from jaxl2.mnist.config import Config, ConfigError, RunSettings, SweepSettings
+from jaxl2.mnist.config import Config, ConfigError, SweepSettings
 from jaxl2.mnist.results import RunSummary
 from tests.keys import assert_typed
-from tests.runs import assert_refused_in_one_line, latest_state, rows_of
+from tests.runs import assert_refused_in_one_line, latest_state, rows_of, stopped_and_resumed
 
 AUTO = Config(l2="auto", hidden=(16,), epochs=4, batch_size=500, lr=0.1, l2_every=2, l2_lr=0.1)
 LAYERS = ["params/Dense_0/kernel", "params/Dense_1/kernel"]
@@ -52,14 +52,7 @@ def test_auto_run_writes_lambdas_and_resumes_exactly(tmp_path):
     # stopped after epoch 3 (checkpoint at 2), resumed: the same λs and the same params
     out_b = str(tmp_path / "b")
 
-    def stop_at_3(row):
-        if row["epoch"] == 3:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        _run.train_and_evaluate(AUTO, out_b, RunSettings(checkpoint_every=2), on_epoch=stop_at_3)
-    summary_b = _run.train_and_evaluate(AUTO, out_b, RunSettings(checkpoint_every=2), resume=True)
-    rows_b = rows_of(out_b)
+    summary_b, rows_b = stopped_and_resumed(AUTO, out_b)
     assert [r["epoch"] for r in rows_b] == [1, 2, 3, 4]
     for ra, rb in zip(rows, rows_b):
         assert {k: ra[k] for k in ra if "/" in k} == {k: rb[k] for k in rb if "/" in k}

@@ -14,12 +14,12 @@ import jaxl2
 from jaxl2.mnist import cli
 from jaxl2.mnist import run as _run
 from jaxl2.mnist.cli import report
-from jaxl2.mnist.config import Config, ConfigError, RunSettings, SweepSettings
+from jaxl2.mnist.config import Config, ConfigError, SweepSettings
 from jaxl2.mnist.marglik import EvidenceTrainer, dense_ggn
 from jaxl2.mnist.model import model_of
 from jaxl2.mnist.results import RunSummary
 from tests.keys import assert_typed
-from tests.runs import assert_refused_in_one_line, latest_state, rows_of
+from tests.runs import assert_refused_in_one_line, latest_state, rows_of, stopped_and_resumed
 
 EVIDENCE = Config(l2="evidence", hidden=(16,), epochs=4, batch_size=500, lr=0.1, evidence_every=2)
 LAYERS = ["params/Dense_0/kernel", "params/Dense_1/kernel"]
@@ -215,14 +215,7 @@ def test_an_evidence_run_trains_on_everything_records_and_resumes_exactly(tmp_pa
     # stopped after epoch 3 (checkpoint at 2), resumed: the same λs, evidence and params
     out_b = str(tmp_path / "b")
 
-    def stop_at_3(row):
-        if row["epoch"] == 3:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        _run.train_and_evaluate(EVIDENCE, out_b, RunSettings(checkpoint_every=2), on_epoch=stop_at_3)
-    summary_b = _run.train_and_evaluate(EVIDENCE, out_b, RunSettings(checkpoint_every=2), resume=True)
-    rows_b = rows_of(out_b)
+    summary_b, rows_b = stopped_and_resumed(EVIDENCE, out_b)
     assert [r["epoch"] for r in rows_b] == [1, 2, 3, 4]
     for ra, rb in zip(rows, rows_b):
         assert {k: v for k, v in ra.items() if k != "epoch_seconds"} == {
