@@ -129,8 +129,10 @@ def check_order(params: Any, l2: Any, fn: str) -> None:
       ...
       jaxl2.errors.Jaxl2Error: l2_penalty(params, l2) takes the params first, but got the number 0.001 as params and a pytree of arrays as l2: are the arguments swapped?
     """
+    if isinstance(params, bool) or not _select.leaves(l2):  # l2 is almost always a number: cheap
+        return
     number = isinstance(params, (int, float, np.number)) or (hasattr(params, "ndim") and params.ndim == 0)
-    if isinstance(params, bool) or not (number or not _select.leaves(params)) or not _select.leaves(l2):
+    if not number and _select.leaves(params):
         return
     got = f"the number {_rules.number_text(params)}" if number else describe(params)
     raise Jaxl2Error(
