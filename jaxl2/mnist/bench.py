@@ -1,15 +1,20 @@
 """``jaxl2 bench``: how close jaxl2's training path comes to the machine's limit.
 
-Everything is measured side by side in one process, interleaved (A B A B …) over several
+Everything is measured side by side in one process, interleaved (A B, B A, …) over several
 rounds; medians and min–max are reported. The ceiling is the large float32 GEMM rate divided
-by the training FLOPs per example (:func:`jaxl2.mnist.model.flops_per_example`: 1,211,392 for
-784-256-256-10), cross-checked against XLA's ``cost_analysis()`` of the compiled step. The
-shape ceiling (:func:`shape_ceiling`) uses the rates of the model's own, smaller GEMMs instead:
-what the step would reach if it were nothing but its matrix multiplies.
+by the training FLOPs per example (:func:`flops_per_example`: 1,211,392 for 784-256-256-10),
+cross-checked against XLA's ``cost_analysis()`` of the compiled step. The shape ceiling
+(:func:`shape_ceiling`) uses the rates of the model's own, smaller GEMMs instead: what the step
+would reach if it were nothing but its matrix multiplies.
 
 ``jaxl2 train`` is timed against its peers on two workloads: ``mnist5k`` (3,500 training and
 500 validation images, 15 epochs) and ``full-size`` (:func:`full_size_idx`: 55,000 training
 and 5,000 validation images, the size of full MNIST, 3 epochs).
+
+Example:
+  >>> from jaxl2.mnist.bench import flops_per_example
+  >>> flops_per_example((784, 256, 256, 10))
+  1211392
 """
 
 from __future__ import annotations
@@ -17,33 +22,61 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxl2.mnist.config import INPUT_DIM, NUM_CLASSES, Config
-from jaxl2.mnist.model import flops_per_example
+from jaxl2.mnist.config import INPUT_DIM, NUM_CLASSES, Config, RunSettings
+from jaxl2.mnist.data import load
 from jaxl2.mnist.runtime import device_name
 from jaxl2.mnist.sweep import SweepTrainer
 from jaxl2.mnist.train import Trainer
 
+__all__ = [
+    "run_bench",
+    "format_bench",
+    "targets",
+    "train_path",
+    "hand_written_epoch",
+    "flops_per_example",
+    "xla_flops_per_example",
+    "gemm_rates",
+    "throughput",
+]
+
 SIZES = (INPUT_DIM, *Config().hidden, NUM_CLASSES)  # the reference MLP: 784-256-256-10
+PATH_EPOCHS = 15  # the train-path comparison: mnist5k's 3,500 training images, 15 epochs
+FULL_SIZE, FULL_EPOCHS = 60_000, 3  # the second workload: full MNIST's size (5,000 of it validated)
+PATH_LR, PATH_L2 = 0.01, 1e-3  # plain SGD, constant lr, L2 on the three kernels (as every peer)
+L2_PAIRS_PER_ROUND = 3  # the L2 overhead is ~0 by construction: its ratio needs many pairs to read so
+
+
+def flops_per_example(sizes: Sequence[int]) -> int:
+    """Training FLOPs for one example of an MLP with layer ``sizes`` (e.g. 784, 256, 256, 10).
+
+    Forward ``2·Σ d_in·d_out``, weight gradients the same again, and input gradients for
+    every layer but the first (its input is data): 1,211,392 for 784-256-256-10.
+    """
+    pairs = list(zip(sizes[:-1], sizes[1:]))
+    macs = sum(a * b for a, b in pairs)
+    return 2 * macs + 2 * macs + 2 * sum(a * b for a, b in pairs[1:])
 
 
 def _stats(xs: list[float]) -> dict[str, float]:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
 
 
-def _interleave(fns: Mapping[Any, Callable[..., float]], rounds: int) -> dict[Any, list[float]]:
+def _interleave(fns: Mapping[Any, Callable[[], float]], rounds: int) -> dict[Any, list[float]]:
     """Runs each timing function once per round, in turn, the order reversed every other round
     (A B, B A, …: whatever drifts within a round favours no one); returns the seconds of each."""
     out: dict[Any, list[float]] = {k: [] for k in fns}
@@ -51,6 +84,25 @@ def _interleave(fns: Mapping[Any, Callable[..., float]], rounds: int) -> dict[An
         for k in list(fns) if r % 2 == 0 else reversed(list(fns)):
             out[k].append(fns[k]())
     return out
+
+
+def _seconds(fn: Callable[[], Any]) -> float:
+    """Seconds of ``fn()``, until its result is ready."""
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - t
+
+
+def _stepping(fn: Callable[..., tuple[Any, Any]], state: Any, *args: Any) -> Callable[[], float]:
+    """A timing function of ``state, metrics = fn(state, *args)``: each call goes one step on
+    from the last call's state and returns its seconds."""
+    box = [state]
+
+    def step() -> Any:
+        box[0], metrics = fn(box[0], *args)
+        return metrics
+
+    return lambda: _seconds(step)
 
 
 def _random_data(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -65,25 +117,20 @@ def gemm_rates(rounds: int, n: int = 2048) -> dict[str, Any]:
     """float32 ``jnp.dot`` GFLOP/s for an n×n square and for the model's forward shapes."""
     shapes = {f"{n}x{n}x{n}": (n, n, n)}
     for b in (128, 1024):
-        for a, c in zip(SIZES[:-1], SIZES[1:]):
-            shapes[f"{b}x{a}x{c}"] = (b, a, c)
-    fns, flops = {}, {}
+        shapes.update({f"{b}x{a}x{c}": (b, a, c) for a, c in zip(SIZES[:-1], SIZES[1:])})
     dot = jax.jit(jnp.dot)
-    for name, (m, k, nn) in shapes.items():
-        x, w = jnp.ones((m, k), jnp.float32), jnp.ones((k, nn), jnp.float32)
-        reps = max(1, int(2e9 // (2 * m * k * nn)))
+    fns = {}
+    for name, (m, k, n_) in shapes.items():
+        x, w = jnp.ones((m, k), jnp.float32), jnp.ones((k, n_), jnp.float32)
+        reps = max(1, int(2e9 // (2 * m * k * n_)))
         dot(x, w).block_until_ready()
 
         def timed(x=x, w=w, reps=reps):
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                r = dot(x, w)
-            r.block_until_ready()
-            return (time.perf_counter() - t0) / reps
+            return _seconds(lambda: [dot(x, w) for _ in range(reps)]) / reps
 
-        fns[name], flops[name] = timed, 2 * m * k * nn
+        fns[name] = timed
     times = _interleave(fns, rounds)
-    return {name: _stats([flops[name] / t / 1e9 for t in ts]) for name, ts in times.items()}
+    return {name: _stats([2 * math.prod(shapes[name]) / t / 1e9 for t in ts]) for name, ts in times.items()}
 
 
 def shape_ceiling(gemm: dict[str, Any], batch: int) -> float:
@@ -99,34 +146,12 @@ def shape_ceiling(gemm: dict[str, Any], batch: int) -> float:
 
 def xla_flops_per_example(batch: int) -> float:
     """FLOPs per example of the compiled SGD train step, from XLA's cost analysis."""
-    cfg = Config(batch_size=batch, optimizer="sgd", schedule="constant")
-    tr = Trainer(cfg, 10 * batch)
-    s = tr.init()
+    tr = Trainer(Config(batch_size=batch, optimizer="sgd", schedule="constant"), 10 * batch)
     batch_xy = (jnp.zeros((batch, INPUT_DIM), jnp.float32), jnp.zeros((batch,), jnp.int32))
-    ca = jax.jit(tr.step_fn).lower(s, batch_xy).compile().cost_analysis()
+    ca = jax.jit(tr.step_fn).lower(tr.init(), batch_xy).compile().cost_analysis()
     ca = ca[0] if isinstance(ca, list) else ca
     assert ca is not None, "XLA gave no cost analysis"
     return float(ca["flops"]) / batch
-
-
-def _epoch_timer(tr: Trainer, x, y) -> tuple[Callable[[], float], float]:
-    state = {"s": tr.init()}
-    t0 = time.perf_counter()
-    fn = tr.train_epoch.lower(state["s"], x, y).compile()
-    compile_s = time.perf_counter() - t0
-    state["s"], _ = fn(state["s"], x, y)
-    jax.block_until_ready(state["s"])
-
-    def timed():
-        t = time.perf_counter()
-        state["s"], m = fn(state["s"], x, y)
-        jax.block_until_ready(m)
-        return time.perf_counter() - t
-
-    return timed, compile_s
-
-
-L2_PAIRS_PER_ROUND = 3  # the L2 overhead is ~0 by construction: its ratio needs many pairs to read so
 
 
 def throughput(batch: int, n: int, rounds: int) -> dict[str, Any]:
@@ -134,16 +159,22 @@ def throughput(batch: int, n: int, rounds: int) -> dict[str, Any]:
     (``L2_PAIRS_PER_ROUND`` pairs per round)."""
     x, y = jax.device_put(_random_data(n))
     cfg = Config(batch_size=batch, epochs=1000)
-    with_l2, compile_s = _epoch_timer(Trainer(cfg, n), x, y)
-    without, _ = _epoch_timer(Trainer(dataclasses.replace(cfg, l2=0.0), n), x, y)  # l2=0 adds no penalty
-    times = _interleave({"l2": with_l2, "no_l2": without}, rounds * L2_PAIRS_PER_ROUND)
+    fns, compile_s = {}, {}
+    for name, c in (("l2", cfg), ("no_l2", dataclasses.replace(cfg, l2=0.0))):  # l2=0 adds no penalty
+        tr = Trainer(c, n)
+        s = tr.init()
+        t0 = time.perf_counter()
+        epoch = tr.train_epoch.lower(s, x, y).compile()
+        compile_s[name] = time.perf_counter() - t0
+        fns[name] = _stepping(epoch, s, x, y)
+        fns[name]()  # warm-up
+    times = _interleave(fns, rounds * L2_PAIRS_PER_ROUND)
     ex = (n // batch) * batch
-    ratios = [a / b for a, b in zip(times["l2"], times["no_l2"])]
     return {
         "examples_per_second": _stats([ex / t for t in times["l2"]]),
         "examples_per_second_no_l2": _stats([ex / t for t in times["no_l2"]]),
-        "l2_overhead": _stats([r - 1 for r in ratios]),
-        "epoch_compile_seconds": compile_s,
+        "l2_overhead": _stats([a / b - 1 for a, b in zip(times["l2"], times["no_l2"])]),
+        "epoch_compile_seconds": compile_s["l2"],
     }
 
 
@@ -156,18 +187,14 @@ def sweep_scaling(members: tuple[int, ...], n: int, rounds: int) -> dict[str, An
         fns = {}
         for k in members:
             sw = SweepTrainer(tr, execution)
-            st = {"s": sw.init(list(range(k)))}
-            lam = jnp.full((k,), 1e-3, jnp.float32)
-            fn = sw.epoch.lower(st["s"], x, y, lam).compile()
-            st["s"], _ = fn(st["s"], x, y, lam)
+            s, lam = sw.init(list(range(k))), jnp.full((k,), 1e-3, jnp.float32)
+            epoch = _stepping(sw.epoch.lower(s, x, y, lam).compile(), s, x, y, lam)
+            epoch()  # warm-up
 
-            def timed(st=st, fn=fn, lam=lam, k=k):
-                t = time.perf_counter()
-                st["s"], m = fn(st["s"], x, y, lam)
-                jax.block_until_ready(m)
-                return (time.perf_counter() - t) / k
+            def per_member(epoch=epoch, k=k):
+                return epoch() / k
 
-            fns[k] = timed
+            fns[k] = per_member
         times = _interleave(fns, rounds)
         base = statistics.median(times[members[0]])
         out[execution] = {
@@ -209,20 +236,11 @@ print(time.time() - t0)
 
 def _child(argv: list[str], cache: str, what: str, timeout: float = 300) -> str:
     """The stdout of ``python ARGV`` in a new process with ``JAXL2_CACHE_DIR=cache``."""
-    r = subprocess.run(
-        [sys.executable, *argv],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "JAXL2_CACHE_DIR": cache},
-    )
+    env = {**os.environ, "JAXL2_CACHE_DIR": cache}
+    r = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=timeout, env=env)
     if r.returncode != 0:
         raise RuntimeError(f"{what} failed: {r.stderr.strip().splitlines()[-1:]}")
     return r.stdout
-
-
-def _seconds_to(code: str, cache: str) -> float:
-    return float(_child(["-c", code, repr(time.time())], cache, "start-up probe").strip().splitlines()[-1])
 
 
 def startup(rounds: int) -> dict[str, Any]:
@@ -233,9 +251,10 @@ def startup(rounds: int) -> dict[str, Any]:
     out: dict[str, list[float]] = {"floor": [], "cold": [], "warm": []}
     for _ in range(rounds):
         with tempfile.TemporaryDirectory() as cache:
-            out["floor"].append(_seconds_to(_FLOOR, cache))
-            out["cold"].append(_seconds_to(_FIRST_STEP, cache))
-            out["warm"].append(_seconds_to(_FIRST_STEP, cache))
+            for which, code in (("floor", _FLOOR), ("cold", _FIRST_STEP), ("warm", _FIRST_STEP)):
+                out[which].append(
+                    float(_child(["-c", code, repr(time.time())], cache, "start-up probe").split()[-1])
+                )
     over = {k: [t - f for t, f in zip(out[k], out["floor"])] for k in ("cold", "warm")}
     return {
         **{f"{k}_seconds": _stats(v) for k, v in out.items()},
@@ -251,28 +270,20 @@ def default_command(quick: bool = False) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as root:
         for which in ("cold", "warm"):
             argv = ["-m", "jaxl2", "train", "--json", "--out", os.path.join(root, which)]
+            if quick:
+                argv += ["--epochs", "2"]
             t0 = time.perf_counter()
-            stdout = _child(
-                [*argv, *(["--epochs", "2"] if quick else [])],
-                os.path.join(root, "cache"),
-                "jaxl2 train",
-                900,
-            )
+            s = json.loads(_child(argv, os.path.join(root, "cache"), "jaxl2 train", 900))
             wall = time.perf_counter() - t0
-            s = json.loads(stdout)
-            compute = s["seconds"] + s.get("refit_seconds", 0.0)
+            refit = s.get("refit_seconds", 0.0)
             out[which] = {
                 "wall_seconds": wall,
                 "training_seconds": s["seconds"],
-                "refit_seconds": s.get("refit_seconds", 0.0),
+                "refit_seconds": refit,
                 "compile_seconds": s["compile_seconds"] + s.get("refit_compile_seconds", 0.0),
-                "wall_over_compute": wall / compute,
+                "wall_over_compute": wall / (s["seconds"] + refit),
             }
     return out
-
-
-PATH_EPOCHS = 15  # the train-path comparison: mnist5k's 3,500 training images, 15 epochs
-PATH_LR, PATH_L2 = 0.01, 1e-3  # plain SGD, constant lr, L2 on the three kernels (as every peer)
 
 
 def hand_written_epoch(
@@ -329,11 +340,6 @@ def hand_written_epoch(
     return init, epoch, evaluate
 
 
-def _repeat(one_epoch: Callable[[], float], epochs: int) -> float:
-    """Seconds of ``epochs`` calls of a peer's ``one_epoch()`` (each returns its seconds)."""
-    return sum(one_epoch() for _ in range(epochs))
-
-
 def _hand_written_timer(batch: int, x, y, epochs: int, val: tuple | None = None) -> Callable[[], float]:
     """Seconds of ``epochs`` hand-written epochs dispatched back to back (no host round-trip at
     all); with ``val = (x_val, y_val)`` each epoch is followed by the same evaluation as jaxl2's.
@@ -359,114 +365,7 @@ def _hand_written_timer(batch: int, x, y, epochs: int, val: tuple | None = None)
     return timed
 
 
-def _jaxl2_train_timer(
-    batch: int, epochs: int, root: str, warm_up: bool, dataset: str
-) -> Callable[[], float]:
-    """``jaxl2 train`` itself (:func:`jaxl2.mnist.run.train_and_evaluate`) on ``dataset``: validation
-    every epoch, ``metrics.jsonl``, checkpoints (every 30 s and at the end) and best-params tracking (no
-    refit: that is a second training, timed apart in ``refit_seconds``). The
-    time is the summary's ``seconds``: from the first epoch's dispatch to the last epoch's
-    results (compiling, the final test evaluation, the plot and summary are not counted)."""
-    from jaxl2.mnist.config import RunSettings
-    from jaxl2.mnist.run import train_and_evaluate
-
-    cfg = Config(
-        dataset=dataset,
-        optimizer="sgd",
-        schedule="constant",
-        lr=PATH_LR,
-        l2=PATH_L2,
-        batch_size=batch,
-        epochs=epochs,
-    )
-    out = os.path.join(root, f"train-{batch}")
-
-    def timed():
-        return train_and_evaluate(cfg, out, RunSettings(refit=False), overwrite=True)["seconds"]
-
-    if warm_up:
-        timed()  # the first run in a process pays one-time costs
-    return timed
-
-
-def train_path(
-    batch: int, rounds: int, epochs: int = PATH_EPOCHS, warm_up: bool = True, dataset: str = "mnist5k"
-) -> dict[str, Any]:
-    """``jaxl2 train`` against the peers on the same data (``dataset``'s training images,
-    ``epochs`` epochs, SGD lr 0.01, L2 1e-3 on the weights), interleaved round by round: the hand-written
-    jitted JAX epoch (:func:`hand_written_epoch`), and PyTorch eager and Keras 3 when they are
-    installed; and, for equal work, the hand-written epoch followed by the same validation as
-    jaxl2's (``jax_val``). ``jaxl2_speedup`` of a peer is the median over rounds of peer time ÷
-    jaxl2 time (> 1: jaxl2 is faster)."""
-    from jaxl2.mnist.data import load
-
-    ds = load(dataset)
-    x_np, y_np = ds.need("train")
-    examples = epochs * (len(y_np) // batch) * batch
-    x, y = jax.device_put((x_np, y_np))
-    with tempfile.TemporaryDirectory() as root:
-        fns: dict[str, Callable[[], float]] = {
-            "jaxl2": _jaxl2_train_timer(batch, epochs, root, warm_up, dataset),
-            "jax": _hand_written_timer(batch, x, y, epochs),
-            "jax_val": _hand_written_timer(batch, x, y, epochs, jax.device_put(tuple(ds.need("val")))),
-        }
-        info: dict[str, Any] = {"jax": {"version": jax.__version__}, "jax_val": {"version": jax.__version__}}
-        for name, make in (("torch", _torch_peer), ("keras", _keras_peer)):
-            made = make(batch, x_np, y_np)
-            if made is not None:
-                one_epoch, info[name] = made
-                one_epoch()  # warm-up (Keras compiles here)
-                fns[name] = functools.partial(_repeat, one_epoch, epochs)
-        times = _interleave(fns, rounds)
-    out: dict[str, Any] = {
-        "train_examples": len(y_np),
-        "val_examples": len(ds.need("val").y),
-        "epochs": epochs,
-        "examples": examples,
-        "examples_per_second": _stats([examples / t for t in times["jaxl2"]]),
-        "peers": {"torch": None, "keras": None},
-    }
-    for name in info:
-        ratios = [p / j for p, j in zip(times[name], times["jaxl2"])]
-        out["peers"][name] = {
-            **info[name],
-            "examples_per_second": _stats([examples / t for t in times[name]]),
-            "jaxl2_speedup": statistics.median(ratios),
-        }
-    return out
-
-
-FULL_SIZE, FULL_EPOCHS = 60_000, 3  # the second workload: full MNIST's size (5,000 of it validated)
-
-
-def _idx_file(path: str, magic: int, array: np.ndarray) -> None:
-    """One uncompressed IDX file: magic, the dimensions (big-endian int32), the uint8 data."""
-    with open(path, "wb") as f:
-        f.write(magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape))
-        f.write(np.ascontiguousarray(array, np.uint8).tobytes())
-
-
-def full_size_idx(directory: str, n: int = FULL_SIZE) -> str:
-    """Writes an IDX directory of full-MNIST size: ``n`` training images (mnist5k's 4,000
-    training and validation images, repeated in turn) and mnist5k's 1,000 test images; returns
-    its ``idx:DIR`` spec. ``jaxl2 train --dataset idx:DIR --val-size 5000`` then trains on
-    55,000 and validates on 5,000 (the values repeat; the work per epoch is full MNIST's)."""
-    from jaxl2.mnist.data import load
-
-    ds = load("mnist5k")
-    x = np.concatenate([ds.need("train").x, ds.need("val").x])
-    y = np.concatenate([ds.need("train").y, ds.need("val").y])
-    order = np.arange(n) % len(y)
-    images = {"train": (x[order], y[order]), "t10k": tuple(ds.need("test"))}
-    for stem, (xs, ys) in images.items():
-        _idx_file(
-            os.path.join(directory, f"{stem}-images-idx3-ubyte"), 2051, np.rint(xs * 255).reshape(-1, 28, 28)
-        )
-        _idx_file(os.path.join(directory, f"{stem}-labels-idx1-ubyte"), 2049, ys)
-    return f"idx:{directory}"
-
-
-def _torch_peer(batch: int, x_np: np.ndarray, y_np: np.ndarray) -> tuple[Callable[[], float], dict] | None:
+def _torch_peer(batch: int, x_np: np.ndarray, y_np: np.ndarray) -> tuple[Callable[[], None], dict] | None:
     """PyTorch eager: ``torch.optim.SGD`` with ``weight_decay`` on the weights only; on the GPU
     (data resident there, as jaxl2's) when JAX runs on one and PyTorch sees CUDA."""
     try:
@@ -475,37 +374,32 @@ def _torch_peer(batch: int, x_np: np.ndarray, y_np: np.ndarray) -> tuple[Callabl
         return None
     dev = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(784, 256),
-        torch.nn.ReLU(),
-        torch.nn.Linear(256, 256),
-        torch.nn.ReLU(),
-        torch.nn.Linear(256, 10),
+    nn = torch.nn
+    model = nn.Sequential(
+        nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
     ).to(dev)
-    weights = [m.weight for m in model if isinstance(m, torch.nn.Linear)]
-    biases = [m.bias for m in model if isinstance(m, torch.nn.Linear)]
-    opt = torch.optim.SGD(
-        [{"params": weights, "weight_decay": PATH_L2}, {"params": biases, "weight_decay": 0.0}], lr=PATH_LR
-    )
+    linear = [m for m in model if isinstance(m, nn.Linear)]
+    groups = [
+        {"params": [m.weight for m in linear], "weight_decay": PATH_L2},
+        {"params": [m.bias for m in linear]},
+    ]
+    opt = torch.optim.SGD(groups, lr=PATH_LR, weight_decay=0.0)
     x, y = torch.from_numpy(x_np).to(dev), torch.from_numpy(y_np).long().to(dev)
-    n = len(y)
 
     def epoch():
-        t = time.perf_counter()
-        perm = torch.randperm(n, device=dev)
-        for i in range(n // batch):
+        perm = torch.randperm(len(y), device=dev)
+        for i in range(len(y) // batch):
             idx = perm[i * batch : (i + 1) * batch]
             opt.zero_grad(set_to_none=True)
-            torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
         if dev == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - t
 
     return epoch, {"threads": torch.get_num_threads(), "version": torch.__version__, "device": dev}
 
 
-def _keras_peer(batch: int, x: np.ndarray, y: np.ndarray) -> tuple[Callable[[], float], dict] | None:
+def _keras_peer(batch: int, x: np.ndarray, y: np.ndarray) -> tuple[Callable[[], None], dict] | None:
     """Keras 3 on TensorFlow: ``kernel_regularizer=L2(λ/2)``, ``jit_compile=True``, one
     ``steps_per_execution`` per epoch."""
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -517,14 +411,8 @@ def _keras_peer(batch: int, x: np.ndarray, y: np.ndarray) -> tuple[Callable[[], 
     if keras.backend.backend() != "tensorflow":
         return None
     reg = keras.regularizers.L2(PATH_L2 / 2)  # Keras adds L2·Σw²: this is jaxl2's λ
-    model = keras.Sequential(
-        [
-            keras.Input((784,)),
-            keras.layers.Dense(256, activation="relu", kernel_regularizer=reg),
-            keras.layers.Dense(256, activation="relu", kernel_regularizer=reg),
-            keras.layers.Dense(10, kernel_regularizer=reg),
-        ]
-    )
+    layers = [keras.layers.Dense(256, activation="relu", kernel_regularizer=reg) for _ in range(2)]
+    model = keras.Sequential([keras.Input((784,)), *layers, keras.layers.Dense(10, kernel_regularizer=reg)])
     steps = len(y) // batch
     model.compile(
         optimizer=keras.optimizers.SGD(PATH_LR),
@@ -534,11 +422,100 @@ def _keras_peer(batch: int, x: np.ndarray, y: np.ndarray) -> tuple[Callable[[], 
     )
 
     def epoch():
-        t = time.perf_counter()
         model.fit(x, y, batch_size=batch, epochs=1, steps_per_epoch=steps, shuffle=True, verbose=0)
-        return time.perf_counter() - t
 
     return epoch, {"version": keras.__version__}
+
+
+def train_path(
+    batch: int, rounds: int, epochs: int = PATH_EPOCHS, warm_up: bool = True, dataset: str = "mnist5k"
+) -> dict[str, Any]:
+    """``jaxl2 train`` against the peers on the same data (``dataset``'s training images,
+    ``epochs`` epochs, SGD lr 0.01, L2 1e-3 on the weights), interleaved round by round: the hand-written
+    jitted JAX epoch (:func:`hand_written_epoch`), and PyTorch eager and Keras 3 when they are
+    installed; and, for equal work, the hand-written epoch followed by the same validation as
+    jaxl2's (``jax_val``). ``jaxl2_speedup`` of a peer is the median over rounds of peer time ÷
+    jaxl2 time (> 1: jaxl2 is faster).
+
+    jaxl2's time is :func:`jaxl2.mnist.run.train_and_evaluate`'s summary ``seconds``: validation
+    every epoch, ``metrics.jsonl``, checkpoints and best-params tracking, from the first epoch's
+    dispatch to the last epoch's results (compiling, the final test evaluation, the plot and
+    summary are not counted; no refit: that is a second training, timed apart in ``refit_seconds``).
+    """
+    from jaxl2.mnist.run import train_and_evaluate
+
+    ds = load(dataset)
+    x_np, y_np = ds.need("train")
+    examples = epochs * (len(y_np) // batch) * batch
+    x, y = jax.device_put((x_np, y_np))
+    cfg = Config(
+        dataset=dataset,
+        optimizer="sgd",
+        schedule="constant",
+        lr=PATH_LR,
+        l2=PATH_L2,
+        batch_size=batch,
+        epochs=epochs,
+    )
+    with tempfile.TemporaryDirectory() as root:
+
+        def jaxl2_train() -> float:
+            return train_and_evaluate(
+                cfg, os.path.join(root, "run"), RunSettings(refit=False), overwrite=True
+            )["seconds"]
+
+        if warm_up:
+            jaxl2_train()  # the first run in a process pays one-time costs
+        fns: dict[str, Callable[[], float]] = {
+            "jaxl2": jaxl2_train,
+            "jax": _hand_written_timer(batch, x, y, epochs),
+            "jax_val": _hand_written_timer(batch, x, y, epochs, jax.device_put(tuple(ds.need("val")))),
+        }
+        info: dict[str, Any] = {"jax": {"version": jax.__version__}, "jax_val": {"version": jax.__version__}}
+        for name, peer in (("torch", _torch_peer), ("keras", _keras_peer)):
+            made = peer(batch, x_np, y_np)
+            if made is not None:
+                one_epoch, info[name] = made
+                one_epoch()  # warm-up (Keras compiles here)
+
+                def peer_epochs(one_epoch=one_epoch):
+                    return _seconds(lambda: [one_epoch() for _ in range(epochs)])
+
+                fns[name] = peer_epochs
+        times = _interleave(fns, rounds)
+    peers: dict[str, Any] = {"torch": None, "keras": None}
+    for name in info:
+        peers[name] = {
+            **info[name],
+            "examples_per_second": _stats([examples / t for t in times[name]]),
+            "jaxl2_speedup": statistics.median(p / j for p, j in zip(times[name], times["jaxl2"])),
+        }
+    return {
+        "train_examples": len(y_np),
+        "val_examples": len(ds.need("val").y),
+        "epochs": epochs,
+        "examples": examples,
+        "examples_per_second": _stats([examples / t for t in times["jaxl2"]]),
+        "peers": peers,
+    }
+
+
+def full_size_idx(directory: str, n: int = FULL_SIZE) -> str:
+    """Writes an IDX directory of full-MNIST size: ``n`` training images (mnist5k's 4,000
+    training and validation images, repeated in turn) and mnist5k's 1,000 test images; returns
+    its ``idx:DIR`` spec. ``jaxl2 train --dataset idx:DIR --val-size 5000`` then trains on
+    55,000 and validates on 5,000 (the values repeat; the work per epoch is full MNIST's)."""
+    ds = load("mnist5k")
+    x = np.concatenate([ds.need("train").x, ds.need("val").x])
+    y = np.concatenate([ds.need("train").y, ds.need("val").y])
+    order = np.arange(n) % len(y)
+    for stem, (xs, ys) in {"train": (x[order], y[order]), "t10k": tuple(ds.need("test"))}.items():
+        files = {"images-idx3": (2051, np.rint(xs * 255).reshape(-1, 28, 28)), "labels-idx1": (2049, ys)}
+        for kind, (magic, array) in files.items():  # magic, the dimensions (big-endian int32), uint8 data
+            with open(os.path.join(directory, f"{stem}-{kind}-ubyte"), "wb") as f:
+                f.write(b"".join(d.to_bytes(4, "big") for d in (magic, *array.shape)))
+                f.write(np.ascontiguousarray(array, np.uint8).tobytes())
+    return f"idx:{directory}"
 
 
 def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
@@ -555,20 +532,14 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
     for w, paths in r["path"].items():
         for b, p in paths.items():
             if not gpu or w == "full-size":
-                add(
-                    f"jaxl2 train ÷ hand-written JAX epoch + validation (equal work), {w}, batch {b}",
-                    p["peers"]["jax_val"]["jaxl2_speedup"],
-                    0.9 if gpu else 1.0,
-                )
+                equal = "jaxl2 train ÷ hand-written JAX epoch + validation (equal work)"
+                add(f"{equal}, {w}, batch {b}", p["peers"]["jax_val"]["jaxl2_speedup"], 0.9 if gpu else 1.0)
             if not gpu:
                 torch = p["peers"]["torch"]
                 add(f"jaxl2 train ÷ PyTorch eager, {w}, batch {b}", torch and torch["jaxl2_speedup"], 1.3)
     if not gpu and "full-size" in r["path"]:
-        add(
-            "jaxl2 train, fraction of the GEMM ceiling, full-size, batch 128",
-            r["path"]["full-size"]["128"]["fraction_of_ceiling"],
-            0.6,
-        )
+        fraction = r["path"]["full-size"]["128"]["fraction_of_ceiling"]
+        add("jaxl2 train, fraction of the GEMM ceiling, full-size, batch 128", fraction, 0.6)
     for b, t in r["train"].items():
         add(f"L2 overhead, batch {b} (median of paired rounds)", t["l2_overhead"]["median"], 0.02, False)
     add("warm start − its floor, seconds", r["startup"]["warm_over_floor_seconds"]["median"], 0.5, False)
@@ -576,12 +547,8 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
     for which, d in r.get("command", {}).items():
         compute = d["training_seconds"] + d["refit_seconds"]
         bound = 3 * compute + 5 if gpu else 1.3 * compute
-        add(
-            f"default jaxl2 train ({which} cache), wall ÷ (training + refit)",
-            d["wall_over_compute"],
-            bound / compute,
-            False,
-        )
+        name = f"default jaxl2 train ({which} cache), wall ÷ (training + refit)"
+        add(name, d["wall_over_compute"], bound / compute, False)
     if gpu:
         vm = r["sweep"]["vmap"]
         k = max(vm, key=int)
@@ -595,11 +562,10 @@ def run_bench(quick: bool = False, rounds: int | None = None) -> dict[str, Any]:
     n = 4096 if quick else 60000
     fpe = flops_per_example(SIZES)
     res: dict[str, Any] = {"device": device_name(), "quick": quick, "rounds": rounds, "examples_per_epoch": n}
-    res["gemm_gflops"] = gemm_rates(rounds, n=512 if quick else 2048)
-    big = next(iter(res["gemm_gflops"]))
+    gemm = res["gemm_gflops"] = gemm_rates(rounds, n=512 if quick else 2048)
     res["flops_per_example"] = fpe
     res["xla_flops_per_example"] = {str(b): xla_flops_per_example(b) for b in (128, 1024)}
-    ceiling = res["ceiling_examples_per_second"] = res["gemm_gflops"][big]["median"] * 1e9 / fpe
+    ceiling = res["ceiling_examples_per_second"] = next(iter(gemm.values()))["median"] * 1e9 / fpe
     res["path"], res["train"] = {}, {}
     with tempfile.TemporaryDirectory() as d:
         workloads = {  # name: (dataset, epochs)
@@ -614,12 +580,11 @@ def run_bench(quick: bool = False, rounds: int | None = None) -> dict[str, Any]:
                 res["path"][w][str(b)] = p
     for b in (128, 1024):
         t = throughput(b, n, rounds)
-        t["fraction_of_ceiling"] = t["examples_per_second"]["median"] / ceiling
-        t["shape_ceiling_examples_per_second"] = shape_ceiling(res["gemm_gflops"], b)
-        t["fraction_of_shape_ceiling"] = (
-            t["examples_per_second"]["median"] / t["shape_ceiling_examples_per_second"]
-        )
-        t["epoch_seconds_60k"] = 60000 / t["examples_per_second"]["median"]
+        speed = t["examples_per_second"]["median"]
+        t["fraction_of_ceiling"] = speed / ceiling
+        t["shape_ceiling_examples_per_second"] = shape_ceiling(gemm, b)
+        t["fraction_of_shape_ceiling"] = speed / t["shape_ceiling_examples_per_second"]
+        t["epoch_seconds_60k"] = 60000 / speed
         res["train"][str(b)] = t
     res["startup"] = startup(1 if quick else 3)
     res["command"] = default_command(quick)
@@ -631,9 +596,8 @@ def run_bench(quick: bool = False, rounds: int | None = None) -> dict[str, Any]:
 
 def mm(s: dict[str, float], scale: float = 1.0, fmt: str = "{:,.0f}") -> str:
     """``median (min–max)`` of a measurement."""
-    return (
-        f"{fmt.format(s['median'] * scale)} ({fmt.format(s['min'] * scale)}–{fmt.format(s['max'] * scale)})"
-    )
+    median, low, high = (fmt.format(s[k] * scale) for k in ("median", "min", "max"))
+    return f"{median} ({low}–{high})"
 
 
 PEER_LABELS = {
@@ -648,9 +612,18 @@ PEER_LABELS = {
 }
 
 
-def _path_lines(r: dict[str, Any]) -> list[str]:
-    """The report's lines of the ``jaxl2 train`` path against its peers, per batch size."""
-    lines = []
+def format_bench(r: dict[str, Any]) -> str:
+    """The human-readable report of :func:`run_bench`'s result."""
+    (big, gemm), *shapes = r["gemm_gflops"].items()
+    lines = [f"device: {r['device']}   rounds: {r['rounds']} (interleaved; median (min–max))", ""]
+    lines.append(f"float32 GEMM {big}: {mm(gemm, fmt='{:,.1f}')} GFLOP/s")
+    lines += [f"  model shape {name}: {mm(s, fmt='{:,.1f}')} GFLOP/s" for name, s in shapes]
+    xla = r["xla_flops_per_example"]
+    lines.append(
+        f"FLOPs per training example: {r['flops_per_example']:,} (XLA cost analysis: "
+        f"{xla['128']:,.0f} at batch 128, {xla['1024']:,.0f} at 1024)"
+    )
+    lines += [f"ceiling: {r['ceiling_examples_per_second']:,.0f} examples/s", ""]
     for paths in r["path"].values():
         for b, p in paths.items():
             lines.append(
@@ -665,25 +638,6 @@ def _path_lines(r: dict[str, Any]) -> list[str]:
                     if q
                     else f"  {name}: not installed (optional peer)"
                 )
-    return lines
-
-
-def format_bench(r: dict[str, Any]) -> str:
-    """The human-readable report of :func:`run_bench`'s result."""
-
-    big = next(iter(r["gemm_gflops"]))
-    lines = [f"device: {r['device']}   rounds: {r['rounds']} (interleaved; median (min–max))", ""]
-    lines.append(f"float32 GEMM {big}: {mm(r['gemm_gflops'][big], fmt='{:,.1f}')} GFLOP/s")
-    for name, s in list(r["gemm_gflops"].items())[1:]:
-        lines.append(f"  model shape {name}: {mm(s, fmt='{:,.1f}')} GFLOP/s")
-    xla = r["xla_flops_per_example"]
-    lines.append(
-        f"FLOPs per training example: {r['flops_per_example']:,} (XLA cost analysis: "
-        f"{xla['128']:,.0f} at batch 128, {xla['1024']:,.0f} at 1024)"
-    )
-    lines.append(f"ceiling: {r['ceiling_examples_per_second']:,.0f} examples/s")
-    lines.append("")
-    lines += _path_lines(r)
     lines.append("")
     lines.append(
         f"{'batch':>5}  {'epoch only: examples/s (L2)':>28}  {'of ceiling':>10}  {'of shape ceiling':>22}  "
@@ -698,11 +652,10 @@ def format_bench(r: dict[str, Any]) -> str:
             f"{mm(t['l2_overhead'], 100, '{:+.1f}%'):>22}  {t['epoch_compile_seconds']:.2f} s"
         )
     lines.append("(shape ceiling: the step's GEMMs alone, at the rates measured for the model's own shapes)")
-    su = r["startup"]
+    su = {k: mm(v, fmt="{:.2f}") for k, v in r["startup"].items()}
     lines.append(
-        f"start-up (process start → first trained step): cold {mm(su['cold_seconds'], fmt='{:.2f}')} s, "
-        f"warm cache {mm(su['warm_seconds'], fmt='{:.2f}')} s; floor (import jax + a trivial jit) "
-        f"{mm(su['floor_seconds'], fmt='{:.2f}')} s"
+        f"start-up (process start → first trained step): cold {su['cold_seconds']} s, warm cache "
+        f"{su['warm_seconds']} s; floor (import jax + a trivial jit) {su['floor_seconds']} s"
     )
     for which, d in r.get("command", {}).items():
         lines.append(
@@ -711,29 +664,12 @@ def format_bench(r: dict[str, Any]) -> str:
             f"{d['wall_over_compute']:.2f}×"
         )
     for ex, rows in r["sweep"].items():
-        lines.append(
-            f"sweep ({ex}): seconds per member-epoch (relative to K=1): "
-            + ", ".join(
-                f"K={k} {v['seconds_per_member']:.3f} ({v['relative_to_1']:.2f}×)" for k, v in rows.items()
-            )
-        )
-    lines.append("")
-    lines.append("targets:")
+        per_k = (f"K={k} {v['seconds_per_member']:.3f} ({v['relative_to_1']:.2f}×)" for k, v in rows.items())
+        lines.append(f"sweep ({ex}): seconds per member-epoch (relative to K=1): " + ", ".join(per_k))
+    lines += ["", "targets:"]
     for t in r["targets"]:
         op = "≥" if t["at_least"] else "≤"
         lines.append(
             f"  {'met ' if t['met'] else 'MISS'}  {t['name']}: {t['value']:.4f} ({op} {t['target']:g})"
         )
     return "\n".join(lines)
-
-
-__all__ = [
-    "run_bench",
-    "format_bench",
-    "targets",
-    "train_path",
-    "hand_written_epoch",
-    "xla_flops_per_example",
-    "gemm_rates",
-    "throughput",
-]

@@ -34,7 +34,6 @@ __all__ = [
     "abstract_params",
     "check_selection",
     "reference_problem",
-    "flops_per_example",
 ]
 
 ACTIVATION_FNS = {
@@ -122,14 +121,3 @@ def reference_problem(cfg: Config, batch: int = 64, seed: int = 0):
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
     return loss_fn, params, (x_BxD, y_B)
-
-
-def flops_per_example(sizes: Sequence[int]) -> int:
-    """Training FLOPs for one example of an MLP with layer ``sizes`` (e.g. 784, 256, 256, 10).
-
-    Forward ``2·Σ d_in·d_out``, weight gradients the same again, and input gradients for
-    every layer but the first (its input is data): 1,211,392 for 784-256-256-10.
-    """
-    pairs = list(zip(sizes[:-1], sizes[1:]))
-    macs = sum(a * b for a, b in pairs)
-    return 2 * macs + 2 * macs + 2 * sum(a * b for a, b in pairs[1:])

@@ -12,13 +12,13 @@ import pytest
 from jaxl2.mnist.bench import (
     PATH_L2,
     PATH_LR,
+    flops_per_example,
     hand_written_epoch,
     shape_ceiling,
     targets,
     xla_flops_per_example,
 )
 from jaxl2.mnist.config import Config
-from jaxl2.mnist.model import flops_per_example
 from jaxl2.mnist.train import Trainer
 
 
