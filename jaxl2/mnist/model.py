@@ -21,20 +21,10 @@ import jax.numpy as jnp
 import optax
 
 import jaxl2
-from jaxl2 import select as _select
-from jaxl2.mnist import config as _config
-from jaxl2.mnist.config import INPUT_DIM, NUM_CLASSES, Config, ConfigError, field
+from jaxl2 import select
+from jaxl2.mnist.config import ACTIVATIONS, INITS, INPUT_DIM, NUM_CLASSES, Config, ConfigError, field
 
-__all__ = [
-    "MLP",
-    "ACTIVATION_FNS",
-    "INITIALIZERS",
-    "model_of",
-    "selector_of",
-    "abstract_params",
-    "check_selection",
-    "reference_problem",
-]
+__all__ = ["MLP", "model_of", "selector_of", "abstract_params", "check_selection", "reference_problem"]
 
 ACTIVATION_FNS = {
     "relu": nn.relu,
@@ -47,7 +37,7 @@ INITIALIZERS = {
     "lecun_normal": nn.initializers.lecun_normal(),  # Flax's default for Dense
     "normal": nn.initializers.normal(1.0),  # N(0, 1): the classic TF1 recipe's tf.random_normal
 }
-assert tuple(ACTIVATION_FNS) == _config.ACTIVATIONS and tuple(INITIALIZERS) == _config.INITS
+assert tuple(ACTIVATION_FNS) == ACTIVATIONS and tuple(INITIALIZERS) == INITS
 
 
 class MLP(nn.Module):
@@ -72,14 +62,13 @@ class MLP(nn.Module):
 
 
 def model_of(cfg: Config) -> MLP:
+    """The MLP that ``cfg`` describes (``hidden``, ``activation``, ``init``)."""
     return MLP(hidden=tuple(cfg.hidden), activation=cfg.activation, kernel_init=INITIALIZERS[cfg.init])
 
 
-def selector_of(cfg: Config) -> _select.Selector:
+def selector_of(cfg: Config) -> select.Selector:
     """``cfg.select``: ``None`` or ``"kernels"`` (the default preset), else a regex over paths."""
-    if cfg.select in (None, "kernels"):
-        return None
-    return cfg.select
+    return None if cfg.select in (None, "kernels") else cfg.select
 
 
 def abstract_params(cfg: Config) -> Any:
@@ -89,17 +78,17 @@ def abstract_params(cfg: Config) -> Any:
 
 def check_selection(cfg: Config) -> None:
     """``cfg.select`` and ``cfg.l2`` against the model's params (an empty match is an error)."""
-    params = abstract_params(cfg)
+    params, selector = abstract_params(cfg), selector_of(cfg)
     try:
-        _select.resolve(params, selector_of(cfg))
+        select.resolve(params, selector)
     except jaxl2.Jaxl2Error:
-        paths = ", ".join(p for p, _ in _select.leaves(params))
+        paths = ", ".join(p for p, _ in select.leaves(params))
         raise ConfigError(
             f"{field('select')} {cfg.select!r} matched no parameter (kernels, or a regex over the "
             f"paths: {paths})"
         ) from None
     try:
-        jaxl2.selected(params, None if isinstance(cfg.l2, str) else cfg.l2, select=selector_of(cfg))
+        jaxl2.selected(params, None if isinstance(cfg.l2, str) else cfg.l2, select=selector)
     except jaxl2.Jaxl2Error as e:
         raise ConfigError(f"{field('l2')}: {e}") from None
 
@@ -111,7 +100,7 @@ def reference_problem(cfg: Config, batch: int = 64, seed: int = 0):
     kp, kx, ky = jax.random.split(jax.random.key(seed), 3)
     params = model.init(kp, jnp.zeros((1, INPUT_DIM)))
     params = jax.tree_util.tree_map_with_path(
-        lambda kp_, x: x + 0.1 if _select.path_str(kp_).endswith("bias") else x, params
+        lambda kp_, x: x + 0.1 if select.path_str(kp_).endswith("bias") else x, params
     )
     x_BxD = jax.random.uniform(kx, (batch, INPUT_DIM))
     y_B = jax.random.randint(ky, (batch,), 0, NUM_CLASSES)
