@@ -93,16 +93,21 @@ def _seconds(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - t
 
 
-def _stepping(fn: Callable[..., tuple[Any, Any]], state: Any, *args: Any) -> Callable[[], float]:
-    """A timing function of ``state, metrics = fn(state, *args)``: each call goes one step on
-    from the last call's state and returns its seconds."""
+def _epoch_timer(epoch: Any, state: Any, *args: Any) -> tuple[Callable[[], float], float]:
+    """Compiles the jitted ``epoch(state, *args) -> (state, metrics)`` and runs it once (a
+    warm-up); returns a timing function (each call goes one epoch on from the last call's state
+    and returns its seconds) and the seconds that compiling took."""
+    t0 = time.perf_counter()
+    compiled = epoch.lower(state, *args).compile()
+    compile_seconds = time.perf_counter() - t0
     box = [state]
 
     def step() -> Any:
-        box[0], metrics = fn(box[0], *args)
+        box[0], metrics = compiled(box[0], *args)
         return metrics
 
-    return lambda: _seconds(step)
+    step()
+    return lambda: _seconds(step), compile_seconds
 
 
 def _random_data(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -162,12 +167,7 @@ def throughput(batch: int, n: int, rounds: int) -> dict[str, Any]:
     fns, compile_s = {}, {}
     for name, c in (("l2", cfg), ("no_l2", dataclasses.replace(cfg, l2=0.0))):  # l2=0 adds no penalty
         tr = Trainer(c, n)
-        s = tr.init()
-        t0 = time.perf_counter()
-        epoch = tr.train_epoch.lower(s, x, y).compile()
-        compile_s[name] = time.perf_counter() - t0
-        fns[name] = _stepping(epoch, s, x, y)
-        fns[name]()  # warm-up
+        fns[name], compile_s[name] = _epoch_timer(tr.train_epoch, tr.init(), x, y)
     times = _interleave(fns, rounds * L2_PAIRS_PER_ROUND)
     ex = (n // batch) * batch
     return {
@@ -187,22 +187,14 @@ def sweep_scaling(members: tuple[int, ...], n: int, rounds: int) -> dict[str, An
         fns = {}
         for k in members:
             sw = SweepTrainer(tr, execution)
-            s, lam = sw.init(list(range(k))), jnp.full((k,), 1e-3, jnp.float32)
-            epoch = _stepping(sw.epoch.lower(s, x, y, lam).compile(), s, x, y, lam)
-            epoch()  # warm-up
-
-            def per_member(epoch=epoch, k=k):
-                return epoch() / k
-
-            fns[k] = per_member
+            fns[k], _ = _epoch_timer(
+                sw.epoch, sw.init(list(range(k))), x, y, jnp.full((k,), 1e-3, jnp.float32)
+            )
         times = _interleave(fns, rounds)
-        base = statistics.median(times[members[0]])
+        per_member = {k: statistics.median(ts) / k for k, ts in times.items()}
         out[execution] = {
-            str(k): {
-                "seconds_per_member": statistics.median(ts),
-                "relative_to_1": statistics.median(ts) / base,
-            }
-            for k, ts in times.items()
+            str(k): {"seconds_per_member": t, "relative_to_1": t / per_member[members[0]]}
+            for k, t in per_member.items()
         }
     return out
 
