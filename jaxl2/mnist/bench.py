@@ -58,6 +58,7 @@ SIZES = (INPUT_DIM, *Config().hidden, NUM_CLASSES)  # the reference MLP: 784-256
 PATH_EPOCHS = 15  # the train-path comparison: mnist5k's 3,500 training images, 15 epochs
 FULL_SIZE, FULL_EPOCHS = 60_000, 3  # the second workload: full MNIST's size (5,000 of it validated)
 PATH_LR, PATH_L2 = 0.01, 1e-3  # plain SGD, constant lr, L2 on the three kernels (as every peer)
+PATH_RECIPE = Config(optimizer="sgd", schedule="constant", lr=PATH_LR, l2=PATH_L2)
 L2_PAIRS_PER_ROUND = 3  # the L2 overhead is ~0 by construction: its ratio needs many pairs to read so
 
 
@@ -440,15 +441,7 @@ def train_path(
     x_np, y_np = ds.need("train")
     examples = epochs * (len(y_np) // batch) * batch
     x, y = jax.device_put((x_np, y_np))
-    cfg = Config(
-        dataset=dataset,
-        optimizer="sgd",
-        schedule="constant",
-        lr=PATH_LR,
-        l2=PATH_L2,
-        batch_size=batch,
-        epochs=epochs,
-    )
+    cfg = dataclasses.replace(PATH_RECIPE, dataset=dataset, batch_size=batch, epochs=epochs)
     with tempfile.TemporaryDirectory() as root:
 
         def jaxl2_train() -> float:
