@@ -83,6 +83,13 @@ def read_idx(path: str, magic: int) -> np.ndarray:
     """Reads one IDX file (gzip or not), checking its magic number and its size.
 
     ``magic`` is 2051 for images (``uint8 [N, 28, 28]``) and 2049 for labels (``uint8 [N]``).
+
+    Examples:
+      >>> import os, tempfile
+      >>> path = os.path.join(tempfile.mkdtemp(), "labels")
+      >>> _ = open(path, "wb").write((2049).to_bytes(4, "big") + (3).to_bytes(4, "big") + bytes([7, 0, 9]))
+      >>> read_idx(path, 2049)
+      array([7, 0, 9], dtype=uint8)
     """
     try:
         with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
