@@ -3,7 +3,7 @@
 ::
 
   DIR/config.json      the Config (and the jaxl2 version)
-  DIR/metrics.jsonl    one JSON line per epoch
+  DIR/metrics.jsonl    one JSON line per epoch, flushed and fsync-ed after each compiled call
   DIR/checkpoints/     orbax: the latest run state (the resume point)
   DIR/best/            orbax: the params with the best validation accuracy so far
   DIR/refit/           orbax: the refit's latest state (``--refit``: train ∪ validation)
@@ -120,14 +120,15 @@ class Claim(contextlib.AbstractContextManager):
         fd = os.open(out, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
+        except BlockingIOError:
             os.close(fd)
-            if not isinstance(e, BlockingIOError):
-                return cls(out, created)  # a file system without locks (some network mounts)
             raise ConfigError(
                 f"{field('out')} {out} is in use by another jaxl2 process, which holds its lock: let it "
                 f"finish or stop it, then try again (or give another {field('out')})"
             ) from None
+        except OSError:  # a file system without locks (some network mounts): go on unlocked
+            os.close(fd)
+            return cls(out, created)
         return cls(out, created, fd)
 
     def release(self) -> None:
@@ -231,6 +232,7 @@ class DiskFull(Named, OSError):
     out: str | None = None
 
 
+# errno values of "the disk cannot take it": full, over quota, a file over its size limit, read-only.
 DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
 
 
@@ -274,9 +276,10 @@ def disk_errors(out: str) -> Iterator[None]:
 class SaveRule:
     """When the loop checkpoints, besides at the end and on a signal: every ``seconds`` of training
     since the last save (an epoch can take 30 ms and a save 0.1 s, so epochs alone would cost more
-    than they protect), and every ``epochs`` epochs when given. orbax's save-decision policies count
-    steps, which a sweep's stores number per chunk, and decide on process 0 alone: the loop keeps
-    this rule and decides on every process alike.
+    than they protect), and every ``epochs`` epochs when given. Not orbax's save-decision policies:
+    they are asked per store and per step (a run saves two stores, a sweep numbers its steps per
+    chunk) and a fresh store saves at once; this rule is asked once per compiled call, beside the
+    signal and the last epoch, and every process takes the same decision.
 
     Example:
       >>> rule = SaveRule(epochs=3, seconds=None)
