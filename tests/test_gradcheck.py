@@ -293,3 +293,15 @@ def test_a_wrong_gradient_on_one_stacked_slice_is_caught():
     r = jaxl2.gradcheck(bad, params, x, l2=PER_SLICE, stacked={"blocks/.*": 0})
     assert not r.ok and r.finite_difference_max_rel_err > 1e-3
     assert r.penalty_grad_max_abs_err <= 1e-15  # the penalty's own gradient is right per slice
+
+
+@pytest.mark.parametrize("eps", ["1e-30", "1e-13"])
+def test_gradcheck_refuses_a_step_below_float64_resolution(eps):
+    r = subprocess.run(
+        [sys.executable, "-m", "jaxl2", "gradcheck", "--hidden", "8", "--batch", "8", "--eps", eps],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert f"--eps {eps} is below what float64 resolves here" in r.stderr, r.stderr

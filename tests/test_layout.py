@@ -74,3 +74,9 @@ def test_the_docs_layout_page_names_every_module_and_no_other():
     }
     assert not modules - named, f"modules the layout page does not name: {sorted(modules - named)}"
     assert not named - modules, f"the layout page names modules that do not exist: {sorted(named - modules)}"
+
+
+def test_nothing_unpickles():
+    for path in ROOT.glob("*.py"):
+        text = path.read_text()
+        assert "pickle" not in text and "allow_pickle=True" not in text, path.name

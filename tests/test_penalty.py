@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 
 import jaxl2
 from jaxl2 import select
@@ -1036,3 +1036,72 @@ def test_messages_that_list_paths_name_a_dozen_of_a_large_model_and_count_the_re
         with pytest.raises(jaxl2.Jaxl2Error) as e:
             case()
         assert len(str(e.value)) < 800 and "… and 1,988 more" in str(e.value), str(e.value)[:300]
+
+
+# -- property tests (from tests/test_reliability.py) ----------------------------
+
+names = st.text(alphabet="abcdefghijklmnopqrstuvwxyz_0123456789", min_size=1, max_size=8)
+dtypes = st.sampled_from([jnp.float32, jnp.bfloat16, jnp.float64])
+
+
+@st.composite
+def pytrees(draw, depth=0):
+    """Nested dicts/lists whose leaves are arrays of random shape and float dtype."""
+    if depth >= 3 or draw(st.booleans()) and depth > 0:
+        shape = tuple(draw(st.lists(st.integers(1, 4), min_size=0, max_size=3)))
+        seed = draw(st.integers(0, 2**16))
+        return ("leaf", shape, draw(dtypes), seed)
+    if draw(st.booleans()):
+        keys = draw(st.lists(names, min_size=1, max_size=3, unique=True))
+        return {k: draw(pytrees(depth + 1)) for k in keys}
+    return [draw(pytrees(depth + 1)) for _ in range(draw(st.integers(1, 3)))]
+
+
+def materialize(spec):
+    def build(s):
+        if isinstance(s, tuple) and s and s[0] == "leaf":
+            _, shape, dtype, seed = s
+            return jnp.asarray(np.random.default_rng(seed).normal(size=shape), dtype)
+        if isinstance(s, dict):
+            return {k: build(v) for k, v in s.items()}
+        return [build(v) for v in s]
+
+    return build(spec)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# λ from 1e-6: XLA on CPU flushes subnormal products (λ·w below ~1e-38) to zero.
+@given(spec=pytrees(), lam=st.one_of(st.just(0.0), st.floats(1e-6, 10)), pick=st.integers(0, 2**16))
+def test_penalty_and_gradient_properties(spec, lam, pick):
+    with jax.enable_x64(True):
+        params = materialize(spec)
+        leaves = select.leaves(params)
+        paths = [p for p, _ in leaves]
+        chosen = {p for i, p in enumerate(paths) if (pick >> (i % 16)) & 1}
+        pred = lambda path, leaf: path in chosen  # noqa: E731
+        if not chosen:
+            with pytest.raises(ValueError, match="matched no parameter"):
+                jaxl2.l2_penalty(params, lam, select=pred)
+            return
+        expected = sum(lam / 2 * np.sum(np.asarray(w, np.float64) ** 2) for p, w in leaves if p in chosen)
+        pen = jaxl2.l2_penalty(params, lam, select=pred)
+        assert float(pen) == pytest.approx(expected, rel=1e-5, abs=1e-12)
+        assert pen.dtype in (jnp.float32, jnp.float64)
+        grads = jax.grad(lambda q: jaxl2.l2_penalty(q, lam, select=pred))(params)
+        for (path, w), (_, g) in zip(leaves, select.leaves(grads)):
+            assert g.dtype == w.dtype
+            if path in chosen:
+                want = (
+                    (lam * np.asarray(w, np.float64)).astype(np.asarray(w).dtype)
+                    if w.dtype != jnp.bfloat16
+                    else np.asarray(
+                        (jnp.asarray(lam, jnp.float32) * w.astype(jnp.float32)).astype(jnp.bfloat16)
+                    )
+                )
+                np.testing.assert_allclose(
+                    np.asarray(g, np.float64),
+                    np.asarray(want, np.float64),
+                    rtol=2e-7 if w.dtype == jnp.float32 else 1e-15,
+                )
+            else:
+                assert not np.asarray(g, np.float64).any()

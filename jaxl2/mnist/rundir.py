@@ -1,23 +1,21 @@
-"""A run's directory on disk: claiming it, its JSON files, its metrics and its checkpoints.
+"""A run's directory: claiming it, its JSON files, its metrics and its orbax checkpoints.
 
 ::
 
   DIR/config.json      the Config (and the jaxl2 version)
   DIR/metrics.jsonl    one JSON line per epoch, flushed and fsync-ed after each compiled call
-  DIR/checkpoints/     orbax: the latest state (resume point)
+  DIR/checkpoints/     orbax: the latest run state (the resume point)
   DIR/best/            orbax: the params with the best validation accuracy so far
   DIR/refit/           orbax: the refit's latest state (``--refit``: train ∪ validation)
-  DIR/curves.png       loss and accuracy against epoch
-  DIR/lambda.png       with l2 auto: each layer's λ against epoch
+  DIR/curves.png       loss and accuracy against epoch (``lambda.png``: λ per layer)
   DIR/summary.json     what ``jaxl2 train --json`` prints
 
-Every file is written to a temporary name and renamed, so a reader (or a resumed run)
-never sees half a file. One process at a time trains into a directory (:class:`Claim`); a file
-that cannot be written (a full disk) is one :class:`DiskFull` error that names what was kept.
+Files are written to a temporary name and renamed, so a reader (or a resume) never sees half a
+file. One process at a time trains into a directory (:class:`Claim`); a file that the disk
+refuses is one :class:`DiskFull` error that names what was kept.
 
 Example:
   >>> import tempfile, os
-  >>> from jaxl2.mnist.rundir import default_out
   >>> root = tempfile.mkdtemp()
   >>> a, b = default_out(root, "mnist5k"), default_out(root, "mnist5k")
   >>> a != b and os.path.isdir(a) and os.path.isdir(b)
@@ -42,35 +40,21 @@ import jax
 
 from jaxl2.mnist.config import Config, ConfigError, Named, field
 
-__all__ = [
-    "write_json",
-    "read_metrics",
-    "rewrite_metrics",
-    "default_out",
-    "prepare",
-    "load_config",
-    "has_checkpoint",
-    "checkpoint_steps",
-    "Checkpoints",
-    "StepStore",
-    "Claim",
-    "DiskFull",
-    "disk_errors",
-    "is_disk_error",
-]
+__all__ = ["write_json", "read_metrics", "rewrite_metrics", "default_out", "prepare", "load_config"]
+__all__ += ["run_config", "SaveRule", "StepStore", "Checkpoints", "checkpoint_steps", "has_checkpoint"]
+__all__ += ["Claim", "DiskFull", "disk_errors", "is_disk_error"]
 
 
 def write_json(path: str, obj: Any) -> None:
     """``obj`` as indented JSON in ``path``, written to a temporary file and renamed."""
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
+        f.write(json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, path)
 
 
 def read_metrics(path: str, upto_epoch: int | None = None) -> list[dict[str, Any]]:
-    """The complete lines of ``metrics.jsonl`` (a torn last line is dropped), up to an epoch."""
+    """The complete lines of ``metrics.jsonl`` up to ``upto_epoch`` (a line torn by a kill ends them)."""
     rows: list[dict[str, Any]] = []
     if not os.path.exists(path):
         return rows
@@ -90,30 +74,25 @@ def read_metrics(path: str, upto_epoch: int | None = None) -> list[dict[str, Any
 
 def rewrite_metrics(path: str, upto_epoch: int) -> None:
     """Keeps the rows up to ``upto_epoch`` (a resumed run continues after its checkpoint)."""
-    rows = read_metrics(path, upto_epoch=upto_epoch)
+    rows = read_metrics(path, upto_epoch)
     with open(path + ".tmp", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     os.replace(path + ".tmp", path)
 
 
 def default_out(root: str, prefix: str) -> str:
-    """Creates and returns a new directory ``root/PREFIX-YYYYmmdd-HHMMSS[-N]``.
-
-    ``os.mkdir`` either creates the directory or fails, so two runs started in the same
-    second get different directories (the second one takes the next ``-N``).
-    """
-    base = os.path.join(
-        root, f"{prefix.replace(':', '_').replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
-    )
+    """Creates and returns a new directory ``root/PREFIX-YYYYmmdd-HHMMSS[-N]`` (``os.mkdir`` fails on
+    an existing one, so two runs started in the same second get two directories)."""
+    base = os.path.join(root, f"{re.sub('[:/]', '_', prefix)}-{time.strftime('%Y%m%d-%H%M%S')}")
     os.makedirs(root, exist_ok=True)
-    for n in range(1, 10_000):
-        path = base if n == 1 else f"{base}-{n}"
+    path, n = base, 1
+    while True:
         try:
             os.mkdir(path)
             return path
         except FileExistsError:
-            continue
-    raise ConfigError(f"{field('out')}: could not create a new directory under {root}")  # pragma: no cover
+            n += 1
+            path = f"{base}-{n}"
 
 
 # What a run or a sweep writes: all that --overwrite may remove.
@@ -123,11 +102,10 @@ RUN_ENTRIES = frozenset(
 )
 
 
-class Claim:
-    """A run directory held by this process: an exclusive ``flock`` on the directory itself, which
-    the kernel releases when the process ends, however it ends (SIGKILL included). ``created``:
-    the directory was absent or empty before. A context manager; leaving releases the lock.
-    An unheld claim (``fd=None``) stands for the processes of a distributed run other than 0."""
+class Claim(contextlib.AbstractContextManager):
+    """A run directory held by this process: an exclusive ``flock`` on the directory, which the
+    kernel releases when the process ends, however it ends (SIGKILL included). ``created``: the
+    directory was absent or empty before. ``fd=None``: unheld (processes other than 0)."""
 
     def __init__(self, out: str, created: bool, fd: int | None = None):
         self.out, self.created, self.fd = out, created, fd
@@ -158,9 +136,6 @@ class Claim:
             os.close(self.fd)
             self.fd = None
 
-    def __enter__(self) -> Claim:
-        return self
-
     def __exit__(self, *exc: object) -> None:
         self.release()
 
@@ -172,26 +147,12 @@ def _check_out(out: str, name: str = "out") -> None:
         raise ConfigError(f"{field(name)} {out} is a file, not a directory (give a directory path)")
 
 
-def _replace_run(out: str) -> None:
-    """Removes what a run wrote in ``out``, and nothing else (``out`` itself stays)."""
-    for name in os.listdir(out):
-        path = os.path.join(out, name)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        else:
-            os.remove(path)
+def prepare(out: str, config_json: dict[str, Any], *, resume: bool, overwrite: bool) -> Claim:
+    """Makes ``out`` ready for a run, claims it (:class:`Claim`) and writes its ``config.json``.
 
-
-def prepare(
-    out: str, config_json: dict[str, Any], *, resume: bool, overwrite: bool, resumable: bool = True
-) -> Claim:
-    """Makes ``out`` ready for a run, takes it (:class:`Claim`: a directory that another live
-    process trains into is refused) and writes its ``config.json``; the claim says whether ``out``
-    was absent or empty before (so that a run that fails before its first checkpoint removes it).
-
-    ``resume`` needs a ``config.json`` there (the run's own settings win). A directory that
-    holds a run needs ``overwrite``, which removes that run's files; a directory that holds
-    anything else is refused, ``overwrite`` or not (jaxl2 deletes only what it wrote).
+    ``resume`` needs a ``config.json`` there. A directory that holds a run needs ``overwrite``,
+    which removes that run's files; one that holds anything else is refused (jaxl2 deletes only
+    what it wrote).
     """
     _check_out(out)
     if resume:
@@ -212,84 +173,28 @@ def prepare(
     try:
         os.makedirs(out, exist_ok=True)
         claim = Claim.take(out, created=not entries)
+        try:
+            if entries and not overwrite:
+                raise ConfigError(
+                    f"{field('out')} {out} already holds a run (use {field('resume')} to continue it, "
+                    f"{field('overwrite')} to replace it, or another {field('out')})"
+                )
+            for entry in os.scandir(out):  # the run's own files (out stays: its lock is on it)
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
+                else:
+                    os.remove(entry.path)
+            write_json(os.path.join(out, "config.json"), config_json)
+        except BaseException:
+            claim.release()
+            raise
     except OSError as e:
         raise ConfigError(f"{field('out')} {out} cannot be written ({e.strerror or e})") from None
-    try:
-        if entries and not overwrite:
-            how = f"use {field('resume')} to continue it, " if resumable else ""
-            raise ConfigError(
-                f"{field('out')} {out} already holds a run ({how}{field('overwrite')} to replace it, "
-                f"or another {field('out')})"
-            )
-        if entries:
-            _replace_run(out)
-        write_json(os.path.join(out, "config.json"), config_json)
-    except OSError as e:
-        claim.release()
-        raise ConfigError(f"{field('out')} {out} cannot be written ({e.strerror or e})") from None
-    except BaseException:
-        claim.release()
-        raise
     return claim
 
 
-# errno values of "the disk cannot take it": full, over quota, a file over its size limit, read-only.
-DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
-
-
-class DiskFull(Named, OSError):
-    """A file of a run could not be written (no space, a quota, a read-only file system); the
-    message names the path and what was kept; ``out`` is the directory to resume."""
-
-    out: str | None = None
-
-
-def disk_cause(e: BaseException | None) -> OSError | None:
-    """The ``OSError`` of :data:`DISK_ERRNOS` that ``e`` is or was raised from, else ``None``
-    (a failed orbax write is one: :class:`StepStore`)."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
-            return e
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return None
-
-
-def is_disk_error(e: BaseException | None) -> bool:
-    """Whether ``e`` is a :class:`DiskFull` or has a :func:`disk_cause`."""
-    return isinstance(e, DiskFull) or disk_cause(e) is not None
-
-
-def kept(out: str) -> str:
-    """What a stopped run in ``out`` can resume from: its last complete checkpoint, or nothing."""
-    steps = checkpoint_steps(out)
-    if steps:
-        return (
-            f"the last complete checkpoint ({os.path.join(out, 'checkpoints')}/{steps[-1]}) and config.json"
-        )
-    return "config.json (no checkpoint was complete: the resume starts from the beginning)"
-
-
-@contextlib.contextmanager
-def disk_errors(out: str) -> Iterator[None]:
-    """Turns a disk error in the block (:func:`is_disk_error`) into one :class:`DiskFull` that
-    names the path and what was kept in ``out`` (its ``out`` attribute: what to resume)."""
-    try:
-        yield
-    except BaseException as e:
-        cause = None if isinstance(e, DiskFull) else disk_cause(e)
-        if cause is None:
-            raise
-        full = DiskFull(
-            f"cannot write {cause.filename or out} ({cause.strerror or cause}); kept in {out}: {kept(out)}"
-        )
-        full.out = out
-        raise full from None
-
-
 def load_config(out: str, name: str = "out") -> dict[str, Any]:
-    """The ``config.json`` of the run in ``out``, as a dict (``kind`` tells a run from a sweep);
+    """The ``config.json`` of the run in ``out`` as a dict (``kind`` tells a run from a sweep);
     errors name the argument ``name`` (``out``, or ``run`` for an evaluation)."""
     _check_out(out, name)
     path = os.path.join(out, "config.json")
@@ -311,31 +216,70 @@ RUN_KEYS = ("jaxl2_version", "kind", "refit", "refit_epochs")
 
 
 def run_config(d: dict[str, Any], path: str) -> Config:
-    """The :class:`Config` of a run's ``config.json`` dict."""
-    d = {k: v for k, v in d.items() if k not in RUN_KEYS}
+    """The :class:`Config` of a run's ``config.json`` dict; one written in another format is refused
+    in one line that names the jaxl2 version that wrote it."""
     try:
-        return Config.from_json(d)
+        return Config.from_json({k: v for k, v in d.items() if k not in RUN_KEYS})
     except TypeError as e:
-        raise ConfigError(f"{path}: not a jaxl2 run config ({e})") from None
+        version = d.get("jaxl2_version", "unknown")
+        raise ConfigError(f"{path}: not a jaxl2 run config ({e}; written by jaxl2 {version})") from None
 
 
-CHECKPOINT_SECONDS = 30  # the time rule's default: a kill loses at most this much training
+class DiskFull(Named, OSError):
+    """A file of the run in ``out`` could not be written (no space, a quota, a read-only file
+    system); the message names the path and what was kept for the resume."""
+
+    out: str | None = None
 
 
-def _check_every(epochs: int | None) -> None:
-    if epochs is not None and not (isinstance(epochs, int) and epochs >= 1):
-        raise ConfigError(
-            f"{field('checkpoint_every')} {epochs} is invalid (an integer >= 1; without it, every 30 s)"
+# errno values of "the disk cannot take it": full, over quota, a file over its size limit, read-only.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+
+def _disk_cause(e: BaseException | None) -> OSError | None:
+    """The ``OSError`` of :data:`DISK_ERRNOS` that ``e`` is or was raised from, if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def is_disk_error(e: BaseException | None) -> bool:
+    return isinstance(e, DiskFull) or _disk_cause(e) is not None
+
+
+@contextlib.contextmanager
+def disk_errors(out: str) -> Iterator[None]:
+    """A disk error in the block (:func:`is_disk_error`) as one :class:`DiskFull` naming what was kept."""
+    try:
+        yield
+    except BaseException as e:
+        cause = None if isinstance(e, DiskFull) else _disk_cause(e)
+        if cause is None:
+            raise
+        steps = checkpoint_steps(out)
+        kept = (
+            f"the last complete checkpoint ({os.path.join(out, 'checkpoints')}/{steps[-1]}) and config.json"
+            if steps
+            else "config.json (no checkpoint was complete: the resume starts from the beginning)"
         )
+        full = DiskFull(
+            f"cannot write {cause.filename or out} ({cause.strerror or cause}); kept in {out}: {kept}"
+        )
+        full.out = out
+        raise full from None
 
 
 class SaveRule:
-    """When the training loop (:func:`~jaxl2.mnist.train.call_end`) checkpoints, besides at the
-    end and on a signal: every ``seconds`` of training since the last save or the start (an epoch
-    here can be 30 ms and a save ~0.1 s, so a rule in epochs alone would cost more than it
-    protects), and every ``epochs`` epochs when given. It is decided at the end of a compiled
-    call, on every process alike; orbax's own save-decision policies count steps, which a sweep's
-    stores number per chunk, so the loop keeps this rule.
+    """When the loop checkpoints, besides at the end and on a signal: every ``seconds`` of training
+    since the last save (an epoch can take 30 ms and a save 0.1 s, so epochs alone would cost more
+    than they protect), and every ``epochs`` epochs when given. Not orbax's save-decision policies:
+    they are asked per store and per step (a run saves two stores, a sweep numbers its steps per
+    chunk) and a fresh store saves at once; this rule is asked once per compiled call, beside the
+    signal and the last epoch, and every process takes the same decision.
 
     Example:
       >>> rule = SaveRule(epochs=3, seconds=None)
@@ -343,18 +287,19 @@ class SaveRule:
       [3, 6, 9]
     """
 
-    def __init__(self, epochs: int | None = None, seconds: float | None = CHECKPOINT_SECONDS):
-        _check_every(epochs)
+    def __init__(self, epochs: int | None = None, seconds: float | None = 30):
+        if epochs is not None and not (isinstance(epochs, int) and epochs >= 1):
+            raise ConfigError(
+                f"{field('checkpoint_every')} {epochs} is invalid (an integer >= 1; without it, every 30 s)"
+            )
         self.epochs, self.seconds, self.last = epochs, seconds, time.monotonic()
 
     def due(self, epoch: int) -> bool:
         """Whether to save after ``epoch`` (a question only: :meth:`saved` restarts the clock)."""
-        return bool(self.epochs and epoch % self.epochs == 0) or (
-            self.seconds is not None and time.monotonic() - self.last >= self.seconds
-        )
+        by_time = self.seconds is not None and time.monotonic() - self.last >= self.seconds
+        return bool(self.epochs and epoch % self.epochs == 0) or by_time
 
     def saved(self) -> None:
-        """A checkpoint was written (by this rule or another reason): the time rule restarts now."""
         self.last = time.monotonic()
 
 
@@ -365,19 +310,16 @@ def checkpoint_steps(out: str) -> list[int]:
 
 
 def has_checkpoint(out: str) -> bool:
-    """Whether ``out/checkpoints`` holds a complete (renamed) orbax step."""
     return bool(checkpoint_steps(out))
 
 
-def _raised_by_orbax(record: logging.LogRecord) -> bool:
-    """False for the traceback that one of orbax's threads logs for an error that orbax then
-    raises in the caller (who reports it: a full disk is one :class:`DiskFull` line)."""
+def _not_orbax_echo(record: logging.LogRecord) -> bool:
+    """False for the traceback that an orbax thread logs for an error it then raises in the caller."""
     return not (record.exc_info and "orbax" in record.pathname.replace("\\", "/"))
 
 
-def _quiet_closed_loop(unraisable: Any) -> None:
-    """Python's ``sys.unraisablehook`` less tensorstore's calls into the event loop that orbax
-    closed after a failed write (the failure itself reaches the caller)."""
+def _unraisable(unraisable: Any) -> None:
+    """Python's hook less tensorstore's calls into the event loop orbax closed after a failed write."""
     e = unraisable.exc_value
     if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
         sys.__unraisablehook__(unraisable)
@@ -388,34 +330,25 @@ _OS_ERROR_CODE = re.compile(r"\[os_error_code='(\d+)'\]")
 
 
 class StepStore:
-    """An orbax ``CheckpointManager`` of numbered steps of one pytree (a run's state or best
-    params, a refit's state, a sweep's chunks), each written to a temporary directory and
-    renamed when complete (a kill during a write leaves the previous step as the latest); it
-    keeps the last ``keep`` steps (``None``: all of them).
-
-    ``background=True``: orbax writes asynchronously (its ``enable_async_checkpointing``):
-    :meth:`save` returns once the arrays are copied and the training goes on while orbax
-    writes, one save at a time, in order; :meth:`wait` and :meth:`close` wait for the last and
-    raise its error.
-    A write that the disk refuses is raised as an ``OSError`` that names this store's directory.
+    """An orbax ``CheckpointManager`` of numbered steps of one pytree, each written to a temporary
+    directory and renamed when complete; it keeps the last ``keep`` steps (``None``: all).
+    ``background=True``: orbax's async saves (:meth:`save` returns once the arrays are copied;
+    :meth:`wait` and :meth:`close` raise the error of the last). A write that the disk refuses is
+    an ``OSError`` of its errno and this store's directory (orbax's own echoes of it are dropped).
     """
 
     def __init__(self, path: str, keep: int | None = 1, *, background: bool = False):
         import orbax.checkpoint as ocp
 
         self.ocp, self.path = ocp, os.path.abspath(path)
-        logging.getLogger("absl").addFilter(_raised_by_orbax)  # once: a filter is added only once
-        sys.unraisablehook = _quiet_closed_loop
-        opts = ocp.CheckpointManagerOptions(
-            enable_async_checkpointing=background,
-            preservation_policy=ocp.checkpoint_managers.LatestN(keep),
-        )
+        logging.getLogger("absl").addFilter(_not_orbax_echo)  # added once however often it is called
+        sys.unraisablehook = _unraisable
+        policy = ocp.checkpoint_managers.LatestN(keep)
+        opts = ocp.CheckpointManagerOptions(enable_async_checkpointing=background, preservation_policy=policy)
         self.manager = ocp.CheckpointManager(self.path, options=opts)
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[None]:
-        """A disk error of orbax's writer (an ``OSError`` or tensorstore's ``ValueError``) as an
-        ``OSError`` of its errno and this store's directory."""
         try:
             yield
         except Exception as e:
@@ -433,12 +366,10 @@ class StepStore:
         return list(self.manager.all_steps())
 
     def save(self, step: int, tree: Any) -> None:
-        """Saves ``tree`` as ``step`` (with ``background``, once the previous save is done)."""
         with self._writing():
             self.manager.save(step, args=self.ocp.args.StandardSave(tree), force=True)
 
     def wait(self) -> None:
-        """Waits for the save in flight, if any (its error is raised here)."""
         with self._writing():
             self.manager.wait_until_finished()
 
@@ -450,11 +381,12 @@ class StepStore:
         mismatch: str = "the checkpoint does not fit this model",
     ) -> Any:
         """Step ``step`` (default: the latest) restored into the structure of ``like`` (arrays or
-        ``jax.ShapeDtypeStruct``); a step that does not fit is an error naming ``name``."""
-        step = self.latest() if step is None else step
+        ``jax.ShapeDtypeStruct``); one that does not fit is an error naming ``name``."""
         abstract = jax.tree_util.tree_map(self.ocp.utils.to_shape_dtype_struct, like)
         try:
-            return self.manager.restore(step, args=self.ocp.args.StandardRestore(abstract))
+            return self.manager.restore(
+                self.latest() if step is None else step, args=self.ocp.args.StandardRestore(abstract)
+            )
         except (ValueError, KeyError) as e:
             reason = " ".join(str(e).split())  # orbax's tree diffs span lines: one line here
             raise ConfigError(f"{field(name)}: {mismatch} ({reason[:200]})") from None
@@ -465,15 +397,11 @@ class StepStore:
 
 
 class Checkpoints:
-    """A run's two stores (:class:`StepStore`): ``checkpoints/`` (the latest run state, which
-    holds the best params too) and ``best/`` (the params with the best validation accuracy,
-    what ``jaxl2 eval`` reads). ``best/`` is a store of its own, not orbax's ``BestN`` over the
-    saved steps: the best epoch is rarely a saved one (saves come every 30 s; a compiled call
-    runs many epochs), and ``best/`` holds that epoch's params.
-
-    ``background=True`` (training): both stores write asynchronously (:class:`StepStore`); the
-    arrays handed to :meth:`save` must not change afterwards (the run's are never donated).
-    """
+    """A run's two stores: ``checkpoints/`` (the latest run state, the best params included) and
+    ``best/`` (the best params, what ``jaxl2 eval`` reads). ``best/`` is a store of its own, not
+    orbax's ``best_fn`` over the saved steps: the best epoch is rarely a saved one (saves come every
+    30 s, a compiled call runs many epochs). With ``background``, the arrays handed to :meth:`save`
+    must not change afterwards."""
 
     def __init__(self, out: str, background: bool = False):
         self.out = out
@@ -489,8 +417,8 @@ class Checkpoints:
             self.best.save(best_epoch, params)
 
     def restore_latest(self, like: dict) -> tuple[int, dict] | None:
-        """``(epoch, run_state)`` of the latest checkpoint, or ``None`` when there is none; a
-        ``best/`` behind it (a kill between the two stores' writes) is brought up to it."""
+        """``(epoch, run_state)`` of the latest checkpoint, or ``None``; a ``best/`` behind it (a kill
+        between the two stores' writes) is brought up to it."""
         step = self.latest.latest()
         if step is None:
             return None
@@ -499,20 +427,21 @@ class Checkpoints:
         return step, run
 
     def restore_best(self, like: Any) -> Any:
-        step = self.best.latest()
-        if step is None:
+        if self.best.latest() is None:
             raise ConfigError("the run has no best checkpoint (it stopped before its first save)")
         mismatch = "the best checkpoint does not fit the model of its config.json (was config.json edited?)"
-        return self.best.restore(like, step, name="run", mismatch=mismatch)
+        return self.best.restore(like, name="run", mismatch=mismatch)
 
     def last_good(self) -> str:
         for store in (self.best, self.latest):
             with contextlib.suppress(Exception):  # the message is about the files, whatever a save hit
                 store.wait()
         steps = checkpoint_steps(self.out)
-        if not steps:
-            return "No checkpoint had been written yet."
-        return f"The last good checkpoint (epoch {steps[-1]}) is intact."
+        return (
+            f"The last good checkpoint (epoch {steps[-1]}) is intact."
+            if steps
+            else "No checkpoint had been written yet."
+        )
 
     def close(self) -> None:
         try:

@@ -9,9 +9,9 @@ Example:
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import platform
-import threading
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -55,10 +55,10 @@ def device_name() -> str:
 
 
 class Background:
-    """``fn()`` run in a daemon thread from now on (``fn=None``: nothing); :meth:`join` waits
-    for it and raises what it raised, :meth:`result` also returns what ``fn()`` returned. For
-    work that may overlap the device's (a run's plots while its refit trains, the refit
-    compiled while the run trains).
+    """``fn()`` run in a thread of its own from now on (``fn=None``: nothing), on the standard
+    library's ``concurrent.futures``: :meth:`join` waits for it and raises what it raised,
+    :meth:`result` also returns what ``fn()`` returned. For work that may overlap the device's
+    (a run's plots while its refit trains, the refit compiled while the run trains).
 
     Example:
       >>> done = []
@@ -72,26 +72,16 @@ class Background:
     """
 
     def __init__(self, fn: Callable[[], Any] | None):
-        self._error: BaseException | None = None
-        self._result: Any = None
-        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
-        self._thread.start()
-
-    def _run(self, fn: Callable[[], Any] | None) -> None:
-        try:
-            if fn is not None:
-                self._result = fn()
-        except BaseException as e:  # raised in the caller's thread by join()
-            self._error = e
+        pool = concurrent.futures.ThreadPoolExecutor(1)
+        self._future = pool.submit(fn or (lambda: None))
+        pool.shutdown(wait=False)  # the thread ends with fn
 
     def join(self, reraise: bool = True) -> None:
         """Waits for ``fn``; raises its exception unless ``reraise`` is false (the caller is
         already raising its own)."""
-        self._thread.join()
-        if reraise and self._error is not None:
-            raise self._error
+        concurrent.futures.wait([self._future])
+        if reraise:
+            self._future.result()
 
     def result(self) -> Any:
-        """:meth:`join`, then what ``fn()`` returned."""
-        self.join()
-        return self._result
+        return self._future.result()

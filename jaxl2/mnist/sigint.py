@@ -36,17 +36,7 @@ def _record(signum: int, _frame: object = None) -> None:
     _state["pending"], _state["signal"] = True, signum
 
 
-def last_signal() -> int:
-    """The signal that came last (``signal.SIGINT`` when none did)."""
-    return int(_state["signal"])
-
-
-def name() -> str:
-    """How messages call the last signal: ``interrupted`` (Ctrl-C) or ``stopped by SIGTERM``."""
-    return "stopped by SIGTERM" if last_signal() == signal.SIGTERM else "interrupted"
-
-
-def _main_thread() -> bool:
+def _main_thread() -> bool:  # handlers can only be set from the main thread
     return threading.current_thread() is threading.main_thread()
 
 
@@ -58,13 +48,28 @@ def install() -> None:
 
 
 def allow() -> None:
-    """SIGINT raises ``KeyboardInterrupt`` again (Python's default) and SIGTERM terminates, at
-    once if one is pending: for work that writes nothing (evaluation, the benchmark), once its
-    imports are done."""
+    """Python's defaults again (SIGINT raises ``KeyboardInterrupt``, SIGTERM terminates), at once if
+    a signal is pending: for work that writes nothing (evaluation, the benchmark)."""
     if _main_thread():
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     check()
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM only record themselves within the block; the previous handlers come
+    back after it (a pending signal is forgotten unless the command installed deferral for good)."""
+    if not _main_thread() or signal.getsignal(signal.SIGINT) is _record:
+        yield  # deferral is already on, or cannot be set here
+        return
+    old = {s: signal.signal(s, _record) for s in SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        clear()
 
 
 def pending() -> bool:
@@ -78,22 +83,16 @@ def clear() -> None:
 
 def check() -> None:
     """Raises ``KeyboardInterrupt`` if a signal is pending: call it where stopping is safe."""
-    if _state["pending"]:
+    if pending():
         clear()
         raise KeyboardInterrupt
 
 
-@contextlib.contextmanager
-def deferred() -> Iterator[None]:
-    """SIGINT and SIGTERM only record themselves within the block; the previous handlers come
-    back after it (a pending signal is forgotten unless the command installed deferral for good)."""
-    if not _main_thread() or signal.getsignal(signal.SIGINT) is _record:
-        yield  # handlers can only be set from the main thread; or deferral is already on
-        return
-    old = {s: signal.signal(s, _record) for s in SIGNALS}
-    try:
-        yield
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
-        clear()
+def last_signal() -> int:
+    """The signal that came last (``signal.SIGINT`` when none did)."""
+    return int(_state["signal"])
+
+
+def name() -> str:
+    """How messages call the last signal: ``interrupted`` (Ctrl-C) or ``stopped by SIGTERM``."""
+    return "stopped by SIGTERM" if last_signal() == signal.SIGTERM else "interrupted"

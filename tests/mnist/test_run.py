@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -72,3 +74,26 @@ def test_out_dir_that_holds_a_run_is_refused(tmp_path):
     open(os.path.join(out, "config.json"), "w").write("{}")
     with pytest.raises(ConfigError, match=r"already holds a run \(use resume"):
         _run.train_and_evaluate(cfg, out)
+
+
+def test_eval_of_the_test_split_reads_no_training_file(tmp_path):
+    from tests.mnist.test_data import fake, write_idx
+
+    def jaxl2(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "jaxl2", *args], capture_output=True, text=True, timeout=180
+        )
+
+    idx = tmp_path / "idx"
+    idx.mkdir()
+    write_idx(idx, "t10k", *fake(50))
+    (idx / "train-images-idx3-ubyte").write_bytes(b"unreadable")
+    (idx / "train-labels-idx1-ubyte").write_bytes(b"unreadable")
+    out = tmp_path / "r"
+    small = ["--hidden", "16", "--batch-size", "500", "--no-cache", "--epochs", "1", "--no-refit", "--quiet"]
+    assert jaxl2("train", *small, "--out", str(out)).returncode == 0
+    r = jaxl2("eval", "--run", str(out), "--dataset", f"idx:{idx}", "--split", "test", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["n"] == 50
+    bad = jaxl2("eval", "--run", str(out), "--dataset", f"idx:{idx}", "--split", "val")
+    assert bad.returncode == 2 and "train-images-idx3-ubyte" in bad.stderr, bad.stderr

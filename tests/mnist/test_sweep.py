@@ -177,3 +177,14 @@ def test_auto_execution_trains_with_the_program_it_timed(tmp_path, monkeypatch):
     ref = train_sweep(CFG, SweepSettings(L2S, (0,), summary["execution"]), str(tmp_path / "ref"))
     for a, b in zip(summary["results"], ref["results"]):
         assert a["val_accuracy"] == b["val_accuracy"] and a["test_accuracy"] == b["test_accuracy"]
+
+
+def test_a_sweep_refuses_a_lambda_given_twice():
+    r = subprocess.run(
+        [sys.executable, "-m", "jaxl2", "sweep", "--l2", "0,1e-3,0.001", "--epochs", "1"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "--l2 gives λ 0.001 more than once" in r.stderr and "--seeds" in r.stderr, r.stderr

@@ -1,6 +1,9 @@
 """The train step, the scanned epoch, evaluation, and the loop: calls of several epochs, divergence, the params it keeps."""
 
 import dataclasses
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -306,3 +309,49 @@ def test_a_call_keeps_its_last_epoch_with_latest_and_its_best_without(latest, ke
     program = jax.jit(epochs_program(epoch_fn, evaluate_fn, 3, latest), static_argnums=())
     _, _, _, best = program(State(jnp.float32(0)), 3)
     assert int(best["index"]) == kept and float(best["params"]) == kept + 1
+
+
+def test_divergence_stops_with_message_and_checkpoint_loads(tmp_path):
+    out = tmp_path / "nan"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jaxl2",
+            "train",
+            "--hidden",
+            "32",
+            "--epochs",
+            "30",
+            "--optimizer",
+            "sgd",
+            "--schedule",
+            "constant",
+            "--lr",
+            "0.5",
+            "--l2",
+            "5",
+            "--checkpoint-every",
+            "1",
+            "--quiet",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 1, r.stderr
+    assert (
+        "the loss became NaN/Inf at epoch" in r.stderr and "lower --lr" in r.stderr and "λ·lr 2.5" in r.stderr
+    )
+    assert "Traceback" not in r.stderr
+    epoch = int(r.stderr.split("at epoch ")[1].split(",")[0])
+    assert epoch > 1  # |1 − lr·λ| = 1.5: the kernels grow 1.5× a step and overflow in epoch 2
+    if epoch > 1:
+        assert f"last good checkpoint (epoch {epoch - 1})" in r.stderr
+        import orbax.checkpoint as ocp
+
+        with ocp.CheckpointManager(os.path.abspath(out / "checkpoints")) as m:
+            params = m.restore(m.latest_step())["state"]["params"]
+        assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
