@@ -256,11 +256,13 @@ def settings_of(value: Any, cls: type) -> Any:
 
 
 def _int(v: Any, lo: int = 1, hi: float = math.inf) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and lo <= v < hi
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and lo <= int(v) < hi
 
 
-def _real(v: Any, lo: float = 0.0, hi: float = math.inf) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and lo <= v <= hi
+def _number(v: Any, lo: float = 0.0, hi: float = math.inf) -> bool:
+    return (
+        isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and lo <= float(v) <= hi
+    )
 
 
 _LO, _HI = AUTO_L2_BOUNDS
@@ -270,16 +272,16 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "val_size": (lambda v: v is None or _int(v), "an integer >= 1"),
     "split_seed": (lambda v: _int(v, 0, SEED_LIMIT), _SEEDS),
     "l2_init": (
-        lambda v: _real(v, _LO, _HI),
+        lambda v: _number(v, _LO, _HI),
         f"the starting λ of {AUTO} and {EVIDENCE}, a number from {_LO:g} to {_HI:g}",
     ),
     "l2_every": (_int, "training steps per λ update, an integer >= 1"),
-    "l2_lr": (lambda v: _real(v) and v > 0, "Adam's learning rate on ln λ, a finite number > 0"),
+    "l2_lr": (lambda v: _number(v) and v > 0, "Adam's learning rate on ln λ, a finite number > 0"),
     "evidence_every": (_int, "epochs per λ update, an integer >= 1"),
     "evidence_steps": (_int, "iterations per λ update, an integer >= 1"),
-    "weight_decay": (_real, "a finite number >= 0"),
-    "lr": (lambda v: v is None or _real(v) and v > 0, "a finite number > 0"),
-    "momentum": (lambda v: _real(v, 0, 1) and v < 1, "0 <= momentum < 1"),
+    "weight_decay": (_number, "a finite number >= 0"),
+    "lr": (lambda v: v is None or _number(v) and v > 0, "a finite number > 0"),
+    "momentum": (lambda v: _number(v, 0, 1) and v < 1, "0 <= momentum < 1"),
     "batch_size": (_int, "an integer >= 1"),
     "epochs": (_int, "an integer >= 1"),
     "hidden": (
@@ -323,7 +325,7 @@ def _check_l2(l2: Any) -> None:
                 raise ConfigError(f"{name} pattern {pattern!r} is not a string")
             _check_regex(f"{name} pattern", pattern)
             name += f" {pattern}=λ: λ"
-        if not _real(lam):
+        if not _number(lam):
             raise ConfigError(f"{name} must be a finite number >= 0, got {lam!r}")
         if lam > FLOAT32_MAX:
             raise ConfigError(

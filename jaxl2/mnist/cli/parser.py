@@ -19,11 +19,10 @@ import dataclasses
 import functools
 import inspect
 import re
-import sys
 import textwrap
 from typing import Any
 
-from jaxl2.mnist.cli.report import flag
+from jaxl2.mnist.cli.report import fail, flag
 from jaxl2.mnist.config import (
     ACTIVATIONS,
     AUTO,
@@ -55,7 +54,7 @@ def _comments(cls: type) -> dict[str, tuple[str, str]]:
     out: dict[str, tuple[str, str]] = {}
     group, end = "", node.lineno
     for stmt in node.body:
-        above = []  # the comment lines since the last statement
+        above: list[str] = []  # the comment lines since the last statement
         for line in (s.strip() for s in lines[end : stmt.lineno - 1]):
             if line.startswith("# --"):
                 group, above = line[4:].strip(), []
@@ -105,8 +104,7 @@ class _Parser(argparse.ArgumentParser):
             message = m.group(2)  # our own message already names the flag
         if message.startswith("the following arguments are required: command"):
             message = "a command is required (train, sweep, eval, bench or gradcheck; jaxl2 --help says more)"
-        sys.stderr.write(f"jaxl2: error: {message}\n")
-        raise SystemExit(2)
+        raise SystemExit(fail(message))
 
 
 def parse_l2(text: str) -> float | dict[str, float] | str:
