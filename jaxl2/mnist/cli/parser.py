@@ -202,13 +202,15 @@ def _switches(g: Any, **helps: str) -> None:
         g.add_argument(flag(name), action="store_true", help=text)
 
 
-def _run_flags(g: Any, settings: type, what: str, out: str, **helps: str) -> None:
-    """The flags of ``train`` and ``sweep`` beside the config's: ``--out``, ``--resume``,
-    ``--overwrite``, the checkpoints and the refit (documented by ``settings``, :class:`RunSettings`
-    or :class:`SweepSettings`), then the switches ``helps``; ``what`` is a run or a sweep."""
+def _run_flags(
+    g: Any, settings: type, what: str, out: str, resume: str, overwrite: str, **helps: str
+) -> None:
+    """The flags of ``train`` and ``sweep`` beside the config's: ``--out`` (a new ``runs/OUT-…``
+    by default), ``--resume``, ``--overwrite``, the checkpoints and the refit (documented by
+    ``settings``, :class:`RunSettings` or :class:`SweepSettings`), then the switches ``helps``;
+    ``what`` is a run or a sweep."""
     g.add_argument("--out", help=f"{what} directory (default: a new runs/{out}-YYYYmmdd-HHMMSS[-N])")
-    g.add_argument("--resume", action="store_true", help=helps.pop("resume"))
-    g.add_argument("--overwrite", action="store_true", help=helps.pop("overwrite"))
+    _switches(g, resume=resume, overwrite=overwrite)
     g.add_argument("--checkpoint-every", type=int, metavar="N", help=doc(settings, "checkpoint_every"))
     on = "on" if settings().refit else "off"
     g.add_argument(
