@@ -1,16 +1,9 @@
-"""The application's configuration: one dataclass, every vocabulary, and its validation.
-
-Everything a run depends on is a field of :class:`Config`, each on one commented line (the
-comment is the flag's ``--help``); every set of allowed names (optimizers, schedules,
-activations, inits, datasets, splits) is defined here once. :func:`validate` checks a config
-once, where it enters a run. This module imports nothing heavy (no jax), so ``jaxl2 --help``
-stays fast.
-
-Errors name config fields (``split_seed``); the ``jaxl2`` command shows the same message with
-its flags (``--split-seed``): see :func:`field`.
+"""The application's configuration: :class:`Config` (each field one commented line, the comment
+its flag's ``--help``), every vocabulary, and :func:`validate`, called once where a config enters
+a run. It imports no jax, so ``jaxl2 --help`` stays fast. Errors name fields (``split_seed``);
+the ``jaxl2`` command shows them as flags (``--split-seed``): see :func:`field`.
 
 Example:
-  >>> from jaxl2.mnist.config import Config, validate
   >>> cfg = validate(Config(optimizer="adam"))
   >>> cfg.lr  # the optimizer's own default learning rate
   0.003
@@ -69,37 +62,32 @@ EVIDENCE_METHODS = ("bisect", "mackay")
 
 
 class Optimizer(NamedTuple):
-    """One optimizer's facts: default peak learning rate, float32 copies of the params its
-    state holds (for the sweep's memory estimate), whether it takes ``weight_decay``."""
+    """One optimizer's default peak learning rate, the float32 copies of the params its state
+    holds (for the sweep's memory estimate) and whether it takes ``weight_decay``."""
 
     lr: float
     state_copies: int
     decays: bool
-    about: str
 
 
 OPTIMIZERS: dict[str, Optimizer] = {
-    "sgd": Optimizer(0.5, 0, False, "plain SGD"),
-    "momentum": Optimizer(0.3, 1, False, "SGD with momentum"),
-    "adam": Optimizer(3e-3, 2, False, "Adam"),
-    "adamw": Optimizer(3e-3, 2, True, "Adam with decoupled weight decay"),
-    "sgdw": Optimizer(0.3, 1, True, "momentum SGD with weight decay added before momentum"),
+    "sgd": Optimizer(0.5, 0, False),
+    "momentum": Optimizer(0.3, 1, False),
+    "adam": Optimizer(3e-3, 2, False),
+    "adamw": Optimizer(3e-3, 2, True),  # decoupled weight decay
+    "sgdw": Optimizer(0.3, 1, True),  # momentum SGD with weight decay added before momentum
 }
 
 
-_MARK = "\x1f"
-
-
 def field(name: str) -> str:
-    """A config field's name inside an error message, shown by :func:`render` as the caller's name
-    for it (``split_seed`` in Python, ``--split-seed`` on the command line)."""
-    return f"{_MARK}{name}{_MARK}"
+    """A config field's name inside an error message, which :func:`render` shows as the caller's
+    name for it (``split_seed`` in Python, ``--split-seed`` on the command line)."""
+    return f"\x1f{name}\x1f"
 
 
 def render(text: str, name_of: Callable[[str], str] = lambda f: f) -> str:
     """``text`` with each :func:`field` shown as ``name_of(name)`` (a flag, on the command line)."""
-    parts = text.split(_MARK)
-    return "".join(name_of(p) if i % 2 else p for i, p in enumerate(parts))
+    return re.sub(r"\x1f(\w+)\x1f", lambda m: name_of(m.group(1)), text)
 
 
 class Named:
@@ -267,46 +255,40 @@ def settings_of(value: Any, cls: type) -> Any:
     return value
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+def _int(v: Any, lo: int = 1, hi: float = math.inf) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and lo <= int(v) < hi
 
 
-def _is_real(v: Any) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _count(v: Any) -> bool:
-    return _is_int(v) and v >= 1
-
-
-def _seed(v: Any) -> bool:
-    return _is_int(v) and 0 <= v < SEED_LIMIT
+def _number(v: Any, lo: float = 0.0, hi: float = math.inf) -> bool:
+    return (
+        isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and lo <= float(v) <= hi
+    )
 
 
 _LO, _HI = AUTO_L2_BOUNDS
 _SEEDS = f"an integer from 0 to {SEED_LIMIT - 1}"
 # Each number field's range: (whether a value is in it, how an error states it), in checking order.
 RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "val_size": (lambda v: v is None or _count(v), "an integer >= 1"),
-    "split_seed": (_seed, _SEEDS),
+    "val_size": (lambda v: v is None or _int(v), "an integer >= 1"),
+    "split_seed": (lambda v: _int(v, 0, SEED_LIMIT), _SEEDS),
     "l2_init": (
-        lambda v: _is_real(v) and _LO <= v <= _HI,
+        lambda v: _number(v, _LO, _HI),
         f"the starting λ of {AUTO} and {EVIDENCE}, a number from {_LO:g} to {_HI:g}",
     ),
-    "l2_every": (_count, "training steps per λ update, an integer >= 1"),
-    "l2_lr": (lambda v: _is_real(v) and v > 0, "Adam's learning rate on ln λ, a finite number > 0"),
-    "evidence_every": (_count, "epochs per λ update, an integer >= 1"),
-    "evidence_steps": (_count, "iterations per λ update, an integer >= 1"),
-    "weight_decay": (lambda v: _is_real(v) and v >= 0, "a finite number >= 0"),
-    "lr": (lambda v: v is None or _is_real(v) and v > 0, "a finite number > 0"),
-    "momentum": (lambda v: _is_real(v) and 0 <= v < 1, "0 <= momentum < 1"),
-    "batch_size": (_count, "an integer >= 1"),
-    "epochs": (_count, "an integer >= 1"),
+    "l2_every": (_int, "training steps per λ update, an integer >= 1"),
+    "l2_lr": (lambda v: _number(v) and v > 0, "Adam's learning rate on ln λ, a finite number > 0"),
+    "evidence_every": (_int, "epochs per λ update, an integer >= 1"),
+    "evidence_steps": (_int, "iterations per λ update, an integer >= 1"),
+    "weight_decay": (_number, "a finite number >= 0"),
+    "lr": (lambda v: v is None or _number(v) and v > 0, "a finite number > 0"),
+    "momentum": (lambda v: _number(v, 0, 1) and v < 1, "0 <= momentum < 1"),
+    "batch_size": (_int, "an integer >= 1"),
+    "epochs": (_int, "an integer >= 1"),
     "hidden": (
-        lambda v: isinstance(v, tuple) and bool(v) and all(map(_count, v)),
+        lambda v: isinstance(v, tuple) and bool(v) and all(map(_int, v)),
         "comma-separated positive widths, e.g. 256,256",
     ),
-    "seed": (_seed, _SEEDS),
+    "seed": (lambda v: _int(v, 0, SEED_LIMIT), _SEEDS),
 }
 # Each named field's vocabulary, in checking order.
 CHOICES: dict[str, Any] = {
@@ -320,37 +302,35 @@ CHOICES: dict[str, Any] = {
 }
 
 
-def _check_l2(l2: Any) -> None:
-    def one(name: str, lam: Any) -> None:
-        if not (_is_real(lam) and lam >= 0):
-            raise ConfigError(f"{name} must be a finite number >= 0, got {lam!r}")
-        if lam > FLOAT32_MAX:
-            raise ConfigError(
-                f"{name} {lam!r} is too large (at most {FLOAT32_MAX:.3g}: training is in float32)"
-            )
-
-    if isinstance(l2, str):
-        if l2 not in (AUTO, EVIDENCE):
-            raise ConfigError(
-                f"{field('l2')} {l2!r} is invalid (a number >= 0, REGEX=λ entries, {AUTO} or {EVIDENCE})"
-            )
-    elif isinstance(l2, Mapping):
-        if not l2:
-            raise ConfigError(f"{field('l2')} is an empty mapping (give REGEX=λ entries)")
-        for pattern, lam in l2.items():
-            if not isinstance(pattern, str):
-                raise ConfigError(f"{field('l2')} pattern {pattern!r} is not a string")
-            _check_regex(f"{field('l2')} pattern", pattern)
-            one(f"{field('l2')} {pattern}=λ: λ", lam)
-    else:
-        one(field("l2"), l2)
-
-
 def _check_regex(name: str, pattern: str) -> None:
     try:
         re.compile(pattern)
     except re.error as e:
         raise ConfigError(f"{name} {pattern!r} is not a valid regular expression ({e})") from None
+
+
+def _check_l2(l2: Any) -> None:
+    if isinstance(l2, str):
+        if l2 not in (AUTO, EVIDENCE):
+            raise ConfigError(
+                f"{field('l2')} {l2!r} is invalid (a number >= 0, REGEX=λ entries, {AUTO} or {EVIDENCE})"
+            )
+        return
+    if isinstance(l2, Mapping) and not l2:
+        raise ConfigError(f"{field('l2')} is an empty mapping (give REGEX=λ entries)")
+    for pattern, lam in l2.items() if isinstance(l2, Mapping) else [(None, l2)]:
+        name = field("l2")
+        if pattern is not None:
+            if not isinstance(pattern, str):
+                raise ConfigError(f"{name} pattern {pattern!r} is not a string")
+            _check_regex(f"{name} pattern", pattern)
+            name += f" {pattern}=λ: λ"
+        if not _number(lam):
+            raise ConfigError(f"{name} must be a finite number >= 0, got {lam!r}")
+        if lam > FLOAT32_MAX:
+            raise ConfigError(
+                f"{name} {lam!r} is too large (at most {FLOAT32_MAX:.3g}: training is in float32)"
+            )
 
 
 def _check_together(cfg: Config) -> None:
@@ -403,18 +383,15 @@ def _check_together(cfg: Config) -> None:
 
 
 def validate(cfg: Config, num_train: int | None = None) -> Config:
-    """Checks every field of ``cfg`` and returns it with ``lr`` filled in.
-
-    ``num_train`` (the training split's size, once the data is loaded) bounds the batch size.
-    The selection itself (does ``select``/``l2`` match the model's kernels?) is checked by
-    :func:`jaxl2.mnist.model.check_selection`, which needs jax.
+    """Checks every field of ``cfg`` and returns it with ``lr`` filled in; ``num_train`` (the
+    training split's size, once the data is loaded) bounds the batch size. Whether ``select`` and
+    ``l2`` match the model's kernels needs jax: :func:`jaxl2.mnist.model.check_selection`.
 
     Raises:
       ConfigError: naming the field, the value and what is allowed.
     """
-    if not isinstance(cfg.dataset, str) or not (
-        cfg.dataset in ("mnist5k", "mnist") or (cfg.dataset.startswith("idx:") and len(cfg.dataset) > 4)
-    ):
+    idx = isinstance(cfg.dataset, str) and cfg.dataset.startswith("idx:") and len(cfg.dataset) > 4
+    if not (idx or cfg.dataset in ("mnist5k", "mnist")):
         raise ConfigError(f"{field('dataset')} {cfg.dataset!r} is unknown (allowed: {', '.join(DATASETS)})")
     _check_l2(cfg.l2)
     for name, (ok, allowed) in RANGES.items():

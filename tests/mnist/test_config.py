@@ -1,12 +1,14 @@
 """The application's Config: each λ mode's settings refused with one message naming the field,
-and every valid config round-tripped through config.json."""
+errors that name fields (flags on the command line), each optimizer's default lr, the settings'
+type checked, and every valid config round-tripped through config.json."""
 
 import dataclasses
 import json
 
 import pytest
 
-from jaxl2.mnist.config import Config, ConfigError, validate
+from jaxl2.mnist.cli import report
+from jaxl2.mnist.config import OPTIMIZERS, Config, ConfigError, validate
 
 
 @pytest.mark.parametrize(
@@ -70,3 +72,34 @@ def test_auto_and_evidence_configs_round_trip_through_json():
     assert evidence.l2_evidence and evidence.l2_on and not evidence.l2_auto
     for cfg in (auto, evidence):
         assert Config.from_json(json.loads(json.dumps(cfg.to_json()))) == cfg
+
+
+def test_each_optimizer_has_its_own_default_lr():
+    assert validate(Config(optimizer="adam")).lr == OPTIMIZERS["adam"].lr == 3e-3
+    assert validate(Config()).lr == 0.3 and validate(Config(optimizer="adam", lr=0.01)).lr == 0.01
+
+
+def test_config_errors_name_fields_and_the_cli_names_flags():
+    with pytest.raises(ConfigError) as e:
+        validate(Config(batch_size=0))
+    assert str(e.value) == "batch_size 0 is invalid (an integer >= 1)"
+    assert e.value.render(report.flag) == "--batch-size 0 is invalid (an integer >= 1)"
+
+
+def test_val_size_error_from_data_names_the_field():
+    from jaxl2.mnist.data import load
+
+    with pytest.raises(ConfigError, match="val_size 4000 is invalid for a training split of 4000 images"):
+        load("mnist5k", val_size=4000)
+
+
+def test_settings_of_another_type_name_the_fields_before_anything_runs(tmp_path):
+    from jaxl2.mnist import train_and_evaluate, train_sweep
+
+    with pytest.raises(
+        ConfigError, match=r"settings must be a SweepSettings \(its fields: l2s, seeds, .*got list"
+    ):
+        train_sweep(Config(), [0.0, 1e-3], str(tmp_path / "s"))
+    with pytest.raises(ConfigError, match=r"settings must be a RunSettings \(its fields: refit, .*got dict"):
+        train_and_evaluate(Config(), str(tmp_path / "r"), {"refit": False})
+    assert not list(tmp_path.iterdir())

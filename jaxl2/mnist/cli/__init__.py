@@ -26,7 +26,7 @@ import sys
 
 from jaxl2.errors import Jaxl2Error
 from jaxl2.mnist import sigint
-from jaxl2.mnist.cli.parser import build_parser, parse_args
+from jaxl2.mnist.cli.parser import build_parser
 from jaxl2.mnist.cli.report import fail, message
 
 __all__ = ["main", "run", "build_parser"]
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     sigint.install()  # Ctrl-C and SIGTERM wait for a safe point: never inside an import of jaxlib or XLA
     command = None
     try:
-        args = parse_args(sys.argv[1:] if argv is None else list(argv))
+        args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
         command = args.command
         sigint.check()
         return _dispatch(args)

@@ -19,11 +19,10 @@ import dataclasses
 import functools
 import inspect
 import re
-import sys
 import textwrap
 from typing import Any
 
-from jaxl2.mnist.cli.report import flag
+from jaxl2.mnist.cli.report import fail, flag
 from jaxl2.mnist.config import (
     ACTIVATIONS,
     AUTO,
@@ -38,40 +37,34 @@ from jaxl2.mnist.config import (
     SweepSettings,
 )
 
-__all__ = ["COMMANDS", "build_parser", "field_docs", "parse_args", "parse_l2"]
-
-COMMANDS = ("train", "sweep", "eval", "bench", "gradcheck")
+__all__ = ["build_parser", "field_docs", "parse_l2"]
 
 
 @functools.cache
 def _comments(cls: type) -> dict[str, tuple[str, str]]:
-    """``{field: (group, comment)}`` read from the source of the dataclass ``cls``: the comment
-    lines directly above a field joined with the one at its end; a ``# -- NAME`` line starts the
-    group NAME. Empty where the source is not shipped."""
+    """``{field: (group, comment)}`` from the source of the dataclass ``cls``: the comment lines
+    directly above a field joined with the one at its end; a ``# -- NAME`` line starts the group
+    NAME. Empty where the source is not shipped."""
     try:
-        source = textwrap.dedent(inspect.getsource(cls))
+        lines = textwrap.dedent(inspect.getsource(cls)).splitlines()
     except (OSError, TypeError):
         return {}
-    cls_node = ast.parse(source).body[0]
-    assert isinstance(cls_node, ast.ClassDef)
-    lines = source.splitlines()
+    node = ast.parse("\n".join(lines)).body[0]
+    assert isinstance(node, ast.ClassDef)
     out: dict[str, tuple[str, str]] = {}
-    group, end = "", cls_node.lineno
-    above: list[str] = []  # the comment lines since the last statement
-    for node in cls_node.body:
-        for line in (s.strip() for s in lines[end : node.lineno - 1]):
+    group, end = "", node.lineno
+    for stmt in node.body:
+        above: list[str] = []  # the comment lines since the last statement
+        for line in (s.strip() for s in lines[end : stmt.lineno - 1]):
             if line.startswith("# --"):
                 group, above = line[4:].strip(), []
             elif line.startswith("#"):
                 above.append(line[1:].strip())
-        end = node.end_lineno or node.lineno
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            tail = (
-                lines[end - 1].encode()[node.end_col_offset or 0 :].decode().strip()
-            )  # bytes, as ast counts
-            at_end = [tail.removeprefix("#").strip()] if tail else []
-            out[node.target.id] = (group, " ".join(above + at_end))
-        above = []
+        end = stmt.end_lineno or stmt.lineno
+        if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+            tail = lines[end - 1].encode()[stmt.end_col_offset or 0 :].decode()  # bytes, as ast counts
+            above.append(tail.strip().removeprefix("#").strip())
+            out[stmt.target.id] = (group, " ".join(filter(None, above)))
     return out
 
 
@@ -86,21 +79,15 @@ def field_docs(cls: type) -> dict[str, str]:
     return {name: text for name, (_, text) in _comments(cls).items()}
 
 
-def _shown(value: Any) -> str:
-    return (
-        ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
-        if isinstance(value, tuple)
-        else str(value)
-    )
-
-
 def doc(cls: type, name: str, extra: str = "") -> str:
     """The help of the flag of field ``name`` of ``cls``: its comment (with `other_field` shown as
     ``--other-field``), ``extra``, and its default unless the comment says it."""
     text = re.sub(r"`(\w+)`", lambda m: flag(m.group(1)), field_docs(cls).get(name, ""))
     default = getattr(cls(), name)
     if "(default" not in text and default is not None and not isinstance(default, bool):
-        extra += f" (default {_shown(default)})"
+        if isinstance(default, tuple):
+            default = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in default)
+        extra += f" (default {default})"
     return text + extra
 
 
@@ -117,8 +104,7 @@ class _Parser(argparse.ArgumentParser):
             message = m.group(2)  # our own message already names the flag
         if message.startswith("the following arguments are required: command"):
             message = "a command is required (train, sweep, eval, bench or gradcheck; jaxl2 --help says more)"
-        sys.stderr.write(f"jaxl2: error: {message}\n")
-        raise SystemExit(2)
+        raise SystemExit(fail(message))
 
 
 def parse_l2(text: str) -> float | dict[str, float] | str:
@@ -210,22 +196,44 @@ def _config_flags(p: argparse.ArgumentParser, sweep: bool = False) -> None:
             g.add_argument(flag(f.name), type=kind, help=doc(Config, f.name, EXTRA.get(f.name, "")))
 
 
-def _checkpoints_and_refit(g: Any, settings: type, resumed: str) -> None:
-    """``--checkpoint-every``, ``--refit`` and ``--refit-epochs``, documented by the command's
-    ``settings`` (:class:`RunSettings` or :class:`SweepSettings`); ``resumed`` names what a
-    resume's refit default is."""
+def _switches(g: Any, **helps: str) -> None:
+    """A ``store_true`` flag per keyword: ``no_cache="…"`` is ``--no-cache`` with that help."""
+    for name, text in helps.items():
+        g.add_argument(flag(name), action="store_true", help=text)
+
+
+def _run_flags(
+    g: Any, settings: type, what: str, out: str, resume: str, overwrite: str, **helps: str
+) -> None:
+    """The flags of ``train`` and ``sweep`` beside the config's: ``--out`` (a new ``runs/OUT-…``
+    by default), ``--resume``, ``--overwrite``, the checkpoints and the refit (documented by
+    ``settings``, :class:`RunSettings` or :class:`SweepSettings`), then the switches ``helps``;
+    ``what`` is a run or a sweep."""
+    g.add_argument("--out", help=f"{what} directory (default: a new runs/{out}-YYYYmmdd-HHMMSS[-N])")
+    _switches(g, resume=resume, overwrite=overwrite)
     g.add_argument("--checkpoint-every", type=int, metavar="N", help=doc(settings, "checkpoint_every"))
     on = "on" if settings().refit else "off"
     g.add_argument(
         "--refit",
         action=argparse.BooleanOptionalAction,
-        help=doc(settings, "refit", f" (default: {on}, or with --resume {resumed}; --no-refit: off)"),
+        help=doc(settings, "refit", f" (default: {on}, or with --resume the {what}'s own; --no-refit: off)"),
     )
     g.add_argument("--refit-epochs", help=doc(settings, "refit_epochs"))
+    _switches(g, **helps)
 
 
-def _train_parser(sub: Any) -> None:
-    """The flags of ``jaxl2 train``."""
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``jaxl2`` and its five commands (exits 2 with one line on bad input)."""
+    p = _Parser(
+        prog="jaxl2",
+        description="L2 regularization (λ/2·Σw² on the kernels) of fully connected networks in JAX: "
+        "train, sweep λ, evaluate, benchmark and check gradients on MNIST.",
+        epilog="Exit status: 0 done, 1 diverged (or gradcheck failed), 2 bad input, 74 a file could not "
+        "be written (a full disk), 130 interrupted (Ctrl-C), 143 stopped by SIGTERM; 74, 130 and 143 "
+        "keep what can be resumed and say how.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
     t = sub.add_parser(
         "train",
         help="train the reference MLP with L2 (the main job)",
@@ -233,36 +241,24 @@ def _train_parser(sub: Any) -> None:
         "(config.json, metrics.jsonl, checkpoints/, best/, curves.png, summary.json).",
     )
     _config_flags(t)
-    g = t.add_argument_group("run")
-    g.add_argument("--out", help="run directory (default: a new runs/DATASET-YYYYmmdd-HHMMSS[-N])")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    g.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    _checkpoints_and_refit(g, RunSettings, "the run's own")
-    g.add_argument(
-        "--no-cache",
-        action="store_true",
-        help="do not use JAX's persistent compilation cache (~/.cache/jaxl2/jax)",
-    )
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
-    g.add_argument(
-        "--json", action="store_true", help="print only one JSON object with the results on stdout"
+    _run_flags(
+        t.add_argument_group("run"),
+        RunSettings,
+        "run",
+        "DATASET",
+        resume="continue the run in --out from its last checkpoint",
+        overwrite="replace a run already in --out",
+        no_cache="do not use JAX's persistent compilation cache (~/.cache/jaxl2/jax)",
+        quiet="no progress bar",
+        json="print only one JSON object with the results on stdout",
     )
     g = t.add_argument_group("devices and hosts")
     g.add_argument("--devices", type=int, metavar="N", help=doc(RunSettings, "devices"))
-    g.add_argument(
-        "--distributed", action="store_true", help="call jax.distributed.initialize() first (several hosts)"
-    )
+    _switches(g, distributed="call jax.distributed.initialize() first (several hosts)")
     g.add_argument("--coordinator", help="with --distributed: HOST:PORT of process 0 (or $JAXL2_COORDINATOR)")
-    g.add_argument(
-        "--num-processes", type=int, help="with --distributed: number of processes (or $JAXL2_NUM_PROCESSES)"
-    )
-    g.add_argument(
-        "--process-id", type=int, help="with --distributed: this process's index (or $JAXL2_PROCESS_ID)"
-    )
+    for name, what in (("num_processes", "number of processes"), ("process_id", "this process's index")):
+        g.add_argument(flag(name), type=int, help=f"with --distributed: {what} (or $JAXL2_{name.upper()})")
 
-
-def _sweep_parser(sub: Any) -> None:
-    """The flags of ``jaxl2 sweep``."""
     sw = sub.add_parser(
         "sweep",
         help="train many λ (and seeds) at once in one compiled program",
@@ -277,28 +273,19 @@ def _sweep_parser(sub: Any) -> None:
         help="init seeds per λ: --seed, --seed+1, … (default 1); data order follows the seed",
     )
     g.add_argument("--execution", default=SweepSettings.execution, help=doc(SweepSettings, "execution"))
-    g.add_argument("--out", help="sweep directory (default: a new runs/sweep-YYYYmmdd-HHMMSS[-N])")
-    g.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the sweep in --out from its last checkpoint (with its own settings)",
-    )
-    g.add_argument("--overwrite", action="store_true", help="replace a sweep (or run) already in --out")
-    _checkpoints_and_refit(g, SweepSettings, "the sweep's own")
-    g.add_argument("--no-cache", action="store_true", help="do not use the compilation cache")
-    g.add_argument(
-        "--quiet", action="store_true", help="no progress (on a terminal one line; else one line per epoch)"
-    )
-    g.add_argument(
-        "--json",
-        action="store_true",
-        help='print only {"selected_l2": …, "selected_l2_1se": …, "per_l2": […], "results": […]} '
+    _run_flags(
+        g,
+        SweepSettings,
+        "sweep",
+        "sweep",
+        resume="continue the sweep in --out from its last checkpoint (with its own settings)",
+        overwrite="replace a sweep (or run) already in --out",
+        no_cache="do not use the compilation cache",
+        quiet="no progress (on a terminal one line; else one line per epoch)",
+        json='print only {"selected_l2": …, "selected_l2_1se": …, "per_l2": […], "results": […]} '
         '(and "refit": {…} with --refit)',
     )
 
-
-def _eval_parser(sub: Any) -> None:
-    """The flags of ``jaxl2 eval``."""
     e = sub.add_parser(
         "eval",
         help="evaluate a run's model (or a sweep member's)",
@@ -328,12 +315,10 @@ def _eval_parser(sub: Any) -> None:
         "--data-dir", help="TensorFlow Datasets' data_dir for --dataset mnist (default: the run's)"
     )
     e.add_argument("--split", default="test", help=f"{', '.join(SPLITS)} (default test)")
-    e.add_argument("--no-cache", action="store_true", help="do not use the compilation cache")
-    e.add_argument("--json", action="store_true", help="print one JSON object: accuracy, data_loss, n")
+    _switches(
+        e, no_cache="do not use the compilation cache", json="print one JSON object: accuracy, data_loss, n"
+    )
 
-
-def _bench_parser(sub: Any) -> None:
-    """The flags of ``jaxl2 bench``."""
     b = sub.add_parser(
         "bench",
         help="measure throughput against the machine's limit",
@@ -346,17 +331,10 @@ def _bench_parser(sub: Any) -> None:
         "training and refit seconds; sweep scaling; and each performance target with its number "
         "(met or MISS). A full run takes 6 to 9 minutes on 2 CPU cores.",
     )
-    b.add_argument(
-        "--quick",
-        action="store_true",
-        help="small sizes and 1 round (checks that it runs; numbers are rough)",
-    )
+    _switches(b, quick="small sizes and 1 round (checks that it runs; numbers are rough)")
     b.add_argument("--rounds", type=int, help="interleaved rounds (default 9, 1 with --quick)")
-    b.add_argument("--json", action="store_true", help="print one JSON object with every number")
+    _switches(b, json="print one JSON object with every number")
 
-
-def _gradcheck_parser(sub: Any) -> None:
-    """The flags of ``jaxl2 gradcheck``."""
     gc = sub.add_parser(
         "gradcheck",
         help="check gradients in float64",
@@ -365,12 +343,7 @@ def _gradcheck_parser(sub: Any) -> None:
         "For your own model, call jaxl2.gradcheck(loss_fn, params, *batch).",
     )
     gc.add_argument("--l2", type=float, default=1e-3, help="λ (default 1e-3)")
-    gc.add_argument(
-        "--hidden",
-        type=_hidden,
-        default=(256, 256),
-        help="hidden widths (default 256,256)",
-    )
+    gc.add_argument("--hidden", type=_hidden, default=(256, 256), help="hidden widths (default 256,256)")
     gc.add_argument("--activation", default="relu", help=f"{', '.join(ACTIVATIONS)} (default relu)")
     gc.add_argument("--batch", type=int, default=64, help="random examples in the loss (default 64)")
     gc.add_argument(
@@ -378,28 +351,5 @@ def _gradcheck_parser(sub: Any) -> None:
     )
     gc.add_argument("--eps", type=float, default=1e-5, help="finite-difference step, > 0 (default 1e-5)")
     gc.add_argument("--seed", type=int, default=0, help="seed of the params, data and directions (default 0)")
-    gc.add_argument("--json", action="store_true", help="print one JSON object")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="jaxl2",
-        description="L2 regularization (λ/2·Σw² on the kernels) of fully connected networks in JAX: "
-        "train, sweep λ, evaluate, benchmark and check gradients on MNIST.",
-        epilog="Exit status: 0 done, 1 diverged (or gradcheck failed), 2 bad input, 74 a file could not "
-        "be written (a full disk), 130 interrupted (Ctrl-C), 143 stopped by SIGTERM; 74, 130 and 143 "
-        "keep what can be resumed and say how.",
-    )
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    _train_parser(sub)
-    _sweep_parser(sub)
-    _eval_parser(sub)
-    _bench_parser(sub)
-    _gradcheck_parser(sub)
+    _switches(gc, json="print one JSON object")
     return p
-
-
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    """The parsed command line (exits 2 with one line on bad input)."""
-    return build_parser().parse_args(argv)

@@ -9,6 +9,9 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from jaxl2.mnist.cli.report import flag
+from jaxl2.mnist.config import render
+
 __all__ = ["Progress", "epoch_info"]
 
 
@@ -24,7 +27,8 @@ def epoch_info(row: dict[str, Any]) -> str:
 class Progress:
     """Epochs of named tasks: :meth:`epoch` ``(task, epoch, epochs, info)`` moves the task's bar
     (created on its first epoch) or writes one line; ``quiet=True`` shows nothing but
-    :meth:`say`'s lines. Use it as a context manager: leaving stops the bars."""
+    :meth:`say`'s lines. ``first`` names the task whose bar :meth:`start` shows ("compiling…")
+    before its first epoch. Use it as a context manager: leaving stops the bars."""
 
     def __init__(self, quiet: bool = False, first: str | None = None, epochs: int = 0):
         self.quiet, self.first = quiet, (first, epochs)
@@ -60,10 +64,7 @@ class Progress:
         if self.quiet:
             return
         if self.bar is None:
-            sys.stderr.write(
-                f"{task + ': ' if task else ''}epoch {epoch}/{epochs}{'  ' + info if info else ''}\n"
-            )
-            sys.stderr.flush()
+            self.say(f"{task + ': ' if task else ''}epoch {epoch}/{epochs}{'  ' + info if info else ''}")
             return
         self.start()
         if task not in self.tasks:
@@ -78,13 +79,14 @@ class Progress:
             sys.stderr.write(message + "\n")
             sys.stderr.flush()
 
-    def close(self) -> None:
-        if self.bar is not None and self.started:
-            self.bar.stop()
-        self.bar = None
+    def log(self, text: str) -> None:
+        """A message of the application (:func:`~jaxl2.mnist.config.field` names shown as flags)."""
+        self.say(f"jaxl2: {render(text, flag)}")
 
     def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        if self.bar is not None and self.started:
+            self.bar.stop()
+        self.bar = None

@@ -8,8 +8,8 @@ import json
 
 from jaxl2.mnist.cli.options import enable_cache, fd1_to_stderr, given, refit_choice
 from jaxl2.mnist.cli.progress import Progress, epoch_info
-from jaxl2.mnist.cli.report import fail, flag, format_summary, warn_if_chance
-from jaxl2.mnist.config import Config, RunSettings, render
+from jaxl2.mnist.cli.report import fail, format_summary, warn_if_chance
+from jaxl2.mnist.config import Config, RunSettings
 
 __all__ = ["run"]
 
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
                 on_start=progress.start,
                 on_epoch=lambda row: progress.epoch("", row["epoch"], cfg.epochs, epoch_info(row)),
                 on_refit_epoch=lambda e, n: progress.epoch("refit on train ∪ validation", e, n),
-                log=lambda text: progress.say(f"jaxl2: {render(text, flag)}"),
+                log=progress.log,
             )
     if jax.process_index() == 0:  # the process that writes the run directory
         tensorboard.write_run(summary["out"])
