@@ -1038,7 +1038,7 @@ def test_messages_that_list_paths_name_a_dozen_of_a_large_model_and_count_the_re
         assert len(str(e.value)) < 800 and "… and 1,988 more" in str(e.value), str(e.value)[:300]
 
 
-# -- property tests (from tests/test_reliability.py) ----------------------------
+# -- property tests: the penalty on random pytrees ------------------------------
 
 names = st.text(alphabet="abcdefghijklmnopqrstuvwxyz_0123456789", min_size=1, max_size=8)
 dtypes = st.sampled_from([jnp.float32, jnp.bfloat16, jnp.float64])

@@ -131,3 +131,31 @@ def test_a_signal_in_the_last_compiled_call_stops_after_saving_it():
             )
     assert saved == [(4, 4)] and seen == [1, 2, 3, 4]
     assert e.value.signal == signal.SIGINT
+
+
+@pytest.mark.parametrize("delay", [0.3, 1.0, 2.0])
+def test_sigint_at_any_moment_exits_130_and_leaves_no_half_made_directory(tmp_path, delay):
+    out = tmp_path / "r"
+    p = start("train", "--hidden", "16", "--epochs", "400", "--quiet", "--no-cache", "--out", str(out))
+    time.sleep(delay)  # importing, loading, compiling, or training
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert "Traceback" not in err
+    if out.exists():  # stopped after an epoch: a checkpointed run that says how to resume it
+        assert (out / "checkpoints").is_dir() and f"jaxl2 train --out {out} --resume" in err, err
+
+
+def test_sigint_during_a_sweep_exits_130_with_a_checkpoint_to_resume(tmp_path):
+    out = tmp_path / "s"
+    p = start("sweep", "--hidden", "32", "--epochs", "400", "--l2", "0,1e-3", "--quiet", "--out", str(out))
+    deadline = time.time() + 60
+    while not out.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # training
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert "Traceback" not in err
+    if out.exists():  # stopped after an epoch: checkpointed there, and it says how to resume
+        assert (out / "checkpoints").is_dir() and f"jaxl2 sweep --out {out} --resume" in err, err

@@ -1,12 +1,10 @@
 """The ``jaxl2`` command's shared behaviour (jaxl2/mnist/cli/__init__.py, main()): bad input is
-one line naming the flag and exits 2, nothing half-written; Ctrl-C exits 130; a closed pipe and a
-bug inside jax are not bad input."""
+one line naming the flag and exits 2, nothing half-written; a closed pipe and a bug inside jax
+are not bad input (Ctrl-C: tests/mnist/test_sigint.py)."""
 
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -90,44 +88,6 @@ def test_a_value_error_from_inside_jax_is_not_bad_input(monkeypatch):
     monkeypatch.setattr(evaluate, "run", boom)
     with pytest.raises(ValueError, match="an XLA bug"):
         cli.main(["eval", "--run", "x"])
-
-
-def _start(out, *extra, cwd=None):
-    return subprocess.Popen(
-        [sys.executable, "-m", "jaxl2", *extra, "--out", str(out)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=cwd,
-    )
-
-
-@pytest.mark.parametrize("delay", [0.3, 1.0, 2.0])
-def test_sigint_at_any_moment_exits_130_and_leaves_no_half_made_directory(tmp_path, delay):
-    out = tmp_path / "r"
-    p = _start(out, "train", "--hidden", "16", "--epochs", "400", "--quiet", "--no-cache")
-    time.sleep(delay)  # importing, loading, compiling, or training
-    p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=120)
-    assert p.returncode == 130, err
-    assert "Traceback" not in err
-    if out.exists():  # stopped after an epoch: a checkpointed run that says how to resume it
-        assert (out / "checkpoints").is_dir() and f"jaxl2 train --out {out} --resume" in err, err
-
-
-def test_sigint_during_a_sweep_exits_130_with_a_checkpoint_to_resume(tmp_path):
-    out = tmp_path / "s"
-    p = _start(out, "sweep", "--hidden", "32", "--epochs", "400", "--l2", "0,1e-3", "--quiet")
-    deadline = time.time() + 60
-    while not out.exists() and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(1.0)  # training
-    p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=120)
-    assert p.returncode == 130, err
-    assert "Traceback" not in err
-    if out.exists():  # stopped after an epoch: checkpointed there, and it says how to resume
-        assert (out / "checkpoints").is_dir() and f"jaxl2 sweep --out {out} --resume" in err, err
 
 
 def test_a_closed_pipe_is_not_a_traceback(finished):
