@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.test_tensorboard import read_events, scalars
+from tests.mnist.test_tensorboard import read_events, scalars
 
 FAST = ["--hidden", "32", "--epochs", "2", "--batch-size", "256"]
 

@@ -14,7 +14,7 @@ from jaxl2.mnist import cli
 from jaxl2.mnist.cli import evaluate, report
 from jaxl2.mnist.config import OPTIMIZERS, Config, ConfigError, validate
 from jaxl2.mnist.rundir import default_out
-from tests.test_tensorboard import read_events, scalars
+from tests.mnist.test_tensorboard import read_events, scalars
 
 TINY = ["--hidden", "16", "--epochs", "2", "--batch-size", "500", "--no-refit"]  # refit: test_cli, test_refit
 
