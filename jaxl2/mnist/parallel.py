@@ -23,19 +23,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxl2.mnist.config import ConfigError, field
 
-__all__ = [
-    "make_mesh",
-    "replicated",
-    "data_sharded",
-    "check_batch",
-    "put",
-    "replicate",
-    "host",
-    "any_process",
-    "barrier",
-    "initialize_distributed",
-]
-
 
 def make_mesh(devices: int | None = None) -> Mesh:
     """A 1-D mesh named ``data`` over the first ``devices`` devices (default: all of them)."""

@@ -34,7 +34,7 @@ import numpy as np
 
 from jaxl2 import __version__
 from jaxl2.mnist import refit as _refit
-from jaxl2.mnist import sigint, sweepdir, tensorboard
+from jaxl2.mnist import rundir, sigint, sweepdir, tensorboard, train
 from jaxl2.mnist.config import (
     OPTIMIZERS,
     SEED_LIMIT,
@@ -48,40 +48,7 @@ from jaxl2.mnist.config import (
 from jaxl2.mnist.data import Dataset
 from jaxl2.mnist.model import abstract_params
 from jaxl2.mnist.results import SweepSummary
-from jaxl2.mnist.rundir import (
-    SaveRule,
-    StepStore,
-    default_out,
-    disk_errors,
-    has_checkpoint,
-    is_disk_error,
-    prepare,
-    write_json,
-)
 from jaxl2.mnist.runtime import device_name
-from jaxl2.mnist.train import (
-    Best,
-    Interrupted,
-    Trainer,
-    diverged_message,
-    epochs_per_call,
-    epochs_program,
-    load_and_check,
-    member_summary,
-    split_metrics,
-    stop_if_signalled,
-    train_epochs,
-)
-
-__all__ = [
-    "SweepTrainer",
-    "train_sweep",
-    "select_l2",
-    "select_l2_1se",
-    "per_l2",
-    "pick_member",
-    "members_that_fit",
-]
 
 EXECUTIONS = ("auto", "vmap", "sequential")
 
@@ -94,7 +61,7 @@ class SweepTrainer:
     another inside the same compiled program (``lax.map``), which can be faster on some CPUs.
     """
 
-    def __init__(self, trainer: Trainer, execution: str = "vmap"):
+    def __init__(self, trainer: train.Trainer, execution: str = "vmap"):
         if execution not in ("vmap", "sequential"):
             raise ConfigError(f"{field('execution')} {execution!r} is unknown (allowed: vmap, sequential)")
         self.trainer, self.execution = trainer, execution
@@ -114,7 +81,7 @@ class SweepTrainer:
         jitted once per size: ``program(states, n, x, y, x_val, y_val, l2s)``."""
         if size not in self._programs:
             self._programs[size] = jax.jit(
-                epochs_program(
+                train.epochs_program(
                     lambda st, x, y, xv, yv, l2s: self._epoch_fn(st, x, y, l2s),
                     lambda p, x, y, xv, yv, l2s: self._eval_fn(p, xv, yv),
                     size,
@@ -307,7 +274,7 @@ def train_sweep(
         raise ConfigError(
             f"{field('execution')} {settings.execution!r} is unknown (allowed: {', '.join(EXECUTIONS)})"
         )
-    SaveRule(settings.checkpoint_every)  # checks it before anything is loaded
+    rundir.SaveRule(settings.checkpoint_every)  # checks it before anything is loaded
     l2s, seeds = _check_members(cfg, settings.l2s, (cfg.seed,) if settings.seeds is None else settings.seeds)
     if settings.refit:
         _refit.refit_epochs(settings.refit_epochs, 1, 1)  # a bad rule fails before anything is done
@@ -315,30 +282,32 @@ def train_sweep(
         if out is None:
             raise ConfigError(f"{field('resume')} needs {field('out')}, the sweep to continue")
         sweepdir.check_resume(out, cfg, l2s, seeds)
-    cfg, ds = load_and_check(cfg, l2s)
-    out = default_out("runs", "sweep") if out is None else out
+    cfg, ds = train.load_and_check(cfg, l2s)
+    out = rundir.default_out("runs", "sweep") if out is None else out
     config = sweepdir.config_json(cfg, l2s, seeds, __version__, settings.refit, settings.refit_epochs)
-    claim = prepare(out, config, resume=resume, overwrite=overwrite)
-    with claim, disk_errors(out):
+    claim = rundir.prepare(out, config, resume=resume, overwrite=overwrite)
+    with claim, rundir.disk_errors(out):
         try:
             sigint.check()
             members = [(lam, s) for s in seeds for lam in l2s]
             summary = _sweep(cfg, ds, out, members, settings, on_epoch, log)
             if settings.refit:
-                stop_if_signalled(f"after the sweep, before its refit; checkpoint saved in {out}", out)
+                train.stop_if_signalled(f"after the sweep, before its refit; checkpoint saved in {out}", out)
                 summary["refit"] = _refit_selected(cfg, ds, summary, out, settings, on_epoch)
             summary["out"] = out
             _write_outputs(out, summary)
             return cast(SweepSummary, summary)
         except BaseException as e:
-            if isinstance(e, Interrupted):
+            if isinstance(e, train.Interrupted):
                 e.out = out
-            if claim.created and not has_checkpoint(out) and not is_disk_error(e):
+            if claim.created and not rundir.has_checkpoint(out) and not rundir.is_disk_error(e):
                 shutil.rmtree(out, ignore_errors=True)  # nothing to resume: no half-made sweep is left
             raise
 
 
-def _plan(trainer: Trainer, first: list[tuple[float, int]], data: tuple, execution: str, log) -> SweepTrainer:
+def _plan(
+    trainer: train.Trainer, first: list[tuple[float, int]], data: tuple, execution: str, log
+) -> SweepTrainer:
     """The :class:`SweepTrainer` of ``execution``; for ``"auto"`` on CPU, the faster of vmap and
     sequential on one epoch of the ``first`` chunk, timed through the program the sweep then runs
     (compiled by a first call, so the sweep reuses it). Elsewhere, or with one member, vmap."""
@@ -353,7 +322,7 @@ def _plan(trainer: Trainer, first: list[tuple[float, int]], data: tuple, executi
     )
     seconds = {}
     for ex, sweeper in sweepers.items():
-        program = sweeper.program(epochs_per_call(len(data[1]), len(first)))
+        program = sweeper.program(train.epochs_per_call(len(data[1]), len(first)))
         jax.block_until_ready(program(states, 1, *data, l2_K))  # compiles (not donated: states stay)
         t0 = time.perf_counter()
         jax.block_until_ready(program(states, 1, *data, l2_K))
@@ -375,7 +344,7 @@ def _sweep(
     """Trains every member, chunk by chunk, from ``progress.json`` and the checkpoints when
     resumed: the plan, then per chunk its training (from its checkpoint), its best params and its
     result rows; returns the sweep's summary."""
-    trainer = Trainer(cfg, len(ds.need("train").y))
+    trainer = train.Trainer(cfg, len(ds.need("train").y))
     data = tuple(jax.device_put(a) for a in (*ds.need("train"), *ds.need("val")))
     t0 = time.perf_counter()
     progress = sweepdir.read_progress(out)
@@ -398,15 +367,15 @@ def _sweep(
     done = -(-len(results) // fit)  # chunks whose rows are recorded
     if done:
         log(f"resuming: {done} of {len(chunks)} chunks already done")
-    latest = StepStore(os.path.join(out, "checkpoints"))
-    best_store = StepStore(os.path.join(out, "best"), keep=None)
+    latest = rundir.StepStore(os.path.join(out, "checkpoints"))
+    best_store = rundir.StepStore(os.path.join(out, "best"), keep=None)
 
     def train_chunk(c: int, chunk: list[tuple[float, int]]) -> list[dict[str, Any]]:
         """Chunk ``c`` from its checkpoint (or its start) to the last epoch; saves its members'
         best params and returns their result rows (best params' metrics, final accuracies)."""
         label = f"chunk {c + 1}/{len(chunks)}" if len(chunks) > 1 else ""
         states = sweeper.init([s for _, s in chunk])
-        best = Best(
+        best = train.Best(
             jax.tree.map(jnp.copy, states.params), _keep, np.full(len(chunk), -1.0), np.zeros(len(chunk))
         )
 
@@ -420,12 +389,14 @@ def _sweep(
             start = sweepdir.chunk_and_epoch(step, cfg.epochs)[1]
             run = latest.restore(checkpoint(states))
             states = run["states"]
-            best = Best(run["best_params"], _keep, np.asarray(run["best_val"]), np.asarray(run["best_epoch"]))
+            best = train.Best(
+                run["best_params"], _keep, np.asarray(run["best_val"]), np.asarray(run["best_epoch"])
+            )
             log(f"resuming {label or 'the sweep'} after epoch {start} of {cfg.epochs}")
 
         def diverged(epoch, bad, steps):
             names = ", ".join(f"(λ {chunk[i][0]:g}, seed {chunk[i][1]})" for i in bad)
-            return f"sweep members {names}: " + diverged_message(
+            return f"sweep members {names}: " + train.diverged_message(
                 cfg, chunk[bad[0]][0], epoch, int(steps[0]), trainer.steps_per_epoch
             )
 
@@ -434,10 +405,10 @@ def _sweep(
             if on_epoch:
                 on_epoch(label, ep.epoch, cfg.epochs)
 
-        size = epochs_per_call(len(data[1]), len(chunk))
+        size = train.epochs_per_call(len(data[1]), len(chunk))
         program, l2_K = sweeper.program(size), jnp.asarray([lam for lam, _ in chunk], jnp.float32)
         with tensorboard.MemberEvents(out, chunk, start) as events:
-            states = train_epochs(
+            states = train.train_epochs(
                 lambda states, n: program(states, n, *data, l2_K),
                 states,
                 range(start + 1, cfg.epochs + 1),
@@ -458,8 +429,8 @@ def _sweep(
         rows = []
         for i, (lam, seed) in enumerate(chunk):
             best_i, final_i = jax.tree.map(lambda a, i=i: a[i], (best.params, states.params))
-            row = {"l2": lam, "seed": seed, **member_summary(trainer.evaluate, best_i, ds, cfg, lam)}
-            final = split_metrics(trainer.evaluate, final_i, ds)
+            row = {"l2": lam, "seed": seed, **train.member_summary(trainer.evaluate, best_i, ds, cfg, lam)}
+            final = train.split_metrics(trainer.evaluate, final_i, ds)
             row.update({f"final_{k}_accuracy": final[f"{k}_accuracy"] for k in ("train", "val", "test")})
             row["gap"] = row["train_accuracy"] - row["test_accuracy"]
             row["best_epoch"] = int(best.epoch[i])
@@ -469,7 +440,7 @@ def _sweep(
     with sigint.deferred(), contextlib.closing(latest), contextlib.closing(best_store):
         for c in range(done, len(chunks)):
             # the previous chunk was finished and recorded
-            stop_if_signalled(f"after chunk {c} of {len(chunks)} of the sweep", out)
+            train.stop_if_signalled(f"after chunk {c} of {len(chunks)} of the sweep", out)
             results += train_chunk(c, chunks[c])
             sweepdir.write_progress(out, {**progress, "results": results})
     return {
@@ -510,7 +481,7 @@ def _refit_selected(cfg, ds, summary, out, settings: SweepSettings, on_epoch) ->
 
 def _write_outputs(out: str, summary: dict[str, Any]) -> None:
     """``sweep.json``, ``sweep.csv`` (a row per member, ``sq_norm:PATH`` per layer) and ``sweep.png``."""
-    write_json(os.path.join(out, "sweep.json"), summary)
+    rundir.write_json(os.path.join(out, "sweep.json"), summary)
     rows = [
         {
             **{k: v for k, v in r.items() if k != "kernel_sq_norm"},

@@ -35,19 +35,6 @@ from jaxl2.mnist.config import FIELDS, Config, ConfigError, field, validate
 from jaxl2.mnist.model import abstract_params
 from jaxl2.mnist.rundir import StepStore, load_config, run_config, write_json
 
-__all__ = [
-    "config_json",
-    "load_sweep_config",
-    "check_resume",
-    "read_progress",
-    "write_progress",
-    "checkpoint_step",
-    "chunk_and_epoch",
-    "read_summary",
-    "restore_member",
-    "refit_dir",
-]
-
 PROGRESS = "progress.json"
 
 
