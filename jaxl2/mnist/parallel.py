@@ -39,11 +39,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def data_sharded(mesh: Mesh) -> NamedSharding:
-    """Leading axis split along ``data``."""
-    return NamedSharding(mesh, PartitionSpec("data"))
-
-
 def check_batch(batch_size: int, devices: int) -> None:
     """The batch must split evenly; the error names the nearest valid sizes."""
     if batch_size % devices:
@@ -62,7 +57,8 @@ def put(x: np.ndarray, mesh: Mesh | None) -> jax.Array:
     if mesh is None:
         return jax.device_put(x)
     x = np.asarray(x)
-    sharding = data_sharded(mesh) if x.shape[0] % mesh.devices.size == 0 else replicated(mesh)
+    split = x.shape[0] % mesh.devices.size == 0
+    sharding = NamedSharding(mesh, PartitionSpec("data")) if split else replicated(mesh)
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
 

@@ -316,10 +316,8 @@ def _plan(
     if jax.devices()[0].platform != "cpu" or len(first) == 1:
         return SweepTrainer(trainer, "vmap")
     sweepers = {ex: SweepTrainer(trainer, ex) for ex in ("vmap", "sequential")}
-    states, l2_K = (
-        sweepers["vmap"].init([s for _, s in first]),
-        jnp.asarray([lam for lam, _ in first], jnp.float32),
-    )
+    states = sweepers["vmap"].init([s for _, s in first])
+    l2_K = jnp.asarray([lam for lam, _ in first], jnp.float32)
     seconds = {}
     for ex, sweeper in sweepers.items():
         program = sweeper.program(train.epochs_per_call(len(data[1]), len(first)))
