@@ -74,7 +74,7 @@ def _write(writer: EventsWriter, step: int, summary: Summary) -> None:
     writer.write_event(Event(step=step, wall_time=time.time(), summary=summary))
 
 
-def _row(writer: EventsWriter, step: int, row: Mapping[str, Any]) -> None:
+def _write_row(writer: EventsWriter, step: int, row: Mapping[str, Any]) -> None:
     """One event at ``step`` with the :func:`scalars` of ``row``."""
     _write(writer, step, Summary(value=[v for tag, value in scalars(row) for v in scalar(tag, value).value]))
 
@@ -88,7 +88,7 @@ def write_run(out: str) -> str:
         shutil.rmtree(logdir, ignore_errors=True)
         writer = _writer(logdir, 1)
         for row in rows:
-            _row(writer, row["epoch"], {k: v for k, v in row.items() if k not in ("epoch", "step")})
+            _write_row(writer, row["epoch"], {k: v for k, v in row.items() if k not in ("epoch", "step")})
         writer.close()
     return logdir
 
@@ -115,7 +115,7 @@ class MemberEvents:
         for i, writer in enumerate(self.writers):
             train = {f"train_{k}": float(v[i]) for k, v in ep.train.items()}
             val = {f"val_{k}": float(v[i]) for k, v in ep.val.items()}
-            _row(writer, ep.epoch, {**train, **val, "epoch_seconds": ep.seconds})
+            _write_row(writer, ep.epoch, {**train, **val, "epoch_seconds": ep.seconds})
             if ep.state is not None:
                 writer.flush()
 
