@@ -394,14 +394,15 @@ def _sweep(
                 cfg, chunk[bad[0]][0], epoch, int(steps[0]), trainer.steps_per_epoch
             )
 
-        def epoch_done(ep: Any) -> None:
-            events.write(ep)
-            if on_epoch:
-                on_epoch(label, ep.epoch, cfg.epochs)
-
         size = train.epochs_per_call(len(data[1]), len(chunk))
         program, l2_K = sweeper.program(size), jnp.asarray([lam for lam, _ in chunk], jnp.float32)
         with tensorboard.MemberEvents(out, chunk, start) as events:
+
+            def epoch_done(ep: Any) -> None:
+                events.write(ep)  # every member's row, then the progress
+                if on_epoch:
+                    on_epoch(label, ep.epoch, cfg.epochs)
+
             states = train.train_epochs(
                 lambda states, n: program(states, n, *data, l2_K),
                 states,
