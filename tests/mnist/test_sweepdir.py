@@ -19,3 +19,10 @@ def test_resume_with_other_settings_is_refused(tmp_path):
         ConfigError, match=r"settings differ .*l2 0.0 vs 0.0,0.01; seeds 0 vs 0,1 in the sweep"
     ):
         train_sweep(CFG, SweepSettings((0.0,), (0,)), str(tmp_path), resume=True)
+    with pytest.raises(ConfigError, match=r"config.json: epochs 3 vs 4; hidden 8 vs 16 in the sweep"):
+        train_sweep(
+            Config(hidden=(8,), epochs=3, batch_size=500),
+            SweepSettings((0.0, 1e-2), (0, 1)),
+            str(tmp_path),
+            resume=True,
+        )
