@@ -76,7 +76,7 @@ def test_sweep_metrics_equal_separate_train_runs(tmp_path):
     assert json.load(open(tmp_path / "sweep" / "sweep.json"))["selected_l2"] == summary["selected_l2"]
 
 
-def test_chunks_when_members_do_not_fit(tmp_path):
+def test_members_that_do_not_fit_train_in_chunks_to_the_same_accuracy(tmp_path):
     per = members_that_fit(CFG, 3500, 10**12)
     assert per > 100
     budget = 2 * (10**12 // per)  # room for two members
@@ -98,7 +98,7 @@ def test_selection_uses_validation_never_test():
     assert select_l2(results) == 1e-3  # test accuracy would pick 0.0
 
 
-def test_cli_sweep_json(tmp_path):
+def test_sweep_json_prints_the_selection_and_every_member_with_the_train_keys(tmp_path):
     r = subprocess.run(
         [
             sys.executable,
@@ -295,7 +295,7 @@ def test_eval_of_a_sweep_evaluates_the_member_it_names(ref):
         _run.evaluate_run(ref["out"], refit=True)
 
 
-def test_cli_sweep_sigkill_then_resume_equals_uninterrupted(tmp_path):
+def test_a_sweep_killed_by_sigkill_resumes_to_the_uninterrupted_bits(tmp_path):
     args = ["--hidden", "16", "--epochs", "8", "--batch-size", "500", "--l2", "0,1e-2", "--seeds", "2"]
     args += ["--execution", "vmap", "--checkpoint-every", "1"]
     ref = train_sweep(
