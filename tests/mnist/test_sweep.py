@@ -240,6 +240,19 @@ def assert_same_sweep(a, b):
             np.testing.assert_array_equal(u, v)
 
 
+def assert_same_events(a, b):
+    """Every member's TensorBoard events, as TensorBoard shows them (each epoch once, what a
+    stopped sweep wrote past its checkpoint dropped), hold the same numbers (times aside)."""
+    members = sorted(os.listdir(os.path.join(a, "tensorboard")))
+    assert sorted(os.listdir(os.path.join(b, "tensorboard"))) == members and len(members) == 4
+    for member in members:
+        got, want = (shown(os.path.join(out, "tensorboard", member)) for out in (b, a))
+        assert got.keys() == want.keys() and len(want) > 0
+        assert {k: v for k, v in got.items() if k[0] != "epoch_seconds"} == {
+            k: v for k, v in want.items() if k[0] != "epoch_seconds"
+        }
+
+
 @pytest.fixture(scope="module")
 def ref(tmp_path_factory):
     return sweep(tmp_path_factory.mktemp("ref") / "s")
@@ -259,15 +272,7 @@ def test_chunked_sweep_stopped_anywhere_resumes_bit_identical(ref, tmp_path):
         assert len(json.load(open(out / "progress.json"))["results"]) == rows_kept  # chunk 1's rows
     # resumed with another budget and execution: the sweep's own plan (chunks of 2, vmap) is kept
     assert_same_sweep(ref, sweep(out, resume=True, budget_bytes=10**12, execution="sequential"))
-    for member in os.listdir(out / "tensorboard"):  # each epoch once, the uninterrupted sweep's numbers
-        got, want = (
-            shown(out / "tensorboard" / member),
-            shown(os.path.join(ref["out"], "tensorboard", member)),
-        )
-        assert got.keys() == want.keys() and len(want) > 0
-        assert {k: v for k, v in got.items() if k[0] != "epoch_seconds"} == {
-            k: v for k, v in want.items() if k[0] != "epoch_seconds"
-        }
+    assert_same_events(ref["out"], out)
 
 
 def test_sweep_stopped_before_its_first_checkpoint_removes_its_directory(tmp_path):
@@ -322,6 +327,7 @@ def test_a_sweep_killed_by_sigkill_resumes_to_the_uninterrupted_bits(tmp_path):
     summary = json.load(open(tmp_path / "k" / "sweep.json"))
     summary["out"] = str(tmp_path / "k")
     assert_same_sweep(ref, summary)
+    assert_same_events(ref["out"], tmp_path / "k")
     a, b = StepStore(os.path.join(ref["out"], "checkpoints")), StepStore(str(ckpt))
     assert a.latest() == b.latest() == 8
     a.close()

@@ -34,13 +34,16 @@ def read_events(logdir):
 
 def shown(logdir):
     """``{(tag, step): value}`` as TensorBoard shows ``logdir``: its event files in name order, a
-    session start at step s dropping the points at steps >= s that earlier events had."""
+    session start at step s dropping the points at steps >= s that earlier events had; a point
+    shown twice fails."""
     out = {}
     for path in sorted(glob.glob(f"{logdir}/events.out.tfevents.*")):
         for e in read_file(path):
             if e.HasField("session_log") and e.session_log.status == event_pb2.SessionLog.START:
                 out = {key: v for key, v in out.items() if key[1] < e.step}
-            out.update(scalars([e]))
+            for key, value in scalars([e]).items():
+                assert key not in out, f"{key} shown twice in {logdir}"
+                out[key] = value
     return out
 
 
