@@ -23,19 +23,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxl2.mnist.config import ConfigError, field
 
-__all__ = [
-    "make_mesh",
-    "replicated",
-    "data_sharded",
-    "check_batch",
-    "put",
-    "replicate",
-    "host",
-    "any_process",
-    "barrier",
-    "initialize_distributed",
-]
-
 
 def make_mesh(devices: int | None = None) -> Mesh:
     """A 1-D mesh named ``data`` over the first ``devices`` devices (default: all of them)."""
@@ -50,11 +37,6 @@ def make_mesh(devices: int | None = None) -> Mesh:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
-
-
-def data_sharded(mesh: Mesh) -> NamedSharding:
-    """Leading axis split along ``data``."""
-    return NamedSharding(mesh, PartitionSpec("data"))
 
 
 def check_batch(batch_size: int, devices: int) -> None:
@@ -75,7 +57,8 @@ def put(x: np.ndarray, mesh: Mesh | None) -> jax.Array:
     if mesh is None:
         return jax.device_put(x)
     x = np.asarray(x)
-    sharding = data_sharded(mesh) if x.shape[0] % mesh.devices.size == 0 else replicated(mesh)
+    split = x.shape[0] % mesh.devices.size == 0
+    sharding = NamedSharding(mesh, PartitionSpec("data")) if split else replicated(mesh)
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
 

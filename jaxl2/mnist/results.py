@@ -30,8 +30,9 @@ class Metrics(TypedDict):
     kernel_sq_norm: dict[str, float]  # Σw² of each selected kernel, by path
 
 
-class Refit(TypedDict):
-    """The refit on train ∪ validation (:func:`jaxl2.mnist.refit.refit`)."""
+class Refit(TypedDict, total=False):
+    """The refit on train ∪ validation (:func:`jaxl2.mnist.refit.refit`); in a run's summary only
+    when it was refit."""
 
     refit_epochs: int  # epochs it trained
     refit_examples: int  # its training examples: train ∪ validation
@@ -42,7 +43,7 @@ class Refit(TypedDict):
     refit_compile_seconds: float
 
 
-class RunSummary(Metrics):
+class RunSummary(Metrics, Refit):
     """:func:`~jaxl2.mnist.train_and_evaluate`'s summary: the metrics of the best params by
     validation accuracy (what ``jaxl2 eval`` loads without a refit), then the run's facts."""
 
@@ -59,15 +60,7 @@ class RunSummary(Metrics):
     l2_final: NotRequired[dict[str, float]]  # l2 "auto" or "evidence": each layer's last λ, by path
     # l2 "evidence": the Laplace log evidence (nats) at the last λ update (None if there was none)
     log_evidence: NotRequired[float | None]
-    # with a refit: Refit's keys, and the rule its epochs followed (all or best)
-    refit_epochs: NotRequired[int]
-    refit_examples: NotRequired[int]
-    refit_train_accuracy: NotRequired[float]
-    refit_test_accuracy: NotRequired[float]
-    refit_test_data_loss: NotRequired[float]
-    refit_seconds: NotRequired[float]
-    refit_compile_seconds: NotRequired[float]
-    refit_epoch_rule: NotRequired[str]
+    refit_epoch_rule: NotRequired[str]  # with a refit (Refit's keys): the rule its epochs followed
 
 
 class MemberResult(Metrics):

@@ -5,7 +5,8 @@ seed) and the same data order (each epoch's permutation is keyed on the member's
 members with the same seed share their data order and members with different seeds do not).
 λ is a traced array, so the whole sweep compiles once. A stopped sweep resumes to the same bits,
 and every member's best params are kept (:mod:`jaxl2.mnist.sweepdir`), so that ``jaxl2 eval``
-can evaluate any member (:func:`pick_member`).
+can evaluate any member (:func:`pick_member`). Each member's epochs are TensorBoard events
+(:mod:`jaxl2.mnist.tensorboard`) as they are trained.
 
 Example:
   >>> from jaxl2.mnist.sweep import select_l2
@@ -19,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
-import json
+import functools
 import math
 import os
 import shutil
@@ -30,10 +31,11 @@ from typing import Any, cast
 import jax
 import jax.numpy as jnp
 import numpy as np
+import psutil
 
 from jaxl2 import __version__
 from jaxl2.mnist import refit as _refit
-from jaxl2.mnist import sigint, sweepdir
+from jaxl2.mnist import rundir, sigint, sweepdir, tensorboard, train
 from jaxl2.mnist.config import (
     OPTIMIZERS,
     SEED_LIMIT,
@@ -47,50 +49,9 @@ from jaxl2.mnist.config import (
 from jaxl2.mnist.data import Dataset
 from jaxl2.mnist.model import abstract_params
 from jaxl2.mnist.results import SweepSummary
-from jaxl2.mnist.rundir import (
-    SaveRule,
-    StepStore,
-    default_out,
-    disk_errors,
-    has_checkpoint,
-    is_disk_error,
-    prepare,
-    write_json,
-)
 from jaxl2.mnist.runtime import device_name
-from jaxl2.mnist.train import (
-    Best,
-    Interrupted,
-    Trainer,
-    diverged_message,
-    epochs_per_call,
-    epochs_program,
-    load_and_check,
-    member_summary,
-    split_metrics,
-    stop_if_signalled,
-    train_epochs,
-)
-
-__all__ = [
-    "SweepTrainer",
-    "train_sweep",
-    "select_l2",
-    "select_l2_1se",
-    "per_l2",
-    "pick_member",
-    "members_that_fit",
-]
 
 EXECUTIONS = ("auto", "vmap", "sequential")
-
-
-def _stack(trees: Sequence[Any]) -> Any:
-    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
-
-
-def _unstack(tree: Any, i: int) -> Any:
-    return jax.tree_util.tree_map(lambda x: x[i], tree)
 
 
 class SweepTrainer:
@@ -101,7 +62,7 @@ class SweepTrainer:
     another inside the same compiled program (``lax.map``), which can be faster on some CPUs.
     """
 
-    def __init__(self, trainer: Trainer, execution: str = "vmap"):
+    def __init__(self, trainer: train.Trainer, execution: str = "vmap"):
         if execution not in ("vmap", "sequential"):
             raise ConfigError(f"{field('execution')} {execution!r} is unknown (allowed: vmap, sequential)")
         self.trainer, self.execution = trainer, execution
@@ -121,7 +82,7 @@ class SweepTrainer:
         jitted once per size: ``program(states, n, x, y, x_val, y_val, l2s)``."""
         if size not in self._programs:
             self._programs[size] = jax.jit(
-                epochs_program(
+                train.epochs_program(
                     lambda st, x, y, xv, yv, l2s: self._epoch_fn(st, x, y, l2s),
                     lambda p, x, y, xv, yv, l2s: self._eval_fn(p, xv, yv),
                     size,
@@ -130,13 +91,13 @@ class SweepTrainer:
         return self._programs[size]
 
     def init(self, seeds: Sequence[int]) -> Any:
-        return _stack([self.trainer.init(s) for s in seeds])
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *[self.trainer.init(s) for s in seeds])
 
 
-def _by_l2(results: Sequence[dict[str, Any]], key: str) -> dict[float, list[float]]:
+def _val_by_l2(results: Sequence[dict[str, Any]]) -> dict[float, list[float]]:
     by: dict[float, list[float]] = {}
     for r in results:
-        by.setdefault(r["l2"], []).append(r[key])
+        by.setdefault(r["l2"], []).append(r["val_accuracy"])
     return by
 
 
@@ -145,7 +106,7 @@ def select_l2(results: Sequence[dict[str, Any]]) -> float:
 
     The test accuracy is never looked at.
     """
-    by_l2 = _by_l2(results, "val_accuracy")
+    by_l2 = _val_by_l2(results)
     return max(by_l2, key=lambda lam: (np.mean(by_l2[lam]), lam))
 
 
@@ -160,11 +121,14 @@ def select_l2_1se(results: Sequence[dict[str, Any]]) -> float:
       >>> select_l2(rows), select_l2_1se(rows)  # best mean 0.94 ± 0.01; 0.935 is within it
       (0.001, 0.01)
     """
-    by_l2 = _by_l2(results, "val_accuracy")
-    best = select_l2(results)
-    accs = by_l2[best]
+    by_l2 = _val_by_l2(results)
+    accs = by_l2[select_l2(results)]
     se = float(np.std(accs, ddof=1) / np.sqrt(len(accs))) if len(accs) > 1 else 0.0
     return max(lam for lam, v in by_l2.items() if np.mean(v) >= np.mean(accs) - se)
+
+
+def _mean_std(values: Sequence[float]) -> dict[str, float]:
+    return {"mean": float(np.mean(values)), "std": float(np.std(values))}
 
 
 def per_l2(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -175,10 +139,8 @@ def per_l2(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         members = [r for r in results if r["l2"] == lam]
         row: dict[str, Any] = {"l2": lam, "seeds": len(members)}
         for key in ("train_accuracy", "val_accuracy", "test_accuracy"):
-            vals = [m[key] for m in members]
-            row[key] = {"mean": float(np.mean(vals)), "std": float(np.std(vals))}
-        norms = [sum(m["kernel_sq_norm"].values()) for m in members]
-        row["kernel_sq_norm"] = {"mean": float(np.mean(norms)), "std": float(np.std(norms))}
+            row[key] = _mean_std([m[key] for m in members])
+        row["kernel_sq_norm"] = _mean_std([sum(m["kernel_sq_norm"].values()) for m in members])
         rows.append(row)
     return rows
 
@@ -216,64 +178,34 @@ def pick_member(
 def members_that_fit(cfg: Config, num_train: int, budget_bytes: int) -> int:
     """How many members fit in ``budget_bytes``, float32 per member: four copies of the params
     (the params, the best so far, the compiled call's best, the gradients), the optimizer's
-    state, and three batches of activations.
+    state, and three batches of activations (the model's units: its inputs and each layer's outputs).
 
     Example (784-4-10, 3,190 params, plain SGD: 4·3,190·4 + 4·2·798·3 = 70,192 bytes):
       >>> members_that_fit(Config(hidden=(4,), batch_size=2, optimizer="sgd"), 3500, 10**6)
       14
     """
-    layers = abstract_params(cfg)["params"]  # the model's: Dense_i, its kernel (inputs, outputs)
-    kernels = [layers[f"Dense_{i}"]["kernel"].shape for i in range(len(layers))]
-    sizes = [kernels[0][0], *(outputs for _, outputs in kernels)]
-    n_params = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
-    opt_copies = OPTIMIZERS[cfg.optimizer].state_copies
-    per_member = 4 * n_params * (4 + opt_copies) + 4 * cfg.batch_size * sum(sizes) * 3
+    leaves = jax.tree.leaves(abstract_params(cfg))  # Dense_0's bias and kernel first
+    kernels = [a.shape for a in leaves if len(a.shape) == 2]
+    units = kernels[0][0] + sum(outputs for _, outputs in kernels)
+    n_params = sum(math.prod(a.shape) for a in leaves)
+    per_member = 4 * n_params * (4 + OPTIMIZERS[cfg.optimizer].state_copies) + 4 * cfg.batch_size * units * 3
     return max(1, int(budget_bytes // per_member))
 
 
 def _memory_budget() -> int:
-    dev = jax.devices()[0]
-    stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
+    """Half the free device memory; on CPU (no memory stats), a quarter of the available RAM."""
+    stats = jax.devices()[0].memory_stats()
     if stats and "bytes_limit" in stats:
         return int(0.5 * (stats["bytes_limit"] - stats.get("bytes_in_use", 0)))
-    try:
-        import psutil
-
-        return int(0.25 * psutil.virtual_memory().available)
-    except ImportError:  # pragma: no cover
-        return 4 << 30
+    return int(0.25 * psutil.virtual_memory().available)  # psutil: a dependency of orbax
 
 
 @jax.jit
-def _keep_best(best: Any, params: Any, better_K: jax.Array) -> Any:
-    """Member-wise ``params if better else best`` over stacked trees."""
-    return jax.tree_util.tree_map(
+def _keep(best: Any, params: Any, better_K: Any) -> Any:
+    """Member-wise ``params if better else best`` over stacked trees (``Best``'s ``keep``)."""
+    return jax.tree.map(
         lambda b, p: jnp.where(better_K.reshape((-1,) + (1,) * (p.ndim - 1)), p, b), best, params
     )
-
-
-def _keep(best: Any, params: Any, better_K: np.ndarray) -> Any:
-    return _keep_best(best, params, jnp.asarray(better_K))
-
-
-def _time_call(sweeper: SweepTrainer, size: int, states, data, l2s) -> float:
-    """Seconds of one epoch run through the program the sweep runs (``sweeper.program(size)``,
-    compiled by a first call, so the sweep reuses it); on copies of ``states``."""
-    program = sweeper.program(size)
-    jax.block_until_ready(program(jax.tree_util.tree_map(jnp.copy, states), 1, *data, l2s))
-    copy = jax.tree_util.tree_map(jnp.copy, states)
-    t0 = time.perf_counter()
-    jax.block_until_ready(program(copy, 1, *data, l2s))
-    return time.perf_counter() - t0
-
-
-def _choose_execution(trainer, size, states, data, l2s) -> tuple[SweepTrainer, dict[str, float]]:
-    """On CPU, the faster execution on one timed epoch of each (on copies); elsewhere vmap."""
-    if jax.devices()[0].platform != "cpu" or states.step.shape[0] == 1:
-        return SweepTrainer(trainer, "vmap"), {}
-    sweepers = {ex: SweepTrainer(trainer, ex) for ex in ("vmap", "sequential")}
-    times = {ex: _time_call(sw, size, states, data, l2s) for ex, sw in sweepers.items()}
-    return sweepers[min(times, key=lambda ex: times[ex])], times
 
 
 def _check_members(cfg: Config, l2s: Sequence[Any], seeds: Sequence[Any]) -> tuple[list[float], list[int]]:
@@ -316,9 +248,9 @@ def train_sweep(
 
     Results carry the same keys as ``jaxl2 train --json`` (the best epoch by validation
     accuracy), plus the final epoch's accuracies and the train − test gap. The sweep writes
-    ``config.json``, checkpoints, every member's best params, then ``sweep.json``, ``sweep.csv``
-    and ``sweep.png`` into ``out`` (default: a new ``runs/sweep-YYYYmmdd-HHMMSS[-N]``; the layout
-    is :mod:`jaxl2.mnist.sweepdir`'s).
+    ``config.json``, checkpoints, every member's best params and TensorBoard events (a row per
+    epoch), then ``sweep.json``, ``sweep.csv`` and ``sweep.png`` into ``out`` (default: a new
+    ``runs/sweep-YYYYmmdd-HHMMSS[-N]``; the layout is :mod:`jaxl2.mnist.sweepdir`'s).
 
     A sweep stopped at any moment (SIGKILL included) continues with ``resume=True`` and ends
     with the bits of one never stopped: checkpoints (:class:`~jaxl2.mnist.rundir.SaveRule`: every
@@ -334,108 +266,93 @@ def train_sweep(
     ``on_epoch(label, epoch, epochs)`` follows the progress (``label`` names the chunk or refit).
     """
     settings = settings_of(settings, SweepSettings)
-    execution, refit, refit_epochs = settings.execution, settings.refit, settings.refit_epochs
-    checkpoint_every = settings.checkpoint_every
-    if execution not in EXECUTIONS:
-        raise ConfigError(f"{field('execution')} {execution!r} is unknown (allowed: {', '.join(EXECUTIONS)})")
-    SaveRule(checkpoint_every)  # checks it before anything is loaded
+    if settings.execution not in EXECUTIONS:
+        raise ConfigError(
+            f"{field('execution')} {settings.execution!r} is unknown (allowed: {', '.join(EXECUTIONS)})"
+        )
+    rundir.SaveRule(settings.checkpoint_every)  # checks it before anything is loaded
     l2s, seeds = _check_members(cfg, settings.l2s, (cfg.seed,) if settings.seeds is None else settings.seeds)
-    if refit:
-        _refit.refit_epochs(refit_epochs, 1, 1)  # a bad rule fails before anything is done
+    if settings.refit:
+        _refit.refit_epochs(settings.refit_epochs, 1, 1)  # a bad rule fails before anything is done
     if resume:
         if out is None:
             raise ConfigError(f"{field('resume')} needs {field('out')}, the sweep to continue")
         sweepdir.check_resume(out, cfg, l2s, seeds)
-    cfg, ds = load_and_check(cfg, l2s)
-    out = default_out("runs", "sweep") if out is None else out
-    config = sweepdir.config_json(cfg, l2s, seeds, __version__, refit, refit_epochs)
-    claim = prepare(out, config, resume=resume, overwrite=overwrite)
-    with claim, disk_errors(out):
+    cfg, ds = train.load_and_check(cfg, l2s)
+    out = rundir.default_out("runs", "sweep") if out is None else out
+    config = sweepdir.config_json(cfg, l2s, seeds, __version__, settings.refit, settings.refit_epochs)
+    claim = rundir.prepare(out, config, resume=resume, overwrite=overwrite)
+    with claim, rundir.disk_errors(out):
         try:
             sigint.check()
-            job = _SweepJob(cfg, ds, out, checkpoint_every, on_epoch, log)
-            summary = _sweep(job, l2s, seeds, execution, settings.budget_bytes)
-            if refit:
-                stop_if_signalled(f"after the sweep, before its refit; checkpoint saved in {out}", out)
-                summary["refit"] = _refit_selected(
-                    cfg, ds, summary, out, refit_epochs, checkpoint_every, on_epoch
-                )
+            members = [(lam, s) for s in seeds for lam in l2s]
+            summary = _sweep(cfg, ds, out, members, settings, on_epoch, log)
+            if settings.refit:
+                train.stop_if_signalled(f"after the sweep, before its refit; checkpoint saved in {out}", out)
+                summary["refit"] = _refit_selected(cfg, ds, summary, out, settings, on_epoch)
             summary["out"] = out
             _write_outputs(out, summary)
             return cast(SweepSummary, summary)
         except BaseException as e:
-            if isinstance(e, Interrupted):
+            if isinstance(e, train.Interrupted):
                 e.out = out
-            if claim.created and not has_checkpoint(out) and not is_disk_error(e):
+            if claim.created and not rundir.has_checkpoint(out) and not rundir.is_disk_error(e):
                 shutil.rmtree(out, ignore_errors=True)  # nothing to resume: no half-made sweep is left
             raise
 
 
-def _chunk_state(states: Any, best: Best) -> dict[str, Any]:
-    """What a sweep's checkpoint holds: the chunk's states and best params so far, with their
-    validation accuracies and epochs (also the template a resume restores into)."""
-    return {
-        "states": states,
-        "best_params": best.params,
-        "best_val": np.asarray(best.val, np.float32),
-        "best_epoch": np.asarray(best.epoch, np.int32),
-    }
-
-
-def _plan(cfg, ds, members, trainer, data, execution, budget_bytes, log):
-    """The execution and the chunk size, chosen once and kept in ``progress.json`` for a
-    resume; and the :class:`SweepTrainer` of that execution (its program compiled when timed)."""
-    fit = members_that_fit(cfg, len(ds.train.y), budget_bytes or _memory_budget())
+def _plan(
+    trainer: train.Trainer, first: list[tuple[float, int]], data: tuple, execution: str, log
+) -> SweepTrainer:
+    """The :class:`SweepTrainer` of ``execution``; for ``"auto"`` on CPU, the faster of vmap and
+    sequential on one epoch of the ``first`` chunk, timed through the program the sweep then runs
+    (compiled by a first call, so the sweep reuses it). Elsewhere, or with one member, vmap."""
     if execution != "auto":
-        sweeper = SweepTrainer(trainer, execution)
-    else:
-        first = members[:fit]
-        sweeper, timings = _choose_execution(
-            trainer,
-            epochs_per_call(len(ds.train.y), len(first)),
-            _stack([trainer.init(m[1]) for m in first]),
-            data,
-            jnp.asarray([m[0] for m in first], jnp.float32),
-        )
-        if timings:
-            log(
-                "execution: "
-                + ", ".join(f"{k} {v:.3f} s/epoch" for k, v in timings.items())
-                + f" → {sweeper.execution}"
-            )
-    return {"execution": sweeper.execution, "chunk_size": fit, "results": []}, sweeper
-
-
-@dataclasses.dataclass
-class _SweepJob:
-    """What the phases of :func:`train_sweep` share: the checked config and data, the sweep's
-    directory, its checkpoint rule and how it reports."""
-
-    cfg: Config
-    ds: Dataset
-    out: str
-    checkpoint_every: int | None
-    on_epoch: Callable[[str, int, int], None] | None
-    log: Callable[[str], None]
+        return SweepTrainer(trainer, execution)
+    if jax.devices()[0].platform != "cpu" or len(first) == 1:
+        return SweepTrainer(trainer, "vmap")
+    sweepers = {ex: SweepTrainer(trainer, ex) for ex in ("vmap", "sequential")}
+    states = sweepers["vmap"].init([s for _, s in first])
+    l2_K = jnp.asarray([lam for lam, _ in first], jnp.float32)
+    seconds = {}
+    for ex, sweeper in sweepers.items():
+        program = sweeper.program(train.epochs_per_call(len(data[1]), len(first)))
+        jax.block_until_ready(program(states, 1, *data, l2_K))  # compiles (not donated: states stay)
+        t0 = time.perf_counter()
+        jax.block_until_ready(program(states, 1, *data, l2_K))
+        seconds[ex] = time.perf_counter() - t0
+    chosen = min(seconds, key=lambda ex: seconds[ex])
+    log("execution: " + ", ".join(f"{k} {v:.3f} s/epoch" for k, v in seconds.items()) + f" → {chosen}")
+    return sweepers[chosen]
 
 
 def _sweep(
-    job: _SweepJob, l2s: list[float], seeds: list[int], execution: str, budget_bytes: int | None
+    cfg: Config,
+    ds: Dataset,
+    out: str,
+    members: list[tuple[float, int]],
+    settings: SweepSettings,
+    on_epoch: Callable[[str, int, int], None] | None,
+    log: Callable[[str], None],
 ) -> dict[str, Any]:
-    """Trains every member, chunk by chunk (resumed from ``progress.json`` and the checkpoints)."""
-    cfg, ds, out, log = job.cfg, job.ds, job.out, job.log
-    members = [(lam, s) for s in seeds for lam in l2s]
-    trainer = Trainer(cfg, len(ds.need("train").y))
+    """Trains every member, chunk by chunk, from ``progress.json`` and the checkpoints when
+    resumed: the plan, then per chunk its training (from its checkpoint), its best params and its
+    result rows; returns the sweep's summary."""
+    trainer = train.Trainer(cfg, len(ds.need("train").y))
     data = tuple(jax.device_put(a) for a in (*ds.need("train"), *ds.need("val")))
     t0 = time.perf_counter()
-    progress, sweeper = sweepdir.read_progress(out), None
+    progress = sweepdir.read_progress(out)
     if progress is None:  # a new sweep, or one killed before its plan was written
-        progress, sweeper = _plan(cfg, ds, members, trainer, data, execution, budget_bytes, log)
+        fit = members_that_fit(cfg, len(data[1]), settings.budget_bytes or _memory_budget())
+        sweeper = _plan(trainer, members[:fit], data, settings.execution, log)
+        progress = {"execution": sweeper.execution, "chunk_size": fit, "results": []}
         sweepdir.write_progress(out, progress)
     else:
         sweeper = SweepTrainer(trainer, progress["execution"])
-        if execution not in ("auto", progress["execution"]):
-            log(f"resuming with execution {progress['execution']}, the sweep's own (not {execution})")
+        if settings.execution not in ("auto", progress["execution"]):
+            log(
+                f"resuming with execution {progress['execution']}, the sweep's own (not {settings.execution})"
+            )
     fit = progress["chunk_size"]
     chunks = [members[i : i + fit] for i in range(0, len(members), fit)]
     if len(chunks) > 1:
@@ -444,17 +361,82 @@ def _sweep(
     done = -(-len(results) // fit)  # chunks whose rows are recorded
     if done:
         log(f"resuming: {done} of {len(chunks)} chunks already done")
-    latest = StepStore(os.path.join(out, "checkpoints"))
-    best_store = StepStore(os.path.join(out, "best"), keep=None)
+    latest = rundir.StepStore(os.path.join(out, "checkpoints"))
+    best_store = rundir.StepStore(os.path.join(out, "best"), keep=None)
+
+    def train_chunk(c: int, chunk: list[tuple[float, int]]) -> list[dict[str, Any]]:
+        """Chunk ``c`` from its checkpoint (or its start) to the last epoch; saves its members'
+        best params and returns their result rows (best params' metrics, final accuracies)."""
+        label = f"chunk {c + 1}/{len(chunks)}" if len(chunks) > 1 else ""
+        states = sweeper.init([s for _, s in chunk])
+        best = train.Best(
+            jax.tree.map(jnp.copy, states.params), _keep, np.full(len(chunk), -1.0), np.zeros(len(chunk))
+        )
+
+        def checkpoint(states: Any) -> dict[str, Any]:
+            """The chunk's states and best params so far (also the template of a resume)."""
+            val, epoch = np.asarray(best.val, np.float32), np.asarray(best.epoch, np.int32)
+            return {"states": states, "best_params": best.params, "best_val": val, "best_epoch": epoch}
+
+        start, step = 0, latest.latest()
+        if step is not None and sweepdir.chunk_and_epoch(step, cfg.epochs)[0] == c:
+            start = sweepdir.chunk_and_epoch(step, cfg.epochs)[1]
+            run = latest.restore(checkpoint(states))
+            states = run["states"]
+            best = train.Best(
+                run["best_params"], _keep, np.asarray(run["best_val"]), np.asarray(run["best_epoch"])
+            )
+            log(f"resuming {label or 'the sweep'} after epoch {start} of {cfg.epochs}")
+
+        def diverged(epoch, bad, steps):
+            names = ", ".join(f"(λ {chunk[i][0]:g}, seed {chunk[i][1]})" for i in bad)
+            return f"sweep members {names}: " + train.diverged_message(
+                cfg, chunk[bad[0]][0], epoch, int(steps[0]), trainer.steps_per_epoch
+            )
+
+        size = train.epochs_per_call(len(data[1]), len(chunk))
+        program, l2_K = sweeper.program(size), jnp.asarray([lam for lam, _ in chunk], jnp.float32)
+        with tensorboard.MemberEvents(out, chunk, start) as events:
+
+            def epoch_done(ep: Any) -> None:
+                events.write(ep)  # every member's row, then the progress
+                if on_epoch:
+                    on_epoch(label, ep.epoch, cfg.epochs)
+
+            states = train.train_epochs(
+                lambda states, n: program(states, n, *data, l2_K),
+                states,
+                range(start + 1, cfg.epochs + 1),
+                best,
+                diverged=diverged,
+                size=size,
+                every=settings.checkpoint_every,
+                save=lambda epoch, st: latest.save(
+                    sweepdir.checkpoint_step(c, epoch, cfg.epochs), checkpoint(st)
+                ),
+                on_epoch=epoch_done,
+                where=lambda epoch: (
+                    f"after epoch {epoch} of {cfg.epochs} of the sweep" + (f" ({label})" if label else "")
+                ),
+            )
+        if c not in best_store.steps():  # (already saved by a sweep killed just after)
+            best_store.save(c, best.params)
+        rows = []
+        for i, (lam, seed) in enumerate(chunk):
+            best_i, final_i = jax.tree.map(lambda a, i=i: a[i], (best.params, states.params))
+            row = {"l2": lam, "seed": seed, **train.member_summary(trainer.evaluate, best_i, ds, cfg, lam)}
+            final = train.split_metrics(trainer.evaluate, final_i, ds)
+            row.update({f"final_{k}_accuracy": final[f"{k}_accuracy"] for k in ("train", "val", "test")})
+            row["gap"] = row["train_accuracy"] - row["test_accuracy"]
+            row["best_epoch"] = int(best.epoch[i])
+            rows.append(row)
+        return rows
+
     with sigint.deferred(), contextlib.closing(latest), contextlib.closing(best_store):
         for c in range(done, len(chunks)):
             # the previous chunk was finished and recorded
-            stop_if_signalled(f"after chunk {c} of {len(chunks)} of the sweep", out)
-            label = f"chunk {c + 1}/{len(chunks)}" if len(chunks) > 1 else ""
-            trained = _train_chunk(job, chunks[c], c, sweeper, data, latest, label)
-            if c not in best_store.steps():  # (already saved by a sweep killed just after)
-                best_store.save(c, trained["best_params"])
-            results += trained["rows"]
+            train.stop_if_signalled(f"after chunk {c} of {len(chunks)} of the sweep", out)
+            results += train_chunk(c, chunks[c])
             sweepdir.write_progress(out, {**progress, "results": results})
     return {
         "selected_l2": select_l2(results),
@@ -470,134 +452,42 @@ def _sweep(
     }
 
 
-def _train_chunk(
-    job: _SweepJob,
-    chunk: list[tuple[float, int]],
-    c: int,
-    sweeper: SweepTrainer,
-    data: tuple,
-    latest: StepStore,
-    label: str,
-) -> dict[str, Any]:
-    """Trains chunk ``c`` of members from its checkpoint (or from the start) to the last epoch;
-    returns its rows and its stacked best params."""
-    cfg, ds, on_epoch = job.cfg, job.ds, job.on_epoch
-    trainer = sweeper.trainer
-    l2_K = jnp.asarray([m[0] for m in chunk], jnp.float32)
-    states = sweeper.init([m[1] for m in chunk])
-    best = Best(
-        jax.tree_util.tree_map(jnp.copy, states.params),
-        _keep,
-        np.full(len(chunk), -1.0),
-        np.zeros(len(chunk)),
-    )
-    start = 0
-    step = latest.latest()
-    if step is not None and sweepdir.chunk_and_epoch(step, cfg.epochs)[0] == c:
-        start = sweepdir.chunk_and_epoch(step, cfg.epochs)[1]
-        run = latest.restore(_chunk_state(states, best))
-        states = run["states"]
-        best = Best(run["best_params"], _keep, np.asarray(run["best_val"]), np.asarray(run["best_epoch"]))
-        job.log(f"resuming {label or 'the sweep'} after epoch {start} of {cfg.epochs}")
-
-    def diverged(epoch, bad, steps):
-        members = ", ".join(f"(λ {chunk[i][0]:g}, seed {chunk[i][1]})" for i in bad)
-        return f"sweep members {members}: " + diverged_message(
-            cfg, chunk[bad[0]][0], epoch, int(steps[0]), trainer.steps_per_epoch
-        )
-
-    size = epochs_per_call(len(ds.need("train").y), len(chunk))
-    compiled = sweeper.program(size)
-
-    def program(states, n):
-        return compiled(states, n, *data, l2_K)
-
-    def save(epoch: int, st: Any) -> None:
-        latest.save(sweepdir.checkpoint_step(c, epoch, cfg.epochs), _chunk_state(st, best))
-
-    states = train_epochs(
-        program,
-        states,
-        range(start + 1, cfg.epochs + 1),
-        best,
-        diverged=diverged,
-        size=size,
-        every=job.checkpoint_every,
-        save=save,
-        on_epoch=lambda ep: on_epoch(label, ep.epoch, cfg.epochs) if on_epoch else None,
-        where=lambda epoch: (
-            f"after epoch {epoch} of {cfg.epochs} of the sweep" + (f" ({label})" if label else "")
-        ),
-    )
-    return {"rows": _chunk_rows(job, trainer, chunk, best, states), "best_params": best.params}
-
-
-def _chunk_rows(
-    job: _SweepJob, trainer: Trainer, chunk: list[tuple[float, int]], best: Best, states: Any
-) -> list[dict[str, Any]]:
-    """One result row per member of a trained chunk: its best params' summary, its final
-    epoch's accuracies, the train − test gap and its best epoch."""
-    rows = []
-    for i, (lam, seed) in enumerate(chunk):
-        best_i, final_i = _unstack(best.params, i), _unstack(states.params, i)
-        row = {"l2": lam, "seed": seed, **member_summary(trainer.evaluate, best_i, job.ds, job.cfg, lam)}
-        final = split_metrics(trainer.evaluate, final_i, job.ds)
-        row.update({f"final_{k}_accuracy": final[f"{k}_accuracy"] for k in ("train", "val", "test")})
-        row["gap"] = row["train_accuracy"] - row["test_accuracy"]
-        row["best_epoch"] = int(best.epoch[i])
-        rows.append(row)
-    return rows
-
-
-def _refit_selected(cfg, ds, summary, out, rule, checkpoint_every, on_epoch) -> dict[str, Any]:
+def _refit_selected(cfg, ds, summary, out, settings: SweepSettings, on_epoch) -> dict[str, Any]:
     """The selected λ refit on train ∪ validation, once per seed."""
-    lam = summary["selected_l2"]
-    members = []
+    lam, members = summary["selected_l2"], []
     for r in (r for r in summary["results"] if r["l2"] == lam):
-        seed = r["seed"]
-
-        def progress(epoch, epochs, seed=seed):
-            if on_epoch:
-                on_epoch(f"refit λ {lam:g} seed {seed}", epoch, epochs)
-
         res = _refit.refit(
-            dataclasses.replace(cfg, l2=lam, seed=seed),
+            dataclasses.replace(cfg, l2=lam, seed=r["seed"]),
             ds,
-            _refit.refit_epochs(rule, r["best_epoch"], cfg.epochs),
-            sweepdir.refit_dir(out, seed),
-            checkpoint_every=checkpoint_every,
-            on_epoch=progress,
+            _refit.refit_epochs(settings.refit_epochs, r["best_epoch"], cfg.epochs),
+            sweepdir.refit_dir(out, r["seed"]),
+            checkpoint_every=settings.checkpoint_every,
+            on_epoch=functools.partial(on_epoch, f"refit λ {lam:g} seed {r['seed']}") if on_epoch else None,
         )
-        members.append({"seed": seed, "test_accuracy": r["test_accuracy"], **res})
-
-    def mean_std(key):
-        v = [m[key] for m in members]
-        return {"mean": float(np.mean(v)), "std": float(np.std(v))}
-
+        members.append({"seed": r["seed"], "test_accuracy": r["test_accuracy"], **res})
     return {
         "l2": lam,
-        "epoch_rule": rule,
+        "epoch_rule": settings.refit_epochs,
         "members": members,
-        "test_accuracy": mean_std("test_accuracy"),
-        "refit_test_accuracy": mean_std("refit_test_accuracy"),
+        "test_accuracy": _mean_std([m["test_accuracy"] for m in members]),
+        "refit_test_accuracy": _mean_std([m["refit_test_accuracy"] for m in members]),
     }
 
 
 def _write_outputs(out: str, summary: dict[str, Any]) -> None:
-    write_json(os.path.join(out, "sweep.json"), summary)
-    rows = summary["results"]
-    layers = list(rows[0]["kernel_sq_norm"])
-    cols = [k for k in rows[0] if k != "kernel_sq_norm"]
+    """``sweep.json``, ``sweep.csv`` (a row per member, ``sq_norm:PATH`` per layer) and ``sweep.png``."""
+    rundir.write_json(os.path.join(out, "sweep.json"), summary)
+    rows = [
+        {
+            **{k: v for k, v in r.items() if k != "kernel_sq_norm"},
+            **{f"sq_norm:{p}": v for p, v in r["kernel_sq_norm"].items()},
+        }
+        for r in summary["results"]
+    ]
     with open(os.path.join(out, "sweep.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(cols + [f"sq_norm:{p}" for p in layers])
-        for r in rows:
-            w.writerow([r[c] for c in cols] + [r["kernel_sq_norm"][p] for p in layers])
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
     from jaxl2.mnist.plots import sweep as plot_sweep
 
-    plot_sweep(rows, summary["selected_l2"], os.path.join(out, "sweep.png"))
-
-
-def results_json(summary: SweepSummary) -> str:
-    keys = ("selected_l2", "selected_l2_1se", "per_l2", "results", "refit")
-    return json.dumps({k: v for k, v in summary.items() if k in keys})
+    plot_sweep(summary["results"], summary["selected_l2"], os.path.join(out, "sweep.png"))

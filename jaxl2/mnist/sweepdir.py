@@ -35,19 +35,6 @@ from jaxl2.mnist.config import FIELDS, Config, ConfigError, field, validate
 from jaxl2.mnist.model import abstract_params
 from jaxl2.mnist.rundir import StepStore, load_config, run_config, write_json
 
-__all__ = [
-    "config_json",
-    "load_sweep_config",
-    "check_resume",
-    "read_progress",
-    "write_progress",
-    "checkpoint_step",
-    "chunk_and_epoch",
-    "read_summary",
-    "restore_member",
-    "refit_dir",
-]
-
 PROGRESS = "progress.json"
 
 
@@ -83,21 +70,17 @@ def load_sweep_config(out: str, name: str = "out") -> tuple[Config, list[float],
 def check_resume(out: str, cfg: Config, l2s: Sequence[float], seeds: Sequence[int]) -> None:
     """A resumed sweep must have the settings it was started with: the error names every
     field that differs."""
-    saved, saved_l2s, saved_seeds = load_sweep_config(out, "out")
-    saved, cfg = validate(saved), validate(cfg)
+    saved_cfg, saved_l2s, saved_seeds = load_sweep_config(out, "out")
+
+    def settings(cfg: Config, l2s: Sequence[float], seeds: Sequence[int]) -> dict[str, Any]:
+        cfg = validate(cfg)
+        return {**{f: getattr(cfg, f) for f in FIELDS if f != "l2"}, "l2": list(l2s), "seeds": list(seeds)}
 
     def show(v: Any) -> str:
         return ",".join(map(str, v)) if isinstance(v, tuple | list) else str(v)
 
-    differ = [
-        f"{field(f)} {show(getattr(cfg, f))} vs {show(getattr(saved, f))}"
-        for f in FIELDS
-        if f != "l2" and getattr(cfg, f) != getattr(saved, f)
-    ]
-    if list(l2s) != saved_l2s:
-        differ.append(f"{field('l2')} {show(list(l2s))} vs {show(saved_l2s)}")
-    if list(seeds) != saved_seeds:
-        differ.append(f"{field('seeds')} {show(list(seeds))} vs {show(saved_seeds)}")
+    now, saved = settings(cfg, l2s, seeds), settings(saved_cfg, saved_l2s, saved_seeds)
+    differ = [f"{field(f)} {show(now[f])} vs {show(saved[f])}" for f in now if now[f] != saved[f]]
     if differ:
         raise ConfigError(
             f"{field('resume')}: settings differ from {out}/config.json: {'; '.join(differ)} in the "

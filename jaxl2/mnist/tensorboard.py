@@ -1,16 +1,18 @@
 """TensorBoard event files beside ``metrics.jsonl``, so that ``tensorboard --logdir runs/`` shows
-every run and every sweep member side by side. A feature beside the core: the ``train`` and
-``sweep`` commands call it after each run; the core never imports it.
+every run and every sweep member side by side. A feature beside the core: the ``train`` command
+calls :func:`write_run` after each run, a sweep writes :class:`MemberEvents` as it trains; the
+core never imports it.
 
 ::
 
   RUN/tensorboard/                    the run's metrics.jsonl: each row's numbers at step = its epoch
-  SWEEP/tensorboard/l2=λ,seed=S/      a member's results, with λ and seed as hyperparameters
+  SWEEP/tensorboard/l2=λ,seed=S/      a member's epochs, the same names, λ and seed as hyperparameters
 
-Each call writes the directory anew from what the run has on disk (a resumed run's
-``metrics.jsonl`` holds each epoch once), and its first event tells a TensorBoard that is already
-showing the run to drop the points it had (a session start at step 1, as ``purge_step=1`` does):
-a resume never shows an epoch twice. The events are written in the caller's thread (tensorboardX's
+Every event file starts with a session start at the step it writes first (what ``purge_step``
+does): a TensorBoard drops the points it had from that step on, so a resume never shows an epoch
+twice. :func:`write_run` writes its directory anew from what the run has on disk (a resumed run's
+``metrics.jsonl`` holds each epoch once); a sweep's chunk, resumed after epoch ``e``, adds a file
+starting at ``e + 1``. The events are written in the caller's thread (tensorboardX's
 ``EventsWriter``, not its ``SummaryWriter``'s background thread), so a full disk is the command's
 one-line error, exit 74, like any other file of the run.
 
@@ -39,6 +41,7 @@ from tensorboardX.summary import hparams, scalar
 from jaxl2.mnist.rundir import disk_errors, read_metrics
 
 DIRNAME = "tensorboard"
+HPARAM_METRICS = ("val_accuracy", "train_accuracy", "train_loss")  # the HParams tab's columns
 
 
 def scalars(row: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, float]]:
@@ -56,45 +59,69 @@ def scalars(row: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, flo
             yield f"{prefix}{key}", float(value)
 
 
-def _write(logdir: str, summaries: Iterable[tuple[int, Summary]]) -> None:
-    """One event file in ``logdir``, made anew: a session start at step 1 (a TensorBoard that
-    showed the directory drops what it had), then each ``(step, summary)``."""
-    shutil.rmtree(logdir, ignore_errors=True)
-    os.makedirs(logdir)
-    writer = EventsWriter(os.path.join(logdir, "events"))
-    writer.write_event(Event(step=1, wall_time=time.time(), session_log=SessionLog(status=SessionLog.START)))
-    for step, summary in summaries:
-        writer.write_event(Event(step=step, wall_time=time.time(), summary=summary))
-    writer.close()
+def _writer(logdir: str, start: int, suffix: str = "") -> EventsWriter:
+    """A new event file in ``logdir`` that starts with a session start at step ``start`` (a
+    TensorBoard that showed the directory drops its points from ``start`` on)."""
+    os.makedirs(logdir, exist_ok=True)
+    writer = EventsWriter(os.path.join(logdir, "events"), suffix)
+    writer.write_event(
+        Event(step=start, wall_time=time.time(), session_log=SessionLog(status=SessionLog.START))
+    )
+    return writer
+
+
+def _write(writer: EventsWriter, step: int, summary: Summary) -> None:
+    writer.write_event(Event(step=step, wall_time=time.time(), summary=summary))
+
+
+def _write_row(writer: EventsWriter, step: int, row: Mapping[str, Any]) -> None:
+    """One event at ``step`` with the :func:`scalars` of ``row``."""
+    _write(writer, step, Summary(value=[v for tag, value in scalars(row) for v in scalar(tag, value).value]))
 
 
 def write_run(out: str) -> str:
-    """``out/tensorboard/`` from ``out/metrics.jsonl``: every number of each epoch's row (the epoch
-    itself and its step count aside) at step = the epoch. Returns the event directory."""
+    """``out/tensorboard/`` from ``out/metrics.jsonl``, made anew: every number of each epoch's row
+    (the epoch itself and its step count aside) at step = the epoch. Returns the event directory."""
     logdir = os.path.join(out, DIRNAME)
-    summaries = [
-        (row["epoch"], scalar(tag, value))
-        for row in read_metrics(os.path.join(out, "metrics.jsonl"))
-        for tag, value in scalars({k: v for k, v in row.items() if k not in ("epoch", "step")})
-    ]
-    with disk_errors(out):
-        _write(logdir, summaries)
-    return logdir
-
-
-def write_sweep(out: str, results: list[Any]) -> str:
-    """``out/tensorboard/l2=λ,seed=S/`` for each member of a sweep's ``results``: its numbers as
-    metrics of the hyperparameters λ and seed (TensorBoard's HParams tab), at step = its best epoch.
-    Returns the event directory."""
-    logdir = os.path.join(out, DIRNAME)
+    rows = read_metrics(os.path.join(out, "metrics.jsonl"))
     with disk_errors(out):
         shutil.rmtree(logdir, ignore_errors=True)
-        for r in results:
-            metrics = dict(scalars({k: v for k, v in r.items() if k not in ("l2", "seed")}))
-            hp = hparams({"l2": r["l2"], "seed": r["seed"]}, metrics)
-            summaries = [*hp, *(scalar(tag, value) for tag, value in metrics.items())]
-            _write(
-                os.path.join(logdir, f"l2={r['l2']:g},seed={r['seed']}"),
-                [(r["best_epoch"], s) for s in summaries],
-            )
+        writer = _writer(logdir, 1)
+        for row in rows:
+            _write_row(writer, row["epoch"], {k: v for k, v in row.items() if k not in ("epoch", "step")})
+        writer.close()
     return logdir
+
+
+class MemberEvents:
+    """The event files of a sweep's chunk of ``members`` (``(λ, seed)`` pairs), one TensorBoard run
+    per member in ``out/tensorboard/l2=λ,seed=S/``, from epoch ``start + 1`` on: :meth:`write` adds
+    an epoch's row for every member, with the names of a run's ``metrics.jsonl`` (``train_loss``,
+    ``val_accuracy``, ``epoch_seconds``, ...). A context manager: leaving it closes the files."""
+
+    def __init__(self, out: str, members: Iterable[tuple[float, int]], start: int):
+        self.writers = []
+        for lam, seed in members:
+            writer = _writer(
+                os.path.join(out, DIRNAME, f"l2={lam:g},seed={seed}"), start + 1, f".{start + 1:06d}"
+            )
+            for summary in hparams({"l2": lam, "seed": seed}, dict.fromkeys(HPARAM_METRICS)):
+                _write(writer, start + 1, summary)
+            self.writers.append(writer)
+
+    def write(self, ep: Any) -> None:
+        """The rows of :class:`~jaxl2.mnist.train.Epoch` ``ep`` (its metrics ``[K]``, one per
+        member), on disk at the end of each compiled call (``ep.state`` on hand)."""
+        for i, writer in enumerate(self.writers):
+            train = {f"train_{k}": float(v[i]) for k, v in ep.train.items()}
+            val = {f"val_{k}": float(v[i]) for k, v in ep.val.items()}
+            _write_row(writer, ep.epoch, {**train, **val, "epoch_seconds": ep.seconds})
+            if ep.state is not None:
+                writer.flush()
+
+    def __enter__(self) -> MemberEvents:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for writer in self.writers:
+            writer.close()

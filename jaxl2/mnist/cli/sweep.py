@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 
 from jaxl2.mnist.cli.options import enable_cache, given, refit_choice
@@ -16,7 +17,7 @@ __all__ = ["run"]
 
 def run(args: argparse.Namespace) -> int:
     from jaxl2.mnist import sweep as _sweep
-    from jaxl2.mnist import sweepdir, tensorboard
+    from jaxl2.mnist import sweepdir
     from jaxl2.mnist.rundir import load_config
 
     l2s, args.l2 = args.l2, None
@@ -57,10 +58,10 @@ def run(args: argparse.Namespace) -> int:
                 None if args.quiet or args.json else progress.say(f"jaxl2: {render(text, flag)}")
             ),
         )
-    tensorboard.write_sweep(summary["out"], summary["results"])
     warn_if_chance([(r["val_accuracy"], summary["lr"], r["l2"]) for r in summary["results"]], cfg)
     if args.json:
-        print(_sweep.results_json(summary))
+        keys = ("selected_l2", "selected_l2_1se", "per_l2", "results", "refit")
+        print(json.dumps({k: v for k, v in summary.items() if k in keys}))
         return 0
     print(
         f"sweep directory: {summary['out']} ({len(summary['results'])} members, {summary['execution']}, "

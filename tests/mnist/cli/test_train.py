@@ -10,7 +10,7 @@ import pytest
 
 from jaxl2.mnist.rundir import default_out
 from tests.mnist.cli.command import FAST, TINY, jaxl2, one_line_error
-from tests.test_tensorboard import read_events, scalars
+from tests.mnist.test_tensorboard import read_events, scalars
 
 
 def test_train_json_then_eval_reproduces_test_accuracy(tmp_path):

@@ -1,6 +1,7 @@
 """The TensorBoard event files hold the numbers of metrics.jsonl and of a sweep's members, each
 epoch once after a resume; read back with the writer package's own protobufs (no TensorFlow)."""
 
+import dataclasses
 import glob
 import json
 import struct
@@ -8,19 +9,53 @@ import struct
 import pytest
 from tensorboardX.proto import event_pb2, plugin_hparams_pb2
 
-from jaxl2.mnist.tensorboard import write_run, write_sweep
+from jaxl2.mnist import run as _run
+from jaxl2.mnist.config import Config, RunSettings, SweepSettings
+from jaxl2.mnist.sweep import train_sweep
+from jaxl2.mnist.tensorboard import write_run
 
 
-def read_events(logdir):
-    """The events of the one event file in ``logdir``, from its TFRecord framing: a little-endian
-    uint64 length, its 4-byte CRC, the serialized ``Event``, the data's 4-byte CRC."""
-    (path,) = glob.glob(f"{logdir}/events.out.tfevents.*")
+def read_file(path):
+    """The events of one event file, from its TFRecord framing: a little-endian uint64 length,
+    its 4-byte CRC, the serialized ``Event``, the data's 4-byte CRC."""
     data, events, i = open(path, "rb").read(), [], 0
     while i < len(data):
         (n,) = struct.unpack("<Q", data[i : i + 8])
         events.append(event_pb2.Event.FromString(data[i + 12 : i + 12 + n]))
         i += 12 + n + 4
     return events
+
+
+def read_events(logdir):
+    """The events of the one event file in ``logdir``."""
+    (path,) = glob.glob(f"{logdir}/events.out.tfevents.*")
+    return read_file(path)
+
+
+def shown(logdir):
+    """``{(tag, step): value}`` as TensorBoard shows ``logdir``: its event files in name order, a
+    session start at step s dropping the points at steps >= s that earlier events had; a point
+    shown twice fails."""
+    out = {}
+    for path in sorted(glob.glob(f"{logdir}/events.out.tfevents.*")):
+        for e in read_file(path):
+            if e.HasField("session_log") and e.session_log.status == event_pb2.SessionLog.START:
+                out = {key: v for key, v in out.items() if key[1] < e.step}
+            for key, value in scalars([e]).items():
+                assert key not in out, f"{key} shown twice in {logdir}"
+                out[key] = value
+    return out
+
+
+def hparams_of(events):
+    """The hyperparameters of the HParams plugin's session start."""
+    hparams = {}
+    for e in events:
+        for v in e.summary.value:
+            if v.metadata.plugin_data.plugin_name == "hparams":
+                data = plugin_hparams_pb2.HParamsPluginData.FromString(v.metadata.plugin_data.content)
+                hparams.update({k: h.number_value for k, h in data.session_start_info.hparams.items()})
+    return hparams
 
 
 def scalars(events):
@@ -79,33 +114,25 @@ def test_a_resumed_run_shows_each_epoch_once_and_purges_what_a_viewer_had(tmp_pa
     assert got["train_loss", 3] == pytest.approx(1.2)
 
 
-def test_sweep_members_are_runs_with_their_l2_and_seed(tmp_path):
-    members = [
-        {
-            "l2": lam,
-            "seed": seed,
-            "val_accuracy": 0.9 + lam,
-            "kernel_sq_norm": {"params/Dense_0/kernel": 10.0 + seed},
-            "best_epoch": 2 + seed,
-        }  # fmt: skip
-        for seed in (0, 1)
-        for lam in (0.0, 1e-3)
+def test_sweep_members_are_runs_with_a_row_per_epoch_equal_to_the_run_s_metrics_jsonl(tmp_path):
+    """Each member is the run `jaxl2 train --l2 λ --seed s` makes: its events hold that run's
+    metrics.jsonl, tag for tag and epoch for epoch (to the vmapped sweep's rounding)."""
+    cfg = Config(hidden=(16,), epochs=3, batch_size=500)
+    s = train_sweep(cfg, SweepSettings((0.0, 1e-2), (0, 1), "vmap"), str(tmp_path / "sweep"))
+    one = _run.train_and_evaluate(
+        dataclasses.replace(cfg, l2=1e-2, seed=1), str(tmp_path / "run"), RunSettings(refit=False)
+    )
+    rows = [json.loads(line) for line in open(f"{one['out']}/metrics.jsonl")]
+    assert sorted(glob.glob(f"{s['out']}/tensorboard/*")) == [
+        f"{s['out']}/tensorboard/l2={lam},seed={seed}" for lam in ("0", "0.01") for seed in (0, 1)
     ]
-    logdir = write_sweep(str(tmp_path), members)
-    for m in members:
-        events = read_events(f"{logdir}/l2={m['l2']:g},seed={m['seed']}")
-        assert scalars(events) == {
-            ("val_accuracy", m["best_epoch"]): pytest.approx(m["val_accuracy"]),
-            ("best_epoch", m["best_epoch"]): m["best_epoch"],
-            ("kernel_sq_norm/params/Dense_0/kernel", m["best_epoch"]): 10.0 + m["seed"],
-        }
-        hparams = {}
-        for e in events:
-            for v in e.summary.value:
-                if v.metadata.plugin_data.plugin_name == "hparams":
-                    data = plugin_hparams_pb2.HParamsPluginData.FromString(v.metadata.plugin_data.content)
-                    hparams.update({k: h.number_value for k, h in data.session_start_info.hparams.items()})
-        assert hparams == {"l2": m["l2"], "seed": m["seed"]}
+    member = f"{s['out']}/tensorboard/l2=0.01,seed=1"
+    got = shown(member)
+    assert got.keys() == expected(rows).keys()
+    for (tag, epoch), value in expected(rows).items():
+        if tag != "epoch_seconds":
+            assert got[tag, epoch] == pytest.approx(value, rel=1e-3, abs=2e-3), (tag, epoch)
+    assert hparams_of(read_events(member)) == pytest.approx({"l2": 1e-2, "seed": 1})
 
 
 def test_a_full_disk_is_the_run_s_disk_error_naming_what_was_kept(tmp_path, monkeypatch):
