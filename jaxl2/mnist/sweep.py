@@ -45,6 +45,7 @@ from jaxl2.mnist.config import (
     validate,
 )
 from jaxl2.mnist.data import Dataset
+from jaxl2.mnist.fused import epochs_per_call, epochs_program, runner
 from jaxl2.mnist.model import abstract_params
 from jaxl2.mnist.results import SweepSummary
 from jaxl2.mnist.rundir import (
@@ -63,8 +64,6 @@ from jaxl2.mnist.train import (
     Interrupted,
     Trainer,
     diverged_message,
-    epochs_per_call,
-    epochs_program,
     load_and_check,
     member_summary,
     split_metrics,
@@ -117,7 +116,7 @@ class SweepTrainer:
         self._programs: dict[int, Any] = {}
 
     def program(self, size: int) -> Any:
-        """The run loop's call of up to ``size`` epochs (:func:`~jaxl2.mnist.train.epochs_program`),
+        """The run loop's call of up to ``size`` epochs (:func:`~jaxl2.mnist.fused.epochs_program`),
         jitted once per size: ``program(states, n, x, y, x_val, y_val, l2s)``."""
         if size not in self._programs:
             self._programs[size] = jax.jit(
@@ -516,12 +515,11 @@ def _train_chunk(
         latest.save(sweepdir.checkpoint_step(c, epoch, cfg.epochs), _chunk_state(st, best))
 
     states = train_epochs(
-        program,
+        runner(program, size),
         states,
         range(start + 1, cfg.epochs + 1),
         best,
         diverged=diverged,
-        size=size,
         every=job.checkpoint_every,
         save=save,
         on_epoch=lambda ep: on_epoch(label, ep.epoch, cfg.epochs) if on_epoch else None,
