@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from jaxl2.auto import AutoL2State, auto_l2, shared_adam
 from jaxl2.mnist.config import AUTO_DEFAULTS, AUTO_L2_BOUNDS, Config, validate
 from jaxl2.mnist.model import abstract_params
-from jaxl2.mnist.train import Trainer, TrainState, l2_at, lambdas_of, penalty_rules
+from jaxl2.mnist.train import Trainer, TrainState, l2_at, lambdas_of
 from jaxl2.penalty import l2_penalty
 
 __all__ = ["AutoTrainState", "AutoTrainer"]
@@ -143,7 +143,7 @@ class AutoTrainer(Trainer):
     def summary(self, state: AutoTrainState, rows: list[dict[str, Any]], best_epoch: int):
         """The penalty's λs: those of the best epoch (its ``metrics.jsonl`` row); the summary
         gains ``l2_final``, the λs at the end."""
-        return penalty_rules(l2_at(rows, best_epoch)), {"l2_final": self.lambdas(state)}
+        return l2_at(rows, best_epoch), {"l2_final": self.lambdas(state)}
 
     def refit_config(self, summary: dict[str, Any] | None) -> Config | None:
         """The run's final λ per layer (``summary["l2_final"]``), fixed: the refit has no

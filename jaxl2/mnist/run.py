@@ -40,7 +40,7 @@ from jaxl2.mnist.config import (
     validate,
 )
 from jaxl2.mnist.fused import fused_epochs
-from jaxl2.mnist.results import Refit, RunSummary
+from jaxl2.mnist.results import RunSummary
 from jaxl2.mnist.rundir import (
     Claim,
     SaveRule,
@@ -61,7 +61,6 @@ from jaxl2.mnist.train import (
     Trainer,
     check_interrupt,
     fit,
-    lambda_columns,
     load_and_check,
     stop_if_signalled,
 )
@@ -252,16 +251,15 @@ def _with_refit(
     elif refit:
         epochs = _refit_mod.refit_epochs(refit_epochs, summary["best_epoch"], cfg.epochs)
         stop_if_signalled(f"after training, before the refit; checkpoint saved in {out}", out)
-        made = ahead.result() if ahead else None
-        fit = _refit(
+        fit = _refit_mod.refit(
             job.trainer.refit_config(summary),
             job.ds,
-            out,
-            job.mesh,
             epochs,
-            job.checkpoint_every,
-            on_refit_epoch,
-            made,
+            os.path.join(out, "refit"),
+            mesh=job.mesh,
+            checkpoint_every=job.checkpoint_every,
+            on_epoch=on_refit_epoch,
+            made=ahead.result() if ahead else None,
         )
         summary.update(fit, refit_epoch_rule=refit_epochs)
     return summary
@@ -326,25 +324,7 @@ def _plots(job: Run) -> None:
     rows, cfg = read_metrics(job.metrics), job.cfg
     title = f"{cfg.dataset}, {cfg.optimizer}, λ={cfg.l2}"
     curves(rows, os.path.join(job.out, "curves.png"), title=title)
-    if lambda_columns(rows):
-        lambdas(rows, os.path.join(job.out, "lambda.png"), title=title)
-
-
-def _refit(cfg, ds, out, mesh, epochs, checkpoint_every, on_epoch, made=None) -> Refit:
-    try:
-        return _refit_mod.refit(
-            cfg,
-            ds,
-            epochs,
-            os.path.join(out, "refit"),
-            mesh=mesh,
-            checkpoint_every=checkpoint_every,
-            on_epoch=on_epoch,
-            made=made,
-        )
-    except Interrupted as e:
-        e.out = out
-        raise
+    lambdas(rows, os.path.join(job.out, "lambda.png"), title=title)  # none without λ columns
 
 
 def read_summary(out: str) -> dict[str, Any]:

@@ -37,7 +37,6 @@ import dataclasses
 import functools
 import json
 import os
-import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -69,9 +68,7 @@ __all__ = [
     "cross_entropy",
     "evaluate_fn",
     "lambdas_of",
-    "lambda_columns",
     "l2_at",
-    "penalty_rules",
     "Diverged",
     "Interrupted",
     "load_and_check",
@@ -155,11 +152,6 @@ def _init_params(model: Any, key: jax.Array) -> tuple[Any, jax.Array]:
     return model.init(k_init, jnp.zeros((1, INPUT_DIM), jnp.float32)), k_data
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _evaluate(model: Any, params: Any, x_NxD: jax.Array, y_N: jax.Array) -> dict[str, jax.Array]:
-    return evaluate_fn(model, params, x_NxD, y_N)
-
-
 def evaluate_fn(model: Any, params: Any, x_NxD: jax.Array, y_N: jax.Array, chunk: int = 2048):
     """``{"data_loss", "accuracy"}`` of ``model`` with ``params`` over ``x_NxD, y_N``, in chunks
     of ``chunk`` rows (``lax.map``; the last one padded and masked)."""
@@ -178,6 +170,9 @@ def evaluate_fn(model: Any, params: Any, x_NxD: jax.Array, y_N: jax.Array, chunk
 
     ce, acc = jax.lax.map(one, (x, y, m))
     return {"data_loss": ce.sum() / n, "accuracy": acc.sum() / n}
+
+
+_evaluate = jax.jit(evaluate_fn, static_argnums=0)  # one executable per model and shape
 
 
 class Trainer:
@@ -221,7 +216,7 @@ class Trainer:
         self.train_step = jax.jit(self.step_fn, donate_argnums=0)
         # not donated: the run loop dispatches epoch k + 1 while it still reads epoch k's state
         self.train_epoch = jax.jit(self.epoch_fn)
-        self.evaluate = functools.partial(_evaluate, self.model)  # one executable per model and shape
+        self.evaluate = functools.partial(_evaluate, self.model)
 
     # -- state -------------------------------------------------------------------------
     def init(self, seed: int | None = None) -> TrainState:
@@ -259,11 +254,6 @@ class Trainer:
         params, opt_state, metrics = step(state.params, state.opt_state, *batch)
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    def penalty_fn(self, params, l2=None):
-        """``λ/2·Σw²`` over the selected leaves of ``params``."""
-        l2 = self.cfg.l2 if l2 is None else l2
-        return l2_penalty(params, l2, select=self.select)
-
     def batches(self, state: TrainState, num_examples: int) -> jax.Array:
         """This epoch's batch indices ``[steps, batch]``: a permutation keyed on the step."""
         key = jax.random.fold_in(state.rng, state.step)
@@ -292,7 +282,8 @@ class Trainer:
         carry = (state, zeros_B, zeros_B, jnp.full((batch,), steps, jnp.int32))
         (state, ce_B, hit_B, bad_B), _ = jax.lax.scan(body, carry, (jnp.arange(steps), idx_SxB))
         metrics = {"data_loss": ce_B.sum() / idx_SxB.size, "accuracy": hit_B.sum() / idx_SxB.size}
-        metrics = self.with_final_params(metrics, start, state.params, self.penalty_fn(state.params, l2))
+        penalty = l2_penalty(state.params, self.cfg.l2 if l2 is None else l2, select=self.select)
+        metrics = self.with_final_params(metrics, start, state.params, penalty)
         bad = bad_B.min()
         metrics["nonfinite_step"] = jnp.where(bad < steps, bad, -1)
         return state, metrics
@@ -305,9 +296,9 @@ class Trainer:
         return self.epoch_fn(state, x_NxD, y_N)
 
     def summary(self, state: Any, rows: list[dict[str, Any]], best_epoch: int) -> tuple[Any, dict[str, Any]]:
-        """The λ of the best params' penalty (those of ``best_epoch``, from the run's
-        ``metrics.jsonl`` ``rows``) and the mode's own summary keys, at the final ``state``:
-        here ``cfg.l2`` and none."""
+        """The λ of the best params' penalty (a number, ``{regex: λ}`` or ``{path: λ}``: those of
+        ``best_epoch``, from the run's ``metrics.jsonl`` ``rows``) and the mode's own summary
+        keys, at the final ``state``: here ``cfg.l2`` and none."""
         return self.cfg.l2, {}
 
     def refit_config(self, summary: dict[str, Any] | None) -> Config | None:
@@ -339,20 +330,10 @@ def lambdas_of(paths: list[str], log_l2: jax.Array) -> dict[str, float]:
     return {p: float(lam) for p, lam in zip(paths, lam_L)}
 
 
-def lambda_columns(rows: list[dict[str, Any]]) -> list[str]:
-    """The ``l2/PATH`` keys of ``metrics.jsonl`` rows (λ per layer), in the order of the first row."""
-    return [k for k in rows[0] if k.startswith("l2/")] if rows else []
-
-
 def l2_at(rows: list[dict[str, Any]], epoch: int) -> dict[str, float]:
-    """``{path: λ}`` at the end of ``epoch``, from ``metrics.jsonl`` rows."""
+    """``{path: λ}`` at the end of ``epoch``, from the ``l2/PATH`` columns of ``metrics.jsonl`` rows."""
     row = next(r for r in rows if r["epoch"] == epoch)
-    return {k[len("l2/") :]: row[k] for k in lambda_columns(rows)}
-
-
-def penalty_rules(lambdas: dict[str, Any]) -> dict[str, Any]:
-    """``{path: λ}`` as jaxl2's ``{regex: λ}`` mapping (each path escaped: it matches itself only)."""
-    return {re.escape(p): lam for p, lam in lambdas.items()}
+    return {k[len("l2/") :]: v for k, v in row.items() if k.startswith("l2/")}
 
 
 class Diverged(Named, RuntimeError):
