@@ -251,8 +251,10 @@ def _with_refit(
     elif refit:
         epochs = _refit_mod.refit_epochs(refit_epochs, summary["best_epoch"], cfg.epochs)
         stop_if_signalled(f"after training, before the refit; checkpoint saved in {out}", out)
+        rcfg = job.trainer.refit_config(summary)
+        assert rcfg is not None  # a λ mode with no refit turned it off before training
         fit = _refit_mod.refit(
-            job.trainer.refit_config(summary),
+            rcfg,
             job.ds,
             epochs,
             os.path.join(out, "refit"),

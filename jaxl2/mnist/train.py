@@ -282,7 +282,8 @@ class Trainer:
         carry = (state, zeros_B, zeros_B, jnp.full((batch,), steps, jnp.int32))
         (state, ce_B, hit_B, bad_B), _ = jax.lax.scan(body, carry, (jnp.arange(steps), idx_SxB))
         metrics = {"data_loss": ce_B.sum() / idx_SxB.size, "accuracy": hit_B.sum() / idx_SxB.size}
-        penalty = l2_penalty(state.params, self.cfg.l2 if l2 is None else l2, select=self.select)
+        lam: Any = self.cfg.l2 if l2 is None else l2  # a fixed λ: a number or {regex: λ}
+        penalty = l2_penalty(state.params, lam, select=self.select)
         metrics = self.with_final_params(metrics, start, state.params, penalty)
         bad = bad_B.min()
         metrics["nonfinite_step"] = jnp.where(bad < steps, bad, -1)
