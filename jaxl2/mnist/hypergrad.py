@@ -101,12 +101,6 @@ class AutoTrainer(Trainer):
         every, n_val, bs = self.cfg.l2_every, yv_M.shape[0], self.cfg.batch_size
         n_paths = state.l2.log_l2.shape[0]
 
-        def shard(*arrays):
-            if self.mesh is None:
-                return arrays
-            spec = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data"))
-            return jax.lax.with_sharding_constraint(arrays, spec)
-
         def plain(st, batch):
             st, m = self.hyper_step(st, batch)
             return st, {**m, "val_loss": jnp.float32(0), "hypergrad": jnp.zeros((n_paths,), jnp.float32)}
@@ -114,10 +108,10 @@ class AutoTrainer(Trainer):
         def hyper(st, batch):
             key = jax.random.fold_in(jax.random.fold_in(st.rng, st.step), 1)
             idx_B = jax.random.randint(key, (bs,), 0, n_val)
-            return self.hyper_step(st, batch, shard(xv_MxD[idx_B], yv_M[idx_B]))
+            return self.hyper_step(st, batch, self.shard(xv_MxD[idx_B], yv_M[idx_B]))
 
         def body(st, idx_B):
-            batch = shard(x_NxD[idx_B], y_N[idx_B])
+            batch = self.shard(x_NxD[idx_B], y_N[idx_B])
             updating = st.step % every == 0
             st, m = jax.lax.cond(updating, hyper, plain, st, batch)
             return st, {**m, "updating": updating}

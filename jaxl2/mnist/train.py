@@ -261,6 +261,13 @@ class Trainer:
         perm = jax.random.permutation(key, num_examples)
         return perm[: steps * self.cfg.batch_size].reshape(steps, self.cfg.batch_size)
 
+    def shard(self, *arrays: jax.Array) -> tuple[jax.Array, ...]:
+        """``arrays`` (a batch) declared split along the mesh's ``data`` axis; jit does the rest."""
+        if self.mesh is None:
+            return arrays
+        spec = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data"))
+        return jax.lax.with_sharding_constraint(arrays, spec)
+
     def epoch_fn(self, state: TrainState, x_NxD, y_N, l2=None):
         idx_SxB = self.batches(state, x_NxD.shape[0])
         steps, batch = idx_SxB.shape
@@ -268,10 +275,7 @@ class Trainer:
         def body(carry, i_idx):
             st, ce_B, hit_B, bad_B = carry
             i, idx_B = i_idx
-            x_BxD, y_B = x_NxD[idx_B], y_N[idx_B]
-            if self.mesh is not None:  # declare the batch split along "data"; jit does the rest
-                spec = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data"))
-                x_BxD, y_B = jax.lax.with_sharding_constraint((x_BxD, y_B), spec)
+            x_BxD, y_B = self.shard(x_NxD[idx_B], y_N[idx_B])
             st, m = self.step_fn(st, (x_BxD, y_B), l2, self.rows_loss)
             # per row: sums over the steps, and the first step whose loss was not finite
             bad_B = jnp.where((bad_B == steps) & ~jnp.isfinite(m["ce_B"]), i, bad_B)
