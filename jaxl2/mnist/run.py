@@ -37,6 +37,7 @@ from jaxl2.mnist.config import (
     RunSettings,
     field,
     settings_of,
+    validate,
 )
 from jaxl2.mnist.fused import fused_epochs
 from jaxl2.mnist.results import RunSummary
@@ -108,7 +109,7 @@ def load_run_config(
 
 
 def _check_resume(cfg: Config, out: str) -> None:
-    saved = load_run_config(out, kind="run")  # written from a validated config
+    saved = validate(load_run_config(out, kind="run"))  # lr filled in as in cfg, whoever wrote it
     differ = [f for f in FIELDS if getattr(cfg, f) != getattr(saved, f)]
     if differ:
         desc = ", ".join(
