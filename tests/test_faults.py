@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from jaxl2.mnist import sigint, train
+from jaxl2.mnist.fused import runner
 from jaxl2.mnist.rundir import DiskFull, disk_errors, is_disk_error
 
 SMALL = ["--hidden", "16", "--batch-size", "500", "--no-cache"]
@@ -125,12 +126,11 @@ def test_a_signal_in_the_last_compiled_call_stops_after_saving_it():
     with sigint.deferred():
         with pytest.raises(train.Interrupted, match="interrupted after epoch 4") as e:
             train.train_epochs(
-                program,
+                runner(program, 2),
                 NS(params=0),
                 range(1, 5),
                 train.Best(0, lambda b, p, better: p),
                 diverged=str,
-                size=2,
                 every=None,
                 save=lambda epoch, st: saved.append((epoch, st.params)),
                 on_epoch=on_epoch,
