@@ -194,7 +194,7 @@ class Trainer:
     ``l2`` may be overridden per call of the ``*_fn`` functions (``step_fn``/``epoch_fn``),
     which is what the vmapped sweep does with a traced λ.
 
-    A trainer is also the run's **λ mode**: the run loop (:mod:`jaxl2.mnist.run`) asks it,
+    A trainer is also the run's **λ mode**: the run loop (:func:`fit`) asks it,
     and nothing else, what differs between a fixed λ (this class), λ by hypergradients
     (:class:`~jaxl2.mnist.hypergrad.AutoTrainer`) and λ from the evidence
     (:class:`~jaxl2.mnist.marglik.EvidenceTrainer`): its state (:meth:`state_of`), its epoch
