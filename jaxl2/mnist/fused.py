@@ -1,11 +1,12 @@
 """Fused multi-epoch calls, a feature beside the training loop: several epochs, each validated,
 in one compiled call (``lax.scan``), the next call dispatched before the last one's metrics are
-read, and the executable compiled (in the background, by :mod:`~jaxl2.mnist.run`) before the
-first epoch. They carry the run's speed: ``jaxl2 train``, ``jaxl2 sweep`` and the refit use
-them; :func:`jaxl2.mnist.train.fit` alone runs one epoch per call.
+read, and the executable compiled, with its one-time set-up paid, before the first epoch (a
+refit's in the background while the run trains: :mod:`~jaxl2.mnist.run`). They carry the run's
+speed: ``jaxl2 train``, ``jaxl2 sweep`` and the refit use them; :func:`jaxl2.mnist.train.fit`
+on its own runs one epoch per call.
 
-:func:`fused_epochs` is the loop's "how to run epochs" (:data:`jaxl2.mnist.train.RunEpochs`):
-``jaxl2 train`` hands it to :class:`~jaxl2.mnist.train.Run`.
+:func:`fused_epochs` is the loop's way to run epochs (:data:`jaxl2.mnist.train.EpochRunner`)
+that ``jaxl2 train`` hands to :class:`~jaxl2.mnist.train.Run`.
 """
 
 from __future__ import annotations
