@@ -619,7 +619,7 @@ class Run:
     on_epoch: Callable[[dict[str, Any]], None] | None
     log: Callable[[str], None]
     # how epochs run: one per compiled call, or jaxl2.mnist.fused.fused_epochs (jaxl2 train's)
-    run_epochs: Callable[..., EpochRunner] = one_epoch_per_call
+    make_runner: Callable[..., EpochRunner] = one_epoch_per_call
 
     @property
     def metrics(self) -> str:
@@ -698,7 +698,7 @@ def _epochs(
     run: EpochRunner = lambda *_: iter(())  # noqa: E731 (nothing is left to train)
     if start < cfg.epochs:  # compiled here, so that no epoch's time includes compiling
         t0 = time.perf_counter()
-        run = job.run_epochs(
+        run = job.make_runner(
             trainer.run_epoch,
             lambda p, x, y, xv, yv: trainer.eval_fn(p, xv, yv),
             state,
