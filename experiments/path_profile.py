@@ -9,7 +9,7 @@ execution, as a run does:
 
 * ``epoch + eval``: ``Trainer.train_epoch`` then ``Trainer.evaluate`` on the validation split,
   dispatched back to back, as the peer does (jaxl2's step and metrics, nothing else);
-* ``program``: the run loop's compiled call of several epochs (:func:`jaxl2.mnist.train.compile_epochs`:
+* ``program``: the run loop's compiled call of several epochs (:func:`jaxl2.mnist.fused.compile_epochs`:
   validation, the per-epoch norms and best-params tracking inside the call), called as the run
   calls it, without the host's work;
 * ``train_and_evaluate``: the whole path (``metrics.jsonl``, best params on the host,
@@ -33,8 +33,9 @@ import jax
 from jaxl2.mnist import bench
 from jaxl2.mnist.config import Config, RunSettings
 from jaxl2.mnist.data import load
+from jaxl2.mnist.fused import calls, compile_epochs, epochs_per_call
 from jaxl2.mnist.run import train_and_evaluate
-from jaxl2.mnist.train import Trainer, calls, compile_epochs, epochs_per_call
+from jaxl2.mnist.train import Trainer
 
 
 def _epoch_and_eval(cfg: Config, data: tuple, epochs: int):

@@ -55,8 +55,20 @@ def test_no_application_module_shares_its_name_with_a_library_module():
 
 def test_the_core_imports_no_feature():
     """data, model and train (state, step, epoch, evaluation, the loop) never import the λ
-    modes, the sweep, the refit, the benchmark, the plots or the run that composes them."""
-    features = ("hypergrad", "marglik", "sweep", "sweepdir", "refit", "bench", "plots", "run")
+    modes, the sweep, the refit, the fused calls, the evaluation, the benchmark, the plots or
+    the run that composes them."""
+    features = (
+        "hypergrad",
+        "marglik",
+        "sweep",
+        "sweepdir",
+        "refit",
+        "fused",
+        "evaluate",
+        "bench",
+        "plots",
+        "run",
+    )
     for name in ("data", "model", "train"):
         parts = [n.split(".") for n in _imports(ROOT / "mnist" / f"{name}.py")]
         assert not [p for p in parts if p[:2] == ["jaxl2", "mnist"] and p[2:3] and p[2] in features], name

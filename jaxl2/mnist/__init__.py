@@ -34,13 +34,13 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load
     from jaxl2.mnist.config import RunSettings as RunSettings
     from jaxl2.mnist.config import SweepSettings as SweepSettings
     from jaxl2.mnist.data import load as load_data  # noqa: F401 (re-exported: __all__)
+    from jaxl2.mnist.evaluate import evaluate_run as evaluate_run
     from jaxl2.mnist.hypergrad import AutoTrainer as AutoTrainer
     from jaxl2.mnist.marglik import EvidenceTrainer as EvidenceTrainer
     from jaxl2.mnist.model import MLP as MLP
     from jaxl2.mnist.parallel import make_mesh as make_mesh
     from jaxl2.mnist.results import RunSummary as RunSummary
     from jaxl2.mnist.results import SweepSummary as SweepSummary
-    from jaxl2.mnist.run import evaluate_run as evaluate_run
     from jaxl2.mnist.run import train_and_evaluate as train_and_evaluate
     from jaxl2.mnist.sweep import train_sweep as train_sweep
     from jaxl2.mnist.train import Diverged as Diverged
@@ -65,7 +65,7 @@ _EXPORTS: dict[str, str | tuple[str, str]] = {
     "load_data": ("jaxl2.mnist.data", "load"),
     "make_mesh": "jaxl2.mnist.parallel",
     "train_and_evaluate": "jaxl2.mnist.run",
-    "evaluate_run": "jaxl2.mnist.run",
+    "evaluate_run": "jaxl2.mnist.evaluate",
     "train_sweep": "jaxl2.mnist.sweep",
 }
 __all__ = list(_EXPORTS)

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from jaxl2.auto import AutoL2State, auto_l2, shared_adam
 from jaxl2.mnist.config import AUTO_DEFAULTS, AUTO_L2_BOUNDS, Config, validate
 from jaxl2.mnist.model import abstract_params
-from jaxl2.mnist.train import Trainer, TrainState, l2_at, lambdas_of, penalty_rules
+from jaxl2.mnist.train import Trainer, TrainState, l2_at, lambdas_of
 from jaxl2.penalty import l2_penalty
 
 __all__ = ["AutoTrainState", "AutoTrainer"]
@@ -101,12 +101,6 @@ class AutoTrainer(Trainer):
         every, n_val, bs = self.cfg.l2_every, yv_M.shape[0], self.cfg.batch_size
         n_paths = state.l2.log_l2.shape[0]
 
-        def shard(*arrays):
-            if self.mesh is None:
-                return arrays
-            spec = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data"))
-            return jax.lax.with_sharding_constraint(arrays, spec)
-
         def plain(st, batch):
             st, m = self.hyper_step(st, batch)
             return st, {**m, "val_loss": jnp.float32(0), "hypergrad": jnp.zeros((n_paths,), jnp.float32)}
@@ -114,10 +108,10 @@ class AutoTrainer(Trainer):
         def hyper(st, batch):
             key = jax.random.fold_in(jax.random.fold_in(st.rng, st.step), 1)
             idx_B = jax.random.randint(key, (bs,), 0, n_val)
-            return self.hyper_step(st, batch, shard(xv_MxD[idx_B], yv_M[idx_B]))
+            return self.hyper_step(st, batch, self.shard(xv_MxD[idx_B], yv_M[idx_B]))
 
         def body(st, idx_B):
-            batch = shard(x_NxD[idx_B], y_N[idx_B])
+            batch = self.shard(x_NxD[idx_B], y_N[idx_B])
             updating = st.step % every == 0
             st, m = jax.lax.cond(updating, hyper, plain, st, batch)
             return st, {**m, "updating": updating}
@@ -143,7 +137,7 @@ class AutoTrainer(Trainer):
     def summary(self, state: AutoTrainState, rows: list[dict[str, Any]], best_epoch: int):
         """The penalty's λs: those of the best epoch (its ``metrics.jsonl`` row); the summary
         gains ``l2_final``, the λs at the end."""
-        return penalty_rules(l2_at(rows, best_epoch)), {"l2_final": self.lambdas(state)}
+        return l2_at(rows, best_epoch), {"l2_final": self.lambdas(state)}
 
     def refit_config(self, summary: dict[str, Any] | None) -> Config | None:
         """The run's final λ per layer (``summary["l2_final"]``), fixed: the refit has no

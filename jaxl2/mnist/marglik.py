@@ -47,7 +47,6 @@ Example:
 
 from __future__ import annotations
 
-import re
 from typing import Any, cast
 
 import jax
@@ -58,7 +57,7 @@ from jaxl2 import select as _select
 from jaxl2.evidence import Curvature, evidence_l2, ggn_lanczos, log_evidence
 from jaxl2.mnist.config import AUTO_L2_BOUNDS, Config
 from jaxl2.mnist.model import ACTIVATION_FNS, abstract_params
-from jaxl2.mnist.train import Trainer, TrainState, l2_at, lambdas_of, penalty_rules
+from jaxl2.mnist.train import Trainer, TrainState, l2_at, lambdas_of
 
 __all__ = ["EvidenceTrainState", "EvidenceTrainer", "dense_ggn", "LANCZOS_PROBES", "LANCZOS_STEPS"]
 
@@ -220,8 +219,8 @@ class EvidenceTrainer(Trainer):
         return EvidenceTrainState(s.step, s.params, s.opt_state, s.rng, log_l2, nan)
 
     def rules(self, log_l2: jax.Array) -> dict[str, jax.Array]:
-        """``{re.escape(path): λ}`` of ``ln λ`` per selected leaf."""
-        return penalty_rules({p: jnp.exp(log_l2[i]) for i, p in enumerate(self.paths)})
+        """``{path: λ}`` of ``ln λ`` per selected leaf."""
+        return {p: jnp.exp(log_l2[i]) for i, p in enumerate(self.paths)}
 
     def lambdas(self, state: EvidenceTrainState) -> dict[str, float]:
         """``{path: λ}`` of ``state``, as Python floats."""
@@ -264,7 +263,7 @@ class EvidenceTrainer(Trainer):
             steps=self.cfg.evidence_steps,
             bounds=AUTO_L2_BOUNDS,
         )
-        log_l2 = jnp.log(jnp.stack([rules[re.escape(p)] for p in self.paths])).astype(jnp.float32)
+        log_l2 = jnp.log(jnp.stack([rules[p] for p in self.paths])).astype(jnp.float32)
         evidence = log_evidence(curv, state.params, rules, select=self.select).astype(jnp.float32)
         return state.replace(log_l2=log_l2, log_evidence=evidence)
 
@@ -290,7 +289,7 @@ class EvidenceTrainer(Trainer):
             l2_at(rows, best_epoch - 1) if best_epoch > 1 else dict.fromkeys(self.paths, self.cfg.l2_init)
         )
         evidence = float(state.log_evidence)
-        return penalty_rules(before), {
+        return before, {
             "l2_final": self.lambdas(state),
             "log_evidence": evidence if np.isfinite(evidence) else None,
         }

@@ -46,17 +46,10 @@ import numpy as np
 from jaxl2.mnist import parallel, sigint
 from jaxl2.mnist.config import Config, ConfigError, field, validate
 from jaxl2.mnist.data import Dataset, Split
+from jaxl2.mnist.fused import compile_epochs, epochs_per_call, runner
 from jaxl2.mnist.results import Refit
 from jaxl2.mnist.rundir import StepStore
-from jaxl2.mnist.train import (
-    Best,
-    Epoch,
-    Trainer,
-    compile_epochs,
-    diverged_message,
-    epochs_per_call,
-    train_epochs,
-)
+from jaxl2.mnist.train import Best, Epoch, Trainer, diverged_message, train_epochs
 
 __all__ = [
     "EPOCH_RULES",
@@ -141,12 +134,11 @@ def refit(
                 on_epoch(ep.epoch, epochs)
 
         state = train_epochs(
-            program,
+            runner(program, size) if program else lambda *_: iter(()),  # no program: no epoch left
             state,
             range(start + 1, epochs + 1),
             nothing,
             diverged=diverged,
-            size=size,
             every=checkpoint_every,
             save=lambda epoch, st: ckpt.save(epoch, {"state": st, **plan}),
             on_epoch=on,

@@ -25,16 +25,13 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import jax
-import numpy as np
 
 from jaxl2 import __version__
-from jaxl2.mnist import data as _data
 from jaxl2.mnist import parallel, sweepdir
 from jaxl2.mnist import refit as _refit_mod
 from jaxl2.mnist import sweep as _sweep
 from jaxl2.mnist.config import (
     FIELDS,
-    SPLITS,
     Config,
     ConfigError,
     RunSettings,
@@ -42,10 +39,9 @@ from jaxl2.mnist.config import (
     settings_of,
     validate,
 )
-from jaxl2.mnist.model import abstract_params
-from jaxl2.mnist.results import Refit, RunSummary
+from jaxl2.mnist.fused import fused_epochs
+from jaxl2.mnist.results import RunSummary
 from jaxl2.mnist.rundir import (
-    Checkpoints,
     Claim,
     SaveRule,
     default_out,
@@ -65,12 +61,11 @@ from jaxl2.mnist.train import (
     Trainer,
     check_interrupt,
     fit,
-    lambda_columns,
     load_and_check,
     stop_if_signalled,
 )
 
-__all__ = ["train_and_evaluate", "evaluate_run", "load_run_config", "mode_of"]
+__all__ = ["train_and_evaluate", "load_run_config", "read_summary", "mode_of"]
 
 
 def mode_of(cfg: Config) -> type[Trainer]:
@@ -102,7 +97,10 @@ def load_run_config(
         other = "a sweep, not a training run" if found == "sweep" else "a training run, not a sweep"
         raise ConfigError(f"{field(name)} {out} holds {other}")
     if found == "sweep":
-        return _sweep_member(out, name, l2, seed)[0]
+        cfg, _, _ = sweepdir.load_sweep_config(out, name)
+        summary = sweepdir.read_summary(out, name)
+        row = summary["results"][_sweep.pick_member(summary["results"], summary["selected_l2"], l2, seed)]
+        return dataclasses.replace(cfg, l2=row["l2"], seed=row["seed"])
     if l2 is not None or seed is not None:
         raise ConfigError(
             f"{field('l2')} and {field('seed')} pick a member of a sweep; {out} is a training run"
@@ -110,17 +108,8 @@ def load_run_config(
     return run_config(d, os.path.join(out, "config.json"))
 
 
-def _sweep_member(out: str, name: str, l2: float | None, seed: int | None) -> tuple[Config, dict, int]:
-    """The member's Config, the sweep's summary and the member's index in its results."""
-    cfg, _, _ = sweepdir.load_sweep_config(out, name)
-    summary = sweepdir.read_summary(out, name)
-    i = _sweep.pick_member(summary["results"], summary["selected_l2"], l2, seed)
-    row = summary["results"][i]
-    return dataclasses.replace(cfg, l2=row["l2"], seed=row["seed"]), summary, i
-
-
 def _check_resume(cfg: Config, out: str) -> None:
-    saved = validate(load_run_config(out, kind="run"))
+    saved = validate(load_run_config(out, kind="run"))  # lr filled in as in cfg, whoever wrote it
     differ = [f for f in FIELDS if getattr(cfg, f) != getattr(saved, f)]
     if differ:
         desc = ", ".join(
@@ -215,11 +204,11 @@ def train_and_evaluate(
         out = default_out("runs", cfg.dataset)
     config = {**cfg.to_json(), "jaxl2_version": __version__, "refit": refit, "refit_epochs": refit_epochs}
     claim = _prepare_everywhere(out, config, resume, overwrite, primary)
-    before = _read_summary(out) if resume else {}
+    before = read_summary(out) if resume else {}
     with claim, disk_errors(out):
         try:
             trainer = mode(cfg, len(ds.need("train").y), mesh=mesh)
-            job = Run(cfg, trainer, ds, out, mesh, primary, checkpoint_every, on_epoch, log)
+            job = Run(cfg, trainer, ds, out, mesh, primary, checkpoint_every, on_epoch, log, fused_epochs)
             ahead = _refit_ahead(job, refit, refit_epochs, before)
             summary = fit(job, resume, on_start)
             drawing = Background(functools.partial(_plots, job) if primary else None)
@@ -262,16 +251,17 @@ def _with_refit(
     elif refit:
         epochs = _refit_mod.refit_epochs(refit_epochs, summary["best_epoch"], cfg.epochs)
         stop_if_signalled(f"after training, before the refit; checkpoint saved in {out}", out)
-        made = ahead.result() if ahead else None
-        fit = _refit(
-            job.trainer.refit_config(summary),
+        rcfg = job.trainer.refit_config(summary)
+        assert rcfg is not None  # a λ mode with no refit turned it off before training
+        fit = _refit_mod.refit(
+            rcfg,
             job.ds,
-            out,
-            job.mesh,
             epochs,
-            job.checkpoint_every,
-            on_refit_epoch,
-            made,
+            os.path.join(out, "refit"),
+            mesh=job.mesh,
+            checkpoint_every=job.checkpoint_every,
+            on_epoch=on_refit_epoch,
+            made=ahead.result() if ahead else None,
         )
         summary.update(fit, refit_epoch_rule=refit_epochs)
     return summary
@@ -336,131 +326,10 @@ def _plots(job: Run) -> None:
     rows, cfg = read_metrics(job.metrics), job.cfg
     title = f"{cfg.dataset}, {cfg.optimizer}, λ={cfg.l2}"
     curves(rows, os.path.join(job.out, "curves.png"), title=title)
-    if lambda_columns(rows):
-        lambdas(rows, os.path.join(job.out, "lambda.png"), title=title)
+    lambdas(rows, os.path.join(job.out, "lambda.png"), title=title)  # none without λ columns
 
 
-def _refit(cfg, ds, out, mesh, epochs, checkpoint_every, on_epoch, made=None) -> Refit:
-    try:
-        return _refit_mod.refit(
-            cfg,
-            ds,
-            epochs,
-            os.path.join(out, "refit"),
-            mesh=mesh,
-            checkpoint_every=checkpoint_every,
-            on_epoch=on_epoch,
-            made=made,
-        )
-    except Interrupted as e:
-        e.out = out
-        raise
-
-
-def evaluate_run(
-    out: str,
-    dataset: str | None = None,
-    split: str = "test",
-    data_dir: str | None = None,
-    *,
-    l2: float | None = None,
-    seed: int | None = None,
-    refit: bool | None = None,
-) -> dict[str, Any]:
-    """Accuracy and data loss (cross-entropy) of a run's model on ``split`` of ``dataset``
-    (default: the run's own dataset and split seed).
-
-    The model: the refit one (train ∪ validation) when the run has one, else the best
-    checkpoint by validation accuracy; ``refit=False`` asks for the best checkpoint, ``True``
-    for the refit. For a sweep, one member's (:func:`jaxl2.mnist.sweep.pick_member`: the
-    selected λ and its seed with the best validation accuracy, unless ``l2`` / ``seed`` say).
-    The result names the model (``"model": "refit"`` or ``"best"``, and for a sweep its λ and seed).
-    """
-    if split not in SPLITS:
-        raise ConfigError(f"{field('split')} {split!r} is unknown (allowed: {', '.join(SPLITS)})")
-    cfg = load_run_config(out, "run", l2=l2, seed=seed)
-    params, which = _model(out, cfg, l2, seed, refit)
-    dataset = cfg.dataset if dataset is None else dataset
-    ds = _data.load(
-        dataset,
-        data_dir=cfg.data_dir if data_dir is None and dataset == cfg.dataset else data_dir,
-        val_size=cfg.val_size if dataset == cfg.dataset else None,
-        split_seed=cfg.split_seed,
-        splits=(split,),
-    )
-    part = getattr(ds, split)
-    if part is None:
-        raise ConfigError(f"{field('dataset')} {dataset} has no {split} split")
-    trainer = Trainer(cfg, cfg.batch_size)  # evaluation only: num_train just sizes the lr schedule
-    ev = jax.device_get(trainer.evaluate(params, part.x, part.y))
-    return {
-        "dataset": dataset,
-        "split": split,
-        "accuracy": float(ev["accuracy"]),
-        "data_loss": float(ev["data_loss"]),
-        "n": int(len(part.y)),
-        **which,
-    }
-
-
-def _no_refit(out: str, how: str) -> ConfigError:
-    return ConfigError(f"{field('refit')}: {out} has no refit model ({how})")
-
-
-def _model(out: str, cfg: Config, l2, seed, refit: bool | None) -> tuple[Any, dict[str, Any]]:
-    """The params that :func:`evaluate_run` evaluates, and what they are."""
-    if load_config(out, "run").get("kind") == "sweep":
-        return _sweep_model(out, cfg, l2, seed, refit)
-    summary = _read_summary(out)
-    if refit is None:
-        refit = "refit_epochs" in summary
-    if refit:
-        if "refit_epochs" not in summary:
-            raise _no_refit(
-                out, f"train it with {field('refit')}, or add one: {field('resume')} {field('refit')}"
-            )
-        path = os.path.join(out, "refit")
-        params = _refit_mod.restore_refit(path, cfg, summary["refit_epochs"], summary["refit_examples"])
-        return params, {"model": "refit"}
-    if not os.path.isdir(os.path.join(out, "best")):
-        raise ConfigError(f"{field('run')} {out} has no best checkpoint (expected {out}/best)")
-    ckpt = Checkpoints(out)
-    like = abstract_params(cfg)
-    try:
-        params = ckpt.restore_best(like)
-    finally:
-        ckpt.close()
-    shapes = [(np.shape(a), b.shape) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(like))]
-    if len(jax.tree.leaves(params)) != len(jax.tree.leaves(like)) or any(a != b for a, b in shapes):
-        raise ConfigError(
-            f"{field('run')} {out}: the best checkpoint does not fit the model of its config.json "
-            "(was config.json edited?)"
-        )
-    return params, {"model": "best"}
-
-
-def _sweep_model(out: str, cfg: Config, l2, seed, refit: bool | None) -> tuple[Any, dict[str, Any]]:
-    """A sweep member's best params, or its refit's (only the selected λ is refit)."""
-    _, summary, i = _sweep_member(out, "run", l2, seed)
-    fit = summary.get("refit")
-    if refit is None:
-        refit = fit is not None and fit["l2"] == cfg.l2
-    which = {"model": "refit" if refit else "best", "l2": cfg.l2, "seed": cfg.seed}
-    if not refit:
-        n = len(summary["results"])
-        return sweepdir.restore_member(out, cfg, summary["chunk_size"], n, i), which
-    if fit is None:
-        raise _no_refit(
-            out, f"sweep it with {field('refit')}, or add one: {field('resume')} {field('refit')}"
-        )
-    if fit["l2"] != cfg.l2:
-        raise _no_refit(out, f"for {field('l2')} {cfg.l2:g}: only the selected λ {fit['l2']:g} was refit")
-    m = next(m for m in fit["members"] if m["seed"] == cfg.seed)
-    path = sweepdir.refit_dir(out, cfg.seed)
-    return _refit_mod.restore_refit(path, cfg, m["refit_epochs"], m["refit_examples"]), which
-
-
-def _read_summary(out: str) -> dict[str, Any]:
+def read_summary(out: str) -> dict[str, Any]:
     """The run's ``summary.json``, or ``{}`` (a run that has not finished)."""
     try:
         with open(os.path.join(out, "summary.json")) as f:

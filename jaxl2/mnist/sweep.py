@@ -34,8 +34,8 @@ import numpy as np
 import psutil
 
 from jaxl2 import __version__
+from jaxl2.mnist import fused, rundir, sigint, sweepdir, tensorboard, train
 from jaxl2.mnist import refit as _refit
-from jaxl2.mnist import rundir, sigint, sweepdir, tensorboard, train
 from jaxl2.mnist.config import (
     OPTIMIZERS,
     SEED_LIMIT,
@@ -78,11 +78,11 @@ class SweepTrainer:
         self._programs: dict[int, Any] = {}
 
     def program(self, size: int) -> Any:
-        """The run loop's call of up to ``size`` epochs (:func:`~jaxl2.mnist.train.epochs_program`),
+        """The run loop's call of up to ``size`` epochs (:func:`~jaxl2.mnist.fused.epochs_program`),
         jitted once per size: ``program(states, n, x, y, x_val, y_val, l2s)``."""
         if size not in self._programs:
             self._programs[size] = jax.jit(
-                train.epochs_program(
+                fused.epochs_program(
                     lambda st, x, y, xv, yv, l2s: self._epoch_fn(st, x, y, l2s),
                     lambda p, x, y, xv, yv, l2s: self._eval_fn(p, xv, yv),
                     size,
@@ -316,7 +316,7 @@ def _plan(
     l2_K = jnp.asarray([lam for lam, _ in first], jnp.float32)
     seconds = {}
     for ex, sweeper in sweepers.items():
-        program = sweeper.program(train.epochs_per_call(len(data[1]), len(first)))
+        program = sweeper.program(fused.epochs_per_call(len(data[1]), len(first)))
         jax.block_until_ready(program(states, 1, *data, l2_K))  # compiles (not donated: states stay)
         t0 = time.perf_counter()
         jax.block_until_ready(program(states, 1, *data, l2_K))
@@ -394,7 +394,7 @@ def _sweep(
                 cfg, chunk[bad[0]][0], epoch, int(steps[0]), trainer.steps_per_epoch
             )
 
-        size = train.epochs_per_call(len(data[1]), len(chunk))
+        size = fused.epochs_per_call(len(data[1]), len(chunk))
         program, l2_K = sweeper.program(size), jnp.asarray([lam for lam, _ in chunk], jnp.float32)
         with tensorboard.MemberEvents(out, chunk, start) as events:
 
@@ -404,12 +404,11 @@ def _sweep(
                     on_epoch(label, ep.epoch, cfg.epochs)
 
             states = train.train_epochs(
-                lambda states, n: program(states, n, *data, l2_K),
+                fused.runner(lambda states, n: program(states, n, *data, l2_K), size),
                 states,
                 range(start + 1, cfg.epochs + 1),
                 best,
                 diverged=diverged,
-                size=size,
                 every=settings.checkpoint_every,
                 save=lambda epoch, st: latest.save(
                     sweepdir.checkpoint_step(c, epoch, cfg.epochs), checkpoint(st)

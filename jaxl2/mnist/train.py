@@ -1,9 +1,10 @@
 """Training, from the step to the loop: the state pytree, a jitted ``train_step``, a whole
 epoch in one ``lax.scan``, the evaluation, and the one training loop that ``jaxl2 train`` (one
 state), ``jaxl2 sweep`` (K stacked states) and the refit share: loading and split checks, the
-epochs (several per compiled call, each validated) with divergence detection, best-by-validation
-tracking, and the final metrics (the penalty through :func:`jaxl2.l2_penalty`); and one
-run's training into its directory (:func:`fit`): checkpoints, ``metrics.jsonl`` and the resume.
+epochs (each validated; how they run is handed in, one per compiled call by default and several
+in :mod:`~jaxl2.mnist.fused`) with divergence detection, best-by-validation tracking, and the
+final metrics (the penalty through :func:`jaxl2.l2_penalty`); and one run's training into its
+directory (:func:`fit`): checkpoints, ``metrics.jsonl`` and the resume.
 
 The step is :func:`jaxl2.make_train_step` (the library's, the only step in the project): the
 loss is ``CE + λ/2·Σw²`` over the selected kernels and ``jax.grad`` adds ``λ·w`` to their
@@ -36,7 +37,6 @@ import dataclasses
 import functools
 import json
 import os
-import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -68,19 +68,14 @@ __all__ = [
     "cross_entropy",
     "evaluate_fn",
     "lambdas_of",
-    "lambda_columns",
     "l2_at",
-    "penalty_rules",
     "Diverged",
     "Interrupted",
     "load_and_check",
     "Best",
     "Epoch",
-    "calls",
-    "epochs_per_call",
-    "epochs_program",
-    "compile_epochs",
-    "run_epochs",
+    "EpochRunner",
+    "one_epoch_per_call",
     "call_end",
     "train_epochs",
     "stopped",
@@ -157,11 +152,6 @@ def _init_params(model: Any, key: jax.Array) -> tuple[Any, jax.Array]:
     return model.init(k_init, jnp.zeros((1, INPUT_DIM), jnp.float32)), k_data
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _evaluate(model: Any, params: Any, x_NxD: jax.Array, y_N: jax.Array) -> dict[str, jax.Array]:
-    return evaluate_fn(model, params, x_NxD, y_N)
-
-
 def evaluate_fn(model: Any, params: Any, x_NxD: jax.Array, y_N: jax.Array, chunk: int = 2048):
     """``{"data_loss", "accuracy"}`` of ``model`` with ``params`` over ``x_NxD, y_N``, in chunks
     of ``chunk`` rows (``lax.map``; the last one padded and masked)."""
@@ -180,6 +170,9 @@ def evaluate_fn(model: Any, params: Any, x_NxD: jax.Array, y_N: jax.Array, chunk
 
     ce, acc = jax.lax.map(one, (x, y, m))
     return {"data_loss": ce.sum() / n, "accuracy": acc.sum() / n}
+
+
+_evaluate = jax.jit(evaluate_fn, static_argnums=0)  # one executable per model and shape
 
 
 class Trainer:
@@ -201,7 +194,7 @@ class Trainer:
     ``l2`` may be overridden per call of the ``*_fn`` functions (``step_fn``/``epoch_fn``),
     which is what the vmapped sweep does with a traced λ.
 
-    A trainer is also the run's **λ mode**: the run loop (:mod:`jaxl2.mnist.run`) asks it,
+    A trainer is also the run's **λ mode**: the run loop (:func:`fit`) asks it,
     and nothing else, what differs between a fixed λ (this class), λ by hypergradients
     (:class:`~jaxl2.mnist.hypergrad.AutoTrainer`) and λ from the evidence
     (:class:`~jaxl2.mnist.marglik.EvidenceTrainer`): its state (:meth:`state_of`), its epoch
@@ -223,7 +216,7 @@ class Trainer:
         self.train_step = jax.jit(self.step_fn, donate_argnums=0)
         # not donated: the run loop dispatches epoch k + 1 while it still reads epoch k's state
         self.train_epoch = jax.jit(self.epoch_fn)
-        self.evaluate = functools.partial(_evaluate, self.model)  # one executable per model and shape
+        self.evaluate = functools.partial(_evaluate, self.model)
 
     # -- state -------------------------------------------------------------------------
     def init(self, seed: int | None = None) -> TrainState:
@@ -261,17 +254,19 @@ class Trainer:
         params, opt_state, metrics = step(state.params, state.opt_state, *batch)
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    def penalty_fn(self, params, l2=None):
-        """``λ/2·Σw²`` over the selected leaves of ``params``."""
-        l2 = self.cfg.l2 if l2 is None else l2
-        return l2_penalty(params, l2, select=self.select)
-
     def batches(self, state: TrainState, num_examples: int) -> jax.Array:
         """This epoch's batch indices ``[steps, batch]``: a permutation keyed on the step."""
         key = jax.random.fold_in(state.rng, state.step)
         steps = num_examples // self.cfg.batch_size
         perm = jax.random.permutation(key, num_examples)
         return perm[: steps * self.cfg.batch_size].reshape(steps, self.cfg.batch_size)
+
+    def shard(self, *arrays: jax.Array) -> tuple[jax.Array, ...]:
+        """``arrays`` (a batch) declared split along the mesh's ``data`` axis; jit does the rest."""
+        if self.mesh is None:
+            return arrays
+        spec = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data"))
+        return jax.lax.with_sharding_constraint(arrays, spec)
 
     def epoch_fn(self, state: TrainState, x_NxD, y_N, l2=None):
         idx_SxB = self.batches(state, x_NxD.shape[0])
@@ -280,10 +275,7 @@ class Trainer:
         def body(carry, i_idx):
             st, ce_B, hit_B, bad_B = carry
             i, idx_B = i_idx
-            x_BxD, y_B = x_NxD[idx_B], y_N[idx_B]
-            if self.mesh is not None:  # declare the batch split along "data"; jit does the rest
-                spec = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data"))
-                x_BxD, y_B = jax.lax.with_sharding_constraint((x_BxD, y_B), spec)
+            x_BxD, y_B = self.shard(x_NxD[idx_B], y_N[idx_B])
             st, m = self.step_fn(st, (x_BxD, y_B), l2, self.rows_loss)
             # per row: sums over the steps, and the first step whose loss was not finite
             bad_B = jnp.where((bad_B == steps) & ~jnp.isfinite(m["ce_B"]), i, bad_B)
@@ -294,7 +286,9 @@ class Trainer:
         carry = (state, zeros_B, zeros_B, jnp.full((batch,), steps, jnp.int32))
         (state, ce_B, hit_B, bad_B), _ = jax.lax.scan(body, carry, (jnp.arange(steps), idx_SxB))
         metrics = {"data_loss": ce_B.sum() / idx_SxB.size, "accuracy": hit_B.sum() / idx_SxB.size}
-        metrics = self.with_final_params(metrics, start, state.params, self.penalty_fn(state.params, l2))
+        lam: Any = self.cfg.l2 if l2 is None else l2  # a fixed λ: a number or {regex: λ}
+        penalty = l2_penalty(state.params, lam, select=self.select)
+        metrics = self.with_final_params(metrics, start, state.params, penalty)
         bad = bad_B.min()
         metrics["nonfinite_step"] = jnp.where(bad < steps, bad, -1)
         return state, metrics
@@ -307,9 +301,9 @@ class Trainer:
         return self.epoch_fn(state, x_NxD, y_N)
 
     def summary(self, state: Any, rows: list[dict[str, Any]], best_epoch: int) -> tuple[Any, dict[str, Any]]:
-        """The λ of the best params' penalty (those of ``best_epoch``, from the run's
-        ``metrics.jsonl`` ``rows``) and the mode's own summary keys, at the final ``state``:
-        here ``cfg.l2`` and none."""
+        """The λ of the best params' penalty (a number, ``{regex: λ}`` or ``{path: λ}``: those of
+        ``best_epoch``, from the run's ``metrics.jsonl`` ``rows``) and the mode's own summary
+        keys, at the final ``state``: here ``cfg.l2`` and none."""
         return self.cfg.l2, {}
 
     def refit_config(self, summary: dict[str, Any] | None) -> Config | None:
@@ -341,20 +335,10 @@ def lambdas_of(paths: list[str], log_l2: jax.Array) -> dict[str, float]:
     return {p: float(lam) for p, lam in zip(paths, lam_L)}
 
 
-def lambda_columns(rows: list[dict[str, Any]]) -> list[str]:
-    """The ``l2/PATH`` keys of ``metrics.jsonl`` rows (λ per layer), in the order of the first row."""
-    return [k for k in rows[0] if k.startswith("l2/")] if rows else []
-
-
 def l2_at(rows: list[dict[str, Any]], epoch: int) -> dict[str, float]:
-    """``{path: λ}`` at the end of ``epoch``, from ``metrics.jsonl`` rows."""
+    """``{path: λ}`` at the end of ``epoch``, from the ``l2/PATH`` columns of ``metrics.jsonl`` rows."""
     row = next(r for r in rows if r["epoch"] == epoch)
-    return {k[len("l2/") :]: row[k] for k in lambda_columns(rows)}
-
-
-def penalty_rules(lambdas: dict[str, Any]) -> dict[str, Any]:
-    """``{path: λ}`` as jaxl2's ``{regex: λ}`` mapping (each path escaped: it matches itself only)."""
-    return {re.escape(p): lam for p, lam in lambdas.items()}
+    return {k[len("l2/") :]: v for k, v in row.items() if k.startswith("l2/")}
 
 
 class Diverged(Named, RuntimeError):
@@ -454,172 +438,6 @@ class Epoch:
     seconds: float
 
 
-CALL_EXAMPLES = {"cpu": 32_768}  # training examples per compiled call (other backends: 262,144)
-MAX_EPOCHS_PER_CALL = 32
-
-
-def epochs_per_call(num_train: int, members: int = 1, backend: str | None = None) -> int:
-    """How many epochs one compiled call runs: enough that one call trains about 32k examples
-    on a CPU (256k elsewhere; an epoch of mnist5k is ~30 ms on 2 CPU cores, ~1 ms on an H100,
-    while the host's work per call is some ms), at most 32, at least 1. It depends only on the
-    data and the backend, so every process of a run chooses the same.
-
-    Example:
-      >>> epochs_per_call(3500, backend="cpu"), epochs_per_call(55000, backend="cpu")
-      (10, 1)
-      >>> epochs_per_call(3500, backend="gpu"), epochs_per_call(3500, members=16, backend="cpu")
-      (32, 1)
-    """
-    target = CALL_EXAMPLES.get(backend or jax.default_backend(), 262_144)
-    return int(min(MAX_EPOCHS_PER_CALL, max(1, -(-target // (num_train * members)))))
-
-
-def calls(epochs: Sequence[int], size: int, every: int | None = None) -> list[tuple[int, int]]:
-    """``(first epoch, count)`` of each call over consecutive ``epochs``: a call ends at a
-    multiple of ``size``, of ``every`` (where checkpoints are due) and at the last epoch. The
-    ends depend on the epoch numbers alone, so a resumed run makes the same calls.
-
-    Example:
-      >>> calls(range(1, 11), 4), calls(range(6, 11), 4, every=3)
-      ([(1, 4), (5, 4), (9, 2)], [(6, 1), (7, 2), (9, 1), (10, 1)])
-    """
-    out: list[tuple[int, int]] = []
-    epochs = list(epochs)
-    for e in epochs:
-        if not out or out[-1][0] + out[-1][1] != e:
-            out.append((e, 0))
-        out[-1] = (out[-1][0], out[-1][1] + 1)
-        if e % size == 0 or (every and e % every == 0):
-            out.append((e + 1, 0))
-    return [c for c in out if c[1]]
-
-
-def epochs_program(
-    epoch_fn: Callable[..., tuple[Any, Any]], evaluate_fn: Callable[..., Any], size: int, latest: bool = False
-) -> Callable[..., Any]:
-    """The compiled unit of the run loop: ``program(state, n, *args)`` runs ``n ≤ size`` epochs
-    (``epoch_fn(state, *args) -> (state, metrics)``), each followed by validation
-    (``evaluate_fn(state.params, *args)``), in one call (``lax.scan`` of ``size``; epochs past
-    ``n`` are skipped by ``lax.cond``, so one executable serves every ``n``).
-
-    Returns ``(state, metrics, val, best)``: metrics and val stacked ``[size, ...]``, and the
-    best epoch of the call by validation accuracy among the finite ones (ties: the later; with
-    ``latest``, the last finite one, whatever its accuracy), ``best = {"index", "val", "params"}``,
-    per member when the accuracy is ``[K]``.
-    """
-
-    def program(state, n, *args):
-        def one(st):
-            new, m = epoch_fn(st, *args)
-            return new, (m, evaluate_fn(new.params, *args))
-
-        shapes = jax.eval_shape(one, state)[1]
-
-        def skip(st):
-            return st, jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
-
-        def body(carry, i):
-            st, alive, best = carry
-            st, (m, val) = jax.lax.cond(i < n, one, skip, st)
-            finite = jnp.all((m["nonfinite_step"] < 0) & jnp.isfinite(m["loss"]))
-            alive = alive & (finite | (i >= n))
-            better = alive & (i < n) & ((val["accuracy"] >= best["val"]) | latest)
-
-            def pick(new, old):
-                return jnp.where(better.reshape(better.shape + (1,) * (new.ndim - better.ndim)), new, old)
-
-            best = {
-                "index": jnp.where(better, i, best["index"]),
-                "val": jnp.where(better, val["accuracy"], best["val"]),
-                "params": jax.tree_util.tree_map(pick, st.params, best["params"]),
-            }
-            return (st, alive, best), (m, val)
-
-        acc = shapes[1]["accuracy"]
-        best = {
-            "index": jnp.full(acc.shape, -1, jnp.int32),
-            "val": jnp.full(acc.shape, -jnp.inf, acc.dtype),
-            "params": state.params,
-        }
-        (state, _, best), (m, val) = jax.lax.scan(body, (state, jnp.bool_(True), best), jnp.arange(size))
-        return state, m, val, best
-
-    return program
-
-
-def compile_epochs(
-    epoch_fn: Callable[..., tuple[Any, Any]],
-    evaluate_fn: Callable[..., Any],
-    size: int,
-    state: Any,
-    *args: Any,
-    latest: bool = False,
-) -> Callable[[Any, int], tuple[Any, Any, Any, Any]]:
-    """:func:`epochs_program` compiled for ``state`` and ``args`` (``latest`` as there), bound
-    to ``args``: ``program(state, n)`` for :func:`run_epochs`. It also runs one call of 0
-    epochs here, so the executable's one-time set-up (~18 ms of a first call on 2 CPU cores)
-    is paid with compiling; the epoch's own kernels, which that call skips, still set
-    themselves up in the first epoch (~15–35 ms of mnist5k's first 10-epoch call)."""
-    fn = jax.jit(epochs_program(epoch_fn, evaluate_fn, size, latest))
-    compiled = fn.lower(state, 1, *args).compile()
-    jax.block_until_ready(compiled(state, 0, *args))
-    return lambda st, n: compiled(st, n, *args)
-
-
-def run_epochs(
-    program: Callable[[Any, int], tuple[Any, Any, Any, Any]],
-    state: Any,
-    epochs: range,
-    best: Best,
-    diverged: Callable[[int, np.ndarray, np.ndarray], str],
-    size: int = 1,
-    every: int | None = None,
-) -> Iterator[Epoch]:
-    """Runs ``epochs`` in calls of :func:`epochs_program` (``program(state, n)``, its data
-    bound; :func:`calls` with ``size`` and ``every`` says how many per call), updates ``best``
-    and yields an :class:`Epoch` per epoch. A NaN/Inf loss raises :class:`Diverged` with
-    ``diverged(epoch, bad_members, first_bad_steps)`` after the epochs before it were yielded,
-    before the bad state is used.
-
-    Pipelined: call ``k + 1`` is dispatched *before* call ``k``'s metrics are read, so the
-    device never waits for the host's work between calls (reading metrics, the best params,
-    writing rows and checkpoints while ``k + 1`` runs). The program must therefore not donate
-    its state: the state yielded for call ``k`` stays valid. A call dispatched past a stop
-    (divergence, Ctrl-C, the consumer's exception) is dropped unused. ``Epoch.seconds`` is the
-    wall time from one call's results to the next, shared by its epochs (validation included;
-    the first from its dispatch).
-    """
-    plan = calls(epochs, size, every)
-    t0 = time.perf_counter()
-    if not plan:
-        return
-    pending = program(state, plan[0][1])
-    for c, (first, n) in enumerate(plan):
-        new_state, m, val, call_best = pending
-        if c + 1 < len(plan):
-            pending = program(new_state, plan[c + 1][1])  # queued behind this call: runs while we read it
-        m, val, index, best_val = parallel.host((m, val, call_best["index"], call_best["val"]))
-        step = m["nonfinite_step"][:n].reshape(n, -1)
-        bad = (step >= 0) | ~np.isfinite(m["loss"][:n].reshape(n, -1))
-        good = int(np.argmax(bad.any(1))) if bad.any() else n
-        t1 = time.perf_counter()
-        seconds, t0 = (t1 - t0) / n, t1
-        if good:
-            best.update(first + index, best_val, call_best["params"])
-        for i in range(good):
-            yield Epoch(
-                first + i,
-                new_state if i == n - 1 else None,
-                {k: v[i] for k, v in m.items() if k != "nonfinite_step"},
-                {k: v[i] for k, v in val.items()},
-                seconds,
-            )
-        if good < n:
-            raise Diverged(
-                diverged(first + good, np.flatnonzero(bad[good]), np.maximum(step[good][bad[good]], 0))
-            )
-
-
 def call_end(rule: SaveRule, epoch: int, last: bool) -> tuple[bool, bool]:
     """``(save, stop)`` at the end of a compiled call, whose state is on hand: save when
     ``rule`` is due, at the ``last`` epoch or on a signal; stop on a signal (SIGINT or SIGTERM),
@@ -642,44 +460,80 @@ def call_end(rule: SaveRule, epoch: int, last: bool) -> tuple[bool, bool]:
     return save, stop
 
 
+EpochRunner = Callable[
+    [Any, range, Best, Callable[[int, np.ndarray, np.ndarray], str], int | None], Iterator[Epoch]
+]
+"""How the loop runs epochs: ``run(state, epochs, best, diverged, every)`` trains ``epochs`` from
+``state``, updates ``best``, yields an :class:`Epoch` each (``state`` set where a checkpoint may
+be written: at least at a multiple of ``every`` and at the last), and raises :class:`Diverged`
+with ``diverged(epoch, bad_members, first_bad_steps)`` on a NaN/Inf loss, before the bad state
+is used. :func:`one_epoch_per_call` here; :func:`jaxl2.mnist.fused.fused_epochs` runs several
+per compiled call."""
+
+
+def one_epoch_per_call(
+    epoch_fn: Callable[..., tuple[Any, Any]],
+    evaluate_fn: Callable[..., Any],
+    state: Any,
+    *args: Any,
+    latest=False,
+) -> EpochRunner:
+    """The plain way to run epochs: one compiled call per epoch, ``epoch_fn(state, *args) ->
+    (state, metrics)`` then ``evaluate_fn(state.params, *args)``, compiled here for ``state``
+    and ``args`` (``latest`` is :class:`Best`'s own)."""
+
+    def one(st: Any, *args: Any) -> tuple[Any, Any, Any]:
+        st, m = epoch_fn(st, *args)
+        return st, m, evaluate_fn(st.params, *args)
+
+    compiled = jax.jit(one).lower(state, *args).compile()
+
+    def run(state: Any, epochs: range, best: Best, diverged: Any, every: int | None) -> Iterator[Epoch]:
+        for epoch in epochs:
+            t0 = time.perf_counter()
+            state, m, val = compiled(state, *args)
+            m, val = parallel.host((m, val))
+            step = m.pop("nonfinite_step")
+            if step >= 0 or not np.isfinite(m["loss"]):
+                raise Diverged(diverged(epoch, np.array([0]), np.array([max(int(step), 0)])))
+            best.update(epoch, val["accuracy"], state.params)
+            yield Epoch(epoch, state, m, val, time.perf_counter() - t0)
+
+    return run
+
+
 def train_epochs(
-    program: Callable[[Any, int], tuple[Any, Any, Any, Any]] | None,
+    run: EpochRunner,
     state: Any,
     epochs: range,
     best: Best,
     *,
     diverged: Callable[[int, np.ndarray, np.ndarray], str],
-    size: int,
     every: int | None,
     save: Callable[[int, Any], None],
     on_epoch: Callable[[Epoch], None] | None = None,
     where: Callable[[int], str] = lambda epoch: f"after epoch {epoch}",
 ) -> Any:
-    """The one training driver of a run, a sweep's chunk and a refit: :func:`run_epochs`, and at
-    the end of each compiled call (:func:`call_end`) ``save(epoch, state)`` when a checkpoint is
-    due and a stop on SIGINT/SIGTERM (:func:`stopped`, ``where(epoch)`` in its message).
-    ``on_epoch(epoch)`` sees every :class:`Epoch` before its call's checkpoint is written.
-    Returns the last state; ``best`` is updated in place.
+    """The one training driver of a run, a sweep's chunk and a refit: ``run`` (an
+    :data:`EpochRunner`), and at each epoch whose state is on hand (:func:`call_end`)
+    ``save(epoch, state)`` when a checkpoint is due and a stop on SIGINT/SIGTERM
+    (:func:`stopped`, ``where(epoch)`` in its message). ``on_epoch(epoch)`` sees every
+    :class:`Epoch` before its checkpoint is written. Returns the last state; ``best`` is updated
+    in place.
 
-    Example (a "program" of plain Python that adds 1 per epoch):
-      >>> import numpy as np
+    Example (a runner of plain Python that adds 1 per epoch, its state on hand every 2 epochs):
       >>> from types import SimpleNamespace as NS
-      >>> def program(st, n):
-      ...     m = {"loss": np.zeros(n), "nonfinite_step": -np.ones(n, int)}
-      ...     best = {"index": n - 1, "val": 0.5, "params": st.params + n}
-      ...     return NS(params=st.params + n), m, {"accuracy": np.full(n, 0.5)}, best
+      >>> def run(st, epochs, best, diverged, every):
+      ...     for e in epochs:
+      ...         yield Epoch(e, NS(params=e) if e % 2 == 0 or e == epochs[-1] else None, {}, {}, 0.0)
       >>> saved = []
-      >>> end = train_epochs(program, NS(params=0), range(1, 6), Best(0, lambda b, p, better: p),
-      ...                    diverged=str, size=2, every=None, save=lambda e, st: saved.append(e))
+      >>> end = train_epochs(run, NS(params=0), range(1, 6), Best(0, lambda b, p, better: p),
+      ...                    diverged=str, every=None, save=lambda e, st: saved.append(e))
       >>> end.params, saved
       (5, [5])
     """
     rule = SaveRule(every)
-    if program is None:  # nothing compiled: no epoch is left to train
-        if len(epochs):
-            raise ValueError(f"no program to train epochs {epochs}")
-        return state
-    for ep in run_epochs(program, state, epochs, best, diverged, size, every):
+    for ep in run(state, epochs, best, diverged, every):
         stop = False
         if on_epoch:
             on_epoch(ep)
@@ -764,6 +618,8 @@ class Run:
     checkpoint_every: int | None
     on_epoch: Callable[[dict[str, Any]], None] | None
     log: Callable[[str], None]
+    # how epochs run: one per compiled call, or jaxl2.mnist.fused.fused_epochs (jaxl2 train's)
+    make_runner: Callable[..., EpochRunner] = one_epoch_per_call
 
     @property
     def metrics(self) -> str:
@@ -838,14 +694,13 @@ def _epochs(
     row each; returns the last state, the training seconds and the compiling seconds."""
     cfg, primary = job.cfg, job.primary
     data = tuple(parallel.put(a, job.mesh) for a in (*job.ds.need("train"), *job.ds.need("val")))
-    size = epochs_per_call(len(job.ds.need("train").y))
-    seconds, compile_seconds, program = 0.0, 0.0, None
+    seconds, compile_seconds = 0.0, 0.0
+    run: EpochRunner = lambda *_: iter(())  # noqa: E731 (nothing is left to train)
     if start < cfg.epochs:  # compiled here, so that no epoch's time includes compiling
         t0 = time.perf_counter()
-        program = compile_epochs(
+        run = job.make_runner(
             trainer.run_epoch,
             lambda p, x, y, xv, yv: trainer.eval_fn(p, xv, yv),
-            size,
             state,
             *data,
             latest=trainer.latest,  # each call keeps the params that `best` keeps
@@ -874,12 +729,11 @@ def _epochs(
             ckpt.save(epoch, _run_state(st, best), best.epoch)
 
         state = train_epochs(
-            program,
+            run,
             state,
             range(start + 1, cfg.epochs + 1),
             best,
             diverged=diverged,
-            size=size,
             every=job.checkpoint_every,
             save=save,
             on_epoch=on,

@@ -11,6 +11,7 @@ from jaxl2.mnist import cli
 from jaxl2.mnist import run as _run
 from jaxl2.mnist.cli import report
 from jaxl2.mnist.config import Config, ConfigError, SweepSettings
+from jaxl2.mnist.evaluate import evaluate_run
 from jaxl2.mnist.results import RunSummary
 from tests.keys import assert_typed
 from tests.runs import assert_refused_in_one_line, latest_state, rows_of, stopped_and_resumed
@@ -44,10 +45,10 @@ def test_auto_run_writes_lambdas_and_resumes_exactly(tmp_path):
     at_best = lams[summary["best_epoch"] - 1]
     expected = sum(lam / 2 * summary["kernel_sq_norm"][p] for lam, p in zip(at_best, LAYERS))
     assert summary["penalty"] == pytest.approx(expected, rel=1e-5)
-    best = _run.evaluate_run(out_a, refit=False)  # jaxl2 eval reads an auto run's best checkpoint
+    best = evaluate_run(out_a, refit=False)  # jaxl2 eval reads an auto run's best checkpoint
     assert best["accuracy"] == pytest.approx(summary["test_accuracy"], abs=1e-6)
     # and by default its refit, trained with the run's final λs fixed
-    assert _run.evaluate_run(out_a)["accuracy"] == pytest.approx(summary["refit_test_accuracy"], abs=1e-6)
+    assert evaluate_run(out_a)["accuracy"] == pytest.approx(summary["refit_test_accuracy"], abs=1e-6)
 
     # stopped after epoch 3 (checkpoint at 2), resumed: the same λs and the same params
     out_b = str(tmp_path / "b")

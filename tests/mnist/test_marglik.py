@@ -15,6 +15,7 @@ from jaxl2.mnist import cli
 from jaxl2.mnist import run as _run
 from jaxl2.mnist.cli import report
 from jaxl2.mnist.config import Config, ConfigError, SweepSettings
+from jaxl2.mnist.evaluate import evaluate_run
 from jaxl2.mnist.marglik import EvidenceTrainer, dense_ggn
 from jaxl2.mnist.model import model_of
 from jaxl2.mnist.results import RunSummary
@@ -207,7 +208,7 @@ def test_an_evidence_run_trains_on_everything_records_and_resumes_exactly(tmp_pa
     assert summary["penalty"] == pytest.approx(rows[-1]["train_penalty"], rel=1e-5)
     assert summary["l2_final"] == {p: pytest.approx(lams[-1, i], rel=1e-6) for i, p in enumerate(LAYERS)}
     assert open(os.path.join(out_a, "lambda.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-    assert _run.evaluate_run(out_a)["accuracy"] == pytest.approx(summary["test_accuracy"], abs=1e-6)
+    assert evaluate_run(out_a)["accuracy"] == pytest.approx(summary["test_accuracy"], abs=1e-6)
     text = report.format_summary(summary)
     assert "the last epoch's params, 4 of 4: val was part of the training data" in text
     assert "λ per layer (evidence, at the end)" in text and "log evidence at the last λ update" in text

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from jaxl2.mnist import sigint, train
+from jaxl2.mnist import fused, sigint, train
 from tests.mnist.test_rundir import (
     SMALL,
     first_line_of_resume,
@@ -119,12 +119,11 @@ def test_a_signal_in_the_last_compiled_call_stops_after_saving_it():
     with sigint.deferred():
         with pytest.raises(train.Interrupted, match="interrupted after epoch 4") as e:
             train.train_epochs(
-                program,
+                fused.runner(program, 2),
                 NS(params=0),
                 range(1, 5),
                 train.Best(0, lambda b, p, better: p),
                 diverged=str,
-                size=2,
                 every=None,
                 save=lambda epoch, st: saved.append((epoch, st.params)),
                 on_epoch=on_epoch,

@@ -20,6 +20,7 @@ import pytest
 from jaxl2.mnist import run as _run
 from jaxl2.mnist.config import Config, ConfigError, RunSettings, SweepSettings
 from jaxl2.mnist.data import load
+from jaxl2.mnist.evaluate import evaluate_run
 from jaxl2.mnist.results import MemberResult, PerL2, SweepRefit, SweepSummary
 from jaxl2.mnist.rundir import StepStore
 from jaxl2.mnist.runtime import enable_compilation_cache
@@ -295,20 +296,20 @@ def test_sweep_stopped_before_its_first_checkpoint_removes_its_directory(tmp_pat
 def test_eval_of_a_sweep_evaluates_the_member_it_names(ref):
     rows = ref["results"]
     best = max((r for r in rows if r["l2"] == ref["selected_l2"]), key=lambda r: r["val_accuracy"])
-    res = _run.evaluate_run(ref["out"])  # default: the selected λ, its best seed
+    res = evaluate_run(ref["out"])  # default: the selected λ, its best seed
     assert (res["l2"], res["seed"], res["model"]) == (ref["selected_l2"], best["seed"], "best")
     assert res["accuracy"] == pytest.approx(best["test_accuracy"], abs=1e-6)
-    last = _run.evaluate_run(ref["out"], split="val", l2=1e-2, seed=1)  # the last member, chunk 2
+    last = evaluate_run(ref["out"], split="val", l2=1e-2, seed=1)  # the last member, chunk 2
     assert last["accuracy"] == pytest.approx(rows[3]["val_accuracy"], abs=1e-6)
     assert _run.load_run_config(ref["out"], l2=1e-2, seed=1) == Config(
         **{**vars(SMALL), "l2": 1e-2, "seed": 1, "lr": 0.3}
     )
     with pytest.raises(ConfigError, match=r"l2 0.5 is not one of the sweep's λ \(allowed: 0, 0.01\)"):
-        _run.evaluate_run(ref["out"], l2=0.5)
+        evaluate_run(ref["out"], l2=0.5)
     with pytest.raises(ConfigError, match=r"seed 3 is not one of the sweep's seeds \(allowed: 0, 1\)"):
-        _run.evaluate_run(ref["out"], seed=3)
+        evaluate_run(ref["out"], seed=3)
     with pytest.raises(ConfigError, match="no refit model"):
-        _run.evaluate_run(ref["out"], refit=True)
+        evaluate_run(ref["out"], refit=True)
 
 
 def test_a_sweep_killed_by_sigkill_resumes_to_the_uninterrupted_bits(tmp_path):
@@ -359,11 +360,9 @@ def test_refit_added_to_a_finished_sweep_and_its_eval(ref, tmp_path):
     assert fit["l2"] == s["selected_l2"] and [m["seed"] for m in fit["members"]] == [0, 1]
     assert [m["refit_epochs"] for m in fit["members"]] == [r["best_epoch"] for r in chosen]
     assert {m["refit_examples"] for m in fit["members"]} == {4000}
-    res = _run.evaluate_run(str(out))  # the refit model of the selected member
+    res = evaluate_run(str(out))  # the refit model of the selected member
     member = next(m for m in fit["members"] if m["seed"] == res["seed"])
     assert res["model"] == "refit" and res["accuracy"] == pytest.approx(
         member["refit_test_accuracy"], abs=1e-6
     )
-    assert _run.evaluate_run(str(out), refit=False)["accuracy"] == pytest.approx(
-        member["test_accuracy"], abs=1e-6
-    )
+    assert evaluate_run(str(out), refit=False)["accuracy"] == pytest.approx(member["test_accuracy"], abs=1e-6)

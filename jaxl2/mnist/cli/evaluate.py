@@ -1,4 +1,4 @@
-"""``jaxl2 eval``: a run's model (or a sweep member's) on one split (:func:`jaxl2.mnist.run.evaluate_run`)."""
+"""``jaxl2 eval``: a run's model (or a sweep member's) on one split (:func:`jaxl2.mnist.evaluate.evaluate_run`)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ __all__ = ["run"]
 
 
 def run(args: argparse.Namespace) -> int:
-    from jaxl2.mnist import run as _run
     from jaxl2.mnist import sigint
+    from jaxl2.mnist.evaluate import evaluate_run
 
     sigint.allow()  # evaluation writes nothing
     enable_cache(args)
-    res = _run.evaluate_run(
+    res = evaluate_run(
         args.run, args.dataset, args.split, args.data_dir, l2=args.l2, seed=args.seed, refit=args.refit
     )
     if args.json:
