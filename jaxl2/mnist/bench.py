@@ -288,8 +288,8 @@ def hand_written_epoch(
 
     def init(seed: int):
         key, *keys = jax.random.split(jax.random.PRNGKey(seed), len(SIZES))
-        shapes = zip(keys, SIZES[:-1], SIZES[1:])
-        return [(jax.random.normal(k, (a, c)) / np.sqrt(a), jnp.zeros(c)) for k, a, c in shapes], key
+        layers = zip(keys, SIZES[:-1], SIZES[1:])
+        return [(jax.random.normal(k, (a, c)) / np.sqrt(a), jnp.zeros(c)) for k, a, c in layers], key
 
     def logits(params, x):
         for w, b in params[:-1]:
