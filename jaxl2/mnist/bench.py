@@ -455,12 +455,9 @@ def train_path(
         times = _interleave(fns, rounds)
     peers: dict[str, Any] = {"torch": None, "keras": None}
     for name in info:
+        rate = _rate(examples, times[name])
         speedup = statistics.median(p / j for p, j in zip(times[name], times["jaxl2"]))
-        peers[name] = {
-            **info[name],
-            "examples_per_second": _rate(examples, times[name]),
-            "jaxl2_speedup": speedup,
-        }
+        peers[name] = {**info[name], "examples_per_second": rate, "jaxl2_speedup": speedup}
     return {
         "train_examples": len(y_np),
         "val_examples": len(ds.need("val").y),
