@@ -604,7 +604,8 @@ def format_bench(r: dict[str, Any]) -> str:
                 if q is None:
                     lines.append(f"  {name}: not installed (optional peer)")
                     continue
-                label = PEER_LABELS[name + ("_cuda" if q.get("device") == "cuda" else "")].format(**q)
+                template = PEER_LABELS["torch_cuda" if q.get("device") == "cuda" else name]
+                label = template.format(**q)
                 rate = mm(q["examples_per_second"])
                 lines.append(f"  {label}: {rate} examples/s: jaxl2 is {q['jaxl2_speedup']:.2f}×")
     lines += [
