@@ -23,6 +23,7 @@ Run (about 1 minute per setting on 2 CPU cores)::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import tempfile
@@ -35,6 +36,7 @@ from jaxl2.mnist.config import Config, RunSettings
 from jaxl2.mnist.data import load
 from jaxl2.mnist.fused import calls, compile_epochs, epochs_per_call
 from jaxl2.mnist.run import train_and_evaluate
+from jaxl2.mnist.runtime import device_name
 from jaxl2.mnist.train import Trainer
 
 
@@ -91,15 +93,7 @@ def main() -> None:
     ds = load(args.dataset)
     data = tuple(jax.device_put(a) for a in (*ds.need("train"), *ds.need("val")))
     epochs = bench.PATH_EPOCHS if args.dataset == "mnist5k" else bench.FULL_EPOCHS
-    cfg = Config(
-        dataset=args.dataset,
-        optimizer="sgd",
-        schedule="constant",
-        lr=bench.PATH_LR,
-        l2=bench.PATH_L2,
-        batch_size=args.batch,
-        epochs=epochs,
-    )
+    cfg = dataclasses.replace(bench.PATH_RECIPE, dataset=args.dataset, batch_size=args.batch, epochs=epochs)
     with tempfile.TemporaryDirectory() as root:
         out = os.path.join(root, "run")
 
@@ -115,7 +109,7 @@ def main() -> None:
         }
         times = bench._interleave(fns, args.rounds)
     examples = epochs * (data[1].shape[0] // args.batch) * args.batch
-    print(f"{bench.device_name()}; {args.dataset}, batch {args.batch}, {epochs} epochs, {args.rounds} rounds")
+    print(f"{device_name()}; {args.dataset}, batch {args.batch}, {epochs} epochs, {args.rounds} rounds")
     for name, ts in times.items():
         ratio = statistics.median(p / t for p, t in zip(times["peer"], ts))
         print(f"  {name:20s} {examples / statistics.median(ts):10,.0f} examples/s   ÷ peer {ratio:.3f}")

@@ -77,6 +77,11 @@ def _stats(xs: list[float]) -> dict[str, float]:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
 
 
+def _rate(examples: int, seconds: list[float]) -> dict[str, float]:
+    """``_stats`` of examples/s, given the seconds that ``examples`` took in each round."""
+    return _stats([examples / t for t in seconds])
+
+
 def _interleave(fns: Mapping[Any, Callable[[], float]], rounds: int) -> dict[Any, list[float]]:
     """Runs each timing function once per round, in turn, the order reversed every other round
     (A B, B A, …: whatever drifts within a round favours no one); returns the seconds of each."""
@@ -114,9 +119,8 @@ def _epoch_timer(epoch: Any, state: Any, *args: Any) -> tuple[Callable[[], float
 def _random_data(n: int) -> tuple[np.ndarray, np.ndarray]:
     """``n`` uniform [0, 1) images and labels (throughput does not depend on the values)."""
     rng = np.random.default_rng(0)
-    return rng.uniform(size=(n, INPUT_DIM)).astype(np.float32), rng.integers(0, NUM_CLASSES, n).astype(
-        np.int32
-    )
+    x = rng.uniform(size=(n, INPUT_DIM)).astype(np.float32)
+    return x, rng.integers(0, NUM_CLASSES, n).astype(np.int32)
 
 
 def gemm_rates(rounds: int, n: int = 2048) -> dict[str, Any]:
@@ -172,8 +176,8 @@ def throughput(batch: int, n: int, rounds: int) -> dict[str, Any]:
     times = _interleave(fns, rounds * L2_PAIRS_PER_ROUND)
     ex = (n // batch) * batch
     return {
-        "examples_per_second": _stats([ex / t for t in times["l2"]]),
-        "examples_per_second_no_l2": _stats([ex / t for t in times["no_l2"]]),
+        "examples_per_second": _rate(ex, times["l2"]),
+        "examples_per_second_no_l2": _rate(ex, times["no_l2"]),
         "l2_overhead": _stats([a / b - 1 for a, b in zip(times["l2"], times["no_l2"])]),
         "epoch_compile_seconds": compile_s["l2"],
     }
@@ -200,29 +204,21 @@ def sweep_scaling(members: tuple[int, ...], n: int, rounds: int) -> dict[str, An
     return out
 
 
-_FIRST_STEP = """
-import time, sys
-t0 = float(sys.argv[1])
-import jax
-from jaxl2.mnist.config import Config
-from jaxl2.mnist.data import load
-from jaxl2.mnist.runtime import enable_compilation_cache
-from jaxl2.mnist.train import Trainer
-enable_compilation_cache()  # in $JAXL2_CACHE_DIR, as the parsed mnist5k
-d = load("mnist5k")
-tr = Trainer(Config(), len(d.train.y))
-s = tr.init()
-s, m = tr.train_step(s, (d.train.x[:128], d.train.y[:128]))
-jax.block_until_ready(m)
-print(time.time() - t0)
-"""
-
-
-_FLOOR = """
-import time, sys
+_PROBE = """
+import sys, time
 t0 = float(sys.argv[1])
 import jax, jax.numpy as jnp
-jax.block_until_ready(jax.jit(lambda x: x + 1)(jnp.float32(1)))
+if sys.argv[2] == "floor":
+    jax.block_until_ready(jax.jit(lambda x: x + 1)(jnp.float32(1)))
+else:  # the default recipe's first step on mnist5k, with the cache in $JAXL2_CACHE_DIR
+    from jaxl2.mnist.config import Config
+    from jaxl2.mnist.data import load
+    from jaxl2.mnist.runtime import enable_compilation_cache
+    from jaxl2.mnist.train import Trainer
+    enable_compilation_cache()
+    d = load("mnist5k")
+    tr = Trainer(Config(), len(d.train.y))
+    jax.block_until_ready(tr.train_step(tr.init(), (d.train.x[:128], d.train.y[:128])))
 print(time.time() - t0)
 """
 
@@ -244,10 +240,9 @@ def startup(rounds: int) -> dict[str, Any]:
     out: dict[str, list[float]] = {"floor": [], "cold": [], "warm": []}
     for _ in range(rounds):
         with tempfile.TemporaryDirectory() as cache:
-            for which, code in (("floor", _FLOOR), ("cold", _FIRST_STEP), ("warm", _FIRST_STEP)):
-                out[which].append(
-                    float(_child(["-c", code, repr(time.time())], cache, "start-up probe").split()[-1])
-                )
+            for which in out:  # floor, then cold (nothing compiled or parsed yet), then warm
+                argv = ["-c", _PROBE, repr(time.time()), which]
+                out[which].append(float(_child(argv, cache, "start-up probe").split()[-1]))
     over = {k: [t - f for t, f in zip(out[k], out["floor"])] for k in ("cold", "warm")}
     return {
         **{f"{k}_seconds": _stats(v) for k, v in out.items()},
@@ -292,19 +287,15 @@ def hand_written_epoch(
     """
 
     def init(seed: int):
-        key = jax.random.PRNGKey(seed)
-        params = []
-        for d_in, d_out in zip(SIZES[:-1], SIZES[1:]):
-            key, k = jax.random.split(key)
-            params.append((jax.random.normal(k, (d_in, d_out)) / np.sqrt(d_in), jnp.zeros(d_out)))
-        return params, key
+        key, *keys = jax.random.split(jax.random.PRNGKey(seed), len(SIZES))
+        layers = zip(keys, SIZES[:-1], SIZES[1:])
+        return [(jax.random.normal(k, (a, c)) / np.sqrt(a), jnp.zeros(c)) for k, a, c in layers], key
 
     def logits(params, x):
-        h = x
-        for i, (w, b) in enumerate(params):
-            h = h @ w + b
-            h = jax.nn.relu(h) if i < len(params) - 1 else h
-        return h
+        for w, b in params[:-1]:
+            x = jax.nn.relu(x @ w + b)
+        w, b = params[-1]
+        return x @ w + b
 
     def cross_entropy(h, y):
         return jnp.mean(jax.nn.logsumexp(h, -1) - jnp.take_along_axis(h, y[:, None], -1)[:, 0])
@@ -323,12 +314,11 @@ def hand_written_epoch(
         steps = x.shape[0] // batch
         perm = jax.random.permutation(k, x.shape[0])[: steps * batch].reshape(steps, batch)
 
-        def body(p, idx):
+        def sgd_step(p, idx):
             g = jax.grad(loss)(p, x[idx], y[idx])
             return jax.tree_util.tree_map(lambda a, b: a - lr * b, p, g), None
 
-        params, _ = jax.lax.scan(body, params, perm)
-        return params, key
+        return jax.lax.scan(sgd_step, params, perm)[0], key
 
     return init, epoch, evaluate
 
@@ -368,10 +358,8 @@ def _torch_peer(batch: int, x_np: np.ndarray, y_np: np.ndarray) -> tuple[Callabl
     dev = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     nn = torch.nn
-    model = nn.Sequential(
-        nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
-    ).to(dev)
-    linear = [m for m in model if isinstance(m, nn.Linear)]
+    linear = [nn.Linear(a, c) for a, c in zip(SIZES[:-1], SIZES[1:])]
+    model = nn.Sequential(linear[0], nn.ReLU(), linear[1], nn.ReLU(), linear[2]).to(dev)
     groups = [
         {"params": [m.weight for m in linear], "weight_decay": PATH_L2},
         {"params": [m.bias for m in linear]},
@@ -404,15 +392,13 @@ def _keras_peer(batch: int, x: np.ndarray, y: np.ndarray) -> tuple[Callable[[], 
     if keras.backend.backend() != "tensorflow":
         return None
     reg = keras.regularizers.L2(PATH_L2 / 2)  # Keras adds L2·Σw²: this is jaxl2's λ
-    layers = [keras.layers.Dense(256, activation="relu", kernel_regularizer=reg) for _ in range(2)]
-    model = keras.Sequential([keras.Input((784,)), *layers, keras.layers.Dense(10, kernel_regularizer=reg)])
+    hidden = [keras.layers.Dense(c, activation="relu", kernel_regularizer=reg) for c in SIZES[1:-1]]
+    out = keras.layers.Dense(NUM_CLASSES, kernel_regularizer=reg)
+    model = keras.Sequential([keras.Input((INPUT_DIM,)), *hidden, out])
     steps = len(y) // batch
-    model.compile(
-        optimizer=keras.optimizers.SGD(PATH_LR),
-        jit_compile=True,
-        steps_per_execution=steps,
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    sgd = keras.optimizers.SGD(PATH_LR)
+    model.compile(optimizer=sgd, loss=loss, jit_compile=True, steps_per_execution=steps)
 
     def epoch():
         model.fit(x, y, batch_size=batch, epochs=1, steps_per_epoch=steps, shuffle=True, verbose=0)
@@ -442,45 +428,42 @@ def train_path(
     examples = epochs * (len(y_np) // batch) * batch
     x, y = jax.device_put((x_np, y_np))
     cfg = dataclasses.replace(PATH_RECIPE, dataset=dataset, batch_size=batch, epochs=epochs)
+    info: dict[str, Any] = {"jax": {"version": jax.__version__}, "jax_val": {"version": jax.__version__}}
     with tempfile.TemporaryDirectory() as root:
 
         def jaxl2_train() -> float:
-            return train_and_evaluate(
-                cfg, os.path.join(root, "run"), RunSettings(refit=False), overwrite=True
-            )["seconds"]
+            run = train_and_evaluate(cfg, os.path.join(root, "run"), RunSettings(refit=False), overwrite=True)
+            return run["seconds"]
 
         if warm_up:
             jaxl2_train()  # the first run in a process pays one-time costs
-        fns: dict[str, Callable[[], float]] = {
+        fns = {
             "jaxl2": jaxl2_train,
             "jax": _hand_written_timer(batch, x, y, epochs),
             "jax_val": _hand_written_timer(batch, x, y, epochs, jax.device_put(tuple(ds.need("val")))),
         }
-        info: dict[str, Any] = {"jax": {"version": jax.__version__}, "jax_val": {"version": jax.__version__}}
         for name, peer in (("torch", _torch_peer), ("keras", _keras_peer)):
             made = peer(batch, x_np, y_np)
             if made is not None:
                 one_epoch, info[name] = made
                 one_epoch()  # warm-up (Keras compiles here)
 
-                def peer_epochs(one_epoch=one_epoch):
+                def peer_epochs(one_epoch=one_epoch) -> float:
                     return _seconds(lambda: [one_epoch() for _ in range(epochs)])
 
                 fns[name] = peer_epochs
         times = _interleave(fns, rounds)
     peers: dict[str, Any] = {"torch": None, "keras": None}
     for name in info:
-        peers[name] = {
-            **info[name],
-            "examples_per_second": _stats([examples / t for t in times[name]]),
-            "jaxl2_speedup": statistics.median(p / j for p, j in zip(times[name], times["jaxl2"])),
-        }
+        rate = _rate(examples, times[name])
+        speedup = statistics.median(p / j for p, j in zip(times[name], times["jaxl2"]))
+        peers[name] = {**info[name], "examples_per_second": rate, "jaxl2_speedup": speedup}
     return {
         "train_examples": len(y_np),
         "val_examples": len(ds.need("val").y),
         "epochs": epochs,
         "examples": examples,
-        "examples_per_second": _stats([examples / t for t in times["jaxl2"]]),
+        "examples_per_second": _rate(examples, times["jaxl2"]),
         "peers": peers,
     }
 
@@ -514,10 +497,10 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
             rows.append({"name": name, "value": value, "target": bound, "at_least": at_least, "met": met})
 
     gpu = not r["device"].startswith("cpu")
+    equal = "jaxl2 train ÷ hand-written JAX epoch + validation (equal work)"
     for w, paths in r["path"].items():
         for b, p in paths.items():
             if not gpu or w == "full-size":
-                equal = "jaxl2 train ÷ hand-written JAX epoch + validation (equal work)"
                 add(f"{equal}, {w}, batch {b}", p["peers"]["jax_val"]["jaxl2_speedup"], 0.9 if gpu else 1.0)
             if not gpu:
                 torch = p["peers"]["torch"]
@@ -527,13 +510,13 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
         add("jaxl2 train, fraction of the GEMM ceiling, full-size, batch 128", fraction, 0.6)
     for b, t in r["train"].items():
         add(f"L2 overhead, batch {b} (median of paired rounds)", t["l2_overhead"]["median"], 0.02, False)
-    add("warm start − its floor, seconds", r["startup"]["warm_over_floor_seconds"]["median"], 0.5, False)
-    add("cold start − its floor, seconds", r["startup"]["cold_over_floor_seconds"]["median"], 2.0, False)
+    for which, bound in (("warm", 0.5), ("cold", 2.0)):
+        over = r["startup"][f"{which}_over_floor_seconds"]["median"]
+        add(f"{which} start − its floor, seconds", over, bound, False)
     for which, d in r.get("command", {}).items():
-        compute = d["training_seconds"] + d["refit_seconds"]
-        bound = 3 * compute + 5 if gpu else 1.3 * compute
+        bound = 3 + 5 / (d["training_seconds"] + d["refit_seconds"]) if gpu else 1.3  # GPU: 3 × compute + 5 s
         name = f"default jaxl2 train ({which} cache), wall ÷ (training + refit)"
-        add(name, d["wall_over_compute"], bound / compute, False)
+        add(name, d["wall_over_compute"], bound, False)
     if gpu:
         vm = r["sweep"]["vmap"]
         k = max(vm, key=int)
@@ -585,30 +568,30 @@ def mm(s: dict[str, float], scale: float = 1.0, fmt: str = "{:,.0f}") -> str:
     return f"{median} ({low}–{high})"
 
 
-PEER_LABELS = {
-    "jax": lambda p: f"hand-written jitted JAX epoch (jax {p['version']})",
-    "jax_val": lambda p: "the same + jaxl2's validation every epoch (equal work)",
-    "torch": lambda p: (
-        f"PyTorch eager ({p['version']}, CUDA)"
-        if p.get("device") == "cuda"
-        else f"PyTorch eager ({p['version']}, {p['threads']} threads)"
-    ),
-    "keras": lambda p: f"Keras {p['version']} (TensorFlow, jit_compile, steps_per_execution)",
+PEER_LABELS = {  # str.format templates over a peer's result; PyTorch on CUDA names no threads
+    "jax": "hand-written jitted JAX epoch (jax {version})",
+    "jax_val": "the same + jaxl2's validation every epoch (equal work)",
+    "torch": "PyTorch eager ({version}, {threads} threads)",
+    "torch_cuda": "PyTorch eager ({version}, CUDA)",
+    "keras": "Keras {version} (TensorFlow, jit_compile, steps_per_execution)",
 }
 
 
 def format_bench(r: dict[str, Any]) -> str:
     """The human-readable report of :func:`run_bench`'s result."""
     (big, gemm), *shapes = r["gemm_gflops"].items()
-    lines = [f"device: {r['device']}   rounds: {r['rounds']} (interleaved; median (min–max))", ""]
-    lines.append(f"float32 GEMM {big}: {mm(gemm, fmt='{:,.1f}')} GFLOP/s")
-    lines += [f"  model shape {name}: {mm(s, fmt='{:,.1f}')} GFLOP/s" for name, s in shapes]
     xla = r["xla_flops_per_example"]
-    lines.append(
+    su = {k: mm(v, fmt="{:.2f}") for k, v in r["startup"].items()}
+    lines = [
+        f"device: {r['device']}   rounds: {r['rounds']} (interleaved; median (min–max))",
+        "",
+        f"float32 GEMM {big}: {mm(gemm, fmt='{:,.1f}')} GFLOP/s",
+        *(f"  model shape {name}: {mm(s, fmt='{:,.1f}')} GFLOP/s" for name, s in shapes),
         f"FLOPs per training example: {r['flops_per_example']:,} (XLA cost analysis: "
-        f"{xla['128']:,.0f} at batch 128, {xla['1024']:,.0f} at 1024)"
-    )
-    lines += [f"ceiling: {r['ceiling_examples_per_second']:,.0f} examples/s", ""]
+        f"{xla['128']:,.0f} at batch 128, {xla['1024']:,.0f} at 1024)",
+        f"ceiling: {r['ceiling_examples_per_second']:,.0f} examples/s",
+        "",
+    ]
     for paths in r["path"].values():
         for b, p in paths.items():
             lines.append(
@@ -616,18 +599,20 @@ def format_bench(r: dict[str, Any]) -> str:
                 f"every epoch, {p['epochs']} epochs), batch {b}: {mm(p['examples_per_second'])} examples/s, "
                 f"{100 * p['fraction_of_ceiling']:.1f}% of the ceiling"
             )
-            for name, label in PEER_LABELS.items():
-                q = p["peers"].get(name)
-                lines.append(
-                    f"  {label(q)}: {mm(q['examples_per_second'])} examples/s: jaxl2 is {q['jaxl2_speedup']:.2f}×"
-                    if q
-                    else f"  {name}: not installed (optional peer)"
-                )
-    lines.append("")
-    lines.append(
+            for name in ("jax", "jax_val", "torch", "keras"):
+                q = p["peers"][name]
+                if q is None:
+                    lines.append(f"  {name}: not installed (optional peer)")
+                    continue
+                template = PEER_LABELS["torch_cuda" if q.get("device") == "cuda" else name]
+                label = template.format(**q)
+                rate = mm(q["examples_per_second"])
+                lines.append(f"  {label}: {rate} examples/s: jaxl2 is {q['jaxl2_speedup']:.2f}×")
+    lines += [
+        "",
         f"{'batch':>5}  {'epoch only: examples/s (L2)':>28}  {'of ceiling':>10}  {'of shape ceiling':>22}  "
-        f"{'L2 overhead':>22}  compile"
-    )
+        f"{'L2 overhead':>22}  compile",
+    ]
     for b, t in r["train"].items():
         shape = (
             f"{100 * t['fraction_of_shape_ceiling']:.1f}% of {t['shape_ceiling_examples_per_second']:,.0f}"
@@ -636,12 +621,11 @@ def format_bench(r: dict[str, Any]) -> str:
             f"{b:>5}  {mm(t['examples_per_second']):>28}  {100 * t['fraction_of_ceiling']:>9.1f}%  {shape:>22}  "
             f"{mm(t['l2_overhead'], 100, '{:+.1f}%'):>22}  {t['epoch_compile_seconds']:.2f} s"
         )
-    lines.append("(shape ceiling: the step's GEMMs alone, at the rates measured for the model's own shapes)")
-    su = {k: mm(v, fmt="{:.2f}") for k, v in r["startup"].items()}
-    lines.append(
+    lines += [
+        "(shape ceiling: the step's GEMMs alone, at the rates measured for the model's own shapes)",
         f"start-up (process start → first trained step): cold {su['cold_seconds']} s, warm cache "
-        f"{su['warm_seconds']} s; floor (import jax + a trivial jit) {su['floor_seconds']} s"
-    )
+        f"{su['warm_seconds']} s; floor (import jax + a trivial jit) {su['floor_seconds']} s",
+    ]
     for which, d in r.get("command", {}).items():
         lines.append(
             f"default jaxl2 train, {which} cache: {d['wall_seconds']:.1f} s wall for {d['training_seconds']:.2f} s "
@@ -653,8 +637,6 @@ def format_bench(r: dict[str, Any]) -> str:
         lines.append(f"sweep ({ex}): seconds per member-epoch (relative to K=1): " + ", ".join(per_k))
     lines += ["", "targets:"]
     for t in r["targets"]:
-        op = "≥" if t["at_least"] else "≤"
-        lines.append(
-            f"  {'met ' if t['met'] else 'MISS'}  {t['name']}: {t['value']:.4f} ({op} {t['target']:g})"
-        )
+        mark, op = "met " if t["met"] else "MISS", "≥" if t["at_least"] else "≤"
+        lines.append(f"  {mark}  {t['name']}: {t['value']:.4f} ({op} {t['target']:g})")
     return "\n".join(lines)
