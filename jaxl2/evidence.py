@@ -65,7 +65,7 @@ import optax
 
 from jaxl2 import select as _select
 from jaxl2.errors import Jaxl2Error, describe
-from jaxl2.penalty import check_center, check_order, coefficients
+from jaxl2.penalty import check_order
 from jaxl2.rules import Stacked, has_schedule, is_traced, plan
 
 __all__ = ["Curvature", "ggn", "ggn_lanczos", "log_evidence", "evidence_l2", "LIKELIHOODS", "STRUCTURES"]
@@ -111,31 +111,20 @@ class Curvature:
     structure: str
 
 
-def _chosen(params: Any, select: _select.Selector) -> tuple[list[int], list[str], Any, list[Any]]:
-    """The selected leaves' indices among ``params``'s leaves, their paths, the treedef, the leaves."""
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-    wanted = [p for p, _ in _select.resolve(params, select)]
-    paths = [_select.path_str(kp) for kp, _ in flat]
-    idx = [paths.index(p) for p in wanted]
-    return idx, wanted, treedef, [x for _, x in flat]
-
-
 def _flat_outputs(
     apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any, select: _select.Selector
 ) -> tuple[list[str], jax.Array, Callable[[jax.Array], Any], Callable[[jax.Array, jax.Array], jax.Array]]:
     """The selected paths, their leaves raveled ``θ`` (P,), ``unravel`` and ``outputs(θ, x)``:
     ``apply_fn`` at ``params`` with the selected leaves taken from ``θ``, as ``(len(x), -1)``."""
-    idx, paths, treedef, leaves = _chosen(params, select)
-    theta, unravel = jax.flatten_util.ravel_pytree([leaves[i] for i in idx])
+    chosen = _select.resolve(params, select)
+    theta, unravel = jax.flatten_util.ravel_pytree([w for _, w in chosen])
 
     def outputs(theta: jax.Array, xb: jax.Array) -> jax.Array:
-        full = list(leaves)
-        for i, leaf in zip(idx, unravel(theta)):
-            full[i] = leaf
-        out = apply_fn(jax.tree_util.tree_unflatten(treedef, full), xb)
-        return out.reshape(xb.shape[0], -1)
+        new = dict(zip([p for p, _ in chosen], unravel(theta)))
+        swapped = jax.tree_util.tree_map_with_path(lambda kp, w: new.get(_select.path_str(kp), w), params)
+        return apply_fn(swapped, xb).reshape(xb.shape[0], -1)
 
-    return paths, theta, unravel, outputs
+    return [p for p, _ in chosen], theta, unravel, outputs
 
 
 def _gauss_newton(jac: jax.Array, out: jax.Array, likelihood: str, sigma: float, full: bool) -> jax.Array:
@@ -377,85 +366,35 @@ def ggn_lanczos(
     )
 
 
-def _check_curvature(curvature: Any, params: Any, select: _select.Selector) -> list[Any]:
-    """The selected leaves, once ``curvature`` is known to be of them."""
-    if not isinstance(curvature, Curvature):
-        raise Jaxl2Error(f"curvature must be what jaxl2.ggn returns, got {type(curvature).__name__}")
-    idx, paths, _, leaves = _chosen(params, select)
-    if tuple(paths) != curvature.paths:
-        raise Jaxl2Error(
-            f"the curvature is of the leaves {', '.join(curvature.paths)}, but this selection picks "
-            f"{', '.join(paths)}: pass the select= that jaxl2.ggn had"
-        )
-    chosen = [leaves[i] for i in idx]
-    if curvature.structure in ("diag", "ekfac"):
-        for path, w, block in zip(paths, chosen, curvature.ggn):
-            if np.size(block) != w.size:
-                raise Jaxl2Error(
-                    f"a {curvature.structure} curvature holds one value per entry of each leaf; {path!r} "
-                    f"has {np.size(block)} for its {w.size} entries (shape {tuple(w.shape)})"
-                )
-    if curvature.structure == "kron":
-        for path, w, pair in zip(paths, chosen, curvature.ggn):
-            if not (isinstance(pair, tuple | list) and len(pair) == 2):
-                raise Jaxl2Error(
-                    f"a kron curvature holds a pair (A, G) per leaf; {path!r} has {type(pair).__name__}"
-                )
-            a, g = (np.shape(f) for f in pair)
-            if len(a) != 2 or len(g) != 2 or a[0] != a[1] or g[0] != g[1] or a[0] * g[0] != w.size:
-                raise Jaxl2Error(
-                    f"the kron factors of {path!r} are {a} and {g}: they need to be square, with sizes "
-                    f"whose product is the leaf's {w.size} entries (shape {tuple(w.shape)})"
-                )
-    return chosen
-
-
-def _precisions(
-    curvature: Curvature, params: Any, l2: Any, select: _select.Selector, stacked: Stacked, leaves: list[Any]
-) -> list[jax.Array]:
-    """``α = n·λ`` of every selected leaf (``leaves``, in the order of ``curvature.paths``),
-    broadcast to its shape (per slice along a stacked leaf's layer axis)."""
-    flat = jax.tree_util.tree_flatten_with_path(coefficients(params, l2, select=select, stacked=stacked))[0]
-    lams = {_select.path_str(kp): lam for kp, lam in flat}
-    for p in curvature.paths:
-        if not is_traced(lams[p]) and not np.all(np.asarray(lams[p]) > 0):
+def _check_blocks(curvature: Curvature, entries: list[Any]) -> None:
+    """Refuses ``"diag"``/``"ekfac"`` blocks and ``"kron"`` factors that do not fit their leaves."""
+    for e, block in zip(entries, curvature.ggn if curvature.structure in ("diag", "ekfac", "kron") else ()):
+        path, w = e.path, e.leaf
+        if curvature.structure != "kron" and np.size(block) != w.size:
             raise Jaxl2Error(
-                f"the evidence needs λ > 0 on every selected leaf (a prior of precision 0 has no density), "
-                f"but {p!r} has λ {lams[p]!r}; narrow select= (the leaves of jaxl2.ggn) or give it a λ"
+                f"a {curvature.structure} curvature holds one value per entry of each leaf; {path!r} "
+                f"has {np.size(block)} for its {w.size} entries (shape {tuple(w.shape)})"
             )
-    return [
-        curvature.n * jnp.broadcast_to(jnp.asarray(lams[p], w.dtype), w.shape)
-        for p, w in zip(curvature.paths, leaves)
-    ]
-
-
-def _deviations(params: Any, center: Any, select: _select.Selector, leaves: list[Any]) -> list[jax.Array]:
-    if center is None:
-        return leaves
-    w0 = check_center(params, center, select=select)
-    return [w - w0[p] for w, p in zip(leaves, w0)]
-
-
-def _units(params: Any, select: Any, stacked: Stacked) -> tuple[list[str], np.ndarray]:
-    """The units' names (a leaf, or ``path[i]`` for each slice of a stacked leaf) and the unit of
-    each entry of the selected leaves raveled (P,): 0 for the first selected path's first unit."""
-    names, unit, start = [], [], 0
-    for e in plan(params, None, select=select, stacked=stacked):
-        shape = np.shape(e.leaf)
-        if e.axis is None:
-            unit.append(np.full(int(np.prod(shape)), start))
-        else:
-            index = np.arange(shape[e.axis]).reshape([-1 if i == e.axis else 1 for i in range(len(shape))])
-            unit.append(start + np.broadcast_to(index, shape).ravel())
-        names += list(e.units)
-        start += len(e.units)
-    return names, np.concatenate(unit).astype(np.int32)
+        if curvature.structure != "kron":
+            continue
+        if not (isinstance(block, tuple | list) and len(block) == 2):
+            raise Jaxl2Error(
+                f"a kron curvature holds a pair (A, G) per leaf; {path!r} has {type(block).__name__}"
+            )
+        a, g = (np.shape(f) for f in block)
+        if len(a) != 2 or len(g) != 2 or a[0] != a[1] or g[0] != g[1] or a[0] * g[0] != w.size:
+            raise Jaxl2Error(
+                f"the kron factors of {path!r} are {a} and {g}: they need to be square, with sizes "
+                f"whose product is the leaf's {w.size} entries (shape {tuple(w.shape)})"
+            )
 
 
 def _parts(
     fn: str, curvature: Curvature, params: Any, l2: Any, select: Any, center: Any, stacked: Stacked
 ) -> tuple[Any, Any, Any, list[str]]:
-    """The flat ``α`` (P,) and ``w − w₀`` (P,), the unit of each entry (P,) and the units' names."""
+    """From the plan: the flat ``α = n·λ`` (P,) and ``w − w₀`` (P,) of the selected leaves raveled in
+    the order of ``curvature.paths``, the unit of each entry (P,: 0 for the first leaf's first unit,
+    a stacked leaf's slices each their own) and the units' names."""
     check_order(params, l2, fn)
     if has_schedule(l2):
         raise Jaxl2Error(
@@ -463,16 +402,36 @@ def _parts(
             "params: read the schedule at the step those params were trained to, l2=schedule(step) "
             "(in a mapping, each schedule)"
         )
-    leaves = _check_curvature(curvature, params, select)
-    names, unit = _units(params, select, stacked)
-    if curvature.structure in ("kron", "ekfac") and len(names) != len(curvature.paths):
+    if not isinstance(curvature, Curvature):
+        raise Jaxl2Error(f"curvature must be what jaxl2.ggn returns, got {type(curvature).__name__}")
+    paths = tuple(p for p, _ in _select.resolve(params, select))
+    if paths != curvature.paths:
+        raise Jaxl2Error(
+            f"the curvature is of the leaves {', '.join(curvature.paths)}, but this selection picks "
+            f"{', '.join(paths)}: pass the select= that jaxl2.ggn had"
+        )
+    entries = plan(params, l2, select=select, stacked=stacked, center=center)
+    _check_blocks(curvature, entries)
+    names = [n for e in entries for n in e.units]
+    if curvature.structure in ("kron", "ekfac") and len(names) != len(paths):
         raise Jaxl2Error(
             f"a {curvature.structure} curvature has one basis per leaf, so one λ per leaf: it cannot take "
             "a stacked leaf's slices (use structure 'diag' or 'full' for λ per slice)"
         )
-    alpha = jnp.concatenate([a.ravel() for a in _precisions(curvature, params, l2, select, stacked, leaves)])
-    dw = jnp.concatenate([d.ravel() for d in _deviations(params, center, select, leaves)])
-    return alpha, dw, unit, names
+    alpha, dw, unit, first = [], [], [], 0  # first: the number of the leaf's first unit
+    for e in entries:
+        w, lam = e.leaf, e.lam(None, jnp.promote_types(e.leaf.dtype, jnp.float32))
+        if not is_traced(lam) and not np.all(np.asarray(lam) > 0):
+            raise Jaxl2Error(
+                f"the evidence needs λ > 0 on every selected leaf (a prior of precision 0 has no density), "
+                f"but {e.path!r} has λ {lam!r}; narrow select= (the leaves of jaxl2.ggn) or give it a λ"
+            )
+        alpha.append(curvature.n * jnp.broadcast_to(jnp.asarray(lam, w.dtype), w.shape).ravel())
+        dw.append((w if e.center is None else w - e.center).ravel())
+        layer = np.arange(len(e.units)).reshape([-1 if i == e.axis else 1 for i in range(w.ndim)])
+        unit.append(first + np.broadcast_to(layer, w.shape).ravel())
+        first += len(e.units)
+    return jnp.concatenate(alpha), jnp.concatenate(dw), np.concatenate(unit).astype(np.int32), names
 
 
 def _unit_sums(values: jax.Array, unit: np.ndarray, units: int) -> jax.Array:
