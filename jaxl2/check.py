@@ -24,8 +24,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -35,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxl2 import select as _select
-from jaxl2.errors import Jaxl2Error
+from jaxl2.errors import Jaxl2Error, check_number
 from jaxl2.penalty import L2, check_center, coefficients, l2_penalty, regularized
 from jaxl2.rules import Stacked
 from jaxl2.table import format_table
@@ -143,20 +141,6 @@ def _narrow_float(jaxpr: Any, depends: list[bool], live_only: bool = False) -> t
     return None
 
 
-def _real(name: str, value: Any, *, positive: bool) -> float:
-    bound = "> 0" if positive else ">= 0"
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (positive and value == 0):
-        raise Jaxl2Error(f"{name} must be a finite number {bound}, got {value!r} ({type(value).__name__})")
-    return float(value)
-
-
-def _integer(name: str, value: Any, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise Jaxl2Error(f"{name} must be an integer >= {minimum}, got {value!r} ({type(value).__name__})")
-    return int(value)
-
-
 def _check_resolution(err: float, rtol: float, eps: float, loss: float, slope: float) -> None:
     """Refuses a failed direction that rounding alone explains: ``L(θ ± eps·d)`` are each rounded
     to float64's ``ε·|L|``, so ``D_d`` carries an error of about ``ε·|L|/eps``; when that exceeds
@@ -243,11 +227,10 @@ def gradcheck(
       >>> r.ok, r.n_selected
       (True, 1)
     """
-    directions = _integer("directions", directions, minimum=1)
-    seed = _integer("seed", seed, minimum=0)
-    eps = _real("eps", eps, positive=True)
-    atol = _real("atol", atol, positive=False)
-    rtol = _real("rtol", rtol, positive=False)
+    check_number(directions, "directions", integer=True, low=1)
+    check_number(seed, "seed", integer=True)
+    eps = float(check_number(eps, "eps", above=True))
+    atol, rtol = float(check_number(atol, "atol")), float(check_number(rtol, "rtol"))
     regularized(loss_fn, l2, select=select, center=center, stacked=stacked)  # checks the rules
     with jax.enable_x64(True):
         params, args = _to64(params), _to64(args)

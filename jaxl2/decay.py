@@ -39,7 +39,7 @@ import optax
 
 from jaxl2 import rules as _rules
 from jaxl2 import select as _select
-from jaxl2.errors import Jaxl2Error, describe
+from jaxl2.errors import Jaxl2Error, check_number, describe
 from jaxl2.penalty import check_rules, leaf_l2
 from jaxl2.rules import L2, Stacked, has_schedule
 from jaxl2.table import format_shape, format_table
@@ -374,8 +374,7 @@ def audit(
         raise Jaxl2Error(
             f"audit(tx, params) takes an optax optimizer first, got {describe(tx)} as tx{swapped}"
         )
-    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-        raise Jaxl2Error(f"step must be an int >= 0 (the step count), got {step!r} ({type(step).__name__})")
+    check_number(step, "step (the step count)", integer=True)
     entries = {e.path: e for e in _rules.plan(params, None, select=select, stacked=stacked)}
     probe, zeros = _probe(params), _zeros(params)
     updates, state = tx.update(zeros, _at_step(tx.init(probe), int(step)), probe)

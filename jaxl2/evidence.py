@@ -64,9 +64,9 @@ import numpy as np
 import optax
 
 from jaxl2 import select as _select
-from jaxl2.errors import Jaxl2Error, describe
+from jaxl2.errors import Jaxl2Error, check_number, describe
 from jaxl2.penalty import check_order
-from jaxl2.rules import Stacked, has_schedule, is_traced, plan
+from jaxl2.rules import Stacked, check_bool, has_schedule, is_traced, plan
 
 __all__ = ["Curvature", "ggn", "ggn_lanczos", "log_evidence", "evidence_l2", "LIKELIHOODS", "STRUCTURES"]
 
@@ -169,10 +169,9 @@ def _check_ggn_args(apply_fn: Any, likelihood: Any, structure: Any, sigma: Any, 
         raise Jaxl2Error(
             f"structure must be one of full (the exact GGN, P×P) or diag (its exact diagonal), got {structure!r}"
         )
-    if not (isinstance(sigma, int | float) and not isinstance(sigma, bool) and 0 < sigma < math.inf):
-        raise Jaxl2Error(f"sigma (the Gaussian noise scale) must be a finite number > 0, got {sigma!r}")
-    if batch_size is not None and not (isinstance(batch_size, int) and batch_size >= 1):
-        raise Jaxl2Error(f"batch_size must be None or an integer >= 1, got {batch_size!r}")
+    check_number(sigma, "sigma (the Gaussian noise scale)", above=True)
+    if batch_size is not None:
+        check_number(batch_size, "batch_size", integer=True, low=1)
 
 
 def _check_labels(
@@ -345,9 +344,8 @@ def ggn_lanczos(
     """
     _check_ggn_args(apply_fn, likelihood, "full", sigma, None)
     _check_labels(apply_fn, params, x, y, likelihood)
-    for name, value in (("probes", probes), ("steps", steps)):
-        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-            raise Jaxl2Error(f"{name} must be an integer >= 1, got {value!r}")
+    check_number(probes, "probes", integer=True, low=1)
+    check_number(steps, "steps", integer=True, low=1)
     paths, theta, _, outputs = _flat_outputs(apply_fn, params, select)
     steps = min(steps, theta.size)
     out, jvp = jax.linearize(lambda t: outputs(t, x), theta)
@@ -578,10 +576,8 @@ def evidence_l2(
         raise Jaxl2Error(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if steps is None:
         steps = 40 if method == "bisect" else 1
-    if not (isinstance(steps, int) and steps >= 1):
-        raise Jaxl2Error(f"steps must be an integer >= 1, got {steps!r}")
-    if not isinstance(shared, bool):
-        raise Jaxl2Error(f"shared must be True (one λ for all) or False (one per leaf), got {shared!r}")
+    check_number(steps, "steps", integer=True, low=1)
+    check_bool(shared, "shared")
     lo, hi = bounds
     alpha, dw, unit, names = _parts("evidence_l2", curvature, params, l2, select, center, stacked)
     log_lam = jnp.log(
