@@ -40,7 +40,7 @@ import optax
 from jaxl2 import rules as _rules
 from jaxl2 import select as _select
 from jaxl2.errors import Jaxl2Error, check_number, describe
-from jaxl2.penalty import check_rules, leaf_l2
+from jaxl2.penalty import check_rules
 from jaxl2.rules import L2, Stacked, has_schedule
 from jaxl2.table import format_shape, format_table
 
@@ -159,21 +159,21 @@ def add_decayed_weights(
                 "call tx.update(updates, state, params)"
             )
         count = state.count if scheduled else None
-        entries = _rules.plan(params, l2, select=select, stacked=stacked, center=center)
-        lams, by_path, done = leaf_l2(entries, count), {e.path: e for e in entries}, set()
+        decay, done = {}, set()  # λ·(w − w₀) of each selected leaf, in at least float32
+        for e in _rules.plan(params, l2, select=select, stacked=stacked, center=center):
+            acc = jnp.promote_types(e.leaf.dtype, jnp.float32)
+            d = e.leaf.astype(acc) if e.center is None else e.leaf.astype(acc) - jnp.asarray(e.center, acc)
+            decay[e.path] = jnp.asarray(e.lam(count, acc), acc) * d
 
         def add(keypath: tuple, u: Any) -> Any:
             path = _select.path_str(keypath)
-            if path not in lams:
+            if path not in decay:
                 return u
             done.add(path)
-            e = by_path[path]
-            acc = jnp.promote_types(e.leaf.dtype, jnp.float32)
-            d = e.leaf.astype(acc) if e.center is None else e.leaf.astype(acc) - jnp.asarray(e.center, acc)
-            return u + (jnp.asarray(lams[path], acc) * d).astype(u.dtype)
+            return u + decay[path].astype(u.dtype)
 
         updates = jax.tree_util.tree_map_with_path(add, updates)
-        if missing := [p for p in lams if p not in done]:
+        if missing := [p for p in decay if p not in done]:
             raise Jaxl2Error(
                 f"updates have no leaf at {missing[0]!r}, a selected path of params: "
                 "updates and params must have the same structure"

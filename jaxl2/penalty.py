@@ -344,12 +344,6 @@ def selected(
     return Selection(rows)
 
 
-def leaf_l2(entries: list[_rules.Entry], step: Any) -> dict[str, Any]:
-    """``{path: λ}`` of the plan's leaves at ``step``: one λ as given, or a stacked leaf's per-slice
-    λs that broadcast against it, in its precision (float32 at least: float64 params keep theirs)."""
-    return {e.path: e.lam(step, jnp.promote_types(e.leaf.dtype, jnp.float32)) for e in entries}
-
-
 def coefficients(
     params: Any, l2: L2, *, select: _select.Selector = None, stacked: Stacked = None, step: Any = None
 ) -> Any:
@@ -397,7 +391,9 @@ def coefficients(
       {'Dense_0': {'bias': 0.0, 'kernel': 0.01}, 'Dense_1': {'bias': 0.0, 'kernel': 0.001}}
     """
     _check_call(params, l2, "coefficients", step)
-    lams = leaf_l2(_rules.plan(params, l2, select=select, stacked=stacked), step)
+    entries = _rules.plan(params, l2, select=select, stacked=stacked)
+    # one λ as given, or a stacked leaf's per-slice λs that broadcast against it, in its precision
+    lams = {e.path: e.lam(step, jnp.promote_types(e.leaf.dtype, jnp.float32)) for e in entries}
 
     def coefficient(keypath: tuple, leaf: Any) -> Any:
         if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):
