@@ -235,24 +235,6 @@ class Audit(list):
         return format_table(head, body)
 
 
-def _probe(params: Any) -> Any:
-    """``params`` with zero entries of floating leaves set to one (a decay of 0 is 0)."""
-
-    def one_for_zero(w: Any) -> Any:
-        if not _select.is_float_array(w):
-            return w
-        return jnp.where(w == 0, jnp.ones_like(w), w)
-
-    return jax.tree_util.tree_map(one_for_zero, params)
-
-
-def _zeros(params: Any) -> Any:
-    """A zero gradient of the structure of ``params`` (array leaves only)."""
-    return jax.tree_util.tree_map(
-        lambda w: jnp.zeros_like(w) if hasattr(w, "shape") and hasattr(w, "dtype") else w, params
-    )
-
-
 def _row(path: str, w: Any, u: Any, selected: bool) -> AuditRow:
     w64 = np.asarray(w).astype(np.float64)
     u64 = np.zeros_like(w64) if u is None else np.asarray(u).astype(np.float64)
@@ -376,7 +358,11 @@ def audit(
         )
     check_number(step, "step (the step count)", integer=True)
     entries = {e.path: e for e in _rules.plan(params, None, select=select, stacked=stacked)}
-    probe, zeros = _probe(params), _zeros(params)
+    # zero entries set to one (a decay of 0 is 0, which would hide it), and a zero gradient
+    probe = jax.tree.map(lambda w: jnp.where(w == 0, 1, w) if _select.is_float_array(w) else w, params)
+    zeros = jax.tree.map(
+        lambda w: jnp.zeros_like(w) if hasattr(w, "dtype") and hasattr(w, "shape") else w, params
+    )
     updates, state = tx.update(zeros, _at_step(tx.init(probe), int(step)), probe)
     while _accumulating(state):  # micro-steps of gradient accumulation: on to the real update
         updates, state = tx.update(zeros, state, probe)

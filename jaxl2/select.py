@@ -56,7 +56,6 @@ __all__ = [
     "path_str",
     "predicate",
     "resolve",
-    "PRESETS",
 ]
 
 
@@ -158,8 +157,6 @@ never is, whatever its ``ndim``. Works on a module and on ``eqx.filter(model, eq
 """
 
 Selector = None | str | Predicate | Preset
-
-PRESETS: dict[str, Predicate | Preset] = {"kernels": kernels, "haiku": haiku, "equinox": equinox}
 
 
 def _key_str(key: Any) -> str:

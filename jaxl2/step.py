@@ -91,14 +91,6 @@ def _advance(count: Any, before: Any, after: Any) -> Any:
     return jnp.where(applied, optax.safe_increment(count), count)
 
 
-def _scalar(loss: Any) -> Any:
-    if getattr(loss, "shape", ()) != ():
-        raise Jaxl2Error(
-            f"loss_fn must return a scalar loss (e.g. the mean over the batch); it returned {describe_output(loss)}"
-        )
-    return loss
-
-
 def make_train_step(
     loss_fn: Callable[..., Any],
     tx: optax.GradientTransformation,
@@ -199,7 +191,12 @@ def make_train_step(
             out = (out, {})
         else:
             add_penalty(out, 0, has_aux=True)  # a bare loss with has_aux fails here
-        data_loss = _scalar(out[0])
+        data_loss = out[0]
+        if getattr(data_loss, "shape", ()) != ():
+            raise Jaxl2Error(
+                "loss_fn must return a scalar loss (e.g. the mean over the batch); it returned "
+                + describe_output(data_loss)
+            )
         if penalised:
             pen = l2_penalty(params, l2, select=select, center=center, stacked=stacked, step=count)
         else:
