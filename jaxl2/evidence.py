@@ -153,7 +153,9 @@ def _log_likelihood(out: jax.Array, y: jax.Array, likelihood: str, sigma: float)
     return -0.5 * jnp.sum(r * r) - 0.5 * out.size * math.log(2 * math.pi * sigma**2)
 
 
-def _check_ggn_args(apply_fn: Any, likelihood: Any, structure: Any, sigma: Any, batch_size: Any) -> None:
+def _check_ggn_args(
+    apply_fn: Any, params: Any, x: Any, y: Any, likelihood: Any, structure: Any, sigma: Any, batch_size: Any
+) -> None:
     if not callable(apply_fn):
         raise Jaxl2Error(f"apply_fn must be a function apply_fn(params, x), got {type(apply_fn).__name__}")
     if likelihood not in LIKELIHOODS:
@@ -172,6 +174,7 @@ def _check_ggn_args(apply_fn: Any, likelihood: Any, structure: Any, sigma: Any, 
     check_number(sigma, "sigma (the Gaussian noise scale)", above=True)
     if batch_size is not None:
         check_number(batch_size, "batch_size", integer=True, low=1)
+    _check_labels(apply_fn, params, x, y, likelihood)
 
 
 def _check_labels(
@@ -237,8 +240,7 @@ def ggn(
       Jaxl2Error: for a bad argument, labels the likelihood cannot read (as ``y`` says), or a
         selection that matches nothing.
     """
-    _check_ggn_args(apply_fn, likelihood, structure, sigma, batch_size)
-    _check_labels(apply_fn, params, x, y, likelihood)
+    _check_ggn_args(apply_fn, params, x, y, likelihood, structure, sigma, batch_size)
     paths, theta, unravel, outputs = _flat_outputs(apply_fn, params, select)
 
     def batch(xb: jax.Array, yb: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -342,8 +344,7 @@ def ggn_lanczos(
       Jaxl2Error: for a bad argument, labels the likelihood cannot read (as in :func:`ggn`), or
         a selection that matches nothing.
     """
-    _check_ggn_args(apply_fn, likelihood, "full", sigma, None)
-    _check_labels(apply_fn, params, x, y, likelihood)
+    _check_ggn_args(apply_fn, params, x, y, likelihood, "full", sigma, None)
     check_number(probes, "probes", integer=True, low=1)
     check_number(steps, "steps", integer=True, low=1)
     paths, theta, _, outputs = _flat_outputs(apply_fn, params, select)

@@ -347,15 +347,12 @@ def _rule_l2(
                 f"matches ({listing([names[j] for j in hits])}) is taken by {which} ({said}); remove it, "
                 "or narrow the earlier pattern if it was meant to take some of them"
             )
-    lams = []
-    for (name, _), i in zip(units, first):
-        if i is None:
-            raise Jaxl2Error(
-                f"selected parameter {name!r} matches no l2 pattern; add an entry for it, or a "
-                "catch-all such as {'.*': 0.0} to leave the remaining leaves unpenalised on purpose"
-            )
-        lams.append((rules[i][2], rules[i][0]))
-    return lams
+    if None in first:
+        raise Jaxl2Error(
+            f"selected parameter {names[first.index(None)]!r} matches no l2 pattern; add an entry for it, "
+            "or a catch-all such as {'.*': 0.0} to leave the remaining leaves unpenalised on purpose"
+        )
+    return [(rules[i][2], rules[i][0]) for i in first]
 
 
 def plan(
