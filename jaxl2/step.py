@@ -186,11 +186,8 @@ def make_train_step(
 
     def objective(params: Any, count: Any, *batch: Any) -> tuple[Any, dict[str, Any]]:
         out = loss_fn(params, *batch)
-        if not has_aux:
-            add_penalty(out, 0, has_aux=False)  # a (loss, aux) pair without has_aux fails here
-            out = (out, {})
-        else:
-            add_penalty(out, 0, has_aux=True)  # a bare loss with has_aux fails here
+        add_penalty(out, 0, has_aux=has_aux)  # an output that does not fit has_aux fails here
+        out = out if has_aux else (out, {})
         data_loss = out[0]
         if getattr(data_loss, "shape", ()) != ():
             raise Jaxl2Error(
