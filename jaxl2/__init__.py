@@ -30,7 +30,7 @@ Example:
 import importlib
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # what type checkers, IDEs and the API docs read; at run time _NAMES loads lazily
+if TYPE_CHECKING:  # the public names, each once: type checkers and the API docs read them, _exports too
     from jaxl2 import auto as auto
     from jaxl2 import conventions as conventions
     from jaxl2 import decay as decay
@@ -74,33 +74,35 @@ if TYPE_CHECKING:  # what type checkers, IDEs and the API docs read; at run time
 
 __version__ = "0.3.0"
 
-# Each public name under the module that defines it (the TYPE_CHECKING imports above name the
-# same, for static readers; tests/test_api_docs.py holds the two equal). Loaded on first use, so that
-# ``import jaxl2`` costs nothing until jaxl2 is used (the command's start-up, and Ctrl-C during
-# it, stay in jaxl2's hands).
-_NAMES = {
-    "jaxl2.penalty": "l2_penalty regularized selected coefficients Row Selection",
-    "jaxl2.select": "mask Preset",
-    "jaxl2.decay": "add_decayed_weights audit Audit AuditRow ScheduleState",
-    "jaxl2.norms": "group_norms",
-    "jaxl2.conventions": "from_keras to_keras from_torch_weight_decay from_decoupled from_sklearn_alpha",
-    "jaxl2.step": "make_train_step ScheduledState",
-    "jaxl2.auto": "auto_l2 AutoL2 AutoL2State",
-    "jaxl2.evidence": "ggn ggn_lanczos log_evidence evidence_l2 Curvature",
-    "jaxl2.check": "gradcheck GradcheckReport",
-    "jaxl2.errors": "Jaxl2Error",
-}
-_MODULES = "select rules norms decay conventions auto evidence"  # the submodules, as attributes
-_EXPORTS = {name: module for module, names in _NAMES.items() for name in names.split()}
-_EXPORTS.update({name: f"jaxl2.{name}" for name in _MODULES.split()})
+
+def _exports(init_file: str) -> dict[str, tuple[str, str]]:
+    """``{name: (module, attribute)}`` read from the ``if TYPE_CHECKING:`` imports of a package's
+    ``__init__.py``, one ``from module import attribute as name`` a line: the one list of its
+    public names, which type checkers and the API docs read too. Plain text, no ``ast``: the
+    file is read once, so that ``import jaxl2`` stays light."""
+    exports = {}
+    with open(init_file, encoding="utf-8") as f:
+        for line in f:
+            words = line.split()
+            if line.startswith("    from ") and words[2] == "import" and words[4] == "as":
+                exports[words[5]] = (words[1], words[3])
+    return exports
+
+
+# Loaded on first use, so that ``import jaxl2`` costs nothing until jaxl2 is used (the command's
+# start-up, and Ctrl-C during it, stay in jaxl2's hands).
+_EXPORTS = _exports(__file__)
 __all__ = list(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module 'jaxl2' has no attribute {name!r}")
-    module = importlib.import_module(_EXPORTS[name])
-    value = module if module.__name__ == f"jaxl2.{name}" else getattr(module, name)
+    module, attr = _EXPORTS[name]
+    if module == __name__:  # a submodule: ``from jaxl2 import rules as rules``
+        value = importlib.import_module(f"{module}.{attr}")
+    else:
+        value = getattr(importlib.import_module(module), attr)
     globals()[name] = value  # later lookups skip __getattr__
     return value
 

@@ -24,20 +24,19 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.extend
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 
 from jaxl2 import select as _select
-from jaxl2.errors import Jaxl2Error
-from jaxl2.penalty import L2, check_center, coefficients, l2_penalty, regularized
-from jaxl2.rules import Stacked
+from jaxl2.errors import Jaxl2Error, check_number
+from jaxl2.penalty import L2, l2_penalty, regularized
+from jaxl2.rules import Entry, Stacked, plan
 from jaxl2.table import format_table
 
 __all__ = ["GradcheckReport", "gradcheck"]
@@ -64,23 +63,17 @@ class GradcheckReport:
         return {**dataclasses.asdict(self), "ok": self.ok}
 
     def __str__(self) -> str:
-        rows = [
-            ("check", "max error", "tolerance", "pass"),
-            (
-                "grad of penalty vs analytic λ·w / 0 (abs)",
-                f"{self.penalty_grad_max_abs_err:.3e}",
-                f"{self.atol:.0e}",
-                str(self.penalty_grad_max_abs_err <= self.atol),
-            ),
+        checks = [
+            ("grad of penalty vs analytic λ·w / 0 (abs)", self.penalty_grad_max_abs_err, self.atol),
             (
                 "grad of loss+penalty vs central differences (rel)",
-                f"{self.finite_difference_max_rel_err:.3e}",
-                f"{self.rtol:.0e}",
-                str(self.finite_difference_max_rel_err <= self.rtol),
+                self.finite_difference_max_rel_err,
+                self.rtol,
             ),
         ]
+        rows = [(check, f"{err:.3e}", f"{tol:.0e}", str(err <= tol)) for check, err, tol in checks]
         tail = f"{self.n_selected} of {self.n_params} leaves penalised; float64; ok={self.ok}"
-        return f"{format_table(rows[0], rows[1:])}\n{tail}"
+        return f"{format_table(('check', 'max error', 'tolerance', 'pass'), rows)}\n{tail}"
 
 
 def _to64(tree: Any) -> Any:
@@ -90,24 +83,6 @@ def _to64(tree: Any) -> Any:
         return x
 
     return jax.tree_util.tree_map(cast, tree)
-
-
-def _flatten_floats(params: Any) -> tuple[jax.Array, Callable[[jax.Array], Any]]:
-    """One vector of the floating-point array leaves, and its inverse that puts a vector back
-    into ``params``; every other leaf (functions, ints, ``None``) is left as it is."""
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    is_float = [_select.is_float_array(x) for x in leaves]
-    floats = [x for x, f in zip(leaves, is_float) if f]
-    splits = np.cumsum([x.size for x in floats])[:-1].tolist()
-    flat = jnp.concatenate([jnp.ravel(x) for x in floats])
-
-    def rebuild(vec: jax.Array) -> Any:
-        parts = iter(jnp.split(vec, splits))
-        return jax.tree_util.tree_unflatten(
-            treedef, [next(parts).reshape(x.shape) if f else x for x, f in zip(leaves, is_float)]
-        )
-
-    return flat, rebuild
 
 
 def _narrow_float(jaxpr: Any, depends: list[bool], live_only: bool = False) -> tuple[str, str] | None:
@@ -143,18 +118,13 @@ def _narrow_float(jaxpr: Any, depends: list[bool], live_only: bool = False) -> t
     return None
 
 
-def _real(name: str, value: Any, *, positive: bool) -> float:
-    bound = "> 0" if positive else ">= 0"
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (positive and value == 0):
-        raise Jaxl2Error(f"{name} must be a finite number {bound}, got {value!r} ({type(value).__name__})")
-    return float(value)
-
-
-def _integer(name: str, value: Any, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise Jaxl2Error(f"{name} must be an integer >= {minimum}, got {value!r} ({type(value).__name__})")
-    return int(value)
+def _analytic(e: Entry | None, w: Any) -> np.ndarray:
+    """The penalty's gradient ``λ·(w − w₀)`` of a leaf (``λ_i`` on each slice of a stacked leaf;
+    zero off the plan), in NumPy."""
+    if e is None:
+        return np.zeros(w.shape)
+    lam = np.asarray(e.lam(None, jnp.float64))
+    return lam * (np.asarray(w) - (0.0 if e.center is None else np.asarray(e.center)))
 
 
 def _check_resolution(err: float, rtol: float, eps: float, loss: float, slope: float) -> None:
@@ -243,22 +213,22 @@ def gradcheck(
       >>> r.ok, r.n_selected
       (True, 1)
     """
-    directions = _integer("directions", directions, minimum=1)
-    seed = _integer("seed", seed, minimum=0)
-    eps = _real("eps", eps, positive=True)
-    atol = _real("atol", atol, positive=False)
-    rtol = _real("rtol", rtol, positive=False)
+    check_number(directions, "directions", integer=True, low=1)
+    check_number(seed, "seed", integer=True)
+    eps = float(check_number(eps, "eps", above=True))
+    atol, rtol = float(check_number(atol, "atol")), float(check_number(rtol, "rtol"))
     regularized(loss_fn, l2, select=select, center=center, stacked=stacked)  # checks the rules
     with jax.enable_x64(True):
         params, args = _to64(params), _to64(args)
         center = None if center is None else _to64(center)
         loss = regularized(loss_fn, l2, select=select, center=center, stacked=stacked, has_aux=has_aux)
-        lams = coefficients(params, l2, select=select, stacked=stacked)  # λ per slice along a layer axis
-        lam = {_select.path_str(kp): c for kp, c in jax.tree_util.tree_flatten_with_path(lams)[0]}
-        n_selected = len(_select.resolve(params, select))
-        w0 = {} if center is None else check_center(params, center, select=select)
+        entries = {e.path: e for e in plan(params, l2, select=select, stacked=stacked, center=center)}
         leaves = _select.leaves(params)
-        flat, rebuild = _flatten_floats(params)
+        arrays, merge = _select.float_part(params)  # functions, ints and None stay as they are
+        flat, unravel = jax.flatten_util.ravel_pytree(arrays)
+
+        def rebuild(vec: jax.Array) -> Any:
+            return merge(unravel(vec))
 
         def total(vec):
             out = loss(rebuild(vec), *args)
@@ -277,12 +247,7 @@ def gradcheck(
         pen_grad = jax.grad(
             lambda v: l2_penalty(rebuild(v), l2, select=select, center=center, stacked=stacked)
         )(flat)
-        expected = np.concatenate(
-            [
-                np.ravel(np.asarray(lam[path]) * (np.asarray(w) - np.asarray(w0.get(path, 0.0))))
-                for path, w in leaves
-            ]
-        )
+        expected = np.concatenate([np.ravel(_analytic(entries.get(p), w)) for p, w in leaves])
         pen_err = float(np.max(np.abs(np.asarray(pen_grad) - expected), initial=0.0))
 
         value, grad = jax.jit(total), np.asarray(jax.jit(jax.grad(total))(flat))
@@ -296,4 +261,4 @@ def gradcheck(
             err = abs(fd - ad) / max(abs(fd), abs(ad), 1e-30)
             _check_resolution(err, rtol, eps, max(abs(up), abs(down)), abs(ad))
             fd_err = max(fd_err, err)
-    return GradcheckReport(pen_err, fd_err, atol, rtol, len(leaves), n_selected)
+    return GradcheckReport(pen_err, fd_err, atol, rtol, len(leaves), len(entries))

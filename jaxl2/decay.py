@@ -39,8 +39,8 @@ import optax
 
 from jaxl2 import rules as _rules
 from jaxl2 import select as _select
-from jaxl2.errors import Jaxl2Error, describe
-from jaxl2.penalty import check_rules, leaf_l2
+from jaxl2.errors import Jaxl2Error, check_number, describe
+from jaxl2.penalty import check_rules
 from jaxl2.rules import L2, Stacked, has_schedule
 from jaxl2.table import format_shape, format_table
 
@@ -159,21 +159,21 @@ def add_decayed_weights(
                 "call tx.update(updates, state, params)"
             )
         count = state.count if scheduled else None
-        entries = _rules.plan(params, l2, select=select, stacked=stacked, center=center)
-        lams, by_path, done = leaf_l2(entries, count), {e.path: e for e in entries}, set()
+        decay, done = {}, set()  # λ·(w − w₀) of each selected leaf, in at least float32
+        for e in _rules.plan(params, l2, select=select, stacked=stacked, center=center):
+            acc = jnp.promote_types(e.leaf.dtype, jnp.float32)
+            d = e.leaf.astype(acc) if e.center is None else e.leaf.astype(acc) - jnp.asarray(e.center, acc)
+            decay[e.path] = jnp.asarray(e.lam(count, acc), acc) * d
 
         def add(keypath: tuple, u: Any) -> Any:
             path = _select.path_str(keypath)
-            if path not in lams:
+            if path not in decay:
                 return u
             done.add(path)
-            e = by_path[path]
-            acc = jnp.promote_types(e.leaf.dtype, jnp.float32)
-            d = e.leaf.astype(acc) if e.center is None else e.leaf.astype(acc) - jnp.asarray(e.center, acc)
-            return u + (jnp.asarray(lams[path], acc) * d).astype(u.dtype)
+            return u + decay[path].astype(u.dtype)
 
         updates = jax.tree_util.tree_map_with_path(add, updates)
-        if missing := [p for p in lams if p not in done]:
+        if missing := [p for p in decay if p not in done]:
             raise Jaxl2Error(
                 f"updates have no leaf at {missing[0]!r}, a selected path of params: "
                 "updates and params must have the same structure"
@@ -233,24 +233,6 @@ class Audit(list):
             for r in self
         ]
         return format_table(head, body)
-
-
-def _probe(params: Any) -> Any:
-    """``params`` with zero entries of floating leaves set to one (a decay of 0 is 0)."""
-
-    def one_for_zero(w: Any) -> Any:
-        if not _select.is_float_array(w):
-            return w
-        return jnp.where(w == 0, jnp.ones_like(w), w)
-
-    return jax.tree_util.tree_map(one_for_zero, params)
-
-
-def _zeros(params: Any) -> Any:
-    """A zero gradient of the structure of ``params`` (array leaves only)."""
-    return jax.tree_util.tree_map(
-        lambda w: jnp.zeros_like(w) if hasattr(w, "shape") and hasattr(w, "dtype") else w, params
-    )
 
 
 def _row(path: str, w: Any, u: Any, selected: bool) -> AuditRow:
@@ -374,10 +356,13 @@ def audit(
         raise Jaxl2Error(
             f"audit(tx, params) takes an optax optimizer first, got {describe(tx)} as tx{swapped}"
         )
-    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-        raise Jaxl2Error(f"step must be an int >= 0 (the step count), got {step!r} ({type(step).__name__})")
+    check_number(step, "step (the step count)", integer=True)
     entries = {e.path: e for e in _rules.plan(params, None, select=select, stacked=stacked)}
-    probe, zeros = _probe(params), _zeros(params)
+    # zero entries set to one (a decay of 0 is 0, which would hide it), and a zero gradient
+    probe = jax.tree.map(lambda w: jnp.where(w == 0, 1, w) if _select.is_float_array(w) else w, params)
+    zeros = jax.tree.map(
+        lambda w: jnp.zeros_like(w) if hasattr(w, "dtype") and hasattr(w, "shape") else w, params
+    )
     updates, state = tx.update(zeros, _at_step(tx.init(probe), int(step)), probe)
     while _accumulating(state):  # micro-steps of gradient accumulation: on to the real update
         updates, state = tx.update(zeros, state, probe)

@@ -16,7 +16,11 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["Jaxl2Error", "describe", "shown", "listing", "shape_text"]
+import math
+import numbers
+from typing import Any
+
+__all__ = ["Jaxl2Error", "describe", "shown", "listing", "shape_text", "check_number"]
 
 
 class Jaxl2Error(ValueError):
@@ -82,3 +86,23 @@ def listing(names: list[str], limit: int = 12) -> str:
 def shape_text(shape: tuple) -> str:
     """A shape as Python writes the tuple: ``(3,)``, ``(2, 3)``, ``()``."""
     return "(" + ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "") + ")"
+
+
+def check_number(value: Any, name: str, *, integer: bool = False, low: float = 0, above: bool = False) -> Any:
+    """``value`` if it is a finite real number (an integer with ``integer``; never a bool) ``>= low``
+    (``> low`` with ``above``); else a :class:`Jaxl2Error` that says so.
+
+    Examples:
+      >>> check_number(0.5, "eps", above=True)
+      0.5
+      >>> check_number(True, "directions", integer=True, low=1)
+      Traceback (most recent call last):
+      ...
+      jaxl2.errors.Jaxl2Error: directions must be an integer >= 1, got True (bool)
+    """
+    kind = numbers.Integral if integer else numbers.Real
+    ok = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
+    if not (ok and (value > low if above else value >= low)):
+        what = "an integer" if integer else "a finite number"
+        raise Jaxl2Error(f"{name} must be {what} {'>' if above else '>='} {low:g}, got {shown(value)}")
+    return value

@@ -64,9 +64,9 @@ import numpy as np
 import optax
 
 from jaxl2 import select as _select
-from jaxl2.errors import Jaxl2Error, describe
-from jaxl2.penalty import check_center, check_order, coefficients
-from jaxl2.rules import Stacked, has_schedule, is_traced, plan
+from jaxl2.errors import Jaxl2Error, check_number, describe
+from jaxl2.penalty import check_order
+from jaxl2.rules import Stacked, check_bool, has_schedule, is_traced, plan
 
 __all__ = ["Curvature", "ggn", "ggn_lanczos", "log_evidence", "evidence_l2", "LIKELIHOODS", "STRUCTURES"]
 
@@ -111,31 +111,20 @@ class Curvature:
     structure: str
 
 
-def _chosen(params: Any, select: _select.Selector) -> tuple[list[int], list[str], Any, list[Any]]:
-    """The selected leaves' indices among ``params``'s leaves, their paths, the treedef, the leaves."""
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-    wanted = [p for p, _ in _select.resolve(params, select)]
-    paths = [_select.path_str(kp) for kp, _ in flat]
-    idx = [paths.index(p) for p in wanted]
-    return idx, wanted, treedef, [x for _, x in flat]
-
-
 def _flat_outputs(
     apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any, select: _select.Selector
 ) -> tuple[list[str], jax.Array, Callable[[jax.Array], Any], Callable[[jax.Array, jax.Array], jax.Array]]:
     """The selected paths, their leaves raveled ``θ`` (P,), ``unravel`` and ``outputs(θ, x)``:
     ``apply_fn`` at ``params`` with the selected leaves taken from ``θ``, as ``(len(x), -1)``."""
-    idx, paths, treedef, leaves = _chosen(params, select)
-    theta, unravel = jax.flatten_util.ravel_pytree([leaves[i] for i in idx])
+    chosen = _select.resolve(params, select)
+    theta, unravel = jax.flatten_util.ravel_pytree([w for _, w in chosen])
 
     def outputs(theta: jax.Array, xb: jax.Array) -> jax.Array:
-        full = list(leaves)
-        for i, leaf in zip(idx, unravel(theta)):
-            full[i] = leaf
-        out = apply_fn(jax.tree_util.tree_unflatten(treedef, full), xb)
-        return out.reshape(xb.shape[0], -1)
+        new = dict(zip([p for p, _ in chosen], unravel(theta)))
+        swapped = jax.tree_util.tree_map_with_path(lambda kp, w: new.get(_select.path_str(kp), w), params)
+        return apply_fn(swapped, xb).reshape(xb.shape[0], -1)
 
-    return paths, theta, unravel, outputs
+    return [p for p, _ in chosen], theta, unravel, outputs
 
 
 def _gauss_newton(jac: jax.Array, out: jax.Array, likelihood: str, sigma: float, full: bool) -> jax.Array:
@@ -164,7 +153,9 @@ def _log_likelihood(out: jax.Array, y: jax.Array, likelihood: str, sigma: float)
     return -0.5 * jnp.sum(r * r) - 0.5 * out.size * math.log(2 * math.pi * sigma**2)
 
 
-def _check_ggn_args(apply_fn: Any, likelihood: Any, structure: Any, sigma: Any, batch_size: Any) -> None:
+def _check_ggn_args(
+    apply_fn: Any, params: Any, x: Any, y: Any, likelihood: Any, structure: Any, sigma: Any, batch_size: Any
+) -> None:
     if not callable(apply_fn):
         raise Jaxl2Error(f"apply_fn must be a function apply_fn(params, x), got {type(apply_fn).__name__}")
     if likelihood not in LIKELIHOODS:
@@ -180,10 +171,10 @@ def _check_ggn_args(apply_fn: Any, likelihood: Any, structure: Any, sigma: Any, 
         raise Jaxl2Error(
             f"structure must be one of full (the exact GGN, P×P) or diag (its exact diagonal), got {structure!r}"
         )
-    if not (isinstance(sigma, int | float) and not isinstance(sigma, bool) and 0 < sigma < math.inf):
-        raise Jaxl2Error(f"sigma (the Gaussian noise scale) must be a finite number > 0, got {sigma!r}")
-    if batch_size is not None and not (isinstance(batch_size, int) and batch_size >= 1):
-        raise Jaxl2Error(f"batch_size must be None or an integer >= 1, got {batch_size!r}")
+    check_number(sigma, "sigma (the Gaussian noise scale)", above=True)
+    if batch_size is not None:
+        check_number(batch_size, "batch_size", integer=True, low=1)
+    _check_labels(apply_fn, params, x, y, likelihood)
 
 
 def _check_labels(
@@ -249,8 +240,7 @@ def ggn(
       Jaxl2Error: for a bad argument, labels the likelihood cannot read (as ``y`` says), or a
         selection that matches nothing.
     """
-    _check_ggn_args(apply_fn, likelihood, structure, sigma, batch_size)
-    _check_labels(apply_fn, params, x, y, likelihood)
+    _check_ggn_args(apply_fn, params, x, y, likelihood, structure, sigma, batch_size)
     paths, theta, unravel, outputs = _flat_outputs(apply_fn, params, select)
 
     def batch(xb: jax.Array, yb: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -354,11 +344,9 @@ def ggn_lanczos(
       Jaxl2Error: for a bad argument, labels the likelihood cannot read (as in :func:`ggn`), or
         a selection that matches nothing.
     """
-    _check_ggn_args(apply_fn, likelihood, "full", sigma, None)
-    _check_labels(apply_fn, params, x, y, likelihood)
-    for name, value in (("probes", probes), ("steps", steps)):
-        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-            raise Jaxl2Error(f"{name} must be an integer >= 1, got {value!r}")
+    _check_ggn_args(apply_fn, params, x, y, likelihood, "full", sigma, None)
+    check_number(probes, "probes", integer=True, low=1)
+    check_number(steps, "steps", integer=True, low=1)
     paths, theta, _, outputs = _flat_outputs(apply_fn, params, select)
     steps = min(steps, theta.size)
     out, jvp = jax.linearize(lambda t: outputs(t, x), theta)
@@ -377,85 +365,35 @@ def ggn_lanczos(
     )
 
 
-def _check_curvature(curvature: Any, params: Any, select: _select.Selector) -> list[Any]:
-    """The selected leaves, once ``curvature`` is known to be of them."""
-    if not isinstance(curvature, Curvature):
-        raise Jaxl2Error(f"curvature must be what jaxl2.ggn returns, got {type(curvature).__name__}")
-    idx, paths, _, leaves = _chosen(params, select)
-    if tuple(paths) != curvature.paths:
-        raise Jaxl2Error(
-            f"the curvature is of the leaves {', '.join(curvature.paths)}, but this selection picks "
-            f"{', '.join(paths)}: pass the select= that jaxl2.ggn had"
-        )
-    chosen = [leaves[i] for i in idx]
-    if curvature.structure in ("diag", "ekfac"):
-        for path, w, block in zip(paths, chosen, curvature.ggn):
-            if np.size(block) != w.size:
-                raise Jaxl2Error(
-                    f"a {curvature.structure} curvature holds one value per entry of each leaf; {path!r} "
-                    f"has {np.size(block)} for its {w.size} entries (shape {tuple(w.shape)})"
-                )
-    if curvature.structure == "kron":
-        for path, w, pair in zip(paths, chosen, curvature.ggn):
-            if not (isinstance(pair, tuple | list) and len(pair) == 2):
-                raise Jaxl2Error(
-                    f"a kron curvature holds a pair (A, G) per leaf; {path!r} has {type(pair).__name__}"
-                )
-            a, g = (np.shape(f) for f in pair)
-            if len(a) != 2 or len(g) != 2 or a[0] != a[1] or g[0] != g[1] or a[0] * g[0] != w.size:
-                raise Jaxl2Error(
-                    f"the kron factors of {path!r} are {a} and {g}: they need to be square, with sizes "
-                    f"whose product is the leaf's {w.size} entries (shape {tuple(w.shape)})"
-                )
-    return chosen
-
-
-def _precisions(
-    curvature: Curvature, params: Any, l2: Any, select: _select.Selector, stacked: Stacked, leaves: list[Any]
-) -> list[jax.Array]:
-    """``α = n·λ`` of every selected leaf (``leaves``, in the order of ``curvature.paths``),
-    broadcast to its shape (per slice along a stacked leaf's layer axis)."""
-    flat = jax.tree_util.tree_flatten_with_path(coefficients(params, l2, select=select, stacked=stacked))[0]
-    lams = {_select.path_str(kp): lam for kp, lam in flat}
-    for p in curvature.paths:
-        if not is_traced(lams[p]) and not np.all(np.asarray(lams[p]) > 0):
+def _check_blocks(curvature: Curvature, entries: list[Any]) -> None:
+    """Refuses ``"diag"``/``"ekfac"`` blocks and ``"kron"`` factors that do not fit their leaves."""
+    for e, block in zip(entries, curvature.ggn if curvature.structure in ("diag", "ekfac", "kron") else ()):
+        path, w = e.path, e.leaf
+        if curvature.structure != "kron" and np.size(block) != w.size:
             raise Jaxl2Error(
-                f"the evidence needs λ > 0 on every selected leaf (a prior of precision 0 has no density), "
-                f"but {p!r} has λ {lams[p]!r}; narrow select= (the leaves of jaxl2.ggn) or give it a λ"
+                f"a {curvature.structure} curvature holds one value per entry of each leaf; {path!r} "
+                f"has {np.size(block)} for its {w.size} entries (shape {tuple(w.shape)})"
             )
-    return [
-        curvature.n * jnp.broadcast_to(jnp.asarray(lams[p], w.dtype), w.shape)
-        for p, w in zip(curvature.paths, leaves)
-    ]
-
-
-def _deviations(params: Any, center: Any, select: _select.Selector, leaves: list[Any]) -> list[jax.Array]:
-    if center is None:
-        return leaves
-    w0 = check_center(params, center, select=select)
-    return [w - w0[p] for w, p in zip(leaves, w0)]
-
-
-def _units(params: Any, select: Any, stacked: Stacked) -> tuple[list[str], np.ndarray]:
-    """The units' names (a leaf, or ``path[i]`` for each slice of a stacked leaf) and the unit of
-    each entry of the selected leaves raveled (P,): 0 for the first selected path's first unit."""
-    names, unit, start = [], [], 0
-    for e in plan(params, None, select=select, stacked=stacked):
-        shape = np.shape(e.leaf)
-        if e.axis is None:
-            unit.append(np.full(int(np.prod(shape)), start))
-        else:
-            index = np.arange(shape[e.axis]).reshape([-1 if i == e.axis else 1 for i in range(len(shape))])
-            unit.append(start + np.broadcast_to(index, shape).ravel())
-        names += list(e.units)
-        start += len(e.units)
-    return names, np.concatenate(unit).astype(np.int32)
+        if curvature.structure != "kron":
+            continue
+        if not (isinstance(block, tuple | list) and len(block) == 2):
+            raise Jaxl2Error(
+                f"a kron curvature holds a pair (A, G) per leaf; {path!r} has {type(block).__name__}"
+            )
+        a, g = (np.shape(f) for f in block)
+        if len(a) != 2 or len(g) != 2 or a[0] != a[1] or g[0] != g[1] or a[0] * g[0] != w.size:
+            raise Jaxl2Error(
+                f"the kron factors of {path!r} are {a} and {g}: they need to be square, with sizes "
+                f"whose product is the leaf's {w.size} entries (shape {tuple(w.shape)})"
+            )
 
 
 def _parts(
     fn: str, curvature: Curvature, params: Any, l2: Any, select: Any, center: Any, stacked: Stacked
 ) -> tuple[Any, Any, Any, list[str]]:
-    """The flat ``α`` (P,) and ``w − w₀`` (P,), the unit of each entry (P,) and the units' names."""
+    """From the plan: the flat ``α = n·λ`` (P,) and ``w − w₀`` (P,) of the selected leaves raveled in
+    the order of ``curvature.paths``, the unit of each entry (P,: 0 for the first leaf's first unit,
+    a stacked leaf's slices each their own) and the units' names."""
     check_order(params, l2, fn)
     if has_schedule(l2):
         raise Jaxl2Error(
@@ -463,16 +401,36 @@ def _parts(
             "params: read the schedule at the step those params were trained to, l2=schedule(step) "
             "(in a mapping, each schedule)"
         )
-    leaves = _check_curvature(curvature, params, select)
-    names, unit = _units(params, select, stacked)
-    if curvature.structure in ("kron", "ekfac") and len(names) != len(curvature.paths):
+    if not isinstance(curvature, Curvature):
+        raise Jaxl2Error(f"curvature must be what jaxl2.ggn returns, got {type(curvature).__name__}")
+    paths = tuple(p for p, _ in _select.resolve(params, select))
+    if paths != curvature.paths:
+        raise Jaxl2Error(
+            f"the curvature is of the leaves {', '.join(curvature.paths)}, but this selection picks "
+            f"{', '.join(paths)}: pass the select= that jaxl2.ggn had"
+        )
+    entries = plan(params, l2, select=select, stacked=stacked, center=center)
+    _check_blocks(curvature, entries)
+    names = [n for e in entries for n in e.units]
+    if curvature.structure in ("kron", "ekfac") and len(names) != len(paths):
         raise Jaxl2Error(
             f"a {curvature.structure} curvature has one basis per leaf, so one λ per leaf: it cannot take "
             "a stacked leaf's slices (use structure 'diag' or 'full' for λ per slice)"
         )
-    alpha = jnp.concatenate([a.ravel() for a in _precisions(curvature, params, l2, select, stacked, leaves)])
-    dw = jnp.concatenate([d.ravel() for d in _deviations(params, center, select, leaves)])
-    return alpha, dw, unit, names
+    alpha, dw, unit, first = [], [], [], 0  # first: the number of the leaf's first unit
+    for e in entries:
+        w, lam = e.leaf, e.lam(None, jnp.promote_types(e.leaf.dtype, jnp.float32))
+        if not is_traced(lam) and not np.all(np.asarray(lam) > 0):
+            raise Jaxl2Error(
+                f"the evidence needs λ > 0 on every selected leaf (a prior of precision 0 has no density), "
+                f"but {e.path!r} has λ {lam!r}; narrow select= (the leaves of jaxl2.ggn) or give it a λ"
+            )
+        alpha.append(curvature.n * jnp.broadcast_to(jnp.asarray(lam, w.dtype), w.shape).ravel())
+        dw.append((w if e.center is None else w - e.center).ravel())
+        layer = np.arange(len(e.units)).reshape([-1 if i == e.axis else 1 for i in range(w.ndim)])
+        unit.append(first + np.broadcast_to(layer, w.shape).ravel())
+        first += len(e.units)
+    return jnp.concatenate(alpha), jnp.concatenate(dw), np.concatenate(unit).astype(np.int32), names
 
 
 def _unit_sums(values: jax.Array, unit: np.ndarray, units: int) -> jax.Array:
@@ -619,10 +577,8 @@ def evidence_l2(
         raise Jaxl2Error(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if steps is None:
         steps = 40 if method == "bisect" else 1
-    if not (isinstance(steps, int) and steps >= 1):
-        raise Jaxl2Error(f"steps must be an integer >= 1, got {steps!r}")
-    if not isinstance(shared, bool):
-        raise Jaxl2Error(f"shared must be True (one λ for all) or False (one per leaf), got {shared!r}")
+    check_number(steps, "steps", integer=True, low=1)
+    check_bool(shared, "shared")
     lo, hi = bounds
     alpha, dw, unit, names = _parts("evidence_l2", curvature, params, l2, select, center, stacked)
     log_lam = jnp.log(

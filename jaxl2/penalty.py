@@ -33,7 +33,6 @@ __all__ = [
     "check_l2",
     "check_bool",
     "check_rules",
-    "check_center",
     "check_order",
 ]
 
@@ -47,40 +46,6 @@ def describe_output(out: Any) -> str:
     if hasattr(out, "dtype") and hasattr(out, "shape"):
         return f"{article} {kind} of dtype {out.dtype} and shape {shape_text(out.shape)}"
     return f"{article} {kind}"
-
-
-def check_center(params: Any, center: Any, *, select: _select.Selector = None) -> dict[str, Any]:
-    """Checks that ``center`` (``w₀``) fits ``params``; returns ``{path: w₀}`` of the selected leaves.
-
-    ``center`` must have a floating-point array at every path where ``params`` has one, and
-    nowhere else, with the same shape on every selected leaf. Leaves are matched by path, so
-    containers and order may differ (a plain dict for an NNX ``State``, a ``dict`` for a
-    ``FrozenDict``, ``eqx.filter(pretrained, eqx.is_array)`` for a whole Equinox module); the
-    shapes of unselected leaves are not checked (their ``w₀`` is never used).
-
-    Args:
-      params: the params, as in :func:`l2_penalty`.
-      center: the reference weights ``w₀``.
-      select: which leaves, as in :func:`l2_penalty`.
-
-    Returns:
-      ``{path: w₀ leaf}`` for every selected path, in the order of the selection.
-
-    Raises:
-      Jaxl2Error: naming the first path where they differ (and the shapes), or when the
-        selection matches nothing.
-
-    Examples:
-      >>> import jax.numpy as jnp
-      >>> params = {"d": {"kernel": jnp.ones((2, 3)), "bias": jnp.zeros(3)}}
-      >>> list(check_center(params, {"d": {"kernel": jnp.zeros((2, 3)), "bias": jnp.zeros(3)}}))
-      ['d/kernel']
-      >>> check_center(params, {"d": {"kernel": jnp.zeros((3, 2)), "bias": jnp.zeros(3)}})
-      Traceback (most recent call last):
-      ...
-      jaxl2.errors.Jaxl2Error: center must have the shapes of params on the selected leaves, but at 'd/kernel' center has shape (3, 2) and params (2, 3)
-    """
-    return {e.path: e.center for e in _rules.plan(params, None, select=select, center=center)}
 
 
 def check_rules(
@@ -344,12 +309,6 @@ def selected(
     return Selection(rows)
 
 
-def leaf_l2(entries: list[_rules.Entry], step: Any) -> dict[str, Any]:
-    """``{path: λ}`` of the plan's leaves at ``step``: one λ as given, or a stacked leaf's per-slice
-    λs that broadcast against it, in its precision (float32 at least: float64 params keep theirs)."""
-    return {e.path: e.lam(step, jnp.promote_types(e.leaf.dtype, jnp.float32)) for e in entries}
-
-
 def coefficients(
     params: Any, l2: L2, *, select: _select.Selector = None, stacked: Stacked = None, step: Any = None
 ) -> Any:
@@ -397,7 +356,9 @@ def coefficients(
       {'Dense_0': {'bias': 0.0, 'kernel': 0.01}, 'Dense_1': {'bias': 0.0, 'kernel': 0.001}}
     """
     _check_call(params, l2, "coefficients", step)
-    lams = leaf_l2(_rules.plan(params, l2, select=select, stacked=stacked), step)
+    entries = _rules.plan(params, l2, select=select, stacked=stacked)
+    # one λ as given, or a stacked leaf's per-slice λs that broadcast against it, in its precision
+    lams = {e.path: e.lam(step, jnp.promote_types(e.leaf.dtype, jnp.float32)) for e in entries}
 
     def coefficient(keypath: tuple, leaf: Any) -> Any:
         if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):

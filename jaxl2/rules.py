@@ -175,15 +175,18 @@ def check_l2_rules(l2: Any, *, schedule: bool = False) -> list[tuple[str, re.Pat
             f"l2 must be one λ or a mapping {{regex or path: λ}}, got {describe(l2)}: "
             "are the arguments swapped? (params where a λ goes)"
         )
-    rules = []
-    for pattern, lam in l2.items():
-        if not isinstance(pattern, str):
-            raise Jaxl2Error(
-                f"l2 mapping keys must be regex strings, got {pattern!r} ({type(pattern).__name__})"
-            )
+    rules = _patterns(l2, "l2", "l2 mapping keys")
+    for pattern, _, lam in rules:
         check_l2(lam, f"l2[{pattern!r}]", schedule=schedule)
-        rules.append((pattern, _select.compile_regex(pattern, "l2"), lam))
     return rules
+
+
+def _patterns(mapping: Mapping, name: str, keys: str) -> list[tuple[str, re.Pattern, Any]]:
+    """``(pattern, compiled regex, value)`` of each entry of the argument ``name``, its keys checked."""
+    for pattern in mapping:
+        if not isinstance(pattern, str):
+            raise Jaxl2Error(f"{keys} must be regex strings, got {pattern!r} ({type(pattern).__name__})")
+    return [(p, _select.compile_regex(p, name), value) for p, value in mapping.items()]
 
 
 def check_stacked(stacked: Stacked) -> list[tuple[str, re.Pattern, int]]:
@@ -202,19 +205,14 @@ def check_stacked(stacked: Stacked) -> list[tuple[str, re.Pattern, int]]:
             "stacked must be None or a non-empty mapping {regex over leaf paths: layer axis}, e.g. "
             f"{{'params/blocks/.*': 0}}; got {shown(stacked)}"
         )
-    out = []
-    for pattern, axis in stacked.items():
-        if not isinstance(pattern, str):
-            raise Jaxl2Error(
-                f"stacked keys must be regex strings, got {pattern!r} ({type(pattern).__name__})"
-            )
+    specs = _patterns(stacked, "stacked", "stacked keys")
+    for pattern, _, axis in specs:
         if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
             raise Jaxl2Error(
                 f"stacked[{pattern!r}] must be an int, the layer axis of the leaves it matches, "
                 f"got {axis!r} ({type(axis).__name__})"
             )
-        out.append((pattern, _select.compile_regex(pattern, "stacked"), int(axis)))
-    return out
+    return [(pattern, rx, int(axis)) for pattern, rx, axis in specs]
 
 
 def has_schedule(l2: Any) -> bool:
@@ -349,15 +347,12 @@ def _rule_l2(
                 f"matches ({listing([names[j] for j in hits])}) is taken by {which} ({said}); remove it, "
                 "or narrow the earlier pattern if it was meant to take some of them"
             )
-    lams = []
-    for (name, _), i in zip(units, first):
-        if i is None:
-            raise Jaxl2Error(
-                f"selected parameter {name!r} matches no l2 pattern; add an entry for it, or a "
-                "catch-all such as {'.*': 0.0} to leave the remaining leaves unpenalised on purpose"
-            )
-        lams.append((rules[i][2], rules[i][0]))
-    return lams
+    if None in first:
+        raise Jaxl2Error(
+            f"selected parameter {names[first.index(None)]!r} matches no l2 pattern; add an entry for it, "
+            "or a catch-all such as {'.*': 0.0} to leave the remaining leaves unpenalised on purpose"
+        )
+    return [(rules[i][2], rules[i][0]) for i in first]
 
 
 def plan(

@@ -56,7 +56,6 @@ __all__ = [
     "path_str",
     "predicate",
     "resolve",
-    "PRESETS",
 ]
 
 
@@ -119,10 +118,6 @@ class Preset:
     find: Callable[[Any], Iterable[str]]
     description: str
 
-    def paths(self, params: Any) -> frozenset[str]:
-        """The paths that this preset selects in ``params``."""
-        return frozenset(self.find(params))
-
     def __repr__(self) -> str:
         return self.name
 
@@ -162,8 +157,6 @@ never is, whatever its ``ndim``. Works on a module and on ``eqx.filter(model, eq
 """
 
 Selector = None | str | Predicate | Preset
-
-PRESETS: dict[str, Predicate | Preset] = {"kernels": kernels, "haiku": haiku, "equinox": equinox}
 
 
 def _key_str(key: Any) -> str:
@@ -284,16 +277,6 @@ def _describe(select: Selector) -> str:
     return f"select={getattr(select, '__name__', repr(select))}"
 
 
-def _other_arrays(params: Any) -> list[tuple[str, Any]]:
-    """The array leaves that are not floating-point (integers, bools, keys), as ``(path, leaf)``."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(params)
-    return [
-        (path_str(kp), x)
-        for kp, x in flat
-        if hasattr(x, "shape") and hasattr(x, "dtype") and not is_float_array(x)
-    ]
-
-
 def resolve(params: Any, select: Selector = None) -> list[tuple[str, Any]]:
     """The ``(path, leaf)`` pairs that ``select`` picks; an empty match is a ``ValueError``.
 
@@ -313,16 +296,17 @@ def resolve(params: Any, select: Selector = None) -> list[tuple[str, Any]]:
         raise Jaxl2Error(
             f"params must be a pytree of arrays, got {describe(params)}: are the arguments swapped?"
         )
-    candidates = leaves(params)
-    others = _other_arrays(params)
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    arrays = [(path_str(kp), x) for kp, x in flat if hasattr(x, "shape") and hasattr(x, "dtype")]
     if isinstance(select, Preset):
-        wanted = select.paths(params)
-        chosen = [(p, x) for p, x in candidates if p in wanted]
-        named = [(p, x) for p, x in others if p in wanted]
+        wanted = set(select.find(params))
+        picked = [(p, x) for p, x in arrays if p in wanted]
     else:
         pred = predicate(select)
-        chosen = [(p, x) for p, x in candidates if pred(p, x)]
-        named = [(p, x) for p, x in others if pred(p, x)]
+        picked = [(p, x) for p, x in arrays if pred(p, x)]
+    chosen = [(p, x) for p, x in picked if is_float_array(x)]
+    named = [(p, x) for p, x in picked if not is_float_array(x)]
+    candidates = [(p, x) for p, x in arrays if is_float_array(x)]
     if named:
         p, x = named[0]
         raise Jaxl2Error(

@@ -91,14 +91,6 @@ def _advance(count: Any, before: Any, after: Any) -> Any:
     return jnp.where(applied, optax.safe_increment(count), count)
 
 
-def _scalar(loss: Any) -> Any:
-    if getattr(loss, "shape", ()) != ():
-        raise Jaxl2Error(
-            f"loss_fn must return a scalar loss (e.g. the mean over the batch); it returned {describe_output(loss)}"
-        )
-    return loss
-
-
 def make_train_step(
     loss_fn: Callable[..., Any],
     tx: optax.GradientTransformation,
@@ -194,12 +186,14 @@ def make_train_step(
 
     def objective(params: Any, count: Any, *batch: Any) -> tuple[Any, dict[str, Any]]:
         out = loss_fn(params, *batch)
-        if not has_aux:
-            add_penalty(out, 0, has_aux=False)  # a (loss, aux) pair without has_aux fails here
-            out = (out, {})
-        else:
-            add_penalty(out, 0, has_aux=True)  # a bare loss with has_aux fails here
-        data_loss = _scalar(out[0])
+        add_penalty(out, 0, has_aux=has_aux)  # an output that does not fit has_aux fails here
+        out = out if has_aux else (out, {})
+        data_loss = out[0]
+        if getattr(data_loss, "shape", ()) != ():
+            raise Jaxl2Error(
+                "loss_fn must return a scalar loss (e.g. the mean over the batch); it returned "
+                + describe_output(data_loss)
+            )
         if penalised:
             pen = l2_penalty(params, l2, select=select, center=center, stacked=stacked, step=count)
         else:

@@ -42,10 +42,10 @@ def test_api_page_names_only_public_things():
 
 def test_each_lazy_export_is_listed_once_and_defined_where_it_says():
     assert len(jaxl2.__all__) == len(set(jaxl2.__all__))
-    for name, module in jaxl2._EXPORTS.items():
+    for name, (module, attr) in jaxl2._EXPORTS.items():
         value = getattr(jaxl2, name)
-        assert value is importlib.import_module(module) or value is getattr(
-            importlib.import_module(module), name
+        assert value is importlib.import_module(f"{module}.{attr}" if module == "jaxl2" else module) or (
+            value is getattr(importlib.import_module(module), attr)
         )
 
 

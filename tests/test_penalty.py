@@ -15,7 +15,6 @@ from hypothesis import HealthCheck, given, settings
 
 import jaxl2
 from jaxl2 import select
-from jaxl2.penalty import check_center
 
 
 def np_penalty(named_arrays, lam):
@@ -930,7 +929,7 @@ def test_a_center_that_does_not_fit_names_the_first_differing_path(make_center, 
         lambda: jaxl2.l2_penalty(p, 0.1, center=center),
         lambda: jaxl2.regularized(lambda q: 0.0, 0.1, center=center)(p),
         lambda: jaxl2.selected(p, 0.1, center=center),
-        lambda: check_center(p, center),
+        lambda: jaxl2.add_decayed_weights(0.1, center=center).init(p),
     ):
         with pytest.raises(jaxl2.Jaxl2Error, match=match):
             call()

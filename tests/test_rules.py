@@ -501,7 +501,7 @@ def test_audit_reads_every_schedule_at_the_step_it_is_given(params):
     adamw = optax.adamw(lr_sched, weight_decay=0.1, mask=jaxl2.mask(params))
     rows = {r.path: r for r in jaxl2.audit(adamw, params, step=5)}
     np.testing.assert_allclose(rows["b/kernel"].shrink, float(lr_sched(5)) * 0.1, rtol=1e-5)
-    with pytest.raises(jaxl2.Jaxl2Error, match="step must be an int >= 0"):
+    with pytest.raises(jaxl2.Jaxl2Error, match=r"step \(the step count\) must be an integer >= 0"):
         jaxl2.audit(tx, params, step=-1)
 
 
