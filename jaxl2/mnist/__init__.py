@@ -6,9 +6,11 @@ One concern per module, arrows pointing down to the library (:mod:`jaxl2`):
 
 * :mod:`~jaxl2.mnist.config` — :class:`Config` and the run settings, every vocabulary,
   validation; :mod:`~jaxl2.mnist.results` — what a run and a sweep return;
-* :mod:`~jaxl2.mnist.model` — the Flax MLP; :mod:`~jaxl2.mnist.data` — the datasets;
+* :mod:`~jaxl2.mnist.model` — the Flax MLP; :mod:`~jaxl2.mnist.data` — the datasets
+  (mnist5k; :mod:`~jaxl2.mnist.sources` reads full MNIST and IDX files when asked);
 * :mod:`~jaxl2.mnist.train` — the pure, jitted step, epoch and evaluation, and the one loop
   that ``train``, ``sweep`` and the refit share; its :class:`Trainer` is the fixed λ mode;
+  :mod:`~jaxl2.mnist.fused` — several epochs per compiled call (what ``jaxl2 train`` runs);
 * :mod:`~jaxl2.mnist.hypergrad` — the λ mode of ``l2="auto"`` (λ per layer, tuned during the
   run by validation hypergradients);
 * :mod:`~jaxl2.mnist.marglik` — the λ mode of ``l2="evidence"`` (λ per layer from the Laplace
@@ -16,8 +18,10 @@ One concern per module, arrows pointing down to the library (:mod:`jaxl2`):
 * :mod:`~jaxl2.mnist.run` — a run and its directory (:mod:`~jaxl2.mnist.rundir`);
   :mod:`~jaxl2.mnist.sweep` — many λ in one compiled program, and its directory
   (:mod:`~jaxl2.mnist.sweepdir`); :mod:`~jaxl2.mnist.refit` — the refit on train ∪ validation;
+  :mod:`~jaxl2.mnist.evaluate` — a run's model on one split (``jaxl2 eval``);
 * :mod:`~jaxl2.mnist.parallel`, :mod:`~jaxl2.mnist.plots`, :mod:`~jaxl2.mnist.bench`,
-  :mod:`~jaxl2.mnist.runtime` — devices, figures, measurements, the machine.
+  :mod:`~jaxl2.mnist.runtime`, :mod:`~jaxl2.mnist.tensorboard` — devices, figures,
+  measurements, the machine, TensorBoard events.
 
 Example:
   >>> from jaxl2.mnist import Config, load_data
