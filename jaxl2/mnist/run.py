@@ -44,6 +44,7 @@ from jaxl2.mnist.results import RunSummary
 from jaxl2.mnist.rundir import (
     Claim,
     SaveRule,
+    check_settings,
     default_out,
     disk_errors,
     has_checkpoint,
@@ -110,18 +111,7 @@ def load_run_config(
 
 def _check_resume(cfg: Config, out: str) -> None:
     saved = validate(load_run_config(out, kind="run"))  # lr filled in as in cfg, whoever wrote it
-    differ = [f for f in FIELDS if getattr(cfg, f) != getattr(saved, f)]
-    if differ:
-        desc = ", ".join(
-            f"{field(f)} {_show(getattr(cfg, f))} vs {_show(getattr(saved, f))} in the run" for f in differ
-        )
-        raise ConfigError(
-            f"{field('resume')}: settings differ from {out}/config.json: {desc} (resume with the run's own settings)"
-        )
-
-
-def _show(v: Any) -> str:
-    return ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
+    check_settings(out, "run", {f: getattr(cfg, f) for f in FIELDS}, {f: getattr(saved, f) for f in FIELDS})
 
 
 def train_and_evaluate(

@@ -10,9 +10,9 @@
   DIR/curves.png       loss and accuracy against epoch (``lambda.png``: λ per layer)
   DIR/summary.json     what ``jaxl2 train --json`` prints
 
-Files are written to a temporary name and renamed, so a reader (or a resume) never sees half a
-file. One process at a time trains into a directory (:class:`Claim`); a file that the disk
-refuses is one :class:`DiskFull` error that names what was kept.
+Files are written to a temporary name and renamed: a reader (or a resume) never sees half a file.
+One process at a time trains into a directory (:class:`Claim`); a file that the disk refuses is
+one :class:`DiskFull` error that names what was kept.
 
 Example:
   >>> import tempfile, os
@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import logging
@@ -42,7 +43,7 @@ from jaxl2.mnist.config import Config, ConfigError, Named, field
 
 __all__ = ["write_json", "read_metrics", "rewrite_metrics", "default_out", "prepare", "load_config"]
 __all__ += ["run_config", "SaveRule", "StepStore", "Checkpoints", "checkpoint_steps", "has_checkpoint"]
-__all__ += ["Claim", "DiskFull", "disk_errors", "is_disk_error"]
+__all__ += ["Claim", "DiskFull", "disk_errors", "is_disk_error", "check_settings"]
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -87,12 +88,11 @@ def default_out(root: str, prefix: str) -> str:
     os.makedirs(root, exist_ok=True)
     path, n = base, 1
     while True:
-        try:
+        with contextlib.suppress(FileExistsError):
             os.mkdir(path)
             return path
-        except FileExistsError:
-            n += 1
-            path = f"{base}-{n}"
+        n += 1
+        path = f"{base}-{n}"
 
 
 # What a run or a sweep writes: all that --overwrite may remove.
@@ -102,13 +102,15 @@ RUN_ENTRIES = frozenset(
 )
 
 
+@dataclasses.dataclass
 class Claim(contextlib.AbstractContextManager):
     """A run directory held by this process: an exclusive ``flock`` on the directory, which the
     kernel releases when the process ends, however it ends (SIGKILL included). ``created``: the
     directory was absent or empty before. ``fd=None``: unheld (processes other than 0)."""
 
-    def __init__(self, out: str, created: bool, fd: int | None = None):
-        self.out, self.created, self.fd = out, created, fd
+    out: str
+    created: bool
+    fd: int | None = None
 
     @classmethod
     def take(cls, out: str, created: bool) -> Claim:
@@ -120,15 +122,14 @@ class Claim(contextlib.AbstractContextManager):
         fd = os.open(out, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except OSError as e:
             os.close(fd)
-            raise ConfigError(
-                f"{field('out')} {out} is in use by another jaxl2 process, which holds its lock: let it "
-                f"finish or stop it, then try again (or give another {field('out')})"
-            ) from None
-        except OSError:  # a file system without locks (some network mounts): go on unlocked
-            os.close(fd)
-            return cls(out, created)
+            if isinstance(e, BlockingIOError):
+                raise ConfigError(
+                    f"{field('out')} {out} is in use by another jaxl2 process, which holds its lock: let "
+                    f"it finish or stop it, then try again (or give another {field('out')})"
+                ) from None
+            return cls(out, created)  # a file system without locks (some network mounts): unlocked
         return cls(out, created, fd)
 
     def release(self) -> None:
@@ -225,6 +226,21 @@ def run_config(d: dict[str, Any], path: str) -> Config:
         raise ConfigError(f"{path}: not a jaxl2 run config ({e}; written by jaxl2 {version})") from None
 
 
+def check_settings(out: str, kind: str, now: dict[str, Any], saved: dict[str, Any]) -> None:
+    """Refuses to resume the ``kind`` ("run" or "sweep") in ``out`` with settings ``now`` other
+    than its ``saved`` ones: the error names every field that differs, with both values."""
+
+    def show(v: Any) -> str:
+        return ",".join(map(str, v)) if isinstance(v, tuple | list) else str(v)
+
+    differ = [f"{field(f)} {show(now[f])} vs {show(saved[f])}" for f in now if now[f] != saved[f]]
+    if differ:
+        raise ConfigError(
+            f"{field('resume')}: settings differ from {out}/config.json: {'; '.join(differ)} in the "
+            f"{kind} (resume with the {kind}'s own settings)"
+        )
+
+
 class DiskFull(Named, OSError):
     """A file of the run in ``out`` could not be written (no space, a quota, a read-only file
     system); the message names the path and what was kept for the resume."""
@@ -275,11 +291,8 @@ def disk_errors(out: str) -> Iterator[None]:
 
 class SaveRule:
     """When the loop checkpoints, besides at the end and on a signal: every ``seconds`` of training
-    since the last save (an epoch can take 30 ms and a save 0.1 s, so epochs alone would cost more
-    than they protect), and every ``epochs`` epochs when given. Not orbax's save-decision policies:
-    they are asked per store and per step (a run saves two stores, a sweep numbers its steps per
-    chunk) and a fresh store saves at once; this rule is asked once per compiled call, beside the
-    signal and the last epoch, and every process takes the same decision.
+    since the last save (an epoch can take 30 ms, a save 0.1 s), and every ``epochs`` epochs when
+    given. Asked once per compiled call for all stores (orbax's policies are per store and step).
 
     Example:
       >>> rule = SaveRule(epochs=3, seconds=None)
@@ -333,7 +346,7 @@ class StepStore:
     """An orbax ``CheckpointManager`` of numbered steps of one pytree, each written to a temporary
     directory and renamed when complete; it keeps the last ``keep`` steps (``None``: all).
     ``background=True``: orbax's async saves (:meth:`save` returns once the arrays are copied;
-    :meth:`wait` and :meth:`close` raise the error of the last). A write that the disk refuses is
+    :meth:`close` raises the error of the last). A write that the disk refuses is
     an ``OSError`` of its errno and this store's directory (orbax's own echoes of it are dropped).
     """
 
@@ -368,10 +381,6 @@ class StepStore:
     def save(self, step: int, tree: Any) -> None:
         with self._writing():
             self.manager.save(step, args=self.ocp.args.StandardSave(tree), force=True)
-
-    def wait(self) -> None:
-        with self._writing():
-            self.manager.wait_until_finished()
 
     def restore(
         self,
@@ -435,13 +444,11 @@ class Checkpoints:
     def last_good(self) -> str:
         for store in (self.best, self.latest):
             with contextlib.suppress(Exception):  # the message is about the files, whatever a save hit
-                store.wait()
+                store.manager.wait_until_finished()
         steps = checkpoint_steps(self.out)
-        return (
-            f"The last good checkpoint (epoch {steps[-1]}) is intact."
-            if steps
-            else "No checkpoint had been written yet."
-        )
+        if steps:
+            return f"The last good checkpoint (epoch {steps[-1]}) is intact."
+        return "No checkpoint had been written yet."
 
     def close(self) -> None:
         try:

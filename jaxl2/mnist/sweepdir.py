@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from jaxl2.mnist.config import FIELDS, Config, ConfigError, field, validate
 from jaxl2.mnist.model import abstract_params
-from jaxl2.mnist.rundir import StepStore, load_config, run_config, write_json
+from jaxl2.mnist.rundir import StepStore, check_settings, load_config, run_config, write_json
 
 PROGRESS = "progress.json"
 
@@ -70,22 +70,13 @@ def load_sweep_config(out: str, name: str = "out") -> tuple[Config, list[float],
 def check_resume(out: str, cfg: Config, l2s: Sequence[float], seeds: Sequence[int]) -> None:
     """A resumed sweep must have the settings it was started with: the error names every
     field that differs."""
-    saved_cfg, saved_l2s, saved_seeds = load_sweep_config(out, "out")
 
     def settings(cfg: Config, l2s: Sequence[float], seeds: Sequence[int]) -> dict[str, Any]:
         cfg = validate(cfg)
         return {**{f: getattr(cfg, f) for f in FIELDS if f != "l2"}, "l2": list(l2s), "seeds": list(seeds)}
 
-    def show(v: Any) -> str:
-        return ",".join(map(str, v)) if isinstance(v, tuple | list) else str(v)
-
-    now, saved = settings(cfg, l2s, seeds), settings(saved_cfg, saved_l2s, saved_seeds)
-    differ = [f"{field(f)} {show(now[f])} vs {show(saved[f])}" for f in now if now[f] != saved[f]]
-    if differ:
-        raise ConfigError(
-            f"{field('resume')}: settings differ from {out}/config.json: {'; '.join(differ)} in the "
-            "sweep (resume with the sweep's own settings)"
-        )
+    saved = settings(*load_sweep_config(out, "out"))
+    check_settings(out, "sweep", settings(cfg, l2s, seeds), saved)
 
 
 def read_progress(out: str) -> dict[str, Any] | None:

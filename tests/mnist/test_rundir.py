@@ -301,7 +301,7 @@ store = StepStore(out + "/best", background=True)
 try:
     with disk_errors(out):  # 360 kB of noise: no compression fits it in a 64 kB file
         store.save(1, {"w": np.random.default_rng(0).normal(size=(300, 300)).astype(np.float32)})
-        store.wait()
+        store.close()
 except OSError as e:
     print(type(e).__name__, e)
 """
