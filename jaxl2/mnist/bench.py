@@ -39,6 +39,7 @@ import numpy as np
 from jaxl2.mnist.config import INPUT_DIM, NUM_CLASSES, Config, RunSettings
 from jaxl2.mnist.data import load
 from jaxl2.mnist.runtime import device_name
+from jaxl2.mnist.sources import write_idx
 from jaxl2.mnist.sweep import SweepTrainer
 from jaxl2.mnist.train import Trainer
 
@@ -478,11 +479,9 @@ def full_size_idx(directory: str, n: int = FULL_SIZE) -> str:
     y = np.concatenate([ds.need("train").y, ds.need("val").y])
     order = np.arange(n) % len(y)
     for stem, (xs, ys) in {"train": (x[order], y[order]), "t10k": tuple(ds.need("test"))}.items():
-        files = {"images-idx3": (2051, np.rint(xs * 255).reshape(-1, 28, 28)), "labels-idx1": (2049, ys)}
-        for kind, (magic, array) in files.items():  # magic, the dimensions (big-endian int32), uint8 data
-            with open(os.path.join(directory, f"{stem}-{kind}-ubyte"), "wb") as f:
-                f.write(b"".join(d.to_bytes(4, "big") for d in (magic, *array.shape)))
-                f.write(np.ascontiguousarray(array, np.uint8).tobytes())
+        images = np.rint(xs * 255).reshape(-1, 28, 28)
+        write_idx(os.path.join(directory, f"{stem}-images-idx3-ubyte"), images, 2051)
+        write_idx(os.path.join(directory, f"{stem}-labels-idx1-ubyte"), ys, 2049)
     return f"idx:{directory}"
 
 

@@ -20,7 +20,7 @@ import numpy as np
 from jaxl2.mnist.config import field
 from jaxl2.mnist.data import DataError, Split, scaled
 
-__all__ = ["tfds_mnist", "read_idx", "idx_dir"]
+__all__ = ["tfds_mnist", "read_idx", "write_idx", "idx_dir"]
 
 
 def _reachable(url: str, timeout: float = 10.0) -> str | None:
@@ -112,6 +112,21 @@ def read_idx(path: str, magic: int) -> np.ndarray:
             "truncated or corrupt file"
         )
     return np.frombuffer(raw, np.uint8, offset=header).reshape(dims)
+
+
+def write_idx(path: str, array: np.ndarray, magic: int) -> None:
+    """Writes ``array`` as one IDX file (gzip when ``path`` ends in ``.gz``): :func:`read_idx`'s input.
+
+    Examples:
+      >>> import os, tempfile
+      >>> path = os.path.join(tempfile.mkdtemp(), "labels")
+      >>> write_idx(path, np.array([7, 0, 9]), 2049)
+      >>> open(path, "rb").read() == bytes([0, 0, 8, 1, 0, 0, 0, 3, 7, 0, 9])
+      True
+    """
+    with (gzip.open if path.endswith(".gz") else open)(path, "wb") as f:
+        f.write(b"".join(d.to_bytes(4, "big") for d in (magic, *array.shape)))
+        f.write(np.ascontiguousarray(array, np.uint8).tobytes())
 
 
 def _find(directory: str, stem: str) -> str | None:

@@ -1,27 +1,21 @@
 """load: the shipped mnist5k subset (split, cache) and the dataset names it knows."""
 
-import gzip
 import os
 
 import numpy as np
 import pytest
 
-from jaxl2.mnist import data
+from jaxl2.mnist import data, sources
 
 
 def write_idx(directory, prefix, images, labels, gz=False, truncate=0, magic=None):
-    n = len(images)
-    img = (magic or 2051).to_bytes(4, "big") + n.to_bytes(4, "big") + (28).to_bytes(4, "big") * 2
-    img += images.astype(np.uint8).tobytes()
-    lbl = (2049).to_bytes(4, "big") + len(labels).to_bytes(4, "big") + labels.astype(np.uint8).tobytes()
-    if truncate:
-        img = img[:-truncate]
-    opener = gzip.open if gz else open
+    """``prefix``'s two IDX files in ``directory``; ``truncate`` bytes cut off the images file."""
     ext = ".gz" if gz else ""
-    with opener(os.path.join(directory, f"{prefix}-images-idx3-ubyte{ext}"), "wb") as f:
-        f.write(img)
-    with opener(os.path.join(directory, f"{prefix}-labels-idx1-ubyte{ext}"), "wb") as f:
-        f.write(lbl)
+    path = os.path.join(directory, f"{prefix}-images-idx3-ubyte{ext}")
+    sources.write_idx(path, images, magic or 2051)
+    sources.write_idx(os.path.join(directory, f"{prefix}-labels-idx1-ubyte{ext}"), labels, 2049)
+    if truncate:
+        os.truncate(path, os.path.getsize(path) - truncate)
 
 
 def fake(n, seed=0):
