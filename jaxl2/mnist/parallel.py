@@ -35,10 +35,6 @@ def make_mesh(devices: int | None = None) -> Mesh:
     return Mesh(np.array(available[:n]), ("data",))
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec())
-
-
 def check_batch(batch_size: int, devices: int) -> None:
     """The batch must split evenly; the error names the nearest valid sizes."""
     if batch_size % devices:
@@ -50,15 +46,15 @@ def check_batch(batch_size: int, devices: int) -> None:
         )
 
 
-def put(x: np.ndarray, mesh: Mesh | None) -> jax.Array:
-    """A host array as a global array: split along ``data`` if its leading axis divides, else
-    replicated. Each process materialises only its own devices' shards (so several hosts
-    work); without a mesh, a plain ``device_put``."""
+def put(x: np.ndarray, mesh: Mesh | None, split: bool = True) -> jax.Array:
+    """A host array as a global array: split along ``data`` if ``split`` and its leading axis
+    divides, else replicated. Each process materialises only its own devices' shards (so several
+    hosts work); without a mesh, a plain ``device_put``."""
     if mesh is None:
         return jax.device_put(x)
     x = np.asarray(x)
-    split = x.shape[0] % mesh.devices.size == 0
-    sharding = NamedSharding(mesh, PartitionSpec("data")) if split else replicated(mesh)
+    split = split and x.shape[0] % mesh.devices.size == 0
+    sharding = NamedSharding(mesh, PartitionSpec("data") if split else PartitionSpec())
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
 
@@ -66,11 +62,7 @@ def replicate(tree: Any, mesh: Mesh | None) -> Any:
     """Every leaf of ``tree`` replicated over the mesh (params, optimizer state)."""
     if mesh is None:
         return tree
-    return jax.tree_util.tree_map(lambda a: put_replicated(np.asarray(a), mesh), tree)
-
-
-def put_replicated(x: np.ndarray, mesh: Mesh) -> jax.Array:
-    return jax.make_array_from_callback(x.shape, replicated(mesh), lambda idx: x[idx])
+    return jax.tree_util.tree_map(lambda a: put(a, mesh, split=False), tree)
 
 
 def host(tree: Any) -> Any:

@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -93,7 +94,7 @@ def write_run(out: str) -> str:
     return logdir
 
 
-class MemberEvents:
+class MemberEvents(contextlib.AbstractContextManager):
     """The event files of a sweep's chunk of ``members`` (``(λ, seed)`` pairs), one TensorBoard run
     per member in ``out/tensorboard/l2=λ,seed=S/``, from epoch ``start + 1`` on: :meth:`write` adds
     an epoch's row for every member, with the names of a run's ``metrics.jsonl`` (``train_loss``,
@@ -118,9 +119,6 @@ class MemberEvents:
             _write_row(writer, ep.epoch, {**train, **val, "epoch_seconds": ep.seconds})
             if ep.state is not None:
                 writer.flush()
-
-    def __enter__(self) -> MemberEvents:
-        return self
 
     def __exit__(self, *exc: object) -> None:
         for writer in self.writers:
