@@ -20,6 +20,7 @@ from jaxl2.mnist.rundir import (
     Checkpoints,
     DiskFull,
     SaveRule,
+    check_settings,
     checkpoint_steps,
     disk_errors,
     is_disk_error,
@@ -174,6 +175,17 @@ def test_a_config_of_another_format_is_refused_in_one_line_naming_the_version_th
         ConfigError, match=r"not a jaxl2 run config \(.*'hidden_sizes'; written by jaxl2 0\.1\.0\)$"
     ):
         run_config({"jaxl2_version": "0.1.0", "hidden_sizes": [16]}, "r/config.json")
+
+
+def test_a_resume_with_other_settings_is_refused_naming_each_one_with_both_values():
+    saved = {"hidden": (16,), "lr": 0.3, "seed": 0}
+    check_settings("r", "run", dict(saved), saved)  # the same settings: no error
+    with pytest.raises(ConfigError) as e:
+        check_settings("r", "run", {"hidden": (8, 8), "lr": 0.1, "seed": 0}, saved)
+    assert str(e.value) == (
+        "resume: settings differ from r/config.json: hidden 8,8 vs 16; lr 0.1 vs 0.3 in the run "
+        "(resume with the run's own settings)"
+    )
 
 
 def test_the_save_rule_is_due_every_n_epochs_or_seconds_and_refuses_a_bad_count():
