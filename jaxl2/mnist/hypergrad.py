@@ -33,14 +33,27 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxl2.auto import AutoL2State, auto_l2, shared_adam
-from jaxl2.mnist.config import AUTO_DEFAULTS, AUTO_L2_BOUNDS, Config, validate
+from jaxl2.mnist.config import AUTO_DEFAULTS, AUTO_L2_BOUNDS, Config
 from jaxl2.mnist.model import abstract_params
-from jaxl2.mnist.train import Trainer, TrainState, l2_at, lambdas_of
+from jaxl2.mnist.train import Trainer, TrainState
 from jaxl2.penalty import l2_penalty
 
-__all__ = ["AutoTrainState", "AutoTrainer"]
+__all__ = ["AutoTrainState", "AutoTrainer", "lambdas_of", "l2_at"]
+
+
+def lambdas_of(paths: list[str], log_l2: jax.Array) -> dict[str, float]:
+    """``{path: λ}`` of ``ln λ`` per path, as Python floats (the state's λs, on the host)."""
+    lam_L = np.exp(np.asarray(jax.device_get(log_l2), np.float64))
+    return {p: float(lam) for p, lam in zip(paths, lam_L)}
+
+
+def l2_at(rows: list[dict[str, Any]], epoch: int) -> dict[str, float]:
+    """``{path: λ}`` at the end of ``epoch``, from the ``l2/PATH`` columns of ``metrics.jsonl`` rows."""
+    row = next(r for r in rows if r["epoch"] == epoch)
+    return {k[len("l2/") :]: v for k, v in row.items() if k.startswith("l2/")}
 
 
 class AutoTrainState(TrainState):
@@ -141,8 +154,9 @@ class AutoTrainer(Trainer):
 
     def refit_config(self, summary: dict[str, Any] | None) -> Config | None:
         """The run's final λ per layer (``summary["l2_final"]``), fixed: the refit has no
-        validation split to tune them on; ``None`` before the run has a summary."""
+        validation split to tune them on (the refit's trainer validates it); ``None`` before the
+        run has a summary."""
         if summary is None:
             return None
         lambdas = {re.escape(path): lam for path, lam in summary["l2_final"].items()}
-        return validate(dataclasses.replace(self.cfg, l2=lambdas, **AUTO_DEFAULTS))
+        return dataclasses.replace(self.cfg, l2=lambdas, **AUTO_DEFAULTS)

@@ -56,8 +56,9 @@ import numpy as np
 from jaxl2 import select as _select
 from jaxl2.evidence import Curvature, evidence_l2, ggn_lanczos, log_evidence
 from jaxl2.mnist.config import AUTO_L2_BOUNDS, Config
+from jaxl2.mnist.hypergrad import l2_at, lambdas_of
 from jaxl2.mnist.model import ACTIVATION_FNS, abstract_params
-from jaxl2.mnist.train import Trainer, TrainState, l2_at, lambdas_of
+from jaxl2.mnist.train import Trainer, TrainState
 
 __all__ = ["EvidenceTrainState", "EvidenceTrainer", "dense_ggn", "LANCZOS_PROBES", "LANCZOS_STEPS"]
 

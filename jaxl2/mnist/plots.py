@@ -107,17 +107,15 @@ def sweep(rows: Sequence[dict[str, Any]], selected_l2: float, path: str, title: 
     fig.savefig(path, dpi=90)
 
 
-def lambdas(rows: Sequence[dict[str, Any]], path: str, title: str = "") -> list[str]:
+def lambdas(rows: Sequence[dict[str, Any]], path: str, title: str = "") -> None:
     """Writes ``path``: each layer's λ (the ``l2/PATH`` columns of ``l2 auto``'s or ``l2
     evidence``'s ``metrics.jsonl``) against epoch, on a log scale, with the epoch the run keeps
     marked (as :func:`curves` does); below it, with ``l2 evidence``, the log evidence of each λ
-    update.
-
-    Returns the layers drawn (their paths).
+    update; nothing without such columns.
     """
     layers = [k for k in rows[0] if k.startswith("l2/")] if rows else []
     if not layers:
-        return []
+        return
     ep = [r["epoch"] for r in rows]
     # the rows carry the last update's log evidence: one point per update
     evidence = [(r["epoch"], r["log_evidence"]) for r in rows if r.get("log_evidence") is not None]
@@ -148,4 +146,3 @@ def lambdas(rows: Sequence[dict[str, Any]], path: str, title: str = "") -> list[
     if title:
         ax.set_title(title, fontsize=9)
     fig.savefig(path, dpi=90)
-    return [k[len("l2/") :] for k in layers]

@@ -19,6 +19,9 @@ scored 95.06% unrefit, 95.31% refit for the best epoch's count and 95.45% refit 
 epochs (the best epoch of a 500-image validation split is a noisy argmax over a plateau: 22 to
 120): ``"all"`` is the default.
 
+A run's refit follows its training (:func:`add_refit`, its keys added to the run's summary); with
+a fixed λ and ``"all"``, it is made ready in the background while the run trains (:func:`ahead`).
+
 Example:
   >>> from jaxl2.mnist.data import load
   >>> from jaxl2.mnist.refit import refit_epochs, train_val
@@ -44,12 +47,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxl2.mnist import parallel, sigint
-from jaxl2.mnist.config import Config, ConfigError, field, validate
+from jaxl2.mnist.config import Config, ConfigError, field
 from jaxl2.mnist.data import Dataset, Split
 from jaxl2.mnist.fused import compile_epochs, epochs_per_call, runner
 from jaxl2.mnist.results import Refit
 from jaxl2.mnist.rundir import StepStore
-from jaxl2.mnist.train import Best, Epoch, Trainer, diverged_message, train_epochs
+from jaxl2.mnist.runtime import Background
+from jaxl2.mnist.train import Best, Epoch, Run, Trainer, diverged_message, stop_if_signalled, train_epochs
 
 __all__ = [
     "EPOCH_RULES",
@@ -60,6 +64,8 @@ __all__ = [
     "ready",
     "refit",
     "restore_refit",
+    "ahead",
+    "add_refit",
 ]
 
 EPOCH_RULES = ("all", "best")
@@ -109,7 +115,7 @@ def refit(
       Interrupted: SIGINT or SIGTERM; the call of epochs it interrupted was finished and checkpointed.
     """
     rcfg = refit_config(cfg, epochs)
-    if made is None or made.trainer.cfg != validate(rcfg) or made.trainer.mesh is not mesh:
+    if made is None or made.trainer.cfg != rcfg or made.trainer.mesh is not mesh:
         made = ready(cfg, ds, epochs, mesh=mesh, compile=False)
     trainer, x, y, size = made.trainer, made.x, made.y, made.size
     plan = {"epochs": np.asarray(epochs, np.int32), "examples": np.asarray(x.shape[0], np.int32)}
@@ -236,3 +242,55 @@ def restore_refit(out: str, cfg: Config, epochs: int, num_examples: int) -> Any:
         return ckpt.restore(like, name="run", mismatch=MISMATCH)["state"].params
     finally:
         ckpt.close()
+
+
+def ahead(job: Run, rule: str, before: dict[str, Any]) -> Background | None:
+    """What follows a run's training, compiled in the background while the run trains: its
+    refit made :func:`ready`, then the summary's evaluations of the training and validation
+    splits (the same executables as the best params' summary). Only when the refit's config
+    and epoch count are known before training (a fixed λ and ``rule="all"``), it is not done
+    yet (``before``: the summary a resumed run had written), and the run has one process (a
+    background execution could interleave with the other processes' collectives)."""
+    cfg = job.trainer.refit_config(None)
+    if rule != "all" or cfg is None or before.get("refit_epoch_rule") == rule or jax.process_count() > 1:
+        return None
+
+    def make() -> Ready:
+        assert cfg is not None
+        made = ready(cfg, job.ds, cfg.epochs, mesh=job.mesh)
+        for split in (job.ds.need("train"), job.ds.need("val")):
+            jax.block_until_ready(made.trainer.evaluate(made.state.params, split.x, split.y))
+        return made
+
+    return Background(make)
+
+
+def add_refit(
+    job: Run,
+    summary: dict[str, Any],
+    before: dict[str, Any],
+    rule: str,
+    on_epoch: Callable[[int, int], None] | None,
+    made: Background | None,
+) -> dict[str, Any]:
+    """The trained run's ``summary`` with its refit's keys: those of ``before`` (the summary a
+    resumed run had written) when its refit by ``rule`` is done, else from the refit, trained
+    now (made ready by ``made``, :func:`ahead`, when it ran)."""
+    if before.get("refit_epoch_rule") == rule:
+        return {**summary, **{k: v for k, v in before.items() if k.startswith("refit")}}
+    out = job.out
+    epochs = refit_epochs(rule, summary["best_epoch"], job.cfg.epochs)
+    stop_if_signalled(f"after training, before the refit; checkpoint saved in {out}", out)
+    cfg = job.trainer.refit_config(summary)
+    assert cfg is not None  # a λ mode with no refit turned it off before training
+    fit = refit(
+        cfg,
+        job.ds,
+        epochs,
+        os.path.join(out, "refit"),
+        mesh=job.mesh,
+        checkpoint_every=job.checkpoint_every,
+        on_epoch=on_epoch,
+        made=made.result() if made else None,
+    )
+    return {**summary, **fit, "refit_epoch_rule": rule}

@@ -1,10 +1,11 @@
 """One training run into its directory (:mod:`jaxl2.mnist.rundir`), composed with its
-features, and the evaluation of a finished run.
+features.
 
 :func:`train_and_evaluate` checks the input, picks the λ mode (:func:`mode_of`), prepares the
 directory and hands the training itself to :func:`jaxl2.mnist.train.fit`; around it, the
 features: the data-parallel mesh (:mod:`~jaxl2.mnist.parallel`), the refit on train ∪ validation
-(:mod:`~jaxl2.mnist.refit`, compiled in the background while the run trains), the plots
+(:func:`~jaxl2.mnist.refit.add_refit`, compiled in the background while the run trains:
+:func:`~jaxl2.mnist.refit.ahead`), the plots
 (:mod:`~jaxl2.mnist.plots`, drawn while the refit trains), and ``summary.json``.
 
 Orbax writes each checkpoint to a temporary directory and renames it, so a run killed at
@@ -63,7 +64,6 @@ from jaxl2.mnist.train import (
     check_interrupt,
     fit,
     load_and_check,
-    stop_if_signalled,
 )
 
 __all__ = ["train_and_evaluate", "load_run_config", "read_summary", "mode_of"]
@@ -199,11 +199,14 @@ def train_and_evaluate(
         try:
             trainer = mode(cfg, len(ds.need("train").y), mesh=mesh)
             job = Run(cfg, trainer, ds, out, mesh, primary, checkpoint_every, on_epoch, log, fused_epochs)
-            ahead = _refit_ahead(job, refit, refit_epochs, before)
+            ahead = _refit_mod.ahead(job, refit_epochs, before) if refit else None
             summary = fit(job, resume, on_start)
+            if before and summary["epochs_trained"] == 0:  # a finished run: its numbers stay
+                summary = {k: v for k, v in before.items() if not k.startswith("refit")}
             drawing = Background(functools.partial(_plots, job) if primary else None)
             try:  # the plots are drawn while the refit trains
-                summary = _with_refit(job, summary, before, refit, refit_epochs, on_refit_epoch, ahead)
+                if refit:
+                    summary = _refit_mod.add_refit(job, summary, before, refit_epochs, on_refit_epoch, ahead)
             except BaseException:
                 drawing.join(reraise=False)  # the first error is the one to report
                 raise
@@ -219,64 +222,6 @@ def train_and_evaluate(
             if claim.created and primary and not has_checkpoint(out) and not is_disk_error(e):
                 shutil.rmtree(out, ignore_errors=True)  # nothing to resume: leave no half-made run
             raise
-
-
-def _with_refit(
-    job: Run,
-    summary: dict[str, Any],
-    before: dict[str, Any],
-    refit: bool,
-    refit_epochs: Any,
-    on_refit_epoch: Callable[[int, int], None] | None,
-    ahead: Background | None = None,
-) -> dict[str, Any]:
-    """The trained run's summary with its refit's keys: those of ``before`` (the summary a
-    resumed run had written) when its refit is done, else from the refit, trained now (made
-    ready by ``ahead`` when it ran, :func:`_refit_ahead`)."""
-    cfg, out = job.cfg, job.out
-    if before and summary["epochs_trained"] == 0:  # a finished run: its numbers stay
-        summary = {k: v for k, v in before.items() if not k.startswith("refit")}
-    if refit and before.get("refit_epoch_rule") == refit_epochs:
-        summary.update({k: v for k, v in before.items() if k.startswith("refit")})
-    elif refit:
-        epochs = _refit_mod.refit_epochs(refit_epochs, summary["best_epoch"], cfg.epochs)
-        stop_if_signalled(f"after training, before the refit; checkpoint saved in {out}", out)
-        rcfg = job.trainer.refit_config(summary)
-        assert rcfg is not None  # a λ mode with no refit turned it off before training
-        fit = _refit_mod.refit(
-            rcfg,
-            job.ds,
-            epochs,
-            os.path.join(out, "refit"),
-            mesh=job.mesh,
-            checkpoint_every=job.checkpoint_every,
-            on_epoch=on_refit_epoch,
-            made=ahead.result() if ahead else None,
-        )
-        summary.update(fit, refit_epoch_rule=refit_epochs)
-    return summary
-
-
-def _refit_ahead(job: Run, refit: bool, refit_epochs: Any, before: dict[str, Any]) -> Background | None:
-    """What follows training, compiled in the background while the run trains: the refit made
-    ready (:func:`~jaxl2.mnist.refit.ready`), then the summary's evaluations of the training
-    and validation splits (the same executables as the best params' summary). Only when the
-    refit's config and epoch count are known before training (a fixed λ and
-    ``refit_epochs="all"``), it is not done yet, and the run has one process (a background
-    execution could interleave with the other processes' collectives)."""
-    cfg = job.trainer.refit_config(None)
-    known = refit_epochs == "all" and cfg is not None
-    if not refit or not known or before.get("refit_epoch_rule") == refit_epochs or jax.process_count() > 1:
-        return None
-
-    def ready() -> _refit_mod.Ready:
-        assert cfg is not None
-        made = _refit_mod.ready(cfg, job.ds, cfg.epochs, mesh=job.mesh)
-        for split in (job.ds.need("train"), job.ds.need("val")):
-            jax.block_until_ready(made.trainer.evaluate(made.state.params, split.x, split.y))
-        return made
-
-    return Background(ready)
 
 
 def _mesh(devices: int | None, batch_size: int) -> Any:

@@ -67,8 +67,6 @@ __all__ = [
     "per_example",
     "cross_entropy",
     "evaluate_fn",
-    "lambdas_of",
-    "l2_at",
     "Diverged",
     "Interrupted",
     "load_and_check",
@@ -177,6 +175,7 @@ _evaluate = jax.jit(evaluate_fn, static_argnums=0)  # one executable per model a
 
 class Trainer:
     """The jitted functions of one configuration (``num_train`` sets the lr schedule's length).
+    ``cfg`` is trusted as it is: :func:`load_and_check` validates a config where it enters.
 
     * ``train_step(state, (x, y)) -> (state, metrics)``: one SGD step, state donated;
     * ``train_epoch(state, x_train, y_train) -> (state, metrics)``: a whole shuffled epoch in
@@ -189,7 +188,8 @@ class Trainer:
       ``‖θ_end − θ_start‖`` over the epoch, and ``nonfinite_step`` the first step whose data
       loss was NaN/Inf, or -1;
     * ``evaluate(params, x, y) -> {"data_loss", "accuracy"}``: one compiled call over a split
-      (``data_loss`` is the mean cross-entropy; the penalty is not part of it).
+      (``data_loss`` is the mean cross-entropy; the penalty is not part of it); ``eval_fn`` is
+      the same, not compiled (:func:`evaluate_fn`, traced into the run's programs).
 
     ``l2`` may be overridden per call of the ``*_fn`` functions (``step_fn``/``epoch_fn``),
     which is what the vmapped sweep does with a traced λ.
@@ -207,7 +207,7 @@ class Trainer:
     trains_on_val = False  # True: it trains on train ∪ validation, and has no refit
 
     def __init__(self, cfg: Config, num_train: int, *, mesh: Any = None):
-        self.cfg = cfg = validate(cfg)
+        self.cfg = cfg
         self.mesh = mesh  # a jax.sharding.Mesh with a "data" axis: batches are split along it
         self.model = model_of(cfg)
         self.select = selector_of(cfg)
@@ -216,7 +216,9 @@ class Trainer:
         self.train_step = jax.jit(self.step_fn, donate_argnums=0)
         # not donated: the run loop dispatches epoch k + 1 while it still reads epoch k's state
         self.train_epoch = jax.jit(self.epoch_fn)
+        self.eval_fn = functools.partial(evaluate_fn, self.model)
         self.evaluate = functools.partial(_evaluate, self.model)
+        self._init_state = jax.jit(self.state_of)  # a mode's own state_of, compiled once
 
     # -- state -------------------------------------------------------------------------
     def init(self, seed: int | None = None) -> TrainState:
@@ -225,11 +227,7 @@ class Trainer:
         nothing new), then :meth:`state_of` them."""
         seed = self.cfg.seed if seed is None else seed
         params, k_data = _init_params(self.model, jax.random.PRNGKey(seed))
-        return self._state_of(params, k_data)
-
-    @functools.partial(jax.jit, static_argnums=0)
-    def _state_of(self, params: Any, rng: jax.Array) -> TrainState:
-        return self.state_of(params, rng)
+        return self._init_state(params, k_data)
 
     def state_of(self, params: Any, rng: jax.Array) -> TrainState:
         """The state at step 0 of ``params``: the optimizer's initial state, ``rng`` the data key."""
@@ -323,22 +321,6 @@ class Trainer:
             "param_norm": optax.tree.norm(params),
             "update_norm": optax.tree.norm(jax.tree_util.tree_map(jnp.subtract, params, start)),
         }
-
-    def eval_fn(self, params, x_NxD, y_N):
-        """:func:`evaluate_fn` of the model (traced into the run's programs)."""
-        return evaluate_fn(self.model, params, x_NxD, y_N)
-
-
-def lambdas_of(paths: list[str], log_l2: jax.Array) -> dict[str, float]:
-    """``{path: λ}`` of ``ln λ`` per path, as Python floats (the state's λs, on the host)."""
-    lam_L = np.exp(np.asarray(jax.device_get(log_l2), np.float64))
-    return {p: float(lam) for p, lam in zip(paths, lam_L)}
-
-
-def l2_at(rows: list[dict[str, Any]], epoch: int) -> dict[str, float]:
-    """``{path: λ}`` at the end of ``epoch``, from the ``l2/PATH`` columns of ``metrics.jsonl`` rows."""
-    row = next(r for r in rows if r["epoch"] == epoch)
-    return {k[len("l2/") :]: v for k, v in row.items() if k.startswith("l2/")}
 
 
 class Diverged(Named, RuntimeError):
@@ -637,135 +619,91 @@ def fit(job: Run, resume: bool, on_start: Callable[[], None] | None) -> dict[str
     check_interrupt()
     if on_start:
         on_start()
-    trainer = job.trainer
+    cfg, trainer, primary = job.cfg, job.trainer, job.primary
     # orbax's save syncs the processes with a collective: from a thread, it could interleave
     # with the training's own collectives in a different order on each process (a hang)
     ckpt = Checkpoints(job.out, background=jax.process_count() == 1)
     state = parallel.replicate(trainer.init(), job.mesh)
-    # host copies: best/ is saved without the mesh's sharding, so any process count restores it
-    best = Best(
-        parallel.host(state.params),
-        keep=lambda b, p, better: parallel.host(p) if better else b,
-        latest=trainer.latest,  # l2 evidence: its validation images are training data: the last epoch's
-    )
+
+    def keep(b: Any, p: Any, better: Any) -> Any:
+        # host copies: best/ is saved without the mesh's sharding, so any process count restores it
+        return parallel.host(p) if better else b
+
+    # l2 evidence (latest): its validation images are training data: the last epoch's params
+    best = Best(parallel.host(state.params), keep, latest=trainer.latest)
     start = 0
     if resume:
-        start, state, best = _restore(job, ckpt, state, best)
-    with sigint.deferred(), contextlib.closing(ckpt):
-        state, seconds, compile_seconds = _epochs(job, trainer, ckpt, state, best, start)
-    return _summary(job, trainer, state, best, start, seconds, compile_seconds)
-
-
-def _restore(job: Run, ckpt: Checkpoints, state: Any, best: Best) -> tuple[int, Any, Best]:
-    """The run's latest checkpoint (or its start, when none was written), its metrics cut there."""
-    start = 0
-    restored = ckpt.restore_latest(_run_state(state, Best(state.params, best.keep)))
-    if restored is not None:  # a run killed before its first checkpoint starts over
-        start, run = restored
-        state = run["state"]
-        best = Best(
-            parallel.host(run["best_params"]),
-            best.keep,
-            float(run["best_val"]),
-            int(run["best_epoch"]),
-            latest=best.latest,
-        )
-    if job.primary:
-        rewrite_metrics(job.metrics, upto_epoch=start)
-    job.log(_resume_line(job.out, start, job.cfg.epochs))
-    return start, state, best
-
-
-def _run_state(state: Any, best: Best) -> dict[str, Any]:
-    """What a checkpoint holds: the training state and the best params so far, with their
-    validation accuracy and epoch (also the template that a resume restores into)."""
-    return {
-        "state": state,
-        "best_params": best.params,
-        "best_val": np.array(best.val, np.float32),
-        "best_epoch": np.array(best.epoch, np.int32),
-    }
-
-
-def _epochs(
-    job: Run, trainer: Any, ckpt: Checkpoints, state: Any, best: Best, start: int
-) -> tuple[Any, float, float]:
-    """Epochs ``start + 1 …`` through :func:`~jaxl2.mnist.train.train_epochs`, a ``metrics.jsonl``
-    row each; returns the last state, the training seconds and the compiling seconds."""
-    cfg, primary = job.cfg, job.primary
-    data = tuple(parallel.put(a, job.mesh) for a in (*job.ds.need("train"), *job.ds.need("val")))
+        restored = ckpt.restore_latest(_saved(state, Best(state.params, keep)))
+        if restored is not None:  # a run killed before its first checkpoint starts over
+            start, saved = restored
+            state = saved["state"]
+            val, epoch = float(saved["best_val"]), int(saved["best_epoch"])
+            best = Best(parallel.host(saved["best_params"]), keep, val, epoch, latest=trainer.latest)
+        if primary:
+            rewrite_metrics(job.metrics, upto_epoch=start)
+        if start == 0:
+            job.log(f"resuming {job.out}: no checkpoint was written yet, so training starts at epoch 1")
+        elif start >= cfg.epochs:
+            job.log(f"resuming {job.out}: all {cfg.epochs} epochs were trained already")
+        else:
+            job.log(f"resuming {job.out} after epoch {start}: training epochs {start + 1} to {cfg.epochs}")
     seconds, compile_seconds = 0.0, 0.0
     run: EpochRunner = lambda *_: iter(())  # noqa: E731 (nothing is left to train)
-    if start < cfg.epochs:  # compiled here, so that no epoch's time includes compiling
-        t0 = time.perf_counter()
-        run = job.make_runner(
-            trainer.run_epoch,
-            lambda p, x, y, xv, yv: trainer.eval_fn(p, xv, yv),
-            state,
-            *data,
-            latest=trainer.latest,  # each call keeps the params that `best` keeps
-        )
-        compile_seconds = time.perf_counter() - t0
 
-    def diverged(epoch, _members, steps):
+    def evaluate(params: Any, x: Any, y: Any, xv: Any, yv: Any) -> Any:
+        return trainer.eval_fn(params, xv, yv)
+
+    def diverged(epoch: int, _members: Any, steps: np.ndarray) -> str:
         return f"{diverged_message(cfg, cfg.l2, epoch, int(steps[0]), trainer.steps_per_epoch)} {ckpt.last_good()}"
 
-    metrics: Any = open(job.metrics, "a") if primary else contextlib.nullcontext()
-    with metrics as mfile:
+    def on(ep: Epoch) -> None:  # the epoch's metrics.jsonl row; per-layer keys (l2/PATH) keep their names
+        nonlocal seconds
+        seconds += ep.seconds
+        train: dict[str, float | None] = {
+            k if "/" in k else f"train_{k}": float(v) for k, v in ep.train.items() if k != "log_evidence"
+        }
+        if "log_evidence" in ep.train:  # l2 evidence: that of the last λ update (none before the first)
+            evidence = float(ep.train["log_evidence"])
+            train["log_evidence"] = evidence if np.isfinite(evidence) else None
+        row = {
+            "epoch": ep.epoch,
+            "step": ep.epoch * trainer.steps_per_epoch,
+            **train,
+            "val_data_loss": float(ep.val["data_loss"]),
+            "val_accuracy": float(ep.val["accuracy"]),
+            "epoch_seconds": ep.seconds,
+        }
+        if primary:
+            rows_file.write(json.dumps(row) + "\n")
+        if job.on_epoch:
+            job.on_epoch(row)
 
-        def on(ep: Epoch) -> None:
-            nonlocal seconds
-            seconds += ep.seconds
-            row = _metrics_row(ep, trainer.steps_per_epoch)
-            if primary:
-                mfile.write(json.dumps(row) + "\n")
-            if job.on_epoch:
-                job.on_epoch(row)
+    def save(epoch: int, st: Any) -> None:
+        if primary:  # the rows up to the checkpoint are on disk before it
+            rows_file.flush()
+            os.fsync(rows_file.fileno())
+        ckpt.save(epoch, _saved(st, best), best.epoch)
 
-        def save(epoch: int, st: Any) -> None:
-            if primary:  # the rows up to the checkpoint are on disk before it
-                mfile.flush()
-                os.fsync(mfile.fileno())
-            ckpt.save(epoch, _run_state(st, best), best.epoch)
-
-        state = train_epochs(
-            run,
-            state,
-            range(start + 1, cfg.epochs + 1),
-            best,
-            diverged=diverged,
-            every=job.checkpoint_every,
-            save=save,
-            on_epoch=on,
-            where=lambda epoch: f"after epoch {epoch}; checkpoint saved in {job.out}",
-        )
-    return state, seconds, compile_seconds
-
-
-def _metrics_row(ep: Epoch, steps_per_epoch: int) -> dict[str, Any]:
-    """The ``metrics.jsonl`` row of an epoch."""
-    return {
-        "epoch": ep.epoch,
-        "step": ep.epoch * steps_per_epoch,
-        # per-layer entries (l2/PATH, hypergrad/PATH of l2 auto) keep their own names
-        **{k if "/" in k else f"train_{k}": float(v) for k, v in ep.train.items() if k != "log_evidence"},
-        # l2 evidence: the log evidence of the last λ update (none before the first)
-        **({"log_evidence": _finite(ep.train["log_evidence"])} if "log_evidence" in ep.train else {}),
-        "val_data_loss": float(ep.val["data_loss"]),
-        "val_accuracy": float(ep.val["accuracy"]),
-        "epoch_seconds": ep.seconds,
-    }
-
-
-def _finite(v: Any) -> float | None:
-    return float(v) if np.isfinite(v) else None
-
-
-def _summary(
-    job: Run, trainer: Any, state: Any, best: Best, start: int, seconds: float, compile_seconds: float
-) -> dict[str, Any]:
-    """The run's summary: the best params' metrics, the times, the device."""
-    cfg = job.cfg
+    with sigint.deferred(), contextlib.closing(ckpt):
+        data = tuple(parallel.put(a, job.mesh) for a in (*job.ds.need("train"), *job.ds.need("val")))
+        if start < cfg.epochs:  # compiled here, so that no epoch's time includes compiling
+            t0 = time.perf_counter()
+            # each call keeps the params that `best` keeps
+            run = job.make_runner(trainer.run_epoch, evaluate, state, *data, latest=trainer.latest)
+            compile_seconds = time.perf_counter() - t0
+        rows_file: Any = open(job.metrics, "a") if primary else contextlib.nullcontext()
+        with rows_file:
+            state = train_epochs(
+                run,
+                state,
+                range(start + 1, cfg.epochs + 1),
+                best,
+                diverged=diverged,
+                every=job.checkpoint_every,
+                save=save,
+                on_epoch=on,
+                where=lambda epoch: f"after epoch {epoch}; checkpoint saved in {job.out}",
+            )
     rows = read_metrics(job.metrics)
     trained = (cfg.epochs - start) * trainer.steps_per_epoch * cfg.batch_size
     l2, extra = trainer.summary(parallel.host(state), rows, best.epoch)  # the λ mode's
@@ -785,10 +723,12 @@ def _summary(
     }
 
 
-def _resume_line(out: str, start: int, epochs: int) -> str:
-    """What a resume says about where it starts."""
-    if start == 0:
-        return f"resuming {out}: no checkpoint was written yet, so training starts at epoch 1"
-    if start >= epochs:
-        return f"resuming {out}: all {epochs} epochs were trained already"
-    return f"resuming {out} after epoch {start}: training epochs {start + 1} to {epochs}"
+def _saved(state: Any, best: Best) -> dict[str, Any]:
+    """What a checkpoint holds: the training state and the best params so far, with their
+    validation accuracy and epoch (also the template that a resume restores into)."""
+    return {
+        "state": state,
+        "best_params": best.params,
+        "best_val": np.array(best.val, np.float32),
+        "best_epoch": np.array(best.epoch, np.int32),
+    }
