@@ -175,7 +175,7 @@ _evaluate = jax.jit(evaluate_fn, static_argnums=0)  # one executable per model a
 
 class Trainer:
     """The jitted functions of one configuration (``num_train`` sets the lr schedule's length).
-    ``cfg`` is trusted as it is: :func:`load_and_check` validates a config where it enters.
+    ``cfg`` is validated here: a ``Config`` from Python enters the application here too.
 
     * ``train_step(state, (x, y)) -> (state, metrics)``: one SGD step, state donated;
     * ``train_epoch(state, x_train, y_train) -> (state, metrics)``: a whole shuffled epoch in
@@ -207,7 +207,7 @@ class Trainer:
     trains_on_val = False  # True: it trains on train ∪ validation, and has no refit
 
     def __init__(self, cfg: Config, num_train: int, *, mesh: Any = None):
-        self.cfg = cfg
+        self.cfg = cfg = validate(cfg)
         self.mesh = mesh  # a jax.sharding.Mesh with a "data" axis: batches are split along it
         self.model = model_of(cfg)
         self.select = selector_of(cfg)

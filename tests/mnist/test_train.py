@@ -12,7 +12,7 @@ import optax
 import pytest
 
 import jaxl2
-from jaxl2.mnist.config import Config
+from jaxl2.mnist.config import Config, ConfigError
 from jaxl2.mnist.model import model_of
 from jaxl2.mnist.train import Trainer, kernel_sq_norm
 
@@ -252,3 +252,13 @@ def test_divergence_stops_with_message_and_checkpoint_loads(tmp_path):
         with ocp.CheckpointManager(os.path.abspath(out / "checkpoints")) as m:
             params = m.restore(m.latest_step())["state"]["params"]
         assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def test_a_trainer_validates_the_config_it_is_given():
+    """A Config built in Python enters the application at Trainer: a bad field is a ConfigError
+    that names it, and the optimizer's default lr is filled in (Config().lr is None)."""
+    with pytest.raises(ConfigError, match="optimizer"):
+        Trainer(Config(optimizer="bogus"), 100)
+    with pytest.raises(ConfigError, match="batch_size"):
+        Trainer(Config(batch_size=0), 100)
+    assert Config().lr is None and Trainer(Config(), 3500).cfg.lr > 0
