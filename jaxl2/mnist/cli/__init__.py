@@ -45,6 +45,10 @@ def _dispatch(args) -> int:
     from jaxl2.mnist.train import Diverged, Interrupted
 
     command = importlib.import_module(f"jaxl2.mnist.cli.{MODULES[args.command]}")
+    if not getattr(args, "no_cache", True):  # train, sweep and eval: JAX's persistent compilation cache
+        from jaxl2.mnist.runtime import enable_compilation_cache
+
+        enable_compilation_cache()
     resume = f"jaxl2 {args.command} --out {{}} --resume"
     try:
         code = command.run(args)

@@ -9,7 +9,7 @@ import re
 
 from jaxl2.errors import Jaxl2Error
 from jaxl2.mnist.cli.report import fail, flag
-from jaxl2.mnist.config import Config
+from jaxl2.mnist.config import Config, validate
 
 __all__ = ["run"]
 
@@ -17,7 +17,6 @@ __all__ = ["run"]
 def run(args: argparse.Namespace) -> int:
     from jaxl2.check import gradcheck
     from jaxl2.mnist import sigint
-    from jaxl2.mnist.config import validate
     from jaxl2.mnist.model import reference_problem
 
     sigint.allow()  # the check writes nothing
