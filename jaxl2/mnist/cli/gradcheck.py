@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import re
 
@@ -22,8 +21,7 @@ def run(args: argparse.Namespace) -> int:
     sigint.allow()  # the check writes nothing
     if args.batch < 1:
         return fail(f"--batch {args.batch} is invalid (an integer >= 1)")
-    fields = {"hidden": args.hidden, "activation": args.activation, "seed": args.seed, "l2": args.l2}
-    cfg = validate(dataclasses.replace(Config(), **fields))
+    cfg = validate(Config(hidden=args.hidden, activation=args.activation, seed=args.seed, l2=args.l2))
     import jax
 
     with jax.enable_x64(True):

@@ -8,8 +8,7 @@ import json
 import os
 
 from jaxl2.mnist.cli.parser import given, refit_choice
-from jaxl2.mnist.cli.progress import Progress
-from jaxl2.mnist.cli.report import fail, format_per_l2, format_refit, warn_if_chance
+from jaxl2.mnist.cli.report import Progress, fail, format_per_l2, format_refit, warn_if_chance
 from jaxl2.mnist.config import Config, SweepSettings
 
 __all__ = ["run"]

@@ -11,8 +11,7 @@ import sys
 from collections.abc import Iterator
 
 from jaxl2.mnist.cli.parser import given, refit_choice
-from jaxl2.mnist.cli.progress import Progress, epoch_info
-from jaxl2.mnist.cli.report import fail, format_summary, warn_if_chance
+from jaxl2.mnist.cli.report import Progress, epoch_info, fail, format_summary, warn_if_chance
 from jaxl2.mnist.config import Config, RunSettings
 
 __all__ = ["run"]
