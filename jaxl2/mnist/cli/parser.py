@@ -374,11 +374,9 @@ def refit_choice(
     """``refit`` and ``refit_epochs``: the flags, else (``--resume``) what the run was started
     with (its ``config.json``), else the defaults of ``settings`` (:class:`RunSettings` or
     :class:`SweepSettings`)."""
-    refit, epochs = args.refit, args.refit_epochs
-    if saved is not None:
-        refit = saved.get("refit", settings.refit) if refit is None else refit
-        epochs = epochs or saved.get("refit_epochs")
+    saved = saved or {}
+    refit = saved.get("refit", settings.refit) if args.refit is None else args.refit
     return {
-        "refit": settings.refit if refit is None else refit,
-        "refit_epochs": epochs or settings.refit_epochs,
+        "refit": refit,
+        "refit_epochs": args.refit_epochs or saved.get("refit_epochs") or settings.refit_epochs,
     }
