@@ -1,9 +1,9 @@
 """The ``jaxl2`` command: ``train`` (the main job), ``sweep``, ``eval``, ``bench``, ``gradcheck``.
 
 One module per command (:mod:`~jaxl2.mnist.cli.train`, …), the parser
-(:mod:`~jaxl2.mnist.cli.parser`), one progress reporter (:mod:`~jaxl2.mnist.cli.progress`) and
-what is printed (:mod:`~jaxl2.mnist.cli.report`). The command maps flags to config fields, and
-jaxl2's own errors to exit codes:
+(:mod:`~jaxl2.mnist.cli.parser`) and what is printed, progress included
+(:mod:`~jaxl2.mnist.cli.report`). The command maps flags to config fields, and jaxl2's own errors
+to exit codes:
 
 * 0 done; 1 training diverged (or a gradient check failed);
 * 2 bad input, with one line ``jaxl2: error: <what> (<allowed>)``;
@@ -45,6 +45,10 @@ def _dispatch(args) -> int:
     from jaxl2.mnist.train import Diverged, Interrupted
 
     command = importlib.import_module(f"jaxl2.mnist.cli.{MODULES[args.command]}")
+    if not getattr(args, "no_cache", True):  # train, sweep and eval: JAX's persistent compilation cache
+        from jaxl2.mnist.runtime import enable_compilation_cache
+
+        enable_compilation_cache()
     resume = f"jaxl2 {args.command} --out {{}} --resume"
     try:
         code = command.run(args)

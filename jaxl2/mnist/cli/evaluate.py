@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from jaxl2.mnist.cli.options import enable_cache
-
 __all__ = ["run"]
 
 
@@ -15,7 +13,6 @@ def run(args: argparse.Namespace) -> int:
     from jaxl2.mnist.evaluate import evaluate_run
 
     sigint.allow()  # evaluation writes nothing
-    enable_cache(args)
     res = evaluate_run(
         args.run, args.dataset, args.split, args.data_dir, l2=args.l2, seed=args.seed, refit=args.refit
     )

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import re
 
 from jaxl2.errors import Jaxl2Error
 from jaxl2.mnist.cli.report import fail, flag
-from jaxl2.mnist.config import Config
+from jaxl2.mnist.config import Config, validate
 
 __all__ = ["run"]
 
@@ -17,14 +16,12 @@ __all__ = ["run"]
 def run(args: argparse.Namespace) -> int:
     from jaxl2.check import gradcheck
     from jaxl2.mnist import sigint
-    from jaxl2.mnist.config import validate
     from jaxl2.mnist.model import reference_problem
 
     sigint.allow()  # the check writes nothing
     if args.batch < 1:
         return fail(f"--batch {args.batch} is invalid (an integer >= 1)")
-    fields = {"hidden": args.hidden, "activation": args.activation, "seed": args.seed, "l2": args.l2}
-    cfg = validate(dataclasses.replace(Config(), **fields))
+    cfg = validate(Config(hidden=args.hidden, activation=args.activation, seed=args.seed, l2=args.l2))
     import jax
 
     with jax.enable_x64(True):

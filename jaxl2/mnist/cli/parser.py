@@ -18,6 +18,7 @@ import ast
 import dataclasses
 import functools
 import inspect
+import os
 import re
 import textwrap
 from typing import Any
@@ -26,10 +27,10 @@ from jaxl2.mnist.cli.report import fail, flag
 from jaxl2.mnist.config import (
     ACTIVATIONS,
     AUTO,
-    AUTO_DEFAULTS,
     DATASETS,
     EVIDENCE,
-    EVIDENCE_DEFAULTS,
+    FIELDS,
+    MODE_FIELDS,
     OPTIMIZERS,
     SPLITS,
     Config,
@@ -37,7 +38,7 @@ from jaxl2.mnist.config import (
     SweepSettings,
 )
 
-__all__ = ["build_parser", "field_docs", "parse_l2"]
+__all__ = ["build_parser", "field_docs", "parse_l2", "given", "refit_choice"]
 
 
 @functools.cache
@@ -183,7 +184,7 @@ def _config_flags(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     it has no settings of ``--l2 auto`` and ``evidence``, and its ``--l2`` is a list of them."""
     groups: dict[str, Any] = {}
     for f in dataclasses.fields(Config):
-        if sweep and (f.name in AUTO_DEFAULTS or f.name in EVIDENCE_DEFAULTS):
+        if sweep and f.name in MODE_FIELDS:
             continue
         title = _comments(Config).get(f.name, ("config", ""))[0]  # "config" where the source is not shipped
         g = groups[title] = groups.get(title) or p.add_argument_group(title)
@@ -353,3 +354,29 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--seed", type=int, default=0, help="seed of the params, data and directions (default 0)")
     _switches(gc, json="print one JSON object")
     return p
+
+
+def given(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields given on the command line, ``--dataset idx:DIR`` and ``--data-dir`` as
+    absolute paths (so that the run's config.json still finds them from another working
+    directory: ``jaxl2 eval --run``)."""
+    out = {k: getattr(args, k) for k in FIELDS if getattr(args, k, None) is not None}
+    if str(out.get("dataset", "")).startswith("idx:") and len(out["dataset"]) > 4:
+        out["dataset"] = "idx:" + os.path.abspath(os.path.expanduser(out["dataset"][4:]))
+    if out.get("data_dir"):
+        out["data_dir"] = os.path.abspath(os.path.expanduser(out["data_dir"]))
+    return out
+
+
+def refit_choice(
+    args: argparse.Namespace, saved: dict[str, Any] | None, settings: type[RunSettings] | type[SweepSettings]
+) -> dict[str, Any]:
+    """``refit`` and ``refit_epochs``: the flags, else (``--resume``) what the run was started
+    with (its ``config.json``), else the defaults of ``settings`` (:class:`RunSettings` or
+    :class:`SweepSettings`)."""
+    saved = saved or {}
+    refit = saved.get("refit", settings.refit) if args.refit is None else args.refit
+    return {
+        "refit": refit,
+        "refit_epochs": args.refit_epochs or saved.get("refit_epochs") or settings.refit_epochs,
+    }

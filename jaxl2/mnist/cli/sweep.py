@@ -7,10 +7,9 @@ import dataclasses
 import json
 import os
 
-from jaxl2.mnist.cli.options import enable_cache, given, refit_choice
-from jaxl2.mnist.cli.progress import Progress
-from jaxl2.mnist.cli.report import fail, flag, format_per_l2, format_refit, warn_if_chance
-from jaxl2.mnist.config import Config, SweepSettings, render
+from jaxl2.mnist.cli.parser import given, refit_choice
+from jaxl2.mnist.cli.report import Progress, fail, format_per_l2, format_refit, warn_if_chance
+from jaxl2.mnist.config import Config, SweepSettings
 
 __all__ = ["run"]
 
@@ -20,32 +19,25 @@ def run(args: argparse.Namespace) -> int:
     from jaxl2.mnist import sweepdir
     from jaxl2.mnist.rundir import load_config
 
-    l2s, args.l2 = args.l2, None
-    fields, saved = given(args), None
     if args.seeds is not None and args.seeds < 1:
         return fail(f"--seeds {args.seeds} is invalid (an integer >= 1)")
-    seeds = None
-    if args.resume:
-        if not args.out:
-            return fail("--resume needs --out DIR, the sweep to continue")
-        saved_cfg, saved_l2s, saved_seeds = sweepdir.load_sweep_config(args.out)
-        cfg = dataclasses.replace(saved_cfg, **fields)
+    cfg, l2s, seeds, saved = Config(), list(SweepSettings.l2s), None, None
+    if args.resume and args.out:  # without --out, train_sweep says what is missing
+        cfg, l2s, seeds = sweepdir.load_sweep_config(args.out)
         saved = load_config(args.out)
-        l2s = saved_l2s if l2s is None else l2s
-        seeds = saved_seeds if args.seeds is None and "seed" not in fields else None
-    else:
-        cfg = dataclasses.replace(Config(), **fields)
-        l2s = SweepSettings.l2s if l2s is None else l2s
-    if seeds is None:
-        seeds = [cfg.seed + i for i in range(1 if args.seeds is None else args.seeds)]
-    enable_cache(args)
+    if args.l2 is not None:
+        l2s, args.l2 = args.l2, None  # the sweep's λs, not the config field l2
+    fields = given(args)
+    cfg = dataclasses.replace(cfg, **fields)
+    if seeds is None or args.seeds is not None or "seed" in fields:  # a resumed sweep keeps its own
+        seeds = [cfg.seed + i for i in range(args.seeds or 1)]
     with Progress(args.quiet or args.json) as progress:
         settings = SweepSettings(
             tuple(l2s),
             tuple(seeds),
             args.execution,
             checkpoint_every=args.checkpoint_every,
-            **refit_choice(args, saved, SweepSettings.refit),
+            **refit_choice(args, saved, SweepSettings),
         )
         summary = _sweep.train_sweep(
             cfg,
@@ -54,9 +46,7 @@ def run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             resume=args.resume,
             on_epoch=progress.epoch,
-            log=lambda text: (
-                None if args.quiet or args.json else progress.say(f"jaxl2: {render(text, flag)}")
-            ),
+            log=(lambda text: None) if args.quiet or args.json else progress.log,
         )
     warn_if_chance([(r["val_accuracy"], summary["lr"], r["l2"]) for r in summary["results"]], cfg)
     if args.json:

@@ -71,6 +71,8 @@ from tests.mnist.cli.command import jaxl2, one_line_error
         ),
         (["gradcheck", "--hidden", "8", "--hidden", "0"], "--hidden 0 is invalid"),
         (["gradcheck", "--hidden", "8", "--directions", "0"], "directions"),
+        (["train", "--resume", "--hidden", "8"], "--resume needs --out, the run to continue"),
+        (["sweep", "--resume", "--hidden", "8"], "--resume needs --out, the sweep to continue"),
         ([], "a command is required (train, sweep, eval, bench or gradcheck"),
     ],
 )
@@ -87,7 +89,7 @@ def test_a_value_error_from_inside_jax_is_not_bad_input(monkeypatch):
 
     monkeypatch.setattr(evaluate, "run", boom)
     with pytest.raises(ValueError, match="an XLA bug"):
-        cli.main(["eval", "--run", "x"])
+        cli.main(["eval", "--run", "x", "--no-cache"])  # no cache switched on in this process
 
 
 def test_a_closed_pipe_is_not_a_traceback(finished):

@@ -1,5 +1,6 @@
 """jaxl2/mnist/cli/parser.py: a flag per config field, whose --help is the field's comment; the
-command line parsed as the config's types; `jaxl2 --help` loads no jax."""
+command line parsed as the config's types, and back to config fields (paths stored absolute);
+`jaxl2 --help` loads no jax."""
 
 import dataclasses
 import json
@@ -10,7 +11,7 @@ import sys
 import pytest
 
 from jaxl2.mnist.cli.parser import build_parser, field_docs
-from jaxl2.mnist.config import EVIDENCE_DEFAULTS, Config, RunSettings, SweepSettings
+from jaxl2.mnist.config import Config, RunSettings, SweepSettings
 from tests.mnist.cli.command import TINY, jaxl2
 
 
@@ -68,6 +69,20 @@ def _help_lines(command, monkeypatch, capsys):
     return shown
 
 
+# The config fields that are train flags but no sweep flags (a sweep trains fixed λs).
+TRAIN_ONLY = (
+    "l2",
+    "l2_init",
+    "l2_every",
+    "l2_lr",
+    "evidence_every",
+    "evidence_method",
+    "evidence_steps",
+    "evidence_curvature",
+    "evidence_lambda",
+)
+
+
 def _as_flags(text):
     return re.sub(r"`(\w+)`", lambda m: "--" + m.group(1).replace("_", "-"), text)
 
@@ -81,7 +96,7 @@ def _as_flags(text):
 )
 def test_each_flag_s_help_is_its_field_s_comment(command, settings, own, monkeypatch, capsys):
     shown = _help_lines(command, monkeypatch, capsys)
-    train_only = ("l2", "l2_init", "l2_every", "l2_lr", *EVIDENCE_DEFAULTS) if command == "sweep" else ()
+    train_only = TRAIN_ONLY if command == "sweep" else ()
     pairs = [(Config, f) for f in field_docs(Config) if f not in train_only] + [(settings, f) for f in own]
     for cls, name in pairs:
         flag = "--" + name.replace("_", "-")
@@ -117,3 +132,18 @@ def test_per_layer_l2_items_may_have_spaces(tmp_path):
 def test_each_optimizer_s_default_lr_is_shown_in_help():
     text = jaxl2("train", "--help").stdout
     assert "adam 0.003" in text and "momentum 0.3" in text
+
+
+def test_idx_dataset_path_is_stored_absolute(tmp_path):
+    from tests.mnist.test_data import fake, write_idx
+
+    (tmp_path / "idx").mkdir()
+    x, y = fake(60)
+    write_idx(tmp_path / "idx", "train", x, y)
+    write_idx(tmp_path / "idx", "t10k", x, y)
+    r = jaxl2("train", "--dataset", "idx:idx", "--val-size", "10", *TINY[:4], "--batch-size", "10",
+              "--out", "r", "--quiet", cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["dataset"] == f"idx:{tmp_path / 'idx'}"
+    e = jaxl2("eval", "--run", str(tmp_path / "r"), "--json", cwd="/")
+    assert e.returncode == 0 and json.loads(e.stdout)["n"] == 60, e.stderr
