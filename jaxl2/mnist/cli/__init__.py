@@ -1,6 +1,6 @@
 """The ``jaxl2`` command: ``train`` (the main job), ``sweep``, ``eval``, ``bench``, ``gradcheck``.
 
-One module per command (:mod:`~jaxl2.mnist.cli.train`, …), the parser
+The commands (:mod:`~jaxl2.mnist.cli.commands`, a function each), the parser
 (:mod:`~jaxl2.mnist.cli.parser`) and what is printed, progress included
 (:mod:`~jaxl2.mnist.cli.report`). The command maps flags to config fields, and jaxl2's own errors
 to exit codes:
@@ -19,19 +19,25 @@ application is imported only when a command runs, so ``jaxl2 --help`` is fast; w
 
 from __future__ import annotations
 
-import importlib
 import os
 import signal
 import sys
 
 from jaxl2.errors import Jaxl2Error
 from jaxl2.mnist import sigint
+from jaxl2.mnist.cli import commands
 from jaxl2.mnist.cli.parser import build_parser
 from jaxl2.mnist.cli.report import fail, message
 
 __all__ = ["main", "run", "build_parser"]
 
-MODULES = {"train": "train", "sweep": "sweep", "eval": "evaluate", "bench": "bench", "gradcheck": "gradcheck"}
+COMMANDS = {
+    "train": "train",
+    "sweep": "sweep",
+    "eval": "evaluate",
+    "bench": "bench",
+    "gradcheck": "gradcheck",
+}
 EXTRAS = ("flax", "orbax", "tensorflow_datasets", "matplotlib", "rich", "tensorboardX")
 
 
@@ -44,14 +50,14 @@ def _dispatch(args) -> int:
     from jaxl2.mnist.rundir import DiskFull
     from jaxl2.mnist.train import Diverged, Interrupted
 
-    command = importlib.import_module(f"jaxl2.mnist.cli.{MODULES[args.command]}")
+    command = getattr(commands, COMMANDS[args.command])
     if not getattr(args, "no_cache", True):  # train, sweep and eval: JAX's persistent compilation cache
         from jaxl2.mnist.runtime import enable_compilation_cache
 
         enable_compilation_cache()
     resume = f"jaxl2 {args.command} --out {{}} --resume"
     try:
-        code = command.run(args)
+        code = command(args)
     except Diverged as e:
         return fail(message(e), 1)
     except DiskFull as e:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jaxl2.mnist import cli
-from jaxl2.mnist.cli import evaluate
+from jaxl2.mnist.cli import commands
 from tests.mnist.cli.command import jaxl2, one_line_error
 
 
@@ -87,7 +87,7 @@ def test_a_value_error_from_inside_jax_is_not_bad_input(monkeypatch):
     def boom(args):
         raise ValueError("an XLA bug")
 
-    monkeypatch.setattr(evaluate, "run", boom)
+    monkeypatch.setattr(commands, "evaluate", boom)
     with pytest.raises(ValueError, match="an XLA bug"):
         cli.main(["eval", "--run", "x", "--no-cache"])  # no cache switched on in this process
 

@@ -1,5 +1,6 @@
-"""`jaxl2 train` (jaxl2/mnist/cli/train.py) end to end in subprocesses: its outputs, the run
-directory it writes, resume, overwrite, and `jaxl2 eval` of what it wrote."""
+"""The ``jaxl2`` commands (jaxl2/mnist/cli/commands.py) end to end in subprocesses: what ``train``
+writes (the run directory, resume, overwrite), ``sweep``'s outputs, and ``eval`` on runs and
+sweeps with its one-line refusals."""
 
 import json
 import os
@@ -11,6 +12,8 @@ import pytest
 from jaxl2.mnist.rundir import default_out
 from tests.mnist.cli.command import FAST, TINY, jaxl2, one_line_error
 from tests.mnist.test_tensorboard import read_events, scalars
+
+# -- jaxl2 train -----------------------------------------------------------------------
 
 
 def test_train_json_then_eval_reproduces_test_accuracy(tmp_path):
@@ -176,3 +179,92 @@ def test_overwrite_replaces_a_run_but_never_foreign_files(tmp_path, finished):
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
     assert [row["epoch"] for row in rows] == [1, 2]  # the old run's lines are gone, not appended to
     assert first["seed"] == 0
+
+
+# -- jaxl2 sweep -----------------------------------------------------------------------
+
+
+def test_sweep_with_sgdw_runs(tmp_path):
+    r = jaxl2("sweep", "--optimizer", "sgdw", "--l2", "0,1e-3", *TINY, "--out", str(tmp_path / "s"), "--json")
+    assert r.returncode == 0, r.stderr
+    assert len(json.loads(r.stdout)["results"]) == 2
+    members = sorted(os.listdir(tmp_path / "s" / "tensorboard"))  # one event directory per member
+    assert [m for m in members if m.startswith("l2=")] == ["l2=0,seed=0", "l2=0.001,seed=0"]
+
+
+def test_sweep_refuses_weight_decay_with_l2_unless_allowed(tmp_path):
+    args = ["sweep", "--optimizer", "adamw", "--weight-decay", "1e-2", "--l2", "0,1e-3", *TINY]
+    one_line_error(jaxl2(*args, "--out", str(tmp_path / "s")), "--weight-decay and --l2 together")
+    assert not (tmp_path / "s").exists()
+    r = jaxl2(*args, "--allow-both", "--out", str(tmp_path / "both"), "--json")
+    assert r.returncode == 0, r.stderr
+
+
+def test_sweep_divergence_exits_1_like_train_and_leaves_nothing(tmp_path):
+    bad = ["--optimizer", "sgd", "--schedule", "constant", "--lr", "0.5", "--hidden", "16", "--epochs", "20"]
+    r = jaxl2("sweep", *bad, "--l2", "0,5", "--out", str(tmp_path / "s"), "--quiet")
+    assert r.returncode == 1, r.stderr
+    assert "(λ 5, seed 0)" in r.stderr and "the loss became NaN/Inf at epoch" in r.stderr
+    assert "lower --lr" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "s").exists()
+    t = jaxl2("train", *bad, "--l2", "5", "--out", str(tmp_path / "t"), "--quiet")
+    assert t.returncode == 1 and "the loss became NaN/Inf at epoch" in t.stderr
+
+
+def test_sweep_overwrite_and_its_errors_name_only_its_own_flags(tmp_path):
+    out = tmp_path / "s"
+    args = ["sweep", "--l2", "0,1e-3", *TINY, "--out", str(out), "--quiet"]
+    assert jaxl2(*args).returncode == 0
+    r = jaxl2(*args)
+    one_line_error(r, "already holds a run (use --resume to continue it, --overwrite to replace it")
+    assert jaxl2(*args, "--overwrite").returncode == 0
+
+
+def test_a_sweep_member_at_chance_warns(tmp_path):
+    r = jaxl2("sweep", "--l2", "1e-3,5", *TINY, "--out", str(tmp_path / "s"), "--json")
+    assert r.returncode == 0, r.stderr
+    assert "1 of 2 members (first: λ 5.0)" in r.stderr and "near chance" in r.stderr
+
+
+def test_sweep_progress_is_one_line_per_epoch_without_a_terminal(tmp_path):
+    r = jaxl2("sweep", "--l2", "0,1e-3", *TINY, "--out", str(tmp_path / "s"))
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.splitlines()
+    assert "epoch 1/2" in lines and "epoch 2/2" in lines and "\r" not in r.stderr
+
+
+# -- jaxl2 eval ------------------------------------------------------------------------
+
+
+def test_eval_reads_the_dataset_from_the_run_and_split_names_are_one_set(finished):
+    out, summary_text = finished
+    r = jaxl2("eval", "--run", str(out), "--split", "val", "--no-refit", "--json")  # the best epoch's
+    assert r.returncode == 0, r.stderr
+    ev = json.loads(r.stdout)
+    assert ev["dataset"] == "mnist5k" and ev["n"] == 500 and ev["model"] == "best"
+    shown = next(ln for ln in summary_text.splitlines() if ln.startswith("val "))
+    assert f"{100 * ev['accuracy']:.2f}%" in shown  # the summary's "val" row is eval's "val" split
+    one_line_error(jaxl2("eval", "--run", str(out), "--split", "validation"), "allowed: train, val, test")
+
+
+def test_eval_of_an_unfinished_sweep_says_so(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"kind": "sweep", "l2": [0.0], "seeds": [0]}))
+    one_line_error(jaxl2("eval", "--run", str(tmp_path)), "the sweep has not finished (no sweep.json)")
+    one_line_error(jaxl2("train", "--out", str(tmp_path), "--resume"), "holds a sweep, not a training run")
+
+
+def test_eval_of_a_file_names_run(tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    one_line_error(jaxl2("eval", "--run", str(f)), f"--run {f} is a file")
+
+
+@pytest.mark.parametrize("hidden", [[64], [16, 16], []], ids=["other-width", "more-layers", "fewer-layers"])
+def test_eval_refuses_a_checkpoint_that_does_not_fit_its_config(tmp_path, finished, hidden):
+    import shutil
+
+    copy = tmp_path / "edited"
+    shutil.copytree(finished[0], copy)
+    cfg = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**cfg, "hidden": hidden}))
+    one_line_error(jaxl2("eval", "--run", str(copy)), "does not fit the model of its config.json")
