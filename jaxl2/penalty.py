@@ -19,8 +19,8 @@ import numpy as np
 
 from jaxl2 import rules as _rules
 from jaxl2 import select as _select
-from jaxl2.errors import Jaxl2Error, describe, shape_text, shown
-from jaxl2.rules import L2, Stacked, check_bool, check_l2, is_traced
+from jaxl2.errors import Jaxl2Error, describe, shown
+from jaxl2.rules import L2, Stacked, check_bool, is_traced
 from jaxl2.table import format_shape, format_table
 
 __all__ = [
@@ -30,8 +30,6 @@ __all__ = [
     "coefficients",
     "Row",
     "Selection",
-    "check_l2",
-    "check_bool",
     "check_rules",
     "check_order",
 ]
@@ -44,7 +42,7 @@ def describe_output(out: Any) -> str:
     if isinstance(out, (tuple, list)):
         return f"{article} {kind} of length {len(out)}"
     if hasattr(out, "dtype") and hasattr(out, "shape"):
-        return f"{article} {kind} of dtype {out.dtype} and shape {shape_text(out.shape)}"
+        return f"{article} {kind} of dtype {out.dtype} and shape {tuple(out.shape)}"
     return f"{article} {kind}"
 
 
@@ -302,10 +300,8 @@ def selected(
         lams = [lam(step) if callable(lam) else lam for lam in e.l2]
         refs = [None] * len(e.units) if e.center is None else e.slices(e.center)
         for name, lam, w, ref in zip(e.units, lams, e.slices(e.leaf), refs):
-            row = Row(name, tuple(w.shape), str(e.leaf.dtype), lam)
-            if ref is not None:
-                row = row._replace(center_norm=_norm(ref), center_dist=_norm(w, ref))
-            rows.append(row)
+            norms = () if ref is None else (_norm(ref), _norm(w, ref))  # ‖w₀‖, ‖w − w₀‖
+            rows.append(Row(name, tuple(w.shape), str(e.leaf.dtype), lam, *norms))
     return Selection(rows)
 
 
