@@ -445,10 +445,9 @@ def _spectrum(curvature: Curvature) -> jax.Array | None:
     factors' eigenvalues ``a_j·g_k`` (``"kron"``); ``None`` for ``"full"`` and ``"lanczos"``."""
     if curvature.structure in ("full", "lanczos"):
         return None
+    blocks = curvature.ggn
     if curvature.structure == "kron":
-        blocks = [jnp.outer(jnp.linalg.eigvalsh(a), jnp.linalg.eigvalsh(g)) for a, g in curvature.ggn]
-    else:
-        blocks = list(curvature.ggn)
+        blocks = [jnp.outer(jnp.linalg.eigvalsh(a), jnp.linalg.eigvalsh(g)) for a, g in blocks]
     # round-off can leave a Gram matrix's eigenvalues just below 0
     return jnp.maximum(jnp.concatenate([jnp.ravel(b) for b in blocks]), 0)
 

@@ -388,25 +388,19 @@ def add_penalty(out: Any, penalty: Any, *, has_aux: bool) -> Any:
             )
         return out + penalty
     if not (isinstance(out, (tuple, list)) and len(out) == 2):
-        hint = (
-            ""
-            if isinstance(out, (tuple, list))
-            else " (a loss_fn that returns the loss alone needs has_aux=False)"
-        )
+        alone = not isinstance(out, (tuple, list))
+        hint = " (a loss_fn that returns the loss alone needs has_aux=False)" if alone else ""
         raise Jaxl2Error(
             f"with has_aux=True, loss_fn must return (loss, aux); it returned {describe_output(out)}{hint}"
         )
     data_loss, aux = out
-    if isinstance(aux, Mapping):
-        if taken := [k for k in ("data_loss", "penalty") if k in aux]:
-            raise Jaxl2Error(
-                f"loss_fn's aux already has a {taken[0]!r} entry, which jaxl2 adds "
-                "(aux['data_loss'] is loss_fn's loss, aux['penalty'] the L2 penalty); "
-                "rename that key in loss_fn's aux"
-            )
-        aux = dict(aux)
-    else:
-        aux = {"aux": aux}
+    if isinstance(aux, Mapping) and (taken := [k for k in ("data_loss", "penalty") if k in aux]):
+        raise Jaxl2Error(
+            f"loss_fn's aux already has a {taken[0]!r} entry, which jaxl2 adds "
+            "(aux['data_loss'] is loss_fn's loss, aux['penalty'] the L2 penalty); "
+            "rename that key in loss_fn's aux"
+        )
+    aux = dict(aux) if isinstance(aux, Mapping) else {"aux": aux}
     aux.update(data_loss=data_loss, penalty=penalty)
     return data_loss + penalty, aux
 
