@@ -54,8 +54,8 @@ import optax
 
 from jaxl2 import select as _select
 from jaxl2.errors import Jaxl2Error, shown
-from jaxl2.penalty import check_bool, check_l2
-from jaxl2.step import make_train_step
+from jaxl2.rules import check_bool, check_l2
+from jaxl2.step import check_loss_and_tx, make_train_step
 
 __all__ = ["auto_l2", "AutoL2", "AutoL2State", "shared_adam", "DEFAULT_HYPER_LR", "DEFAULT_BOUNDS"]
 
@@ -139,17 +139,6 @@ class AutoL2(NamedTuple):
     paths: Callable[[Any], list[str]]
 
 
-def _check_bounds(bounds: Any) -> tuple[float, float]:
-    ok = isinstance(bounds, tuple | list) and len(bounds) == 2
-    if ok:
-        lo, hi = bounds
-        ok = all(isinstance(b, int | float) and not isinstance(b, bool) for b in bounds)
-        ok = ok and 0 < lo < hi < math.inf
-    if not ok:
-        raise Jaxl2Error(f"bounds must be (lo, hi) with 0 < lo < hi < inf, got {bounds!r}")
-    return float(lo), float(hi)
-
-
 def auto_l2(
     loss_fn: Callable[..., Any],
     tx: optax.GradientTransformation,
@@ -215,23 +204,26 @@ def auto_l2(
       ...
       jaxl2.errors.Jaxl2Error: l2 (the initial λ) must be > 0: λ is adapted on a log scale, got 0.0
     """
-    if not callable(loss_fn):
-        swapped = hasattr(loss_fn, "update") and callable(tx)
-        hint = "; are loss_fn and tx swapped? auto_l2(loss_fn, tx, l2=λ)" if swapped else ""
-        raise Jaxl2Error(f"loss_fn must be a function loss_fn(params, *batch), got {shown(loss_fn)}{hint}")
+    check_loss_and_tx(loss_fn, tx, "auto_l2")
+    if hyper_tx is not None:
+        check_loss_and_tx(loss_fn, hyper_tx, "auto_l2", name="hyper_tx")
     if val_loss_fn is not None and not callable(val_loss_fn):
         raise Jaxl2Error(
             f"val_loss_fn must be None or a function val_loss_fn(params, *val_batch), got {shown(val_loss_fn)}"
         )
-    for name, t in (("tx", tx), ("hyper_tx", hyper_tx)):
-        if t is not None and not (hasattr(t, "init") and hasattr(t, "update")):
-            raise Jaxl2Error(f"{name} must be an optax GradientTransformation, got {shown(t)}")
     check_l2(l2, "l2 (the initial λ)")
     if isinstance(l2, jax.core.Tracer):
         raise Jaxl2Error("l2 (the initial λ) must be a concrete number, not a traced value")
     if not float(l2) > 0:
         raise Jaxl2Error(f"l2 (the initial λ) must be > 0: λ is adapted on a log scale, got {l2!r}")
-    lo, hi = _check_bounds(bounds)
+    if not (
+        isinstance(bounds, tuple | list)
+        and len(bounds) == 2
+        and all(isinstance(b, int | float) and not isinstance(b, bool) for b in bounds)
+        and 0 < bounds[0] < bounds[1] < math.inf
+    ):
+        raise Jaxl2Error(f"bounds must be (lo, hi) with 0 < lo < hi < inf, got {bounds!r}")
+    lo, hi = map(float, bounds)
     if not lo <= float(l2) <= hi:
         raise Jaxl2Error(f"l2 (the initial λ) {l2!r} is outside bounds ({lo:g}, {hi:g})")
     has_aux = check_bool(has_aux, "has_aux")

@@ -35,8 +35,8 @@ import numpy as np
 
 from jaxl2 import select as _select
 from jaxl2.errors import Jaxl2Error, check_number
-from jaxl2.penalty import L2, l2_penalty, regularized
-from jaxl2.rules import Entry, Stacked, plan
+from jaxl2.penalty import l2_penalty, regularized
+from jaxl2.rules import L2, Entry, Stacked, plan
 from jaxl2.table import format_table
 
 __all__ = ["GradcheckReport", "gradcheck"]
@@ -77,12 +77,8 @@ class GradcheckReport:
 
 
 def _to64(tree: Any) -> Any:
-    def cast(x):
-        if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating):
-            return jnp.asarray(x, jnp.float64)
-        return x
-
-    return jax.tree_util.tree_map(cast, tree)
+    """``tree`` with its floating-point arrays in float64."""
+    return jax.tree.map(lambda x: jnp.asarray(x, jnp.float64) if _select.is_float_array(x) else x, tree)
 
 
 def _narrow_float(jaxpr: Any, depends: list[bool], live_only: bool = False) -> tuple[str, str] | None:
@@ -219,8 +215,7 @@ def gradcheck(
     atol, rtol = float(check_number(atol, "atol")), float(check_number(rtol, "rtol"))
     regularized(loss_fn, l2, select=select, center=center, stacked=stacked)  # checks the rules
     with jax.enable_x64(True):
-        params, args = _to64(params), _to64(args)
-        center = None if center is None else _to64(center)
+        params, args, center = _to64(params), _to64(args), _to64(center)
         loss = regularized(loss_fn, l2, select=select, center=center, stacked=stacked, has_aux=has_aux)
         entries = {e.path: e for e in plan(params, l2, select=select, stacked=stacked, center=center)}
         leaves = _select.leaves(params)

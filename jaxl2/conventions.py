@@ -31,7 +31,7 @@ from __future__ import annotations
 import numbers
 
 from jaxl2.errors import Jaxl2Error
-from jaxl2.penalty import check_bool, check_l2
+from jaxl2.rules import check_bool, check_l2
 
 __all__ = [
     "from_keras",

@@ -257,27 +257,15 @@ def _row(path: str, w: Any, u: Any, selected: bool) -> AuditRow:
     )
 
 
-def _counter(keypath: tuple) -> str | None:
-    """The name of the state field at ``keypath`` (``count``, ``mini_step``, ...), if any."""
-    return getattr(keypath[-1], "name", None) if keypath else None
-
-
 def _at_step(state: Any, step: int) -> Any:
     """``state`` with every real-step counter (fields ``count``, and ``gradient_step`` of
     ``optax.MultiSteps``) set to ``step``."""
 
     def set_count(keypath: tuple, x: Any) -> Any:
-        if _counter(keypath) in ("count", "gradient_step") and jnp.issubdtype(x.dtype, jnp.integer):
-            return jnp.full_like(x, step)
-        return x
+        counter = keypath and getattr(keypath[-1], "name", None) in ("count", "gradient_step")
+        return jnp.full_like(x, step) if counter and jnp.issubdtype(x.dtype, jnp.integer) else x
 
     return jax.tree_util.tree_map_with_path(set_count, state)
-
-
-def _accumulating(state: Any) -> bool:
-    """Whether a wrapper in ``state`` (``optax.MultiSteps``) is mid-way through accumulating."""
-    flat = jax.tree_util.tree_flatten_with_path(state)[0]
-    return any(_counter(kp) == "mini_step" and bool(np.any(np.asarray(x) != 0)) for kp, x in flat)
 
 
 def audit(
@@ -364,7 +352,10 @@ def audit(
         lambda w: jnp.zeros_like(w) if hasattr(w, "dtype") and hasattr(w, "shape") else w, params
     )
     updates, state = tx.update(zeros, _at_step(tx.init(probe), int(step)), probe)
-    while _accumulating(state):  # micro-steps of gradient accumulation: on to the real update
+    # the micro-steps of gradient accumulation (optax.MultiSteps), on to the real update
+    while any(
+        np.any(np.asarray(x) != 0) for _, x in optax.tree_utils.tree_get_all_with_path(state, "mini_step")
+    ):
         updates, state = tx.update(zeros, state, probe)
     by_path = dict(_select.leaves(updates))
     rows = []

@@ -20,7 +20,7 @@ import math
 import numbers
 from typing import Any
 
-__all__ = ["Jaxl2Error", "describe", "shown", "listing", "shape_text", "check_number"]
+__all__ = ["Jaxl2Error", "describe", "shown", "listing", "check_number"]
 
 
 class Jaxl2Error(ValueError):
@@ -44,7 +44,7 @@ def describe(value: object) -> str:
     if isinstance(value, int | float):
         return f"the number {value:g}"
     if hasattr(value, "shape") and hasattr(value, "dtype"):
-        return f"an array of dtype {value.dtype} and shape {shape_text(value.shape)}"
+        return f"an array of dtype {value.dtype} and shape {tuple(value.shape)}"
     if hasattr(value, "init") and hasattr(value, "update"):
         return f"an optax {type(value).__name__}"
     if callable(value) and not isinstance(value, type):
@@ -81,11 +81,6 @@ def listing(names: list[str], limit: int = 12) -> str:
     """
     shown_names = ", ".join(names[:limit])
     return shown_names if len(names) <= limit else f"{shown_names}, … and {len(names) - limit:,} more"
-
-
-def shape_text(shape: tuple) -> str:
-    """A shape as Python writes the tuple: ``(3,)``, ``(2, 3)``, ``()``."""
-    return "(" + ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "") + ")"
 
 
 def check_number(value: Any, name: str, *, integer: bool = False, low: float = 0, above: bool = False) -> Any:

@@ -156,6 +156,10 @@ def _log_likelihood(out: jax.Array, y: jax.Array, likelihood: str, sigma: float)
 def _check_ggn_args(
     apply_fn: Any, params: Any, x: Any, y: Any, likelihood: Any, structure: Any, sigma: Any, batch_size: Any
 ) -> None:
+    """Refuses a bad argument of :func:`ggn`, and labels the likelihood cannot read: classification
+    needs integer class indices ``(n,)`` in ``[0, C)`` (the range checked only where ``y`` is
+    concrete, not traced); a Gaussian needs targets of the outputs' shape (a trailing axis of 1
+    may be left out or added)."""
     if not callable(apply_fn):
         raise Jaxl2Error(f"apply_fn must be a function apply_fn(params, x), got {type(apply_fn).__name__}")
     if likelihood not in LIKELIHOODS:
@@ -174,15 +178,6 @@ def _check_ggn_args(
     check_number(sigma, "sigma (the Gaussian noise scale)", above=True)
     if batch_size is not None:
         check_number(batch_size, "batch_size", integer=True, low=1)
-    _check_labels(apply_fn, params, x, y, likelihood)
-
-
-def _check_labels(
-    apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any, x: Any, y: Any, likelihood: str
-) -> None:
-    """Refuses labels the likelihood cannot read: classification needs integer class indices
-    ``(n,)`` in ``[0, C)`` (the range checked only where ``y`` is concrete, not traced); a
-    Gaussian needs targets of the outputs' shape (a trailing axis of 1 may be left out or added)."""
     out = jax.eval_shape(lambda xb: apply_fn(params, xb), x).shape
     n, shape = int(np.shape(x)[0]), tuple(np.shape(y))
     if likelihood == "classification":
@@ -252,19 +247,15 @@ def ggn(
     n = x.shape[0]
     size = n if batch_size is None else min(batch_size, n)
     whole, rest = divmod(n, size)
-    xs = x[: whole * size].reshape(whole, size, *x.shape[1:])
-    ys = y[: whole * size].reshape(whole, size, *y.shape[1:])
+    xs, ys = (a[: whole * size].reshape(whole, size, *a.shape[1:]) for a in (x, y))
 
-    def add(carry, b):
-        h, ll = batch(*b)
-        return (carry[0] + h, carry[1] + ll), None
+    def add(total: Any, b: tuple) -> tuple[Any, None]:
+        return jax.tree.map(jnp.add, total, batch(*b)), None
 
-    p = theta.size
-    zero = jnp.zeros((p, p) if structure == "full" else (p,), theta.dtype)
-    (h, ll), _ = jax.lax.scan(add, (zero, jnp.zeros((), theta.dtype)), (xs, ys))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(batch, xs[0], ys[0]))
+    (h, ll), _ = jax.lax.scan(add, zeros, (xs, ys))
     if rest:
-        h_r, ll_r = batch(x[whole * size :], y[whole * size :])
-        h, ll = h + h_r, ll + ll_r
+        (h, ll), _ = add((h, ll), (x[whole * size :], y[whole * size :]))
     blocks = tuple(unravel(h)) if structure == "diag" else h
     return Curvature(ll, blocks, int(n), tuple(paths), structure)
 
@@ -368,24 +359,23 @@ def ggn_lanczos(
 def _check_blocks(curvature: Curvature, entries: list[Any]) -> None:
     """Refuses ``"diag"``/``"ekfac"`` blocks and ``"kron"`` factors that do not fit their leaves."""
     for e, block in zip(entries, curvature.ggn if curvature.structure in ("diag", "ekfac", "kron") else ()):
-        path, w = e.path, e.leaf
-        if curvature.structure != "kron" and np.size(block) != w.size:
-            raise Jaxl2Error(
-                f"a {curvature.structure} curvature holds one value per entry of each leaf; {path!r} "
-                f"has {np.size(block)} for its {w.size} entries (shape {tuple(w.shape)})"
-            )
         if curvature.structure != "kron":
-            continue
-        if not (isinstance(block, tuple | list) and len(block) == 2):
+            if np.size(block) != e.leaf.size:
+                raise Jaxl2Error(
+                    f"a {curvature.structure} curvature holds one value per entry of each leaf; {e.path!r} "
+                    f"has {np.size(block)} for its {e.leaf.size} entries (shape {tuple(e.leaf.shape)})"
+                )
+        elif not (isinstance(block, tuple | list) and len(block) == 2):
             raise Jaxl2Error(
-                f"a kron curvature holds a pair (A, G) per leaf; {path!r} has {type(block).__name__}"
+                f"a kron curvature holds a pair (A, G) per leaf; {e.path!r} has {type(block).__name__}"
             )
-        a, g = (np.shape(f) for f in block)
-        if len(a) != 2 or len(g) != 2 or a[0] != a[1] or g[0] != g[1] or a[0] * g[0] != w.size:
-            raise Jaxl2Error(
-                f"the kron factors of {path!r} are {a} and {g}: they need to be square, with sizes "
-                f"whose product is the leaf's {w.size} entries (shape {tuple(w.shape)})"
-            )
+        else:
+            a, g = (np.shape(f) for f in block)
+            if len(a) != 2 or len(g) != 2 or a[0] != a[1] or g[0] != g[1] or a[0] * g[0] != e.leaf.size:
+                raise Jaxl2Error(
+                    f"the kron factors of {e.path!r} are {a} and {g}: they need to be square, with sizes "
+                    f"whose product is the leaf's {e.leaf.size} entries (shape {tuple(e.leaf.shape)})"
+                )
 
 
 def _parts(
@@ -455,10 +445,9 @@ def _spectrum(curvature: Curvature) -> jax.Array | None:
     factors' eigenvalues ``a_j·g_k`` (``"kron"``); ``None`` for ``"full"`` and ``"lanczos"``."""
     if curvature.structure in ("full", "lanczos"):
         return None
+    blocks = curvature.ggn
     if curvature.structure == "kron":
-        blocks = [jnp.outer(jnp.linalg.eigvalsh(a), jnp.linalg.eigvalsh(g)) for a, g in curvature.ggn]
-    else:
-        blocks = list(curvature.ggn)
+        blocks = [jnp.outer(jnp.linalg.eigvalsh(a), jnp.linalg.eigvalsh(g)) for a, g in blocks]
     # round-off can leave a Gram matrix's eigenvalues just below 0
     return jnp.maximum(jnp.concatenate([jnp.ravel(b) for b in blocks]), 0)
 
@@ -517,11 +506,9 @@ def log_evidence(
     value = _evidence(curvature, alpha, dw, _spectrum(curvature))
     if curvature.structure != "lanczos":
         return value
-    if not is_traced(alpha):
-        if not np.all(np.asarray(alpha) == alpha[0]):
-            raise Jaxl2Error(_ONE_LAMBDA.format(", ".join(names)) + ": give l2 one number")
-        return value
-    return jnp.where(jnp.all(alpha == alpha[0]), value, jnp.nan)  # traced λs: NaN where they differ
+    if not is_traced(alpha) and not np.all(np.asarray(alpha) == alpha[0]):
+        raise Jaxl2Error(_ONE_LAMBDA.format(", ".join(names)) + ": give l2 one number")
+    return jnp.where(jnp.all(alpha == alpha[0]), value, jnp.nan)  # traced λs that differ: NaN
 
 
 def _evidence(curvature: Curvature, alpha: jax.Array, dw: jax.Array, h: jax.Array | None) -> jax.Array:
@@ -596,7 +583,6 @@ def evidence_l2(
             "method 'bisect' needs an evidence that separates into one problem per λ: a full "
             "curvature couples the leaves' λs, so give shared=True, or use method 'mackay' or 'adam'"
         )
-    escaped = [re.escape(p) for p in names]
 
     def group_sums(values: jax.Array) -> jax.Array:
         return jax.ops.segment_sum(_unit_sums(values, unit, len(names)), group, groups)
@@ -640,4 +626,4 @@ def evidence_l2(
             return (jnp.clip(log_lam + upd, math.log(lo), math.log(hi)), state), None
 
         (log_lam, _), _ = jax.lax.scan(ascend, (log_lam, tx.init(log_lam)), None, length=steps)
-    return {e: jnp.exp(log_lam[group[i]]) for i, e in enumerate(escaped)}
+    return {re.escape(p): jnp.exp(log_lam[group[i]]) for i, p in enumerate(names)}

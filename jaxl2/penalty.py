@@ -19,8 +19,8 @@ import numpy as np
 
 from jaxl2 import rules as _rules
 from jaxl2 import select as _select
-from jaxl2.errors import Jaxl2Error, describe, shape_text, shown
-from jaxl2.rules import L2, Stacked, check_bool, check_l2, is_traced
+from jaxl2.errors import Jaxl2Error, describe, shown
+from jaxl2.rules import L2, Stacked, check_bool, is_traced
 from jaxl2.table import format_shape, format_table
 
 __all__ = [
@@ -30,8 +30,6 @@ __all__ = [
     "coefficients",
     "Row",
     "Selection",
-    "check_l2",
-    "check_bool",
     "check_rules",
     "check_order",
 ]
@@ -44,7 +42,7 @@ def describe_output(out: Any) -> str:
     if isinstance(out, (tuple, list)):
         return f"{article} {kind} of length {len(out)}"
     if hasattr(out, "dtype") and hasattr(out, "shape"):
-        return f"{article} {kind} of dtype {out.dtype} and shape {shape_text(out.shape)}"
+        return f"{article} {kind} of dtype {out.dtype} and shape {tuple(out.shape)}"
     return f"{article} {kind}"
 
 
@@ -302,10 +300,8 @@ def selected(
         lams = [lam(step) if callable(lam) else lam for lam in e.l2]
         refs = [None] * len(e.units) if e.center is None else e.slices(e.center)
         for name, lam, w, ref in zip(e.units, lams, e.slices(e.leaf), refs):
-            row = Row(name, tuple(w.shape), str(e.leaf.dtype), lam)
-            if ref is not None:
-                row = row._replace(center_norm=_norm(ref), center_dist=_norm(w, ref))
-            rows.append(row)
+            norms = () if ref is None else (_norm(ref), _norm(w, ref))  # ‖w₀‖, ‖w − w₀‖
+            rows.append(Row(name, tuple(w.shape), str(e.leaf.dtype), lam, *norms))
     return Selection(rows)
 
 
@@ -392,25 +388,19 @@ def add_penalty(out: Any, penalty: Any, *, has_aux: bool) -> Any:
             )
         return out + penalty
     if not (isinstance(out, (tuple, list)) and len(out) == 2):
-        hint = (
-            ""
-            if isinstance(out, (tuple, list))
-            else " (a loss_fn that returns the loss alone needs has_aux=False)"
-        )
+        alone = not isinstance(out, (tuple, list))
+        hint = " (a loss_fn that returns the loss alone needs has_aux=False)" if alone else ""
         raise Jaxl2Error(
             f"with has_aux=True, loss_fn must return (loss, aux); it returned {describe_output(out)}{hint}"
         )
     data_loss, aux = out
-    if isinstance(aux, Mapping):
-        if taken := [k for k in ("data_loss", "penalty") if k in aux]:
-            raise Jaxl2Error(
-                f"loss_fn's aux already has a {taken[0]!r} entry, which jaxl2 adds "
-                "(aux['data_loss'] is loss_fn's loss, aux['penalty'] the L2 penalty); "
-                "rename that key in loss_fn's aux"
-            )
-        aux = dict(aux)
-    else:
-        aux = {"aux": aux}
+    if isinstance(aux, Mapping) and (taken := [k for k in ("data_loss", "penalty") if k in aux]):
+        raise Jaxl2Error(
+            f"loss_fn's aux already has a {taken[0]!r} entry, which jaxl2 adds "
+            "(aux['data_loss'] is loss_fn's loss, aux['penalty'] the L2 penalty); "
+            "rename that key in loss_fn's aux"
+        )
+    aux = dict(aux) if isinstance(aux, Mapping) else {"aux": aux}
     aux.update(data_loss=data_loss, penalty=penalty)
     return data_loss + penalty, aux
 

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxl2 import select as _select
-from jaxl2.errors import Jaxl2Error, describe, listing, shape_text, shown
+from jaxl2.errors import Jaxl2Error, describe, listing, shown
 
 __all__ = [
     "is_traced",
@@ -383,13 +383,9 @@ def plan(
         for (p, w), axis in zip(chosen, axes)
     ]
     flat = [u for us in units for u in us]
-    lams: list[tuple[Any, Any]]
-    if l2 is None:
-        lams = [(None, None)] * len(flat)
-    else:
-        rules = check_l2_rules(l2, schedule=schedule)
-        every = dict(_select.leaves(params))
-        lams = [(l2, None)] * len(flat) if rules is None else _rule_l2(flat, rules, every)
+    rules = None if l2 is None else check_l2_rules(l2, schedule=schedule)
+    lams: list[tuple[Any, Any]]  # (λ, the pattern that gave it) per unit; (None, None) without λ
+    lams = [(l2, None)] * len(flat) if rules is None else _rule_l2(flat, rules, dict(_select.leaves(params)))
     it = iter(lams)
     entries = []
     for (p, w), axis, us in zip(chosen, axes, units):
@@ -428,7 +424,7 @@ def _centers(params: Any, center: Any, chosen: list[tuple[str, Any]]) -> dict[st
             if tuple(theirs[path].shape) != tuple(w.shape):
                 raise Jaxl2Error(
                     f"center must have the shapes of params on the selected leaves, but at {path!r} "
-                    f"center has shape {shape_text(theirs[path].shape)} and params {shape_text(w.shape)}"
+                    f"center has shape {tuple(theirs[path].shape)} and params {tuple(w.shape)}"
                 )
         return {path: theirs[path] for path, _ in chosen}
     raise Jaxl2Error(f"center must have the structure of params (e.g. the pretrained params), but {diff}")

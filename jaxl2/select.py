@@ -59,17 +59,13 @@ __all__ = [
 ]
 
 
-def _last(path: str) -> str:
-    return path.rsplit("/", 1)[-1]
-
-
 def kernels(path: str, leaf: Any) -> bool:
     """Flax Linen/NNX ``Dense``/``Linear``/``Conv`` weights: the last path key is ``kernel``.
 
     Flax names an ``Embed`` table ``embedding`` and a norm layer's parameters ``scale`` and
     ``bias``, so none of them is a kernel, stacked (``nn.scan``, ``nnx.vmap``) or not.
     """
-    return _last(path) == "kernel"
+    return path.rsplit("/", 1)[-1] == "kernel"
 
 
 def haiku(path: str, leaf: Any) -> bool:
@@ -87,7 +83,7 @@ def haiku(path: str, leaf: Any) -> bool:
       >>> [p for p, _ in select.resolve(params, select.haiku)]
       ['linear/w']
     """
-    return _last(path) == "w"
+    return path.rsplit("/", 1)[-1] == "w"
 
 
 @dataclass(frozen=True)
@@ -306,7 +302,6 @@ def resolve(params: Any, select: Selector = None) -> list[tuple[str, Any]]:
         picked = [(p, x) for p, x in arrays if pred(p, x)]
     chosen = [(p, x) for p, x in picked if is_float_array(x)]
     named = [(p, x) for p, x in picked if not is_float_array(x)]
-    candidates = [(p, x) for p, x in arrays if is_float_array(x)]
     if named:
         p, x = named[0]
         raise Jaxl2Error(
@@ -315,20 +310,13 @@ def resolve(params: Any, select: Selector = None) -> list[tuple[str, Any]]:
             "(a regex, a predicate or a preset)"
         )
     if not chosen:
-        existing = listing([p for p, _ in candidates]) or "(none: no floating-point leaves)"
+        existing = listing([p for p, x in arrays if is_float_array(x)]) or "(none: no floating-point leaves)"
         raise Jaxl2Error(
             f"{_describe(select)} matched no parameter; the paths that exist are: {existing}. "
             "Use a regex over these paths, a predicate, or a preset "
             "(jaxl2.select.kernels, .haiku, .equinox)"
         )
     return chosen
-
-
-def _is_variable() -> Callable[[Any], bool] | None:
-    """``isinstance(x, nnx.Variable)`` if Flax NNX is loaded (else no params can hold one)."""
-    nnx = sys.modules.get("flax.nnx")
-    variable = getattr(nnx, "Variable", None)
-    return None if variable is None else (lambda x: isinstance(x, variable))
 
 
 def mask(params: Any, *, select: Selector = None) -> Any:
@@ -382,5 +370,7 @@ def mask(params: Any, *, select: Selector = None) -> Any:
       (0.95, 1.0)
     """
     wanted = {p for p, _ in resolve(params, select)}
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_variable())
+    variable = getattr(sys.modules.get("flax.nnx"), "Variable", None)  # no NNX loaded: no Variables
+    is_variable = None if variable is None else (lambda x: isinstance(x, variable))
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_variable)
     return jax.tree_util.tree_unflatten(treedef, [path_str(kp) in wanted for kp, _ in flat])

@@ -32,24 +32,15 @@ import optax
 from jaxl2 import rules as _rules
 from jaxl2 import select as _select
 from jaxl2.decay import ScheduleState
-from jaxl2.errors import Jaxl2Error, describe
+from jaxl2.errors import Jaxl2Error, describe, shown
 from jaxl2.norms import global_norms, group_norms
 from jaxl2.penalty import add_penalty, check_rules, describe_output, l2_penalty
 from jaxl2.rules import L2, Stacked, check_bool, check_l2
 
-__all__ = ["make_train_step", "ScheduledState"]
+__all__ = ["make_train_step", "ScheduledState", "check_loss_and_tx"]
 
 
 ScheduledState = ScheduleState  # the one schedule-state type; this name stays for users' isinstance checks
-
-
-def _is_zero(l2: Any) -> bool:
-    """A concrete number equal to 0 (a traced λ, as in a vmapped sweep, is never "zero")."""
-    return (
-        not isinstance(l2, Mapping | jax.core.Tracer)
-        and not _rules.is_schedule(l2)
-        and float(check_l2(l2)) == 0.0
-    )
 
 
 def _is_pytree(value: Any) -> bool:
@@ -58,26 +49,25 @@ def _is_pytree(value: Any) -> bool:
     return value is not None and not (len(leaves) == 1 and leaves[0] is value)
 
 
-def _check_arguments(loss_fn: Any, tx: Any, l2: Any) -> None:
-    """Refuses a ``loss_fn`` or ``tx`` of the wrong kind, and params or an optimizer state given
-    as λ, naming what came in a few words (never a pytree's repr)."""
-    if not callable(loss_fn) or not (hasattr(tx, "init") and hasattr(tx, "update")):
+def check_loss_and_tx(loss_fn: Any, tx: Any, fn: str, name: str = "tx") -> None:
+    """Refuses a ``loss_fn`` that is not a function or a ``tx`` (the argument ``name``) that is not
+    an optax optimizer, naming what came in a few words (never a pytree's repr) and saying so when
+    they look swapped or the params came as ``tx`` (``fn``: the function they were given to).
+
+    Examples:
+      >>> import optax
+      >>> check_loss_and_tx(optax.sgd(0.1), lambda p: 0.0, "make_train_step")
+      Traceback (most recent call last):
+      ...
+      jaxl2.errors.Jaxl2Error: loss_fn must be a function loss_fn(params, *batch), got an optax GradientTransformationExtraArgs; are loss_fn and tx swapped? make_train_step(loss_fn, tx, l2=λ)
+    """
+    if not callable(loss_fn):
         swapped = hasattr(loss_fn, "init") and hasattr(loss_fn, "update") and callable(tx)
-        hint = "; are loss_fn and tx swapped? make_train_step(loss_fn, tx, l2=λ)" if swapped else ""
-        if not callable(loss_fn):
-            raise Jaxl2Error(
-                f"loss_fn must be a function loss_fn(params, *batch), got {describe(loss_fn)}{hint}"
-            )
-        if not hint and _is_pytree(tx):
-            hint = "; the params go to the step (step.init(params), step(params, opt_state, *batch))"
-        raise Jaxl2Error(f"tx must be an optax GradientTransformation, got {describe(tx)}{hint}")
-    values = l2.values() if isinstance(l2, Mapping) else [l2]
-    if any(_is_pytree(v) for v in values):
-        raise Jaxl2Error(
-            "l2 must be λ (a number, a 0-d array, an optax schedule, or an ordered {regex: λ} mapping of "
-            f"those), got {describe(l2)}: params or an optimizer state? They go to the step, "
-            "step(params, opt_state, *batch), not to make_train_step"
-        )
+        hint = f"; are loss_fn and tx swapped? {fn}(loss_fn, tx, l2=λ)" if swapped else ""
+        raise Jaxl2Error(f"loss_fn must be a function loss_fn(params, *batch), got {shown(loss_fn)}{hint}")
+    if not (hasattr(tx, "init") and hasattr(tx, "update")):
+        hint = f"; the params go to the step, not to {fn}" if _is_pytree(tx) else ""
+        raise Jaxl2Error(f"{name} must be an optax GradientTransformation, got {shown(tx)}{hint}")
 
 
 def _advance(count: Any, before: Any, after: Any) -> Any:
@@ -176,8 +166,17 @@ def make_train_step(
       >>> float(m1["penalty"]), float(m2["penalty"]), int(state.count)  # λ = 0.25, then 0
       (2.0, 0.0, 2)
     """
-    _check_arguments(loss_fn, tx, l2)
-    penalised = not _is_zero(l2)
+    check_loss_and_tx(loss_fn, tx, "make_train_step")
+    if any(_is_pytree(v) for v in (l2.values() if isinstance(l2, Mapping) else [l2])):
+        raise Jaxl2Error(
+            "l2 must be λ (a number, a 0-d array, an optax schedule, or an ordered {regex: λ} mapping of "
+            f"those), got {describe(l2)}: params or an optimizer state? They go to the step, "
+            "step(params, opt_state, *batch), not to make_train_step"
+        )
+    # l2=0, a concrete number (a traced λ, as in a vmapped sweep, never is), adds no penalty
+    penalised = (
+        isinstance(l2, Mapping | jax.core.Tracer) or _rules.is_schedule(l2) or float(check_l2(l2)) != 0
+    )
     if penalised:
         check_rules(l2, select=select, center=center, stacked=stacked, schedule=True)
     has_aux = check_bool(has_aux, "has_aux")

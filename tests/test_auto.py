@@ -273,6 +273,9 @@ def test_large_or_swapped_arguments_are_summarised_in_a_short_message():
     params = {f"layer_{i}": {"kernel": jnp.ones((2, 2)), "bias": jnp.zeros(2)} for i in range(1000)}
     with pytest.raises(jaxl2.Jaxl2Error) as e:  # the params where tx goes
         jaxl2.auto_l2(lambda p, x: jnp.sum(x), params)
-    assert str(e.value) == "tx must be an optax GradientTransformation, got a pytree (dict) of 2,000 arrays"
+    assert (
+        str(e.value)
+        == "tx must be an optax GradientTransformation, got a pytree (dict) of 2,000 arrays; the params go to the step, not to auto_l2"
+    )
     with pytest.raises(jaxl2.Jaxl2Error, match=r"got an optax \w+; are loss_fn and tx swapped\?"):
         jaxl2.auto_l2(optax.sgd(0.1), lambda p, x: jnp.sum(x))
