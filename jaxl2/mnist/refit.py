@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxl2.mnist import parallel, sigint
-from jaxl2.mnist.config import Config, ConfigError, field
+from jaxl2.mnist.config import Config, ConfigError, field, validate
 from jaxl2.mnist.data import Dataset, Split
 from jaxl2.mnist.fused import compile_epochs, epochs_per_call, runner
 from jaxl2.mnist.results import Refit
@@ -114,7 +114,7 @@ def refit(
       Diverged: a NaN/Inf loss (the last good refit checkpoint is kept).
       Interrupted: SIGINT or SIGTERM; the call of epochs it interrupted was finished and checkpointed.
     """
-    rcfg = refit_config(cfg, epochs)
+    rcfg = validate(refit_config(cfg, epochs))  # as the trainer holds it (a Config from Python too)
     if made is None or made.trainer.cfg != rcfg or made.trainer.mesh is not mesh:
         made = ready(cfg, ds, epochs, mesh=mesh, compile=False)
     trainer, x, y, size = made.trainer, made.x, made.y, made.size
