@@ -53,6 +53,12 @@ def test_no_application_module_shares_its_name_with_a_library_module():
     assert not library & application, library & application
 
 
+def test_no_command_module_shares_its_name_with_an_application_module():
+    commands = {p.stem for p in (ROOT / "mnist" / "cli").glob("*.py")} - {"__init__"}
+    application = {p.stem for p in (ROOT / "mnist").glob("*.py")}
+    assert not commands & application, commands & application
+
+
 def test_the_core_imports_no_feature():
     """data, model and train (state, step, epoch, evaluation, the loop) never import the λ
     modes, the sweep, the refit, the fused calls, the evaluation, the benchmark, the plots or

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -19,7 +20,24 @@ from jaxl2.mnist.rundir import Checkpoints, load_config
 from jaxl2.mnist.sweep import pick_member
 from jaxl2.mnist.train import Trainer
 
-__all__ = ["evaluate_run"]
+__all__ = ["evaluate_run", "member_config"]
+
+
+def member_config(out: str, name: str = "out", *, l2: float | None = None, seed: int | None = None) -> Config:
+    """The :class:`Config` of the run in ``out``; for a finished sweep, that of one member (what
+    ``jaxl2 train --l2 λ --seed s`` would train): ``l2`` and ``seed`` pick it, by default the
+    member that ``jaxl2 eval`` evaluates (:func:`jaxl2.mnist.sweep.pick_member`). Errors name
+    the argument ``name``."""
+    if load_config(out, name).get("kind") != "sweep":
+        if l2 is not None or seed is not None:
+            raise ConfigError(
+                f"{field('l2')} and {field('seed')} pick a member of a sweep; {out} is a training run"
+            )
+        return load_run_config(out, name)
+    cfg, _, _ = sweepdir.load_sweep_config(out, name)
+    summary = sweepdir.read_summary(out, name)
+    row = summary["results"][pick_member(summary["results"], summary["selected_l2"], l2, seed)]
+    return dataclasses.replace(cfg, l2=row["l2"], seed=row["seed"])
 
 
 def evaluate_run(
@@ -43,7 +61,7 @@ def evaluate_run(
     """
     if split not in SPLITS:
         raise ConfigError(f"{field('split')} {split!r} is unknown (allowed: {', '.join(SPLITS)})")
-    cfg = load_run_config(out, "run", l2=l2, seed=seed)
+    cfg = member_config(out, "run", l2=l2, seed=seed)
     params, which = _model(out, cfg, l2, seed, refit)
     dataset = cfg.dataset if dataset is None else dataset
     ds = _data.load(

@@ -17,7 +17,6 @@ removes the directory it created; one killed outright resumes from the start.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
@@ -28,9 +27,8 @@ from typing import Any, cast
 import jax
 
 from jaxl2 import __version__
-from jaxl2.mnist import parallel, sweepdir
+from jaxl2.mnist import parallel
 from jaxl2.mnist import refit as _refit_mod
-from jaxl2.mnist import sweep as _sweep
 from jaxl2.mnist.config import (
     FIELDS,
     Config,
@@ -85,32 +83,18 @@ def mode_of(cfg: Config) -> type[Trainer]:
     return Trainer
 
 
-def load_run_config(
-    out: str, name: str = "out", *, l2: float | None = None, seed: int | None = None, kind: str | None = None
-) -> Config:
-    """The :class:`Config` of the training run in ``out``; for a finished sweep, that of one
-    member (what ``jaxl2 train --l2 λ --seed s`` would train): ``l2`` and ``seed`` pick it,
-    by default the member that ``jaxl2 eval`` evaluates (:func:`jaxl2.mnist.sweep.pick_member`).
-    ``kind="run"`` refuses a sweep (``"sweep"`` a run); errors name the argument ``name``."""
+def load_run_config(out: str, name: str = "out") -> Config:
+    """The :class:`Config` of the training run in ``out`` (a sweep's directory is refused; a
+    sweep member's config: :func:`jaxl2.mnist.evaluate.member_config`). Errors name the
+    argument ``name``."""
     d = load_config(out, name)
-    found = "sweep" if d.get("kind") == "sweep" else "run"
-    if kind is not None and kind != found:
-        other = "a sweep, not a training run" if found == "sweep" else "a training run, not a sweep"
-        raise ConfigError(f"{field(name)} {out} holds {other}")
-    if found == "sweep":
-        cfg, _, _ = sweepdir.load_sweep_config(out, name)
-        summary = sweepdir.read_summary(out, name)
-        row = summary["results"][_sweep.pick_member(summary["results"], summary["selected_l2"], l2, seed)]
-        return dataclasses.replace(cfg, l2=row["l2"], seed=row["seed"])
-    if l2 is not None or seed is not None:
-        raise ConfigError(
-            f"{field('l2')} and {field('seed')} pick a member of a sweep; {out} is a training run"
-        )
+    if d.get("kind") == "sweep":
+        raise ConfigError(f"{field(name)} {out} holds a sweep, not a training run")
     return run_config(d, os.path.join(out, "config.json"))
 
 
 def _check_resume(cfg: Config, out: str) -> None:
-    saved = validate(load_run_config(out, kind="run"))  # lr filled in as in cfg, whoever wrote it
+    saved = validate(load_run_config(out))  # lr filled in as in cfg, whoever wrote it
     check_settings(out, "run", {f: getattr(cfg, f) for f in FIELDS}, {f: getattr(saved, f) for f in FIELDS})
 
 

@@ -20,7 +20,7 @@ import pytest
 from jaxl2.mnist import run as _run
 from jaxl2.mnist.config import Config, ConfigError, RunSettings, SweepSettings
 from jaxl2.mnist.data import load
-from jaxl2.mnist.evaluate import evaluate_run
+from jaxl2.mnist.evaluate import evaluate_run, member_config
 from jaxl2.mnist.results import MemberResult, PerL2, SweepRefit, SweepSummary
 from jaxl2.mnist.rundir import StepStore
 from jaxl2.mnist.runtime import enable_compilation_cache
@@ -301,7 +301,7 @@ def test_eval_of_a_sweep_evaluates_the_member_it_names(ref):
     assert res["accuracy"] == pytest.approx(best["test_accuracy"], abs=1e-6)
     last = evaluate_run(ref["out"], split="val", l2=1e-2, seed=1)  # the last member, chunk 2
     assert last["accuracy"] == pytest.approx(rows[3]["val_accuracy"], abs=1e-6)
-    assert _run.load_run_config(ref["out"], l2=1e-2, seed=1) == Config(
+    assert member_config(ref["out"], l2=1e-2, seed=1) == Config(
         **{**vars(SMALL), "l2": 1e-2, "seed": 1, "lr": 0.3}
     )
     with pytest.raises(ConfigError, match=r"l2 0.5 is not one of the sweep's λ \(allowed: 0, 0.01\)"):

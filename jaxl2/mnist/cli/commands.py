@@ -40,7 +40,7 @@ def train(args: argparse.Namespace) -> int:
 
     cfg, saved = Config(), None
     if args.resume and args.out:  # without --out, train_and_evaluate says what is missing
-        cfg, saved = _run.load_run_config(args.out, kind="run"), load_config(args.out)
+        cfg, saved = _run.load_run_config(args.out), load_config(args.out)
     cfg = dataclasses.replace(cfg, **given(args))
     # gloo (the CPU collectives) prints "Rank 0 is connected…" on stdout, which --json keeps for its object
     with _stdout_to_stderr(args.json and args.distributed):
