@@ -126,7 +126,8 @@ def train_and_evaluate(
     stop at the same epochs (:func:`~jaxl2.mnist.train.call_end`).
 
     ``on_start()`` is called once the input is validated (before compiling), ``on_epoch(row)``
-    after every epoch with its ``metrics.jsonl`` row. The summary
+    after every epoch with its ``metrics.jsonl`` row; the rows are also drawn (``curves.png``)
+    and written as TensorBoard events (``out/tensorboard/``) once the run has trained. The summary
     (:class:`~jaxl2.mnist.results.RunSummary`, each key documented) holds the accuracies, data
     losses, penalty and norms of the **best** parameters by validation accuracy (what
     ``jaxl2 eval`` loads); ``final_val_accuracy`` is the last epoch's.
@@ -239,13 +240,16 @@ def _prepare_everywhere(
 
 def _plots(job: Run) -> None:
     """``curves.png`` of the run's ``metrics.jsonl`` (and ``lambda.png`` when its rows hold λ per
-    layer: ``l2 auto`` or ``l2 evidence``); drawn in a thread while the refit trains."""
+    layer: ``l2 auto`` or ``l2 evidence``) and its TensorBoard events (``tensorboard/``); drawn
+    in a thread while the refit trains."""
+    from jaxl2.mnist import tensorboard
     from jaxl2.mnist.plots import curves, lambdas
 
     rows, cfg = read_metrics(job.metrics), job.cfg
     title = f"{cfg.dataset}, {cfg.optimizer}, λ={cfg.l2}"
     curves(rows, os.path.join(job.out, "curves.png"), title=title)
     lambdas(rows, os.path.join(job.out, "lambda.png"), title=title)  # none without λ columns
+    tensorboard.write_run(job.out)
 
 
 def read_summary(out: str) -> dict[str, Any]:

@@ -114,6 +114,19 @@ def test_a_resumed_run_shows_each_epoch_once_and_purges_what_a_viewer_had(tmp_pa
     assert got["train_loss", 3] == pytest.approx(1.2)
 
 
+def test_a_run_from_python_writes_its_events_beside_metrics_jsonl(tmp_path):
+    """train_and_evaluate (not only the command) leaves out/tensorboard/ holding every number of
+    metrics.jsonl at its epoch."""
+    s = _run.train_and_evaluate(
+        Config(hidden=(16,), epochs=2, batch_size=500), str(tmp_path / "run"), RunSettings(refit=False)
+    )
+    rows = [json.loads(line) for line in open(f"{s['out']}/metrics.jsonl")]
+    got = shown(f"{s['out']}/tensorboard")
+    assert got.keys() == expected(rows).keys() and len(rows) == 2
+    for key, value in expected(rows).items():
+        assert got[key] == pytest.approx(value, rel=1e-7), key  # float32 in the event file
+
+
 def test_sweep_members_are_runs_with_a_row_per_epoch_equal_to_the_run_s_metrics_jsonl(tmp_path):
     """Each member is the run `jaxl2 train --l2 λ --seed s` makes: its events hold that run's
     metrics.jsonl, tag for tag and epoch for epoch (to the vmapped sweep's rounding)."""

@@ -32,10 +32,7 @@ __all__ = ["train", "sweep", "evaluate", "gradcheck", "bench"]
 
 def train(args: argparse.Namespace) -> int:
     """``jaxl2 train``: one run into its directory (:func:`jaxl2.mnist.run.train_and_evaluate`)."""
-    import jax
-
     from jaxl2.mnist import run as _run
-    from jaxl2.mnist import tensorboard
     from jaxl2.mnist.rundir import load_config
 
     cfg, saved = Config(), None
@@ -66,8 +63,6 @@ def train(args: argparse.Namespace) -> int:
                 on_refit_epoch=lambda e, n: progress.epoch("refit on train ∪ validation", e, n),
                 log=progress.log,
             )
-    if jax.process_index() == 0:  # the process that writes the run directory
-        tensorboard.write_run(summary["out"])
     print(json.dumps(summary) if args.json else format_summary(summary))
     warn_if_chance([(summary["val_accuracy"], summary["lr"], cfg.l2)], cfg)
     return 0
