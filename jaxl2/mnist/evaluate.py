@@ -15,8 +15,8 @@ from jaxl2.mnist import refit as _refit
 from jaxl2.mnist import sweepdir
 from jaxl2.mnist.config import SPLITS, Config, ConfigError, field
 from jaxl2.mnist.model import abstract_params
-from jaxl2.mnist.run import load_run_config, read_summary
-from jaxl2.mnist.rundir import Checkpoints, load_config
+from jaxl2.mnist.run import read_summary
+from jaxl2.mnist.rundir import Checkpoints, load_config, run_config
 from jaxl2.mnist.sweep import pick_member
 from jaxl2.mnist.train import Trainer
 
@@ -28,16 +28,24 @@ def member_config(out: str, name: str = "out", *, l2: float | None = None, seed:
     ``jaxl2 train --l2 λ --seed s`` would train): ``l2`` and ``seed`` pick it, by default the
     member that ``jaxl2 eval`` evaluates (:func:`jaxl2.mnist.sweep.pick_member`). Errors name
     the argument ``name``."""
-    if load_config(out, name).get("kind") != "sweep":
+    return _config_and_member(out, name, l2, seed)[0]
+
+
+def _config_and_member(out: str, name: str, l2, seed) -> tuple[Config, tuple[dict, int] | None]:
+    """:func:`member_config`, and for a sweep its summary and the member's row index (``None``
+    for a run): config.json and summary.json read once."""
+    d = load_config(out, name)
+    if d.get("kind") != "sweep":
         if l2 is not None or seed is not None:
             raise ConfigError(
                 f"{field('l2')} and {field('seed')} pick a member of a sweep; {out} is a training run"
             )
-        return load_run_config(out, name)
+        return run_config(d, os.path.join(out, "config.json")), None
     cfg, _, _ = sweepdir.load_sweep_config(out, name)
     summary = sweepdir.read_summary(out, name)
-    row = summary["results"][pick_member(summary["results"], summary["selected_l2"], l2, seed)]
-    return dataclasses.replace(cfg, l2=row["l2"], seed=row["seed"])
+    i = pick_member(summary["results"], summary["selected_l2"], l2, seed)
+    row = summary["results"][i]
+    return dataclasses.replace(cfg, l2=row["l2"], seed=row["seed"]), (summary, i)
 
 
 def evaluate_run(
@@ -61,8 +69,8 @@ def evaluate_run(
     """
     if split not in SPLITS:
         raise ConfigError(f"{field('split')} {split!r} is unknown (allowed: {', '.join(SPLITS)})")
-    cfg = member_config(out, "run", l2=l2, seed=seed)
-    params, which = _model(out, cfg, l2, seed, refit)
+    cfg, member = _config_and_member(out, "run", l2, seed)
+    params, which = _model(out, cfg, member, refit)
     dataset = cfg.dataset if dataset is None else dataset
     ds = _data.load(
         dataset,
@@ -86,12 +94,14 @@ def evaluate_run(
     }
 
 
-def _model(out: str, cfg: Config, l2, seed, refit: bool | None) -> tuple[Any, dict[str, Any]]:
+def _model(
+    out: str, cfg: Config, member: tuple[dict, int] | None, refit: bool | None
+) -> tuple[Any, dict[str, Any]]:
     """The params that :func:`evaluate_run` evaluates, and what they are: the run's (or the
-    sweep member's) refit or best params."""
-    sweep = load_config(out, "run").get("kind") == "sweep"
-    if sweep:  # only the selected λ is refit
-        summary = sweepdir.read_summary(out, "run")
+    sweep member's, ``member``: the sweep's summary and the member's row) refit or best params."""
+    sweep = member is not None
+    if member is not None:  # only the selected λ is refit
+        summary, i = member
         fit: Any = summary.get("refit")
         has_refit = fit is not None and fit["l2"] == cfg.l2
         which = {"l2": cfg.l2, "seed": cfg.seed}
@@ -108,7 +118,6 @@ def _model(out: str, cfg: Config, l2, seed, refit: bool | None) -> tuple[Any, di
         raise ConfigError(f"{field('refit')}: {out} has no refit model ({why})")
     which = {"model": "refit" if refit else "best", **which}
     if sweep:
-        i = pick_member(summary["results"], summary["selected_l2"], l2, seed)
         if not refit:
             return sweepdir.restore_member(out, cfg, summary["chunk_size"], len(summary["results"]), i), which
         m = next(m for m in fit["members"] if m["seed"] == cfg.seed)
