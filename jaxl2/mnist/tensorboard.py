@@ -1,7 +1,7 @@
 """TensorBoard event files beside ``metrics.jsonl``, so that ``tensorboard --logdir runs/`` shows
-every run and every sweep member side by side. A feature beside the core: the ``train`` command
-calls :func:`write_run` after each run, a sweep writes :class:`MemberEvents` as it trains; the
-core never imports it.
+every run and every sweep member side by side. A feature beside the core:
+:func:`~jaxl2.mnist.run.train_and_evaluate` calls :func:`write_run` once the run has trained, a
+sweep writes :class:`MemberEvents` as it trains; the core never imports it.
 
 ::
 
