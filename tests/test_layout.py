@@ -60,9 +60,10 @@ def test_no_command_module_shares_its_name_with_an_application_module():
 
 
 def test_the_core_imports_no_feature():
-    """data, model and train (state, step, epoch, evaluation, the loop) never import the λ
-    modes, the sweep, the refit, the fused calls, the evaluation, the benchmark, the plots or
-    the run that composes them."""
+    """config, data, model, train (state, step, epoch, evaluation, the loop) and the run
+    directory never import the λ modes, the sweep, the refit, the fused calls, several devices,
+    the evaluation, the benchmark, the plots, the TensorBoard events or the
+    run that composes them."""
     features = (
         "hypergrad",
         "marglik",
@@ -70,12 +71,14 @@ def test_the_core_imports_no_feature():
         "sweepdir",
         "refit",
         "fused",
+        "parallel",
+        "tensorboard",
         "evaluate",
         "bench",
         "plots",
         "run",
     )
-    for name in ("data", "model", "train"):
+    for name in ("config", "data", "model", "train", "rundir"):
         parts = [n.split(".") for n in _imports(ROOT / "mnist" / f"{name}.py")]
         assert not [p for p in parts if p[:2] == ["jaxl2", "mnist"] and p[2:3] and p[2] in features], name
 

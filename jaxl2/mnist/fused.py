@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxl2.mnist import parallel
+from jaxl2.mnist import runtime
 from jaxl2.mnist.train import Best, Diverged, Epoch, EpochRunner
 
 __all__ = [
@@ -176,7 +176,7 @@ def run_epochs(
         new_state, m, val, call_best = pending
         if c + 1 < len(plan):
             pending = program(new_state, plan[c + 1][1])  # queued behind this call: runs while we read it
-        m, val, index, best_val = parallel.host((m, val, call_best["index"], call_best["val"]))
+        m, val, index, best_val = runtime.host((m, val, call_best["index"], call_best["val"]))
         step = m["nonfinite_step"][:n].reshape(n, -1)
         bad = (step >= 0) | ~np.isfinite(m["loss"][:n].reshape(n, -1))
         good = int(np.argmax(bad.any(1))) if bad.any() else n

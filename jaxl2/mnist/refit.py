@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxl2.mnist import parallel, sigint
+from jaxl2.mnist import parallel, runtime, sigint
 from jaxl2.mnist.config import Config, ConfigError, field, validate
 from jaxl2.mnist.data import Dataset, Split
 from jaxl2.mnist.fused import compile_epochs, epochs_per_call, runner
@@ -152,8 +152,8 @@ def refit(
                 f"during the refit, after its epoch {epoch} of {epochs}; checkpoint saved in {out}"
             ),
         )
-    train = parallel.host(trainer.evaluate(state.params, x, y))
-    test = parallel.host(trainer.evaluate(state.params, *(parallel.put(a, mesh) for a in ds.need("test"))))
+    train = runtime.host(trainer.evaluate(state.params, x, y))
+    test = runtime.host(trainer.evaluate(state.params, *(runtime.put(a, mesh) for a in ds.need("test"))))
     return {
         "refit_epochs": epochs,
         "refit_examples": int(x.shape[0]),
@@ -187,11 +187,11 @@ def ready(cfg: Config, ds: Dataset, epochs: int, *, mesh: Any = None, compile: b
     ready in the background while the run trains, when the refit's config and epoch count are
     known from the start."""
     trainer = Trainer(refit_config(cfg, epochs), len(ds.need("train").y) + len(ds.need("val").y), mesh=mesh)
-    x, y = (parallel.put(a, mesh) for a in train_val(ds))
-    made = Ready(trainer, x, y, parallel.replicate(trainer.init(), mesh), epochs_per_call(x.shape[0]))
+    x, y = (runtime.put(a, mesh) for a in train_val(ds))
+    made = Ready(trainer, x, y, runtime.replicate(trainer.init(), mesh), epochs_per_call(x.shape[0]))
     if compile:
         made.program, made.compile_seconds = _compile(trainer, made.size, made.state, x, y)
-        for xs, ys in ((x, y), tuple(parallel.put(a, mesh) for a in ds.need("test"))):
+        for xs, ys in ((x, y), tuple(runtime.put(a, mesh) for a in ds.need("test"))):
             jax.block_until_ready(trainer.evaluate(made.state.params, xs, ys))
     return made
 

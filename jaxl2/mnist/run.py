@@ -27,7 +27,7 @@ from typing import Any, cast
 import jax
 
 from jaxl2 import __version__
-from jaxl2.mnist import parallel
+from jaxl2.mnist import parallel, runtime
 from jaxl2.mnist import refit as _refit_mod
 from jaxl2.mnist.config import (
     FIELDS,
@@ -231,7 +231,7 @@ def _prepare_everywhere(
             claim = prepare(out, config, resume=resume, overwrite=overwrite)
         except Exception as e:
             failed = e
-    if parallel.any_process(failed is not None)[0]:
+    if runtime.any_process(failed is not None)[0]:
         if failed is not None:
             raise failed
         raise ConfigError(f"process 0 could not prepare {field('out')} {out} (its error says why)")

@@ -1,4 +1,5 @@
-"""The machine under a run: its name, jaxl2's cache directory, JAX's compilation cache, and
+"""The machine under a run: its name, jaxl2's cache directory, JAX's compilation cache, arrays
+placed on its devices and processes (one device, or the mesh of :mod:`jaxl2.mnist.parallel`), and
 work done in the background.
 
 Example:
@@ -17,8 +18,19 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-__all__ = ["Background", "cache_dir", "device_name", "enable_compilation_cache"]
+__all__ = [
+    "Background",
+    "cache_dir",
+    "device_name",
+    "enable_compilation_cache",
+    "put",
+    "replicate",
+    "host",
+    "any_process",
+]
 
 
 def cache_dir() -> str:
@@ -52,6 +64,56 @@ def device_name() -> str:
             pass
         return f"cpu: {model or platform.processor() or 'unknown'} ({os.cpu_count()} cores)"
     return f"{d.platform}: {getattr(d, 'device_kind', '')} × {jax.device_count()}"
+
+
+def put(x: np.ndarray, mesh: Mesh | None, split: bool = True) -> jax.Array:
+    """A host array as a global array: split along ``data`` if ``split`` and its leading axis
+    divides, else replicated. Each process materialises only its own devices' shards (so several
+    hosts work); without a mesh, a plain ``device_put``."""
+    if mesh is None:
+        return jax.device_put(x)
+    x = np.asarray(x)
+    split = split and x.shape[0] % mesh.devices.size == 0
+    sharding = NamedSharding(mesh, PartitionSpec("data") if split else PartitionSpec())
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def replicate(tree: Any, mesh: Mesh | None) -> Any:
+    """Every leaf of ``tree`` replicated over the mesh (params, optimizer state)."""
+    if mesh is None:
+        return tree
+    return jax.tree_util.tree_map(lambda a: put(a, mesh, split=False), tree)
+
+
+def host(tree: Any) -> Any:
+    """NumPy copies of (replicated) arrays, also when other processes hold some of the devices."""
+
+    def one(a):
+        if isinstance(a, jax.Array) and not a.is_fully_addressable:
+            return np.asarray(a.addressable_data(0))
+        return np.asarray(a)
+
+    return jax.tree_util.tree_map(one, tree)
+
+
+def any_process(*flags: bool) -> tuple[bool, ...]:
+    """Each flag, true if it is true on any process: one decision that every process takes.
+
+    A multi-process run must agree on when to checkpoint and when to stop, for orbax's save and
+    every training step are collectives: a process that saves or stops alone leaves the others
+    waiting in one. Each process's own clock (the 30 s rule) and Ctrl-C can differ, so the flags
+    are gathered (a small collective) and OR-ed. With one process, the flags as they are.
+
+    Example:
+      >>> any_process(True, False)
+      (True, False)
+    """
+    if jax.process_count() == 1:
+        return tuple(bool(f) for f in flags)
+    from jax.experimental import multihost_utils
+
+    gathered = multihost_utils.process_allgather(np.asarray(flags, np.int32))
+    return tuple(bool(f) for f in np.asarray(np.asarray(gathered).reshape(-1, len(flags)).any(axis=0)))
 
 
 class Background:

@@ -51,11 +51,10 @@ import jaxl2
 from jaxl2 import select as _select
 from jaxl2.decay import add_decayed_weights
 from jaxl2.mnist import data as _data
-from jaxl2.mnist import parallel, sigint
+from jaxl2.mnist import runtime, sigint
 from jaxl2.mnist.config import INPUT_DIM, OPTIMIZERS, SPLITS, Config, ConfigError, Named, field, validate
 from jaxl2.mnist.model import check_selection, model_of, selector_of
 from jaxl2.mnist.rundir import Checkpoints, SaveRule, read_metrics, rewrite_metrics
-from jaxl2.mnist.runtime import device_name
 from jaxl2.penalty import l2_penalty
 from jaxl2.select import mask
 from jaxl2.step import make_train_step
@@ -425,7 +424,7 @@ def call_end(rule: SaveRule, epoch: int, last: bool) -> tuple[bool, bool]:
     ``rule`` is due, at the ``last`` epoch or on a signal; stop on a signal (SIGINT or SIGTERM),
     the last epoch included: what comes after training (the summary, a refit) is left to the
     resume, and the signal is cleared. Every process of a distributed run takes the same
-    decision (:func:`~jaxl2.mnist.parallel.any_process`): one process's clock or signal counts
+    decision (:func:`~jaxl2.mnist.runtime.any_process`): one process's clock or signal counts
     for all.
 
     Example:
@@ -434,7 +433,7 @@ def call_end(rule: SaveRule, epoch: int, last: bool) -> tuple[bool, bool]:
       (True, False)
     """
     interrupted = sigint.pending()
-    save, stop = parallel.any_process(rule.due(epoch) or last or interrupted, interrupted)
+    save, stop = runtime.any_process(rule.due(epoch) or last or interrupted, interrupted)
     if save:  # on every process, whichever clock or reason asked for it
         rule.saved()
     if stop:
@@ -474,7 +473,7 @@ def one_epoch_per_call(
         for epoch in epochs:
             t0 = time.perf_counter()
             state, m, val = compiled(state, *args)
-            m, val = parallel.host((m, val))
+            m, val = runtime.host((m, val))
             step = m.pop("nonfinite_step")
             if step >= 0 or not np.isfinite(m["loss"]):
                 raise Diverged(diverged(epoch, np.array([0]), np.array([max(int(step), 0)])))
@@ -547,7 +546,7 @@ def check_interrupt() -> None:
 def _signalled_anywhere() -> bool:
     """Whether SIGINT or SIGTERM reached any process (one decision for all); the signal is then
     cleared, since the caller acts on it."""
-    signalled = parallel.any_process(sigint.pending())[0]
+    signalled = runtime.any_process(sigint.pending())[0]
     if signalled:
         sigint.clear()
     return signalled
@@ -578,7 +577,7 @@ def member_summary(
     """:func:`split_metrics`, the penalty ``λ/2·Σw²`` (:func:`jaxl2.l2_penalty`), the total train
     loss, and ``Σw²`` per selected layer, of one set of params."""
     res: dict[str, Any] = split_metrics(evaluate, params, ds)
-    on_host = parallel.host(params)
+    on_host = runtime.host(params)
     res["penalty"] = float(jaxl2.l2_penalty(on_host, l2, select=selector_of(cfg)))
     res["train_loss"] = res["train_data_loss"] + res["penalty"]
     res["kernel_sq_norm"] = kernel_sq_norm(on_host, cfg)
@@ -623,14 +622,14 @@ def fit(job: Run, resume: bool, on_start: Callable[[], None] | None) -> dict[str
     # orbax's save syncs the processes with a collective: from a thread, it could interleave
     # with the training's own collectives in a different order on each process (a hang)
     ckpt = Checkpoints(job.out, background=jax.process_count() == 1)
-    state = parallel.replicate(trainer.init(), job.mesh)
+    state = runtime.replicate(trainer.init(), job.mesh)
 
     def keep(b: Any, p: Any, better: Any) -> Any:
         # host copies: best/ is saved without the mesh's sharding, so any process count restores it
-        return parallel.host(p) if better else b
+        return runtime.host(p) if better else b
 
     # l2 evidence (latest): its validation images are training data: the last epoch's params
-    best = Best(parallel.host(state.params), keep, latest=trainer.latest)
+    best = Best(runtime.host(state.params), keep, latest=trainer.latest)
     start = 0
     if resume:
         restored = ckpt.restore_latest(_saved(state, Best(state.params, keep)))
@@ -638,7 +637,7 @@ def fit(job: Run, resume: bool, on_start: Callable[[], None] | None) -> dict[str
             start, saved = restored
             state = saved["state"]
             val, epoch = float(saved["best_val"]), int(saved["best_epoch"])
-            best = Best(parallel.host(saved["best_params"]), keep, val, epoch, latest=trainer.latest)
+            best = Best(runtime.host(saved["best_params"]), keep, val, epoch, latest=trainer.latest)
         if primary:
             rewrite_metrics(job.metrics, upto_epoch=start)
         if start == 0:
@@ -685,7 +684,7 @@ def fit(job: Run, resume: bool, on_start: Callable[[], None] | None) -> dict[str
         ckpt.save(epoch, _saved(st, best), best.epoch)
 
     with sigint.deferred(), contextlib.closing(ckpt):
-        data = tuple(parallel.put(a, job.mesh) for a in (*job.ds.need("train"), *job.ds.need("val")))
+        data = tuple(runtime.put(a, job.mesh) for a in (*job.ds.need("train"), *job.ds.need("val")))
         if start < cfg.epochs:  # compiled here, so that no epoch's time includes compiling
             t0 = time.perf_counter()
             # each call keeps the params that `best` keeps
@@ -706,7 +705,7 @@ def fit(job: Run, resume: bool, on_start: Callable[[], None] | None) -> dict[str
             )
     rows = read_metrics(job.metrics)
     trained = (cfg.epochs - start) * trainer.steps_per_epoch * cfg.batch_size
-    l2, extra = trainer.summary(parallel.host(state), rows, best.epoch)  # the λ mode's
+    l2, extra = trainer.summary(runtime.host(state), rows, best.epoch)  # the λ mode's
     return {
         **member_summary(trainer.evaluate, best.params, job.ds, cfg, l2),
         **extra,
@@ -718,7 +717,7 @@ def fit(job: Run, resume: bool, on_start: Callable[[], None] | None) -> dict[str
         "seconds": seconds,
         "compile_seconds": compile_seconds,
         "examples_per_second": trained / seconds if seconds else None,
-        "device": device_name(),
+        "device": runtime.device_name(),
         "out": job.out,
     }
 

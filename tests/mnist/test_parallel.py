@@ -15,7 +15,7 @@ ENV4 = {**os.environ, "XLA_FLAGS": os.environ["XLA_FLAGS"] + " --xla_force_host_
 
 SCRIPT = r"""
 import json, sys, jax, numpy as np
-from jaxl2.mnist import parallel, run
+from jaxl2.mnist import parallel, run, runtime
 from jaxl2.mnist.config import Config, RunSettings
 from jaxl2.mnist.train import Trainer
 assert jax.device_count() == 4
@@ -26,9 +26,9 @@ for n in (1, 4):
 # look inside: the batch is split, the params replicated, the gradient all-reduced
 mesh = parallel.make_mesh(4)
 tr = Trainer(cfg, 3500, mesh=mesh)
-s = parallel.replicate(tr.init(), mesh)
-x = parallel.put(np.zeros((3500, 784), np.float32), mesh)
-y = parallel.put(np.zeros(3500, np.int32), mesh)
+s = runtime.replicate(tr.init(), mesh)
+x = runtime.put(np.zeros((3500, 784), np.float32), mesh)
+y = runtime.put(np.zeros(3500, np.int32), mesh)
 hlo = tr.train_epoch.lower(s, x, y).compile().as_text()
 s2, _ = tr.train_epoch(s, x, y)
 print(json.dumps({
@@ -212,9 +212,9 @@ def test_a_refused_out_dir_stops_every_process(tmp_path):
 ANY = r"""
 import sys, jax
 jax.distributed.initialize(f"127.0.0.1:{sys.argv[1]}", num_processes=2, process_id=int(sys.argv[2]))
-from jaxl2.mnist import parallel
+from jaxl2.mnist import runtime
 i = jax.process_index()
-print(parallel.any_process(i == 1, False, i == 0), parallel.any_process(False))
+print(runtime.any_process(i == 1, False, i == 0), runtime.any_process(False))
 """
 
 
@@ -228,23 +228,23 @@ def test_any_process_ors_the_flags_of_all_processes():
 
 
 def test_a_ctrl_c_on_another_process_interrupts_this_one(monkeypatch):
-    from jaxl2.mnist import parallel, sigint, train
+    from jaxl2.mnist import runtime, sigint, train
 
     assert not sigint.pending()
     train.check_interrupt()  # nobody was interrupted
-    monkeypatch.setattr(parallel, "any_process", lambda *flags: (True,) * len(flags))  # another process was
+    monkeypatch.setattr(runtime, "any_process", lambda *flags: (True,) * len(flags))  # another process was
     with pytest.raises(KeyboardInterrupt):
         train.check_interrupt()
 
 
 def test_a_save_another_process_asked_for_restarts_this_clock(monkeypatch):
-    from jaxl2.mnist import parallel, train
+    from jaxl2.mnist import runtime, train
     from jaxl2.mnist.rundir import SaveRule
 
     rule = SaveRule(seconds=30)
     rule.last -= 20  # this process's clock: 20 s of 30
     assert train.call_end(rule, 1, last=False) == (False, False)
-    monkeypatch.setattr(parallel, "any_process", lambda *flags: (True,) + flags[1:])  # another's fired
+    monkeypatch.setattr(runtime, "any_process", lambda *flags: (True,) + flags[1:])  # another's fired
     assert train.call_end(rule, 2, last=False) == (True, False)
     assert time.monotonic() - rule.last < 5  # restarted here too: the processes' clocks stay together
     rule.last -= 31
