@@ -28,6 +28,7 @@ Example:
 """
 
 import importlib
+import sys
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the public names, each once: type checkers and the API docs read them, _exports too
@@ -75,37 +76,37 @@ if TYPE_CHECKING:  # the public names, each once: type checkers and the API docs
 __version__ = "0.3.0"
 
 
-def _exports(init_file: str) -> dict[str, tuple[str, str]]:
-    """``{name: (module, attribute)}`` read from the ``if TYPE_CHECKING:`` imports of a package's
-    ``__init__.py``, one ``from module import attribute as name`` a line: the one list of its
-    public names, which type checkers and the API docs read too. Plain text, no ``ast``: the
-    file is read once, so that ``import jaxl2`` stays light."""
+def _lazy(init_file: str, package: str) -> tuple[dict[str, tuple[str, str]], Any, Any]:
+    """A package's public names, ``{name: (module, attribute)}`` read from the ``if
+    TYPE_CHECKING:`` imports of its ``__init__.py`` (one ``from module import attribute as
+    name`` a line: the one list of its public names, which type checkers and the API docs read
+    too), with the module ``__getattr__`` and ``__dir__`` that load each on first use. Plain
+    text, no ``ast``: the file is read once, so that importing the package stays light (the
+    command's start-up, and Ctrl-C during it, stay in jaxl2's hands)."""
     exports = {}
     with open(init_file, encoding="utf-8") as f:
         for line in f:
             words = line.split()
             if line.startswith("    from ") and words[2] == "import" and words[4] == "as":
                 exports[words[5]] = (words[1], words[3])
-    return exports
+    namespace = sys.modules[package].__dict__
+
+    def __getattr__(name: str) -> Any:
+        if name not in exports:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        module, attr = exports[name]
+        if module == package:  # a submodule: ``from jaxl2 import rules as rules``
+            value = importlib.import_module(f"{module}.{attr}")
+        else:
+            value = getattr(importlib.import_module(module), attr)
+        namespace[name] = value  # later lookups skip __getattr__
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted([*namespace, *exports])
+
+    return exports, __getattr__, __dir__
 
 
-# Loaded on first use, so that ``import jaxl2`` costs nothing until jaxl2 is used (the command's
-# start-up, and Ctrl-C during it, stay in jaxl2's hands).
-_EXPORTS = _exports(__file__)
+_EXPORTS, __getattr__, __dir__ = _lazy(__file__, __name__)
 __all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'jaxl2' has no attribute {name!r}")
-    module, attr = _EXPORTS[name]
-    if module == __name__:  # a submodule: ``from jaxl2 import rules as rules``
-        value = importlib.import_module(f"{module}.{attr}")
-    else:
-        value = getattr(importlib.import_module(module), attr)
-    globals()[name] = value  # later lookups skip __getattr__
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])

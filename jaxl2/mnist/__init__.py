@@ -29,10 +29,11 @@ Example:
   (3500, 784)
 """
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load lazily below
+from jaxl2 import _lazy
+
+if TYPE_CHECKING:  # the public names, each once: type checkers and the API docs read them, _lazy too
     from jaxl2.mnist.config import Config as Config
     from jaxl2.mnist.config import ConfigError as ConfigError
     from jaxl2.mnist.config import RunSettings as RunSettings
@@ -52,33 +53,5 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load
     from jaxl2.mnist.train import Trainer as Trainer
     from jaxl2.mnist.train import TrainState as TrainState
 
-_EXPORTS: dict[str, str | tuple[str, str]] = {
-    "Config": "jaxl2.mnist.config",
-    "ConfigError": "jaxl2.mnist.config",
-    "RunSettings": "jaxl2.mnist.config",
-    "SweepSettings": "jaxl2.mnist.config",
-    "RunSummary": "jaxl2.mnist.results",
-    "SweepSummary": "jaxl2.mnist.results",
-    "Diverged": "jaxl2.mnist.train",
-    "Interrupted": "jaxl2.mnist.train",
-    "MLP": "jaxl2.mnist.model",
-    "Trainer": "jaxl2.mnist.train",
-    "TrainState": "jaxl2.mnist.train",
-    "AutoTrainer": "jaxl2.mnist.hypergrad",
-    "EvidenceTrainer": "jaxl2.mnist.marglik",
-    "load_data": ("jaxl2.mnist.data", "load"),
-    "make_mesh": "jaxl2.mnist.parallel",
-    "train_and_evaluate": "jaxl2.mnist.run",
-    "evaluate_run": "jaxl2.mnist.evaluate",
-    "train_sweep": "jaxl2.mnist.sweep",
-}
+_EXPORTS, __getattr__, __dir__ = _lazy(__file__, __name__)  # lazy: jaxl2.mnist.config (--help) loads no flax
 __all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    # Lazy, so that importing jaxl2.mnist.config (the command's --help) loads no flax.
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'jaxl2.mnist' has no attribute {name!r}")
-    where = _EXPORTS[name]
-    module, attr = where if isinstance(where, tuple) else (where, name)
-    return getattr(importlib.import_module(module), attr)
