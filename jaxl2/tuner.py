@@ -195,7 +195,8 @@ def evidence_tuner(
     def l2_of(state: EvidenceTunerState) -> dict[str, float]:
         return {u: float(np.exp(np.float64(jax.device_get(v)))) for u, v in state.log_l2.items()}
 
-    def tune(state: EvidenceTunerState, params: Any, x: jax.Array, y: jax.Array) -> EvidenceTunerState:
+    def tune(state: EvidenceTunerState, params: Any, x: jax.Array, y: jax.Array) -> tuple[dict, jax.Array]:
+        """The new ``ln λ`` and the log evidence at them."""
         curv = ggn(
             apply_fn,
             params,
@@ -211,25 +212,30 @@ def evidence_tuner(
             curv,
             params,
             rules(state),
-            select=select,
-            stacked=stacked,
             shared=shared,
             method=method,
             steps=steps,
             lr=lr,
             bounds=(lo, hi),
+            select=select,
+            stacked=stacked,
         )
-        evidence = log_evidence(curv, params, new, select=select, stacked=stacked)
         log_l2 = {u: jnp.log(new[re.escape(u)]).astype(v.dtype) for u, v in state.log_l2.items()}
-        return state._replace(log_l2=log_l2, log_evidence=evidence.astype(state.log_evidence.dtype))
+        return log_l2, log_evidence(curv, params, new, select=select, stacked=stacked).astype(
+            state.log_evidence.dtype
+        )
 
     def update(state: EvidenceTunerState, params: Any, x: jax.Array, y: jax.Array) -> EvidenceTunerState:
         epoch = state.epoch + 1
         due = (epoch > burn_in) & (epoch % every == 0)
-        state = jax.lax.cond(due, lambda s: tune(s, params, x, y), lambda s: s, state._replace(epoch=epoch))
+        # the arrays that change only: params and the best params may hold functions (Equinox)
+        log_l2, evidence = jax.lax.cond(
+            due, lambda: tune(state, params, x, y), lambda: (state.log_l2, state.log_evidence)
+        )
+        state = state._replace(log_l2=log_l2, epoch=epoch, log_evidence=evidence)
         if state.best_evidence is None:  # without keep_best
             return state
-        better = due & (state.log_evidence > state.best_evidence)  # a NaN evidence is never better
+        better = due & (evidence > state.best_evidence)  # a NaN evidence is never better
 
         def pick(new: Any, old: Any) -> Any:
             return jnp.where(better, new, old) if isinstance(new, jax.Array | np.ndarray) else new
