@@ -54,7 +54,7 @@ import optax
 
 from jaxl2 import select as _select
 from jaxl2.errors import Jaxl2Error, check_number, shown
-from jaxl2.evidence import LIKELIHOODS, METHODS, Curvature, evidence_l2, ggn, log_evidence
+from jaxl2.evidence import LIKELIHOODS, METHODS, evidence_l2, ggn, log_evidence
 from jaxl2.rules import Stacked, check_bool, check_stacked, plan
 
 __all__ = ["evidence_tuner", "EvidenceTuner", "EvidenceTunerState"]
@@ -204,15 +204,12 @@ def evidence_tuner(
     def l2_of(state: EvidenceTunerState) -> dict[str, float]:
         return {u: float(np.exp(np.float64(jax.device_get(v)))) for u, v in state.log_l2.items()}
 
-    def ascend(curv: Curvature, params: Any, log_l2: dict, hyper_state: Any) -> tuple[dict, Any]:
-        """``steps`` of Adam up the evidence in ``ln λ``, from the moments of the last update."""
+    def ascend(evidence: Callable[[dict], jax.Array], log_l2: dict, hyper_state: Any) -> tuple[dict, Any]:
+        """``steps`` of Adam up ``evidence(ln λ)``, from the moments of the last update."""
 
         def one(carry: tuple, _: Any) -> tuple[tuple, None]:
             log_l2, hyper_state = carry
-            grad = jax.grad(
-                lambda ll: log_evidence(curv, params, rules_of(ll), select=select, stacked=stacked)
-            )
-            g = grad(log_l2)
+            g = jax.grad(evidence)(log_l2)
             if shared:  # one λ: the evidence's derivative in it is the sum over the units
                 g = dict.fromkeys(g, sum(g.values()))
             step, hyper_state = hyper_tx.update(jax.tree.map(jnp.negative, g), hyper_state)
@@ -236,8 +233,12 @@ def evidence_tuner(
             select=select,
             batch_size=batch_size,
         )
+
+        def evidence(log_l2: dict) -> jax.Array:
+            return log_evidence(curv, params, rules_of(log_l2), select=select, stacked=stacked)
+
         if method == "adam":  # Adam's moments go on from update to update, as in Immer et al.'s loop
-            log_l2, hyper_state = ascend(curv, params, state.log_l2, state.hyper_state)
+            log_l2, hyper_state = ascend(evidence, state.log_l2, state.hyper_state)
         else:
             new = evidence_l2(
                 curv,
@@ -252,8 +253,7 @@ def evidence_tuner(
             )
             log_l2 = {u: jnp.log(new[re.escape(u)]).astype(v.dtype) for u, v in state.log_l2.items()}
             hyper_state = None
-        evidence = log_evidence(curv, params, rules_of(log_l2), select=select, stacked=stacked)
-        return log_l2, hyper_state, evidence.astype(state.log_evidence.dtype)
+        return log_l2, hyper_state, evidence(log_l2).astype(state.log_evidence.dtype)
 
     def update(state: EvidenceTunerState, params: Any, x: jax.Array, y: jax.Array) -> EvidenceTunerState:
         epoch = state.epoch + 1
