@@ -39,6 +39,7 @@ if TYPE_CHECKING:  # the public names, each once: type checkers and the API docs
     from jaxl2 import norms as norms
     from jaxl2 import rules as rules
     from jaxl2 import select as select
+    from jaxl2 import tuner as tuner
     from jaxl2.auto import AutoL2 as AutoL2
     from jaxl2.auto import AutoL2State as AutoL2State
     from jaxl2.auto import auto_l2 as auto_l2
@@ -71,6 +72,9 @@ if TYPE_CHECKING:  # the public names, each once: type checkers and the API docs
     from jaxl2.select import mask as mask
     from jaxl2.step import ScheduledState as ScheduledState
     from jaxl2.step import make_train_step as make_train_step
+    from jaxl2.tuner import EvidenceTuner as EvidenceTuner
+    from jaxl2.tuner import EvidenceTunerState as EvidenceTunerState
+    from jaxl2.tuner import evidence_tuner as evidence_tuner
 
 
 __version__ = "0.3.0"
