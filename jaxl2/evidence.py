@@ -65,6 +65,7 @@ import optax
 
 from jaxl2 import select as _select
 from jaxl2.errors import Jaxl2Error, check_number, describe
+from jaxl2.kfac import dense_curvature
 from jaxl2.penalty import check_order
 from jaxl2.rules import Stacked, check_bool, has_schedule, is_traced, plan
 
@@ -166,14 +167,10 @@ def _check_ggn_args(
         raise Jaxl2Error(f"likelihood must be one of {', '.join(LIKELIHOODS)}, got {likelihood!r}")
     if structure == "lanczos":
         raise Jaxl2Error("structure 'lanczos' is jaxl2.ggn_lanczos's: call it instead of jaxl2.ggn")
-    if structure in ("kron", "ekfac"):
-        raise Jaxl2Error(
-            f"structure {structure!r} needs each layer's inputs, which apply_fn does not expose: build "
-            f"Curvature(log_likelihood, blocks, n, paths, {structure!r}) from them (jaxl2.Curvature says how)"
-        )
     if structure not in STRUCTURES:
         raise Jaxl2Error(
-            f"structure must be one of full (the exact GGN, P×P) or diag (its exact diagonal), got {structure!r}"
+            "structure must be one of full (the exact GGN, P×P), diag (its exact diagonal), kron (K-FAC) "
+            f"or ekfac (EK-FAC), got {structure!r}"
         )
     check_number(sigma, "sigma (the Gaussian noise scale)", above=True)
     if batch_size is not None:
@@ -237,6 +234,24 @@ def ggn(
     """
     _check_ggn_args(apply_fn, params, x, y, likelihood, structure, sigma, batch_size)
     paths, theta, unravel, outputs = _flat_outputs(apply_fn, params, select)
+    if structure != "full":
+        try:
+            blocks, out = dense_curvature(
+                apply_fn,
+                params,
+                x,
+                select,
+                likelihood=likelihood,
+                sigma=sigma,
+                structure=structure,
+                batch_size=batch_size,
+            )
+            return Curvature(
+                _log_likelihood(out, y, likelihood, sigma), blocks, int(x.shape[0]), tuple(paths), structure
+            )
+        except Jaxl2Error:
+            if structure != "diag":  # the per-example Jacobians below give the exact diagonal of any model
+                raise
 
     def batch(xb: jax.Array, yb: jax.Array) -> tuple[jax.Array, jax.Array]:
         out = outputs(theta, xb)

@@ -404,14 +404,6 @@ def test_bisection_finds_where_the_evidence_stops_rising(structure):
     "call, match",
     [
         (
-            lambda p, x, y: jaxl2.ggn(mlp, p, x, y, structure="kron"),
-            "structure 'kron' needs each layer's inputs",
-        ),
-        (
-            lambda p, x, y: jaxl2.ggn(mlp, p, x, y, structure="ekfac"),
-            "structure 'ekfac' needs each layer's inputs",
-        ),
-        (
             lambda p, x, y: jaxl2.evidence_l2(
                 jaxl2.ggn(mlp, p, x, y, structure="full"), p, 0.1, method="bisect"
             ),
