@@ -214,6 +214,21 @@ def dense_curvature(
     Raises:
       Jaxl2Error: naming a selected leaf that does not enter through one dense product or bias
         (the module's docstring says which), or for ``"diag"`` a site with several rows per example.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxl2.kfac import dense_curvature
+      >>> def f(params, x):
+      ...     return jnp.tanh(x @ params["l0"]["kernel"]) @ params["l1"]["kernel"]
+      >>> params = {"l0": {"kernel": jnp.ones((3, 4)) / 4}, "l1": {"kernel": jnp.ones((4, 2))}}
+      >>> x = jnp.arange(15.0).reshape(5, 3) / 15
+      >>> blocks, out = dense_curvature(
+      ...     f, params, x, None, likelihood="gaussian", sigma=1.0, structure="kron", batch_size=2
+      ... )
+      >>> [tuple(f.shape for f in pair) for pair in blocks]  # (A, G) per kernel
+      [((3, 3), (4, 4)), ((4, 4), (2, 2))]
+      >>> blocks[1][1].tolist()  # the last layer's G: Σ_i I/σ² over the 5 examples
+      [[5.0, 0.0], [0.0, 5.0]]
     """
     chosen = _select.resolve(params, select)
     paths = [p for p, _ in chosen]
