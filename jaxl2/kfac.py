@@ -59,8 +59,7 @@ class _Site:
     a_perm: tuple[int, ...] | None
     z_perm: tuple[int, ...]
     z_shape: tuple[int, ...]
-
-    nrows: int  # the output's leading dims after z_perm that are rows (not the leaf's)
+    nrows: int  # how many of z_perm's dims are rows
 
     @property
     def rows(self) -> tuple[int, ...]:
@@ -138,7 +137,9 @@ class _Interpreter:
         mark = next(m for m in ms if m is not None)
         if name in _MOVES:
             return None
-        if name == "dot_general" and ms.count(None) == 1:
+        if name in ("dot_general", "add") and ms.count(None) == 0:
+            raise self.refuse(mark, f"{name} with another selected leaf")
+        if name == "dot_general":
             k = ms.index(mark)
             (contract, batch) = p["dimension_numbers"]
             if batch[k]:
@@ -153,7 +154,7 @@ class _Interpreter:
             zk = list(range(len(kfree))) if k == 0 else list(range(len(xfree), z.ndim))
             rows = [d for d in range(z.ndim) if d not in zk]
             return self.site(mark, index, vals[1 - k], (*xfree, *xs), z, rows, zk)
-        if name == "add" and ms.count(None) == 1:
+        if name == "add":
             z = _bind(eqn, vals)
             idx = np.broadcast_to(mark[2], z.shape)
             outs = [d for d in range(z.ndim) if np.any(np.diff(idx, axis=d))]
@@ -165,7 +166,7 @@ class _Interpreter:
         if name == "scan":
             return self.scan(eqn, vals, ms, mark)
         sub = next((p[c] for c in _CALLS if c in p), None)
-        if sub is not None and name not in ("while", "cond"):
+        if sub is not None:
             closed = sub if isinstance(sub, jcore.ClosedJaxpr) else jcore.ClosedJaxpr(sub, ())
             return self.run(closed.jaxpr, list(closed.consts), vals, ms)
         raise self.refuse(mark, name)
@@ -267,9 +268,8 @@ def dense_curvature(
     rows = [int(np.prod(s.z_shape)) // s.index.shape[1] for s in sites]
     if structure == "diag" and any(r != chunk for r in rows):
         raise Jaxl2Error("the exact diagonal by layers needs one row per example in every dense product")
-    examples: list[tuple[tuple[int, ...], int] | None] = [None] * len(
-        sites
-    )  # per site: the rows' shape, and where the example axis is in it
+    # where a padded chunk's rows are masked: per site, its rows' shape and the examples' axis in it
+    examples: list[tuple[tuple[int, ...], int] | None] = [None] * len(sites)
     if pad:
         for s, t in zip(sites, discover(chunk + 1)[1]):
             moved = [k for k, d in enumerate(s.z_perm[: s.nrows]) if s.z_shape[d] != t.z_shape[d]]
@@ -328,6 +328,10 @@ def dense_curvature(
         acc, outs = jax.lax.scan(add, jax.tree.map(lambda t: jnp.zeros(t.shape, t.dtype), shapes), (xs, ms))
         return acc, outs.reshape(n + pad, -1)[:n]
 
+    def by_leaf(i: int, values: list) -> list:
+        """Leaf ``i``'s sites' values, slice by slice."""
+        return [v for s, v in sorted(zip(sites, values), key=lambda t: t[0].slice or 0) if s.leaf == i]
+
     none: list[tuple[Any, Any]] = [(None, None)] * len(sites)
     if structure == "diag":
         values, out = total("diag", none)
@@ -338,19 +342,14 @@ def dense_curvature(
                 (jnp.ones((1, 1), dtype) if a is None else a * (chunk / (n * r)), g)
                 for (a, g), r in zip(factors, rows)
             ]
-            blocks: list[Any] = []
-            for i in range(len(paths)):
-                mine = sorted(
-                    ((s.slice or 0, f) for s, f in zip(sites, pairs) if s.leaf == i), key=lambda t: t[0]
-                )
-                one = next(s for s in sites if s.leaf == i).slice is None
-                blocks.append(mine[0][1] if one else tuple(jnp.stack(f) for f in zip(*(f for _, f in mine))))
-            return tuple(blocks), out
+            stacked = {s.leaf for s in sites if s.slice is not None}
+            blocks = [tuple(map(jnp.stack, zip(*by_leaf(i, pairs)))) for i in range(len(paths))]
+            return tuple(b if i in stacked else by_leaf(i, pairs)[0] for i, b in enumerate(blocks)), out
         eig = [(None if a is None else jnp.linalg.eigh(a)[1], jnp.linalg.eigh(g)[1]) for a, g in factors]
         values, out = total("diag", eig)
-    blocks = []
+    diagonals = []  # each site's values at its entries of the leaf
     for i, (_, w) in enumerate(chosen):
         index = np.concatenate([s.index.ravel() for s in sites if s.leaf == i])
         vals = jnp.concatenate([v.ravel() for s, v in zip(sites, values) if s.leaf == i])
-        blocks.append(jnp.zeros(np.size(w), vals.dtype).at[index].set(vals).reshape(np.shape(w)))
-    return tuple(blocks), out
+        diagonals.append(jnp.zeros(np.size(w), vals.dtype).at[index].set(vals).reshape(np.shape(w)))
+    return tuple(diagonals), out
