@@ -312,8 +312,12 @@ def dense_curvature(
                 bb = b.reshape(-1, b.shape[-1])
                 terms.append((None if a is None else a.T @ a, bb.T @ bb - (0 if mu is None else mu.T @ mu)))
             else:
-                d = jnp.sum(b * b, axis=0) - (0 if mu is None else mu * mu)
-                terms.append(jnp.sum(d, axis=0, keepdims=True) if a is None else (a * a).T @ d)
+                # sums over leading axes as matrix products (XLA's CPU reductions there are slower)
+                d = (jnp.ones((1, b.shape[0]), b.dtype) @ (b * b).reshape(b.shape[0], -1)).reshape(
+                    b.shape[1:]
+                )
+                d = d - (0 if mu is None else mu * mu)
+                terms.append(jnp.ones((1, d.shape[0]), d.dtype) @ d if a is None else (a * a).T @ d)
         return terms, out
 
     xs = jnp.pad(x, ((0, pad), *[(0, 0)] * (x.ndim - 1))).reshape(-1, chunk, *x.shape[1:])
