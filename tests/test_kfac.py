@@ -66,14 +66,17 @@ def data(n=7, d=3, classes=3, seed=0):
     return jnp.asarray(rng.normal(size=(n, d))), jnp.asarray(rng.integers(0, classes, size=n))
 
 
-def linen_model():
-    class Net(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            h = jnp.tanh(nn.Dense(4, param_dtype=F64)(x))
-            return nn.Dense(3, param_dtype=F64)(h)
+class TanhMLP(nn.Module):
+    outputs: int
 
-    net = Net()
+    @nn.compact
+    def __call__(self, x):
+        h = jnp.tanh(nn.Dense(4, param_dtype=F64)(x))
+        return nn.Dense(self.outputs, param_dtype=F64)(h)
+
+
+def linen_model():
+    net = TanhMLP(3)
     params = net.init(jax.random.PRNGKey(0), jnp.ones((1, 3)))
     layers = [(params["params"][k]["kernel"], params["params"][k]["bias"]) for k in ("Dense_0", "Dense_1")]
     paths = {f"params/Dense_{i}/{k}": (i, k) for i in range(2) for k in ("kernel", "bias")}
@@ -176,14 +179,7 @@ def test_layers_stacked_by_nn_scan_get_factors_per_slice():
 
 def sequence_model():
     """A tanh MLP on each position of a sequence ``(B, T, D)``, Gaussian outputs ``(B, T, 2)``."""
-
-    class Net(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            h = jnp.tanh(nn.Dense(4, param_dtype=F64)(x))
-            return nn.Dense(2, param_dtype=F64)(h)
-
-    net = Net()
+    net = TanhMLP(2)
     x = jnp.asarray(np.random.default_rng(2).normal(size=(5, 3, 3)))
     y = jnp.asarray(np.random.default_rng(3).normal(size=(5, 3, 2)))
     return net, net.init(jax.random.PRNGKey(2), x), x, y
