@@ -25,6 +25,10 @@ custom derivatives: their primal jaxpr) and unrolls a ``scan`` over a stacked le
 site of its own). A leaf may reach its site through ``convert_element_type``, ``copy``,
 ``transpose``, ``reshape``, ``squeeze`` and (a bias) ``broadcast_in_dim``; any other use is an
 error that names it.
+
+The examples go ``batch_size`` at a time through one jaxpr, summed by ``lax.scan``; the last
+chunk is padded with rows that weigh nothing (``p·mask``, ``a·mask``), the examples' axis of each
+site's rows being the one that grows with the chunk (a second trace, of shapes only).
 """
 
 from __future__ import annotations
