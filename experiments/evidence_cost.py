@@ -1,5 +1,5 @@
-"""What the GGN costs on the reference MLP: the generic exact diagonal ``jaxl2.ggn(structure="diag")``
-(per-example Jacobians), the MLP's own exact diagonal, K-FAC factors and EK-FAC
+"""What the GGN costs on the reference MLP: ``jaxl2.ggn``'s K-FAC, EK-FAC and exact diagonal
+(found from the jaxpr, :mod:`jaxl2.kfac`), the MLP's own hand-built ones
 (``jaxl2.mnist.marglik.dense_ggn``, what ``jaxl2 train --l2 evidence`` computes) and the whole
 GGN's quadrature (``jaxl2.ggn_lanczos``, ``--evidence-curvature lanczos``) on mnist5k's
 training images, beside one full-batch gradient of the same loss, in one process.
@@ -33,7 +33,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--examples", type=int, default=3500, help="training images used (default 3500: all)")
     ap.add_argument(
-        "--batch-size", type=int, default=32, help="examples per vectorised Jacobian (default 32)"
+        "--batch-size", type=int, default=1024, help="examples per chunk of jaxl2.ggn (default 1024)"
     )
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timings of each (default 3)")
     args = ap.parse_args()
@@ -46,9 +46,14 @@ def main() -> None:
         return model.apply(p, xb)
 
     fns = {
-        f"generic exact diagonal (jaxl2.ggn, batch {args.batch_size})": jax.jit(
-            lambda p: jaxl2.ggn(apply_fn, p, x, y, structure="diag", batch_size=args.batch_size).ggn
-        ),
+        **{
+            f"{name} (jaxl2.ggn {structure}, batch {args.batch_size})": jax.jit(
+                lambda p, s=structure: (
+                    jaxl2.ggn(apply_fn, p, x, y, structure=s, batch_size=args.batch_size).ggn
+                )
+            )
+            for name, structure in (("exact diagonal", "diag"), ("K-FAC", "kron"), ("EK-FAC", "ekfac"))
+        },
         "MLP exact diagonal (dense_ggn diag)": jax.jit(lambda p: dense_ggn(p, x, y, "relu", "diag")),
         "MLP K-FAC factors (dense_ggn kron)": jax.jit(lambda p: dense_ggn(p, x, y, "relu", "kron")),
         "MLP EK-FAC (dense_ggn ekfac)": jax.jit(lambda p: dense_ggn(p, x, y, "relu", "ekfac")),

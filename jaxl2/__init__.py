@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # the public names, each once: type checkers and the API docs
     from jaxl2 import conventions as conventions
     from jaxl2 import decay as decay
     from jaxl2 import evidence as evidence
+    from jaxl2 import kfac as kfac
     from jaxl2 import norms as norms
     from jaxl2 import rules as rules
     from jaxl2 import select as select

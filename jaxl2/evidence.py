@@ -20,10 +20,10 @@ default): the others (biases, norm scales) are held at their values, the evidenc
 the selected weights given them.
 
 :func:`ggn` computes ``H`` once per set of params (``"full"``: the exact matrix, ``P×P``, for
-small models; ``"diag"``: its exact diagonal, at the cost of one backward pass per output and
-example); :func:`ggn_lanczos` estimates what one λ shared by all the leaves needs of the whole
-``H`` by stochastic Lanczos quadrature; :class:`Curvature` also takes K-FAC factors (``"kron"``)
-and EK-FAC eigenvalues (``"ekfac"``) that a model computes from its layers' inputs.
+small models; ``"diag"``: its exact diagonal; ``"kron"``: K-FAC's factors per leaf, ``"ekfac"``:
+EK-FAC's values, of the leaves that enter the model through dense products, which
+:mod:`jaxl2.kfac` finds); :func:`ggn_lanczos` estimates what one λ shared by all the leaves needs
+of the whole ``H`` by stochastic Lanczos quadrature.
 :func:`log_evidence` is then cheap and differentiable in ``λ``; :func:`evidence_l2` returns the
 λs that maximise it, one per leaf or one shared (``shared=True``), by MacKay's fixed point (1992)
 ``α_l = γ_l / ‖w_l − w₀_l‖²``, ``γ_l = P_l − α_l·tr_l (H + A)⁻¹`` (the effective number of
@@ -65,6 +65,7 @@ import optax
 
 from jaxl2 import select as _select
 from jaxl2.errors import Jaxl2Error, check_number, describe
+from jaxl2.kfac import dense_curvature
 from jaxl2.penalty import check_order
 from jaxl2.rules import Stacked, check_bool, has_schedule, is_traced, plan
 
@@ -83,26 +84,29 @@ METHODS = ("mackay", "bisect", "adam")
 @dataclasses.dataclass(frozen=True)
 class Curvature:
     """What :func:`ggn` measured at one set of params: ``log p(D | w)``, the GGN ``H`` of the
-    summed negative log-likelihood over the selected leaves (``"full"``: a ``(P, P)`` matrix in
-    the order of ``paths``, each leaf raveled; ``"diag"``: a tuple of arrays, one per path, of
-    the leaves' shapes; ``"kron"``: a tuple of pairs ``(A, G)``, one per path, with the leaf's
-    block ``H_l ≈ A ⊗ G`` on the leaf raveled row-major, K-FAC's factors; ``"ekfac"``: a tuple
-    of arrays, one per path, with as many entries as the leaf, the diagonal ``s`` of the block in
-    an orthonormal basis ``Q`` of the leaf, ``H_l ≈ Q·diag(s)·Qᵀ``: EK-FAC's eigenvalues, ``Q``
-    the eigenvectors of K-FAC's factors, ``s_jk = Σ_i (u_jᵀa_i)²·(v_kᵀG_iv_k)`` (George et al.,
-    NeurIPS 2018), the best diagonal in that basis; ``"lanczos"``: a pair ``(nodes, weights)`` of
-    ``(probes, steps)`` arrays, the Gauss quadrature of the whole ``H`` that :func:`ggn_lanczos`
-    estimates, for one λ shared by all the selected leaves), ``n`` (the examples) and the selected
-    ``paths``. A pytree: it passes through ``jit``.
+    summed negative log-likelihood over the selected leaves, ``n`` (the examples) and the selected
+    ``paths``. A pytree: it passes through ``jit``. ``ggn`` holds, by ``structure``:
 
-    ``"kron"`` needs each layer's inputs, which an ``apply_fn`` does not expose, so :func:`ggn`
-    does not compute it: for a Dense kernel ``(d_in, d_out)`` with inputs ``a_i`` and
-    ``b_ic = ∂f_ic/∂z_i`` (``z`` its output), ``A = Σ_i a_i a_iᵀ / n`` and
-    ``G = Σ_i Σ_c p_ic·b_ic b_icᵀ − μ_i μ_iᵀ`` with ``μ_i = Σ_c p_ic·b_ic`` (a bias: ``A = [[1]]``
-    and the same ``G``, which is then exact); build ``Curvature(log_likelihood, ((A, G), ...),
-    n, paths, "kron")`` (:mod:`jaxl2.mnist.marglik` does, for its MLP, and EK-FAC's ``s`` from
-    the same per-example terms). The evidence of ``"kron"`` and ``"ekfac"`` needs one λ per leaf
-    (only then is the prior precision ``αI`` diagonal in the leaf's basis ``Q``)."""
+    * ``"full"``: a ``(P, P)`` matrix in the order of ``paths``, each leaf raveled;
+    * ``"diag"``: a tuple of arrays, one per path, of the leaves' shapes;
+    * ``"kron"``: a tuple of pairs ``(A, G)``, one per path, K-FAC's factors: the leaf's block
+      ``H_l ≈ A ⊗ G`` with ``A`` over the kernel's input (contracted) entries and ``G`` over its
+      output entries (:mod:`jaxl2.kfac` states them), i.e. on the leaf raveled row-major when its
+      input dims lead (Linen, NNX, Haiku ``(in, out)``), on its transpose for Equinox's
+      ``(out, in)``; a bias has ``A = [[1]]``. A leaf stacked for a ``scan`` has a pair per slice,
+      ``A (L, I, I)`` and ``G (L, O, O)``, and takes a λ per slice (``stacked=``);
+    * ``"ekfac"``: a tuple of arrays, one per path, with as many entries as the leaf: the diagonal
+      ``s`` of the block in an orthonormal basis ``Q`` of the leaf, ``H_l ≈ Q·diag(s)·Qᵀ``:
+      EK-FAC's values, ``Q`` the eigenvectors of K-FAC's factors, ``s_jk = Σ_i (u_jᵀa_i)²·(v_kᵀG_iv_k)``
+      (George et al., NeurIPS 2018), the best diagonal in that basis. In the leaf's shape (what
+      :func:`ggn` gives), each slice of a stacked leaf holds its own slice's values, and a λ per
+      slice may be given; a flat array is one basis for the whole leaf;
+    * ``"lanczos"``: a pair ``(nodes, weights)`` of ``(probes, steps)`` arrays, the Gauss
+      quadrature of the whole ``H`` that :func:`ggn_lanczos` estimates, for one λ shared by all
+      the selected leaves.
+
+    The evidence of ``"kron"`` and ``"ekfac"`` needs one λ per basis, a leaf or a slice (only then
+    is the prior precision ``αI`` diagonal in the basis ``Q``)."""
 
     log_likelihood: jax.Array
     ggn: Any
@@ -166,14 +170,10 @@ def _check_ggn_args(
         raise Jaxl2Error(f"likelihood must be one of {', '.join(LIKELIHOODS)}, got {likelihood!r}")
     if structure == "lanczos":
         raise Jaxl2Error("structure 'lanczos' is jaxl2.ggn_lanczos's: call it instead of jaxl2.ggn")
-    if structure in ("kron", "ekfac"):
-        raise Jaxl2Error(
-            f"structure {structure!r} needs each layer's inputs, which apply_fn does not expose: build "
-            f"Curvature(log_likelihood, blocks, n, paths, {structure!r}) from them (jaxl2.Curvature says how)"
-        )
     if structure not in STRUCTURES:
         raise Jaxl2Error(
-            f"structure must be one of full (the exact GGN, P×P) or diag (its exact diagonal), got {structure!r}"
+            "structure must be one of full (the exact GGN, P×P), diag (its exact diagonal), kron (K-FAC) "
+            f"or ekfac (EK-FAC), got {structure!r}"
         )
     check_number(sigma, "sigma (the Gaussian noise scale)", above=True)
     if batch_size is not None:
@@ -223,20 +223,45 @@ def ggn(
         out of range gives a NaN log-likelihood), targets of the outputs' shape for a Gaussian.
       likelihood: ``"classification"`` (softmax cross-entropy) or ``"gaussian"`` (noise scale
         ``sigma``).
-      structure: ``"full"`` (the exact ``P×P`` matrix) or ``"diag"`` (its exact diagonal).
+      structure: ``"full"`` (the exact ``P×P`` matrix), ``"diag"`` (its exact diagonal),
+        ``"kron"`` (K-FAC's factors) or ``"ekfac"`` (EK-FAC's values), as :class:`Curvature`
+        holds them. ``"kron"`` and ``"ekfac"`` need every selected leaf to enter ``apply_fn``
+        through one dense product (a kernel) or an added bias, one per slice of a leaf stacked
+        for a ``scan`` (:mod:`jaxl2.kfac`). ``"diag"`` is computed that way too where every
+        selected leaf does so with one row per example (a few gradients' cost), else by
+        per-example Jacobians (one backward pass per output and example).
       select: the leaves of the Laplace approximation (default: the kernels).
-      batch_size: examples per vectorised Jacobian (memory ``batch_size·C·P`` floats), or
-        ``None``: all at once.
+      batch_size: examples per chunk (per-example Jacobians: memory ``batch_size·C·P`` floats;
+        K-FAC: ``batch_size·C`` times the layers' outputs), or ``None``: all at once.
 
     Returns:
       A :class:`Curvature`.
 
     Raises:
-      Jaxl2Error: for a bad argument, labels the likelihood cannot read (as ``y`` says), or a
-        selection that matches nothing.
+      Jaxl2Error: for a bad argument, labels the likelihood cannot read (as ``y`` says), a
+        selection that matches nothing, or (``"kron"``, ``"ekfac"``) a selected leaf that does
+        not enter through a dense product, named.
     """
     _check_ggn_args(apply_fn, params, x, y, likelihood, structure, sigma, batch_size)
     paths, theta, unravel, outputs = _flat_outputs(apply_fn, params, select)
+    if structure != "full":
+        try:
+            blocks, out = dense_curvature(
+                apply_fn,
+                params,
+                x,
+                select,
+                likelihood=likelihood,
+                sigma=sigma,
+                structure=structure,
+                batch_size=batch_size,
+            )
+            return Curvature(
+                _log_likelihood(out, y, likelihood, sigma), blocks, int(x.shape[0]), tuple(paths), structure
+            )
+        except Jaxl2Error:
+            if structure != "diag":  # the per-example Jacobians below give the exact diagonal of any model
+                raise
 
     def batch(xb: jax.Array, yb: jax.Array) -> tuple[jax.Array, jax.Array]:
         out = outputs(theta, xb)
@@ -357,7 +382,9 @@ def ggn_lanczos(
 
 
 def _check_blocks(curvature: Curvature, entries: list[Any]) -> None:
-    """Refuses ``"diag"``/``"ekfac"`` blocks and ``"kron"`` factors that do not fit their leaves."""
+    """Refuses ``"diag"``/``"ekfac"`` blocks and ``"kron"`` factors that do not fit their leaves, and
+    a λ per slice of a leaf whose ``"kron"``/``"ekfac"`` basis is not per slice (factors without a
+    leading axis of slices, EK-FAC values not in the leaf's shape)."""
     for e, block in zip(entries, curvature.ggn if curvature.structure in ("diag", "ekfac", "kron") else ()):
         if curvature.structure != "kron":
             if np.size(block) != e.leaf.size:
@@ -365,17 +392,34 @@ def _check_blocks(curvature: Curvature, entries: list[Any]) -> None:
                     f"a {curvature.structure} curvature holds one value per entry of each leaf; {e.path!r} "
                     f"has {np.size(block)} for its {e.leaf.size} entries (shape {tuple(e.leaf.shape)})"
                 )
+            per_slice = np.shape(block) == np.shape(e.leaf)
         elif not (isinstance(block, tuple | list) and len(block) == 2):
             raise Jaxl2Error(
                 f"a kron curvature holds a pair (A, G) per leaf; {e.path!r} has {type(block).__name__}"
             )
         else:
             a, g = (np.shape(f) for f in block)
-            if len(a) != 2 or len(g) != 2 or a[0] != a[1] or g[0] != g[1] or a[0] * g[0] != e.leaf.size:
+            slices = a[0] if len(a) == 3 else 1
+            if (
+                len(a) != len(g)
+                or len(a) not in (2, 3)
+                or a[:-2] != g[:-2]
+                or a[-1] != a[-2]
+                or g[-1] != g[-2]
+                or slices * a[-1] * g[-1] != e.leaf.size
+            ):
                 raise Jaxl2Error(
-                    f"the kron factors of {e.path!r} are {a} and {g}: they need to be square, with sizes "
-                    f"whose product is the leaf's {e.leaf.size} entries (shape {tuple(e.leaf.shape)})"
+                    f"the kron factors of {e.path!r} are {a} and {g}: they need to be square (with a "
+                    "leading axis of slices or none), with sizes whose product is the leaf's "
+                    f"{e.leaf.size} entries (shape {tuple(e.leaf.shape)})"
                 )
+            per_slice = slices == len(e.units)
+        if curvature.structure != "diag" and len(e.units) > 1 and not per_slice:
+            raise Jaxl2Error(
+                f"a {curvature.structure} curvature has one basis per leaf, so one λ per leaf: it cannot "
+                f"take the slices of {e.path!r} (jaxl2.ggn gives a leaf stacked in a scan a basis per "
+                "slice; else use structure 'diag' or 'full' for λ per slice)"
+            )
 
 
 def _parts(
@@ -402,11 +446,6 @@ def _parts(
     entries = plan(params, l2, select=select, stacked=stacked, center=center)
     _check_blocks(curvature, entries)
     names = [n for e in entries for n in e.units]
-    if curvature.structure in ("kron", "ekfac") and len(names) != len(paths):
-        raise Jaxl2Error(
-            f"a {curvature.structure} curvature has one basis per leaf, so one λ per leaf: it cannot take "
-            "a stacked leaf's slices (use structure 'diag' or 'full' for λ per slice)"
-        )
     alpha, dw, unit, first = [], [], [], 0  # first: the number of the leaf's first unit
     for e in entries:
         w, lam = e.leaf, e.lam(None, jnp.promote_types(e.leaf.dtype, jnp.float32))
@@ -439,15 +478,22 @@ _ONE_LAMBDA = (
 )
 
 
-def _spectrum(curvature: Curvature) -> jax.Array | None:
+def _spectrum(curvature: Curvature, unit: np.ndarray) -> jax.Array | None:
     """The values ``h`` (P,) with ``log det(H + A) = Σ log(h + α)`` for a diagonal ``A`` of one
-    ``α`` per leaf: the diagonal (``"diag"``), EK-FAC's ``s`` (``"ekfac"``), the products of the
-    factors' eigenvalues ``a_j·g_k`` (``"kron"``); ``None`` for ``"full"`` and ``"lanczos"``."""
+    ``α`` per unit (``unit``: each entry's, :func:`_parts`'s): the diagonal (``"diag"``), EK-FAC's
+    ``s`` (``"ekfac"``), the products of the factors' eigenvalues ``a_j·g_k`` (``"kron"``; factors
+    per slice put each slice's products at that slice's entries, in some order: the evidence
+    reads them per unit only); ``None`` for ``"full"`` and ``"lanczos"``."""
     if curvature.structure in ("full", "lanczos"):
         return None
     blocks = curvature.ggn
     if curvature.structure == "kron":
-        blocks = [jnp.outer(jnp.linalg.eigvalsh(a), jnp.linalg.eigvalsh(g)) for a, g in blocks]
+        blocks, first = [], 0
+        for a, g in curvature.ggn:
+            values = (jnp.linalg.eigvalsh(a)[..., :, None] * jnp.linalg.eigvalsh(g)[..., None, :]).ravel()
+            mine = unit[first : first + values.size]
+            blocks.append(values[np.argsort(np.argsort(mine, kind="stable"))])  # slice k where unit k
+            first += values.size
     # round-off can leave a Gram matrix's eigenvalues just below 0
     return jnp.maximum(jnp.concatenate([jnp.ravel(b) for b in blocks]), 0)
 
@@ -496,14 +542,15 @@ def log_evidence(
       select: the leaves, as :func:`ggn` had them.
       center: ``w₀`` (default zero), as in :func:`jaxl2.l2_penalty`.
       stacked: ``{regex: axis}``, as in :func:`jaxl2.l2_penalty`: a λ per slice of a stacked leaf
-        (its prior precision per slice; ``"diag"`` and ``"full"`` only).
+        (its prior precision per slice; ``"kron"`` and ``"ekfac"`` where
+        their basis is per slice, as :func:`ggn` gives a leaf stacked in a scan).
 
     Returns:
       A scalar (nats). A ``"lanczos"`` curvature needs one λ for all the selected leaves: λs that
       differ are an error, or under ``jit`` (where they are traced) a NaN.
     """
-    alpha, dw, _, names = _parts("log_evidence", curvature, params, l2, select, center, stacked)
-    value = _evidence(curvature, alpha, dw, _spectrum(curvature))
+    alpha, dw, unit, names = _parts("log_evidence", curvature, params, l2, select, center, stacked)
+    value = _evidence(curvature, alpha, dw, _spectrum(curvature, unit))
     if curvature.structure != "lanczos":
         return value
     if not is_traced(alpha) and not np.all(np.asarray(alpha) == alpha[0]):
@@ -575,7 +622,7 @@ def evidence_l2(
         group, log_lam = jnp.zeros(len(names), jnp.int32), jnp.mean(log_lam, keepdims=True)
     else:
         group = jnp.arange(len(names))
-    groups, seg, h = log_lam.size, group[jnp.asarray(unit)], _spectrum(curvature)
+    groups, seg, h = log_lam.size, group[jnp.asarray(unit)], _spectrum(curvature, unit)
     if curvature.structure == "lanczos" and groups > 1:
         raise Jaxl2Error(_ONE_LAMBDA.format(", ".join(names)) + ": give shared=True")
     if method == "bisect" and h is None and groups > 1:
