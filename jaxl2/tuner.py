@@ -3,8 +3,8 @@
 The loop of Immer et al. (*Scalable Marginal Likelihood Estimation for Model Selection in Deep
 Learning*, ICML 2021; laplace-torch's ``marglik_training``): train an epoch with the current
 λs; on a due epoch, measure the curvature at the params reached (:func:`jaxl2.ggn`), take a few
-steps on ``ln λ`` up the Laplace evidence (:func:`jaxl2.evidence_l2`: MacKay's fixed point,
-bisection or Adam), record the log evidence at the new λs (:func:`jaxl2.log_evidence`) and, if
+steps on ``ln λ`` up the Laplace evidence (MacKay's fixed point or bisection, as
+:func:`jaxl2.evidence_l2` takes them, or Adam, whose moments carry over from update to update), record the log evidence at the new λs (:func:`jaxl2.log_evidence`) and, if
 asked, keep the params of the best evidence so far. The training loss is the **mean** negative
 log-likelihood over the ``n`` examples given to ``update`` plus ``λ/2·‖w‖²``, so the prior
 precision is ``α = n·λ``.
@@ -50,6 +50,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jaxl2 import select as _select
 from jaxl2.errors import Jaxl2Error, check_number, shown
@@ -62,16 +63,18 @@ STRUCTURES = ("full", "diag", "kron", "ekfac")
 
 
 class EvidenceTunerState(NamedTuple):
-    """What the tuner carries between epochs, a pytree of arrays (checkpoint it with the params):
+    """What the tuner carries between epochs, a pytree (checkpoint it with the params):
     ``log_l2`` (``{unit: ln λ}``: a selected leaf's path, or ``path[i]`` for a slice of a stacked
     leaf), ``epoch`` (the epochs ``update`` has seen), ``log_evidence`` (at the last update's λs;
-    NaN before the first) and, with ``keep_best`` (else ``None``), ``best_params``,
-    ``best_log_l2`` and ``best_evidence``: the params of the highest log evidence so far, the λs
-    it was measured at, and it (the params given to ``init`` and ``-inf`` before an update)."""
+    NaN before the first), ``hyper_state`` (with ``method="adam"``, Adam's state on ``log_l2``;
+    else ``None``) and, with ``keep_best`` (else ``None``), ``best_params``, ``best_log_l2`` and
+    ``best_evidence``: the params of the highest log evidence so far, the λs it was measured at,
+    and it (the params given to ``init`` and ``-inf`` before an update)."""
 
     log_l2: dict[str, jax.Array]
     epoch: jax.Array
     log_evidence: jax.Array
+    hyper_state: Any = None
     best_params: Any = None
     best_log_l2: dict[str, jax.Array] | None = None
     best_evidence: jax.Array | None = None
@@ -118,10 +121,11 @@ def evidence_tuner(
     """λ per selected unit (or one shared) tuned during training by the Laplace evidence.
 
     On a due epoch (``e > burn_in`` and ``e % every == 0``, ``e`` counting ``update`` calls from
-    1), at the params reached: ``H`` = :func:`jaxl2.ggn` of ``structure``; the λs ←
-    :func:`jaxl2.evidence_l2` from the current ones (``steps`` of ``method``, clipped to
-    ``bounds``), so that ``α = n·λ`` climbs ``log p(D|w) − ½·Σ α_l‖w_l‖² + ½·log det A −
-    ½·log det(H + A)``; the log evidence at the new λs is recorded, and with ``keep_best`` the
+    1), at the params reached: ``H`` = :func:`jaxl2.ggn` of ``structure``; ``steps`` of ``method``
+    on ``ln λ`` from the current λs, clipped to ``bounds``, so that ``α = n·λ`` climbs
+    ``log p(D|w) − ½·Σ α_l‖w_l‖² + ½·log det A − ½·log det(H + A)`` (``"mackay"`` and ``"bisect"``:
+    :func:`jaxl2.evidence_l2`'s; ``"adam"``: Adam whose moments go on from one update to the next,
+    as in Immer et al.'s loop, where :func:`jaxl2.evidence_l2` starts them afresh); the log evidence at the new λs is recorded, and with ``keep_best`` the
     params whose evidence is the highest so far are kept (they double the params' memory). The
     defaults are laplace-torch's ``marglik_training``'s: K-FAC, Adam on ``ln λ`` with learning
     rate 0.1, 10 steps every epoch, no burn-in.
@@ -176,12 +180,14 @@ def evidence_tuner(
     check_bool(keep_best, "keep_best")
     _select.predicate(select)  # a bad selector or stacked fails now, not at init
     check_stacked(stacked)
+    hyper_tx, log_lo, log_hi = optax.adam(lr), math.log(lo), math.log(hi)
 
     def init(params: Any) -> EvidenceTunerState:
         entries = plan(params, l2, select=select, stacked=stacked)
         dtype = jnp.promote_types(jnp.float32, jnp.result_type(*(e.leaf for e in entries)))
         log_l2 = {u: jnp.asarray(math.log(l2), dtype) for e in entries for u in e.units}
-        state = EvidenceTunerState(log_l2, jnp.zeros((), jnp.int32), jnp.asarray(jnp.nan, dtype))
+        hyper_state = hyper_tx.init(log_l2) if method == "adam" else None
+        state = EvidenceTunerState(log_l2, jnp.zeros((), jnp.int32), jnp.asarray(jnp.nan, dtype), hyper_state)
         if not keep_best:
             return state
         copy = jax.tree.map(lambda w: jnp.array(w) if isinstance(w, jax.Array | np.ndarray) else w, params)
@@ -189,13 +195,33 @@ def evidence_tuner(
             best_params=copy, best_log_l2=log_l2, best_evidence=jnp.asarray(-jnp.inf, dtype)
         )
 
+    def rules_of(log_l2: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        return {re.escape(u): jnp.exp(v) for u, v in log_l2.items()}
+
     def rules(state: EvidenceTunerState) -> dict[str, jax.Array]:
-        return {re.escape(u): jnp.exp(v) for u, v in state.log_l2.items()}
+        return rules_of(state.log_l2)
 
     def l2_of(state: EvidenceTunerState) -> dict[str, float]:
         return {u: float(np.exp(np.float64(jax.device_get(v)))) for u, v in state.log_l2.items()}
 
-    def tune(state: EvidenceTunerState, params: Any, x: jax.Array, y: jax.Array) -> EvidenceTunerState:
+    def ascend(evidence: Callable[[dict], jax.Array], log_l2: dict, hyper_state: Any) -> tuple[dict, Any]:
+        """``steps`` of Adam up ``evidence(ln λ)``, from the moments of the last update."""
+
+        def one(carry: tuple, _: Any) -> tuple[tuple, None]:
+            log_l2, hyper_state = carry
+            g = jax.grad(evidence)(log_l2)
+            if shared:  # one λ: the evidence's derivative in it is the sum over the units
+                g = dict.fromkeys(g, sum(g.values()))
+            step, hyper_state = hyper_tx.update(jax.tree.map(jnp.negative, g), hyper_state)
+            log_l2 = jax.tree.map(lambda v, d: jnp.clip(v + d, log_lo, log_hi), log_l2, step)
+            return (log_l2, hyper_state), None
+
+        return jax.lax.scan(one, (log_l2, hyper_state), None, length=steps)[0]
+
+    def tune(
+        state: EvidenceTunerState, params: Any, x: jax.Array, y: jax.Array
+    ) -> tuple[dict, Any, jax.Array]:
+        """The new ``ln λ``, Adam's moments and the log evidence at the new λs."""
         curv = ggn(
             apply_fn,
             params,
@@ -207,29 +233,41 @@ def evidence_tuner(
             select=select,
             batch_size=batch_size,
         )
-        new = evidence_l2(
-            curv,
-            params,
-            rules(state),
-            select=select,
-            stacked=stacked,
-            shared=shared,
-            method=method,
-            steps=steps,
-            lr=lr,
-            bounds=(lo, hi),
-        )
-        evidence = log_evidence(curv, params, new, select=select, stacked=stacked)
-        log_l2 = {u: jnp.log(new[re.escape(u)]).astype(v.dtype) for u, v in state.log_l2.items()}
-        return state._replace(log_l2=log_l2, log_evidence=evidence.astype(state.log_evidence.dtype))
+
+        def evidence(log_l2: dict) -> jax.Array:
+            return log_evidence(curv, params, rules_of(log_l2), select=select, stacked=stacked)
+
+        if method == "adam":  # Adam's moments go on from update to update, as in Immer et al.'s loop
+            log_l2, hyper_state = ascend(evidence, state.log_l2, state.hyper_state)
+        else:
+            new = evidence_l2(
+                curv,
+                params,
+                rules(state),
+                select=select,
+                stacked=stacked,
+                shared=shared,
+                method=method,
+                steps=steps,
+                bounds=(lo, hi),
+            )
+            log_l2 = {u: jnp.log(new[re.escape(u)]).astype(v.dtype) for u, v in state.log_l2.items()}
+            hyper_state = None
+        return log_l2, hyper_state, evidence(log_l2).astype(state.log_evidence.dtype)
 
     def update(state: EvidenceTunerState, params: Any, x: jax.Array, y: jax.Array) -> EvidenceTunerState:
         epoch = state.epoch + 1
         due = (epoch > burn_in) & (epoch % every == 0)
-        state = jax.lax.cond(due, lambda s: tune(s, params, x, y), lambda s: s, state._replace(epoch=epoch))
+        # the arrays that change only: params and the best params may hold functions (Equinox)
+        log_l2, hyper_state, evidence = jax.lax.cond(
+            due,
+            lambda: tune(state, params, x, y),
+            lambda: (state.log_l2, state.hyper_state, state.log_evidence),
+        )
+        state = state._replace(log_l2=log_l2, epoch=epoch, log_evidence=evidence, hyper_state=hyper_state)
         if state.best_evidence is None:  # without keep_best
             return state
-        better = due & (state.log_evidence > state.best_evidence)  # a NaN evidence is never better
+        better = due & (evidence > state.best_evidence)  # a NaN evidence is never better
 
         def pick(new: Any, old: Any) -> Any:
             return jnp.where(better, new, old) if isinstance(new, jax.Array | np.ndarray) else new
