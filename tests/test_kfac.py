@@ -332,3 +332,60 @@ def test_a_kernel_in_two_dense_products_is_named():
     x, y = data()
     with pytest.raises(jaxl2.Jaxl2Error, match="'w' enters apply_fn in more than one dense product"):
         jaxl2.ggn(lambda p, x: jnp.tanh(x @ p["w"]) @ p["w"], params, x, y, structure="kron", select="w")
+
+
+def test_layers_inside_jit_remat_and_custom_jvp_calls():
+    """The interpreter enters the calls that take a selected leaf: the factors are those of the
+    same layers written plainly."""
+    apply_fn, params, layers, _ = linen_model()
+    x, y = data()
+
+    @jax.custom_jvp
+    def dense(w, b, h):
+        return h @ w + b
+
+    dense.defjvp(lambda primals, tangents: jax.jvp(lambda w, b, h: h @ w + b, primals, tangents))
+    first = jax.checkpoint(jax.jit(lambda w, b, h: jnp.tanh(h @ w + b)))
+
+    def wrapped(p, x):
+        q = p["params"]
+        return dense(
+            q["Dense_1"]["kernel"],
+            q["Dense_1"]["bias"],
+            first(q["Dense_0"]["kernel"], q["Dense_0"]["bias"], x),
+        )
+
+    plain = jaxl2.ggn(apply_fn, params, x, y, structure="kron", select=".*", batch_size=3)
+    calls = jaxl2.ggn(wrapped, params, x, y, structure="kron", select=".*", batch_size=3)
+    assert calls.paths == plain.paths
+    for u, v in zip(jax.tree.leaves(calls.ggn), jax.tree.leaves(plain.ggn)):
+        np.testing.assert_allclose(u, v, rtol=1e-12, atol=1e-15)
+
+
+def test_an_equinox_stack_scanned_gets_factors_per_slice():
+    """Equinox layers stacked by ``filter_vmap`` and run by ``lax.scan``: inside the scan each
+    layer is ``dot_general(W (out, in), x)`` then ``transpose``, and each slice its own site."""
+    keys = jax.random.split(jax.random.PRNGKey(3), 2)
+    stack = eqx.filter_vmap(lambda k: eqx.nn.Linear(3, 3, key=k, dtype=F64))(keys)
+    params, static = eqx.partition(stack, eqx.is_array)
+    x, y = data(n=6)
+
+    def apply_fn(p, x):
+        def layer(h, one):
+            return jnp.tanh(jax.vmap(eqx.combine(one, static))(h)), None
+
+        return jax.lax.scan(layer, x, p)[0]
+
+    def forward(s):
+        h, inputs = x, []
+        for i in range(2):
+            inputs.append(h)
+            h = jnp.tanh(h @ params.weight[i].T + params.bias[i] + s[i])
+        return h, inputs
+
+    hand = hand_kfac(forward, [(6, 3), (6, 3)])
+    curv = jaxl2.ggn(apply_fn, params, x, y, structure="kron", select="weight", batch_size=4)
+    ((a, g),) = curv.ggn
+    for i in range(2):
+        np.testing.assert_allclose(a[i], hand[i][0], rtol=1e-10)
+        np.testing.assert_allclose(g[i], hand[i][1], rtol=1e-10, atol=1e-13)
