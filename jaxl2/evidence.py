@@ -178,7 +178,7 @@ def _check_ggn_args(
     check_number(sigma, "sigma (the Gaussian noise scale)", above=True)
     if batch_size is not None:
         check_number(batch_size, "batch_size", integer=True, low=1)
-    out = jax.eval_shape(lambda xb: apply_fn(params, xb), x).shape
+    out = jax.eval_shape(apply_fn, params, x).shape
     n, shape = int(np.shape(x)[0]), tuple(np.shape(y))
     if likelihood == "classification":
         classes = int(np.prod(out[1:]))
