@@ -65,7 +65,7 @@ import optax
 
 from jaxl2 import select as _select
 from jaxl2.errors import Jaxl2Error, check_number, describe
-from jaxl2.kfac import dense_curvature
+from jaxl2.kfac import arrays_of, dense_curvature
 from jaxl2.penalty import check_order
 from jaxl2.rules import Stacked, check_bool, has_schedule, is_traced, plan
 
@@ -178,7 +178,8 @@ def _check_ggn_args(
     check_number(sigma, "sigma (the Gaussian noise scale)", above=True)
     if batch_size is not None:
         check_number(batch_size, "batch_size", integer=True, low=1)
-    out = jax.eval_shape(apply_fn, params, x).shape
+    arrays, rebuild = arrays_of(params)
+    out = jax.eval_shape(lambda ws, xb: apply_fn(rebuild(ws), xb), arrays, x).shape
     n, shape = int(np.shape(x)[0]), tuple(np.shape(y))
     if likelihood == "classification":
         classes = int(np.prod(out[1:]))

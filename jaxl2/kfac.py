@@ -45,7 +45,7 @@ import numpy as np
 from jaxl2 import select as _select
 from jaxl2.errors import Jaxl2Error
 
-__all__ = ["dense_curvature"]
+__all__ = ["dense_curvature", "arrays_of"]
 
 _MOVES = ("convert_element_type", "copy", "copy_p", "transpose", "reshape", "squeeze", "broadcast_in_dim")
 _CALLS = ("jaxpr", "call_jaxpr")  # the params that hold a call's primal jaxpr
@@ -200,6 +200,24 @@ class _Interpreter:
         return [*carry, *(jnp.stack(y) for y in zip(*ys))]
 
 
+def _is_array(w: Any) -> bool:
+    return hasattr(w, "shape") and hasattr(w, "dtype")
+
+
+def arrays_of(params: Any) -> tuple[list[Any], Callable[[list[Any]], Any]]:
+    """The array leaves of ``params`` and ``rebuild(arrays)``: the params again, with those arrays
+    and the other leaves (an Equinox model's functions) as they were. A traced ``apply_fn`` gets
+    ``rebuild(traced arrays)``: new containers made inside the trace, as NNX's ``merge`` needs."""
+    leaves, tree = jax.tree.flatten(params)
+    keep = [_is_array(w) for w in leaves]
+
+    def rebuild(arrays: list[Any]) -> Any:
+        given = iter(arrays)
+        return jax.tree.unflatten(tree, [next(given) if k else w for w, k in zip(leaves, keep)])
+
+    return [w for w, k in zip(leaves, keep) if k], rebuild
+
+
 def dense_curvature(
     apply_fn: Callable[[Any, jax.Array], jax.Array],
     params: Any,
@@ -238,8 +256,8 @@ def dense_curvature(
     chosen = _select.resolve(params, select)
     paths = [p for p, _ in chosen]
     number = {p: i for i, p in enumerate(paths)}
-    flat, tree = jax.tree_util.tree_flatten_with_path(params)
-    ws = [w for _, w in flat]
+    ws, rebuild = arrays_of(params)
+    flat = [(kp, w) for kp, w in jax.tree_util.tree_flatten_with_path(params)[0] if _is_array(w)]
     marks = [
         (number[p], None, np.arange(np.size(w)).reshape(np.shape(w)))
         if (p := _select.path_str(kp)) in number
@@ -252,7 +270,7 @@ def dense_curvature(
 
     def discover(size: int) -> tuple[Any, list[_Site]]:
         xb = jax.ShapeDtypeStruct((size, *x.shape[1:]), dtype)
-        closed = jax.make_jaxpr(lambda ws, xb: apply_fn(jax.tree.unflatten(tree, ws), xb))(ws, xb)
+        closed = jax.make_jaxpr(lambda ws, xb: apply_fn(rebuild(ws), xb))(ws, xb)
         probe = _Interpreter(paths, None)
         jax.eval_shape(
             lambda ws, xb: probe.run(closed.jaxpr, closed.consts, [*ws, xb], [*marks, None]), ws, xb
