@@ -16,6 +16,9 @@ implement it:
   :func:`from_decoupled`, :func:`from_sklearn_alpha`;
 * training — :func:`make_train_step`, a pure, jittable step for any params pytree, and
   :func:`auto_l2`, the same step with one λ per layer tuned during training by hypergradients;
+* λ from the evidence — :func:`ggn` (the Gauss–Newton: exact, or K-FAC found from the model's
+  dense layers, :mod:`jaxl2.kfac`), :func:`log_evidence`, :func:`evidence_l2`, and
+  :func:`evidence_tuner`, the same tuned during training (Immer et al.);
 * checks — :func:`gradcheck` (in :mod:`jaxl2.check`);
 * errors — :class:`Jaxl2Error` (a ``ValueError``) for bad input.
 
