@@ -209,12 +209,15 @@ def test_the_penalty_covers_the_priors_tensors_its_gradient_on_a_bias_is_lambda_
         assert (path in lams) or np.array_equal(moved[path], w)
 
 
-def test_a_lanczos_update_is_evidence_l2_on_the_librarys_quadrature():
+@pytest.mark.parametrize("prior", ["kernels", "all"])
+def test_a_lanczos_update_is_evidence_l2_on_the_librarys_quadrature(prior):
     """``evidence_curvature`` lanczos: the update's λ and evidence are jaxl2.evidence_l2 and
-    jaxl2.log_evidence on jaxl2.ggn_lanczos with the probes' key the state gives."""
+    jaxl2.log_evidence on jaxl2.ggn_lanczos with the probes' key the state gives, over the
+    kernels or every tensor (``select=".*"``)."""
     from jaxl2.mnist.marglik import LANCZOS_PROBES, LANCZOS_STEPS
 
-    cfg = dataclasses.replace(EVIDENCE, hidden=(8,), evidence_curvature="lanczos")
+    cfg = dataclasses.replace(EVIDENCE, hidden=(8,), evidence_curvature="lanczos", evidence_prior=prior)
+    select = ".*" if prior == "all" else None
     x = jax.random.uniform(jax.random.key(1), (40, 784))
     y = jax.random.randint(jax.random.key(2), (40,), 0, 10)
     trainer = EvidenceTrainer(cfg, num_train=40)
@@ -222,17 +225,32 @@ def test_a_lanczos_update_is_evidence_l2_on_the_librarys_quadrature():
     new = jax.jit(trainer.update)(state, x, y)
     key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 1)
     curv = jaxl2.ggn_lanczos(
-        trainer.model.apply, state.params, x, y, key=key, probes=LANCZOS_PROBES, steps=LANCZOS_STEPS
+        trainer.model.apply,
+        state.params,
+        x,
+        y,
+        key=key,
+        probes=LANCZOS_PROBES,
+        steps=LANCZOS_STEPS,
+        select=select,
     )
     rules = jaxl2.evidence_l2(
-        curv, state.params, cfg.l2_init, shared=True, method="bisect", steps=30, bounds=(1e-8, 1.0)
+        curv,
+        state.params,
+        cfg.l2_init,
+        select=select,
+        shared=True,
+        method="bisect",
+        steps=30,
+        bounds=(1e-8, 1.0),
     )
     got = trainer.lambdas(new)
-    for path in LAYERS:
+    assert sorted(got) == (TENSORS if prior == "all" else LAYERS)
+    for path in got:
         assert got[path] == pytest.approx(float(rules[path]), rel=1e-4)
         assert got[path] != pytest.approx(cfg.l2_init, rel=1e-2)
     assert float(new.log_evidence) == pytest.approx(
-        float(jaxl2.log_evidence(curv, state.params, rules)), rel=1e-4
+        float(jaxl2.log_evidence(curv, state.params, rules, select=select)), rel=1e-4
     )
 
 
