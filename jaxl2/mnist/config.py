@@ -127,8 +127,9 @@ class Config:
     # (K-FAC's eigenbasis with the exact diagonal in it), diag (its exact diagonal) or lanczos
     # (the whole of it, by stochastic Lanczos quadrature; one λ shared)
     evidence_curvature: str = "kron"
-    # with `l2` evidence: shared (one λ for all selected leaves: the MLP's layers trade scale
-    # through ReLU, so only their λs' product is identified) or layer (one λ per selected leaf)
+    # with `l2` evidence: shared (one λ for all the prior's tensors: with unpenalised biases the
+    # MLP's layers trade scale through ReLU, so only their λs' product is identified) or layer
+    # (one λ per tensor)
     evidence_lambda: str = "shared"
     # with `l2` evidence: the tensors the prior and the penalty cover: kernels (every Dense
     # kernel, the biases held fixed) or all (kernels and biases, each its own λ with
