@@ -116,8 +116,9 @@ class Config:
     # from the Gauss-Newton (`evidence_curvature`) over all training examples
     evidence_every: int = 5
     # with `l2` evidence: how each update seeks the evidence's maximum at that epoch's params:
-    # bisect (halvings in ln λ of the bounds 1e-8..1 around it) or mackay (MacKay's fixed-point
-    # iteration from the current λ, which can oscillate)
+    # bisect (halvings in ln λ of the bounds 1e-8..1 around it), mackay (MacKay's fixed-point
+    # iteration from the current λ, which can oscillate) or adam (steps of Adam, learning rate
+    # 0.1, on ln λ from the current λ, as laplace-torch's marglik_training)
     evidence_method: str = "bisect"
     # with `l2` evidence: iterations of `evidence_method` per λ update (25 halvings reach
     # float32's resolution of ln λ, about 1e-6 relative)
@@ -126,9 +127,14 @@ class Config:
     # (K-FAC's eigenbasis with the exact diagonal in it), diag (its exact diagonal) or lanczos
     # (the whole of it, by stochastic Lanczos quadrature; one λ shared)
     evidence_curvature: str = "kron"
-    # with `l2` evidence: shared (one λ for all selected leaves: the MLP's layers trade scale
-    # through ReLU, so only their λs' product is identified) or layer (one λ per selected leaf)
+    # with `l2` evidence: shared (one λ for all the prior's tensors: with unpenalised biases the
+    # MLP's layers trade scale through ReLU, so only their λs' product is identified) or layer
+    # (one λ per tensor)
     evidence_lambda: str = "shared"
+    # with `l2` evidence: the tensors the prior and the penalty cover: kernels (every Dense
+    # kernel, the biases held fixed) or all (kernels and biases, each its own λ with
+    # `evidence_lambda` layer, as laplace-torch's "layerwise")
+    evidence_prior: str = "kernels"
     # the leaves the penalty covers: kernels (default: every Dense kernel, no biases) or a regex
     # over paths like params/Dense_0/kernel
     select: str | None = None
@@ -190,6 +196,7 @@ MODE_FIELDS: dict[str, tuple[str, ...]] = {
     "evidence_steps": (EVIDENCE,),
     "evidence_curvature": (EVIDENCE,),
     "evidence_lambda": (EVIDENCE,),
+    "evidence_prior": (EVIDENCE,),
     "l2_init": (AUTO, EVIDENCE),
 }
 # The fields that l2 = "auto" reads, with their defaults (jaxl2.mnist.hypergrad says why).
@@ -292,8 +299,9 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
 # Each named field's vocabulary, in checking order.
 CHOICES: dict[str, Any] = {
     "evidence_curvature": ("kron", "ekfac", "diag", "lanczos"),
-    "evidence_method": ("bisect", "mackay"),
+    "evidence_method": ("bisect", "mackay", "adam"),
     "evidence_lambda": ("shared", "layer"),
+    "evidence_prior": ("kernels", "all"),
     "optimizer": OPTIMIZERS,
     "schedule": ("constant", "cosine"),
     "activation": ACTIVATIONS,
@@ -352,6 +360,11 @@ def _check_together(cfg: Config) -> None:
                 f"{field(name)} is a setting of {field('l2')} {' or '.join(modes)}, which this run does not use "
                 f"({field('l2')} {cfg.l2}); add {field('l2')} {modes[0]} or drop {field(name)}"
             )
+    if cfg.evidence_prior == "all" and cfg.select is not None:
+        raise ConfigError(
+            f"{field('evidence_prior')} all covers every tensor, so it leaves nothing for {field('select')} "
+            f"{cfg.select!r} to choose (drop one of them)"
+        )
     if cfg.weight_decay and not OPTIMIZERS[cfg.optimizer].decays:
         takers = ", ".join(k for k, v in OPTIMIZERS.items() if v.decays)
         raise ConfigError(

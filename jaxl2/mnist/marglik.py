@@ -11,21 +11,26 @@ refit); every ``evidence_every``-th epoch (``epoch % evidence_every == 0``) ends
    within :data:`~jaxl2.mnist.config.AUTO_L2_BOUNDS`: the root of ``Σ_l γ_l = α·Σ_l ‖w_l‖²`` for
    one λ shared by the selected leaves (``evidence_lambda="shared"``, the default), of
    ``γ_l = α_l·‖w_l‖²`` for one each (``"layer"``), by ``evidence_steps`` halvings of the bounds
-   in ``ln λ`` (``evidence_method="bisect"``, the default) or MacKay iterations from the current
-   λs (``"mackay"``);
+   in ``ln λ`` (``evidence_method="bisect"``, the default), MacKay iterations from the current
+   λs (``"mackay"``) or steps of Adam on ``ln λ`` from them (``"adam"``, learning rate 0.1, as
+   laplace-torch's ``marglik_training``; its moments start afresh at each update);
 3. the log evidence at the new λs (:func:`jaxl2.log_evidence`), recorded with them.
 
-Why shared: the MLP's biases are not penalised, so scaling layer ``l``'s kernel and bias by
-``c`` and layer ``l + 1``'s kernel by ``1/c`` leaves its function unchanged and costs no
-penalty on the biases; the penalised optimum over that rescaling has ``λ_l·‖w_l‖²`` equal in every
-layer and depends on the λs through their product only. The layers' ratios of λ are then not
-something the trained function shows; per layer, the evidence's updates drift them apart for as
-long as the run trains (``docs/guide/evidence.md`` shows it).
+The prior covers the kernels (``evidence_prior="kernels"``, the default: the biases are
+neither penalised nor in the evidence, held at their values as :mod:`jaxl2.evidence` states) or
+every tensor, kernels and biases (``"all"``, laplace-torch's "layerwise" with
+``evidence_lambda="layer"``, its "scalar" with ``"shared"``); the training loss's penalty covers
+the same tensors, so the run is the MAP of that prior.
+
+Why shared: with the kernels only, scaling layer ``l``'s kernel and bias by ``c`` and layer
+``l + 1``'s kernel by ``1/c`` leaves the MLP's function unchanged and costs no penalty on the
+biases; the penalised optimum over that rescaling has ``λ_l·‖w_l‖²`` equal in every layer and
+depends on the λs through their product only. The layers' ratios of λ are then not something
+the trained function shows; per layer, the evidence's updates drift them apart for as long as
+the run trains (``docs/guide/evidence.md`` shows it).
 
 The epochs in between train with the current λs. The state carries ``ln λ`` and the last log
-evidence, so a checkpoint holds them and a resume continues bit for bit. The leaves outside
-the selection (the biases, by default) are held at their values in the evidence, as
-:mod:`jaxl2.evidence` states.
+evidence, so a checkpoint holds them and a resume continues bit for bit.
 
 The curvature is computed from the MLP's own structure (:func:`dense_ggn`): a Dense kernel
 ``W`` with input ``a`` and output ``z`` has ``∂f_c/∂W = a ⊗ ∂f_c/∂z``, so one backward pass

@@ -67,7 +67,10 @@ def model_of(cfg: Config) -> MLP:
 
 
 def selector_of(cfg: Config) -> select.Selector:
-    """``cfg.select``: ``None`` or ``"kernels"`` (the default preset), else a regex over paths."""
+    """``cfg.select``: ``None`` or ``"kernels"`` (the default preset), else a regex over paths;
+    every leaf (``".*"``) with ``evidence_prior`` all."""
+    if cfg.evidence_prior == "all":
+        return ".*"
     return None if cfg.select in (None, "kernels") else cfg.select
 
 

@@ -50,8 +50,20 @@ from jaxl2.mnist.config import OPTIMIZERS, Config, ConfigError, validate
             "needs evidence_lambda shared, not layer",
         ),
         (
-            {"l2": "evidence", "evidence_method": "adam"},
-            "evidence_method 'adam' is unknown (allowed: bisect, mackay)",
+            {"l2": "evidence", "evidence_method": "newton"},
+            "evidence_method 'newton' is unknown (allowed: bisect, mackay, adam)",
+        ),
+        (
+            {"evidence_prior": "all"},
+            "evidence_prior is a setting of l2 evidence, which this run does not use",
+        ),
+        (
+            {"l2": "evidence", "evidence_prior": "biases"},
+            "evidence_prior 'biases' is unknown (allowed: kernels, all)",
+        ),
+        (
+            {"l2": "evidence", "evidence_prior": "all", "select": ".*kernel"},
+            "evidence_prior all covers every tensor, so it leaves nothing for select '.*kernel' to choose",
         ),
         (
             {"l2": "evidence", "optimizer": "adamw", "weight_decay": 1e-4, "allow_both": True},
@@ -70,8 +82,14 @@ def test_auto_and_evidence_configs_round_trip_through_json():
     assert auto.l2_auto and auto.l2_on
     evidence = validate(Config(l2="evidence", l2_init=1e-3, evidence_every=2, evidence_steps=9))
     assert evidence.l2_evidence and evidence.l2_on and not evidence.l2_auto
-    for cfg in (auto, evidence):
+    every = validate(
+        Config(l2="evidence", evidence_prior="all", evidence_lambda="layer", evidence_method="adam")
+    )
+    for cfg in (auto, evidence, every):
         assert Config.from_json(json.loads(json.dumps(cfg.to_json()))) == cfg
+    # a config.json written before evidence_prior existed reads as the kernels-only prior it ran with
+    old = {k: v for k, v in evidence.to_json().items() if k != "evidence_prior"}
+    assert Config.from_json(old).evidence_prior == "kernels"
 
 
 def test_each_optimizer_has_its_own_default_lr():

@@ -24,6 +24,7 @@ from tests.runs import assert_refused_in_one_line, latest_state, rows_of, stoppe
 
 EVIDENCE = Config(l2="evidence", hidden=(16,), epochs=4, batch_size=500, lr=0.1, evidence_every=2)
 LAYERS = ["params/Dense_0/kernel", "params/Dense_1/kernel"]
+TENSORS = sorted(LAYERS + ["params/Dense_0/bias", "params/Dense_1/bias"])
 
 
 @pytest.mark.parametrize("activation", ["tanh", "relu"])
@@ -122,11 +123,21 @@ def test_ekfac_is_the_exact_block_in_the_kfac_eigenbasis_in_float64():
         assert float(ll) == pytest.approx(float(exact.log_likelihood), rel=1e-12)
 
 
-@pytest.mark.parametrize("lam, method, steps", [("shared", "bisect", 30), ("layer", "mackay", 3)])
-def test_the_trainers_update_is_evidence_l2_shared_or_per_layer(lam, method, steps):
-    """``evidence_lambda`` shared: one λ for every kernel, ``evidence_l2(shared=True)`` on
-    jaxl2.ggn's exact diagonal; layer: one each (float32, so to 1e-4); by the bisection or
-    MacKay's iteration."""
+@pytest.mark.parametrize(
+    "lam, method, steps, prior",
+    [
+        ("shared", "bisect", 30, "kernels"),
+        ("layer", "mackay", 3, "kernels"),
+        ("shared", "bisect", 30, "all"),
+        ("layer", "mackay", 3, "all"),
+        ("layer", "adam", 5, "all"),
+    ],
+)
+def test_the_trainers_update_is_evidence_l2_shared_or_per_tensor(lam, method, steps, prior):
+    """``evidence_lambda`` shared: one λ for every leaf of the prior, ``evidence_l2(shared=True)``
+    on jaxl2.ggn's exact diagonal; layer: one each (float32, so to 1e-4); by the bisection,
+    MacKay's iteration or Adam (learning rate 0.1); ``evidence_prior`` kernels: the kernels, the
+    biases held fixed; all: every tensor (jaxl2.ggn and evidence_l2 with ``select=".*"``)."""
     cfg = dataclasses.replace(
         EVIDENCE,
         hidden=(8,),
@@ -134,39 +145,79 @@ def test_the_trainers_update_is_evidence_l2_shared_or_per_layer(lam, method, ste
         evidence_curvature="diag",
         evidence_lambda=lam,
         evidence_method=method,
+        evidence_prior=prior,
     )
+    select = ".*" if prior == "all" else None
     x = jax.random.uniform(jax.random.key(1), (40, 784))
     y = jax.random.randint(jax.random.key(2), (40,), 0, 10)
     trainer = EvidenceTrainer(cfg, num_train=40)
     state = trainer.init()
     new = jax.jit(trainer.update)(state, x, y)
-    curv = jaxl2.ggn(trainer.model.apply, state.params, x, y, structure="diag")
+    curv = jaxl2.ggn(trainer.model.apply, state.params, x, y, structure="diag", select=select)
     rules = jaxl2.evidence_l2(
         curv,
         state.params,
         cfg.l2_init,
+        select=select,
         shared=lam == "shared",
         method=method,
         steps=steps,
         bounds=(1e-8, 1.0),
+        lr=0.1,
     )
     got = trainer.lambdas(new)
-    assert sorted(got) == sorted(rules) == LAYERS
-    for path in LAYERS:
+    paths = TENSORS if prior == "all" else LAYERS
+    assert sorted(got) == sorted(rules) == paths
+    for path in paths:
         assert got[path] == pytest.approx(float(rules[path]), rel=1e-4)
         assert got[path] != pytest.approx(cfg.l2_init, rel=1e-2)  # it moved
-    assert (got[LAYERS[0]] == got[LAYERS[1]]) == (lam == "shared")
+    assert (len(set(got.values())) == 1) == (lam == "shared")
     assert float(new.log_evidence) == pytest.approx(
-        float(jaxl2.log_evidence(curv, state.params, rules)), rel=1e-4
+        float(jaxl2.log_evidence(curv, state.params, rules, select=select)), rel=1e-4
     )
 
 
-def test_a_lanczos_update_is_evidence_l2_on_the_librarys_quadrature():
+@pytest.mark.parametrize("prior", ["kernels", "all"])
+def test_the_penalty_covers_the_priors_tensors_its_gradient_on_a_bias_is_lambda_b(prior):
+    """An ``evidence_prior`` all run (hidden 8, 2 epochs, an update after each) records a λ for
+    every tensor; then one training step of its penalty alone (the data loss 0) moves each leaf by
+    ``−lr·λ·w`` (momentum's first step, cosine's lr at step 0), biases included; kernels only
+    with ``evidence_prior`` kernels, the biases untouched."""
+    cfg = dataclasses.replace(
+        EVIDENCE, hidden=(8,), epochs=2, evidence_every=1, evidence_prior=prior, evidence_lambda="layer"
+    )
+    x = jax.random.uniform(jax.random.key(1), (1000, 784))
+    y = jax.random.randint(jax.random.key(2), (1000,), 0, 10)
+    trainer = EvidenceTrainer(cfg, num_train=1000)
+    state = trainer.init()
+    for _ in range(2):
+        state, metrics = trainer.train_epoch(state, x, y)
+    lams = trainer.lambdas(state)
+    assert sorted(lams) == (TENSORS if prior == "all" else LAYERS)
+    assert sorted(k for k in metrics if k.startswith("l2/")) == [f"l2/{p}" for p in sorted(lams)]
+    assert len(set(lams.values())) == len(lams)  # one each, every one updated
+
+    def no_data(params, x_BxD, y_B):
+        return 0.0 * jnp.sum(params["params"]["Dense_0"]["bias"]), {}
+
+    fresh = trainer.state_of(state.params, state.rng)  # step 0: lr is cfg.lr, no momentum yet
+    after, _ = trainer.step_fn(fresh, (x[:4], y[:4]), trainer.rules(state.log_l2), no_data)
+    before, moved = dict(jaxl2.select.leaves(state.params)), dict(jaxl2.select.leaves(after.params))
+    for path, w in before.items():
+        want = w * (1 - cfg.lr * lams.get(path, 0.0))
+        np.testing.assert_allclose(moved[path], want, rtol=1e-6, atol=1e-9, err_msg=path)
+        assert (path in lams) or np.array_equal(moved[path], w)
+
+
+@pytest.mark.parametrize("prior", ["kernels", "all"])
+def test_a_lanczos_update_is_evidence_l2_on_the_librarys_quadrature(prior):
     """``evidence_curvature`` lanczos: the update's λ and evidence are jaxl2.evidence_l2 and
-    jaxl2.log_evidence on jaxl2.ggn_lanczos with the probes' key the state gives."""
+    jaxl2.log_evidence on jaxl2.ggn_lanczos with the probes' key the state gives, over the
+    kernels or every tensor (``select=".*"``)."""
     from jaxl2.mnist.marglik import LANCZOS_PROBES, LANCZOS_STEPS
 
-    cfg = dataclasses.replace(EVIDENCE, hidden=(8,), evidence_curvature="lanczos")
+    cfg = dataclasses.replace(EVIDENCE, hidden=(8,), evidence_curvature="lanczos", evidence_prior=prior)
+    select = ".*" if prior == "all" else None
     x = jax.random.uniform(jax.random.key(1), (40, 784))
     y = jax.random.randint(jax.random.key(2), (40,), 0, 10)
     trainer = EvidenceTrainer(cfg, num_train=40)
@@ -174,17 +225,32 @@ def test_a_lanczos_update_is_evidence_l2_on_the_librarys_quadrature():
     new = jax.jit(trainer.update)(state, x, y)
     key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 1)
     curv = jaxl2.ggn_lanczos(
-        trainer.model.apply, state.params, x, y, key=key, probes=LANCZOS_PROBES, steps=LANCZOS_STEPS
+        trainer.model.apply,
+        state.params,
+        x,
+        y,
+        key=key,
+        probes=LANCZOS_PROBES,
+        steps=LANCZOS_STEPS,
+        select=select,
     )
     rules = jaxl2.evidence_l2(
-        curv, state.params, cfg.l2_init, shared=True, method="bisect", steps=30, bounds=(1e-8, 1.0)
+        curv,
+        state.params,
+        cfg.l2_init,
+        select=select,
+        shared=True,
+        method="bisect",
+        steps=30,
+        bounds=(1e-8, 1.0),
     )
     got = trainer.lambdas(new)
-    for path in LAYERS:
+    assert sorted(got) == (TENSORS if prior == "all" else LAYERS)
+    for path in got:
         assert got[path] == pytest.approx(float(rules[path]), rel=1e-4)
         assert got[path] != pytest.approx(cfg.l2_init, rel=1e-2)
     assert float(new.log_evidence) == pytest.approx(
-        float(jaxl2.log_evidence(curv, state.params, rules)), rel=1e-4
+        float(jaxl2.log_evidence(curv, state.params, rules, select=select)), rel=1e-4
     )
 
 
@@ -241,6 +307,11 @@ def test_an_evidence_run_trains_on_everything_records_and_resumes_exactly(tmp_pa
         ),
         (["train", "--evidence-every", "2"], "--evidence-every is a setting of --l2 evidence, which this"),
         (["train", "--l2", "evidence", "--evidence-steps", "0"], "--evidence-steps 0 is invalid"),
+        (
+            ["train", "--l2", "evidence", "--evidence-prior", "all", "--select", "kernels"],
+            "--evidence-prior all covers every tensor, so it leaves nothing for --select 'kernels' to choose",
+        ),
+        (["train", "--evidence-prior", "all"], "--evidence-prior is a setting of --l2 evidence, which this"),
     ],
 )
 def test_command_refuses_bad_evidence_combinations_in_one_line(tmp_path, capsys, argv, match):
@@ -263,5 +334,9 @@ def test_help_explains_evidence():
         in text
     )
     assert "--evidence-steps" in text
+    assert (
+        "--evidence-prior EVIDENCE_PRIOR with --l2 evidence: the tensors the prior and the penalty cover"
+        in text
+    )
     sweep = cli.build_parser()._subparsers._group_actions[0].choices["sweep"].format_help()
     assert "--evidence-every" not in sweep

@@ -80,6 +80,7 @@ TRAIN_ONLY = (
     "evidence_steps",
     "evidence_curvature",
     "evidence_lambda",
+    "evidence_prior",
 )
 
 
