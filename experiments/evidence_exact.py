@@ -6,7 +6,7 @@ together (269,322 parameters: no block per layer, no Kronecker factors). ``jaxl2
 estimates it by stochastic Lanczos quadrature (``--probes`` Rademacher vectors, ``--lanczos``
 steps each, GGN-vector products over all 4,000 images), and
 ``jaxl2.evidence_l2(shared=True, method="bisect")`` finds its root. As a check, the same
-quadrature's ``tr(H)`` is printed beside the exact trace (the sum of ``dense_ggn``'s exact
+quadrature's ``tr(H)`` is printed beside the exact trace (the sum of ``jaxl2.ggn``'s exact
 diagonal), and the root is also found per probe, for its spread.
 
 For each shared λ trained on train ∪ validation (the default recipe, as
@@ -28,10 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 from evidence_identifiability import shared_lambda, trained_at  # the sibling script's
 
-from jaxl2 import Curvature, evidence_l2, ggn_lanczos
+from jaxl2 import Curvature, evidence_l2, ggn, ggn_lanczos
 from jaxl2.mnist.config import Config
 from jaxl2.mnist.data import load
-from jaxl2.mnist.marglik import EvidenceTrainer, dense_ggn
+from jaxl2.mnist.marglik import EvidenceTrainer
 from jaxl2.mnist.refit import train_val
 from jaxl2.mnist.run import train_and_evaluate
 from jaxl2.mnist.runtime import device_name
@@ -84,8 +84,8 @@ def main() -> None:
             )
             for i in range(args.probes)
         ]
-        diag, _ = dense_ggn(state.params, x, y, "relu", "diag")
-        exact_trace = float(sum(jnp.sum(diag["params"][k]["kernel"]) for k in diag["params"]))
+        diag = ggn(et.model.apply, state.params, x, y, structure="diag", batch_size=1024)
+        exact_trace = float(sum(jnp.sum(block) for block in diag.ggn))
         approx = {
             c: shared_lambda(t, t.curvature(state.params, x, y), state.params) for c, t in trainers.items()
         }

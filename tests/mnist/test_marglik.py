@@ -1,5 +1,5 @@
-"""``l2="evidence"`` in the application: the MLP's fast exact GGN diagonal against the library's
-generic one, the λ update against jaxl2.evidence_l2, the run directory, exact resume, refusals."""
+"""``l2="evidence"`` in the application: its curvature (the library's K-FAC, EK-FAC and fast exact
+diagonal on the MLP) against K-FAC by hand, the exact blocks and the generic per-example diagonal, the λ update against jaxl2.evidence_l2, the run directory, exact resume, refusals."""
 
 import dataclasses
 import json
@@ -16,7 +16,7 @@ from jaxl2.mnist import run as _run
 from jaxl2.mnist.cli import report
 from jaxl2.mnist.config import Config, ConfigError, SweepSettings
 from jaxl2.mnist.evaluate import evaluate_run
-from jaxl2.mnist.marglik import EvidenceTrainer, dense_ggn
+from jaxl2.mnist.marglik import EvidenceTrainer
 from jaxl2.mnist.model import model_of
 from jaxl2.mnist.results import RunSummary
 from tests.keys import assert_typed
@@ -27,10 +27,18 @@ LAYERS = ["params/Dense_0/kernel", "params/Dense_1/kernel"]
 TENSORS = sorted(LAYERS + ["params/Dense_0/bias", "params/Dense_1/bias"])
 
 
+def curvature_of(cfg, params, x, y):
+    """The application's curvature of every tensor (EvidenceTrainer.curvature, ``evidence_prior``
+    all) at ``params``: ``{path: block}`` and ``log p(D | w)``."""
+    cfg = dataclasses.replace(cfg, l2="evidence", evidence_prior="all", batch_size=4)
+    curv = EvidenceTrainer(cfg, num_train=len(y)).curvature(params, x, y)
+    return dict(zip(curv.paths, curv.ggn)), curv.log_likelihood
+
+
 @pytest.mark.parametrize("activation", ["tanh", "relu"])
 def test_the_dense_diagonal_equals_the_generic_per_example_ggn_in_float64(activation):
     """jaxl2.ggn(structure="diag") (per-example Jacobians, itself checked against jax.jacobian and
-    jax.hessian by brute force) on every leaf; 37 examples in chunks of 16 (a padded chunk)."""
+    jax.hessian by brute force) on every leaf; 37 examples."""
     with jax.enable_x64(True):
         model = model_of(Config(hidden=(7, 5), activation=activation))
         params = model.init(jax.random.key(0), jnp.zeros((1, 784)))
@@ -39,9 +47,9 @@ def test_the_dense_diagonal_equals_the_generic_per_example_ggn_in_float64(activa
         )
         x = jax.random.uniform(jax.random.key(1), (37, 784), jnp.float64)
         y = jax.random.randint(jax.random.key(2), (37,), 0, 10)
-        diag, ll = dense_ggn(params, x, y, activation, "diag", chunk=16)
-        ref = jaxl2.ggn(model.apply, params, x, y, structure="diag", select=".*")
-        mine = dict(jaxl2.select.leaves(diag))
+        cfg = Config(hidden=(7, 5), activation=activation, evidence_curvature="diag")
+        mine, ll = curvature_of(cfg, params, x, y)
+        ref = jaxl2.ggn(model.apply, params, x, y, structure="diag", select=".*", batch_size=None)
         assert sorted(mine) == sorted(ref.paths)
         for path, h in zip(ref.paths, ref.ggn):
             # Σ_c p·b² − (Σ_c p·b)² cancels: entries far below the leaf's largest agree to its 1e-12
@@ -61,7 +69,7 @@ def test_the_kron_factors_equal_kfac_by_hand_in_float64():
         )
         x = jax.random.uniform(jax.random.key(1), (21, 784), jnp.float64)
         y = jax.random.randint(jax.random.key(2), (21,), 0, 10)
-        got, ll = dense_ggn(params, x, y, "tanh", "kron", chunk=8)
+        got, ll = curvature_of(Config(hidden=(6,), activation="tanh"), params, x, y)
         w0, w1 = params["params"]["Dense_0"], params["params"]["Dense_1"]
 
         def logits_from_z0(z0):  # one example: its first layer's output → logits
@@ -78,10 +86,10 @@ def test_the_kron_factors_equal_kfac_by_hand_in_float64():
         for name in ("Dense_0", "Dense_1"):
             a_hand = inputs[name].T @ inputs[name] / 21
             g_hand = jnp.einsum("nci,ncd,ndj->ij", jac[name], lam, jac[name])
-            a, g = got["params"][name]["kernel"]
+            a, g = got[f"params/{name}/kernel"]
             np.testing.assert_allclose(a, a_hand, rtol=1e-12)
             np.testing.assert_allclose(g, g_hand, rtol=1e-10, atol=1e-12 * np.abs(g_hand).max())
-            one, g_bias = got["params"][name]["bias"]
+            one, g_bias = got[f"params/{name}/bias"]
             assert one.shape == (1, 1) and float(one[0, 0]) == 1.0
             exact = jaxl2.ggn(model.apply, params, x, y, structure="full", select=f".*{name}/bias")
             np.testing.assert_allclose(g_bias, exact.ggn, rtol=1e-10, atol=1e-12 * np.abs(exact.ggn).max())
@@ -100,22 +108,23 @@ def test_ekfac_is_the_exact_block_in_the_kfac_eigenbasis_in_float64():
         )
         x = jax.random.uniform(jax.random.key(4), (19, 784), jnp.float64)
         y = jax.random.randint(jax.random.key(5), (19,), 0, 10)
-        got, ll = dense_ggn(params, x, y, "tanh", "ekfac", chunk=8)
-        factors, _ = dense_ggn(params, x, y, "tanh", "kron", chunk=8)
+        cfg = Config(hidden=(5,), activation="tanh")
+        got, ll = curvature_of(dataclasses.replace(cfg, evidence_curvature="ekfac"), params, x, y)
+        factors, _ = curvature_of(cfg, params, x, y)
         for name in ("Dense_0", "Dense_1"):
-            a, g = (np.asarray(f) for f in factors["params"][name]["kernel"])
+            a, g = (np.asarray(f) for f in factors[f"params/{name}/kernel"])
             u, v = np.linalg.eigh(a)[1], np.linalg.eigh(g)[1]
             exact = jaxl2.ggn(model.apply, params, x, y, structure="full", select=f".*{name}/kernel")
             h = np.asarray(exact.ggn)  # the kernel raveled row-major: index (input, output)
             q = np.kron(u, v)  # column (j, k): u_j ⊗ v_k, in the leaf's row-major order
             want = np.sum(q * (h @ q), axis=0).reshape(a.shape[0], g.shape[0])
-            s = np.asarray(got["params"][name]["kernel"])
+            s = np.asarray(got[f"params/{name}/kernel"])
             # A has a null space (19 examples, 784 pixels) whose basis eigh picks freely: s is 0 there
             np.testing.assert_allclose(s, want, rtol=1e-7, atol=1e-10 * np.abs(want).max(), err_msg=name)
             assert s.sum() == pytest.approx(np.trace(h), rel=1e-10)
             bias = jaxl2.ggn(model.apply, params, x, y, structure="full", select=f".*{name}/bias")
             np.testing.assert_allclose(
-                np.sort(np.asarray(got["params"][name]["bias"])),
+                np.sort(np.asarray(got[f"params/{name}/bias"])),
                 np.linalg.eigvalsh(np.asarray(bias.ggn)),
                 rtol=1e-8,
                 atol=1e-12 * np.abs(bias.ggn).max(),
