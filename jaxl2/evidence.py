@@ -244,7 +244,6 @@ def ggn(
         not enter through a dense product, named.
     """
     _check_ggn_args(apply_fn, params, x, y, likelihood, structure, sigma, batch_size)
-    paths, theta, unravel, outputs = _flat_outputs(apply_fn, params, select)
     if structure != "full":
         try:
             blocks, out = dense_curvature(
@@ -257,12 +256,14 @@ def ggn(
                 structure=structure,
                 batch_size=batch_size,
             )
+            chosen = tuple(p for p, _ in _select.resolve(params, select))
             return Curvature(
-                _log_likelihood(out, y, likelihood, sigma), blocks, int(x.shape[0]), tuple(paths), structure
+                _log_likelihood(out, y, likelihood, sigma), blocks, int(x.shape[0]), chosen, structure
             )
         except Jaxl2Error:
             if structure != "diag":  # the per-example Jacobians below give the exact diagonal of any model
                 raise
+    paths, theta, unravel, outputs = _flat_outputs(apply_fn, params, select)
 
     def batch(xb: jax.Array, yb: jax.Array) -> tuple[jax.Array, jax.Array]:
         out = outputs(theta, xb)
