@@ -565,6 +565,29 @@ def _evidence(curvature: Curvature, alpha: jax.Array, dw: jax.Array, h: jax.Arra
     return curvature.log_likelihood - 0.5 * jnp.sum(alpha * dw * dw) - 0.5 * occam
 
 
+def adam_ascent(
+    evidence: Callable[[Any], jax.Array],
+    log_lam: Any,
+    tx: optax.GradientTransformation,
+    state: Any,
+    steps: int,
+    bounds: tuple[float, float],
+    tie: Callable[[Any], Any] = lambda g: g,
+) -> tuple[Any, Any]:
+    """``steps`` of ``tx`` (Adam) up ``evidence(ln λ)`` from ``log_lam`` (any pytree) and the
+    optimizer's ``state``, ``ln λ`` clipped to ``ln bounds``; ``tie`` maps the gradient first
+    (one λ shared by several entries: their gradients summed). Returns ``(log_lam, state)``."""
+    lo, hi = math.log(bounds[0]), math.log(bounds[1])
+
+    def one(carry: tuple, _: Any) -> tuple[tuple, None]:
+        log_lam, state = carry
+        g = tie(jax.grad(evidence)(log_lam))
+        step, state = tx.update(jax.tree.map(jnp.negative, g), state)
+        return (jax.tree.map(lambda v, d: jnp.clip(v + d, lo, hi), log_lam, step), state), None
+
+    return jax.lax.scan(one, (log_lam, state), None, length=steps)[0]
+
+
 def evidence_l2(
     curvature: Curvature,
     params: Any,
@@ -668,11 +691,8 @@ def evidence_l2(
     else:
         tx = optax.adam(lr)
 
-        def ascend(carry: tuple, _: Any) -> tuple[tuple, None]:
-            log_lam, state = carry
-            g = jax.grad(lambda ll: _evidence(curvature, curvature.n * jnp.exp(ll)[seg], dw, h))(log_lam)
-            upd, state = tx.update(-g, state)
-            return (jnp.clip(log_lam + upd, math.log(lo), math.log(hi)), state), None
+        def evidence(ll: jax.Array) -> jax.Array:
+            return _evidence(curvature, curvature.n * jnp.exp(ll)[seg], dw, h)
 
-        (log_lam, _), _ = jax.lax.scan(ascend, (log_lam, tx.init(log_lam)), None, length=steps)
+        log_lam, _ = adam_ascent(evidence, log_lam, tx, tx.init(log_lam), steps, bounds)
     return {re.escape(p): jnp.exp(log_lam[group[i]]) for i, p in enumerate(names)}

@@ -54,7 +54,7 @@ import optax
 
 from jaxl2 import select as _select
 from jaxl2.errors import Jaxl2Error, check_number, shown
-from jaxl2.evidence import LIKELIHOODS, METHODS, evidence_l2, ggn, log_evidence
+from jaxl2.evidence import LIKELIHOODS, METHODS, adam_ascent, evidence_l2, ggn, log_evidence
 from jaxl2.rules import Stacked, check_bool, check_stacked, plan
 
 __all__ = ["evidence_tuner", "EvidenceTuner", "EvidenceTunerState"]
@@ -180,7 +180,7 @@ def evidence_tuner(
     check_bool(keep_best, "keep_best")
     _select.predicate(select)  # a bad selector or stacked fails now, not at init
     check_stacked(stacked)
-    hyper_tx, log_lo, log_hi = optax.adam(lr), math.log(lo), math.log(hi)
+    hyper_tx = optax.adam(lr)
 
     def init(params: Any) -> EvidenceTunerState:
         entries = plan(params, l2, select=select, stacked=stacked)
@@ -204,19 +204,9 @@ def evidence_tuner(
     def l2_of(state: EvidenceTunerState) -> dict[str, float]:
         return {u: float(np.exp(np.float64(jax.device_get(v)))) for u, v in state.log_l2.items()}
 
-    def ascend(evidence: Callable[[dict], jax.Array], log_l2: dict, hyper_state: Any) -> tuple[dict, Any]:
-        """``steps`` of Adam up ``evidence(ln λ)``, from the moments of the last update."""
-
-        def one(carry: tuple, _: Any) -> tuple[tuple, None]:
-            log_l2, hyper_state = carry
-            g = jax.grad(evidence)(log_l2)
-            if shared:  # one λ: the evidence's derivative in it is the sum over the units
-                g = dict.fromkeys(g, sum(g.values()))
-            step, hyper_state = hyper_tx.update(jax.tree.map(jnp.negative, g), hyper_state)
-            log_l2 = jax.tree.map(lambda v, d: jnp.clip(v + d, log_lo, log_hi), log_l2, step)
-            return (log_l2, hyper_state), None
-
-        return jax.lax.scan(one, (log_l2, hyper_state), None, length=steps)[0]
+    def tie(g: dict[str, Any]) -> dict[str, Any]:
+        """With ``shared``, one λ: the evidence's derivative in it is the sum over the units."""
+        return dict.fromkeys(g, sum(g.values())) if shared else g
 
     def tune(
         state: EvidenceTunerState, params: Any, x: jax.Array, y: jax.Array
@@ -238,7 +228,9 @@ def evidence_tuner(
             return log_evidence(curv, params, rules_of(log_l2), select=select, stacked=stacked)
 
         if method == "adam":  # Adam's moments go on from update to update, as in Immer et al.'s loop
-            log_l2, hyper_state = ascend(evidence, state.log_l2, state.hyper_state)
+            log_l2, hyper_state = adam_ascent(
+                evidence, state.log_l2, hyper_tx, state.hyper_state, steps, (lo, hi), tie
+            )
         else:
             new = evidence_l2(
                 curv,
