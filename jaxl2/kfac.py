@@ -369,8 +369,11 @@ def dense_curvature(
                 for (a, g), r in zip(factors, rows)
             ]
             stacked = {s.leaf for s in sites if s.slice is not None}
-            blocks = [tuple(map(jnp.stack, zip(*by_leaf(i, pairs)))) for i in range(len(paths))]
-            return tuple(b if i in stacked else by_leaf(i, pairs)[0] for i, b in enumerate(blocks)), out
+            blocks = (
+                tuple(map(jnp.stack, zip(*by_leaf(i, pairs)))) if i in stacked else by_leaf(i, pairs)[0]
+                for i in range(len(paths))
+            )
+            return tuple(blocks), out
         eig = [(None if a is None else jnp.linalg.eigh(a)[1], jnp.linalg.eigh(g)[1]) for a, g in factors]
         values, out = total("diag", eig)
     diagonals = []  # each site's values at its entries of the leaf
